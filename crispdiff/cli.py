@@ -1,0 +1,38 @@
+"""The `crispdiff` console command: one subcommand module per job in `crispdiff.commands`."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+# subcommand name -> module in crispdiff.commands exposing add_parser(subparsers) and run(args) -> int
+COMMANDS = {
+    "sample": "sample",
+    "add-sr": "add_sr",
+    "push": "push",
+    "evaluate": "evaluate",
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="crispdiff", description="Train, sample, evaluate and share sharp small diffusion models.")
+    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for module_name in COMMANDS.values():
+        module = importlib.import_module(f"crispdiff.commands.{module_name}")
+        module.add_parser(subparsers)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "command", None):
+        parser.print_help()
+        return 2
+    module = importlib.import_module(f"crispdiff.commands.{COMMANDS[args.command]}")
+    return int(module.run(args) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,216 @@
+"""Training configuration: one dataclass per script, flags generated from its fields.
+
+Why a dataclass instead of a hand-written argparse block per script: every default lives in exactly one place, the
+library functions take a typed object rather than a ``Namespace``, and a later script (latent, VAE) extends the
+pixel trainer's config by subclassing instead of copying forty ``add_argument`` lines. Flag names follow diffusers'
+example scripts (``--resolution``, ``--train_batch_size``, ``--snr_gamma`` ...) so users' muscle memory works.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+
+def flag(default: Any, help: str, choices: list[str] | None = None, **metadata: Any) -> Any:
+    """A dataclass field that also describes its command-line flag."""
+    meta = {"help": help, "choices": choices, **metadata}
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda: type(default)(default), metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+@dataclass
+class DataConfig:
+    """Where the images come from and how they are turned into training tensors."""
+
+    dataset_name: str | None = flag(None, "A Hub dataset id or a local `datasets` folder (saved with save_to_disk).")
+    dataset_config_name: str | None = flag(None, "The dataset's config name, if it has several.")
+    train_data_dir: str | None = flag(
+        None, "A folder of images, optionally with metadata.jsonl (datasets' imagefolder layout)."
+    )
+    image_column: str = flag("image", "Column holding the images when --dataset_name is used.")
+    caption_column: str | None = flag(None, "Optional caption column (kept for conditional scripts).")
+    cache_dir: str | None = flag(
+        None, "Where decoded image / latent caches and downloaded datasets go (default: ~/.cache/crispdiff)."
+    )
+    resolution: int = flag(64, "Training resolution in pixels (square).")
+    interpolation: str = flag("lanczos", "Resize filter.", choices=["bicubic", "lanczos", "bilinear", "nearest"])
+    center_crop: bool = flag(False, "Center-crop to --resolution (default: random crop each epoch).")
+    random_flip: bool = flag(False, "Randomly flip images horizontally.")
+    background: str = flag("white", "Colour that transparent pixels (RGBA, LA, palette) are composited onto.")
+    min_image_size: int = flag(16, "Reject images whose shorter side is smaller than this many pixels.")
+    max_train_samples: int | None = flag(None, "Use only the first N images (for quick experiments).")
+    color_jitter: float = flag(0.0, "Opt-in colour jitter strength (0 = off; 0.05 is gentle).")
+    blur_prob: float = flag(0.0, "Opt-in probability of a weak Gaussian blur per image (0 = off).")
+    blur_sigma: float = flag(0.5, "Sigma of the weak blur augmentation, in pixels.")
+    dataloader_num_workers: int = flag(0, "Unused for cached tensor data; kept for diffusers flag compatibility.")
+
+
+@dataclass
+class ModelConfig:
+    """The UNet2DModel architecture."""
+
+    model_config_name_or_path: str | None = flag(
+        None, "A UNet2DModel config (Hub id, folder or config.json) used instead of the builder flags below."
+    )
+    base_channels: int = flag(48, "Channels of the first UNet level.")
+    channel_mults: list[int] = flag([1, 2, 4, 8], "Channel multiplier per level; one level per entry.")
+    attention_res: list[int] = flag([16, 8], "Feature-map resolutions (in pixels of the UNet input) with attention.")
+    layers_per_block: int = flag(2, "ResNet layers per UNet level.")
+    dropout: float = flag(0.1, "Dropout inside the ResNet blocks.")
+    attention_head_dim: int = flag(32, "Channels per attention head.")
+
+
+@dataclass
+class NoiseConfig:
+    """The forward process and the training objective."""
+
+    num_train_timesteps: int = flag(1000, "T, the number of training timesteps.")
+    beta_schedule: str = flag(
+        "cosine", "Noise schedule.", choices=["linear", "scaled_linear", "cosine", "sigmoid"]
+    )
+    beta_start: float = flag(1e-4, "First beta of the linear / scaled_linear schedules.")
+    beta_end: float = flag(0.02, "Last beta of the linear / scaled_linear schedules.")
+    sigmoid_start: float = flag(-3.0, "Chen 2023 sigmoid schedule: start of the sigmoid's input range.")
+    sigmoid_end: float = flag(3.0, "Chen 2023 sigmoid schedule: end of the sigmoid's input range.")
+    sigmoid_tau: float = flag(1.0, "Chen 2023 sigmoid schedule: temperature (larger = noisier middle).")
+    rescale_betas_zero_snr: bool = flag(False, "Rescale the schedule to zero terminal SNR (Lin et al. 2023).")
+    prediction_type: str = flag(
+        "v_prediction", "What the UNet predicts.", choices=["epsilon", "v_prediction", "sample"]
+    )
+    snr_gamma: float | None = flag(5.0, "Min-SNR-gamma loss weighting (Hang et al. 2023); pass 0 to disable.")
+    noise_offset: float = flag(0.0, "Offset noise strength (0 = off).")
+
+
+@dataclass
+class HubConfig:
+    """Publishing to the Hugging Face Hub."""
+
+    push_to_hub: bool = flag(False, "Upload the final pipeline folder to the Hub.")
+    hub_model_id: str | None = flag(None, "Repository id on the Hub (default: the output folder's name).")
+    hub_private_repo: bool = flag(False, "Create the Hub repository as private.")
+    hub_token: str | None = flag(None, "Token for the Hub (default: the cached login / HF_TOKEN).")
+
+
+@dataclass
+class TrainConfig(DataConfig, ModelConfig, NoiseConfig, HubConfig):
+    """Everything `train_scripts/train_unconditional.py` accepts."""
+
+    output_dir: str = flag("crispdiff-output", "Where checkpoints, logs, samples and the pipeline folder go.")
+    overwrite_output_dir: bool = flag(False, "Allow writing into an output folder that already holds a pipeline.")
+    seed: int = flag(0, "Seed for weights, data order, noise and validation samples.")
+    train_batch_size: int = flag(64, "Images per process per micro-batch.")
+    gradient_accumulation_steps: int = flag(1, "Micro-batches per optimizer step.")
+    max_train_steps: int | None = flag(None, "Optimizer steps to train for (overrides --num_epochs).")
+    num_epochs: int = flag(100, "Epochs to train for when --max_train_steps is not given.")
+    learning_rate: float = flag(2e-4, "Peak learning rate.")
+    scale_lr: bool = flag(False, "Multiply the LR by batch size x accumulation x processes.")
+    lr_scheduler: str = flag(
+        "cosine",
+        "LR schedule after warmup.",
+        choices=["linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup"],
+    )
+    lr_warmup_steps: int = flag(500, "Linear warmup steps.")
+    adam_beta1: float = flag(0.9, "AdamW beta1.")
+    adam_beta2: float = flag(0.999, "AdamW beta2.")
+    adam_weight_decay: float = flag(0.0, "AdamW weight decay.")
+    adam_epsilon: float = flag(1e-8, "AdamW epsilon.")
+    use_8bit_adam: bool = flag(False, "Use bitsandbytes' 8-bit AdamW (pip install 'crispdiff[bnb]').")
+    max_grad_norm: float = flag(1.0, "Gradient clipping norm (0 = off).")
+    mixed_precision: str | None = flag(
+        None, "Mixed precision (default: what `accelerate config` chose).", choices=["no", "fp16", "bf16"]
+    )
+    allow_tf32: bool = flag(True, "Allow TF32 matmuls on Ampere+ GPUs.")
+    use_ema: bool = flag(True, "Keep an exponential moving average of the weights for sampling and saving.")
+    ema_decay: float = flag(0.9999, "Maximum EMA decay.")
+    ema_inv_gamma: float = flag(1.0, "EMA warmup inverse gamma.")
+    ema_power: float = flag(0.75, "EMA warmup power (3/4 suits runs of tens of thousands of steps).")
+    gradient_checkpointing: bool = flag(False, "Trade compute for memory in the UNet.")
+    enable_xformers_memory_efficient_attention: bool = flag(False, "Use xformers attention (optional extra).")
+    checkpointing_steps: int = flag(500, "Save a resumable checkpoint every N optimizer steps.")
+    checkpoints_total_limit: int | None = flag(3, "Keep at most this many checkpoints.")
+    resume_from_checkpoint: str | None = flag(None, "A checkpoint folder, or 'latest'.")
+    save_model_steps: int | None = flag(None, "Also write the pipeline folder every N steps (default: only at the end).")
+    validation_steps: int = flag(500, "Sample a validation grid every N steps.")
+    num_validation_images: int = flag(16, "Images in the validation grid.")
+    validation_inference_steps: int = flag(25, "Sampler steps for validation and the final sample grid.")
+    validation_metrics: bool = flag(False, "Log SWD and sharpness ratios at each validation.")
+    sampler: str = flag(
+        "dpmsolver++", "Default sampler of the saved pipeline.", choices=["dpmsolver++", "ddim", "unipc", "pndm", "ddpm"]
+    )
+    thresholding: bool = flag(False, "Dynamic thresholding of predicted x0 while sampling (pixel models only).")
+    logging_dir: str = flag("logs", "Tensorboard folder, relative to --output_dir.")
+    report_to: str = flag("tensorboard", "Where accelerate logs go.", choices=["tensorboard", "wandb", "all", "none"])
+    sr_model_name_or_path: str | None = flag(
+        None, "A super-resolution model (.pth / .safetensors, or hub 'repo_id/file') saved into the pipeline."
+    )
+    sr_strength: float = flag(0.5, "Default blend of SR output with a Lanczos upscale (0 = Lanczos only, 1 = SR only).")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def save_json(self, path: str | Path) -> None:
+        Path(path).write_text(json.dumps(self.to_dict(), indent=2, sort_keys=True))
+
+
+_TRUE = {"1", "true", "yes", "y", "on"}
+_FALSE = {"0", "false", "no", "n", "off"}
+
+
+def _parse_bool(text: str) -> bool:
+    lowered = text.lower()
+    if lowered in _TRUE:
+        return True
+    if lowered in _FALSE:
+        return False
+    raise argparse.ArgumentTypeError(f"expected a boolean (true/false), got {text!r}")
+
+
+def _unwrap_optional(tp: Any) -> Any:
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        return args[0]
+    return tp
+
+
+def add_dataclass_flags(parser: argparse.ArgumentParser, config_cls: type) -> None:
+    """Add one ``--name`` flag per dataclass field, typed from the annotation.
+
+    Booleans accept both ``--flag`` (sets True) and ``--flag false`` so that defaults that are on (``--use_ema``)
+    can be turned off; lists take several values (``--channel_mults 1 2 4``).
+    """
+    hints = typing.get_type_hints(config_cls)
+    for f in dataclasses.fields(config_cls):
+        tp = _unwrap_optional(hints[f.name])
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
+        help_text = f.metadata.get("help", "")
+        kwargs: dict[str, Any] = {"default": default, "help": f"{help_text} (default: {default})"}
+        if f.metadata.get("choices"):
+            kwargs["choices"] = f.metadata["choices"]
+        if tp is bool:
+            kwargs.update(type=_parse_bool, nargs="?", const=True)
+        elif typing.get_origin(tp) is list:
+            kwargs.update(type=typing.get_args(tp)[0], nargs="+")
+        else:
+            kwargs["type"] = tp
+        parser.add_argument(f"--{f.name}", **kwargs)
+
+
+def parse_config(config_cls: type, argv: list[str] | None = None, description: str | None = None) -> Any:
+    """Parse command-line flags into an instance of ``config_cls``."""
+    parser = argparse.ArgumentParser(description=description or config_cls.__doc__)
+    add_dataclass_flags(parser, config_cls)
+    args = parser.parse_args(argv)
+    config = config_cls(**vars(args))
+    validate = getattr(config, "validate", None)
+    if callable(validate):
+        validate()
+    return config

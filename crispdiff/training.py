@@ -1,0 +1,438 @@
+"""The one training loop every crispdiff diffusion script uses.
+
+Pixel and latent training differ only in where x0 comes from and which extra components the saved pipeline needs;
+both are a `TrainingSpace`. The loop itself follows accelerate's examples: accelerate handles devices, precision
+(fp16 with loss scaling, bf16), gradient accumulation and distribution; crispdiff adds what diffusers' example scripts
+lack: data that is decoded once, an exact resume (model, EMA, optimizer, scaler, LR schedule, every RNG and the data
+position), validation grids, and a saved pipeline that samples with DPM-Solver++ out of the box.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import ProjectConfiguration, set_seed
+from diffusers import UNet2DModel
+from diffusers.optimization import get_scheduler
+from diffusers.training_utils import EMAModel
+from tqdm.auto import tqdm
+
+from crispdiff.checkpoint import find_checkpoint, load_checkpoint, save_checkpoint
+from crispdiff.config import TrainConfig
+from crispdiff.model import count_parameters, describe_parameters, unet_from_config
+from crispdiff.noise import NoiseSchedule, sample_noise, scheduler_base_config
+
+logger = logging.getLogger("crispdiff")
+
+
+class TrainingSpace(Protocol):
+    """Where the diffusion happens: pixels, or a VAE's latents."""
+
+    channels: int
+    sample_size: int
+
+    def __len__(self) -> int: ...
+
+    def x0(self, indices: torch.Tensor, generator: torch.Generator, device: torch.device) -> torch.Tensor:
+        """Clean training samples for these dataset indices, randomness (crop, flip, posterior) from `generator`."""
+
+    def pipeline_components(self) -> dict[str, Any]:
+        """Extra keyword arguments for the saved pipeline (vae, latent scaling ...)."""
+
+    def reference_images(self, count: int) -> torch.Tensor:
+        """Up to `count` real images, uint8 [N, 3, H, W], for validation metrics."""
+
+
+class PixelSpace:
+    """Diffusion directly on pixels in [-1, 1]."""
+
+    channels = 3
+
+    def __init__(self, data: Any):
+        self.data = data
+        self.sample_size = data.resolution
+
+    def __len__(self) -> int:
+        return len(self.data)
+
+    def x0(self, indices: torch.Tensor, generator: torch.Generator, device: torch.device) -> torch.Tensor:
+        return self.data.batch(indices, generator, device=device)
+
+    def pipeline_components(self) -> dict[str, Any]:
+        return {}
+
+    def reference_images(self, count: int) -> torch.Tensor:
+        return self.data.center_crops()[:count]
+
+
+@dataclass
+class DataPosition:
+    """Where the loop is in the data: epoch and micro-batch within it (restored on resume)."""
+
+    epoch: int = 0
+    batch_in_epoch: int = 0
+
+
+class EpochBatches:
+    """Deterministic per-epoch shuffles, sharded across processes, with no DataLoader.
+
+    The data is already decoded in memory (or memory-mapped), so a DataLoader's workers would only add copies.
+    Shuffling with `seed + epoch` makes the order a pure function of the position, which is what makes resuming
+    exact. Each process takes its own slice of every global batch.
+    """
+
+    def __init__(self, num_items: int, batch_size: int, num_processes: int, process_index: int, seed: int):
+        self.num_items = num_items
+        self.batch_size = batch_size
+        self.num_processes = num_processes
+        self.process_index = process_index
+        self.seed = seed
+        global_batch = batch_size * num_processes
+        self.batches_per_epoch = max(1, num_items // global_batch)
+
+    def indices(self, position: DataPosition) -> torch.Tensor:
+        order = torch.randperm(self.num_items, generator=torch.Generator().manual_seed(self.seed + position.epoch))
+        global_batch = self.batch_size * self.num_processes
+        if len(order) < global_batch:  # tiny datasets: repeat the shuffled order to fill one batch
+            order = order.repeat(math.ceil(global_batch / len(order)))
+        start = position.batch_in_epoch * global_batch + self.process_index * self.batch_size
+        return order[start : start + self.batch_size]
+
+    def advance(self, position: DataPosition) -> DataPosition:
+        if position.batch_in_epoch + 1 < self.batches_per_epoch:
+            return DataPosition(position.epoch, position.batch_in_epoch + 1)
+        return DataPosition(position.epoch + 1, 0)
+
+
+def make_accelerator(config: TrainConfig) -> Accelerator:
+    output_dir = Path(config.output_dir)
+    project = ProjectConfiguration(project_dir=str(output_dir), logging_dir=str(output_dir / config.logging_dir))
+    return Accelerator(
+        gradient_accumulation_steps=config.gradient_accumulation_steps,
+        mixed_precision=config.mixed_precision,
+        log_with=None if config.report_to == "none" else config.report_to,
+        project_config=project,
+    )
+
+
+def make_optimizer(config: TrainConfig, parameters: Any, device: torch.device) -> torch.optim.Optimizer:
+    """AdamW (fused on CUDA, where it is one kernel per step instead of one per tensor) or 8-bit AdamW."""
+    kwargs = dict(
+        lr=config.learning_rate,
+        betas=(config.adam_beta1, config.adam_beta2),
+        weight_decay=config.adam_weight_decay,
+        eps=config.adam_epsilon,
+    )
+    if config.use_8bit_adam:
+        try:
+            import bitsandbytes as bnb
+        except ImportError as err:
+            raise ImportError(
+                "--use_8bit_adam needs bitsandbytes: pip install 'crispdiff[bnb]' (or drop the flag)"
+            ) from err
+        return bnb.optim.AdamW8bit(parameters, **kwargs)
+    return torch.optim.AdamW(parameters, fused=device.type == "cuda", **kwargs)
+
+
+def total_train_steps(config: TrainConfig, batches_per_epoch: int) -> int:
+    """Optimizer steps: --max_train_steps, else --num_epochs worth of accumulated batches."""
+    if config.max_train_steps:
+        return config.max_train_steps
+    return max(1, config.num_epochs * batches_per_epoch // config.gradient_accumulation_steps)
+
+
+def tracker_config(config: TrainConfig) -> dict[str, Any]:
+    """Tensorboard's hparams accept only scalars and strings."""
+    return {k: (v if isinstance(v, (int, float, str, bool)) else str(v)) for k, v in config.to_dict().items()}
+
+
+def check_output_dir(config: TrainConfig) -> None:
+    """Refuse to silently overwrite a finished pipeline unless asked to, or resuming."""
+    pipeline_dir = Path(config.output_dir) / "pipeline"
+    if (pipeline_dir / "model_index.json").exists() and not (config.overwrite_output_dir or config.resume_from_checkpoint):
+        raise FileExistsError(
+            f"{pipeline_dir} already holds a trained pipeline; pass --overwrite_output_dir to replace it, "
+            "--resume_from_checkpoint latest to continue, or choose another --output_dir"
+        )
+
+
+class Trainer:
+    """State and steps of one training run; `train()` is the whole loop."""
+
+    def __init__(self, config: TrainConfig, space: TrainingSpace, accelerator: Accelerator):
+        self.config = config
+        self.space = space
+        self.accelerator = accelerator
+        self.output_dir = Path(config.output_dir)
+        device = accelerator.device
+
+        unet = unet_from_config(config, resolution=space.sample_size, in_channels=space.channels)
+        if config.gradient_checkpointing:
+            unet.enable_gradient_checkpointing()
+        if config.enable_xformers_memory_efficient_attention:
+            unet.enable_xformers_memory_efficient_attention()
+        if device.type == "cuda":
+            torch.backends.cuda.matmul.allow_tf32 = config.allow_tf32
+            torch.backends.cudnn.allow_tf32 = config.allow_tf32
+            unet = unet.to(memory_format=torch.channels_last)
+        self.num_parameters = count_parameters(unet)
+
+        self.ema = None
+        if config.use_ema:
+            self.ema = EMAModel(
+                unet.parameters(),
+                decay=config.ema_decay,
+                use_ema_warmup=True,
+                inv_gamma=config.ema_inv_gamma,
+                power=config.ema_power,
+                model_cls=UNet2DModel,
+                model_config=unet.config,
+                foreach=True,
+            )
+            self.ema.to(device)
+
+        lr = config.learning_rate
+        if config.scale_lr:
+            lr *= config.train_batch_size * config.gradient_accumulation_steps * accelerator.num_processes
+        config.learning_rate = lr
+        optimizer = make_optimizer(config, unet.parameters(), device)
+
+        self.batches = EpochBatches(
+            len(space), config.train_batch_size, accelerator.num_processes, accelerator.process_index, config.seed
+        )
+        self.max_steps = total_train_steps(config, self.batches.batches_per_epoch)
+        self.lr_scheduler = get_scheduler(
+            config.lr_scheduler,
+            optimizer=optimizer,
+            num_warmup_steps=min(config.lr_warmup_steps, self.max_steps // 2),
+            num_training_steps=self.max_steps,
+        )
+        self.unet, self.optimizer = accelerator.prepare(unet, optimizer)
+        accelerator.register_for_checkpointing(self.lr_scheduler)
+
+        self.schedule = NoiseSchedule.from_config(config).to(device)
+        # Separate, checkpointed generators: data augmentation on the CPU, noise and timesteps on the device.
+        rank_seed = config.seed + 1_000_003 * accelerator.process_index
+        self.data_generator = torch.Generator().manual_seed(rank_seed)
+        self.noise_generator = torch.Generator(device=device).manual_seed(rank_seed + 1)
+        self.step = 0
+        self.position = DataPosition()
+
+    @property
+    def generators(self) -> dict[str, torch.Generator]:
+        return {"data": self.data_generator, "noise": self.noise_generator}
+
+    def resume(self) -> None:
+        which = self.config.resume_from_checkpoint
+        if not which:
+            return
+        path = find_checkpoint(self.output_dir, which)
+        if path is None:
+            self.accelerator.print(f"No checkpoint in {self.output_dir} yet: starting a new run.")
+            return
+        state = load_checkpoint(self.accelerator, path, ema=self.ema, generators=self.generators)
+        self.step = state["step"]
+        self.position = DataPosition(state["epoch"], state["batch_in_epoch"])
+        self.accelerator.print(f"Resumed from {path} at step {self.step} (epoch {self.position.epoch}).")
+
+    def micro_step(self) -> torch.Tensor:
+        """One forward/backward on this process's micro-batch; returns the (unscaled) loss."""
+        config, device = self.config, self.accelerator.device
+        indices = self.batches.indices(self.position)
+        x0 = self.space.x0(indices, self.data_generator, device)
+        noise = sample_noise(tuple(x0.shape), self.noise_generator, device, config.noise_offset)
+        t = self.schedule.sample_timesteps(x0.shape[0], self.noise_generator, device)
+        x_t = self.schedule.add_noise(x0, noise, t)
+        if device.type == "cuda":
+            x_t = x_t.contiguous(memory_format=torch.channels_last)
+        with self.accelerator.accumulate(self.unet):
+            model_output = self.unet(x_t, t).sample
+            loss = self.schedule.loss(model_output, x0, noise, t, config.snr_gamma)
+            self.accelerator.backward(loss)
+            if self.accelerator.sync_gradients and config.max_grad_norm > 0:
+                self.accelerator.clip_grad_norm_(self.unet.parameters(), config.max_grad_norm)
+            self.optimizer.step()
+            self.optimizer.zero_grad(set_to_none=True)
+        self.position = self.batches.advance(self.position)
+        return loss.detach()
+
+    def save_checkpoint(self) -> None:
+        state = {"epoch": self.position.epoch, "batch_in_epoch": self.position.batch_in_epoch}
+        save_checkpoint(
+            self.accelerator,
+            self.output_dir,
+            self.step,
+            state,
+            ema=self.ema,
+            generators=self.generators,
+            total_limit=self.config.checkpoints_total_limit,
+        )
+
+    def sampling_unet(self) -> UNet2DModel:
+        """A standalone copy of the UNet carrying the EMA weights (or the raw ones without EMA), in fp32."""
+        unet = self.accelerator.unwrap_model(self.unet)
+        copy = UNet2DModel.from_config(unet.config)
+        copy.load_state_dict(unet.state_dict())
+        if self.ema is not None:
+            self.ema.copy_to(copy.parameters())
+        return copy.to(self.accelerator.device, dtype=torch.float32).eval()
+
+    def build_pipeline(self) -> Any:
+        from crispdiff.pipelines.pipeline_crispdiff import CrispDiffPipeline, make_scheduler
+
+        config = self.config
+        extra = self.space.pipeline_components()
+        scheduler = make_scheduler(
+            config.sampler,
+            scheduler_base_config(config),
+            beta_schedule=config.beta_schedule,
+            thresholding=config.thresholding and "vae" not in extra,
+            latent="vae" in extra,
+        )
+        return CrispDiffPipeline(
+            unet=self.sampling_unet(),
+            scheduler=scheduler,
+            sampler=config.sampler,
+            beta_schedule=config.beta_schedule,
+            thresholding=config.thresholding,
+            **extra,
+        )
+
+    def sample_grid(self, pipeline: Any) -> tuple[Any, torch.Tensor]:
+        """The validation grid: always the same seed, so grids at different steps are comparable."""
+        from crispdiff.images import make_grid
+
+        generator = torch.Generator().manual_seed(self.config.seed)
+        images = pipeline(
+            batch_size=self.config.num_validation_images,
+            num_inference_steps=self.config.validation_inference_steps,
+            generator=generator,
+            upscale=False,
+            output_type="pt",
+        ).images
+        return make_grid(images), images
+
+    def validate(self) -> None:
+        """Sample a grid with the fast sampler (main process), save it and log it; optionally log metrics."""
+        from crispdiff.images import save_image_atomic
+
+        if not self.accelerator.is_main_process:
+            return
+        grid, images = self.sample_grid(self.build_pipeline())
+        path = self.output_dir / "samples" / f"step_{self.step:07d}.png"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        save_image_atomic(grid, path)
+        logs: dict[str, float] = {}
+        if self.config.validation_metrics:
+            from crispdiff.metrics import validation_metrics
+
+            reference = self.space.reference_images(max(256, len(images)))
+            logs.update({f"val/{k}": v for k, v in validation_metrics(reference, images).items()})
+        for tracker in self.accelerator.trackers:
+            if tracker.name == "tensorboard":
+                import numpy as np
+
+                tracker.writer.add_image("validation", np.asarray(grid), self.step, dataformats="HWC")
+        if logs:
+            self.accelerator.log(logs, step=self.step)
+
+    def export(self) -> Path:
+        """Write the pipeline folder (EMA weights, DPM-Solver++ default, sample grid, training config)."""
+        from crispdiff.export import save_pipeline
+
+        pipeline = self.build_pipeline()
+        grid, _ = self.sample_grid(pipeline)
+        sr_model = None
+        if self.config.sr_model_name_or_path:
+            from crispdiff.sr import load_sr_model
+
+            sr_model = load_sr_model(self.config.sr_model_name_or_path)
+        extra = self.space.pipeline_components()
+        return save_pipeline(
+            self.output_dir / "pipeline",
+            unet=pipeline.unet,
+            scheduler_base_config=scheduler_base_config(self.config),
+            beta_schedule=self.config.beta_schedule,
+            sampler=self.config.sampler,
+            thresholding=self.config.thresholding,
+            sr_model=sr_model,
+            sr_strength=self.config.sr_strength,
+            training_config=self.config.to_dict(),
+            sample_grid=grid,
+            **extra,
+        )
+
+    def train(self) -> Path | None:
+        """The loop. Returns the pipeline folder (on the main process)."""
+        config, accelerator = self.config, self.accelerator
+        global_batch = config.train_batch_size * accelerator.num_processes * config.gradient_accumulation_steps
+        accelerator.print(
+            f"crispdiff: {len(self.space)} training items, UNet with {describe_parameters(self.num_parameters)}, "
+            f"{self.max_steps} steps of {global_batch} images "
+            f"({accelerator.num_processes} process(es), precision {accelerator.mixed_precision})."
+        )
+        progress = tqdm(
+            total=self.max_steps, initial=self.step, disable=not accelerator.is_local_main_process, desc="train"
+        )
+        window_start, window_images = time.perf_counter(), 0
+        pipeline_dir = None
+        while self.step < self.max_steps:
+            loss = self.micro_step()
+            window_images += config.train_batch_size * accelerator.num_processes
+            if not accelerator.sync_gradients:
+                continue
+            self.lr_scheduler.step()
+            if self.ema is not None:
+                self.ema.step(accelerator.unwrap_model(self.unet).parameters())
+            self.step += 1
+            progress.update(1)
+            if self.step % 10 == 0 or self.step == self.max_steps:
+                loss_value = accelerator.gather(loss).mean().item()
+                elapsed = time.perf_counter() - window_start
+                images_per_second = window_images / max(elapsed, 1e-9)
+                lr = self.lr_scheduler.get_last_lr()[0]
+                progress.set_postfix(loss=f"{loss_value:.4f}", lr=f"{lr:.2e}", img_s=f"{images_per_second:.1f}")
+                accelerator.log({"train/loss": loss_value, "train/lr": lr, "train/img_per_s": images_per_second}, step=self.step)
+                window_start, window_images = time.perf_counter(), 0
+            if config.checkpointing_steps and self.step % config.checkpointing_steps == 0 and self.step < self.max_steps:
+                self.save_checkpoint()
+            if config.validation_steps and self.step % config.validation_steps == 0 and self.step < self.max_steps:
+                self.validate()
+            if config.save_model_steps and self.step % config.save_model_steps == 0 and accelerator.is_main_process:
+                pipeline_dir = self.export()
+            accelerator.wait_for_everyone()
+        progress.close()
+        if accelerator.is_main_process:
+            pipeline_dir = self.export()
+            accelerator.print(f"Pipeline saved to {pipeline_dir} (sample grid: {pipeline_dir / 'samples.png'}).")
+        accelerator.wait_for_everyone()
+        accelerator.end_training()
+        return pipeline_dir
+
+
+def train(config: TrainConfig, space: TrainingSpace | None = None) -> Path | None:
+    """Train a diffusion UNet as `config` says; `space` defaults to pixels of the configured image data."""
+    check_output_dir(config)
+    accelerator = make_accelerator(config)
+    logging.basicConfig(level=logging.INFO if accelerator.is_main_process else logging.WARNING)
+    set_seed(config.seed)
+    if space is None:
+        from crispdiff.data import load_images
+
+        with accelerator.main_process_first():  # the first process builds the decode cache, the others reuse it
+            space = PixelSpace(load_images(config, show_progress=accelerator.is_local_main_process))
+    trainer = Trainer(config, space, accelerator)
+    if accelerator.is_main_process:
+        trainer.output_dir.mkdir(parents=True, exist_ok=True)
+        config.save_json(trainer.output_dir / "crispdiff_training.json")
+    if config.report_to != "none":
+        accelerator.init_trackers("crispdiff", config=tracker_config(config))
+    trainer.resume()
+    return trainer.train()

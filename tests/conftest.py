@@ -1,0 +1,39 @@
+"""Shared test fixtures: offline hub, few threads, and the path to ../shared real data."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+def shared_dir() -> Path:
+    """`../shared` beside the checkout, or wherever CRISPDIFF_SHARED points."""
+    return Path(os.environ.get("CRISPDIFF_SHARED", REPO_ROOT.parent / "shared"))
+
+
+@pytest.fixture(scope="session")
+def emoji_dir() -> Path:
+    """The full Noto emoji 64 px train folder from ../shared; skips the test when it is absent."""
+    path = shared_dir() / "data" / "noto-emoji-64" / "train"
+    if not (path / "metadata.jsonl").exists():
+        pytest.skip(f"real emoji data not found at {path} (set CRISPDIFF_SHARED to the shared/ folder)")
+    return path
+
+
+@pytest.fixture(autouse=True)
+def _few_threads():
+    """Two cores on CI: keep torch from oversubscribing them."""
+    import torch
+
+    previous = torch.get_num_threads()
+    torch.set_num_threads(min(previous, int(os.environ.get("CRISPDIFF_TEST_THREADS", "2"))))
+    yield
+    torch.set_num_threads(previous)

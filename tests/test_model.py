@@ -1,0 +1,59 @@
+"""The UNet builder."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from crispdiff.config import ModelConfig
+from crispdiff.model import build_unet, count_parameters, group_norm_groups, unet_from_config
+
+
+def test_group_norm_groups_accept_48():
+    assert group_norm_groups([48, 96, 192, 384]) == 24
+    assert group_norm_groups([64, 128]) == 32
+    assert group_norm_groups([8, 16]) == 8
+
+
+def test_builder_places_attention_at_requested_resolutions():
+    unet = build_unet(64, base_channels=48, channel_mults=[1, 2, 4, 8], attention_res=[16, 8], layers_per_block=1)
+    assert unet.config.down_block_types == ("DownBlock2D", "DownBlock2D", "AttnDownBlock2D", "AttnDownBlock2D")
+    assert unet.config.up_block_types == ("AttnUpBlock2D", "AttnUpBlock2D", "UpBlock2D", "UpBlock2D")
+    assert unet.config.norm_num_groups == 24
+    assert count_parameters(unet) > 1_000_000
+
+
+def test_tiny_unet_forward_shape():
+    unet = build_unet(16, base_channels=8, channel_mults=[1, 2], attention_res=[8], layers_per_block=1, in_channels=4)
+    out = unet(torch.randn(2, 4, 16, 16), torch.tensor([1, 500])).sample
+    assert out.shape == (2, 4, 16, 16)
+
+
+def test_builder_errors_name_the_flag():
+    with pytest.raises(ValueError, match="--attention_res"):
+        build_unet(64, base_channels=8, channel_mults=[1, 2], attention_res=[4])
+    with pytest.raises(ValueError, match="--resolution"):
+        build_unet(60, base_channels=8, channel_mults=[1, 2, 4, 8], attention_res=[])
+
+
+def test_model_config_file_is_used(tmp_path):
+    unet = build_unet(32, base_channels=8, channel_mults=[1, 2], attention_res=[])
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps(dict(unet.config)))
+    built = unet_from_config(ModelConfig(model_config_name_or_path=str(path)), resolution=16, in_channels=4)
+    assert tuple(built.config.block_out_channels) == (8, 16)
+    assert built.config.sample_size == 16 and built.config.in_channels == 4
+    with pytest.raises(FileNotFoundError, match="--model_config_name_or_path"):
+        unet_from_config(ModelConfig(model_config_name_or_path=str(tmp_path / "nope")), resolution=16)
+
+
+def test_ddpm_cifar10_reference_config_builds(tmp_path):
+    from conftest import shared_dir
+
+    path = shared_dir() / "reference" / "ddpm-cifar10-32" / "unet" / "config.json"
+    if not path.exists():
+        pytest.skip(f"{path} not found")
+    unet = unet_from_config(ModelConfig(model_config_name_or_path=str(path)), resolution=32)
+    assert tuple(unet.config.block_out_channels) == (128, 256, 256, 256)

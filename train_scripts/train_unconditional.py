@@ -1,0 +1,19 @@
+"""Train a small pixel-space diffusion model (Plan A) and save it as a diffusers pipeline.
+
+    accelerate launch train_scripts/train_unconditional.py --train_data_dir my_images --resolution 64
+
+With no data flag it trains on crispdiff's embedded Noto emoji subset. Every flag: --help.
+"""
+
+from __future__ import annotations
+
+from crispdiff.config import TrainConfig, parse_config
+from crispdiff.training import train
+
+
+def main(argv: list[str] | None = None) -> None:
+    train(parse_config(TrainConfig, argv, description=__doc__))
+
+
+if __name__ == "__main__":
+    main()

@@ -50,7 +50,9 @@ def _save_ema(ema: Any, directory: Path) -> None:
 def _load_ema(ema: Any, directory: Path) -> None:
     tensors = load_file(str(directory / "ema.safetensors"))
     if len(tensors) != len(ema.shadow_params):
-        raise ValueError(f"{directory}/ema.safetensors holds {len(tensors)} tensors, the model has {len(ema.shadow_params)}")
+        raise ValueError(
+            f"{directory}/ema.safetensors holds {len(tensors)} tensors, the model has {len(ema.shadow_params)}"
+        )
     for i, p in enumerate(ema.shadow_params):
         p.data.copy_(tensors[f"shadow.{i}"].to(p.device, p.dtype))
     counters = json.loads((directory / "ema.json").read_text())

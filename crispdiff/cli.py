@@ -16,7 +16,9 @@ COMMANDS = {
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="crispdiff", description="Train, sample, evaluate and share sharp small diffusion models.")
+    parser = argparse.ArgumentParser(
+        prog="crispdiff", description="Train, sample, evaluate and share sharp small diffusion models."
+    )
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
     for module_name in COMMANDS.values():
         module = importlib.import_module(f"crispdiff.commands.{module_name}")

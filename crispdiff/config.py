@@ -73,9 +73,7 @@ class NoiseConfig:
     """The forward process and the training objective."""
 
     num_train_timesteps: int = flag(1000, "T, the number of training timesteps.")
-    beta_schedule: str = flag(
-        "cosine", "Noise schedule.", choices=["linear", "scaled_linear", "cosine", "sigmoid"]
-    )
+    beta_schedule: str = flag("cosine", "Noise schedule.", choices=["linear", "scaled_linear", "cosine", "sigmoid"])
     beta_start: float = flag(1e-4, "First beta of the linear / scaled_linear schedules.")
     beta_end: float = flag(0.02, "Last beta of the linear / scaled_linear schedules.")
     sigmoid_start: float = flag(-3.0, "Chen 2023 sigmoid schedule: start of the sigmoid's input range.")
@@ -137,13 +135,17 @@ class TrainConfig(DataConfig, ModelConfig, NoiseConfig, HubConfig):
     checkpointing_steps: int = flag(500, "Save a resumable checkpoint every N optimizer steps.")
     checkpoints_total_limit: int | None = flag(3, "Keep at most this many checkpoints.")
     resume_from_checkpoint: str | None = flag(None, "A checkpoint folder, or 'latest'.")
-    save_model_steps: int | None = flag(None, "Also write the pipeline folder every N steps (default: only at the end).")
+    save_model_steps: int | None = flag(
+        None, "Also write the pipeline folder every N steps (default: only at the end)."
+    )
     validation_steps: int = flag(500, "Sample a validation grid every N steps.")
     num_validation_images: int = flag(16, "Images in the validation grid.")
     validation_inference_steps: int = flag(25, "Sampler steps for validation and the final sample grid.")
     validation_metrics: bool = flag(False, "Log SWD and sharpness ratios at each validation.")
     sampler: str = flag(
-        "dpmsolver++", "Default sampler of the saved pipeline.", choices=["dpmsolver++", "ddim", "unipc", "pndm", "ddpm"]
+        "dpmsolver++",
+        "Default sampler of the saved pipeline.",
+        choices=["dpmsolver++", "ddim", "unipc", "pndm", "ddpm"],
     )
     thresholding: bool = flag(False, "Dynamic thresholding of predicted x0 while sampling (pixel models only).")
     logging_dir: str = flag("logs", "Tensorboard folder, relative to --output_dir.")

@@ -115,7 +115,7 @@ def load_unet_config(name_or_path: str) -> dict:
             return dict(UNet2DModel.load_config(name_or_path))
         except OSError as err:
             raise FileNotFoundError(
-                f"--model_config_name_or_path {name_or_path!r} is neither a local config nor a reachable Hub model: {err}"
+                f"--model_config_name_or_path {name_or_path!r} is not a local config nor a reachable Hub model: {err}"
             ) from err
 
 

@@ -18,7 +18,7 @@ from typing import Any, Protocol
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import ProjectConfiguration, set_seed
+from accelerate.utils import ProjectConfiguration, is_mps_available, is_xpu_available, set_seed
 from diffusers import UNet2DModel
 from diffusers.optimization import get_scheduler
 from diffusers.training_utils import EMAModel
@@ -69,7 +69,7 @@ class PixelSpace:
         return {}
 
     def reference_images(self, count: int) -> torch.Tensor:
-        return self.data.center_crops()[:count]
+        return self.data.center_crops(range(min(count, len(self.data))))
 
 
 @dataclass
@@ -111,7 +111,13 @@ class EpochBatches:
         return DataPosition(position.epoch + 1, 0)
 
 
+def has_accelerator_device() -> bool:
+    return torch.cuda.is_available() or is_mps_available() or is_xpu_available()
+
+
 def make_accelerator(config: TrainConfig) -> Accelerator:
+    """The Accelerator for a run. Without a GPU it is told `cpu=True`, which is what makes processes started by
+    `accelerate launch --num_processes N` on a CPU-only machine join one gloo group instead of N lone runs."""
     output_dir = Path(config.output_dir)
     project = ProjectConfiguration(project_dir=str(output_dir), logging_dir=str(output_dir / config.logging_dir))
     return Accelerator(
@@ -119,6 +125,7 @@ def make_accelerator(config: TrainConfig) -> Accelerator:
         mixed_precision=config.mixed_precision,
         log_with=None if config.report_to == "none" else config.report_to,
         project_config=project,
+        cpu=not has_accelerator_device(),
     )
 
 
@@ -156,7 +163,9 @@ def tracker_config(config: TrainConfig) -> dict[str, Any]:
 def check_output_dir(config: TrainConfig) -> None:
     """Refuse to silently overwrite a finished pipeline unless asked to, or resuming."""
     pipeline_dir = Path(config.output_dir) / "pipeline"
-    if (pipeline_dir / "model_index.json").exists() and not (config.overwrite_output_dir or config.resume_from_checkpoint):
+    if (pipeline_dir / "model_index.json").exists() and not (
+        config.overwrite_output_dir or config.resume_from_checkpoint
+    ):
         raise FileExistsError(
             f"{pipeline_dir} already holds a trained pipeline; pass --overwrite_output_dir to replace it, "
             "--resume_from_checkpoint latest to continue, or choose another --output_dir"
@@ -262,6 +271,18 @@ class Trainer:
             self.optimizer.zero_grad(set_to_none=True)
         self.position = self.batches.advance(self.position)
         return loss.detach()
+
+    def optimizer_step(self) -> torch.Tensor:
+        """Micro-steps until the accumulated gradients are applied, then the LR schedule and the EMA follow."""
+        while True:
+            loss = self.micro_step()
+            if self.accelerator.sync_gradients:
+                break
+        self.lr_scheduler.step()
+        if self.ema is not None:
+            self.ema.step(self.accelerator.unwrap_model(self.unet).parameters())
+        self.step += 1
+        return loss
 
     def save_checkpoint(self) -> None:
         state = {"epoch": self.position.epoch, "batch_in_epoch": self.position.batch_in_epoch}
@@ -369,6 +390,10 @@ class Trainer:
             **extra,
         )
 
+    def _due(self, every: int | None) -> bool:
+        """True every `every` steps, except at the last step (the end of training does its own saving)."""
+        return bool(every) and self.step % every == 0 and self.step < self.max_steps
+
     def train(self) -> Path | None:
         """The loop. Returns the pipeline folder (on the main process)."""
         config, accelerator = self.config, self.accelerator
@@ -384,14 +409,8 @@ class Trainer:
         window_start, window_images = time.perf_counter(), 0
         pipeline_dir = None
         while self.step < self.max_steps:
-            loss = self.micro_step()
-            window_images += config.train_batch_size * accelerator.num_processes
-            if not accelerator.sync_gradients:
-                continue
-            self.lr_scheduler.step()
-            if self.ema is not None:
-                self.ema.step(accelerator.unwrap_model(self.unet).parameters())
-            self.step += 1
+            loss = self.optimizer_step()
+            window_images += global_batch
             progress.update(1)
             if self.step % 10 == 0 or self.step == self.max_steps:
                 loss_value = accelerator.gather(loss).mean().item()
@@ -399,13 +418,15 @@ class Trainer:
                 images_per_second = window_images / max(elapsed, 1e-9)
                 lr = self.lr_scheduler.get_last_lr()[0]
                 progress.set_postfix(loss=f"{loss_value:.4f}", lr=f"{lr:.2e}", img_s=f"{images_per_second:.1f}")
-                accelerator.log({"train/loss": loss_value, "train/lr": lr, "train/img_per_s": images_per_second}, step=self.step)
+                accelerator.log(
+                    {"train/loss": loss_value, "train/lr": lr, "train/img_per_s": images_per_second}, step=self.step
+                )
                 window_start, window_images = time.perf_counter(), 0
-            if config.checkpointing_steps and self.step % config.checkpointing_steps == 0 and self.step < self.max_steps:
+            if self._due(config.checkpointing_steps):
                 self.save_checkpoint()
-            if config.validation_steps and self.step % config.validation_steps == 0 and self.step < self.max_steps:
+            if self._due(config.validation_steps):
                 self.validate()
-            if config.save_model_steps and self.step % config.save_model_steps == 0 and accelerator.is_main_process:
+            if self._due(config.save_model_steps) and accelerator.is_main_process:
                 pipeline_dir = self.export()
             accelerator.wait_for_everyone()
         progress.close()

@@ -1,0 +1,103 @@
+"""Training throughput: crispdiff's optimizer step vs a diffusers-example-style loop, same UNet, batch, precision.
+
+    python benchmarks/bench_throughput.py --resolution 64 --train_batch_size 16 --steps 5
+
+Both run in this one process and are timed in alternation (A B A B ...), so machine noise hits both; the figure that
+matters is the ratio. The crispdiff side runs the real `Trainer.optimizer_step` (cached uint8 data, augmentation on
+the device, fp32 noise, min-SNR v-prediction, fused AdamW on CUDA, EMA); the baseline decodes PNGs through a
+DataLoader every step as diffusers' train_unconditional.py does.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import tempfile
+
+from common import append_results, emoji_dir, machine, markdown_table, timed
+from diffusers_baseline import DiffusersStyleLoop
+
+from crispdiff.config import TrainConfig
+from crispdiff.data import load_images
+from crispdiff.model import build_unet, count_parameters, describe_parameters
+from crispdiff.training import PixelSpace, Trainer, make_accelerator
+
+
+def parse_args() -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--data_dir", default=None, help="image folder (default: ../shared emoji, else embedded subset)")
+    p.add_argument("--resolution", type=int, default=64)
+    p.add_argument("--base_channels", type=int, default=32)
+    p.add_argument("--channel_mults", type=int, nargs="+", default=[1, 2, 2, 4])
+    p.add_argument("--attention_res", type=int, nargs="+", default=[16])
+    p.add_argument("--layers_per_block", type=int, default=1)
+    p.add_argument("--train_batch_size", type=int, default=16)
+    p.add_argument("--mixed_precision", default="no", choices=["no", "fp16", "bf16"])
+    p.add_argument("--steps", type=int, default=5, help="timed optimizer steps per repeat")
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--no_record", action="store_true", help="print only; do not append to RESULTS.md")
+    return p.parse_args()
+
+
+def main() -> None:
+    args = parse_args()
+    data_dir = args.data_dir or str(emoji_dir())
+    arch = dict(
+        base_channels=args.base_channels,
+        channel_mults=args.channel_mults,
+        attention_res=args.attention_res,
+        layers_per_block=args.layers_per_block,
+    )
+    with tempfile.TemporaryDirectory() as tmp:
+        config = TrainConfig(
+            train_data_dir=data_dir,
+            resolution=args.resolution,
+            train_batch_size=args.train_batch_size,
+            mixed_precision=args.mixed_precision,
+            output_dir=tmp,
+            cache_dir=tmp,
+            report_to="none",
+            max_train_steps=10**6,
+            random_flip=True,
+            dropout=0.0,
+            **arch,
+        )
+        ours = Trainer(config, PixelSpace(load_images(config)), make_accelerator(config))
+        unet = build_unet(args.resolution, dropout=0.0, **arch)
+        baseline = DiffusersStyleLoop(
+            unet,
+            data_dir,
+            resolution=args.resolution,
+            batch_size=args.train_batch_size,
+            mixed_precision=args.mixed_precision,
+        )
+        for _ in range(args.warmup):
+            ours.optimizer_step()
+            baseline.step()
+        ours_times, base_times = [], []
+        for _ in range(args.repeats):
+            ours_times.append(timed(ours.optimizer_step, args.steps))
+            base_times.append(timed(baseline.step, args.steps))
+    ours_ips = args.train_batch_size / statistics.median(ours_times)
+    base_ips = args.train_batch_size / statistics.median(base_times)
+    table = markdown_table(
+        ["loop", "img/s (median)", "ratio vs diffusers-style"],
+        [
+            ["diffusers-style baseline", base_ips, 1.0],
+            ["crispdiff Trainer.optimizer_step", ours_ips, ours_ips / base_ips],
+        ],
+    )
+    notes = (
+        f"UNet {describe_parameters(count_parameters(unet))} ({arch}), {args.resolution} px, batch "
+        f"{args.train_batch_size}, precision {args.mixed_precision}, {args.repeats} x {args.steps} steps alternated."
+    )
+    print(f"machine: {machine()}")
+    if args.no_record:
+        print(table + "\n" + notes)
+    else:
+        append_results("Training throughput: crispdiff vs diffusers-style loop", table, notes)
+
+
+if __name__ == "__main__":
+    main()

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
+import numpy as np
 import torch
 from accelerate import Accelerator
 from accelerate.utils import ProjectConfiguration, is_mps_available, is_xpu_available, set_seed
@@ -26,6 +27,8 @@ from tqdm.auto import tqdm
 
 from crispdiff.checkpoint import find_checkpoint, load_checkpoint, save_checkpoint
 from crispdiff.config import TrainConfig
+from crispdiff.export import build_pipeline, save_pipeline
+from crispdiff.images import make_grid, save_image_atomic
 from crispdiff.model import count_parameters, describe_parameters, unet_from_config
 from crispdiff.noise import NoiseSchedule, sample_noise, scheduler_base_config
 
@@ -305,31 +308,21 @@ class Trainer:
             self.ema.copy_to(copy.parameters())
         return copy.to(self.accelerator.device, dtype=torch.float32).eval()
 
-    def build_pipeline(self) -> Any:
-        from crispdiff.pipelines.pipeline_crispdiff import CrispDiffPipeline, make_scheduler
-
+    def pipeline_kwargs(self) -> dict[str, Any]:
+        """What `crispdiff.export` needs to build or save this run's pipeline (EMA weights, sampler, schedule)."""
         config = self.config
-        extra = self.space.pipeline_components()
-        scheduler = make_scheduler(
-            config.sampler,
-            scheduler_base_config(config),
-            beta_schedule=config.beta_schedule,
-            thresholding=config.thresholding and "vae" not in extra,
-            latent="vae" in extra,
-        )
-        return CrispDiffPipeline(
+        return dict(
             unet=self.sampling_unet(),
-            scheduler=scheduler,
-            sampler=config.sampler,
+            scheduler_base_config=scheduler_base_config(config),
             beta_schedule=config.beta_schedule,
+            sampler=config.sampler,
             thresholding=config.thresholding,
-            **extra,
+            sr_strength=config.sr_strength,
+            **self.space.pipeline_components(),
         )
 
     def sample_grid(self, pipeline: Any) -> tuple[Any, torch.Tensor]:
         """The validation grid: always the same seed, so grids at different steps are comparable."""
-        from crispdiff.images import make_grid
-
         generator = torch.Generator().manual_seed(self.config.seed)
         images = pipeline(
             batch_size=self.config.num_validation_images,
@@ -338,56 +331,38 @@ class Trainer:
             upscale=False,
             output_type="pt",
         ).images
-        return make_grid(images), images
+        return make_grid(images, value_range=(0, 1)), images
 
     def validate(self) -> None:
         """Sample a grid with the fast sampler (main process), save it and log it; optionally log metrics."""
-        from crispdiff.images import save_image_atomic
-
         if not self.accelerator.is_main_process:
             return
-        grid, images = self.sample_grid(self.build_pipeline())
+        grid, images = self.sample_grid(build_pipeline(**self.pipeline_kwargs()))
         path = self.output_dir / "samples" / f"step_{self.step:07d}.png"
         path.parent.mkdir(parents=True, exist_ok=True)
         save_image_atomic(grid, path)
         logs: dict[str, float] = {}
         if self.config.validation_metrics:
-            from crispdiff.metrics import validation_metrics
+            from crispdiff.metrics import compute_validation_metrics
 
             reference = self.space.reference_images(max(256, len(images)))
-            logs.update({f"val/{k}": v for k, v in validation_metrics(reference, images).items()})
+            logs.update({f"val/{k}": v for k, v in compute_validation_metrics(reference, images).items()})
         for tracker in self.accelerator.trackers:
             if tracker.name == "tensorboard":
-                import numpy as np
-
                 tracker.writer.add_image("validation", np.asarray(grid), self.step, dataformats="HWC")
         if logs:
             self.accelerator.log(logs, step=self.step)
 
     def export(self) -> Path:
         """Write the pipeline folder (EMA weights, DPM-Solver++ default, sample grid, training config)."""
-        from crispdiff.export import save_pipeline
-
-        pipeline = self.build_pipeline()
-        grid, _ = self.sample_grid(pipeline)
-        sr_model = None
+        kwargs = self.pipeline_kwargs()
+        grid, _ = self.sample_grid(build_pipeline(**kwargs))
         if self.config.sr_model_name_or_path:
             from crispdiff.sr import load_sr_model
 
-            sr_model = load_sr_model(self.config.sr_model_name_or_path)
-        extra = self.space.pipeline_components()
+            kwargs["sr_model"] = load_sr_model(self.config.sr_model_name_or_path)
         return save_pipeline(
-            self.output_dir / "pipeline",
-            unet=pipeline.unet,
-            scheduler_base_config=scheduler_base_config(self.config),
-            beta_schedule=self.config.beta_schedule,
-            sampler=self.config.sampler,
-            thresholding=self.config.thresholding,
-            sr_model=sr_model,
-            sr_strength=self.config.sr_strength,
-            training_config=self.config.to_dict(),
-            sample_grid=grid,
-            **extra,
+            self.output_dir / "pipeline", training_config=self.config.to_dict(), sample_grid=grid, **kwargs
         )
 
     def _due(self, every: int | None) -> bool:

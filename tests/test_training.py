@@ -161,6 +161,25 @@ def test_saved_pipeline_reproduces_in_process_images(image_folder, tmp_path):
     assert pipe.scheduler.__class__.__name__ == "DPMSolverMultistepScheduler"
 
 
+def test_validation_grid_and_metrics_are_logged(image_folder, tmp_path):
+    out = tmp_path / "run"
+    config = tiny_config(
+        image_folder, out, max_train_steps=4, checkpointing_steps=0, validation_steps=2, report_to="tensorboard"
+    )
+    config.validation_metrics = True
+    train(config)
+    grid = Image.open(out / "samples" / "step_0000002.png")
+    assert grid.size == (2 * 16, 16)  # two 16 px validation images side by side
+    events = list((out / "logs").rglob("events.out.tfevents.*"))
+    assert events, "no tensorboard event file written"
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(events[0].parent))
+    acc.Reload()
+    tags = acc.Tags()["scalars"]
+    assert "train/loss" in tags and any(tag.startswith("val/swd") for tag in tags), tags
+
+
 def test_existing_pipeline_is_not_overwritten_silently(image_folder, tmp_path):
     out = tmp_path / "run"
     (out / "pipeline").mkdir(parents=True)

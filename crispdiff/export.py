@@ -1,0 +1,227 @@
+"""Writing a crispdiff pipeline folder atomically, and loading one.
+
+The folder layout is the contract in docs/ARCHITECTURE.md ("A saved pipeline folder"). A save is built in a hidden
+sibling folder and swapped in only once complete, so a crash or an unsaveable component never leaves a half-written
+pipeline where a good one used to be.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import uuid
+from pathlib import Path
+from typing import Any
+
+import PIL.Image
+import torch
+from diffusers import ModelMixin
+
+from crispdiff.images import save_image_atomic
+from crispdiff.pipelines.pipeline_crispdiff import SAMPLERS, CrispDiffPipeline, make_scheduler
+
+logger = logging.getLogger(__name__)
+
+TRAINING_CONFIG_NAME = "crispdiff_training.json"
+SAMPLES_NAME = "samples.png"
+MODEL_INDEX_NAME = "model_index.json"
+PIPELINE_CLASS_NAME = "CrispDiffPipeline"
+
+# What save_pipeline writes at the top level. Anything else already in the destination (checkpoints, logs, a model
+# card) is not ours to delete and is carried over into the new folder.
+_PIPELINE_ENTRIES = frozenset(
+    {
+        MODEL_INDEX_NAME,
+        "pipeline_crispdiff.py",
+        "unet",
+        "scheduler",
+        "vae",
+        "sr_model",
+        TRAINING_CONFIG_NAME,
+        SAMPLES_NAME,
+    }
+)
+
+
+def _json_default(value: Any) -> Any:
+    """Paths become strings; anything else that JSON cannot hold is an error (the file must reload as a config)."""
+    if isinstance(value, os.PathLike):
+        return os.fspath(value)
+    raise TypeError(f"{TRAINING_CONFIG_NAME}: cannot store a {type(value).__name__} value ({value!r}) as JSON")
+
+
+def build_pipeline(
+    *,
+    unet: ModelMixin,
+    scheduler_base_config: dict[str, Any],
+    beta_schedule: str,
+    sampler: str = "dpmsolver++",
+    thresholding: bool = False,
+    vae: ModelMixin | None = None,
+    latent_scaling_factor: float | None = None,
+    latent_shift_factor: float | None = None,
+    sr_model: ModelMixin | None = None,
+    sr_strength: float = 0.5,
+) -> CrispDiffPipeline:
+    """The in-memory pipeline that :func:`save_pipeline` writes (also handy for sampling during training)."""
+    if not isinstance(unet, ModelMixin):
+        raise TypeError(f"unet must be a diffusers UNet2DModel, got {type(unet).__name__}")
+    if sampler not in SAMPLERS:
+        raise ValueError(f"unknown sampler {sampler!r}; choose one of {', '.join(SAMPLERS)}")
+    if thresholding and vae is not None:
+        logger.warning("--thresholding applies to pixel models only; the latent pipeline is saved without it")
+        thresholding = False
+    scheduler = make_scheduler(
+        sampler, scheduler_base_config, beta_schedule=beta_schedule, thresholding=thresholding, latent=vae is not None
+    )
+    return CrispDiffPipeline(
+        unet=unet,
+        scheduler=scheduler,
+        vae=vae,
+        sr_model=sr_model,
+        sampler=sampler,
+        beta_schedule=beta_schedule,
+        thresholding=thresholding,
+        latent_scaling_factor=latent_scaling_factor,
+        latent_shift_factor=latent_shift_factor,
+        sr_strength=sr_strength,
+    )
+
+
+def save_pipeline(
+    output_dir: str | os.PathLike,
+    *,
+    unet: ModelMixin,
+    scheduler_base_config: dict[str, Any],
+    beta_schedule: str,
+    sampler: str = "dpmsolver++",
+    thresholding: bool = False,
+    vae: ModelMixin | None = None,
+    latent_scaling_factor: float | None = None,
+    latent_shift_factor: float | None = None,
+    sr_model: ModelMixin | None = None,
+    sr_strength: float = 0.5,
+    training_config: dict[str, Any] | None = None,
+    sample_grid: PIL.Image.Image | None = None,
+) -> Path:
+    """Write a complete pipeline folder at ``output_dir`` and return its path.
+
+    ``scheduler_base_config`` holds ``num_train_timesteps``, ``trained_betas``, ``prediction_type`` and
+    ``rescale_betas_zero_snr`` (``crispdiff.noise.scheduler_base_config``). The unet is saved as given: pass the EMA
+    weights. ``training_config`` goes to ``crispdiff_training.json`` and ``sample_grid`` to ``samples.png``.
+
+    An existing ``output_dir`` is replaced only after the new folder is complete; top-level entries that are not
+    part of a pipeline (``checkpoint-*``, ``logs``, ``README.md`` ...) are moved into the new folder, so the training
+    output folder can double as the pipeline folder.
+    """
+    target = Path(output_dir).resolve()
+    pipeline = build_pipeline(
+        unet=unet,
+        scheduler_base_config=scheduler_base_config,
+        beta_schedule=beta_schedule,
+        sampler=sampler,
+        thresholding=thresholding,
+        vae=vae,
+        latent_scaling_factor=latent_scaling_factor,
+        latent_shift_factor=latent_shift_factor,
+        sr_model=sr_model,
+        sr_strength=sr_strength,
+    )
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = target.parent / f".{target.name}.tmp-{uuid.uuid4().hex[:8]}"
+    try:
+        staging.mkdir()
+        pipeline.save_pretrained(staging)
+        if training_config is not None:
+            text = json.dumps(training_config, indent=2, sort_keys=True, default=_json_default)
+            (staging / TRAINING_CONFIG_NAME).write_text(text + "\n", encoding="utf-8")
+        if sample_grid is not None:
+            save_image_atomic(sample_grid, staging / SAMPLES_NAME)
+        _swap_into_place(staging, target)
+    finally:
+        if staging.exists():
+            shutil.rmtree(staging, ignore_errors=True)
+    return target
+
+
+def _swap_into_place(staging: Path, target: Path) -> None:
+    """Replace ``target`` by the complete ``staging`` folder, carrying over entries that are not ours.
+
+    POSIX cannot atomically exchange two non-empty folders, so the old folder is renamed aside first and restored if
+    the second rename fails; the window where ``target`` is missing is two renames long.
+    """
+    if not target.exists():
+        os.replace(staging, target)
+        return
+    if not target.is_dir():
+        raise FileExistsError(f"{target} exists and is not a folder; cannot save a pipeline there")
+    carried = [entry.name for entry in target.iterdir() if entry.name not in _PIPELINE_ENTRIES]
+    carried = [name for name in carried if not (staging / name).exists()]
+    for name in carried:
+        os.replace(target / name, staging / name)
+    backup = target.parent / f".{target.name}.old-{uuid.uuid4().hex[:8]}"
+    try:
+        os.replace(target, backup)
+    except BaseException:
+        _move_back(staging, target, carried)
+        raise
+    try:
+        os.replace(staging, target)
+    except BaseException:
+        os.replace(backup, target)
+        _move_back(staging, target, carried)
+        raise
+    shutil.rmtree(backup, ignore_errors=True)
+
+
+def _move_back(staging: Path, target: Path, names: list[str]) -> None:
+    """Undo the carry-over of foreign entries after a failed swap."""
+    for name in names:
+        if (staging / name).exists():
+            os.replace(staging / name, target / name)
+
+
+def read_model_index(path: str | os.PathLike) -> dict[str, Any]:
+    """The folder's model_index.json, with clear errors when the folder is missing or not a crispdiff pipeline."""
+    folder = Path(path)
+    if not folder.is_dir():
+        raise FileNotFoundError(f"pipeline folder {folder} does not exist")
+    index_path = folder / MODEL_INDEX_NAME
+    if not index_path.is_file():
+        raise FileNotFoundError(f"{folder} has no {MODEL_INDEX_NAME}; it is not a saved pipeline folder")
+    index = json.loads(index_path.read_text(encoding="utf-8"))
+    class_name = index.get("_class_name")
+    name = class_name[-1] if isinstance(class_name, (list, tuple)) and class_name else class_name
+    if name != PIPELINE_CLASS_NAME:
+        raise ValueError(
+            f"{index_path} describes a {class_name!r} pipeline, not a crispdiff {PIPELINE_CLASS_NAME}; "
+            "load it with diffusers' DiffusionPipeline.from_pretrained instead"
+        )
+    return index
+
+
+def load_pipeline(
+    path: str | os.PathLike,
+    sampler: str | None = None,
+    device: str | torch.device | None = None,
+    dtype: torch.dtype | None = None,
+) -> CrispDiffPipeline:
+    """Load a saved folder as the installed :class:`CrispDiffPipeline` (not the folder's copy of the code).
+
+    ``trust_remote_code=True`` is passed because diffusers will only import the SR component's module
+    (``sr_model/sr_model.py``) with it. ``sampler`` switches the scheduler; ``device`` / ``dtype`` move the models.
+    """
+    read_model_index(path)
+    if sampler is not None and sampler not in SAMPLERS:
+        raise ValueError(f"unknown sampler {sampler!r}; choose one of {', '.join(SAMPLERS)}")
+    kwargs: dict[str, Any] = {"trust_remote_code": True}
+    if dtype is not None:
+        kwargs["dtype"] = dtype
+    pipeline = CrispDiffPipeline.from_pretrained(os.fspath(path), **kwargs)
+    if sampler is not None:
+        pipeline.set_sampler(sampler)
+    if device is not None:
+        pipeline.to(device)
+    return pipeline

@@ -1,0 +1,558 @@
+"""CrispDiffPipeline: unconditional image generation from a crispdiff model (unet + scheduler [+ vae] [+ sr_model]).
+
+This file is self-contained on purpose: a copy of it is saved into every pipeline folder so that
+``DiffusionPipeline.from_pretrained(folder, trust_remote_code=True)`` works on a machine that has only torch, numpy,
+PIL and diffusers installed. It must therefore never import crispdiff.
+
+Samplers are built by :func:`make_scheduler` from one explicit list of betas (``trained_betas``), so training and every
+sampler agree on the noise schedule whatever scheduler class is used to sample.
+"""
+
+from __future__ import annotations
+
+import inspect
+import json
+import math
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from diffusers import (
+    AutoencoderKL,
+    AutoencoderTiny,
+    DDIMScheduler,
+    DDPMScheduler,
+    DiffusionPipeline,
+    DPMSolverMultistepScheduler,
+    ImagePipelineOutput,
+    ModelMixin,
+    PNDMScheduler,
+    UNet2DModel,
+    UniPCMultistepScheduler,
+)
+from diffusers.utils import logging
+from diffusers.utils.torch_utils import randn_tensor
+
+logger = logging.get_logger(__name__)
+
+SAMPLERS = ("dpmsolver++", "ddim", "unipc", "pndm", "ddpm")
+"""Names accepted by :func:`make_scheduler`, ``CrispDiffPipeline.set_sampler`` and the ``sampler`` call argument."""
+
+PIPELINE_FILE_NAME = "pipeline_crispdiff.py"
+SR_MODULE_NAME = "sr_model"
+OUTPUT_TYPES = ("pil", "np", "pt")
+
+# Below this log-SNR the cosine schedule's x0 prediction is numerically useless; diffusers recommends clipping
+# DPM-Solver's lambda there for squaredcos_cap_v2 (see DPMSolverMultistepScheduler's lambda_min_clipped docstring).
+COSINE_LAMBDA_MIN_CLIPPED = -5.1
+_BASE_KEYS = ("num_train_timesteps", "trained_betas", "prediction_type")
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Samplers
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def has_zero_terminal_snr(trained_betas: list[float] | np.ndarray) -> bool:
+    """Whether the last beta is 1, i.e. alpha_bar(T) = 0 and the final timestep is pure noise.
+
+    Detected from the betas themselves as well as from the ``rescale_betas_zero_snr`` flag, because the betas handed
+    over by training may already be rescaled.
+    """
+    return float(np.asarray(trained_betas, dtype=np.float64)[-1]) >= 1.0 - 1e-9
+
+
+def base_config_from_scheduler(scheduler: Any) -> dict[str, Any]:
+    """The sampler-independent part of a scheduler's config: T, the explicit betas, the prediction type, zero SNR.
+
+    Read back from whatever scheduler the pipeline holds so that switching samplers never needs anything beyond
+    the saved ``scheduler/scheduler_config.json``. Falls back to the scheduler's own ``betas`` tensor when it was
+    built from a named schedule rather than ``trained_betas``.
+    """
+    config = scheduler.config
+    betas = config.get("trained_betas")
+    if betas is None:
+        betas = scheduler.betas.double().tolist()
+    return {
+        "num_train_timesteps": int(config["num_train_timesteps"]),
+        "trained_betas": [float(b) for b in betas],
+        "prediction_type": config.get("prediction_type", "epsilon"),
+        "rescale_betas_zero_snr": bool(config.get("rescale_betas_zero_snr", False)),
+    }
+
+
+def _check_base_config(base_config: dict[str, Any]) -> None:
+    """Fail early, naming the missing keys, instead of inside a diffusers constructor."""
+    missing = [key for key in _BASE_KEYS if base_config.get(key) is None]
+    if missing:
+        raise ValueError(f"scheduler base config is missing {missing}; it needs {list(_BASE_KEYS)}")
+    betas = base_config["trained_betas"]
+    if len(betas) != int(base_config["num_train_timesteps"]):
+        raise ValueError(
+            f"scheduler base config has {len(betas)} trained_betas but num_train_timesteps="
+            f"{base_config['num_train_timesteps']}; they must match"
+        )
+
+
+def make_scheduler(
+    sampler: str,
+    base_config: dict[str, Any],
+    *,
+    beta_schedule: str | None,
+    thresholding: bool = False,
+    latent: bool = False,
+) -> Any:
+    """Build the diffusers scheduler for ``sampler`` from the explicit betas in ``base_config``.
+
+    Every sampler uses ``timestep_spacing="trailing"`` so that the first step starts at t = T-1 (the only spacing that
+    reaches pure noise with few steps, Lin et al. 2023). Pixel models clip x0 predictions to [-1, 1] (DDIM/DDPM) and
+    may use dynamic thresholding; latent models do neither, as latents are not bounded.
+
+    Args:
+        sampler: one of :data:`SAMPLERS`.
+        base_config: ``num_train_timesteps``, ``trained_betas``, ``prediction_type`` and optionally
+            ``rescale_betas_zero_snr`` (see ``crispdiff.noise.scheduler_base_config``).
+        beta_schedule: the name of the schedule the betas came from; ``"cosine"`` turns on DPM-Solver's lambda clip.
+        thresholding: dynamic thresholding of predicted x0 (Saharia et al. 2022), pixel models only.
+        latent: whether the model samples VAE latents rather than pixels.
+    """
+    if sampler not in SAMPLERS:
+        raise ValueError(f"unknown sampler {sampler!r}; choose one of {', '.join(SAMPLERS)}")
+    _check_base_config(base_config)
+    prediction_type = base_config["prediction_type"]
+    betas = [float(b) for b in base_config["trained_betas"]]
+    zero_snr = bool(base_config.get("rescale_betas_zero_snr", False)) or has_zero_terminal_snr(betas)
+    if zero_snr and prediction_type == "epsilon":
+        raise ValueError(
+            "prediction_type 'epsilon' cannot sample from a zero-terminal-SNR schedule: at t=T the input is pure "
+            "noise, so x0 = (x - sqrt(1-alpha_bar) * eps) / sqrt(alpha_bar) divides by zero. Train with "
+            "--prediction_type v_prediction, or without --rescale_betas_zero_snr."
+        )
+    if thresholding and latent:
+        raise ValueError("thresholding clips predicted pixels to [-1, 1]; it cannot be used with a latent (VAE) model")
+
+    common: dict[str, Any] = {
+        "num_train_timesteps": int(base_config["num_train_timesteps"]),
+        "trained_betas": betas,
+        "prediction_type": prediction_type,
+        "timestep_spacing": "trailing",
+    }
+    if sampler == "pndm":
+        return _make_pndm(common, zero_snr=zero_snr, thresholding=thresholding)
+
+    common["rescale_betas_zero_snr"] = zero_snr
+    common.update(thresholding=thresholding, dynamic_thresholding_ratio=0.995, sample_max_value=1.0)
+    if sampler == "dpmsolver++":
+        clip_lambda = beta_schedule == "cosine" and not zero_snr  # zero SNR wants to start from pure noise
+        extra = {"lambda_min_clipped": COSINE_LAMBDA_MIN_CLIPPED} if clip_lambda else {}
+        # final_sigmas_type="zero" ends on a first-order (Euler) step straight to the x0 prediction, and
+        # lower_order_final keeps the last steps first-order below 15 steps: both stop the second-order update from
+        # amplifying errors when there are few, large steps.
+        return DPMSolverMultistepScheduler(
+            **common,
+            **extra,
+            algorithm_type="dpmsolver++",
+            solver_order=2,
+            solver_type="midpoint",
+            lower_order_final=True,
+            euler_at_final=False,
+            final_sigmas_type="zero",
+        )
+    if sampler == "unipc":
+        return UniPCMultistepScheduler(
+            **common,
+            solver_order=2,
+            predict_x0=True,
+            solver_type="bh2",
+            lower_order_final=True,
+            final_sigmas_type="zero",
+        )
+    if sampler == "ddim":
+        return DDIMScheduler(
+            **common, clip_sample=not latent, clip_sample_range=1.0, set_alpha_to_one=True, steps_offset=0
+        )
+    return DDPMScheduler(**common, clip_sample=not latent, clip_sample_range=1.0, variance_type="fixed_small")
+
+
+def _make_pndm(common: dict[str, Any], *, zero_snr: bool, thresholding: bool) -> PNDMScheduler:
+    """PLMS (PNDM without Runge-Kutta warm-up), refusing the configurations it cannot sample."""
+    if zero_snr:
+        raise ValueError(
+            "the 'pndm' sampler cannot be used with a zero-terminal-SNR schedule (rescale_betas_zero_snr): its update "
+            "divides by sqrt(alpha_bar(T)) = 0. Use --sampler dpmsolver++, ddim, unipc or ddpm."
+        )
+    if common["prediction_type"] not in ("epsilon", "v_prediction"):
+        raise ValueError(
+            f"the 'pndm' sampler supports prediction_type 'epsilon' or 'v_prediction', not "
+            f"{common['prediction_type']!r}; use another sampler"
+        )
+    if thresholding:
+        logger.warning("the 'pndm' sampler has no dynamic thresholding; sampling without it")
+    return PNDMScheduler(**common, skip_prk_steps=True, set_alpha_to_one=True, steps_offset=0)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Post-processing (torch, on [0, 1] NCHW images)
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def gaussian_blur(images: torch.Tensor, sigma: float) -> torch.Tensor:
+    """Separable Gaussian blur with replicate padding (works for images smaller than the kernel too)."""
+    if sigma <= 0:
+        return images
+    radius = max(1, math.ceil(3.0 * sigma))
+    offsets = torch.arange(-radius, radius + 1, dtype=torch.float64)
+    kernel = torch.exp(-(offsets**2) / (2.0 * sigma**2))
+    kernel = (kernel / kernel.sum()).to(device=images.device, dtype=images.dtype)
+    channels = images.shape[1]
+    horizontal = kernel.view(1, 1, 1, -1).expand(channels, 1, 1, -1)
+    vertical = kernel.view(1, 1, -1, 1).expand(channels, 1, -1, 1)
+    out = F.conv2d(F.pad(images, (radius, radius, 0, 0), mode="replicate"), horizontal, groups=channels)
+    return F.conv2d(F.pad(out, (0, 0, radius, radius), mode="replicate"), vertical, groups=channels)
+
+
+def unsharp_mask(images01: torch.Tensor, amount: float, radius: float = 1.0, threshold: float = 0.0) -> torch.Tensor:
+    """Add ``amount`` x (image - Gaussian blur) where the detail is at least ``threshold`` (in [0, 1] units).
+
+    The classic darkroom sharpen: it boosts edges without touching flat areas, and the threshold keeps it from
+    amplifying low-amplitude noise. ``amount == 0`` returns the input unchanged.
+    """
+    if amount == 0:
+        return images01
+    detail = images01 - gaussian_blur(images01, radius)
+    if threshold > 0:
+        detail = detail * (detail.abs() >= threshold).to(detail.dtype)
+    return (images01 + amount * detail).clamp(0.0, 1.0)
+
+
+def apply_gamma(images01: torch.Tensor, gamma: float) -> torch.Tensor:
+    """``x ** (1 / gamma)``: gamma > 1 brightens mid-tones, < 1 darkens them, 0 and 1 stay put; 1 is the identity."""
+    if gamma == 1:
+        return images01
+    if gamma <= 0:
+        raise ValueError(f"gamma must be > 0, got {gamma}")
+    return images01.clamp(0.0, 1.0) ** (1.0 / gamma)
+
+
+def _resize(images01: torch.Tensor, output_size: int | tuple[int, int]) -> torch.Tensor:
+    """Antialiased bicubic resize, used for ``output_size`` when no SR model upscales."""
+    size = (output_size, output_size) if isinstance(output_size, int) else tuple(output_size)
+    return F.interpolate(images01, size=size, mode="bicubic", align_corners=False, antialias=True).clamp(0.0, 1.0)
+
+
+def _write_json_atomic(path: Path, data: dict[str, Any]) -> None:
+    """Rewrite a JSON file via a temp file + os.replace so a crash never leaves it half-written."""
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as handle:
+            handle.write(json.dumps(data, indent=2, sort_keys=True) + "\n")
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# The pipeline
+# --------------------------------------------------------------------------------------------------------------------
+
+
+class CrispDiffPipeline(DiffusionPipeline):
+    """Unconditional generation: noise -> unet/scheduler loop -> [vae decode] -> [SR upscale] -> [sharpen, gamma].
+
+    Components: ``unet`` (UNet2DModel), ``scheduler`` (built by :func:`make_scheduler`), optional ``vae``
+    (AutoencoderKL / AutoencoderTiny, for latent models) and optional ``sr_model`` (any ModelMixin with
+    ``upscale(images01, sr_strength=..., output_size=...)``). The remaining ``__init__`` arguments are stored in the
+    pipeline config (model_index.json) and come back on ``from_pretrained``.
+
+    Args:
+        sampler: name of the sampler ``scheduler`` was built for (one of :data:`SAMPLERS`).
+        beta_schedule: the schedule the betas came from (only ``"cosine"`` changes sampler settings).
+        thresholding: dynamic thresholding when switching samplers (pixel models only; ignored with a vae).
+        latent_scaling_factor, latent_shift_factor: latents are decoded as ``vae.decode(z / scale + shift)``; stored
+            here because crispdiff may measure them on the data instead of trusting the VAE config (None = VAE config).
+        upscale: whether calls upscale with ``sr_model`` by default (None = whenever an sr_model is present).
+        sr_strength: default blend of the SR output with a Lanczos upscale (0 = Lanczos only, 1 = SR only).
+        sharpen_amount, sharpen_radius, sharpen_threshold: unsharp mask after decoding/SR (amount 0 = off).
+        gamma: output gamma, ``x ** (1/gamma)`` (1 = off).
+    """
+
+    model_cpu_offload_seq = "unet->vae->sr_model"
+    _optional_components = ["vae", "sr_model"]
+
+    def __init__(
+        self,
+        unet: UNet2DModel,
+        scheduler: Any,
+        vae: AutoencoderKL | AutoencoderTiny | None = None,
+        sr_model: ModelMixin | None = None,
+        sampler: str = "dpmsolver++",
+        beta_schedule: str | None = None,
+        thresholding: bool = False,
+        latent_scaling_factor: float | None = None,
+        latent_shift_factor: float | None = None,
+        upscale: bool | None = None,
+        sr_strength: float = 0.5,
+        sharpen_amount: float = 0.0,
+        sharpen_radius: float = 1.0,
+        sharpen_threshold: float = 0.0,
+        gamma: float = 1.0,
+    ):
+        super().__init__()
+        if sampler not in SAMPLERS:
+            raise ValueError(f"unknown sampler {sampler!r}; choose one of {', '.join(SAMPLERS)}")
+        if thresholding and vae is not None:
+            logger.warning(
+                "thresholding clips pixels to [-1, 1] and does not apply to a latent (vae) model; ignoring it"
+            )
+            thresholding = False
+        self.register_modules(unet=unet, scheduler=scheduler, vae=vae, sr_model=sr_model)
+        self.register_to_config(
+            sampler=sampler,
+            beta_schedule=beta_schedule,
+            thresholding=bool(thresholding),
+            latent_scaling_factor=latent_scaling_factor,
+            latent_shift_factor=latent_shift_factor,
+            upscale=(sr_model is not None) if upscale is None else bool(upscale),
+            sr_strength=float(sr_strength),
+            sharpen_amount=float(sharpen_amount),
+            sharpen_radius=float(sharpen_radius),
+            sharpen_threshold=float(sharpen_threshold),
+            gamma=float(gamma),
+        )
+
+    # ---- loading / saving ----------------------------------------------------------------------------------------
+
+    @classmethod
+    def load_config(cls, *args: Any, **kwargs: Any) -> Any:
+        """Read model_index.json, pointing ``_class_name`` at this class when it is the one the folder names.
+
+        A saved folder records ``["pipeline_crispdiff", "CrispDiffPipeline"]`` so that ``DiffusionPipeline`` loads
+        the copy of this file inside it. When the caller already holds the class (``CrispDiffPipeline.from_pretrained``)
+        diffusers would still import that copy (and demand ``trust_remote_code``); reporting the plain class name
+        makes it use ``cls`` instead. ``DiffusionPipeline.load_config`` is untouched.
+        """
+        loaded = super().load_config(*args, **kwargs)
+        config = loaded[0] if isinstance(loaded, tuple) else loaded
+        class_name = config.get("_class_name")
+        if isinstance(class_name, (list, tuple)) and class_name and class_name[-1] == cls.__name__:
+            config["_class_name"] = cls.__name__
+        return loaded
+
+    def save_pretrained(self, save_directory: str | os.PathLike, **kwargs: Any) -> None:
+        """Save like diffusers, then make the folder self-describing: this file, and the SR component's module.
+
+        ``model_index.json`` gets ``_class_name = ["pipeline_crispdiff", "CrispDiffPipeline"]`` (diffusers imports the
+        copy saved beside it with ``trust_remote_code=True``) and, with an SR model, ``sr_model =
+        ["sr_model", <class>]`` with the module copied to ``sr_model/sr_model.py``: diffusers only imports a custom
+        component's module from the component's own folder.
+        """
+        if kwargs.get("push_to_hub"):
+            raise ValueError(
+                "CrispDiffPipeline.save_pretrained(push_to_hub=True) would upload before the folder is complete; "
+                "save first, then upload the folder (crispdiff's hub upload does this)"
+            )
+        super().save_pretrained(save_directory, **kwargs)
+        folder = Path(save_directory)
+        shutil.copyfile(Path(__file__).resolve(), folder / PIPELINE_FILE_NAME)
+
+        index_path = folder / self.config_name
+        index = json.loads(index_path.read_text(encoding="utf-8"))
+        index["_class_name"] = [PIPELINE_FILE_NAME[: -len(".py")], type(self).__name__]
+        if self.sr_model is not None:
+            source = inspect.getsourcefile(type(self.sr_model))
+            if source is None:
+                raise ValueError(f"cannot find the source file of {type(self.sr_model)!r} to save with the pipeline")
+            destination = folder / "sr_model" / f"{SR_MODULE_NAME}.py"
+            destination.parent.mkdir(exist_ok=True)
+            if not (destination.exists() and os.path.samefile(source, destination)):
+                shutil.copyfile(source, destination)
+            index["sr_model"] = [SR_MODULE_NAME, type(self.sr_model).__name__]
+        _write_json_atomic(index_path, index)
+
+    # ---- samplers -------------------------------------------------------------------------------------------------
+
+    def make_sampler(self, sampler: str) -> Any:
+        """A fresh scheduler for ``sampler`` with the same betas / prediction type as the current one."""
+        return make_scheduler(
+            sampler,
+            base_config_from_scheduler(self.scheduler),
+            beta_schedule=self.config.beta_schedule,
+            thresholding=self.config.thresholding,
+            latent=self.vae is not None,
+        )
+
+    def set_sampler(self, sampler: str) -> None:
+        """Switch the pipeline's scheduler to ``sampler`` (recorded in the config, so it is saved as the default)."""
+        self.scheduler = self.make_sampler(sampler)
+        self.register_to_config(sampler=sampler)
+
+    # ---- generation -----------------------------------------------------------------------------------------------
+
+    def _sample_shape(self, batch_size: int) -> tuple[int, int, int, int]:
+        """(B, C, H, W) of the unet's input, from its config."""
+        size = self.unet.config.sample_size
+        if size is None:
+            raise ValueError("unet.config.sample_size is not set; the pipeline cannot tell what size to sample")
+        height, width = (size, size) if isinstance(size, int) else tuple(size)
+        return (batch_size, int(self.unet.config.in_channels), int(height), int(width))
+
+    def prepare_latents(
+        self,
+        batch_size: int,
+        generator: torch.Generator | list[torch.Generator] | None,
+        latents: torch.Tensor | None,
+        device: torch.device,
+    ) -> torch.Tensor:
+        """Initial noise (float32 on ``device``), drawn on the generator's device (CPU by default).
+
+        Drawing on the CPU makes a seed give the same images on any accelerator.
+        """
+        shape = self._sample_shape(batch_size)
+        if latents is None:
+            first = generator[0] if isinstance(generator, list) else generator
+            noise_device = first.device if first is not None else torch.device("cpu")
+            latents = randn_tensor(shape, generator=generator, device=noise_device, dtype=torch.float32)
+        elif tuple(latents.shape) != shape:
+            raise ValueError(f"latents have shape {tuple(latents.shape)}, expected {shape}")
+        return latents.to(device=device, dtype=torch.float32)
+
+    def _denoise(
+        self, scheduler: Any, sample: torch.Tensor, num_inference_steps: int, generator: Any, device: torch.device
+    ) -> torch.Tensor:
+        """The sampling loop; the sample stays in float32 whatever the unet's dtype."""
+        scheduler.set_timesteps(num_inference_steps, device=device)
+        sample = sample * scheduler.init_noise_sigma
+        accepts_generator = "generator" in inspect.signature(scheduler.step).parameters
+        step_kwargs = {"generator": generator} if accepts_generator else {}
+        for t in self.progress_bar(scheduler.timesteps):
+            model_input = scheduler.scale_model_input(sample, t).to(self.unet.dtype)
+            model_output = self.unet(model_input, t).sample.float()
+            sample = scheduler.step(model_output, t, sample, **step_kwargs).prev_sample
+        return sample
+
+    def decode(self, sample: torch.Tensor) -> torch.Tensor:
+        """Model output -> [0, 1] RGB images: VAE-decode latents (``z / scale + shift``), or read pixels directly."""
+        if self.vae is not None:
+            scale = self.config.latent_scaling_factor
+            if scale is None:
+                scale = getattr(self.vae.config, "scaling_factor", None) or 1.0
+            shift = self.config.latent_shift_factor
+            if shift is None:
+                shift = getattr(self.vae.config, "shift_factor", None) or 0.0
+            latents = sample / scale + shift
+            sample = self.vae.decode(latents.to(self.vae.dtype)).sample.float()
+        images01 = (sample / 2 + 0.5).clamp(0.0, 1.0)
+        if images01.shape[1] == 1:
+            images01 = images01.expand(-1, 3, -1, -1)
+        if images01.shape[1] != 3:
+            raise ValueError(f"the model produced {images01.shape[1]} channels; CrispDiffPipeline outputs RGB (3)")
+        return images01
+
+    def _resolve_upscale(self, upscale: bool | None) -> bool:
+        """Call argument > config default; asking for SR explicitly without an sr_model is an error."""
+        if upscale is None:
+            return bool(self.config.upscale) and self.sr_model is not None
+        if upscale and self.sr_model is None:
+            raise ValueError("upscale=True but this pipeline has no sr_model component")
+        return bool(upscale)
+
+    def postprocess(
+        self,
+        images01: torch.Tensor,
+        sharpen_amount: float | None = None,
+        sharpen_radius: float | None = None,
+        sharpen_threshold: float | None = None,
+        gamma: float | None = None,
+    ) -> torch.Tensor:
+        """Unsharp mask, then gamma; arguments default to the pipeline config (both off unless configured)."""
+        amount = self.config.sharpen_amount if sharpen_amount is None else sharpen_amount
+        radius = self.config.sharpen_radius if sharpen_radius is None else sharpen_radius
+        threshold = self.config.sharpen_threshold if sharpen_threshold is None else sharpen_threshold
+        images01 = unsharp_mask(images01, amount, radius, threshold)
+        return apply_gamma(images01, self.config.gamma if gamma is None else gamma)
+
+    @torch.no_grad()
+    def __call__(
+        self,
+        batch_size: int = 1,
+        num_inference_steps: int = 25,
+        generator: torch.Generator | list[torch.Generator] | None = None,
+        sampler: str | None = None,
+        upscale: bool | None = None,
+        sr_strength: float | None = None,
+        output_size: int | tuple[int, int] | None = None,
+        output_type: str = "pil",
+        return_dict: bool = True,
+        latents: torch.Tensor | None = None,
+        sharpen_amount: float | None = None,
+        sharpen_radius: float | None = None,
+        sharpen_threshold: float | None = None,
+        gamma: float | None = None,
+    ) -> ImagePipelineOutput | tuple:
+        """Generate ``batch_size`` images.
+
+        Args:
+            batch_size: number of images (ignored when ``latents`` is given).
+            num_inference_steps: sampler steps.
+            generator: a ``torch.Generator`` (or one per image) for reproducible noise; CPU generators give the same
+                images on every device.
+            sampler: sample with this sampler for this call only (default: the pipeline's scheduler).
+            upscale, sr_strength: SR with ``sr_model`` (defaults from the config).
+            output_size: final size; passed to the SR model, or a bicubic resize when not upscaling.
+            output_type: ``"pil"`` (list of PIL images), ``"np"`` (NHWC float32 in [0, 1]) or ``"pt"``
+                (NCHW float in [0, 1]).
+            latents: initial noise of the unet's input shape, instead of drawing it.
+            sharpen_amount, sharpen_radius, sharpen_threshold, gamma: override the config's post-processing.
+        """
+        if output_type not in OUTPUT_TYPES:
+            raise ValueError(f"output_type must be one of {OUTPUT_TYPES}, got {output_type!r}")
+        if num_inference_steps < 1:
+            raise ValueError(f"num_inference_steps must be >= 1, got {num_inference_steps}")
+        if latents is not None:
+            batch_size = latents.shape[0]
+        if isinstance(generator, list) and len(generator) != batch_size:
+            raise ValueError(f"got {len(generator)} generators for a batch of {batch_size}")
+        do_upscale = self._resolve_upscale(upscale)
+        device = self._execution_device
+        scheduler = self.scheduler if sampler is None else self.make_sampler(sampler)
+
+        sample = self.prepare_latents(batch_size, generator, latents, device)
+        sample = self._denoise(scheduler, sample, num_inference_steps, generator, device)
+        images01 = self.decode(sample)
+        if do_upscale:
+            strength = self.config.sr_strength if sr_strength is None else sr_strength
+            sr_input = images01.to(getattr(self.sr_model, "dtype", images01.dtype))
+            images01 = self.sr_model.upscale(sr_input, sr_strength=strength, output_size=output_size)
+            images01 = images01.float().clamp(0.0, 1.0)
+        elif output_size is not None:
+            images01 = _resize(images01, output_size)
+        images01 = self.postprocess(images01, sharpen_amount, sharpen_radius, sharpen_threshold, gamma)
+
+        self.maybe_free_model_hooks()
+        if output_type == "pt":
+            images: Any = images01
+        else:
+            array = images01.permute(0, 2, 3, 1).cpu().numpy().astype(np.float32)
+            images = array if output_type == "np" else self.numpy_to_pil(array)
+        if not return_dict:
+            return (images,)
+        return ImagePipelineOutput(images=images)
+
+
+__all__ = [
+    "SAMPLERS",
+    "CrispDiffPipeline",
+    "apply_gamma",
+    "base_config_from_scheduler",
+    "gaussian_blur",
+    "has_zero_terminal_snr",
+    "make_scheduler",
+    "unsharp_mask",
+]

@@ -156,7 +156,10 @@ class TrainConfig(DataConfig, ModelConfig, NoiseConfig, HubConfig):
     sr_strength: float = flag(0.5, "Default blend of SR output with a Lanczos upscale (0 = Lanczos only, 1 = SR only).")
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        """The configuration as saved beside checkpoints and pipelines: without the Hub token."""
+        values = dataclasses.asdict(self)
+        values.pop("hub_token", None)
+        return values
 
     def save_json(self, path: str | Path) -> None:
         Path(path).write_text(json.dumps(self.to_dict(), indent=2, sort_keys=True))

@@ -28,6 +28,7 @@ from tqdm.auto import tqdm
 from crispdiff.checkpoint import find_checkpoint, load_checkpoint, save_checkpoint
 from crispdiff.config import TrainConfig
 from crispdiff.export import build_pipeline, save_pipeline
+from crispdiff.hub import maybe_push_to_hub, write_model_card
 from crispdiff.images import make_grid, save_image_atomic
 from crispdiff.model import count_parameters, describe_parameters, unet_from_config
 from crispdiff.noise import NoiseSchedule, sample_noise, scheduler_base_config
@@ -361,9 +362,11 @@ class Trainer:
             from crispdiff.sr import load_sr_model
 
             kwargs["sr_model"] = load_sr_model(self.config.sr_model_name_or_path)
-        return save_pipeline(
+        folder = save_pipeline(
             self.output_dir / "pipeline", training_config=self.config.to_dict(), sample_grid=grid, **kwargs
         )
+        write_model_card(folder, self.config.to_dict())
+        return folder
 
     def _due(self, every: int | None) -> bool:
         """True every `every` steps, except at the last step (the end of training does its own saving)."""
@@ -408,6 +411,8 @@ class Trainer:
         if accelerator.is_main_process:
             pipeline_dir = self.export()
             accelerator.print(f"Pipeline saved to {pipeline_dir} (sample grid: {pipeline_dir / 'samples.png'}).")
+            if config.push_to_hub:
+                accelerator.print(f"Uploaded to {maybe_push_to_hub(pipeline_dir, config)}")
         accelerator.wait_for_everyone()
         accelerator.end_training()
         return pipeline_dir

@@ -180,6 +180,33 @@ def test_validation_grid_and_metrics_are_logged(image_folder, tmp_path):
     assert "train/loss" in tags and any(tag.startswith("val/swd") for tag in tags), tags
 
 
+def test_sr_model_flag_and_failed_push_leave_a_complete_folder(image_folder, tmp_path):
+    """--sr_model_name_or_path puts the SR component into the saved pipeline; --push_to_hub offline fails clearly
+    after the folder (with its model card) is complete."""
+    from test_sr import make_network, write_checkpoint
+
+    from crispdiff.hub import HubUploadError
+
+    _, checkpoint, _ = make_network("compact_x4")
+    sr_file = write_checkpoint(checkpoint, tmp_path / "compact_x4.pth")
+    out = tmp_path / "run"
+    config = tiny_config(image_folder, out, max_train_steps=2, checkpointing_steps=0, sr_model_name_or_path=sr_file)
+    config.push_to_hub, config.hub_model_id, config.hub_token = True, "someone/tiny", "hf_secret_token"
+    with pytest.raises(HubUploadError):
+        train(config)
+    folder = out / "pipeline"
+    card = (folder / "README.md").read_text()
+    assert "library_name: diffusers" in card and "hf_secret_token" not in card
+    assert "hf_secret_token" not in (folder / "crispdiff_training.json").read_text()
+    assert "hf_secret_token" not in (out / "crispdiff_training.json").read_text()
+
+    from diffusers import DiffusionPipeline
+
+    pipe = DiffusionPipeline.from_pretrained(str(folder), trust_remote_code=True)
+    upscaled = pipe(batch_size=1, num_inference_steps=2, generator=torch.Generator().manual_seed(0), output_type="np")
+    assert upscaled.images.shape == (1, 64, 64, 3)  # 16 px x4
+
+
 def test_existing_pipeline_is_not_overwritten_silently(image_folder, tmp_path):
     out = tmp_path / "run"
     (out / "pipeline").mkdir(parents=True)

@@ -1,0 +1,126 @@
+"""Cost of the SR post-step per image against the 25-step sampling it follows, with and without tiling.
+
+    python benchmarks/bench_sr.py --resolution 64 --batch_size 2 --threads 1
+
+The diffusion side is a CrispDiffPipeline around a UNet of the given size sampling with DPM-Solver++ (25 steps,
+``upscale=False``); the SR side is the pipeline's real SR component (``SpandrelSRModel.upscale`` with
+``sr_strength=0.5``: network + Lanczos blend) around networks built at the published sizes of common checkpoints
+(random weights: only the cost is measured). Each SR model runs untiled and with ``--tile_size`` / ``--tile_overlap``
+(tiles in input pixels), timed in alternation so machine noise hits both.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import statistics
+
+import torch
+from common import append_results, markdown_table, timed
+from spandrel.architectures.Compact import Compact
+from spandrel.architectures.ESRGAN import ESRGAN
+from spandrel.architectures.SwinIR import SwinIR
+
+from crispdiff.config import NoiseConfig
+from crispdiff.export import build_pipeline
+from crispdiff.model import build_unet
+from crispdiff.noise import scheduler_base_config
+from crispdiff.pipelines.sr_model import SpandrelSRModel, tile_starts
+
+
+def sr_networks(include_rrdb_x4: bool) -> dict[str, torch.nn.Module]:
+    """Networks at the sizes of well-known checkpoints (names say which), random weights."""
+    nets: dict[str, torch.nn.Module] = {
+        "Compact x4 (realesr-general-x4v3 size)": Compact(num_feat=64, num_conv=32, upscale=4),
+        "ESRGAN x2 unshuffle (RealESRGAN_x2plus size)": ESRGAN(in_nc=12, num_filters=64, num_blocks=23, scale=4,
+                                                                shuffle_factor=2),
+        "SwinIR-S x2 (lightweight, 4x6 blocks)": SwinIR(img_size=64, embed_dim=60, depths=[6, 6, 6, 6],
+                                                         num_heads=[6, 6, 6, 6], window_size=8, mlp_ratio=2.0,
+                                                         upscale=2, upsampler="pixelshuffledirect"),
+    }
+    if include_rrdb_x4:
+        nets["ESRGAN x4 (RealESRGAN_x4plus size)"] = ESRGAN(num_filters=64, num_blocks=23, scale=4)
+    return nets
+
+
+def parse_args() -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--resolution", type=int, default=64, help="sampled image size (the SR input)")
+    p.add_argument("--base_channels", type=int, default=32)
+    p.add_argument("--channel_mults", type=int, nargs="+", default=[1, 2, 2, 4])
+    p.add_argument("--attention_res", type=int, nargs="+", default=[16])
+    p.add_argument("--layers_per_block", type=int, default=1)
+    p.add_argument("--batch_size", type=int, default=2)
+    p.add_argument("--steps", type=int, default=25, help="sampler steps")
+    p.add_argument("--tile_size", type=int, default=32, help="tile side in input pixels for the tiled runs")
+    p.add_argument("--tile_overlap", type=int, default=8)
+    p.add_argument("--repeats", type=int, default=2)
+    p.add_argument("--threads", type=int, default=1, help="torch CPU threads")
+    p.add_argument("--include_rrdb_x4", action="store_true", help="also time the heavy RealESRGAN_x4plus-size net")
+    p.add_argument("--no_record", action="store_true", help="print only; do not append to RESULTS.md")
+    return p.parse_args()
+
+
+def tile_count(size: int, tile: int, overlap: int, align: int) -> int:
+    """How many tiles an image of ``size`` x ``size`` is cut into."""
+    if size <= tile:
+        return 1
+    return len(tile_starts(size, tile, overlap, align)) ** 2
+
+
+def main() -> None:
+    args = parse_args()
+    torch.set_num_threads(args.threads)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    torch.manual_seed(0)
+    unet = build_unet(args.resolution, base_channels=args.base_channels, channel_mults=args.channel_mults,
+                      attention_res=args.attention_res, layers_per_block=args.layers_per_block).eval()
+    pipe = build_pipeline(unet=unet, scheduler_base_config=scheduler_base_config(NoiseConfig()), beta_schedule="cosine")
+    pipe.to(device)
+    pipe.set_progress_bar_config(disable=True)
+    generator = torch.Generator("cpu")
+
+    def sample() -> torch.Tensor:
+        return pipe(batch_size=args.batch_size, num_inference_steps=args.steps, generator=generator.manual_seed(0),
+                    upscale=False, output_type="pt").images
+
+    images = sample()  # warm-up, and the SR input
+    sampling = statistics.median(timed(sample, 1) for _ in range(args.repeats)) / args.batch_size
+    unet_params = sum(p.numel() for p in unet.parameters())
+    rows = [["UNet sampling (DPM-Solver++)", f"{unet_params / 1e6:.3g}M", f"{args.steps} steps", "-",
+             sampling, 1.0]]
+    print(f"sampling: {sampling:.3f} s/image ({args.resolution} px, {args.steps} steps)")
+    for name, net in sr_networks(args.include_rrdb_x4).items():
+        whole = SpandrelSRModel.from_state_dict(net.state_dict(), tile_size=0).to(device)
+        tiled = SpandrelSRModel.from_state_dict(net.state_dict(), tile_size=args.tile_size,
+                                                tile_overlap=args.tile_overlap).to(device)
+        params = sum(p.numel() for p in whole.parameters())
+        whole.upscale(images, 0.5)
+        tiled.upscale(images, 0.5)  # warm-up both
+        times: dict[str, list[float]] = {"untiled": [], "tiled": []}
+        for _ in range(args.repeats):
+            times["untiled"].append(timed(lambda m=whole: m.upscale(images, 0.5), 1) / args.batch_size)
+            times["tiled"].append(timed(lambda m=tiled: m.upscale(images, 0.5), 1) / args.batch_size)
+        tiles = tile_count(args.resolution, args.tile_size, args.tile_overlap, tiled.config.size_multiple_of)
+        out = args.resolution * whole.config.scale
+        for mode, label in (("untiled", "untiled"), ("tiled", f"{tiles} tiles of {args.tile_size} px")):
+            cost = statistics.median(times[mode])
+            rows.append([f"{name} -> {out} px", f"{params / 1e6:.3g}M", label, f"{args.tile_overlap} px"
+                         if mode == "tiled" else "-", cost, cost / sampling])
+            print(f"{name} {mode}: {cost:.3f} s/image = {cost / sampling:.2f} x sampling")
+    header = ["step", "params", "tiling", "overlap", "s / image", "x sampling"]
+    table = markdown_table(header, rows)
+    notes = (
+        f"{args.resolution} px samples, batch {args.batch_size}, UNet base {args.base_channels} x "
+        f"{args.channel_mults}; SR = `SpandrelSRModel.upscale(images, sr_strength=0.5)` (network + Lanczos blend), "
+        f"random weights at the named checkpoints' sizes; median of {args.repeats} repeats; device {device}."
+    )
+    if args.no_record:
+        print(table + "\n\n" + notes)
+    else:
+        append_results("SR post-step vs 25-step sampling (bench_sr.py)", table, notes)
+    assert math.isfinite(sampling)
+
+
+if __name__ == "__main__":
+    main()

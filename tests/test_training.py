@@ -161,6 +161,14 @@ def test_saved_pipeline_reproduces_in_process_images(image_folder, tmp_path):
     assert pipe.scheduler.__class__.__name__ == "DPMSolverMultistepScheduler"
 
 
+def test_bf16_autocast_run_saves_fp32_pipeline(image_folder, tmp_path):
+    """bf16 autocast (available on CPU too): the loss stays finite and the saved weights are fp32."""
+    out = tmp_path / "bf16"
+    train(tiny_config(image_folder, out, max_train_steps=3, checkpointing_steps=0, mixed_precision="bf16"))
+    weights = _pipeline_weights(out / "pipeline")
+    assert all(w.dtype == torch.float32 and torch.isfinite(w).all() for w in weights.values())
+
+
 def test_validation_grid_and_metrics_are_logged(image_folder, tmp_path):
     out = tmp_path / "run"
     config = tiny_config(

@@ -328,7 +328,7 @@ def _folder_source(folder: Path, config: Any, flag: str, description: str | None
     )
 
 
-def _is_saved_dataset(path: Path) -> bool:
+def is_saved_dataset(path: Path) -> bool:
     """Whether ``path`` was written by ``Dataset.save_to_disk`` / ``DatasetDict.save_to_disk``."""
     return (path / "state.json").exists() or (path / "dataset_dict.json").exists()
 
@@ -340,7 +340,7 @@ def _open_hf_dataset(config: Any) -> Any:
     name = config.dataset_name
     local = Path(name).expanduser()
     try:
-        if local.exists() and _is_saved_dataset(local):
+        if local.exists() and is_saved_dataset(local):
             loaded = datasets.load_from_disk(str(local))
             if isinstance(loaded, datasets.DatasetDict):
                 if "train" in loaded:

@@ -84,6 +84,12 @@ def make_grid(
     return grid
 
 
+def _current_umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 def save_image_atomic(image: PIL.Image.Image, path: str | os.PathLike) -> Path:
     """Write ``image`` to ``path`` through a temp file in the same folder + ``os.replace``.
 
@@ -100,6 +106,7 @@ def save_image_atomic(image: PIL.Image.Image, path: str | os.PathLike) -> Path:
     try:
         with os.fdopen(fd, "wb") as handle:
             image.save(handle, format=image_format)
+        os.chmod(tmp, 0o666 & ~_current_umask())  # mkstemp makes 0600 files; give the usual permissions
         os.replace(tmp, target)
     except BaseException:
         if os.path.exists(tmp):

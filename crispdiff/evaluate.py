@@ -1,0 +1,434 @@
+"""Evaluating a pipeline (or a file of samples) against reference images: metrics.json, a sample grid, a report.
+
+Every number is written beside the same metric measured between two disjoint halves of the reference data (the
+real-vs-real floor, see :func:`crispdiff.metrics.real_vs_real_floor`), because SWD, FID and friends have no absolute
+scale: "SWD 15" is excellent with 1,000 images and impossible with 100.
+
+Resolution policy: the comparison happens at the *reference* resolution (the model's training resolution unless
+``--resolution`` says otherwise). Samples larger than that (``--upscale`` with an SR model) are downscaled with an
+antialiased bicubic filter for SWD, sharpness ratios, colour blobs, memorisation and FID, so an upscaled model is
+judged on the same grid as its data. Their sharpness is *also* reported at the output resolution, against the
+reference upscaled with bicubic interpolation: there 1.0 means "as sharp as a plain bicubic upscale of real images"
+and a useful SR model reads above 1.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from crispdiff import metrics as M
+
+METRICS_NAME = "metrics.json"
+GRID_NAME = "samples.png"
+REPORT_NAME = "report.md"
+TRAINING_CONFIG_NAME = "crispdiff_training.json"
+_GRID_IMAGES = 64
+
+# (key, label, how to read it) for the report table, in order.
+_REPORT_ROWS = [
+    ("swd_avg", "SWD x1e3, average of levels", "lower is better; the floor is the best reachable"),
+    ("swd_levels", "SWD x1e3 per level", "finest level first: detail ... layout"),
+    ("hf_energy_ratio", "high-frequency energy ratio", "1 = as sharp as the data; < 1 blurry; >> 1 noisy"),
+    ("laplacian_var_ratio", "Laplacian variance ratio", "1 = as sharp as the data; < 1 blurry; >> 1 noisy"),
+    ("colour_blob", "colour-blob indicator", "0 = like the data; higher = flat patches of wrong colour"),
+    ("colour_hist_jsd", "  colour histogram JSD (bits)", "wrong colours"),
+    ("edge_density_deficit", "  edge-density deficit", "too few edges (flat or blurry)"),
+    ("near_copy_fraction", "near-copies of training images", "share of samples closer than the threshold"),
+    ("nn_median_ratio", "nearest-training-image distance ratio", "sample / real median; << 1 = memorising"),
+    ("fid", "FID", "lower is better"),
+    ("kid_mean", "KID", "lower is better"),
+]
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Inputs
+
+
+def load_reference(
+    reference: str | None,
+    resolution: int,
+    *,
+    cache_dir: str | None = None,
+    max_images: int | None = None,
+    background: str = "white",
+) -> torch.Tensor:
+    """Reference images as uint8 [N, 3, R, R] centre crops, through ``crispdiff.data.load_images``.
+
+    ``reference`` is an image folder, a folder written by ``datasets``' ``save_to_disk``, a Hub dataset id, or
+    ``None`` / ``"default"`` for the embedded emoji subset. Centre crops, not random ones, so the reference is the
+    same on every run.
+    """
+    from crispdiff.config import DataConfig
+    from crispdiff.data import is_saved_dataset, load_images
+
+    config = DataConfig(
+        resolution=int(resolution),
+        center_crop=True,
+        cache_dir=cache_dir,
+        background=background,
+        max_train_samples=max_images,
+    )
+    if reference not in (None, "", "default"):
+        path = Path(str(reference)).expanduser()
+        if path.is_dir() and not is_saved_dataset(path):
+            config.train_data_dir = str(path)
+        else:
+            config.dataset_name = str(reference)
+    return load_images(config, show_progress=False).center_crops()
+
+
+def load_samples_npz(path: str | os.PathLike) -> torch.Tensor:
+    """Images from an ``.npz`` file as float [N, 3, H, W] in [0, 1].
+
+    The array is the one named ``images``, else ``arr_0`` (what ``np.savez(file, x)`` writes and what many papers'
+    sample dumps use), else the file's only array; uint8 0..255 or float 0..1, NHWC or NCHW.
+    """
+    file = Path(path)
+    if not file.is_file():
+        raise FileNotFoundError(f"--samples_npz {file} does not exist")
+    with np.load(file, allow_pickle=False) as data:
+        names = list(data.files)
+        if "images" in names:
+            key = "images"
+        elif "arr_0" in names:
+            key = "arr_0"
+        elif len(names) == 1:
+            key = names[0]
+        else:
+            raise ValueError(f"--samples_npz {file} holds arrays {names}; name the image array 'images'")
+        array = data[key]
+    try:
+        return M.to_float01(array)
+    except (TypeError, ValueError) as err:
+        raise ValueError(f"--samples_npz {file} [{key}]: {err}") from err
+
+
+def save_samples_npz(path: str | os.PathLike, images01: torch.Tensor) -> Path:
+    """Write samples as uint8 NHWC under ``images`` (atomically), the format :func:`load_samples_npz` reads."""
+    array = (images01.clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
+    target = Path(path)
+
+    def write(handle: Any) -> None:
+        np.savez_compressed(handle, images=array)
+
+    return _write_atomic(target, write, binary=True)
+
+
+def native_resolution(pipeline: Any) -> int:
+    """The size the pipeline produces before any super-resolution: unet size, times the VAE's factor if latent."""
+    size = pipeline.unet.config.sample_size
+    size = int(size if isinstance(size, int) else size[0])
+    vae = getattr(pipeline, "vae", None)
+    if vae is not None:
+        size *= 2 ** (len(vae.config.block_out_channels) - 1)
+    return size
+
+
+def training_resolution(pipeline_dir: str | os.PathLike) -> int | None:
+    """The ``resolution`` recorded in the folder's crispdiff_training.json, if there is one."""
+    path = Path(pipeline_dir) / TRAINING_CONFIG_NAME
+    if not path.is_file():
+        return None
+    value = json.loads(path.read_text(encoding="utf-8")).get("resolution")
+    return int(value) if value else None
+
+
+@torch.no_grad()
+def generate_samples(
+    pipeline: Any,
+    num_images: int,
+    *,
+    steps: int = 25,
+    seed: int = 0,
+    batch_size: int = 32,
+    upscale: bool | None = None,
+    log: Any = None,
+) -> torch.Tensor:
+    """``num_images`` samples as float [N, 3, H, W] in [0, 1] on the CPU.
+
+    Image ``i`` uses its own CPU generator seeded ``seed + i``, as ``crispdiff sample`` does, so the evaluated images
+    are the ones that command shows for the same seed, whatever the batch size or device.
+    """
+    pipeline.set_progress_bar_config(disable=True)
+    images = []
+    for start in range(0, num_images, batch_size):
+        count = min(batch_size, num_images - start)
+        generators = [torch.Generator("cpu").manual_seed(seed + start + i) for i in range(count)]
+        out = pipeline(
+            batch_size=count, num_inference_steps=steps, generator=generators, upscale=upscale, output_type="pt"
+        )
+        images.append(out.images.float().cpu().clamp(0, 1))
+        if log is not None:
+            log(f"sampled {start + count}/{num_images} images")
+    return torch.cat(images)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Metrics
+
+
+def evaluate_samples(
+    samples: torch.Tensor | np.ndarray,
+    reference: torch.Tensor | np.ndarray,
+    *,
+    seed: int = 0,
+    memorisation: bool = True,
+    fid: bool = True,
+    inception_weights: str | None = None,
+    device: str | torch.device = "cpu",
+    swd_kwargs: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """All metrics for ``samples`` against ``reference``, and the real-vs-real floor, as a JSON-ready dict.
+
+    Layout: ``generated`` and ``real_vs_real_floor`` hold the same keys (see ``crispdiff.metrics.compute_all``);
+    ``output_resolution`` (only when samples are larger than the reference) holds sharpness at the samples' own size
+    against a bicubic upscale of the reference; ``settings`` records counts, sizes and the seed.
+
+    Both sides compare against the same reference subset A, and the generated side is measured against the whole
+    reference for memorisation (the floor against the reference minus its own half), with one shared near-copy
+    threshold computed from the full reference.
+    """
+    samples01 = M.to_float01(samples)
+    ref01 = M.to_float01(reference)
+    resolution = ref01.shape[-1]
+    a_idx, _ = M.split_reference(len(ref01), len(samples01), seed=seed)
+    real_median = threshold = None
+    if memorisation:
+        real_median = float(M.real_nn_distances(ref01, seed=seed).median())
+        threshold = M.NEAR_COPY_FACTOR * real_median
+    want_fid = fid or inception_weights is not None
+    common = {
+        "seed": seed,
+        "memorisation_threshold": threshold,
+        "real_nn_median": real_median,
+        "inception_weights": inception_weights,
+        "fid": want_fid,
+        "device": device,
+        "swd_kwargs": swd_kwargs,
+    }
+    generated = M.compute_all(ref01[a_idx], samples01, train=ref01 if memorisation else None, **common)
+    floor = M.real_vs_real_floor(ref01, num_images=len(samples01), memorisation=memorisation, **common)
+    result: dict[str, Any] = {
+        "generated": generated,
+        "real_vs_real_floor": floor,
+        "settings": {
+            "num_samples": len(samples01),
+            "num_reference": len(ref01),
+            "reference_subset_size": len(a_idx),
+            "compared_at_resolution": resolution,
+            "sample_resolution": samples01.shape[-1],
+            "seed": seed,
+        },
+    }
+    if samples01.shape[-1] > resolution:
+        upscaled_ref = M.resize_images(ref01[a_idx], samples01.shape[-1])
+        result["output_resolution"] = {
+            "resolution": samples01.shape[-1],
+            "baseline": "reference upscaled with bicubic interpolation",
+            **M.sharpness_ratios(upscaled_ref, samples01),
+        }
+    return result
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Outputs
+
+
+def _write_atomic(target: Path, write: Any, *, binary: bool = False) -> Path:
+    """Write through a temp file in the target folder + ``os.replace``: readers never see half a file."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+    try:
+        os.chmod(tmp, 0o644)  # mkstemp creates 0600; reports are meant to be read by others (web servers, CI)
+        with os.fdopen(fd, "wb" if binary else "w", **({} if binary else {"encoding": "utf-8"})) as handle:
+            write(handle)
+        os.replace(tmp, target)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    return target
+
+
+def _fmt(value: Any) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, float):
+        if value == 0:
+            return "0"
+        return f"{value:.4g}" if abs(value) < 1e4 else f"{value:.3e}"
+    return str(value)
+
+
+def _levels(values: dict[str, Any]) -> str:
+    levels = sorted((k for k in values if k.startswith("swd_") and k[4:].isdigit()), key=lambda k: -int(k[4:]))
+    return " / ".join(f"{k[4:]}px {values[k]:.3g}" for k in levels) or "-"
+
+
+def format_report(result: dict[str, Any], *, title: str = "crispdiff evaluation", command: str | None = None) -> str:
+    """A short markdown report: one table, generated beside the real-vs-real floor, and how to read each row."""
+    gen, floor, settings = result["generated"], result["real_vs_real_floor"], result["settings"]
+    lines = [f"# {title}", ""]
+    if command:
+        lines += [f"Command: `{command}`", ""]
+    lines += [
+        f"{settings['num_samples']} samples ({settings['sample_resolution']} px) against "
+        f"{settings['reference_subset_size']} reference images, compared at {settings['compared_at_resolution']} px; "
+        f"the floor compares two disjoint reference subsets of that size. Seed {settings['seed']}.",
+        "",
+        "| metric | generated | real-vs-real floor | how to read |",
+        "| --- | --- | --- | --- |",
+    ]
+    for key, label, guide in _REPORT_ROWS:
+        if key == "swd_levels":
+            lines.append(f"| {label} | {_levels(gen)} | {_levels(floor)} | {guide} |")
+        elif key in gen or key in floor:
+            lines.append(f"| {label} | {_fmt(gen.get(key))} | {_fmt(floor.get(key))} | {guide} |")
+    if "fid" not in gen and gen.get("fid_status"):
+        lines += ["", str(gen["fid_status"])]
+    if "threshold" in gen:
+        lines += [
+            "",
+            f"Near-copy threshold: RMS pixel distance < {gen['threshold']:.4g} (a quarter of the median distance "
+            f"between a real image and its nearest other real image, {gen['real_nn_distance_median']:.4g}).",
+        ]
+    out = result.get("output_resolution")
+    if out:
+        lines += [
+            "",
+            f"At the output resolution ({out['resolution']} px), against the reference upscaled with bicubic "
+            f"interpolation (1.0 = as sharp as a bicubic upscale; a useful SR model reads above 1): "
+            f"high-frequency energy ratio {out['hf_energy_ratio']:.3g}, Laplacian variance ratio "
+            f"{out['laplacian_var_ratio']:.3g}.",
+        ]
+    lines += ["", f"![samples]({GRID_NAME})", ""]
+    return "\n".join(lines)
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, torch.Tensor):
+        return value.tolist()
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, Path):
+        return str(value)
+    return value
+
+
+def write_outputs(
+    out_dir: str | os.PathLike,
+    result: dict[str, Any],
+    samples01: torch.Tensor,
+    *,
+    title: str = "crispdiff evaluation",
+    command: str | None = None,
+) -> dict[str, Path]:
+    """Write metrics.json, samples.png (the first 64 samples) and report.md into ``out_dir``, each atomically."""
+    from crispdiff.images import make_grid, save_image_atomic
+
+    folder = Path(out_dir)
+    folder.mkdir(parents=True, exist_ok=True)
+    text = json.dumps(_jsonable(result), indent=2, sort_keys=True) + "\n"
+    paths = {
+        "metrics": _write_atomic(folder / METRICS_NAME, lambda h: h.write(text)),
+        "grid": save_image_atomic(
+            make_grid(samples01[:_GRID_IMAGES], value_range=(0.0, 1.0), padding=2), folder / GRID_NAME
+        ),
+    }
+    report = format_report(result, title=title, command=command)
+    paths["report"] = _write_atomic(folder / REPORT_NAME, lambda h: h.write(report))
+    return paths
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# The whole job
+
+
+def run_evaluation(
+    *,
+    out_dir: str | os.PathLike,
+    pipeline_dir: str | os.PathLike | None = None,
+    samples_npz: str | os.PathLike | None = None,
+    reference: str | None = None,
+    num_images: int = 1000,
+    steps: int = 25,
+    sampler: str | None = None,
+    upscale: bool | None = None,
+    seed: int = 0,
+    batch_size: int = 32,
+    resolution: int | None = None,
+    cache_dir: str | None = None,
+    max_reference_images: int | None = None,
+    inception_weights: str | None = None,
+    fid: bool = True,
+    memorisation: bool = True,
+    save_samples: bool = False,
+    device: str | None = None,
+    command: str | None = None,
+    log: Any = print,
+) -> dict[str, Any]:
+    """Sample (or read) images, measure them against the reference, write the three outputs; returns the metrics.
+
+    Exactly one of ``pipeline_dir`` and ``samples_npz`` is needed. The comparison resolution is ``resolution``, else
+    the folder's training resolution, else the pipeline's native (pre-SR) size, else the samples' size.
+    """
+    if (pipeline_dir is None) == (samples_npz is None):
+        raise ValueError("give either a pipeline folder or --samples_npz, not both or neither")
+    started = time.time()
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    title = "crispdiff evaluation"
+    if samples_npz is not None:
+        samples = load_samples_npz(samples_npz)
+        resolution = resolution or samples.shape[-1]
+        title += f" of {Path(samples_npz).name}"
+        source: dict[str, Any] = {"samples_npz": str(samples_npz)}
+    else:
+        from crispdiff.export import load_pipeline
+
+        pipeline = load_pipeline(pipeline_dir, sampler=sampler, device=device)
+        resolution = resolution or training_resolution(pipeline_dir) or native_resolution(pipeline)
+        log(f"sampling {num_images} images with {steps} steps ({pipeline.config.sampler}) on {device}")
+        samples = generate_samples(
+            pipeline, num_images, steps=steps, seed=seed, batch_size=batch_size, upscale=upscale, log=log
+        )
+        title += f" of {Path(pipeline_dir).name}"
+        source = {
+            "pipeline_dir": str(pipeline_dir),
+            "sampler": pipeline.config.sampler if sampler is None else sampler,
+            "steps": steps,
+            "upscale": upscale,
+        }
+    sampled = time.time()
+    log(f"loading the reference images at {resolution}px")
+    ref = load_reference(reference, resolution, cache_dir=cache_dir, max_images=max_reference_images)
+    log(f"measuring {len(samples)} samples against {len(ref)} reference images")
+    result = evaluate_samples(
+        samples,
+        ref,
+        seed=seed,
+        memorisation=memorisation,
+        fid=fid,
+        inception_weights=inception_weights,
+        device=device,
+    )
+    result["settings"].update(source)
+    result["settings"]["reference"] = reference or "default"
+    result["settings"]["seconds_sampling"] = round(sampled - started, 2)
+    result["settings"]["seconds_metrics"] = round(time.time() - sampled, 2)
+    paths = write_outputs(out_dir, result, samples, title=title, command=command)
+    if save_samples:
+        paths["samples"] = save_samples_npz(Path(out_dir) / "samples.npz", samples)
+    result["paths"] = {k: str(v) for k, v in paths.items()}
+    return result

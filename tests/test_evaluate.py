@@ -1,0 +1,201 @@
+"""`crispdiff evaluate`: from a tiny saved pipeline (with and without SR) and from an .npz of samples, against a folder
+of reference images; the three outputs, resolution handling, determinism and errors. Tiny real models, CPU."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import PIL.Image
+import pytest
+import torch
+import torch.nn.functional as F
+from diffusers import UNet2DModel
+
+from crispdiff import evaluate as E
+from crispdiff.cli import main as cli_main
+from crispdiff.config import NoiseConfig
+from crispdiff.export import save_pipeline
+from crispdiff.noise import scheduler_base_config
+
+SIZE = 16
+
+
+def synthetic_images(count: int, size: int, seed: int = 0) -> torch.Tensor:
+    """uint8 [N, 3, size, size]: coloured blobs with some texture, so every metric has something to measure."""
+    gen = torch.Generator().manual_seed(seed)
+    coarse = F.interpolate(torch.rand(count, 3, 4, 4, generator=gen), size=size, mode="bicubic")
+    fine = torch.rand(count, 3, size, size, generator=gen)
+    return ((0.7 * coarse + 0.3 * fine).clamp(0, 1) * 255).round().to(torch.uint8)
+
+
+def write_folder(folder: Path, images: torch.Tensor) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    for i, image in enumerate(images.permute(0, 2, 3, 1).numpy()):
+        PIL.Image.fromarray(image).save(folder / f"{i:04d}.png")
+    return folder
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _private_modules_cache(tmp_path_factory):
+    """diffusers copies trust_remote_code modules into HF_MODULES_CACHE; keep ours away from other test runs."""
+    from diffusers.utils import dynamic_modules_utils
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(dynamic_modules_utils, "HF_MODULES_CACHE", str(tmp_path_factory.mktemp("hf_modules")))
+        patch.setattr(sys, "path", list(sys.path))
+        yield
+
+
+@pytest.fixture(scope="module")
+def reference_dir(tmp_path_factory) -> Path:
+    """40 reference PNGs of 16 px."""
+    return write_folder(tmp_path_factory.mktemp("reference") / "images", synthetic_images(40, SIZE, seed=7))
+
+
+def tiny_unet() -> UNet2DModel:
+    torch.manual_seed(0)
+    return UNet2DModel(
+        sample_size=SIZE,
+        in_channels=3,
+        out_channels=3,
+        block_out_channels=(8, 16),
+        down_block_types=("DownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "UpBlock2D"),
+        layers_per_block=1,
+        norm_num_groups=4,
+    )
+
+
+def tiny_sr_model():
+    """The real SR component around a 2x Compact network of ~700 parameters."""
+    pytest.importorskip("spandrel")
+    from spandrel.architectures.Compact import Compact
+
+    from crispdiff.pipelines.sr_model import SpandrelSRModel
+
+    torch.manual_seed(0)
+    return SpandrelSRModel.from_state_dict(Compact(num_feat=4, num_conv=1, upscale=2).state_dict())
+
+
+@pytest.fixture(scope="module")
+def pipeline_dir(tmp_path_factory) -> Path:
+    """A saved 16 px pixel pipeline with a 2x SR component (upscale off by default in these tests' commands)."""
+    return save_pipeline(
+        tmp_path_factory.mktemp("pipe") / "pipeline",
+        unet=tiny_unet(),
+        scheduler_base_config=scheduler_base_config(NoiseConfig()),
+        beta_schedule="cosine",
+        sr_model=tiny_sr_model(),
+        training_config={"resolution": SIZE},
+    )
+
+
+def evaluate(*argv: str) -> int:
+    return cli_main(["evaluate", *argv])
+
+
+def read_metrics(out_dir: Path) -> dict:
+    return json.loads((out_dir / E.METRICS_NAME).read_text())
+
+
+def test_evaluate_a_tiny_pipeline_writes_all_outputs_and_is_deterministic(
+    pipeline_dir, reference_dir, tmp_path, capsys
+):
+    common = ["--reference", str(reference_dir), "--num_images", "8", "--steps", "2", "--batch_size", "4"]
+    common += ["--cache_dir", str(tmp_path / "cache"), "--no_upscale", "--no_fid", "--device", "cpu"]
+    assert evaluate(str(pipeline_dir), *common, "--out_dir", str(tmp_path / "a")) == 0
+    report = capsys.readouterr().out
+    for name in (E.METRICS_NAME, E.GRID_NAME, E.REPORT_NAME):
+        assert (tmp_path / "a" / name).is_file(), name
+    assert "real-vs-real floor" in report and "| SWD x1e3" in report
+    metrics = read_metrics(tmp_path / "a")
+    assert set(metrics) == {"generated", "real_vs_real_floor", "settings"}
+    assert set(metrics["generated"]) == set(metrics["real_vs_real_floor"])
+    settings = metrics["settings"]
+    assert settings["num_samples"] == 8 and settings["reference_subset_size"] == 8
+    assert settings["compared_at_resolution"] == SIZE and settings["sample_resolution"] == SIZE
+    assert settings["sampler"] == "dpmsolver++" and settings["upscale"] is False
+    # untrained model -> noise: far from the data and much "sharper" than it
+    assert metrics["generated"]["swd_avg"] > metrics["real_vs_real_floor"]["swd_avg"]
+    assert metrics["generated"]["hf_energy_ratio"] > 1.0
+    grid = PIL.Image.open(tmp_path / "a" / E.GRID_NAME)
+    assert grid.size == (3 * SIZE + 4 * 2, 3 * SIZE + 4 * 2)  # 8 images -> 3x3 grid, 2 px padding
+
+    assert evaluate(str(pipeline_dir), *common, "--out_dir", str(tmp_path / "b"), "--sampler", "ddim") == 0
+    assert evaluate(str(pipeline_dir), *common, "--out_dir", str(tmp_path / "c")) == 0
+    first, again, other = (read_metrics(tmp_path / d) for d in "acb")
+    assert first["generated"] == again["generated"] and first["real_vs_real_floor"] == again["real_vs_real_floor"]
+    assert other["settings"]["sampler"] == "ddim" and other["generated"] != first["generated"]
+
+
+def test_upscaled_samples_are_compared_at_the_reference_resolution(pipeline_dir, reference_dir, tmp_path):
+    out = tmp_path / "up"
+    code = evaluate(
+        str(pipeline_dir),
+        *["--reference", str(reference_dir), "--num_images", "4", "--steps", "2", "--upscale", "--no_fid"],
+        *["--cache_dir", str(tmp_path / "cache"), "--out_dir", str(out), "--device", "cpu", "--save_samples"],
+    )
+    assert code == 0
+    metrics = read_metrics(out)
+    assert metrics["settings"]["compared_at_resolution"] == SIZE  # from crispdiff_training.json
+    assert metrics["settings"]["sample_resolution"] == 2 * SIZE
+    assert metrics["generated"]["resolution"] == SIZE and "swd_16" in metrics["generated"]
+    at_output = metrics["output_resolution"]
+    assert at_output["resolution"] == 2 * SIZE and at_output["hf_energy_ratio"] > 0
+    assert "bicubic" in (out / E.REPORT_NAME).read_text()
+    saved = E.load_samples_npz(out / "samples.npz")
+    assert saved.shape == (4, 3, 2 * SIZE, 2 * SIZE)
+
+
+def test_evaluate_a_samples_file_against_a_folder(tmp_path, capsys):
+    reference = synthetic_images(60, 32, seed=1)
+    folder = write_folder(tmp_path / "ref", reference)
+    copies = reference[:10].permute(0, 2, 3, 1).numpy()  # NHWC uint8, as np.savez(file, x) writes it
+    np.savez(tmp_path / "samples.npz", copies)
+    out = tmp_path / "out"
+    code = evaluate(
+        *["--samples_npz", str(tmp_path / "samples.npz"), "--reference", str(folder)],
+        *["--out_dir", str(out), "--cache_dir", str(tmp_path / "cache"), "--no_fid"],
+    )
+    assert code == 0, capsys.readouterr().err
+    metrics = read_metrics(out)
+    assert metrics["settings"]["samples_npz"].endswith("samples.npz")
+    assert metrics["generated"]["near_copy_fraction"] == 1.0  # every sample is a training image
+    assert metrics["real_vs_real_floor"]["near_copy_fraction"] < 0.5
+    assert "FID/KID skipped" not in (out / E.REPORT_NAME).read_text()  # --no_fid: not asked, not mentioned
+
+
+def test_load_samples_npz_formats(tmp_path):
+    images = synthetic_images(3, 16)
+    np.savez(tmp_path / "nchw.npz", images=images.numpy())
+    np.savez(tmp_path / "float.npz", samples=images.float().numpy() / 255)
+    np.savez(tmp_path / "two.npz", a=images.numpy(), b=images.numpy())
+    expected = images.float() / 255
+    assert torch.equal(E.load_samples_npz(tmp_path / "nchw.npz"), expected)
+    assert torch.allclose(E.load_samples_npz(tmp_path / "float.npz"), expected)
+    with pytest.raises(ValueError, match="'images'"):
+        E.load_samples_npz(tmp_path / "two.npz")
+    np.savez(tmp_path / "bad.npz", images=images.float().numpy() / 127.5 - 1)
+    with pytest.raises(ValueError, match=r"bad.npz.*\[-1, 1\]|bad.npz.*\(x \+ 1\)"):
+        E.load_samples_npz(tmp_path / "bad.npz")
+
+
+def test_cli_errors_are_messages(tmp_path, reference_dir, capsys):
+    assert evaluate("--reference", str(reference_dir)) == 2
+    assert "exactly one" in capsys.readouterr().err
+    assert evaluate("--samples_npz", str(tmp_path / "missing.npz")) == 2
+    assert "missing.npz does not exist" in capsys.readouterr().err
+    np.savez(tmp_path / "s.npz", images=synthetic_images(4, SIZE).numpy())
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    code = evaluate(
+        "--samples_npz", str(tmp_path / "s.npz"), "--reference", str(empty), "--out_dir", str(tmp_path / "x")
+    )
+    assert code == 2
+    assert "no images found" in capsys.readouterr().err
+    assert evaluate(str(tmp_path / "not_a_pipeline"), "--reference", str(reference_dir)) == 2
+    assert "does not exist" in capsys.readouterr().err
+    assert not (tmp_path / "x").exists()

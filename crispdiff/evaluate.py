@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -25,6 +24,7 @@ import numpy as np
 import torch
 
 from crispdiff import metrics as M
+from crispdiff.io import write_atomic
 
 METRICS_NAME = "metrics.json"
 GRID_NAME = "samples.png"
@@ -119,7 +119,7 @@ def save_samples_npz(path: str | os.PathLike, images01: torch.Tensor) -> Path:
     def write(handle: Any) -> None:
         np.savez_compressed(handle, images=array)
 
-    return _write_atomic(target, write, binary=True)
+    return write_atomic(target, write, binary=True)
 
 
 def native_resolution(pipeline: Any) -> int:
@@ -242,22 +242,6 @@ def evaluate_samples(
 # Outputs
 
 
-def _write_atomic(target: Path, write: Any, *, binary: bool = False) -> Path:
-    """Write through a temp file in the target folder + ``os.replace``: readers never see half a file."""
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
-    try:
-        os.chmod(tmp, 0o644)  # mkstemp creates 0600; reports are meant to be read by others (web servers, CI)
-        with os.fdopen(fd, "wb" if binary else "w", **({} if binary else {"encoding": "utf-8"})) as handle:
-            write(handle)
-        os.replace(tmp, target)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    return target
-
-
 def _fmt(value: Any) -> str:
     if value is None:
         return "-"
@@ -342,13 +326,13 @@ def write_outputs(
     folder.mkdir(parents=True, exist_ok=True)
     text = json.dumps(_jsonable(result), indent=2, sort_keys=True) + "\n"
     paths = {
-        "metrics": _write_atomic(folder / METRICS_NAME, lambda h: h.write(text)),
+        "metrics": write_atomic(folder / METRICS_NAME, lambda h: h.write(text)),
         "grid": save_image_atomic(
             make_grid(samples01[:_GRID_IMAGES], value_range=(0.0, 1.0), padding=2), folder / GRID_NAME
         ),
     }
     report = format_report(result, title=title, command=command)
-    paths["report"] = _write_atomic(folder / REPORT_NAME, lambda h: h.write(report))
+    paths["report"] = write_atomic(folder / REPORT_NAME, lambda h: h.write(report))
     return paths
 
 

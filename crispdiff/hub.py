@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from crispdiff.export import MODEL_INDEX_NAME, SAMPLES_NAME, TRAINING_CONFIG_NAME, read_model_index
+from crispdiff.io import write_text_atomic
 
 CARD_NAME = "README.md"
 BASE_TAGS = ["crispdiff", "diffusers", "unconditional-image-generation"]
@@ -209,14 +210,7 @@ def write_model_card(
     """
     folder = Path(pipeline_dir)
     text = render_model_card(folder, training_config, repo_id=repo_id, license=license, datasets=datasets, tags=tags)
-    path = folder / CARD_NAME
-    tmp = folder / f".{CARD_NAME}.tmp-{os.getpid()}"
-    try:
-        tmp.write_text(text, encoding="utf-8")
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return path
+    return write_text_atomic(folder / CARD_NAME, text)
 
 
 # --------------------------------------------------------------------------------------------------------------------

@@ -8,13 +8,14 @@ from __future__ import annotations
 
 import math
 import os
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 import PIL.Image
 import torch
+
+from crispdiff.io import write_atomic
 
 ValueRange = tuple[float, float]
 _MODES = {1: "L", 3: "RGB", 4: "RGBA"}
@@ -84,12 +85,6 @@ def make_grid(
     return grid
 
 
-def _current_umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
 def save_image_atomic(image: PIL.Image.Image, path: str | os.PathLike) -> Path:
     """Write ``image`` to ``path`` through a temp file in the same folder + ``os.replace``.
 
@@ -101,15 +96,4 @@ def save_image_atomic(image: PIL.Image.Image, path: str | os.PathLike) -> Path:
     image_format = PIL.Image.registered_extensions().get(extension)
     if image_format is None:
         raise ValueError(f"cannot tell the image format of {target} from its extension {extension!r}")
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            image.save(handle, format=image_format)
-        os.chmod(tmp, 0o666 & ~_current_umask())  # mkstemp makes 0600 files; give the usual permissions
-        os.replace(tmp, target)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    return target
+    return write_atomic(target, lambda handle: image.save(handle, format=image_format), binary=True)

@@ -133,10 +133,12 @@ def make_accelerator(config: TrainConfig) -> Accelerator:
     )
 
 
-def make_optimizer(config: TrainConfig, parameters: Any, device: torch.device) -> torch.optim.Optimizer:
+def make_optimizer(
+    config: TrainConfig, parameters: Any, device: torch.device, lr: float | None = None
+) -> torch.optim.Optimizer:
     """AdamW (fused on CUDA, where it is one kernel per step instead of one per tensor) or 8-bit AdamW."""
     kwargs = dict(
-        lr=config.learning_rate,
+        lr=config.learning_rate if lr is None else lr,
         betas=(config.adam_beta1, config.adam_beta2),
         weight_decay=config.adam_weight_decay,
         eps=config.adam_epsilon,
@@ -214,8 +216,7 @@ class Trainer:
         lr = config.learning_rate
         if config.scale_lr:
             lr *= config.train_batch_size * config.gradient_accumulation_steps * accelerator.num_processes
-        config.learning_rate = lr
-        optimizer = make_optimizer(config, unet.parameters(), device)
+        optimizer = make_optimizer(config, unet.parameters(), device, lr)
 
         self.batches = EpochBatches(
             len(space), config.train_batch_size, accelerator.num_processes, accelerator.process_index, config.seed

@@ -308,7 +308,7 @@ class Trainer:
         copy.load_state_dict(unet.state_dict())
         if self.ema is not None:
             self.ema.copy_to(copy.parameters())
-        return copy.to(self.accelerator.device, dtype=torch.float32).eval()
+        return copy.to(self.accelerator.device).eval()  # from_config builds fp32; the trained weights are fp32 masters
 
     def pipeline_kwargs(self) -> dict[str, Any]:
         """What `crispdiff.export` needs to build or save this run's pipeline (EMA weights, sampler, schedule)."""

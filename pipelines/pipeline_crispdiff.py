@@ -431,6 +431,9 @@ class CrispDiffPipeline(DiffusionPipeline):
         sample = sample * scheduler.init_noise_sigma
         accepts_generator = "generator" in inspect.signature(scheduler.step).parameters
         step_kwargs = {"generator": generator} if accepts_generator else {}
+        if isinstance(scheduler, DDIMScheduler) and scheduler.config.clip_sample:
+            # keep the noise estimate consistent with the clipped x0, or every step re-injects the clipped excess
+            step_kwargs["use_clipped_model_output"] = True
         for t in self.progress_bar(scheduler.timesteps):
             model_input = scheduler.scale_model_input(sample, t).to(self.unet.dtype)
             model_output = self.unet(model_input, t).sample.float()

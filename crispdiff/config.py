@@ -126,6 +126,11 @@ class TrainConfig(DataConfig, ModelConfig, NoiseConfig, HubConfig):
         None, "Mixed precision (default: what `accelerate config` chose).", choices=["no", "fp16", "bf16"]
     )
     allow_tf32: bool = flag(True, "Allow TF32 matmuls on Ampere+ GPUs.")
+    cpu_threads: int | None = flag(
+        None,
+        "Torch threads per process when training on the CPU (default: the cores divided among this machine's "
+        "processes; `accelerate launch` without a config would otherwise leave one).",
+    )
     use_ema: bool = flag(True, "Keep an exponential moving average of the weights for sampling and saving.")
     ema_decay: float = flag(0.9999, "Maximum EMA decay.")
     ema_inv_gamma: float = flag(1.0, "EMA warmup inverse gamma.")

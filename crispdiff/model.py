@@ -59,7 +59,7 @@ def build_unet(
     with_attention = [r in set(attention_res) for r in level_res]
     # at least one head even when a tiny model's attention levels are narrower than the head dim
     attention_widths = [c for c, a in zip(channels, with_attention) if a]
-    head_dim = min([attention_head_dim, *attention_widths])
+    head_dim = min([attention_head_dim, *attention_widths, channels[-1]])  # the middle block always has attention
     down = tuple("AttnDownBlock2D" if a else "DownBlock2D" for a in with_attention)
     up = tuple("AttnUpBlock2D" if a else "UpBlock2D" for a in reversed(with_attention))
     return UNet2DModel(

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -117,6 +118,17 @@ class EpochBatches:
 
 def has_accelerator_device() -> bool:
     return torch.cuda.is_available() or is_mps_available() or is_xpu_available()
+
+
+def use_cpu_cores(config: TrainConfig, local_processes: int) -> None:
+    """On a CPU-only run, give each local process its share of the cores (or `--cpu_threads`).
+
+    `accelerate launch` without a config file sets OMP_NUM_THREADS=1 for every process, which leaves half of a
+    two-core laptop idle.
+    """
+    if has_accelerator_device():
+        return
+    torch.set_num_threads(config.cpu_threads or max(1, (os.cpu_count() or 1) // max(1, local_processes)))
 
 
 def make_accelerator(config: TrainConfig) -> Accelerator:
@@ -423,6 +435,7 @@ def train(config: TrainConfig, space: TrainingSpace | None = None) -> Path | Non
     """Train a diffusion UNet as `config` says; `space` defaults to pixels of the configured image data."""
     check_output_dir(config)
     accelerator = make_accelerator(config)
+    use_cpu_cores(config, int(os.environ.get("LOCAL_WORLD_SIZE", accelerator.num_processes)))
     logging.basicConfig(level=logging.INFO if accelerator.is_main_process else logging.WARNING)
     set_seed(config.seed)
     if space is None:

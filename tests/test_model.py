@@ -31,6 +31,11 @@ def test_tiny_unet_forward_shape():
     assert out.shape == (2, 4, 16, 16)
 
 
+def test_tiny_unet_without_attention_levels():
+    unet = build_unet(16, base_channels=8, channel_mults=[1, 2], attention_res=[], layers_per_block=1)
+    assert unet(torch.randn(1, 3, 16, 16), torch.tensor([3])).sample.shape == (1, 3, 16, 16)
+
+
 def test_builder_errors_name_the_flag():
     with pytest.raises(ValueError, match="--attention_res"):
         build_unet(64, base_channels=8, channel_mults=[1, 2], attention_res=[4])

@@ -1,0 +1,284 @@
+"""Latent diffusion (Plan C): the UNet trains on a frozen VAE's latents instead of pixels.
+
+Why latents: a 64 px emoji is 3x64x64 = 12,288 numbers; the embedded f=4 VAE turns it into 4x16x16 = 1,024. The same
+UNet then does ~16x less work per image, and the decoder — trained on the same images — draws the fine edges, so
+samples are sharper for the same compute. The pieces:
+
+- ``LatentTrainConfig``: the pixel trainer's flags plus the VAE's, with defaults for the main job (``accelerate
+  launch train_scripts/train_latent.py`` with no arguments: embedded emoji, embedded VAE, ~10 minutes on 2 CPU cores);
+- ``LatentSpace``: the ``crispdiff.training.TrainingSpace`` whose ``x0`` draws ``z = mean + std * eps`` from the
+  cached posterior (``crispdiff.latent_cache``), picks the mirror image's latents half the time with
+  ``--random_flip``, and scales them to unit variance;
+- ``train_latent(config)``: loads the VAE, builds or reuses the cache (rank 0 first), then runs the one training loop.
+
+The VAE is frozen: ``requires_grad_(False)``, eval mode, and its parameters never reach the optimizer. Decoder
+fine-tuning is not done here — see ``LatentTrainConfig.validate`` for why, and ``train_scripts/train_vae.py
+--train_decoder_only`` for where it lives.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from crispdiff.config import TrainConfig, flag
+from crispdiff.latent_cache import DTYPES, LatentCache, load_or_build_latent_cache
+from crispdiff.vae import (
+    AnyVAE,
+    embedded_vae_dir,
+    load_vae,
+    measure_scaling_factor,
+    measure_shift_factor,
+    read_scaling,
+    sample_posterior,
+    scale_latents,
+)
+
+__all__ = ["LatentSpace", "LatentTrainConfig", "preprocessing_key", "resolve_scaling", "train_latent"]
+
+#: Posterior samples used to measure the scaling factor when the VAE's config states none (evenly spaced images).
+SCALING_SAMPLE_IMAGES = 4096
+
+
+@dataclass
+class LatentTrainConfig(TrainConfig):
+    """Everything `train_scripts/train_latent.py` accepts.
+
+    The defaults are the main job: the embedded Noto emoji at 64 px, the embedded f=4 VAE (16x16x4 latents), and a
+    UNet and schedule sized to finish, latent encoding included, in about 10 minutes on a 2-core CPU. On a GPU use a
+    bigger model and a longer run; each flag's help says what.
+    """
+
+    pretrained_vae_name_or_path: str | None = flag(
+        None,
+        "The VAE whose latents the UNet learns: a Hub id (e.g. stabilityai/sd-vae-ft-mse), a local diffusers VAE "
+        "folder, or a pipeline folder with vae/; AutoencoderKL or AutoencoderTiny. Default: the embedded f=4 VAE "
+        "trained on Noto emoji (crispdiff/assets/vae-noto-f4).",
+    )
+    vae_trainable: str = flag(
+        "none",
+        "Which VAE parts train. Only 'none' is supported here: the diffusion loss never reaches the decoder. "
+        "Fine-tune a decoder with train_scripts/train_vae.py --train_decoder_only and pass the result as "
+        "--pretrained_vae_name_or_path.",
+        choices=["none", "decoder"],
+    )
+    vae_learning_rate: float = flag(
+        1e-5, "Learning rate of trainable VAE parts (reserved for --vae_trainable; unused while the VAE is frozen)."
+    )
+    latent_cache_dir: str | None = flag(
+        None, "Where encoded latents are cached (default: <--cache_dir or ~/.cache/crispdiff>/latents)."
+    )
+    latent_cache_dtype: str = flag(
+        "float16",
+        "Storage precision of cached latents; float16 rounding is ~50x smaller than the posterior noise each sample "
+        "carries anyway (see crispdiff/latent_cache.py).",
+        choices=sorted(DTYPES),
+    )
+    vae_batch_size: int = flag(32, "Images per VAE encoder batch while building the latent cache (GPU: 128+).")
+    scaling_factor: float | None = flag(
+        None,
+        "Latent scaling factor override. Default: the VAE config's scaling_factor, or 1/std of the training latents "
+        "(plus their mean as shift) when the config states none; the value used is saved in the pipeline.",
+    )
+
+    # Defaults for the main job: 64 px emoji -> 16x16x4 latents and a 2.8M-parameter UNet. `accelerate launch` without
+    # a config gives a CPU process ONE thread; measured on this 2-core machine the whole run (1000 images encoded,
+    # 1500 steps of 32, two validation grids, checkpoints, export) took 7m20s of CPU time; wall 10m15s while other
+    # jobs shared the cores. `--num_cpu_threads_per_process 2` makes it faster. See benchmarks/RESULTS.md.
+    resolution: int = flag(64, "Training resolution in pixels (square); must be a multiple of the VAE's factor.")
+    base_channels: int = flag(
+        32, "Channels of the first UNet level (CPU default; on a GPU 128 with --channel_mults 1 2 3 4)."
+    )
+    channel_mults: list[int] = flag(
+        [1, 2, 4], "Channel multiplier per level; 3 levels suit 16x16 latents (16 -> 8 -> 4)."
+    )
+    attention_res: list[int] = flag(
+        [8, 4], "LATENT resolutions with self-attention (16x16 latents: levels at 16, 8, 4; 32x32 latents: 16, 8)."
+    )
+    layers_per_block: int = flag(1, "ResNet layers per UNet level (CPU default; 2 on a GPU).")
+    dropout: float = flag(0.0, "Dropout inside the ResNet blocks (0.1 for long GPU runs on small datasets).")
+    train_batch_size: int = flag(32, "Images per process per micro-batch (CPU default; 128-256 on a GPU).")
+    max_train_steps: int | None = flag(
+        1500, "Optimizer steps (CPU default: ~7 min on one core; a GPU run: 20000-50000 steps)."
+    )
+    learning_rate: float = flag(5e-4, "Peak learning rate (5e-4 suits the short CPU run; 2e-4 for long GPU runs).")
+    lr_warmup_steps: int = flag(100, "Linear warmup steps.")
+    ema_power: float = flag(2 / 3, "EMA warmup power (2/3 for runs of a few thousand steps, 3/4 for longer ones).")
+    checkpointing_steps: int = flag(500, "Save a resumable checkpoint every N optimizer steps.")
+    validation_steps: int = flag(500, "Sample a validation grid every N steps.")
+    output_dir: str = flag("crispdiff-latent", "Where checkpoints, logs, samples and the pipeline folder go.")
+
+    def validate(self) -> None:
+        """Refuse flag combinations the latent trainer cannot honour, with the reason and the alternative."""
+        if self.vae_trainable == "decoder":
+            raise ValueError(
+                "--vae_trainable decoder is not supported by train_latent.py: the UNet learns from cached latents, so "
+                "the diffusion loss never reaches the VAE decoder and unfreezing it would change nothing but memory "
+                "use. Fine-tune the decoder on your images with `train_scripts/train_vae.py "
+                "--pretrained_vae_name_or_path <vae> --train_decoder_only` (the encoder stays frozen, so latents "
+                "stay valid), then train here with --pretrained_vae_name_or_path <output>/vae."
+            )
+        if self.color_jitter > 0 or self.blur_prob > 0:
+            raise ValueError(
+                "--color_jitter and --blur_prob are pixel augmentations; the latent cache encodes every image once, "
+                "so they cannot vary per epoch. Drop them (or train in pixel space with train_unconditional.py)."
+            )
+        if self.vae_batch_size < 1:
+            raise ValueError(f"--vae_batch_size must be >= 1, got {self.vae_batch_size}")
+        if self.scaling_factor is not None and not self.scaling_factor > 0:
+            raise ValueError(f"--scaling_factor must be positive, got {self.scaling_factor}")
+
+    def resolved_vae_path(self) -> Path | str:
+        """The VAE this config loads: the flag's value, or the embedded default's folder."""
+        return self.pretrained_vae_name_or_path or embedded_vae_dir()
+
+
+def preprocessing_key(config: Any) -> dict[str, Any]:
+    """The preprocessing flags that decide a cached latent (with the image cache's own key, part of the cache key)."""
+    return {
+        "resolution": int(config.resolution),
+        "interpolation": str(config.interpolation),
+        "background": str(config.background),
+        "min_image_size": int(config.min_image_size),
+        "crop": "center",
+    }
+
+
+def latent_cache_dir(config: Any) -> Path:
+    """``--latent_cache_dir``, else ``latents/`` under crispdiff's cache root."""
+    if getattr(config, "latent_cache_dir", None):
+        return Path(config.latent_cache_dir).expanduser()
+    from crispdiff.data import cache_root
+
+    return cache_root(config) / "latents"
+
+
+def _statistics_sample(cache: LatentCache, seed: int = 0) -> torch.Tensor:
+    """Posterior samples of up to SCALING_SAMPLE_IMAGES evenly spaced images (every variant), with a fixed seed."""
+    count = len(cache)
+    take = min(count, SCALING_SAMPLE_IMAGES)
+    indices = torch.linspace(0, count - 1, take).round().long().unique()
+    generator = torch.Generator().manual_seed(seed)
+    samples = []
+    for variant in range(cache.num_variants):
+        mean, logvar = cache.posterior(indices, torch.full_like(indices, variant))
+        samples.append(sample_posterior(mean, logvar, generator))
+    return torch.cat(samples)
+
+
+def resolve_scaling(vae: AnyVAE, cache: LatentCache, override: float | None = None) -> tuple[float, float | None, str]:
+    """``(scaling_factor, shift_factor, where_from)`` for the diffusion space ``(z - shift) * scale``.
+
+    An explicit ``--scaling_factor`` wins (with the config's shift, if any); then the VAE config's stated values;
+    otherwise both are measured on the training latents so they have zero mean and unit variance — the LDM recipe,
+    without which the noise schedule's signal-to-noise ratios would be off by the latents' scale.
+    """
+    stated_scale, stated_shift = read_scaling(vae)
+    if override is not None:
+        return float(override), stated_shift, "--scaling_factor"
+    if stated_scale is not None:
+        return stated_scale, stated_shift, "the VAE config"
+    sample = _statistics_sample(cache)
+    shift = stated_shift if stated_shift is not None else measure_shift_factor(sample)
+    return measure_scaling_factor(sample), shift, "measured on the training latents"
+
+
+class LatentSpace:
+    """Diffusion on a frozen VAE's scaled latents, sampled from the cached posterior of each image."""
+
+    def __init__(
+        self,
+        cache: LatentCache,
+        vae: AnyVAE,
+        data: Any,
+        *,
+        scaling_factor: float,
+        shift_factor: float | None = None,
+    ):
+        channels, height, width = cache.latent_shape
+        if height != width:
+            raise ValueError(f"latents of {height}x{width} are not square; crispdiff trains square images only")
+        if len(cache) != len(data):
+            raise ValueError(f"the latent cache holds {len(cache)} images but the data has {len(data)}")
+        self.cache = cache
+        self.vae = vae.eval().requires_grad_(False)  # frozen: no gradients, no optimizer state, no dropout
+        self.data = data
+        self.channels = channels
+        self.sample_size = height
+        self.scaling_factor = float(scaling_factor)
+        self.shift_factor = None if shift_factor is None else float(shift_factor)
+
+    def __len__(self) -> int:
+        return len(self.cache)
+
+    def x0(self, indices: torch.Tensor, generator: torch.Generator, device: torch.device) -> torch.Tensor:
+        """Scaled latents ``[B, C, h, w]``: variant (flip) and posterior noise drawn from ``generator``.
+
+        One flip draw per image is taken even without flips, so the stream of random numbers does not depend on
+        ``--random_flip`` and a resumed run (generator restored) reproduces the same samples bit for bit.
+        """
+        indices = torch.as_tensor(indices).reshape(-1).cpu()
+        coin = torch.rand(indices.numel(), generator=generator, device=generator.device).cpu()
+        variants = (coin < 0.5).long() if self.cache.num_variants == 2 else torch.zeros_like(indices)
+        mean, logvar = self.cache.posterior(indices, variants)
+        z = sample_posterior(mean.to(generator.device), logvar.to(generator.device), generator)
+        return scale_latents(z, self.scaling_factor, self.shift_factor).to(device)
+
+    def pipeline_components(self) -> dict[str, Any]:
+        return {
+            "vae": self.vae,
+            "latent_scaling_factor": self.scaling_factor,
+            "latent_shift_factor": self.shift_factor,
+        }
+
+    def reference_images(self, count: int) -> torch.Tensor:
+        return self.data.center_crops(range(min(count, len(self.data))))
+
+
+def build_latent_space(config: LatentTrainConfig, vae: AnyVAE, *, show_progress: bool = True) -> LatentSpace:
+    """Load the images (centre crops), encode or reuse their latent cache, and resolve the latent scaling."""
+    from crispdiff.data import load_images
+
+    data = load_images(config, for_latents=True, show_progress=show_progress)
+    cache = load_or_build_latent_cache(
+        data,
+        vae,
+        latent_cache_dir(config),
+        preprocessing=preprocessing_key(config),
+        random_flip=config.random_flip,
+        dtype=config.latent_cache_dtype,
+        batch_size=config.vae_batch_size,
+        show_progress=show_progress,
+    )
+    scale, shift, source = resolve_scaling(vae, cache, config.scaling_factor)
+    if show_progress:
+        state = "reused" if cache.encoded_images == 0 else f"encoded {cache.encoded_images} image(s)"
+        shift_text = "" if shift is None else f", shift {shift:.4g}"
+        print(  # before train() sets up logging, so print like accelerator.print does
+            f"crispdiff: latent cache {cache.folder} ({state}): {len(cache)} x "
+            f"{'x'.join(map(str, cache.latent_shape))} latents; scaling factor {scale:.4g}{shift_text} ({source})"
+        )
+    return LatentSpace(cache, vae, data, scaling_factor=scale, shift_factor=shift)
+
+
+def train_latent(config: LatentTrainConfig) -> Path | None:
+    """The latent trainer: VAE -> latent cache (rank 0 builds it, the others wait and reuse it) -> the training loop.
+
+    Returns the pipeline folder on the main process (``None`` elsewhere). The cache is built before the loop
+    creates its ``Accelerator``; ``PartialState`` is the same process-group state the loop uses later.
+    """
+    from accelerate import PartialState
+
+    from crispdiff.training import check_output_dir, has_accelerator_device, train, use_cpu_cores
+
+    config.validate()
+    check_output_dir(config)  # fail before spending minutes on encoding
+    state = PartialState(cpu=not has_accelerator_device())  # as make_accelerator: CPU processes join one group
+    use_cpu_cores(config, state.num_processes)
+    vae = load_vae(config.pretrained_vae_name_or_path).to(state.device)
+    with state.main_process_first():
+        space = build_latent_space(config, vae, show_progress=state.is_local_main_process)
+    return train(config, space)

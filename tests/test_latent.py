@@ -1,0 +1,327 @@
+"""Latent diffusion: the latent cache (build once, reuse, invalidate, repair, resume) and the latent trainer.
+
+Every model here is a real, tiny diffusers model (an AutoencoderKL of ~20K parameters, a UNet of ~45K); encoder
+calls are counted with a forward hook on the real encoder, not with mocks.
+"""
+
+from __future__ import annotations
+
+import json
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from diffusers import AutoencoderKL
+from PIL import Image
+from safetensors.torch import load_file
+
+from crispdiff.config import parse_config
+from crispdiff.data import load_images
+from crispdiff.latent import (
+    LatentSpace,
+    LatentTrainConfig,
+    build_latent_space,
+    latent_cache_dir,
+    preprocessing_key,
+    resolve_scaling,
+)
+from crispdiff.latent_cache import load_or_build_latent_cache
+from crispdiff.vae import embedded_vae_dir, encode_posterior, load_vae, unscale_latents
+
+NUM_IMAGES = 10
+RESOLUTION = 16
+
+
+@pytest.fixture(scope="module")
+def vae_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny random f=2 AutoencoderKL folder whose config states no scaling factor (so it gets measured)."""
+    torch.manual_seed(0)
+    vae = AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D",) * 2,
+        up_block_types=("UpDecoderBlock2D",) * 2,
+        block_out_channels=(8, 16),
+        layers_per_block=1,
+        latent_channels=4,
+        norm_num_groups=4,
+        sample_size=RESOLUTION,
+    )
+    folder = tmp_path_factory.mktemp("vae")
+    vae.save_pretrained(folder)
+    config = json.loads((folder / "config.json").read_text())
+    config.pop("scaling_factor", None)
+    config.pop("shift_factor", None)
+    (folder / "config.json").write_text(json.dumps(config))
+    return folder
+
+
+@pytest.fixture(scope="module")
+def image_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Ten small RGBA images with varied colour and transparency (so --background matters)."""
+    folder = tmp_path_factory.mktemp("images")
+    rng = np.random.default_rng(0)
+    for i in range(NUM_IMAGES):
+        pixels = rng.integers(0, 256, (20, 20, 4), dtype=np.uint8)
+        Image.fromarray(pixels, "RGBA").save(folder / f"{i:02d}.png")
+    return folder
+
+
+def make_config(image_dir: Path, vae_dir: Path, tmp_path: Path, **overrides) -> LatentTrainConfig:
+    settings = dict(
+        train_data_dir=str(image_dir),
+        pretrained_vae_name_or_path=str(vae_dir),
+        resolution=RESOLUTION,
+        cache_dir=str(tmp_path / "cache"),
+        output_dir=str(tmp_path / "out"),
+        vae_batch_size=4,
+        base_channels=8,
+        channel_mults=[1, 2],
+        attention_res=[4],
+        train_batch_size=4,
+        max_train_steps=3,
+        lr_warmup_steps=1,
+        checkpointing_steps=0,
+        validation_steps=0,
+        num_validation_images=2,
+        validation_inference_steps=2,
+        report_to="none",
+    )
+    settings.update(overrides)
+    return LatentTrainConfig(**settings)
+
+
+class EncoderCalls:
+    """Counts forward calls of the VAE's real encoder; optionally raises after `fail_after` calls (an interrupt)."""
+
+    def __init__(self, vae: AutoencoderKL, fail_after: int | None = None):
+        self.count = 0
+        self.fail_after = fail_after
+        self.handle = vae.encoder.register_forward_hook(self._hook)
+
+    def _hook(self, module, inputs, output) -> None:
+        self.count += 1
+        if self.fail_after is not None and self.count >= self.fail_after:
+            raise KeyboardInterrupt("simulated interrupt during encoding")
+
+    def remove(self) -> None:
+        self.handle.remove()
+
+
+def build_cache(config: LatentTrainConfig, vae: AutoencoderKL, chunk_size: int = 4):
+    data = load_images(config, for_latents=True, show_progress=False)
+    cache = load_or_build_latent_cache(
+        data,
+        vae,
+        latent_cache_dir(config),
+        preprocessing=preprocessing_key(config),
+        random_flip=config.random_flip,
+        dtype=config.latent_cache_dtype,
+        batch_size=config.vae_batch_size,
+        chunk_size=chunk_size,
+        show_progress=False,
+    )
+    return data, cache
+
+
+def test_latent_round_trip_shapes_and_scaling(image_dir, vae_dir, tmp_path):
+    config = make_config(image_dir, vae_dir, tmp_path, random_flip=True, latent_cache_dtype="float32")
+    vae = load_vae(config.pretrained_vae_name_or_path)
+    space = build_latent_space(config, vae, show_progress=False)
+    assert (space.channels, space.sample_size, len(space)) == (4, RESOLUTION // 2, NUM_IMAGES)
+
+    # the cache holds exactly what the encoder says, for the image and its mirror image
+    crops = space.data.center_crops().float() / 127.5 - 1.0
+    mean, logvar = encode_posterior(vae, crops)
+    mean_flipped, logvar_flipped = encode_posterior(vae, crops.flip(3))
+    assert torch.equal(torch.from_numpy(np.array(space.cache.mean[:, 0])), mean)
+    assert torch.equal(torch.from_numpy(np.array(space.cache.logvar[:, 0])), logvar)
+    assert torch.equal(torch.from_numpy(np.array(space.cache.mean[:, 1])), mean_flipped)
+
+    # no scaling factor in the VAE config: measured so the training latents have zero mean and unit variance
+    scale, shift, source = resolve_scaling(vae, space.cache)
+    assert source.startswith("measured") and (space.scaling_factor, space.shift_factor) == (scale, shift)
+    indices = torch.arange(NUM_IMAGES).repeat(20)
+    x0 = space.x0(indices, torch.Generator().manual_seed(0), torch.device("cpu"))
+    assert x0.shape == (len(indices), 4, RESOLUTION // 2, RESOLUTION // 2) and x0.dtype == torch.float32
+    assert abs(x0.std().item() - 1.0) < 0.05 and abs(x0.mean().item()) < 0.05
+
+    # x0 is exactly: one coin per image picks the variant, then z = mean + std * eps, scaled; same draws, same batch
+    generator = torch.Generator().manual_seed(0)
+    flipped = torch.rand(len(indices), generator=generator) < 0.5
+    eps = torch.randn(x0.shape, generator=generator)
+    chosen_mean = torch.where(flipped.view(-1, 1, 1, 1), mean_flipped[indices], mean[indices])
+    chosen_logvar = torch.where(flipped.view(-1, 1, 1, 1), logvar_flipped[indices], logvar[indices])
+    expected = (chosen_mean + torch.exp(0.5 * chosen_logvar) * eps - shift) * scale
+    assert 0 < int(flipped.sum()) < len(indices)
+    torch.testing.assert_close(x0, expected, rtol=1e-5, atol=1e-5)
+    assert torch.equal(x0, space.x0(indices, torch.Generator().manual_seed(0), torch.device("cpu")))
+    unscaled = unscale_latents(x0, scale, shift)
+
+    # decoding the unscaled latents gives images of the training resolution
+    images = vae.decode(unscaled[:2]).sample
+    assert images.shape == (2, 3, RESOLUTION, RESOLUTION)
+
+    # an explicit --scaling_factor wins; the reference images are real uint8 crops
+    assert resolve_scaling(vae, space.cache, 0.5)[0] == 0.5
+    reference = space.reference_images(3)
+    assert reference.dtype == torch.uint8 and reference.shape == (3, 3, RESOLUTION, RESOLUTION)
+
+
+def test_cache_reused_then_rebuilt_after_vae_or_preprocessing_change(image_dir, vae_dir, tmp_path):
+    config = make_config(image_dir, vae_dir, tmp_path)
+    vae = load_vae(config.pretrained_vae_name_or_path)
+    calls = EncoderCalls(vae)
+    _, first = build_cache(config, vae)
+    assert calls.count == 3 and first.encoded_images == NUM_IMAGES  # 10 images in batches of 4
+    assert first.mean.dtype == np.float16  # the default storage dtype
+
+    _, reused = build_cache(config, vae)
+    assert calls.count == 3 and reused.encoded_images == 0 and reused.folder == first.folder
+    assert np.array_equal(reused.mean, first.mean) and np.array_equal(reused.logvar, first.logvar)
+
+    with torch.no_grad():  # new VAE weights -> a different key, a fresh encode
+        vae.encoder.conv_in.bias.add_(0.01)
+    _, after_vae = build_cache(config, vae)
+    assert calls.count == 6 and after_vae.folder != first.folder and not np.array_equal(after_vae.mean, first.mean)
+
+    config.background = "black"  # new preprocessing -> new pixels -> new key
+    _, after_preprocessing = build_cache(config, vae)
+    assert calls.count == 9 and after_preprocessing.folder not in (first.folder, after_vae.folder)
+    calls.remove()
+
+
+def test_corrupted_cache_is_detected_and_rebuilt(image_dir, vae_dir, tmp_path):
+    config = make_config(image_dir, vae_dir, tmp_path)
+    vae = load_vae(config.pretrained_vae_name_or_path)
+    _, original = build_cache(config, vae)
+    expected_mean, expected_logvar = np.array(original.mean), np.array(original.logvar)
+    folder = original.folder
+    del original
+
+    # flip bytes inside the second chunk (images 4..7) of mean.npy: only that chunk is re-encoded
+    path = folder / "mean.npy"
+    raw = bytearray(path.read_bytes())
+    row_bytes = expected_mean[0].nbytes
+    data_start = len(raw) - expected_mean.nbytes
+    for offset in range(data_start + 5 * row_bytes, data_start + 5 * row_bytes + 16):
+        raw[offset] ^= 0xFF
+    path.write_bytes(bytes(raw))
+    calls = EncoderCalls(vae)
+    with pytest.warns(UserWarning, match="checksum"):
+        _, repaired = build_cache(config, vae)
+    assert calls.count == 1 and repaired.encoded_images == 4
+    assert np.array_equal(repaired.mean, expected_mean) and np.array_equal(repaired.logvar, expected_logvar)
+    del repaired
+
+    # a truncated file (wrong size) makes the whole cache rebuild
+    path = folder / "logvar.npy"
+    path.write_bytes(path.read_bytes()[:-100])
+    with pytest.warns(UserWarning, match="rebuilding"):
+        _, rebuilt = build_cache(config, vae)
+    assert calls.count == 1 + 3 and rebuilt.encoded_images == NUM_IMAGES
+    assert np.array_equal(rebuilt.logvar, expected_logvar)
+    calls.remove()
+
+
+def test_interrupted_encode_resumes(image_dir, vae_dir, tmp_path):
+    config = make_config(image_dir, vae_dir, tmp_path, vae_batch_size=2)
+    vae = load_vae(config.pretrained_vae_name_or_path)
+    # chunks of 4 images = 2 encoder batches each; interrupt during the 5th batch (the 3rd chunk)
+    calls = EncoderCalls(vae, fail_after=5)
+    with pytest.raises(KeyboardInterrupt):
+        build_cache(config, vae)
+    calls.remove()
+
+    calls = EncoderCalls(vae)
+    _, resumed = build_cache(config, vae)
+    assert resumed.encoded_images == NUM_IMAGES - 8 and calls.count == 1  # only the last chunk (images 8, 9)
+    calls.remove()
+
+    other = make_config(image_dir, vae_dir, tmp_path / "fresh", vae_batch_size=2)
+    _, fresh = build_cache(other, vae)
+    assert np.array_equal(resumed.mean, fresh.mean) and np.array_equal(resumed.logvar, fresh.logvar)
+
+
+def test_train_latent_writes_a_pipeline_that_reloads_with_the_frozen_vae(image_dir, vae_dir, tmp_path):
+    from diffusers import DiffusionPipeline
+
+    from crispdiff.latent import train_latent
+
+    config = make_config(image_dir, vae_dir, tmp_path, random_flip=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        pipeline_dir = train_latent(config)
+    assert pipeline_dir is not None and (pipeline_dir / "samples.png").is_file()
+
+    # the VAE was frozen: the saved weights are the original ones, bit for bit
+    original = load_file(str(vae_dir / "diffusion_pytorch_model.safetensors"))
+    saved = load_file(str(pipeline_dir / "vae" / "diffusion_pytorch_model.safetensors"))
+    assert original.keys() == saved.keys() and all(torch.equal(original[k], saved[k]) for k in original)
+
+    pipeline = DiffusionPipeline.from_pretrained(pipeline_dir, trust_remote_code=True)
+    assert pipeline.unet.config.in_channels == 4 and pipeline.unet.config.sample_size == RESOLUTION // 2
+    assert pipeline.config.latent_scaling_factor > 0
+    images = pipeline(
+        batch_size=2, num_inference_steps=2, generator=torch.Generator().manual_seed(0), output_type="pt"
+    ).images
+    assert images.shape == (2, 3, RESOLUTION, RESOLUTION)
+    assert torch.isfinite(images).all() and images.min() >= 0 and images.max() <= 1
+
+
+def test_latent_space_freezes_the_vae(image_dir, vae_dir, tmp_path):
+    config = make_config(image_dir, vae_dir, tmp_path)
+    vae = AutoencoderKL.from_pretrained(vae_dir).train().requires_grad_(True)  # as if handed over unfrozen
+    space = build_latent_space(config, vae, show_progress=False)
+    assert isinstance(space, LatentSpace) and not space.vae.training
+    assert not any(p.requires_grad for p in space.vae.parameters())
+
+
+def test_default_command_uses_embedded_data_and_vae(tmp_path):
+    config = parse_config(LatentTrainConfig, [])
+    assert config.pretrained_vae_name_or_path is None
+    assert Path(config.resolved_vae_path()) == embedded_vae_dir()
+    assert config.train_data_dir is None and config.dataset_name is None
+    assert (config.resolution, config.vae_trainable) == (64, "none")
+    config.cache_dir = str(tmp_path)
+    config.max_train_samples = 2
+    try:
+        data = load_images(config, for_latents=True, show_progress=False)
+    except Exception as error:  # noqa: BLE001 - the embedded assets may not be installed in this checkout yet
+        pytest.skip(f"embedded dataset not loadable here: {error}")
+    assert "embedded" in data.source and data.resolution == 64
+
+
+def test_unsupported_flags_are_rejected_with_the_alternative():
+    with pytest.raises(ValueError, match="train_decoder_only"):
+        parse_config(LatentTrainConfig, ["--vae_trainable", "decoder"])
+    with pytest.raises(ValueError, match="pixel augmentations"):
+        parse_config(LatentTrainConfig, ["--color_jitter", "0.1"])
+
+
+@pytest.mark.slow
+def test_two_processes_encode_once(image_dir, vae_dir, tmp_path):
+    """Under `accelerate launch` with two CPU processes, rank 0 encodes and rank 1 reuses the finished cache."""
+    import os
+    import subprocess
+    import sys
+
+    repo = Path(__file__).resolve().parents[1]
+    command = [
+        sys.executable, "-m", "accelerate.commands.launch",
+        "--config_file", str(repo / "accelerate_configs" / "cpu_2proc.yaml"), "--main_process_port", "29631",
+        str(repo / "train_scripts" / "train_latent.py"),
+        "--train_data_dir", str(image_dir), "--pretrained_vae_name_or_path", str(vae_dir),
+        "--resolution", str(RESOLUTION), "--cache_dir", str(tmp_path / "cache"), "--output_dir", str(tmp_path / "out"),
+        "--base_channels", "8", "--channel_mults", "1", "2", "--attention_res", "4", "--train_batch_size", "2",
+        "--max_train_steps", "2", "--validation_steps", "0", "--checkpointing_steps", "0",
+        "--num_validation_images", "2", "--validation_inference_steps", "2", "--report_to", "none",
+    ]  # fmt: skip
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=300)
+    output = result.stdout + result.stderr
+    assert result.returncode == 0, output[-3000:]
+    assert output.count(f"(encoded {NUM_IMAGES} image(s))") == 1 and "2 process(es)" in output
+    assert (tmp_path / "out" / "pipeline" / "model_index.json").is_file()

@@ -1,0 +1,770 @@
+"""Training an ``AutoencoderKL`` on the user's images (from scratch, or fine-tuning a pretrained decoder).
+
+Why crispdiff trains VAEs at all: latent diffusion on 64-128 px images wants a small, fast autoencoder with a mild
+downsampling (f=4) that keeps hard edges, and Stable Diffusion's f=8 VAE blurs small images. diffusers has no VAE
+training script, so this module provides one in the same shape as the diffusion trainer: accelerate for devices and
+precision, the same deterministic data stream and exact checkpoints (:mod:`crispdiff.checkpoint`), EMA weights, and a
+diffusers folder at the end that :func:`crispdiff.vae.load_vae` and ``AutoencoderKL.from_pretrained`` both read.
+
+The objective follows Rombach et al. 2022 (LDM, appendix G): an L1 or L2 reconstruction term, a KL term with a tiny
+weight (only enough to keep the latent space smooth), optional LPIPS, and an optional patch-GAN (Isola et al. 2017,
+hinge loss, adaptive weight of Esser et al. 2021) switched on after ``--disc_start`` steps. Losses are means per
+pixel value, and the KL is summed per image then divided by the number of pixel values, so ``--kl_weight`` means the
+same as in LDM's configs (where both terms are sums).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from accelerate import Accelerator
+from accelerate.utils import set_seed
+from diffusers import AutoencoderKL
+from diffusers.optimization import get_scheduler
+from diffusers.training_utils import EMAModel
+from torch import nn
+from tqdm.auto import tqdm
+
+from crispdiff.checkpoint import find_checkpoint, load_checkpoint, save_checkpoint
+from crispdiff.config import DataConfig, flag
+from crispdiff.model import group_norm_groups
+from crispdiff.training import DataPosition, EpochBatches, make_accelerator, make_optimizer
+from crispdiff.vae import load_vae, measure_scaling_factor, measure_shift_factor, read_scaling, sample_posterior
+
+logger = logging.getLogger("crispdiff")
+
+#: Architecture presets: block_out_channels and layers_per_block. f4 keeps 1/4 of each side (64 px -> 16x16 latents),
+#: f8 matches Stable Diffusion's downsampling with narrower levels.
+PRESETS: dict[str, tuple[tuple[int, ...], int]] = {
+    "f4": ((64, 128, 256), 2),
+    "f8": ((64, 128, 256, 256), 2),
+}
+
+VAE_SUBFOLDER = "vae"
+
+
+@dataclass
+class VAETrainConfig(DataConfig):
+    """Everything `train_scripts/train_vae.py` accepts."""
+
+    output_dir: str = flag("crispdiff-vae", "Where checkpoints, logs, validation grids and the vae/ folder go.")
+    overwrite_output_dir: bool = flag(False, "Allow replacing a finished vae/ folder in --output_dir.")
+    pretrained_vae_name_or_path: str | None = flag(
+        None, "Start from this AutoencoderKL (Hub id, local folder or pipeline folder) instead of from scratch."
+    )
+    train_decoder_only: bool = flag(
+        False, "With --pretrained_vae_name_or_path: freeze the encoder (latents stay compatible), tune the decoder."
+    )
+    preset: str = flag("f4", "Architecture preset: f4 (H/4 latents, 3 levels) or f8 (H/8, 4 levels).", ["f4", "f8"])
+    block_out_channels: list[int] | None = flag(None, "Channels per level, overriding the preset (one level each).")
+    layers_per_block: int | None = flag(None, "ResNet layers per encoder level, overriding the preset.")
+    latent_channels: int = flag(4, "Latent channels.")
+    norm_num_groups: int | None = flag(
+        None, "GroupNorm groups (default: the largest count <= 32 that divides every level's channels)."
+    )
+    mid_block_attention: bool = flag(True, "Self-attention in the middle blocks (off = faster, fine for small images).")
+    recon_loss: str = flag("l1", "Reconstruction loss.", ["l1", "l2"])
+    kl_weight: float = flag(1e-6, "Weight of the KL term (per pixel value, as in LDM).")
+    lpips_weight: float = flag(0.0, "Weight of the LPIPS perceptual loss; needs the lpips package and cached weights.")
+    lpips_net: str = flag("alex", "LPIPS backbone.", ["alex", "vgg", "squeeze"])
+    disc_start: int | None = flag(None, "Optimizer step at which the patch-GAN loss starts (default: no GAN).")
+    disc_weight: float = flag(0.5, "Weight of the generator's GAN loss (times the adaptive weight).")
+    adaptive_disc_weight: bool = flag(True, "Balance GAN and reconstruction gradients at the decoder's last layer.")
+    disc_learning_rate: float | None = flag(None, "Discriminator learning rate (default: --learning_rate).")
+    disc_channels: int = flag(64, "Channels of the discriminator's first layer.")
+    disc_layers: int = flag(3, "Strided layers of the PatchGAN discriminator.")
+    seed: int = flag(0, "Seed for weights, split, data order and posterior samples.")
+    train_batch_size: int = flag(16, "Images per process per micro-batch.")
+    gradient_accumulation_steps: int = flag(1, "Micro-batches per optimizer step.")
+    max_train_steps: int | None = flag(None, "Optimizer steps to train for (overrides --num_epochs).")
+    num_epochs: int = flag(20, "Epochs to train for when --max_train_steps is not given.")
+    learning_rate: float = flag(4e-4, "Peak learning rate of the autoencoder.")
+    lr_scheduler: str = flag(
+        "cosine",
+        "LR schedule after warmup.",
+        choices=["linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup"],
+    )
+    lr_warmup_steps: int = flag(100, "Linear warmup steps.")
+    adam_beta1: float = flag(0.9, "AdamW beta1.")
+    adam_beta2: float = flag(0.99, "AdamW beta2.")
+    adam_weight_decay: float = flag(0.0, "AdamW weight decay.")
+    adam_epsilon: float = flag(1e-8, "AdamW epsilon.")
+    use_8bit_adam: bool = flag(False, "Use bitsandbytes' 8-bit AdamW (pip install 'crispdiff[bnb]').")
+    max_grad_norm: float = flag(1.0, "Gradient clipping norm (0 = off).")
+    mixed_precision: str | None = flag(
+        None, "Mixed precision (default: what `accelerate config` chose).", choices=["no", "fp16", "bf16"]
+    )
+    use_ema: bool = flag(True, "Keep an EMA of the weights; it is what gets validated and saved.")
+    ema_decay: float = flag(0.999, "Maximum EMA decay.")
+    ema_inv_gamma: float = flag(1.0, "EMA warmup inverse gamma.")
+    ema_power: float = flag(0.75, "EMA warmup power.")
+    checkpointing_steps: int = flag(500, "Save a resumable checkpoint every N optimizer steps.")
+    checkpoints_total_limit: int | None = flag(2, "Keep at most this many checkpoints.")
+    resume_from_checkpoint: str | None = flag(None, "A checkpoint folder, or 'latest'.")
+    validation_steps: int = flag(250, "Held-out PSNR/SSIM and a reconstruction grid every N steps.")
+    validation_fraction: float = flag(0.05, "Fraction of the images held out for validation (fixed by --seed).")
+    num_validation_images: int = flag(8, "Held-out images shown in the reconstruction grid.")
+    scaling_samples: int = flag(1024, "Training images encoded to measure the latent scaling_factor / shift_factor.")
+    logging_dir: str = flag("logs", "Tensorboard folder, relative to --output_dir.")
+    report_to: str = flag("tensorboard", "Where accelerate logs go.", choices=["tensorboard", "wandb", "all", "none"])
+
+    def validate(self) -> None:
+        """Reject flag combinations that would silently do something else than asked."""
+        if self.train_decoder_only and not self.pretrained_vae_name_or_path:
+            raise ValueError("--train_decoder_only needs --pretrained_vae_name_or_path (there is no encoder to keep).")
+        if not 0.0 <= self.validation_fraction < 1.0:
+            raise ValueError(f"--validation_fraction must be in [0, 1), got {self.validation_fraction}")
+        if self.block_out_channels is not None and len(self.block_out_channels) < 2:
+            raise ValueError("--block_out_channels needs at least two levels (one downsampling).")
+        channels = self.block_out_channels or PRESETS[self.preset][0]
+        if self.norm_num_groups and any(c % self.norm_num_groups for c in channels):
+            raise ValueError(f"--norm_num_groups {self.norm_num_groups} must divide every level's channels {channels}.")
+
+    def to_dict(self) -> dict[str, Any]:
+        from dataclasses import asdict
+
+        return asdict(self)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Models
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def build_vae(config: VAETrainConfig) -> AutoencoderKL:
+    """A fresh ``AutoencoderKL`` from the preset, with any explicit overrides, at the training resolution."""
+    channels, layers = PRESETS[config.preset]
+    channels = tuple(config.block_out_channels or channels)
+    layers = config.layers_per_block or layers
+    return AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D",) * len(channels),
+        up_block_types=("UpDecoderBlock2D",) * len(channels),
+        block_out_channels=channels,
+        layers_per_block=layers,
+        latent_channels=config.latent_channels,
+        norm_num_groups=config.norm_num_groups or group_norm_groups(list(channels)),
+        sample_size=config.resolution,
+        mid_block_add_attention=config.mid_block_attention,
+    )
+
+
+def initial_vae(config: VAETrainConfig) -> AutoencoderKL:
+    """The model to train: pretrained (decoder-only if asked) or built from scratch, trainable parts unfrozen."""
+    if not config.pretrained_vae_name_or_path:
+        return build_vae(config).train()
+    vae = load_vae(config.pretrained_vae_name_or_path, torch_dtype=torch.float32)
+    if not isinstance(vae, AutoencoderKL):
+        raise ValueError(
+            f"--pretrained_vae_name_or_path {config.pretrained_vae_name_or_path!r} is a {type(vae).__name__}; "
+            "train_vae.py trains AutoencoderKL models only."
+        )
+    vae.train().requires_grad_(True)
+    if config.train_decoder_only:
+        vae.encoder.requires_grad_(False)
+        if vae.quant_conv is not None:
+            vae.quant_conv.requires_grad_(False)
+    return vae
+
+
+class AutoencoderStep(nn.Module):
+    """Encode, sample and decode in one ``forward`` so distributed wrappers see a single call.
+
+    Calling ``vae.encode`` / ``vae.decode`` on a DDP-wrapped model would bypass DDP's gradient synchronisation;
+    this wrapper is what gets passed to ``accelerator.prepare``. With a frozen encoder the encoding runs without
+    building a graph.
+    """
+
+    def __init__(self, vae: AutoencoderKL, frozen_encoder: bool):
+        super().__init__()
+        self.vae = vae
+        self.frozen_encoder = frozen_encoder
+
+    def forward(
+        self, images: torch.Tensor, generator: torch.Generator | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        with torch.set_grad_enabled(torch.is_grad_enabled() and not self.frozen_encoder):
+            posterior = self.vae.encode(images).latent_dist
+        latents = sample_posterior(posterior.mean, posterior.logvar, generator)
+        return self.vae.decode(latents).sample, posterior.mean, posterior.logvar
+
+
+class PatchDiscriminator(nn.Module):
+    """A small PatchGAN (Isola et al. 2017): one real/fake logit per overlapping patch.
+
+    GroupNorm instead of BatchNorm so the discriminator behaves the same with any batch size and across processes.
+    """
+
+    def __init__(self, channels: int = 64, layers: int = 3):
+        super().__init__()
+        blocks: list[nn.Module] = [nn.Conv2d(3, channels, 4, stride=2, padding=1), nn.LeakyReLU(0.2)]
+        width = channels
+        for i in range(1, layers + 1):
+            out = channels * min(2**i, 8)
+            stride = 2 if i < layers else 1
+            blocks += [
+                nn.Conv2d(width, out, 4, stride=stride, padding=1, bias=False),
+                nn.GroupNorm(group_norm_groups([out]), out),
+                nn.LeakyReLU(0.2),
+            ]
+            width = out
+        blocks.append(nn.Conv2d(width, 1, 4, stride=1, padding=1))
+        self.net = nn.Sequential(*blocks)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.net(images)
+
+
+def load_lpips(config: VAETrainConfig) -> nn.Module | None:
+    """LPIPS from the ``lpips`` package when it and its backbone weights are already on this machine, else ``None``.
+
+    Never downloads: the backbone (torchvision's AlexNet/VGG/SqueezeNet) must already sit in torch's hub cache. The
+    printed message says why LPIPS is off and how to turn it on.
+    """
+    if config.lpips_weight <= 0:
+        return None
+    try:
+        import lpips  # noqa: F401
+    except ImportError:
+        print("LPIPS is off: the lpips package is not installed (pip install lpips); --lpips_weight is ignored.")
+        return None
+    backbone = {"alex": "alexnet-owt-*.pth", "vgg": "vgg16-*.pth", "squeeze": "squeezenet1_1-*.pth"}[config.lpips_net]
+    hub_checkpoints = Path(torch.hub.get_dir()) / "checkpoints"
+    if not list(hub_checkpoints.glob(backbone)):
+        print(
+            f"LPIPS is off: no cached {config.lpips_net} backbone ({backbone}) in {hub_checkpoints}, and crispdiff "
+            "never downloads during training; place the torchvision weights there to enable --lpips_weight."
+        )
+        return None
+    import lpips
+
+    model = lpips.LPIPS(net=config.lpips_net, verbose=False).eval().requires_grad_(False)
+    return model
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Losses and metrics
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def reconstruction_loss(reconstruction: torch.Tensor, target: torch.Tensor, kind: str) -> torch.Tensor:
+    """Mean absolute (l1) or squared (l2) error per pixel value, in fp32."""
+    diff = reconstruction.float() - target.float()
+    return diff.abs().mean() if kind == "l1" else diff.square().mean()
+
+
+def kl_per_value(mean: torch.Tensor, logvar: torch.Tensor, num_values: int) -> torch.Tensor:
+    """KL(q(z|x) || N(0, I)) summed over each latent, divided by the image's pixel values, averaged over the batch."""
+    mean, logvar = mean.float(), logvar.float()
+    kl = 0.5 * (mean.square() + logvar.exp() - 1.0 - logvar).sum(dim=(1, 2, 3))
+    return kl.mean() / num_values
+
+
+def hinge_discriminator_loss(logits_real: torch.Tensor, logits_fake: torch.Tensor) -> torch.Tensor:
+    """Hinge loss of the discriminator: push real logits above +1 and fake ones below -1."""
+    return 0.5 * (F.relu(1.0 - logits_real.float()).mean() + F.relu(1.0 + logits_fake.float()).mean())
+
+
+def adaptive_gan_weight(
+    recon_term: torch.Tensor, gan_term: torch.Tensor, last_layer: torch.Tensor, max_weight: float = 1e4
+) -> torch.Tensor:
+    """Scale the GAN loss so its gradient at the decoder's last layer matches the reconstruction gradient's norm.
+
+    Esser et al. 2021 (VQGAN): without it the GAN term either does nothing or dominates, depending on the dataset.
+    """
+    recon_grad = torch.autograd.grad(recon_term, last_layer, retain_graph=True)[0]
+    gan_grad = torch.autograd.grad(gan_term, last_layer, retain_graph=True)[0]
+    weight = recon_grad.norm() / (gan_grad.norm() + 1e-4)
+    return weight.clamp(0.0, max_weight).detach()
+
+
+def psnr(reconstruction: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Per-image PSNR in dB of images in [0, 1] (peak 1)."""
+    mse = (reconstruction.float() - target.float()).square().flatten(1).mean(dim=1)
+    return 10.0 * torch.log10(1.0 / mse.clamp_min(1e-10))
+
+
+def ssim(reconstruction: torch.Tensor, target: torch.Tensor, window: int = 11, sigma: float = 1.5) -> torch.Tensor:
+    """Per-image SSIM (Wang et al. 2004: 11x11 Gaussian window, sigma 1.5, K1=0.01, K2=0.03) of images in [0, 1].
+
+    Computed per channel over the valid region (no padding) and averaged, like scikit-image with
+    ``gaussian_weights=True``.
+    """
+    x, y = reconstruction.double(), target.double()
+    channels = x.shape[1]
+    taps = torch.arange(window, dtype=torch.float64) - (window - 1) / 2
+    g = torch.exp(-0.5 * (taps / sigma) ** 2)
+    g = g / g.sum()
+    kernel = (g[:, None] * g[None, :]).expand(channels, 1, window, window).to(x.device)
+
+    def blur(t: torch.Tensor) -> torch.Tensor:
+        return F.conv2d(t, kernel, groups=channels)
+
+    c1, c2 = 0.01**2, 0.03**2
+    mu_x, mu_y = blur(x), blur(y)
+    var_x = blur(x * x) - mu_x.square()
+    var_y = blur(y * y) - mu_y.square()
+    cov = blur(x * y) - mu_x * mu_y
+    ssim_map = ((2 * mu_x * mu_y + c1) * (2 * cov + c2)) / ((mu_x.square() + mu_y.square() + c1) * (var_x + var_y + c2))
+    return ssim_map.flatten(1).mean(dim=1).float()
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Data split, reconstruction, grid
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def split_indices(num_images: int, fraction: float, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(train, held-out) image indices: a seeded shuffle, the held-out part at least one image when asked for."""
+    order = torch.randperm(num_images, generator=torch.Generator().manual_seed(seed))
+    held = 0 if fraction <= 0 or num_images < 2 else min(num_images - 1, max(1, round(num_images * fraction)))
+    return order[held:].sort().values, order[:held].sort().values
+
+
+def uint8_to_m11(images: torch.Tensor) -> torch.Tensor:
+    """uint8 [0, 255] -> float [-1, 1]."""
+    return images.float().div(127.5).sub(1.0)
+
+
+@torch.no_grad()
+def reconstruct(vae: AutoencoderKL, images_m11: torch.Tensor, batch_size: int = 64) -> torch.Tensor:
+    """Deterministic reconstructions (posterior mean) in [-1, 1], in batches, on the VAE's device."""
+    param = next(vae.parameters())
+    outputs = []
+    for chunk in images_m11.split(batch_size):
+        latents = vae.encode(chunk.to(param.device, param.dtype)).latent_dist.mean
+        outputs.append(vae.decode(latents).sample.float().cpu())
+    return torch.cat(outputs).clamp(-1.0, 1.0)
+
+
+def reconstruction_metrics(vae: AutoencoderKL, images_uint8: torch.Tensor) -> dict[str, float]:
+    """Mean PSNR and SSIM of the VAE's reconstructions of these images, measured on [0, 1] pixels."""
+    target = images_uint8.float() / 255.0
+    recon = (reconstruct(vae, uint8_to_m11(images_uint8)) + 1.0) / 2.0
+    return {"psnr": float(psnr(recon, target).mean()), "ssim": float(ssim(recon, target).mean())}
+
+
+def save_reconstruction_grid(vae: AutoencoderKL, images_uint8: torch.Tensor, path: Path) -> None:
+    """A PNG with originals on the top row and their reconstructions below, written atomically."""
+    from crispdiff.images import make_grid, save_image_atomic
+
+    originals = uint8_to_m11(images_uint8)
+    grid = make_grid(torch.cat([originals, reconstruct(vae, originals)]), nrow=len(images_uint8))
+    save_image_atomic(grid, path)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Scaling factor and saving
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def measure_latent_scaling(
+    vae: AutoencoderKL, images_uint8: torch.Tensor, seed: int, batch_size: int = 64
+) -> tuple[float, float]:
+    """``(scaling_factor, shift_factor)`` from posterior samples of these images (what the diffusion model sees).
+
+    Sampling (not the mean) matches how latent trainers draw their latents; the shift centres them, since a VAE
+    trained from scratch has no reason to have zero-mean latents.
+    """
+    param = next(vae.parameters())
+    generator = torch.Generator(device=param.device).manual_seed(seed)
+    samples = []
+    for chunk in uint8_to_m11(images_uint8).split(batch_size):
+        posterior = vae.encode(chunk.to(param.device, param.dtype)).latent_dist
+        samples.append(sample_posterior(posterior.mean.float(), posterior.logvar.float(), generator).cpu())
+    latents = torch.cat(samples)
+    return measure_scaling_factor(latents), measure_shift_factor(latents)
+
+
+def save_vae_folder(vae: AutoencoderKL, folder: Path, model_card: str) -> Path:
+    """Write config.json + safetensors + README.md into ``folder`` atomically (temporary folder, then rename)."""
+    folder = Path(folder)
+    tmp = folder.with_name(f".{folder.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    vae.save_pretrained(tmp, safe_serialization=True)
+    (tmp / "README.md").write_text(model_card)
+    if folder.exists():
+        shutil.rmtree(folder)
+    os.replace(tmp, folder)
+    return folder
+
+
+def weights_megabytes(folder: Path) -> float:
+    """Size of the safetensors weights in a saved folder, in MB (10^6 bytes)."""
+    return sum(p.stat().st_size for p in Path(folder).glob("*.safetensors")) / 1e6
+
+
+def model_card(config: VAETrainConfig, vae: AutoencoderKL, summary: dict[str, Any], data_source: str) -> str:
+    """A short README for the saved VAE: architecture, data, command, held-out metrics, latent scaling."""
+    cfg = vae.config
+    factor = 2 ** (len(cfg.block_out_channels) - 1)
+    res = config.resolution
+    metrics = summary.get("held_out", {})
+    metric_line = (
+        f"PSNR {metrics['psnr']:.2f} dB, SSIM {metrics['ssim']:.4f} on {summary['num_held_out']} held-out images "
+        "(posterior mean, EMA weights)."
+        if metrics
+        else "No held-out set (--validation_fraction 0)."
+    )
+    command = " ".join(summary.get("command", []))
+    return f"""---
+library_name: diffusers
+tags: [autoencoder, vae, crispdiff]
+---
+
+# {Path(config.output_dir).name} VAE
+
+A diffusers `AutoencoderKL` trained with crispdiff's `train_scripts/train_vae.py`.
+
+- Architecture: block_out_channels {list(cfg.block_out_channels)}, layers_per_block {cfg.layers_per_block},
+  mid-block attention {cfg.get("mid_block_add_attention", True)}, {summary["num_parameters"]:,} parameters;
+  downsampling f={factor}: {res}x{res} RGB -> {cfg.latent_channels}x{res // factor}x{res // factor} latents.
+- Latent scaling: scaling_factor {cfg.scaling_factor:.6f}, shift_factor {cfg.shift_factor}; diffusion models see
+  `(z - shift_factor) * scaling_factor`.
+- Data: {data_source}, {res}px, {summary["num_train"]} training images.
+- Training: {summary["steps"]} steps of {config.train_batch_size} images, {config.recon_loss} reconstruction,
+  KL weight {config.kl_weight}, LPIPS {"on" if summary.get("lpips") else "off"},
+  GAN {"from step " + str(config.disc_start) if config.disc_start is not None else "off"}, EMA {config.use_ema};
+  {summary["train_seconds"] / 60:.1f} minutes.
+- Held-out reconstruction: {metric_line}
+
+Command: `{command}`
+
+```python
+from diffusers import AutoencoderKL
+vae = AutoencoderKL.from_pretrained("path/to/this/folder")
+```
+"""
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# The loop
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def check_output_dir(config: VAETrainConfig) -> None:
+    """Refuse to silently replace a finished VAE unless asked to, or resuming."""
+    final = Path(config.output_dir) / VAE_SUBFOLDER
+    if (final / "config.json").exists() and not (config.overwrite_output_dir or config.resume_from_checkpoint):
+        raise FileExistsError(
+            f"{final} already holds a trained VAE; pass --overwrite_output_dir to replace it, "
+            "--resume_from_checkpoint latest to continue, or choose another --output_dir"
+        )
+
+
+class VAETrainer:
+    """State and steps of one VAE training run; :meth:`train` is the whole loop."""
+
+    def __init__(self, config: VAETrainConfig, data: Any, accelerator: Accelerator):
+        self.config = config
+        self.data = data
+        self.accelerator = accelerator
+        self.output_dir = Path(config.output_dir)
+        device = accelerator.device
+
+        self.train_indices, self.held_out = split_indices(len(data), config.validation_fraction, config.seed)
+        vae = initial_vae(config)
+        self.num_parameters = sum(p.numel() for p in vae.parameters())
+        self.initial_scaling = read_scaling(vae) if config.pretrained_vae_name_or_path else (None, None)
+        trainable = [p for p in vae.parameters() if p.requires_grad]
+
+        self.ema = None
+        if config.use_ema:
+            self.ema = EMAModel(
+                vae.parameters(),
+                decay=config.ema_decay,
+                use_ema_warmup=True,
+                inv_gamma=config.ema_inv_gamma,
+                power=config.ema_power,
+                foreach=True,
+            )
+            self.ema.to(device)
+
+        self.batches = EpochBatches(
+            len(self.train_indices),
+            config.train_batch_size,
+            accelerator.num_processes,
+            accelerator.process_index,
+            config.seed,
+        )
+        if config.max_train_steps:
+            self.max_steps = config.max_train_steps
+        else:
+            self.max_steps = max(
+                1, config.num_epochs * self.batches.batches_per_epoch // config.gradient_accumulation_steps
+            )
+        optimizer = make_optimizer(config, trainable, device)
+        self.lr_scheduler = get_scheduler(
+            config.lr_scheduler,
+            optimizer=optimizer,
+            num_warmup_steps=min(config.lr_warmup_steps, self.max_steps // 2),
+            num_training_steps=self.max_steps,
+        )
+        self.model, self.optimizer = accelerator.prepare(AutoencoderStep(vae, config.train_decoder_only), optimizer)
+        accelerator.register_for_checkpointing(self.lr_scheduler)
+
+        self.disc = self.disc_optimizer = None
+        if config.disc_start is not None:
+            disc = PatchDiscriminator(config.disc_channels, config.disc_layers)
+            disc_opt = torch.optim.AdamW(
+                disc.parameters(),
+                lr=config.disc_learning_rate or config.learning_rate,
+                betas=(0.5, 0.9),
+                weight_decay=config.adam_weight_decay,
+            )
+            self.disc, self.disc_optimizer = accelerator.prepare(disc, disc_opt)
+        self.lpips = load_lpips(config)
+        if self.lpips is not None:
+            self.lpips.to(device)
+
+        rank_seed = config.seed + 1_000_003 * accelerator.process_index
+        self.data_generator = torch.Generator().manual_seed(rank_seed)
+        self.latent_generator = torch.Generator(device=device).manual_seed(rank_seed + 1)
+        self.step = 0
+        self.position = DataPosition()
+        self.last_metrics: dict[str, float] = {}
+
+    @property
+    def vae(self) -> AutoencoderKL:
+        """The bare AutoencoderKL being trained (unwrapped from accelerate's wrappers)."""
+        return self.accelerator.unwrap_model(self.model).vae
+
+    @property
+    def generators(self) -> dict[str, torch.Generator]:
+        return {"data": self.data_generator, "latent": self.latent_generator}
+
+    def resume(self) -> None:
+        """Continue from ``--resume_from_checkpoint`` (folder or 'latest'), restoring the RNGs and data position."""
+        which = self.config.resume_from_checkpoint
+        if not which:
+            return
+        path = find_checkpoint(self.output_dir, which)
+        if path is None:
+            self.accelerator.print(f"No checkpoint in {self.output_dir} yet: starting a new run.")
+            return
+        state = load_checkpoint(self.accelerator, path, ema=self.ema, generators=self.generators)
+        self.step = state["step"]
+        self.position = DataPosition(state["epoch"], state["batch_in_epoch"])
+        self.accelerator.print(f"Resumed from {path} at step {self.step} (epoch {self.position.epoch}).")
+
+    def save_checkpoint(self) -> None:
+        state = {"epoch": self.position.epoch, "batch_in_epoch": self.position.batch_in_epoch}
+        save_checkpoint(
+            self.accelerator,
+            self.output_dir,
+            self.step,
+            state,
+            ema=self.ema,
+            generators=self.generators,
+            total_limit=self.config.checkpoints_total_limit,
+        )
+
+    def gan_active(self) -> bool:
+        return self.disc is not None and self.step >= (self.config.disc_start or 0)
+
+    def losses(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Forward pass and every loss term for one micro-batch; ``total`` is what gets back-propagated."""
+        config = self.config
+        reconstruction, mean, logvar = self.model(images, self.latent_generator)
+        terms = {"rec": reconstruction_loss(reconstruction, images, config.recon_loss)}
+        recon_term = terms["rec"]
+        if not config.train_decoder_only:
+            terms["kl"] = kl_per_value(mean, logvar, images[0].numel())
+        if self.lpips is not None:
+            terms["lpips"] = self.lpips(reconstruction.float(), images.float()).mean()
+            recon_term = recon_term + config.lpips_weight * terms["lpips"]
+        total = recon_term + config.kl_weight * terms.get("kl", 0.0)
+        if self.gan_active():
+            total = total + self.gan_terms(terms, recon_term, reconstruction, images)
+        terms["total"] = total
+        return terms
+
+    def gan_terms(
+        self,
+        terms: dict[str, torch.Tensor],
+        recon_term: torch.Tensor,
+        reconstruction: torch.Tensor,
+        images: torch.Tensor,
+    ) -> torch.Tensor:
+        """Generator and discriminator hinge losses, arranged so that one backward pass serves both.
+
+        The generator term runs the discriminator with detached weights (``functional_call``), so it moves only the
+        decoder; the discriminator term sees detached reconstructions, so it moves only the discriminator. One
+        batched discriminator call keeps distributed wrappers to a single forward per step.
+        """
+        config = self.config
+        disc = self.accelerator.unwrap_model(self.disc)
+        frozen = {name: p.detach() for name, p in disc.named_parameters()}
+        with self.accelerator.autocast():
+            generator_term = -torch.func.functional_call(disc, frozen, (reconstruction,)).float().mean()
+        weight = torch.tensor(1.0, device=images.device)
+        if config.adaptive_disc_weight:
+            weight = adaptive_gan_weight(recon_term, generator_term, self.vae.decoder.conv_out.weight)
+        logits = self.disc(torch.cat([images, reconstruction.detach()]))
+        real, fake = logits.chunk(2)
+        terms["gan_g"] = generator_term.detach()
+        terms["gan_d"] = hinge_discriminator_loss(real, fake)
+        terms["gan_weight"] = weight
+        return config.disc_weight * weight * generator_term + terms["gan_d"]
+
+    def micro_step(self) -> dict[str, torch.Tensor]:
+        """One forward/backward on this process's micro-batch (optimizer step when accumulation is complete)."""
+        config, accelerator = self.config, self.accelerator
+        indices = self.train_indices[self.batches.indices(self.position)]
+        images = self.data.batch(indices, self.data_generator, device=accelerator.device)
+        models = [self.model] + ([self.disc] if self.disc is not None else [])
+        with accelerator.accumulate(*models):
+            terms = self.losses(images)
+            accelerator.backward(terms["total"])
+            if accelerator.sync_gradients and config.max_grad_norm > 0:
+                accelerator.clip_grad_norm_(self.model.parameters(), config.max_grad_norm)
+            self.optimizer.step()
+            self.optimizer.zero_grad(set_to_none=True)
+            if self.gan_active():
+                self.disc_optimizer.step()
+                self.disc_optimizer.zero_grad(set_to_none=True)
+        self.position = self.batches.advance(self.position)
+        return {k: v.detach() for k, v in terms.items()}
+
+    def eval_vae(self) -> AutoencoderKL:
+        """A standalone fp32 copy with the EMA weights (or the raw ones), for validation and saving."""
+        vae = self.vae
+        copy = AutoencoderKL.from_config(vae.config)
+        copy.load_state_dict(vae.state_dict())
+        if self.ema is not None:
+            self.ema.copy_to(copy.parameters())
+        return copy.to(self.accelerator.device).eval().requires_grad_(False)  # from_config builds it in fp32
+
+    def validate(self, vae: AutoencoderKL | None = None) -> dict[str, float]:
+        """Held-out PSNR/SSIM and a reconstruction grid (main process); returns the metrics."""
+        if not self.accelerator.is_main_process or len(self.held_out) == 0:
+            return {}
+        vae = vae or self.eval_vae()
+        images = self.data.center_crops(self.held_out)
+        metrics = reconstruction_metrics(vae, images)
+        grid_path = self.output_dir / "validation" / f"step_{self.step:07d}.png"
+        shown = torch.linspace(0, len(images) - 1, min(self.config.num_validation_images, len(images))).long()
+        save_reconstruction_grid(vae, images[shown], grid_path)  # spread over the set, not its first few files
+        self.accelerator.log({f"val/{k}": v for k, v in metrics.items()}, step=self.step)
+        self.accelerator.print(
+            f"step {self.step}: held-out PSNR {metrics['psnr']:.2f} dB, SSIM {metrics['ssim']:.4f} ({grid_path})"
+        )
+        self.last_metrics = metrics
+        return metrics
+
+    def finish(self, train_seconds: float) -> Path:
+        """Measure the latent scaling, validate, and save the vae/ folder with its model card (main process)."""
+        config = self.config
+        vae = self.eval_vae()
+        scale, shift = self.initial_scaling
+        if config.train_decoder_only and scale is not None:
+            self.accelerator.print("Encoder frozen: keeping the pretrained scaling_factor / shift_factor.")
+        else:
+            count = min(config.scaling_samples, len(self.train_indices))
+            images = self.data.center_crops(self.train_indices[:count])
+            scale, shift = measure_latent_scaling(vae, images, config.seed)
+        vae.register_to_config(scaling_factor=scale, shift_factor=shift)
+        metrics = self.validate(vae)
+        summary = {
+            "steps": self.step,
+            "num_parameters": self.num_parameters,
+            "num_train": len(self.train_indices),
+            "num_held_out": len(self.held_out),
+            "held_out": metrics,
+            "train_seconds": train_seconds,
+            "lpips": self.lpips is not None,
+            "scaling_factor": scale,
+            "shift_factor": shift,
+            "command": [Path(sys.argv[0]).name if sys.argv else "train_vae.py", *sys.argv[1:]],
+        }
+        folder = save_vae_folder(
+            vae.cpu(), self.output_dir / VAE_SUBFOLDER, model_card(config, vae, summary, self.data.source)
+        )
+        summary["weights_mb"] = weights_megabytes(folder)
+        (self.output_dir / "vae_summary.json").write_text(json.dumps(summary, indent=2))
+        self.accelerator.print(
+            f"VAE saved to {folder} ({summary['weights_mb']:.1f} MB, scaling_factor {scale:.5f}, shift {shift:.5f})."
+        )
+        return folder
+
+    def train(self) -> Path | None:
+        """The loop. Returns the saved vae/ folder (on the main process)."""
+        config, accelerator = self.config, self.accelerator
+        accelerator.print(
+            f"crispdiff VAE: {len(self.train_indices)} training / {len(self.held_out)} held-out images, "
+            f"{self.num_parameters:,} parameters, {self.max_steps} steps of "
+            f"{config.train_batch_size * accelerator.num_processes * config.gradient_accumulation_steps} images."
+        )
+        progress = tqdm(total=self.max_steps, initial=self.step, disable=not accelerator.is_local_main_process)
+        progress.set_description("train vae")
+        started = time.perf_counter()
+        while self.step < self.max_steps:
+            terms = self.micro_step()
+            if not accelerator.sync_gradients:
+                continue
+            self.lr_scheduler.step()
+            if self.ema is not None:
+                self.ema.step(self.vae.parameters())
+            self.step += 1
+            progress.update(1)
+            if self.step % 10 == 0 or self.step == self.max_steps:
+                logs = {f"train/{k}": accelerator.gather(v).mean().item() for k, v in terms.items()}
+                logs["train/lr"] = self.lr_scheduler.get_last_lr()[0]
+                progress.set_postfix(rec=f"{logs['train/rec']:.4f}", lr=f"{logs['train/lr']:.1e}")
+                accelerator.log(logs, step=self.step)
+            if self.step < self.max_steps and _every(config.checkpointing_steps, self.step):
+                self.save_checkpoint()
+            if self.step < self.max_steps and _every(config.validation_steps, self.step):
+                self.validate()
+            accelerator.wait_for_everyone()
+        progress.close()
+        folder = None
+        if accelerator.is_main_process:
+            folder = self.finish(time.perf_counter() - started)
+        accelerator.wait_for_everyone()
+        accelerator.end_training()
+        return folder
+
+
+def train_vae(config: VAETrainConfig) -> Path | None:
+    """Train (or fine-tune) an AutoencoderKL as ``config`` says; returns the saved vae/ folder on the main process."""
+    check_output_dir(config)
+    accelerator = make_accelerator(config)
+    logging.basicConfig(level=logging.INFO if accelerator.is_main_process else logging.WARNING)
+    set_seed(config.seed)
+    from crispdiff.data import load_images
+
+    with accelerator.main_process_first():  # the first process builds the decode cache, the others reuse it
+        data = load_images(config, show_progress=accelerator.is_local_main_process)
+    trainer = VAETrainer(config, data, accelerator)
+    if accelerator.is_main_process:
+        trainer.output_dir.mkdir(parents=True, exist_ok=True)
+        (trainer.output_dir / "crispdiff_vae_training.json").write_text(
+            json.dumps(config.to_dict(), indent=2, sort_keys=True)
+        )
+    if config.report_to != "none":
+        accelerator.init_trackers("crispdiff-vae", config=_tracker_config(config))
+    trainer.resume()
+    return trainer.train()
+
+
+def _every(interval: int | None, step: int) -> bool:
+    """Whether a periodic action (checkpoint, validation) is due at this step; 0 / None switches it off."""
+    return bool(interval) and step % interval == 0
+
+
+def _tracker_config(config: VAETrainConfig) -> dict[str, Any]:
+    """Tensorboard's hparams accept only scalars and strings."""
+    return {k: (v if isinstance(v, (int, float, str, bool)) else str(v)) for k, v in config.to_dict().items()}

@@ -98,11 +98,11 @@ class HubConfig:
 
 
 @dataclass
-class TrainConfig(DataConfig, ModelConfig, NoiseConfig, HubConfig):
-    """Everything `train_scripts/train_unconditional.py` accepts."""
+class LoopConfig:
+    """The optimisation loop every crispdiff trainer shares: steps, optimizer, precision, EMA, checkpoints, logs."""
 
-    output_dir: str = flag("crispdiff-output", "Where checkpoints, logs, samples and the pipeline folder go.")
-    overwrite_output_dir: bool = flag(False, "Allow writing into an output folder that already holds a pipeline.")
+    output_dir: str = flag("crispdiff-output", "Where checkpoints, logs, samples and the saved model go.")
+    overwrite_output_dir: bool = flag(False, "Allow replacing a finished model in --output_dir.")
     seed: int = flag(0, "Seed for weights, data order, noise and validation samples.")
     train_batch_size: int = flag(64, "Images per process per micro-batch.")
     gradient_accumulation_steps: int = flag(1, "Micro-batches per optimizer step.")
@@ -131,19 +131,36 @@ class TrainConfig(DataConfig, ModelConfig, NoiseConfig, HubConfig):
         "Torch threads per process when training on the CPU (default: the cores divided among this machine's "
         "processes; `accelerate launch` without a config would otherwise leave one).",
     )
-    use_ema: bool = flag(True, "Keep an exponential moving average of the weights for sampling and saving.")
+    use_ema: bool = flag(True, "Keep an exponential moving average of the weights; it is what gets sampled and saved.")
     ema_decay: float = flag(0.9999, "Maximum EMA decay.")
     ema_inv_gamma: float = flag(1.0, "EMA warmup inverse gamma.")
     ema_power: float = flag(0.75, "EMA warmup power (3/4 suits runs of tens of thousands of steps).")
-    gradient_checkpointing: bool = flag(False, "Trade compute for memory in the UNet.")
-    enable_xformers_memory_efficient_attention: bool = flag(False, "Use xformers attention (optional extra).")
     checkpointing_steps: int = flag(500, "Save a resumable checkpoint every N optimizer steps.")
     checkpoints_total_limit: int | None = flag(3, "Keep at most this many checkpoints.")
     resume_from_checkpoint: str | None = flag(None, "A checkpoint folder, or 'latest'.")
+    validation_steps: int = flag(500, "Validate (sample grid / held-out metrics) every N steps.")
+    logging_dir: str = flag("logs", "Tensorboard folder, relative to --output_dir.")
+    report_to: str = flag("tensorboard", "Where accelerate logs go.", choices=["tensorboard", "wandb", "all", "none"])
+
+    def to_dict(self) -> dict[str, Any]:
+        """The configuration as saved beside checkpoints and models: without the Hub token."""
+        values = dataclasses.asdict(self)
+        values.pop("hub_token", None)
+        return values
+
+    def save_json(self, path: str | Path) -> None:
+        Path(path).write_text(json.dumps(self.to_dict(), indent=2, sort_keys=True))
+
+
+@dataclass
+class TrainConfig(DataConfig, ModelConfig, NoiseConfig, HubConfig, LoopConfig):
+    """Everything `train_scripts/train_unconditional.py` accepts."""
+
+    gradient_checkpointing: bool = flag(False, "Trade compute for memory in the UNet.")
+    enable_xformers_memory_efficient_attention: bool = flag(False, "Use xformers attention (optional extra).")
     save_model_steps: int | None = flag(
         None, "Also write the pipeline folder every N steps (default: only at the end)."
     )
-    validation_steps: int = flag(500, "Sample a validation grid every N steps.")
     num_validation_images: int = flag(16, "Images in the validation grid.")
     validation_inference_steps: int = flag(25, "Sampler steps for validation and the final sample grid.")
     validation_metrics: bool = flag(False, "Log SWD and sharpness ratios at each validation.")
@@ -153,21 +170,10 @@ class TrainConfig(DataConfig, ModelConfig, NoiseConfig, HubConfig):
         choices=["dpmsolver++", "ddim", "unipc", "pndm", "ddpm"],
     )
     thresholding: bool = flag(False, "Dynamic thresholding of predicted x0 while sampling (pixel models only).")
-    logging_dir: str = flag("logs", "Tensorboard folder, relative to --output_dir.")
-    report_to: str = flag("tensorboard", "Where accelerate logs go.", choices=["tensorboard", "wandb", "all", "none"])
     sr_model_name_or_path: str | None = flag(
         None, "A super-resolution model (.pth / .safetensors, or hub 'repo_id/file') saved into the pipeline."
     )
     sr_strength: float = flag(0.5, "Default blend of SR output with a Lanczos upscale (0 = Lanczos only, 1 = SR only).")
-
-    def to_dict(self) -> dict[str, Any]:
-        """The configuration as saved beside checkpoints and pipelines: without the Hub token."""
-        values = dataclasses.asdict(self)
-        values.pop("hub_token", None)
-        return values
-
-    def save_json(self, path: str | Path) -> None:
-        Path(path).write_text(json.dumps(self.to_dict(), indent=2, sort_keys=True))
 
 
 _TRUE = {"1", "true", "yes", "y", "on"}

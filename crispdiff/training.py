@@ -27,7 +27,7 @@ from diffusers.training_utils import EMAModel
 from tqdm.auto import tqdm
 
 from crispdiff.checkpoint import find_checkpoint, load_checkpoint, save_checkpoint
-from crispdiff.config import TrainConfig
+from crispdiff.config import LoopConfig, TrainConfig
 from crispdiff.export import build_pipeline, save_pipeline
 from crispdiff.hub import maybe_push_to_hub, write_model_card
 from crispdiff.images import make_grid, save_image_atomic
@@ -120,7 +120,7 @@ def has_accelerator_device() -> bool:
     return torch.cuda.is_available() or is_mps_available() or is_xpu_available()
 
 
-def use_cpu_cores(config: TrainConfig, local_processes: int) -> None:
+def use_cpu_cores(config: LoopConfig, local_processes: int) -> None:
     """On a CPU-only run, give each local process its share of the cores (or `--cpu_threads`).
 
     `accelerate launch` without a config file sets OMP_NUM_THREADS=1 for every process, which leaves half of a
@@ -131,7 +131,7 @@ def use_cpu_cores(config: TrainConfig, local_processes: int) -> None:
     torch.set_num_threads(config.cpu_threads or max(1, (os.cpu_count() or 1) // max(1, local_processes)))
 
 
-def make_accelerator(config: TrainConfig) -> Accelerator:
+def make_accelerator(config: LoopConfig) -> Accelerator:
     """The Accelerator for a run. Without a GPU it is told `cpu=True`, which is what makes processes started by
     `accelerate launch --num_processes N` on a CPU-only machine join one gloo group instead of N lone runs."""
     output_dir = Path(config.output_dir)
@@ -146,7 +146,7 @@ def make_accelerator(config: TrainConfig) -> Accelerator:
 
 
 def make_optimizer(
-    config: TrainConfig, parameters: Any, device: torch.device, lr: float | None = None
+    config: LoopConfig, parameters: Any, device: torch.device, lr: float | None = None
 ) -> torch.optim.Optimizer:
     """AdamW (fused on CUDA, where it is one kernel per step instead of one per tensor) or 8-bit AdamW."""
     kwargs = dict(
@@ -166,96 +166,111 @@ def make_optimizer(
     return torch.optim.AdamW(parameters, fused=device.type == "cuda", **kwargs)
 
 
-def total_train_steps(config: TrainConfig, batches_per_epoch: int) -> int:
+def total_train_steps(config: LoopConfig, batches_per_epoch: int) -> int:
     """Optimizer steps: --max_train_steps, else --num_epochs worth of accumulated batches."""
     if config.max_train_steps:
         return config.max_train_steps
     return max(1, config.num_epochs * batches_per_epoch // config.gradient_accumulation_steps)
 
 
-def tracker_config(config: TrainConfig) -> dict[str, Any]:
+def tracker_config(config: LoopConfig) -> dict[str, Any]:
     """Tensorboard's hparams accept only scalars and strings."""
     return {k: (v if isinstance(v, (int, float, str, bool)) else str(v)) for k, v in config.to_dict().items()}
 
 
-def check_output_dir(config: TrainConfig) -> None:
-    """Refuse to silently overwrite a finished pipeline unless asked to, or resuming."""
-    pipeline_dir = Path(config.output_dir) / "pipeline"
-    if (pipeline_dir / "model_index.json").exists() and not (
-        config.overwrite_output_dir or config.resume_from_checkpoint
-    ):
+def refuse_to_overwrite(config: LoopConfig, folder: Path, marker: str, what: str) -> None:
+    """Refuse to silently replace a finished model unless asked to (--overwrite_output_dir) or resuming."""
+    if (folder / marker).exists() and not (config.overwrite_output_dir or config.resume_from_checkpoint):
         raise FileExistsError(
-            f"{pipeline_dir} already holds a trained pipeline; pass --overwrite_output_dir to replace it, "
+            f"{folder} already holds {what}; pass --overwrite_output_dir to replace it, "
             "--resume_from_checkpoint latest to continue, or choose another --output_dir"
         )
 
 
-class Trainer:
-    """State and steps of one training run; `train()` is the whole loop."""
+def check_output_dir(config: TrainConfig) -> None:
+    refuse_to_overwrite(config, Path(config.output_dir) / "pipeline", "model_index.json", "a trained pipeline")
 
-    def __init__(self, config: TrainConfig, space: TrainingSpace, accelerator: Accelerator):
+
+class LoopTrainer:
+    """What every crispdiff trainer shares: batches, steps, generators, EMA, LR schedule, checkpoints, the loop.
+
+    A subclass builds its models, then calls `setup_optimization`, and implements `micro_step` (one forward and
+    backward under `accelerator.accumulate`, returning named scalar losses; the first one is shown in the progress
+    bar), `ema_parameters`, `validate` and `finish` (the final save, on the main process).
+    """
+
+    config_file = "crispdiff_training.json"
+    tracker_name = "crispdiff"
+    progress_label = "train"
+
+    def __init__(self, config: LoopConfig, accelerator: Accelerator, num_items: int):
         self.config = config
-        self.space = space
         self.accelerator = accelerator
         self.output_dir = Path(config.output_dir)
-        device = accelerator.device
+        self.batches = EpochBatches(
+            num_items, config.train_batch_size, accelerator.num_processes, accelerator.process_index, config.seed
+        )
+        self.max_steps = total_train_steps(config, self.batches.batches_per_epoch)
+        # Separate, checkpointed generators: data augmentation on the CPU; noise, timesteps and posterior samples
+        # on the device. Every random draw of the loop comes from them (or from dropout's global RNG, which
+        # accelerate's checkpoints restore), which is what makes a resumed run bit-identical.
+        rank_seed = config.seed + 1_000_003 * accelerator.process_index
+        self.data_generator = torch.Generator().manual_seed(rank_seed)
+        self.noise_generator = torch.Generator(device=accelerator.device).manual_seed(rank_seed + 1)
+        self.step = 0
+        self.position = DataPosition()
+        self.ema: EMAModel | None = None
 
-        unet = unet_from_config(config, resolution=space.sample_size, in_channels=space.channels)
-        if config.gradient_checkpointing:
-            unet.enable_gradient_checkpointing()
-        if config.enable_xformers_memory_efficient_attention:
-            unet.enable_xformers_memory_efficient_attention()
-        if device.type == "cuda":
-            torch.backends.cuda.matmul.allow_tf32 = config.allow_tf32
-            torch.backends.cudnn.allow_tf32 = config.allow_tf32
-            unet = unet.to(memory_format=torch.channels_last)
-        self.num_parameters = count_parameters(unet)
-
-        self.ema = None
+    def setup_optimization(self, model: torch.nn.Module, trainable: list[torch.nn.Parameter], lr: float) -> None:
+        """EMA of `model` (if --use_ema), the optimizer over `trainable`, and the warmup + decay LR schedule."""
+        config, device = self.config, self.accelerator.device
         if config.use_ema:
             self.ema = EMAModel(
-                unet.parameters(),
+                model.parameters(),
                 decay=config.ema_decay,
                 use_ema_warmup=True,
                 inv_gamma=config.ema_inv_gamma,
                 power=config.ema_power,
-                model_cls=UNet2DModel,
-                model_config=unet.config,
+                model_cls=type(model),
+                model_config=getattr(model, "config", None),
                 foreach=True,
             )
             self.ema.to(device)
-
-        lr = config.learning_rate
-        if config.scale_lr:
-            lr *= config.train_batch_size * config.gradient_accumulation_steps * accelerator.num_processes
-        optimizer = make_optimizer(config, unet.parameters(), device, lr)
-
-        self.batches = EpochBatches(
-            len(space), config.train_batch_size, accelerator.num_processes, accelerator.process_index, config.seed
-        )
-        self.max_steps = total_train_steps(config, self.batches.batches_per_epoch)
+        self.optimizer = make_optimizer(config, trainable, device, lr)
         self.lr_scheduler = get_scheduler(
             config.lr_scheduler,
-            optimizer=optimizer,
+            optimizer=self.optimizer,
             num_warmup_steps=min(config.lr_warmup_steps, self.max_steps // 2),
             num_training_steps=self.max_steps,
         )
-        self.unet, self.optimizer = accelerator.prepare(unet, optimizer)
-        accelerator.register_for_checkpointing(self.lr_scheduler)
+        self.accelerator.register_for_checkpointing(self.lr_scheduler)
 
-        self.schedule = NoiseSchedule.from_config(config).to(device)
-        # Separate, checkpointed generators: data augmentation on the CPU, noise and timesteps on the device.
-        rank_seed = config.seed + 1_000_003 * accelerator.process_index
-        self.data_generator = torch.Generator().manual_seed(rank_seed)
-        self.noise_generator = torch.Generator(device=device).manual_seed(rank_seed + 1)
-        self.step = 0
-        self.position = DataPosition()
+    # -- what subclasses provide --------------------------------------------------------------------------------
+    def micro_step(self) -> dict[str, torch.Tensor]:
+        raise NotImplementedError
 
+    def ema_parameters(self) -> Any:
+        raise NotImplementedError
+
+    def validate(self) -> None:
+        raise NotImplementedError
+
+    def finish(self) -> Path:
+        raise NotImplementedError
+
+    def describe(self) -> str:
+        return f"{self.max_steps} steps"
+
+    def periodic(self) -> None:
+        """Extra work after each optimizer step (e.g. saving the model every N steps)."""
+
+    # -- shared machinery ---------------------------------------------------------------------------------------
     @property
     def generators(self) -> dict[str, torch.Generator]:
         return {"data": self.data_generator, "noise": self.noise_generator}
 
     def resume(self) -> None:
+        """Continue from --resume_from_checkpoint (a folder or 'latest'), restoring RNGs and the data position."""
         which = self.config.resume_from_checkpoint
         if not which:
             return
@@ -268,7 +283,135 @@ class Trainer:
         self.position = DataPosition(state["epoch"], state["batch_in_epoch"])
         self.accelerator.print(f"Resumed from {path} at step {self.step} (epoch {self.position.epoch}).")
 
-    def micro_step(self) -> torch.Tensor:
+    def save_checkpoint(self) -> None:
+        state = {"epoch": self.position.epoch, "batch_in_epoch": self.position.batch_in_epoch}
+        save_checkpoint(
+            self.accelerator,
+            self.output_dir,
+            self.step,
+            state,
+            ema=self.ema,
+            generators=self.generators,
+            total_limit=self.config.checkpoints_total_limit,
+        )
+
+    def optimizer_step(self) -> dict[str, torch.Tensor]:
+        """Micro-steps until the accumulated gradients are applied, then the LR schedule and the EMA follow."""
+        while True:
+            losses = self.micro_step()
+            if self.accelerator.sync_gradients:
+                break
+        self.lr_scheduler.step()
+        if self.ema is not None:
+            self.ema.step(self.ema_parameters())
+        self.step += 1
+        return losses
+
+    def due(self, every: int | None) -> bool:
+        """True every `every` steps, except at the last step (the end of training does its own saving)."""
+        return bool(every) and self.step % every == 0 and self.step < self.max_steps
+
+    def _log(self, losses: dict[str, torch.Tensor], images_per_second: float, progress: tqdm) -> None:
+        logs = {f"train/{k}": self.accelerator.gather(v).mean().item() for k, v in losses.items()}
+        logs["train/lr"] = self.lr_scheduler.get_last_lr()[0]
+        logs["train/img_per_s"] = images_per_second
+        first = next(iter(losses))
+        progress.set_postfix(
+            {
+                first: f"{logs[f'train/{first}']:.4f}",
+                "lr": f"{logs['train/lr']:.2e}",
+                "img_s": f"{images_per_second:.1f}",
+            }
+        )
+        self.accelerator.log(logs, step=self.step)
+
+    def train(self) -> Path | None:
+        """The loop. Returns what `finish` saved (on the main process; None elsewhere)."""
+        config, accelerator = self.config, self.accelerator
+        global_batch = config.train_batch_size * accelerator.num_processes * config.gradient_accumulation_steps
+        accelerator.print(
+            f"crispdiff: {self.describe()}, {self.max_steps} steps of {global_batch} images "
+            f"({accelerator.num_processes} process(es), precision {accelerator.mixed_precision})."
+        )
+        progress = tqdm(
+            total=self.max_steps,
+            initial=self.step,
+            disable=not accelerator.is_local_main_process,
+            desc=self.progress_label,
+        )
+        window_start, window_images = time.perf_counter(), 0
+        while self.step < self.max_steps:
+            losses = self.optimizer_step()
+            window_images += global_batch
+            progress.update(1)
+            if self.step % 10 == 0 or self.step == self.max_steps:
+                self._log(losses, window_images / max(time.perf_counter() - window_start, 1e-9), progress)
+                window_start, window_images = time.perf_counter(), 0
+            if self.due(config.checkpointing_steps):
+                self.save_checkpoint()
+            if self.due(config.validation_steps):
+                self.validate()
+            self.periodic()
+            accelerator.wait_for_everyone()
+        progress.close()
+        result = self.finish() if accelerator.is_main_process else None
+        accelerator.wait_for_everyone()
+        accelerator.end_training()
+        return result
+
+
+def start_run(config: LoopConfig) -> Accelerator:
+    """The Accelerator, CPU threads, logging and global seed of a run (before any model is built)."""
+    accelerator = make_accelerator(config)
+    use_cpu_cores(config, int(os.environ.get("LOCAL_WORLD_SIZE", accelerator.num_processes)))
+    logging.basicConfig(level=logging.INFO if accelerator.is_main_process else logging.WARNING)
+    set_seed(config.seed)
+    return accelerator
+
+
+def run_trainer(trainer: LoopTrainer) -> Path | None:
+    """Save the config, start the trackers, resume if asked, and train."""
+    config, accelerator = trainer.config, trainer.accelerator
+    if accelerator.is_main_process:
+        trainer.output_dir.mkdir(parents=True, exist_ok=True)
+        config.save_json(trainer.output_dir / trainer.config_file)
+    if config.report_to != "none":
+        accelerator.init_trackers(trainer.tracker_name, config=tracker_config(config))
+    trainer.resume()
+    return trainer.train()
+
+
+class Trainer(LoopTrainer):
+    """A diffusion UNet on a `TrainingSpace` (pixels or latents), saved as a crispdiff pipeline."""
+
+    def __init__(self, config: TrainConfig, space: TrainingSpace, accelerator: Accelerator):
+        super().__init__(config, accelerator, len(space))
+        self.space = space
+        device = accelerator.device
+        unet = unet_from_config(config, resolution=space.sample_size, in_channels=space.channels)
+        if config.gradient_checkpointing:
+            unet.enable_gradient_checkpointing()
+        if config.enable_xformers_memory_efficient_attention:
+            unet.enable_xformers_memory_efficient_attention()
+        if device.type == "cuda":
+            torch.backends.cuda.matmul.allow_tf32 = config.allow_tf32
+            torch.backends.cudnn.allow_tf32 = config.allow_tf32
+            unet = unet.to(memory_format=torch.channels_last)
+        self.num_parameters = count_parameters(unet)
+        lr = config.learning_rate
+        if config.scale_lr:
+            lr *= config.train_batch_size * config.gradient_accumulation_steps * accelerator.num_processes
+        self.setup_optimization(unet, list(unet.parameters()), lr)
+        self.unet, self.optimizer = accelerator.prepare(unet, self.optimizer)
+        self.schedule = NoiseSchedule.from_config(config).to(device)
+
+    def describe(self) -> str:
+        return f"{len(self.space)} training items, UNet with {describe_parameters(self.num_parameters)}"
+
+    def ema_parameters(self) -> Any:
+        return self.accelerator.unwrap_model(self.unet).parameters()
+
+    def micro_step(self) -> dict[str, torch.Tensor]:
         """One forward/backward on this process's micro-batch; returns the (unscaled) loss."""
         config, device = self.config, self.accelerator.device
         indices = self.batches.indices(self.position)
@@ -287,31 +430,7 @@ class Trainer:
             self.optimizer.step()
             self.optimizer.zero_grad(set_to_none=True)
         self.position = self.batches.advance(self.position)
-        return loss.detach()
-
-    def optimizer_step(self) -> torch.Tensor:
-        """Micro-steps until the accumulated gradients are applied, then the LR schedule and the EMA follow."""
-        while True:
-            loss = self.micro_step()
-            if self.accelerator.sync_gradients:
-                break
-        self.lr_scheduler.step()
-        if self.ema is not None:
-            self.ema.step(self.accelerator.unwrap_model(self.unet).parameters())
-        self.step += 1
-        return loss
-
-    def save_checkpoint(self) -> None:
-        state = {"epoch": self.position.epoch, "batch_in_epoch": self.position.batch_in_epoch}
-        save_checkpoint(
-            self.accelerator,
-            self.output_dir,
-            self.step,
-            state,
-            ema=self.ema,
-            generators=self.generators,
-            total_limit=self.config.checkpoints_total_limit,
-        )
+        return {"loss": loss.detach()}
 
     def sampling_unet(self) -> UNet2DModel:
         """A standalone copy of the UNet carrying the EMA weights (or the raw ones without EMA), in fp32."""
@@ -381,73 +500,25 @@ class Trainer:
         write_model_card(folder, self.config.to_dict())
         return folder
 
-    def _due(self, every: int | None) -> bool:
-        """True every `every` steps, except at the last step (the end of training does its own saving)."""
-        return bool(every) and self.step % every == 0 and self.step < self.max_steps
+    def periodic(self) -> None:
+        if self.due(self.config.save_model_steps) and self.accelerator.is_main_process:
+            self.export()
 
-    def train(self) -> Path | None:
-        """The loop. Returns the pipeline folder (on the main process)."""
-        config, accelerator = self.config, self.accelerator
-        global_batch = config.train_batch_size * accelerator.num_processes * config.gradient_accumulation_steps
-        accelerator.print(
-            f"crispdiff: {len(self.space)} training items, UNet with {describe_parameters(self.num_parameters)}, "
-            f"{self.max_steps} steps of {global_batch} images "
-            f"({accelerator.num_processes} process(es), precision {accelerator.mixed_precision})."
-        )
-        progress = tqdm(
-            total=self.max_steps, initial=self.step, disable=not accelerator.is_local_main_process, desc="train"
-        )
-        window_start, window_images = time.perf_counter(), 0
-        pipeline_dir = None
-        while self.step < self.max_steps:
-            loss = self.optimizer_step()
-            window_images += global_batch
-            progress.update(1)
-            if self.step % 10 == 0 or self.step == self.max_steps:
-                loss_value = accelerator.gather(loss).mean().item()
-                elapsed = time.perf_counter() - window_start
-                images_per_second = window_images / max(elapsed, 1e-9)
-                lr = self.lr_scheduler.get_last_lr()[0]
-                progress.set_postfix(loss=f"{loss_value:.4f}", lr=f"{lr:.2e}", img_s=f"{images_per_second:.1f}")
-                accelerator.log(
-                    {"train/loss": loss_value, "train/lr": lr, "train/img_per_s": images_per_second}, step=self.step
-                )
-                window_start, window_images = time.perf_counter(), 0
-            if self._due(config.checkpointing_steps):
-                self.save_checkpoint()
-            if self._due(config.validation_steps):
-                self.validate()
-            if self._due(config.save_model_steps) and accelerator.is_main_process:
-                pipeline_dir = self.export()
-            accelerator.wait_for_everyone()
-        progress.close()
-        if accelerator.is_main_process:
-            pipeline_dir = self.export()
-            accelerator.print(f"Pipeline saved to {pipeline_dir} (sample grid: {pipeline_dir / 'samples.png'}).")
-            if config.push_to_hub:
-                accelerator.print(f"Uploaded to {maybe_push_to_hub(pipeline_dir, config)}")
-        accelerator.wait_for_everyone()
-        accelerator.end_training()
-        return pipeline_dir
+    def finish(self) -> Path:
+        folder = self.export()
+        self.accelerator.print(f"Pipeline saved to {folder} (sample grid: {folder / 'samples.png'}).")
+        if self.config.push_to_hub:
+            self.accelerator.print(f"Uploaded to {maybe_push_to_hub(folder, self.config)}")
+        return folder
 
 
 def train(config: TrainConfig, space: TrainingSpace | None = None) -> Path | None:
     """Train a diffusion UNet as `config` says; `space` defaults to pixels of the configured image data."""
     check_output_dir(config)
-    accelerator = make_accelerator(config)
-    use_cpu_cores(config, int(os.environ.get("LOCAL_WORLD_SIZE", accelerator.num_processes)))
-    logging.basicConfig(level=logging.INFO if accelerator.is_main_process else logging.WARNING)
-    set_seed(config.seed)
+    accelerator = start_run(config)
     if space is None:
         from crispdiff.data import load_images
 
         with accelerator.main_process_first():  # the first process builds the decode cache, the others reuse it
             space = PixelSpace(load_images(config, show_progress=accelerator.is_local_main_process))
-    trainer = Trainer(config, space, accelerator)
-    if accelerator.is_main_process:
-        trainer.output_dir.mkdir(parents=True, exist_ok=True)
-        config.save_json(trainer.output_dir / "crispdiff_training.json")
-    if config.report_to != "none":
-        accelerator.init_trackers("crispdiff", config=tracker_config(config))
-    trainer.resume()
-    return trainer.train()
+    return run_trainer(Trainer(config, space, accelerator))

@@ -28,17 +28,12 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from accelerate import Accelerator
-from accelerate.utils import set_seed
 from diffusers import AutoencoderKL
-from diffusers.optimization import get_scheduler
-from diffusers.training_utils import EMAModel
 from torch import nn
-from tqdm.auto import tqdm
 
-from crispdiff.checkpoint import find_checkpoint, load_checkpoint, save_checkpoint
-from crispdiff.config import DataConfig, flag
+from crispdiff.config import DataConfig, LoopConfig, flag
 from crispdiff.model import group_norm_groups
-from crispdiff.training import DataPosition, EpochBatches, make_accelerator, make_optimizer
+from crispdiff.training import LoopTrainer, refuse_to_overwrite, run_trainer, start_run
 from crispdiff.vae import load_vae, measure_scaling_factor, measure_shift_factor, read_scaling, sample_posterior
 
 logger = logging.getLogger("crispdiff")
@@ -54,7 +49,7 @@ VAE_SUBFOLDER = "vae"
 
 
 @dataclass
-class VAETrainConfig(DataConfig):
+class VAETrainConfig(DataConfig, LoopConfig):
     """Everything `train_scripts/train_vae.py` accepts."""
 
     output_dir: str = flag("crispdiff-vae", "Where checkpoints, logs, validation grids and the vae/ folder go.")
@@ -85,38 +80,16 @@ class VAETrainConfig(DataConfig):
     disc_layers: int = flag(3, "Strided layers of the PatchGAN discriminator.")
     seed: int = flag(0, "Seed for weights, split, data order and posterior samples.")
     train_batch_size: int = flag(16, "Images per process per micro-batch.")
-    gradient_accumulation_steps: int = flag(1, "Micro-batches per optimizer step.")
-    max_train_steps: int | None = flag(None, "Optimizer steps to train for (overrides --num_epochs).")
     num_epochs: int = flag(20, "Epochs to train for when --max_train_steps is not given.")
     learning_rate: float = flag(4e-4, "Peak learning rate of the autoencoder.")
-    lr_scheduler: str = flag(
-        "cosine",
-        "LR schedule after warmup.",
-        choices=["linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup"],
-    )
     lr_warmup_steps: int = flag(100, "Linear warmup steps.")
-    adam_beta1: float = flag(0.9, "AdamW beta1.")
     adam_beta2: float = flag(0.99, "AdamW beta2.")
-    adam_weight_decay: float = flag(0.0, "AdamW weight decay.")
-    adam_epsilon: float = flag(1e-8, "AdamW epsilon.")
-    use_8bit_adam: bool = flag(False, "Use bitsandbytes' 8-bit AdamW (pip install 'crispdiff[bnb]').")
-    max_grad_norm: float = flag(1.0, "Gradient clipping norm (0 = off).")
-    mixed_precision: str | None = flag(
-        None, "Mixed precision (default: what `accelerate config` chose).", choices=["no", "fp16", "bf16"]
-    )
-    use_ema: bool = flag(True, "Keep an EMA of the weights; it is what gets validated and saved.")
     ema_decay: float = flag(0.999, "Maximum EMA decay.")
-    ema_inv_gamma: float = flag(1.0, "EMA warmup inverse gamma.")
-    ema_power: float = flag(0.75, "EMA warmup power.")
-    checkpointing_steps: int = flag(500, "Save a resumable checkpoint every N optimizer steps.")
     checkpoints_total_limit: int | None = flag(2, "Keep at most this many checkpoints.")
-    resume_from_checkpoint: str | None = flag(None, "A checkpoint folder, or 'latest'.")
     validation_steps: int = flag(250, "Held-out PSNR/SSIM and a reconstruction grid every N steps.")
     validation_fraction: float = flag(0.05, "Fraction of the images held out for validation (fixed by --seed).")
     num_validation_images: int = flag(8, "Held-out images shown in the reconstruction grid.")
     scaling_samples: int = flag(1024, "Training images encoded to measure the latent scaling_factor / shift_factor.")
-    logging_dir: str = flag("logs", "Tensorboard folder, relative to --output_dir.")
-    report_to: str = flag("tensorboard", "Where accelerate logs go.", choices=["tensorboard", "wandb", "all", "none"])
 
     def validate(self) -> None:
         """Reject flag combinations that would silently do something else than asked."""
@@ -129,11 +102,6 @@ class VAETrainConfig(DataConfig):
         channels = self.block_out_channels or PRESETS[self.preset][0]
         if self.norm_num_groups and any(c % self.norm_num_groups for c in channels):
             raise ValueError(f"--norm_num_groups {self.norm_num_groups} must divide every level's channels {channels}.")
-
-    def to_dict(self) -> dict[str, Any]:
-        from dataclasses import asdict
-
-        return asdict(self)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -455,65 +423,30 @@ vae = AutoencoderKL.from_pretrained("path/to/this/folder")
 
 
 def check_output_dir(config: VAETrainConfig) -> None:
-    """Refuse to silently replace a finished VAE unless asked to, or resuming."""
-    final = Path(config.output_dir) / VAE_SUBFOLDER
-    if (final / "config.json").exists() and not (config.overwrite_output_dir or config.resume_from_checkpoint):
-        raise FileExistsError(
-            f"{final} already holds a trained VAE; pass --overwrite_output_dir to replace it, "
-            "--resume_from_checkpoint latest to continue, or choose another --output_dir"
-        )
+    refuse_to_overwrite(config, Path(config.output_dir) / VAE_SUBFOLDER, "config.json", "a trained VAE")
 
 
-class VAETrainer:
-    """State and steps of one VAE training run; :meth:`train` is the whole loop."""
+class VAETrainer(LoopTrainer):
+    """An AutoencoderKL (and optionally a patch discriminator) on held-in images; saves a diffusers VAE folder."""
+
+    config_file = "crispdiff_vae_training.json"
+    tracker_name = "crispdiff-vae"
+    progress_label = "train vae"
 
     def __init__(self, config: VAETrainConfig, data: Any, accelerator: Accelerator):
-        self.config = config
+        train_indices, held_out = split_indices(len(data), config.validation_fraction, config.seed)
+        super().__init__(config, accelerator, len(train_indices))
         self.data = data
-        self.accelerator = accelerator
-        self.output_dir = Path(config.output_dir)
+        self.train_indices, self.held_out = train_indices, held_out
         device = accelerator.device
 
-        self.train_indices, self.held_out = split_indices(len(data), config.validation_fraction, config.seed)
         vae = initial_vae(config)
         self.num_parameters = sum(p.numel() for p in vae.parameters())
         self.initial_scaling = read_scaling(vae) if config.pretrained_vae_name_or_path else (None, None)
-        trainable = [p for p in vae.parameters() if p.requires_grad]
-
-        self.ema = None
-        if config.use_ema:
-            self.ema = EMAModel(
-                vae.parameters(),
-                decay=config.ema_decay,
-                use_ema_warmup=True,
-                inv_gamma=config.ema_inv_gamma,
-                power=config.ema_power,
-                foreach=True,
-            )
-            self.ema.to(device)
-
-        self.batches = EpochBatches(
-            len(self.train_indices),
-            config.train_batch_size,
-            accelerator.num_processes,
-            accelerator.process_index,
-            config.seed,
+        self.setup_optimization(vae, [p for p in vae.parameters() if p.requires_grad], config.learning_rate)
+        self.model, self.optimizer = accelerator.prepare(
+            AutoencoderStep(vae, config.train_decoder_only), self.optimizer
         )
-        if config.max_train_steps:
-            self.max_steps = config.max_train_steps
-        else:
-            self.max_steps = max(
-                1, config.num_epochs * self.batches.batches_per_epoch // config.gradient_accumulation_steps
-            )
-        optimizer = make_optimizer(config, trainable, device)
-        self.lr_scheduler = get_scheduler(
-            config.lr_scheduler,
-            optimizer=optimizer,
-            num_warmup_steps=min(config.lr_warmup_steps, self.max_steps // 2),
-            num_training_steps=self.max_steps,
-        )
-        self.model, self.optimizer = accelerator.prepare(AutoencoderStep(vae, config.train_decoder_only), optimizer)
-        accelerator.register_for_checkpointing(self.lr_scheduler)
 
         self.disc = self.disc_optimizer = None
         if config.disc_start is not None:
@@ -528,48 +461,22 @@ class VAETrainer:
         self.lpips = load_lpips(config)
         if self.lpips is not None:
             self.lpips.to(device)
-
-        rank_seed = config.seed + 1_000_003 * accelerator.process_index
-        self.data_generator = torch.Generator().manual_seed(rank_seed)
-        self.latent_generator = torch.Generator(device=device).manual_seed(rank_seed + 1)
-        self.step = 0
-        self.position = DataPosition()
         self.last_metrics: dict[str, float] = {}
+        self.started = time.perf_counter()
 
     @property
     def vae(self) -> AutoencoderKL:
         """The bare AutoencoderKL being trained (unwrapped from accelerate's wrappers)."""
         return self.accelerator.unwrap_model(self.model).vae
 
-    @property
-    def generators(self) -> dict[str, torch.Generator]:
-        return {"data": self.data_generator, "latent": self.latent_generator}
-
-    def resume(self) -> None:
-        """Continue from ``--resume_from_checkpoint`` (folder or 'latest'), restoring the RNGs and data position."""
-        which = self.config.resume_from_checkpoint
-        if not which:
-            return
-        path = find_checkpoint(self.output_dir, which)
-        if path is None:
-            self.accelerator.print(f"No checkpoint in {self.output_dir} yet: starting a new run.")
-            return
-        state = load_checkpoint(self.accelerator, path, ema=self.ema, generators=self.generators)
-        self.step = state["step"]
-        self.position = DataPosition(state["epoch"], state["batch_in_epoch"])
-        self.accelerator.print(f"Resumed from {path} at step {self.step} (epoch {self.position.epoch}).")
-
-    def save_checkpoint(self) -> None:
-        state = {"epoch": self.position.epoch, "batch_in_epoch": self.position.batch_in_epoch}
-        save_checkpoint(
-            self.accelerator,
-            self.output_dir,
-            self.step,
-            state,
-            ema=self.ema,
-            generators=self.generators,
-            total_limit=self.config.checkpoints_total_limit,
+    def describe(self) -> str:
+        return (
+            f"VAE with {self.num_parameters:,} parameters, {len(self.train_indices)} training / "
+            f"{len(self.held_out)} held-out images"
         )
+
+    def ema_parameters(self) -> Any:
+        return self.vae.parameters()
 
     def gan_active(self) -> bool:
         return self.disc is not None and self.step >= (self.config.disc_start or 0)
@@ -577,7 +484,7 @@ class VAETrainer:
     def losses(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
         """Forward pass and every loss term for one micro-batch; ``total`` is what gets back-propagated."""
         config = self.config
-        reconstruction, mean, logvar = self.model(images, self.latent_generator)
+        reconstruction, mean, logvar = self.model(images, self.noise_generator)
         terms = {"rec": reconstruction_loss(reconstruction, images, config.recon_loss)}
         recon_term = terms["rec"]
         if not config.train_decoder_only:
@@ -664,7 +571,7 @@ class VAETrainer:
         self.last_metrics = metrics
         return metrics
 
-    def finish(self, train_seconds: float) -> Path:
+    def finish(self) -> Path:
         """Measure the latent scaling, validate, and save the vae/ folder with its model card (main process)."""
         config = self.config
         vae = self.eval_vae()
@@ -683,7 +590,7 @@ class VAETrainer:
             "num_train": len(self.train_indices),
             "num_held_out": len(self.held_out),
             "held_out": metrics,
-            "train_seconds": train_seconds,
+            "train_seconds": time.perf_counter() - self.started,
             "lpips": self.lpips is not None,
             "scaling_factor": scale,
             "shift_factor": shift,
@@ -699,72 +606,13 @@ class VAETrainer:
         )
         return folder
 
-    def train(self) -> Path | None:
-        """The loop. Returns the saved vae/ folder (on the main process)."""
-        config, accelerator = self.config, self.accelerator
-        accelerator.print(
-            f"crispdiff VAE: {len(self.train_indices)} training / {len(self.held_out)} held-out images, "
-            f"{self.num_parameters:,} parameters, {self.max_steps} steps of "
-            f"{config.train_batch_size * accelerator.num_processes * config.gradient_accumulation_steps} images."
-        )
-        progress = tqdm(total=self.max_steps, initial=self.step, disable=not accelerator.is_local_main_process)
-        progress.set_description("train vae")
-        started = time.perf_counter()
-        while self.step < self.max_steps:
-            terms = self.micro_step()
-            if not accelerator.sync_gradients:
-                continue
-            self.lr_scheduler.step()
-            if self.ema is not None:
-                self.ema.step(self.vae.parameters())
-            self.step += 1
-            progress.update(1)
-            if self.step % 10 == 0 or self.step == self.max_steps:
-                logs = {f"train/{k}": accelerator.gather(v).mean().item() for k, v in terms.items()}
-                logs["train/lr"] = self.lr_scheduler.get_last_lr()[0]
-                progress.set_postfix(rec=f"{logs['train/rec']:.4f}", lr=f"{logs['train/lr']:.1e}")
-                accelerator.log(logs, step=self.step)
-            if self.step < self.max_steps and _every(config.checkpointing_steps, self.step):
-                self.save_checkpoint()
-            if self.step < self.max_steps and _every(config.validation_steps, self.step):
-                self.validate()
-            accelerator.wait_for_everyone()
-        progress.close()
-        folder = None
-        if accelerator.is_main_process:
-            folder = self.finish(time.perf_counter() - started)
-        accelerator.wait_for_everyone()
-        accelerator.end_training()
-        return folder
-
 
 def train_vae(config: VAETrainConfig) -> Path | None:
     """Train (or fine-tune) an AutoencoderKL as ``config`` says; returns the saved vae/ folder on the main process."""
-    check_output_dir(config)
-    accelerator = make_accelerator(config)
-    logging.basicConfig(level=logging.INFO if accelerator.is_main_process else logging.WARNING)
-    set_seed(config.seed)
     from crispdiff.data import load_images
 
+    check_output_dir(config)
+    accelerator = start_run(config)
     with accelerator.main_process_first():  # the first process builds the decode cache, the others reuse it
         data = load_images(config, show_progress=accelerator.is_local_main_process)
-    trainer = VAETrainer(config, data, accelerator)
-    if accelerator.is_main_process:
-        trainer.output_dir.mkdir(parents=True, exist_ok=True)
-        (trainer.output_dir / "crispdiff_vae_training.json").write_text(
-            json.dumps(config.to_dict(), indent=2, sort_keys=True)
-        )
-    if config.report_to != "none":
-        accelerator.init_trackers("crispdiff-vae", config=_tracker_config(config))
-    trainer.resume()
-    return trainer.train()
-
-
-def _every(interval: int | None, step: int) -> bool:
-    """Whether a periodic action (checkpoint, validation) is due at this step; 0 / None switches it off."""
-    return bool(interval) and step % interval == 0
-
-
-def _tracker_config(config: VAETrainConfig) -> dict[str, Any]:
-    """Tensorboard's hparams accept only scalars and strings."""
-    return {k: (v if isinstance(v, (int, float, str, bool)) else str(v)) for k, v in config.to_dict().items()}
+    return run_trainer(VAETrainer(config, data, accelerator))

@@ -164,6 +164,21 @@ def sr_dir(tmp_path_factory) -> Path:
     )
 
 
+@pytest.fixture(scope="module")
+def latent_dir(tmp_path_factory) -> Path:
+    """A saved latent pipeline: UNet on 4-channel latents + a tiny AutoencoderKL with measured-style scaling."""
+    out = tmp_path_factory.mktemp("latent") / "pipeline"
+    return save_pipeline(
+        out,
+        unet=tiny_unet(seed=3, in_channels=4, sample_size=SIZE // 2),
+        scheduler_base_config=base_config(),
+        beta_schedule="cosine",
+        vae=tiny_vae(),
+        latent_scaling_factor=0.7,
+        latent_shift_factor=-0.2,
+    )
+
+
 # ---- samplers -------------------------------------------------------------------------------------------------------
 
 
@@ -347,10 +362,10 @@ _SUBPROCESS_SCRIPT = textwrap.dedent(
 )
 
 
-def test_loads_without_crispdiff_bit_identical(tmp_path, pixel_dir, sr_dir):
+def test_loads_without_crispdiff_bit_identical(tmp_path, pixel_dir, sr_dir, latent_dir):
     """DiffusionPipeline.from_pretrained(trust_remote_code=True) with crispdiff unimportable gives the same pixels."""
     jobs, expected = [], {}
-    for name, folder in (("pixel", pixel_dir), ("sr", sr_dir)):
+    for name, folder in (("pixel", pixel_dir), ("sr", sr_dir), ("latent", latent_dir)):
         pipe = load_pipeline(folder)
         expected[name] = generate(pipe, seed=5).permute(0, 2, 3, 1).numpy()
         jobs.append({"folder": str(folder), "seed": 5, "steps": STEPS, "out": str(tmp_path / f"{name}.npy")})
@@ -366,7 +381,9 @@ def test_loads_without_crispdiff_bit_identical(tmp_path, pixel_dir, sr_dir):
     modules = json.loads(done.stdout.strip().splitlines()[-1])
     assert modules[str(pixel_dir)] == ["diffusers_modules.local.pipeline_crispdiff", None]
     assert modules[str(sr_dir)] == ["diffusers_modules.local.pipeline_crispdiff", "diffusers_modules.local.sr_model"]
-    for name in ("pixel", "sr"):
+    assert modules[str(latent_dir)] == ["diffusers_modules.local.pipeline_crispdiff", None]
+    assert expected["latent"].shape == (2, SIZE, SIZE, 3), "the latent pipeline decodes to pixels"
+    for name in ("pixel", "sr", "latent"):
         np.testing.assert_array_equal(np.load(tmp_path / f"{name}.npy"), expected[name])
 
 

@@ -465,8 +465,8 @@ _NO_CRISPDIFF = textwrap.dedent(
     import torch
     from diffusers import DiffusionPipeline
 
-    torch.set_num_threads(1)
-    folder, out = sys.argv[1], sys.argv[2]
+    folder, out, threads = sys.argv[1], sys.argv[2], int(sys.argv[3])
+    torch.set_num_threads(threads)  # as the parent: CPU kernels split reductions by thread count
     pipe = DiffusionPipeline.from_pretrained(folder, trust_remote_code=True)
     pipe.set_progress_bar_config(disable=True)
     images = pipe(batch_size=2, num_inference_steps=3, generator=torch.Generator("cpu").manual_seed(7),
@@ -484,8 +484,9 @@ def test_pipeline_with_added_sr_reloads_without_crispdiff(sr_files, plain_dir, t
     assert expected.shape == (2, 2 * SIZE, 2 * SIZE, 3)
     env = {k: v for k, v in os.environ.items() if not k.startswith("PYTHON")}
     env.update(HF_MODULES_CACHE=str(tmp_path / "modules"), HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
-    done = subprocess.run([sys.executable, "-I", "-c", _NO_CRISPDIFF, str(plain_dir), str(tmp_path / "out.npy")],
-                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    threads = str(torch.get_num_threads())
+    command = [sys.executable, "-I", "-c", _NO_CRISPDIFF, str(plain_dir), str(tmp_path / "out.npy"), threads]
+    done = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     module, architecture, scale = json.loads(done.stdout.strip().splitlines()[-1])
     assert (module, architecture, scale) == ("diffusers_modules.local.sr_model", "ESRGAN", 2)

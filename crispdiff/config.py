@@ -50,7 +50,6 @@ class DataConfig:
     color_jitter: float = flag(0.0, "Opt-in colour jitter strength (0 = off; 0.05 is gentle).")
     blur_prob: float = flag(0.0, "Opt-in probability of a weak Gaussian blur per image (0 = off).")
     blur_sigma: float = flag(0.5, "Sigma of the weak blur augmentation, in pixels.")
-    dataloader_num_workers: int = flag(0, "Unused for cached tensor data; kept for diffusers flag compatibility.")
 
 
 @dataclass

@@ -47,10 +47,11 @@ from bench_samplers import (
     save_grid,
     train_config,
     train_model,
-    write_text_atomic,
 )
 from common import append_results, machine, markdown_table
 from plots import labelled_side_by_side, sampler_label
+
+from crispdiff.io import write_text_atomic
 
 
 def recipes(schedule: str) -> list[tuple[str, str, dict[str, Any]]]:

@@ -21,8 +21,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -34,6 +32,7 @@ from common import BENCH_DIR, REPO_ROOT, append_results, emoji_dir, machine, mar
 from plots import labelled_side_by_side, plot_sampler_sweep, sampler_label
 
 from crispdiff.config import TrainConfig
+from crispdiff.io import write_text_atomic
 
 DEFAULT_SWEEP = "dpmsolver++:10,dpmsolver++:25,dpmsolver++:50,ddim:50,unipc:25,ddpm:1000"
 QUALITY_HEADER = ["SWD avg x1e3", "SWD per level", "HF-energy ratio", "Laplacian-var ratio", "colour-blob"]
@@ -298,20 +297,6 @@ def save_grid(images01: torch.Tensor, path: Path) -> Any:
     grid = make_grid(images01[:GRID_IMAGES], value_range=(0.0, 1.0))
     save_image_atomic(grid, path)
     return grid
-
-
-def write_text_atomic(path: Path, text: str) -> None:
-    """Write through a temp file + os.replace, so a reader or a killed run never leaves half a table."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as handle:
-            handle.write(text)
-        os.chmod(tmp, 0o644)  # mkstemp's 0600 would survive the rename
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
 
 
 def display_path(path: Path) -> str:

@@ -32,11 +32,19 @@ def sr_networks(include_rrdb_x4: bool) -> dict[str, torch.nn.Module]:
     """Networks at the sizes of well-known checkpoints (names say which), random weights."""
     nets: dict[str, torch.nn.Module] = {
         "Compact x4 (realesr-general-x4v3 size)": Compact(num_feat=64, num_conv=32, upscale=4),
-        "ESRGAN x2 unshuffle (RealESRGAN_x2plus size)": ESRGAN(in_nc=12, num_filters=64, num_blocks=23, scale=4,
-                                                                shuffle_factor=2),
-        "SwinIR-S x2 (lightweight, 4x6 blocks)": SwinIR(img_size=64, embed_dim=60, depths=[6, 6, 6, 6],
-                                                         num_heads=[6, 6, 6, 6], window_size=8, mlp_ratio=2.0,
-                                                         upscale=2, upsampler="pixelshuffledirect"),
+        "ESRGAN x2 unshuffle (RealESRGAN_x2plus size)": ESRGAN(
+            in_nc=12, num_filters=64, num_blocks=23, scale=4, shuffle_factor=2
+        ),
+        "SwinIR-S x2 (lightweight, 4x6 blocks)": SwinIR(
+            img_size=64,
+            embed_dim=60,
+            depths=[6, 6, 6, 6],
+            num_heads=[6, 6, 6, 6],
+            window_size=8,
+            mlp_ratio=2.0,
+            upscale=2,
+            upsampler="pixelshuffledirect",
+        ),
     }
     if include_rrdb_x4:
         nets["ESRGAN x4 (RealESRGAN_x4plus size)"] = ESRGAN(num_filters=64, num_blocks=23, scale=4)
@@ -73,27 +81,37 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     torch.manual_seed(0)
-    unet = build_unet(args.resolution, base_channels=args.base_channels, channel_mults=args.channel_mults,
-                      attention_res=args.attention_res, layers_per_block=args.layers_per_block).eval()
+    unet = build_unet(
+        args.resolution,
+        base_channels=args.base_channels,
+        channel_mults=args.channel_mults,
+        attention_res=args.attention_res,
+        layers_per_block=args.layers_per_block,
+    ).eval()
     pipe = build_pipeline(unet=unet, scheduler_base_config=scheduler_base_config(NoiseConfig()), beta_schedule="cosine")
     pipe.to(device)
     pipe.set_progress_bar_config(disable=True)
     generator = torch.Generator("cpu")
 
     def sample() -> torch.Tensor:
-        return pipe(batch_size=args.batch_size, num_inference_steps=args.steps, generator=generator.manual_seed(0),
-                    upscale=False, output_type="pt").images
+        return pipe(
+            batch_size=args.batch_size,
+            num_inference_steps=args.steps,
+            generator=generator.manual_seed(0),
+            upscale=False,
+            output_type="pt",
+        ).images
 
     images = sample()  # warm-up, and the SR input
     sampling = statistics.median(timed(sample, 1) for _ in range(args.repeats)) / args.batch_size
     unet_params = sum(p.numel() for p in unet.parameters())
-    rows = [["UNet sampling (DPM-Solver++)", f"{unet_params / 1e6:.3g}M", f"{args.steps} steps", "-",
-             sampling, 1.0]]
+    rows = [["UNet sampling (DPM-Solver++)", f"{unet_params / 1e6:.3g}M", f"{args.steps} steps", "-", sampling, 1.0]]
     print(f"sampling: {sampling:.3f} s/image ({args.resolution} px, {args.steps} steps)")
     for name, net in sr_networks(args.include_rrdb_x4).items():
         whole = SpandrelSRModel.from_state_dict(net.state_dict(), tile_size=0).to(device)
-        tiled = SpandrelSRModel.from_state_dict(net.state_dict(), tile_size=args.tile_size,
-                                                tile_overlap=args.tile_overlap).to(device)
+        tiled = SpandrelSRModel.from_state_dict(
+            net.state_dict(), tile_size=args.tile_size, tile_overlap=args.tile_overlap
+        ).to(device)
         params = sum(p.numel() for p in whole.parameters())
         whole.upscale(images, 0.5)
         tiled.upscale(images, 0.5)  # warm-up both
@@ -105,8 +123,16 @@ def main() -> None:
         out = args.resolution * whole.config.scale
         for mode, label in (("untiled", "untiled"), ("tiled", f"{tiles} tiles of {args.tile_size} px")):
             cost = statistics.median(times[mode])
-            rows.append([f"{name} -> {out} px", f"{params / 1e6:.3g}M", label, f"{args.tile_overlap} px"
-                         if mode == "tiled" else "-", cost, cost / sampling])
+            rows.append(
+                [
+                    f"{name} -> {out} px",
+                    f"{params / 1e6:.3g}M",
+                    label,
+                    f"{args.tile_overlap} px" if mode == "tiled" else "-",
+                    cost,
+                    cost / sampling,
+                ]
+            )
             print(f"{name} {mode}: {cost:.3f} s/image = {cost / sampling:.2f} x sampling")
     header = ["step", "params", "tiling", "overlap", "s / image", "x sampling"]
     table = markdown_table(header, rows)

@@ -75,8 +75,6 @@ def save_checkpoint(
     final = output_dir / f"checkpoint-{step}"
     tmp = output_dir / f"checkpoint-{step}.tmp"
     if accelerator.is_main_process:
-        if total_limit:
-            prune_checkpoints(output_dir, total_limit - 1)
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
     accelerator.wait_for_everyone()
@@ -87,12 +85,15 @@ def save_checkpoint(
     if accelerator.is_main_process:
         if ema is not None:
             _save_ema(ema, tmp)
-        (tmp / STATE_FILE).write_text(json.dumps({**state, "step": step}, indent=2))
+        full_state = {**state, "step": step, "num_processes": accelerator.num_processes}
+        (tmp / STATE_FILE).write_text(json.dumps(full_state, indent=2))
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        if final.exists():
-            shutil.rmtree(final)
+        if final.exists():  # an older run's checkpoint at the same step: move it aside before the swap
+            os.replace(final, output_dir / f"checkpoint-{step}.old")
         os.replace(tmp, final)
+        shutil.rmtree(output_dir / f"checkpoint-{step}.old", ignore_errors=True)
+        prune_checkpoints(output_dir, total_limit)  # only once the new one is complete
     accelerator.wait_for_everyone()
     return final
 
@@ -121,6 +122,14 @@ def load_checkpoint(
 ) -> dict[str, Any]:
     """Restore a checkpoint written by `save_checkpoint`; returns crispdiff's state dict (step, epoch, ...)."""
     path = Path(path)
+    state = json.loads((path / STATE_FILE).read_text())
+    saved_processes = state.get("num_processes", accelerator.num_processes)
+    if saved_processes != accelerator.num_processes:
+        raise ValueError(
+            f"{path} was written by {saved_processes} process(es) but this run has {accelerator.num_processes}: the "
+            "data sharding and RNG streams would not continue where they stopped. Resume with the same "
+            "--num_processes, or start a new --output_dir."
+        )
     accelerator.load_state(str(path))
     if ema is not None:
         _load_ema(ema, path)
@@ -133,4 +142,4 @@ def load_checkpoint(
         states = load_file(str(gen_file))
         for name, g in generators.items():
             g.set_state(states[name])
-    return json.loads((path / STATE_FILE).read_text())
+    return state

@@ -17,6 +17,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from crispdiff.io import write_text_atomic
+
 
 def flag(default: Any, help: str, choices: list[str] | None = None, **metadata: Any) -> Any:
     """A dataclass field that also describes its command-line flag."""
@@ -148,7 +150,7 @@ class LoopConfig:
         return values
 
     def save_json(self, path: str | Path) -> None:
-        Path(path).write_text(json.dumps(self.to_dict(), indent=2, sort_keys=True))
+        write_text_atomic(path, json.dumps(self.to_dict(), indent=2, sort_keys=True))
 
 
 @dataclass

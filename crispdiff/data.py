@@ -18,7 +18,6 @@ from __future__ import annotations
 import csv
 import hashlib
 import json
-import math
 import os
 import shutil
 import uuid
@@ -32,6 +31,8 @@ from typing import Any
 import numpy as np
 import torch
 from PIL import Image, ImageColor, ImageOps
+
+from crispdiff.pipelines.pipeline_crispdiff import gaussian_blur  # the same blur the pipeline sharpens with
 
 __all__ = [
     "DataError",
@@ -651,7 +652,7 @@ class ImageData:
         if self.blur_prob > 0 and self.blur_sigma > 0:
             chosen = draws[:, 6] < self.blur_prob
             if bool(chosen.any()):
-                x[chosen] = _gaussian_blur(x[chosen], self.blur_sigma)
+                x[chosen] = gaussian_blur(x[chosen], self.blur_sigma)
         return x.mul_(2.0).sub_(1.0).contiguous()
 
 
@@ -675,21 +676,6 @@ def _color_jitter(x: torch.Tensor, uniforms: torch.Tensor, strength: float) -> t
     x = ((x - mean) * contrast + mean).clamp_(0.0, 1.0)
     gray = _luma(x)
     return ((x - gray) * saturation + gray).clamp_(0.0, 1.0)
-
-
-def _gaussian_blur(x: torch.Tensor, sigma: float) -> torch.Tensor:
-    """Separable Gaussian blur with reflect padding (radius 3 sigma, at least 1 pixel)."""
-    radius = max(1, math.ceil(3.0 * sigma))
-    taps = torch.arange(-radius, radius + 1, dtype=x.dtype, device=x.device)
-    kernel = torch.exp(-0.5 * (taps / sigma) ** 2)
-    kernel = kernel / kernel.sum()
-    channels = x.shape[1]
-    horizontal = kernel.view(1, 1, 1, -1).repeat(channels, 1, 1, 1)
-    vertical = kernel.view(1, 1, -1, 1).repeat(channels, 1, 1, 1)
-    padded = torch.nn.functional.pad(x, (radius, radius, 0, 0), mode="reflect")
-    x = torch.nn.functional.conv2d(padded, horizontal, groups=channels)
-    padded = torch.nn.functional.pad(x, (0, 0, radius, radius), mode="reflect")
-    return torch.nn.functional.conv2d(padded, vertical, groups=channels)
 
 
 # ----------------------------------------------------------------------------------------------------------------------

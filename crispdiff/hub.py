@@ -118,8 +118,14 @@ def _components_table(folder: Path, index: dict[str, Any]) -> str:
         from crispdiff.pipelines.sr_model import describe_config
 
         sr = _read_json(folder / "sr_model" / "config.json") or {}
-        rows.append(("sr_model", index["sr_model"][1], describe_config(sr) + f"; default sr_strength "
-                     f"{index.get('sr_strength')}, upscale by default: {index.get('upscale')}"))
+        rows.append(
+            (
+                "sr_model",
+                index["sr_model"][1],
+                describe_config(sr) + f"; default sr_strength "
+                f"{index.get('sr_strength')}, upscale by default: {index.get('upscale')}",
+            )
+        )
     lines = ["| component | class | details |", "|---|---|---|"]
     lines += [f"| {name} | {cls} | {detail} |" for name, cls, detail in rows]
     return "\n".join(lines)
@@ -246,7 +252,7 @@ def upload_operations(pipeline_dir: str | os.PathLike) -> list[Any]:
     return operations
 
 
-def _hub_offline() -> bool:
+def hub_offline() -> bool:
     """Whether huggingface_hub is in offline mode (the env var is checked now, the library reads it at import)."""
     from huggingface_hub import constants
 
@@ -294,9 +300,11 @@ def push_to_hub(
             f"cannot upload to {repo_id!r}: no Hugging Face token. Pass --token (or --hub_token when training), set "
             f"HF_TOKEN, or run `hf auth login`; {intact}"
         )
-    if _hub_offline():
-        raise HubUploadError(f"cannot upload to {repo_id!r}: the Hub is switched off (HF_HUB_OFFLINE=1); unset it on "
-                             f"a machine with network access and run `crispdiff push` again; {intact}")
+    if hub_offline():
+        raise HubUploadError(
+            f"cannot upload to {repo_id!r}: the Hub is switched off (HF_HUB_OFFLINE=1); unset it on "
+            f"a machine with network access and run `crispdiff push` again; {intact}"
+        )
     return _upload(folder, repo_id, private, resolved, commit_message)
 
 
@@ -328,7 +336,10 @@ def maybe_push_to_hub(pipeline_dir: str | os.PathLike, config: Any) -> str | Non
     if not getattr(config, "push_to_hub", False):
         write_model_card(pipeline_dir, training_config)
         return None
-    repo_id = getattr(config, "hub_model_id", None) or Path(pipeline_dir).resolve().name
+    folder = Path(pipeline_dir).resolve()
+    # training writes OUTPUT_DIR/pipeline: name the repo after the run, not after the subfolder
+    default_name = folder.parent.name if folder.name == "pipeline" else folder.name
+    repo_id = getattr(config, "hub_model_id", None) or default_name
     return push_to_hub(
         pipeline_dir,
         repo_id,

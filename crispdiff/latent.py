@@ -65,9 +65,6 @@ class LatentTrainConfig(TrainConfig):
         "--pretrained_vae_name_or_path.",
         choices=["none", "decoder"],
     )
-    vae_learning_rate: float = flag(
-        1e-5, "Learning rate of trainable VAE parts (reserved for --vae_trainable; unused while the VAE is frozen)."
-    )
     latent_cache_dir: str | None = flag(
         None, "Where encoded latents are cached (default: <--cache_dir or ~/.cache/crispdiff>/latents)."
     )

@@ -53,7 +53,9 @@ def build_unet(
         )
     channels = [base_channels * m for m in channel_mults]
     level_res = [resolution // 2**i for i in range(len(channels))]
-    unknown = sorted(set(attention_res) - set(level_res))
+    # Resolutions below the deepest level are simply deeper than this UNet goes (e.g. the 64 px default `16 8` at
+    # 128 px, whose levels end at 16); anything else that matches no level is a typo worth an error.
+    unknown = sorted(r for r in set(attention_res) - set(level_res) if r >= level_res[-1])
     if unknown:
         raise ValueError(f"--attention_res {unknown} matches no UNet level; the levels are at {level_res} px")
     with_attention = [r in set(attention_res) for r in level_res]

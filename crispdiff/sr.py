@@ -19,6 +19,7 @@ from typing import Any
 import torch
 
 from crispdiff.export import MODEL_INDEX_NAME, read_model_index
+from crispdiff.hub import hub_offline
 from crispdiff.pipelines.sr_model import (
     DEFAULT_TILE_OVERLAP,
     DEFAULT_TILE_SIZE,
@@ -64,7 +65,7 @@ def parse_hub_ref(ref: str) -> HubFileRef | None:
     when it names a weights file, so a mistyped local path is reported as a missing file, not as a failed download.
     """
     explicit = ref.startswith(HUB_PREFIX)
-    parts = ref[len(HUB_PREFIX):].strip("/").split("/") if explicit else ref.split("/")
+    parts = ref[len(HUB_PREFIX) :].strip("/").split("/") if explicit else ref.split("/")
     if len(parts) < 3 or any(not p for p in parts):
         return None
     if not explicit and (Path(ref).suffix.lower() not in STATE_DICT_SUFFIXES or ref.startswith((".", "~"))):
@@ -76,14 +77,6 @@ def parse_hub_ref(ref: str) -> HubFileRef | None:
     return HubFileRef(repo_id=f"{owner}/{repo}", filename="/".join(parts[2:]), revision=revision)
 
 
-def _hub_offline() -> bool:
-    """Whether huggingface_hub will refuse network access (checked at call time, not only at import)."""
-    from huggingface_hub import constants
-
-    env = os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in {"1", "true", "yes", "on"}
-    return env or bool(constants.HF_HUB_OFFLINE)
-
-
 def download_hub_file(ref: HubFileRef, original: str) -> Path:
     """Fetch (or find in the local cache) the referenced file; any failure becomes an SRModelError that says why."""
     from huggingface_hub import hf_hub_download
@@ -93,7 +86,7 @@ def download_hub_file(ref: HubFileRef, original: str) -> Path:
     except Exception as err:  # huggingface_hub raises many types (HTTP, offline, not found, OSError)
         reason = (
             "the Hub is switched off on this machine (HF_HUB_OFFLINE=1) and the file is not in the local cache"
-            if _hub_offline()
+            if hub_offline()
             else f"the download failed ({type(err).__name__}: {err})"
         )
         raise SRModelError(

@@ -221,9 +221,15 @@ class LoopTrainer:
         self.position = DataPosition()
         self.ema: EMAModel | None = None
 
-    def setup_optimization(self, model: torch.nn.Module, trainable: list[torch.nn.Parameter], lr: float) -> None:
+    def setup_optimization(self, model: torch.nn.Module, trainable: list[torch.nn.Parameter]) -> None:
         """EMA of `model` (if --use_ema), the optimizer over `trainable`, and the warmup + decay LR schedule."""
-        config, device = self.config, self.accelerator.device
+        config, accelerator, device = self.config, self.accelerator, self.accelerator.device
+        if device.type == "cuda":
+            torch.backends.cuda.matmul.allow_tf32 = config.allow_tf32
+            torch.backends.cudnn.allow_tf32 = config.allow_tf32
+        lr = config.learning_rate
+        if config.scale_lr:
+            lr *= config.train_batch_size * config.gradient_accumulation_steps * accelerator.num_processes
         if config.use_ema:
             self.ema = EMAModel(
                 model.parameters(),
@@ -394,14 +400,9 @@ class Trainer(LoopTrainer):
         if config.enable_xformers_memory_efficient_attention:
             unet.enable_xformers_memory_efficient_attention()
         if device.type == "cuda":
-            torch.backends.cuda.matmul.allow_tf32 = config.allow_tf32
-            torch.backends.cudnn.allow_tf32 = config.allow_tf32
             unet = unet.to(memory_format=torch.channels_last)
         self.num_parameters = count_parameters(unet)
-        lr = config.learning_rate
-        if config.scale_lr:
-            lr *= config.train_batch_size * config.gradient_accumulation_steps * accelerator.num_processes
-        self.setup_optimization(unet, list(unet.parameters()), lr)
+        self.setup_optimization(unet, list(unet.parameters()))
         self.unet, self.optimizer = accelerator.prepare(unet, self.optimizer)
         self.schedule = NoiseSchedule.from_config(config).to(device)
 

@@ -443,7 +443,7 @@ class VAETrainer(LoopTrainer):
         vae = initial_vae(config)
         self.num_parameters = sum(p.numel() for p in vae.parameters())
         self.initial_scaling = read_scaling(vae) if config.pretrained_vae_name_or_path else (None, None)
-        self.setup_optimization(vae, [p for p in vae.parameters() if p.requires_grad], config.learning_rate)
+        self.setup_optimization(vae, [p for p in vae.parameters() if p.requires_grad])
         self.model, self.optimizer = accelerator.prepare(
             AutoencoderStep(vae, config.train_decoder_only), self.optimizer
         )

@@ -210,23 +210,30 @@ def detect(state_dict: Mapping[str, torch.Tensor], source: str) -> spandrel.Imag
     try:
         descriptor = spandrel.MAIN_REGISTRY.load(dict(state_dict))
     except spandrel.UnsupportedModelError as err:
-        raise SRModelError(f"{source}: no known super-resolution architecture matches this state dict; "
-                           f"{_families_hint()}") from err
+        raise SRModelError(
+            f"{source}: no known super-resolution architecture matches this state dict; {_families_hint()}"
+        ) from err
     except (RuntimeError, KeyError, ValueError, IndexError, AssertionError, TypeError) as err:
         raise SRModelError(
             f"{source}: the state dict looks like a known architecture but does not load "
             f"({type(err).__name__}: {err}); the file is probably corrupt or truncated"
         ) from err
     if not isinstance(descriptor, spandrel.ImageModelDescriptor):
-        raise SRModelError(f"{source}: {descriptor.architecture.name} is not an image-to-image model "
-                           f"(purpose {descriptor.purpose}); an SR step needs one")
+        raise SRModelError(
+            f"{source}: {descriptor.architecture.name} is not an image-to-image model "
+            f"(purpose {descriptor.purpose}); an SR step needs one"
+        )
     if descriptor.purpose not in USABLE_PURPOSES:
-        raise SRModelError(f"{source}: {descriptor.architecture.name} is a {descriptor.purpose} model "
-                           f"(needs aligned inputs); use a general SR or restoration model")
+        raise SRModelError(
+            f"{source}: {descriptor.architecture.name} is a {descriptor.purpose} model "
+            f"(needs aligned inputs); use a general SR or restoration model"
+        )
     channels = (descriptor.input_channels, descriptor.output_channels)
     if channels not in {(3, 3), (1, 1), (4, 4), (4, 3)}:
-        raise SRModelError(f"{source}: {descriptor.architecture.name} maps {channels[0]} to {channels[1]} channels; "
-                           "only RGB, grayscale and RGBA models can process RGB samples")
+        raise SRModelError(
+            f"{source}: {descriptor.architecture.name} maps {channels[0]} to {channels[1]} channels; "
+            "only RGB, grayscale and RGBA models can process RGB samples"
+        )
     return descriptor
 
 
@@ -320,8 +327,9 @@ class SpandrelSRModel(ModelMixin, ConfigMixin):
         return model
 
     @classmethod
-    def from_state_dict(cls, state_dict: Mapping[str, torch.Tensor], *, source: str = "<state dict>",
-                        **options: Any) -> SpandrelSRModel:
+    def from_state_dict(
+        cls, state_dict: Mapping[str, torch.Tensor], *, source: str = "<state dict>", **options: Any
+    ) -> SpandrelSRModel:
         """Detect the architecture of an in-memory state dict (original key names or spandrel's) and wrap it."""
         state = spandrel.canonicalize_state_dict(dict(state_dict))
         return cls.from_descriptor(detect(state, source), source=source, **options)
@@ -396,11 +404,13 @@ class SpandrelSRModel(ModelMixin, ConfigMixin):
         where = f"{pretrained_model_name_or_path}" + (f"/{subfolder}" if subfolder else "")
         try:
             config = cls.load_config(pretrained_model_name_or_path, subfolder=subfolder, **hub)
-            weights = _get_model_file(pretrained_model_name_or_path, weights_name=WEIGHTS_NAME, subfolder=subfolder,
-                                      **hub)
+            weights = _get_model_file(
+                pretrained_model_name_or_path, weights_name=WEIGHTS_NAME, subfolder=subfolder, **hub
+            )
         except (OSError, ValueError) as err:
-            raise SRModelError(f"{where}: not a saved SR component (needs {cls.config_name} and {WEIGHTS_NAME}): "
-                               f"{err}") from err
+            raise SRModelError(
+                f"{where}: not a saved SR component (needs {cls.config_name} and {WEIGHTS_NAME}): {err}"
+            ) from err
         state = read_state_dict(weights)
         descriptor = detect(state, str(weights))
         _check_matches_config(descriptor, config, where)
@@ -514,7 +524,8 @@ class SpandrelSRModel(ModelMixin, ConfigMixin):
         if not self.dtype_supported(dtype):
             raise SRModelError(
                 f"{self.config.architecture_name} does not support {dtype}; keep the SR component in float32"
-                + (" or bfloat16" if self.config.supports_bfloat16 else "") + ", e.g. pipe.sr_model.to(torch.float32)"
+                + (" or bfloat16" if self.config.supports_bfloat16 else "")
+                + ", e.g. pipe.sr_model.to(torch.float32)"
             )
         return dtype
 
@@ -549,7 +560,7 @@ class SpandrelSRModel(ModelMixin, ConfigMixin):
             for x0 in xs:
                 ramp_x = edge_ramp(tile_w * scale, overlap * scale, x0 > 0, x0 + tile_w < full_w).to(x.device)
                 weight = ramp_y[:, None] * ramp_x[None, :]
-                piece = self._run_rgb(x[:, :, y0:y0 + tile_h, x0:x0 + tile_w]).float()
+                piece = self._run_rgb(x[:, :, y0 : y0 + tile_h, x0 : x0 + tile_w]).float()
                 rows = slice(y0 * scale, (y0 + tile_h) * scale)
                 cols = slice(x0 * scale, (x0 + tile_w) * scale)
                 out[:, :, rows, cols] += piece * weight
@@ -572,8 +583,10 @@ def _check_tiling(tile_size: int | None, tile_overlap: int) -> None:
     if tile_overlap < 0:
         raise ValueError(f"tile_overlap must be >= 0, got {tile_overlap}")
     if tile_size is not None and tile_size != 0 and (tile_size < 8 or 2 * tile_overlap > tile_size):
-        raise ValueError(f"tile_size must be >= 8 and at least twice tile_overlap, got {tile_size} / {tile_overlap}"
-                         " (use tile_size=0 or None to disable tiling)")
+        raise ValueError(
+            f"tile_size must be >= 8 and at least twice tile_overlap, got {tile_size} / {tile_overlap}"
+            " (use tile_size=0 or None to disable tiling)"
+        )
 
 
 def _check_matches_config(descriptor: spandrel.ImageModelDescriptor, config: Mapping[str, Any], where: str) -> None:
@@ -581,8 +594,10 @@ def _check_matches_config(descriptor: spandrel.ImageModelDescriptor, config: Map
     expected = (config.get("architecture"), config.get("scale"))
     found = (str(descriptor.architecture.id), int(descriptor.scale))
     if expected[0] and expected != found:
-        raise SRModelError(f"{where}: config.json describes {expected[0]} x{expected[1]} but the weights are "
-                           f"{found[0]} x{found[1]}; the folder mixes files from different SR models")
+        raise SRModelError(
+            f"{where}: config.json describes {expected[0]} x{expected[1]} but the weights are "
+            f"{found[0]} x{found[1]}; the folder mixes files from different SR models"
+        )
 
 
 def _device_from_map(device_map: Any) -> torch.device | None:

@@ -37,8 +37,14 @@ SECRET = "hf_thisIsNotARealTokenButMustNeverBePublished"
 
 def tiny_unet() -> UNet2DModel:
     torch.manual_seed(0)
-    return UNet2DModel(sample_size=16, block_out_channels=(8, 16), down_block_types=("DownBlock2D", "DownBlock2D"),
-                       up_block_types=("UpBlock2D", "UpBlock2D"), layers_per_block=1, norm_num_groups=4)
+    return UNet2DModel(
+        sample_size=16,
+        block_out_channels=(8, 16),
+        down_block_types=("DownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "UpBlock2D"),
+        layers_per_block=1,
+        norm_num_groups=4,
+    )
 
 
 def base_config() -> dict:
@@ -46,12 +52,22 @@ def base_config() -> dict:
         return math.cos((t + 0.008) / 1.008 * math.pi / 2) ** 2
 
     betas = [min(1 - alpha_bar((i + 1) / 1000) / alpha_bar(i / 1000), 0.999) for i in range(1000)]
-    return {"num_train_timesteps": 1000, "trained_betas": betas, "prediction_type": "v_prediction",
-            "rescale_betas_zero_snr": False}
+    return {
+        "num_train_timesteps": 1000,
+        "trained_betas": betas,
+        "prediction_type": "v_prediction",
+        "rescale_betas_zero_snr": False,
+    }
 
 
-TRAINING = {"resolution": 16, "dataset_name": "someone/noto-emoji", "learning_rate": 2e-4, "hub_token": SECRET,
-            "push_to_hub": True, "seed": 0}
+TRAINING = {
+    "resolution": 16,
+    "dataset_name": "someone/noto-emoji",
+    "learning_rate": 2e-4,
+    "hub_token": SECRET,
+    "push_to_hub": True,
+    "seed": 0,
+}
 
 
 @pytest.fixture
@@ -59,9 +75,15 @@ def pipeline_dir(tmp_path) -> Path:
     """A saved pipeline folder used as a training output folder: with checkpoints, logs and a sample grid."""
     torch.manual_seed(1)
     sr = SpandrelSRModel.from_state_dict({"params": Compact(num_feat=4, num_conv=1, upscale=2).state_dict()})
-    folder = save_pipeline(tmp_path / "run", unet=tiny_unet(), scheduler_base_config=base_config(),
-                           beta_schedule="cosine", sr_model=sr, training_config=TRAINING,
-                           sample_grid=PIL.Image.new("RGB", (32, 32), (200, 30, 30)))
+    folder = save_pipeline(
+        tmp_path / "run",
+        unet=tiny_unet(),
+        scheduler_base_config=base_config(),
+        beta_schedule="cosine",
+        sr_model=sr,
+        training_config=TRAINING,
+        sample_grid=PIL.Image.new("RGB", (32, 32), (200, 30, 30)),
+    )
     (folder / "checkpoint-500").mkdir()
     (folder / "checkpoint-500" / "model.safetensors").write_bytes(b"resumable state")
     (folder / "logs" / "train").mkdir(parents=True)
@@ -70,8 +92,11 @@ def pipeline_dir(tmp_path) -> Path:
 
 
 def snapshot(folder: Path) -> dict[str, str]:
-    return {p.relative_to(folder).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(folder.rglob("*")) if p.is_file()}
+    return {
+        p.relative_to(folder).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(folder.rglob("*"))
+        if p.is_file()
+    }
 
 
 def test_model_card_metadata_and_content(pipeline_dir):
@@ -99,8 +124,9 @@ def test_model_card_metadata_and_content(pipeline_dir):
 
 def test_model_card_without_optional_files(tmp_path):
     """No training config, no sample grid, no SR model, a local dataset: the card still renders and parses."""
-    folder = save_pipeline(tmp_path / "bare", unet=tiny_unet(), scheduler_base_config=base_config(),
-                           beta_schedule="cosine")
+    folder = save_pipeline(
+        tmp_path / "bare", unet=tiny_unet(), scheduler_base_config=base_config(), beta_schedule="cosine"
+    )
     write_model_card(folder, {"train_data_dir": str(tmp_path), "dataset_name": str(tmp_path)})
     card = ModelCard.load(folder / "README.md")
     assert card.data.license == "other" and card.data.datasets is None

@@ -36,9 +36,17 @@ def test_tiny_unet_without_attention_levels():
     assert unet(torch.randn(1, 3, 16, 16), torch.tensor([3])).sample.shape == (1, 3, 16, 16)
 
 
+def test_default_attention_res_works_at_128_px():
+    """The 64 px defaults (16, 8) at 128 px: 16 is a level, 8 is deeper than the UNet goes and is skipped."""
+    config = ModelConfig(base_channels=8, layers_per_block=1)
+    unet = unet_from_config(config, resolution=128)
+    assert unet.config.down_block_types[-1] == "AttnDownBlock2D"
+    assert sum(block.startswith("Attn") for block in unet.config.down_block_types) == 1
+
+
 def test_builder_errors_name_the_flag():
     with pytest.raises(ValueError, match="--attention_res"):
-        build_unet(64, base_channels=8, channel_mults=[1, 2], attention_res=[4])
+        build_unet(64, base_channels=8, channel_mults=[1, 2], attention_res=[48])
     with pytest.raises(ValueError, match="--resolution"):
         build_unet(60, base_channels=8, channel_mults=[1, 2, 4, 8], attention_res=[])
 

@@ -86,8 +86,9 @@ def make_network(kind: str) -> tuple[torch.nn.Module, dict, dict]:
     torch.manual_seed({"esrgan_x4": 1, "esrgan_x2": 2, "compact_x4": 3, "swinir_x2": 4}[kind])
     if kind.startswith("esrgan"):
         x2 = kind == "esrgan_x2"
-        net = ESRGAN(in_nc=12 if x2 else 3, out_nc=3, num_filters=8, num_blocks=1, scale=4,
-                     shuffle_factor=2 if x2 else None)
+        net = ESRGAN(
+            in_nc=12 if x2 else 3, out_nc=3, num_filters=8, num_blocks=1, scale=4, shuffle_factor=2 if x2 else None
+        )
         with torch.no_grad():  # mid-grey output bias, so outputs are not clamped away and comparisons mean something
             net.model[-1].bias += 0.5
         checkpoint = {"params_ema": basicsr_rrdb_keys(net.state_dict())}
@@ -97,8 +98,18 @@ def make_network(kind: str) -> tuple[torch.nn.Module, dict, dict]:
         checkpoint = {"params": dict(net.state_dict())}
         facts = {"architecture": "Compact", "scale": 4, "half": True, "bf16": True}
     else:
-        net = SwinIR(img_size=16, in_chans=3, embed_dim=12, depths=[2], num_heads=[2], window_size=4, mlp_ratio=2.0,
-                     upscale=2, upsampler="pixelshuffledirect", resi_connection="1conv")
+        net = SwinIR(
+            img_size=16,
+            in_chans=3,
+            embed_dim=12,
+            depths=[2],
+            num_heads=[2],
+            window_size=4,
+            mlp_ratio=2.0,
+            upscale=2,
+            upsampler="pixelshuffledirect",
+            resi_connection="1conv",
+        )
         checkpoint = {"params": dict(net.state_dict())}
         facts = {"architecture": "SwinIR", "scale": 2, "half": False, "bf16": True}
     return net.eval(), checkpoint, facts
@@ -130,8 +141,16 @@ def test_checkpoints_use_the_original_key_names(sr_files):
     rrdb = torch.load(sr_files["esrgan_x4"][1][".pth"], weights_only=True)
     assert list(rrdb) == ["params_ema"]
     keys = set(rrdb["params_ema"])
-    for key in ("conv_first.weight", "body.0.rdb1.conv1.weight", "body.0.rdb3.conv5.bias", "conv_body.weight",
-                "conv_up1.weight", "conv_up2.weight", "conv_hr.weight", "conv_last.bias"):
+    for key in (
+        "conv_first.weight",
+        "body.0.rdb1.conv1.weight",
+        "body.0.rdb3.conv5.bias",
+        "conv_body.weight",
+        "conv_up1.weight",
+        "conv_up2.weight",
+        "conv_hr.weight",
+        "conv_last.bias",
+    ):
         assert key in keys
     assert not any(k.startswith("model.") for k in keys)
     x2 = torch.load(sr_files["esrgan_x2"][1][".pth"], weights_only=True)["params_ema"]
@@ -139,10 +158,17 @@ def test_checkpoints_use_the_original_key_names(sr_files):
     compact = torch.load(sr_files["compact_x4"][1][".pth"], weights_only=True)["params"]
     assert compact["body.1.weight"].shape == (8,) and compact["body.6.weight"].shape == (3 * 16, 8, 3, 3)
     swinir = torch.load(sr_files["swinir_x2"][1][".pth"], weights_only=True)["params"]
-    for key in ("conv_first.weight", "patch_embed.norm.weight", "layers.0.residual_group.blocks.0.attn.qkv.weight",
-                "layers.0.residual_group.blocks.0.attn.relative_position_index",
-                "layers.0.residual_group.blocks.1.attn_mask", "layers.0.conv.weight", "norm.weight",
-                "conv_after_body.weight", "upsample.0.weight"):
+    for key in (
+        "conv_first.weight",
+        "patch_embed.norm.weight",
+        "layers.0.residual_group.blocks.0.attn.qkv.weight",
+        "layers.0.residual_group.blocks.0.attn.relative_position_index",
+        "layers.0.residual_group.blocks.1.attn_mask",
+        "layers.0.conv.weight",
+        "norm.weight",
+        "conv_after_body.weight",
+        "upsample.0.weight",
+    ):
         assert key in swinir
 
 
@@ -200,8 +226,16 @@ def test_component_save_reload_bit_identical(sr_files, tmp_path):
 def test_from_pretrained_honours_loader_kwargs(sr_files, tmp_path):
     load_sr_model(sr_files["esrgan_x4"][1][".safetensors"]).save_pretrained(tmp_path / "esrgan")
     load_sr_model(sr_files["swinir_x2"][1][".safetensors"]).save_pretrained(tmp_path / "swinir")
-    loader_kwargs = {"device_map": None, "low_cpu_mem_usage": True, "variant": None, "use_safetensors": None,
-                     "offload_folder": None, "offload_state_dict": None, "max_memory": None, "disable_mmap": False}
+    loader_kwargs = {
+        "device_map": None,
+        "low_cpu_mem_usage": True,
+        "variant": None,
+        "use_safetensors": None,
+        "offload_folder": None,
+        "offload_state_dict": None,
+        "max_memory": None,
+        "disable_mmap": False,
+    }
     bf16 = SpandrelSRModel.from_pretrained(tmp_path / "esrgan", torch_dtype=torch.bfloat16, **loader_kwargs)
     assert bf16.dtype == torch.bfloat16
     out = bf16.upscale(torch.rand(1, 3, 8, 8))
@@ -246,7 +280,7 @@ def overlap_mask(length: int, tile: int, overlap: int, align: int, scale: int) -
     starts = tile_starts(length, tile, overlap, align)
     mask = torch.zeros(length * scale, dtype=torch.bool)
     for a, b in zip(starts, starts[1:]):
-        mask[b * scale:(a + tile) * scale] = True
+        mask[b * scale : (a + tile) * scale] = True
     return mask
 
 
@@ -285,8 +319,9 @@ def pil_lanczos(images: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     """PIL's float ("F" mode) Lanczos resize, channel by channel: the reference the torch version must match."""
     out = []
     for image in images:
-        channels = [np.asarray(PIL.Image.fromarray(c.numpy(), mode="F").resize(size[::-1], PIL.Image.LANCZOS))
-                    for c in image]
+        channels = [
+            np.asarray(PIL.Image.fromarray(c.numpy(), mode="F").resize(size[::-1], PIL.Image.LANCZOS)) for c in image
+        ]
         out.append(np.stack(channels))
     return torch.from_numpy(np.stack(out))
 
@@ -309,8 +344,9 @@ def test_sr_strength_blends_with_lanczos(sr_files):
     assert not torch.equal(half, sr) and not torch.equal(half, lanczos)
     assert model.upscale(images, 0.5, output_size=30).shape == (2, 3, 30, 30)
     assert model.upscale(images, 0.0, output_size=(17, 64)).shape == (2, 3, 17, 64)
-    torch.testing.assert_close(model.upscale(images, 0.0, output_size=(17, 64)),
-                               pil_lanczos(images, (17, 64)).clamp(0, 1), rtol=0, atol=2e-6)
+    torch.testing.assert_close(
+        model.upscale(images, 0.0, output_size=(17, 64)), pil_lanczos(images, (17, 64)).clamp(0, 1), rtol=0, atol=2e-6
+    )
     for bad in (-0.1, 1.5):
         with pytest.raises(ValueError, match="sr_strength"):
             model.upscale(images, sr_strength=bad)
@@ -326,8 +362,14 @@ def test_corrupt_and_unsupported_files_give_clear_errors(sr_files, tmp_path):
     garbage = tmp_path / "garbage.safetensors"
     garbage.write_bytes(b"\x00\x01 this is not safetensors" * 10)
     torch.manual_seed(0)
-    unet = UNet2DModel(sample_size=8, block_out_channels=(4, 8), norm_num_groups=4, layers_per_block=1,
-                       down_block_types=("DownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "UpBlock2D"))
+    unet = UNet2DModel(
+        sample_size=8,
+        block_out_channels=(4, 8),
+        norm_num_groups=4,
+        layers_per_block=1,
+        down_block_types=("DownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "UpBlock2D"),
+    )
     unsupported = tmp_path / "unet.safetensors"
     save_file({k: v.contiguous() for k, v in unet.state_dict().items()}, str(unsupported))
     pickled = tmp_path / "pickled_module.pth"
@@ -335,9 +377,14 @@ def test_corrupt_and_unsupported_files_give_clear_errors(sr_files, tmp_path):
     wrong_type = tmp_path / "model.onnx"
     wrong_type.write_bytes(b"onnx")
 
-    cases = [(truncated, "cannot read"), (garbage, "cannot read"), (pickled, "cannot read"),
-             (unsupported, "no known super-resolution architecture"), (wrong_type, "unsupported SR model file type"),
-             (tmp_path / "missing.pth", "not found")]
+    cases = [
+        (truncated, "cannot read"),
+        (garbage, "cannot read"),
+        (pickled, "cannot read"),
+        (unsupported, "no known super-resolution architecture"),
+        (wrong_type, "unsupported SR model file type"),
+        (tmp_path / "missing.pth", "not found"),
+    ]
     for path, message in cases:
         with pytest.raises(SRModelError, match=message) as info:
             load_sr_model(path)
@@ -364,9 +411,16 @@ def test_hub_references(monkeypatch):
 
 def tiny_unet(seed: int = 0) -> UNet2DModel:
     torch.manual_seed(seed)
-    return UNet2DModel(sample_size=SIZE, in_channels=3, out_channels=3, block_out_channels=(8, 16),
-                       down_block_types=("DownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "UpBlock2D"),
-                       layers_per_block=1, norm_num_groups=4)
+    return UNet2DModel(
+        sample_size=SIZE,
+        in_channels=3,
+        out_channels=3,
+        block_out_channels=(8, 16),
+        down_block_types=("DownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "UpBlock2D"),
+        layers_per_block=1,
+        norm_num_groups=4,
+    )
 
 
 def scheduler_base_config() -> dict:
@@ -374,14 +428,21 @@ def scheduler_base_config() -> dict:
         return math.cos((t + 0.008) / 1.008 * math.pi / 2) ** 2
 
     betas = [min(1 - alpha_bar((i + 1) / 1000) / alpha_bar(i / 1000), 0.999) for i in range(1000)]
-    return {"num_train_timesteps": 1000, "trained_betas": betas, "prediction_type": "v_prediction",
-            "rescale_betas_zero_snr": False}
+    return {
+        "num_train_timesteps": 1000,
+        "trained_betas": betas,
+        "prediction_type": "v_prediction",
+        "rescale_betas_zero_snr": False,
+    }
 
 
 def snapshot(folder: Path) -> dict[str, str]:
     """Every file (hidden ones too) and its hash: 'unchanged' means this is identical."""
-    return {p.relative_to(folder).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(folder.rglob("*")) if p.is_file()}
+    return {
+        p.relative_to(folder).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(folder.rglob("*"))
+        if p.is_file()
+    }
 
 
 def run_add_sr(*argv: str) -> int:
@@ -399,8 +460,13 @@ def sample(folder: Path, seed: int = 0, **kwargs) -> torch.Tensor:
 
 @pytest.fixture
 def plain_dir(tmp_path) -> Path:
-    return save_pipeline(tmp_path / "pipe", unet=tiny_unet(), scheduler_base_config=scheduler_base_config(),
-                         beta_schedule="cosine", training_config={"resolution": SIZE})
+    return save_pipeline(
+        tmp_path / "pipe",
+        unet=tiny_unet(),
+        scheduler_base_config=scheduler_base_config(),
+        beta_schedule="cosine",
+        training_config={"resolution": SIZE},
+    )
 
 
 def test_add_sr_adds_and_replaces_the_component(sr_files, plain_dir, capsys):
@@ -410,8 +476,9 @@ def test_add_sr_adds_and_replaces_the_component(sr_files, plain_dir, capsys):
     index = json.loads((plain_dir / "model_index.json").read_text())
     assert index["sr_model"] == ["sr_model", "SpandrelSRModel"] and index["upscale"] is True
     assert index["sr_strength"] == 0.7
-    assert sorted(p.name for p in (plain_dir / "sr_model").iterdir()) == sorted(["config.json", WEIGHTS_NAME,
-                                                                                MODULE_FILE])
+    assert sorted(p.name for p in (plain_dir / "sr_model").iterdir()) == sorted(
+        ["config.json", WEIGHTS_NAME, MODULE_FILE]
+    )
     assert not [p for p in plain_dir.iterdir() if p.name.startswith(".")], "no staging leftovers"
 
     pipe = load_pipeline(plain_dir)

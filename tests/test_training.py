@@ -225,6 +225,24 @@ def test_sr_model_flag_and_failed_push_leave_a_complete_folder(image_folder, tmp
     assert upscaled.images.shape == (1, 64, 64, 3)  # 16 px x4
 
 
+def test_checkpoint_limit_of_one_keeps_only_the_newest(image_folder, tmp_path):
+    out = tmp_path / "run"
+    train(tiny_config(image_folder, out, max_train_steps=7, checkpointing_steps=2, checkpoints_total_limit=1))
+    assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-6"]
+
+
+def test_default_hub_repo_is_named_after_the_run(tmp_path, monkeypatch):
+    """--push_to_hub without --hub_model_id uses the output folder's name, not the 'pipeline' subfolder's."""
+    import crispdiff.hub as hub
+
+    seen = {}
+    monkeypatch.setattr(hub, "push_to_hub", lambda folder, repo_id, **kwargs: seen.setdefault("repo_id", repo_id))
+    config = TrainConfig(output_dir=str(tmp_path / "my-emoji-run"), push_to_hub=True)
+    (tmp_path / "my-emoji-run" / "pipeline").mkdir(parents=True)
+    hub.maybe_push_to_hub(tmp_path / "my-emoji-run" / "pipeline", config)
+    assert seen["repo_id"] == "my-emoji-run"
+
+
 def test_existing_pipeline_is_not_overwritten_silently(image_folder, tmp_path):
     out = tmp_path / "run"
     (out / "pipeline").mkdir(parents=True)

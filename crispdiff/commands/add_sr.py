@@ -26,13 +26,18 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     parser.add_argument("pipeline_dir", metavar="DIR", help="A pipeline folder saved by crispdiff.")
     parser.add_argument("--sr_model", required=True, metavar="FILE", help="SR weights file, folder or hf:// file.")
     parser.add_argument(
-        "--sr_strength", type=float, default=None,
+        "--sr_strength",
+        type=float,
+        default=None,
         help="Default blend of SR output with a Lanczos upscale, 0..1; unset keeps the pipeline's.",
     )
     parser.add_argument("--tile_size", type=int, default=DEFAULT_TILE_SIZE, help="Tile side in input pixels (0 = off).")
     parser.add_argument("--tile_overlap", type=int, default=DEFAULT_TILE_OVERLAP, help="Tile overlap in input pixels.")
     parser.add_argument(
-        "--default_upscale", type=_parse_bool, default=True, metavar="BOOL",
+        "--default_upscale",
+        type=_parse_bool,
+        default=True,
+        metavar="BOOL",
         help="Whether pipe(...) upscales when the call does not say.",
     )
     parser.set_defaults(func=run)

@@ -257,21 +257,39 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_two_process_accelerate_launch(image_folder, tmp_path):
-    """Real `accelerate launch` with two gloo processes; the saved pipeline must load and sample."""
-    out = tmp_path / "ddp"
+def _launch_two_processes(image_folder: Path, out: Path, **overrides) -> str:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
     cmd = [
         sys.executable, "-m", "accelerate.commands.launch",
         "--config_file", str(REPO_ROOT / "accelerate_configs" / "cpu_2proc.yaml"),
         "--main_process_port", str(_free_port()),
         str(REPO_ROOT / "train_scripts" / "train_unconditional.py"),
-        *tiny_flags(image_folder, out, max_train_steps=4, train_batch_size=2),
+        *tiny_flags(image_folder, out, **overrides),
     ]  # fmt: skip
     result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    assert "2 process(es)" in result.stdout + result.stderr
+    return result.stdout + result.stderr
+
+
+def test_two_process_accelerate_launch_and_exact_resume(image_folder, tmp_path):
+    """Real `accelerate launch` with two gloo processes and gradient accumulation; the saved pipeline loads and
+    samples, and a second launch resumed from the step-3 checkpoint ends with the same weights (every rank's
+    generators and data shard restored)."""
+    import shutil
+
+    flags = dict(max_train_steps=4, train_batch_size=2, gradient_accumulation_steps=2)
+    out = tmp_path / "ddp"
+    log = _launch_two_processes(image_folder, out, **flags)
+    assert "2 process(es)" in log
     assert (out / "checkpoint-3" / "generators_1.safetensors").is_file()  # each rank saved its generators
+
+    resumed = tmp_path / "ddp_resumed"
+    resumed.mkdir()
+    shutil.copytree(out / "checkpoint-3", resumed / "checkpoint-3")
+    log = _launch_two_processes(image_folder, resumed, resume_from_checkpoint="latest", **flags)
+    assert "Resumed from" in log
+    a, b = _pipeline_weights(out / "pipeline"), _pipeline_weights(resumed / "pipeline")
+    assert all(torch.equal(a[k], b[k]) for k in a), "the resumed two-process run diverged"
 
     from diffusers import DiffusionPipeline
 

@@ -37,3 +37,16 @@ def _few_threads():
     torch.set_num_threads(min(previous, int(os.environ.get("CRISPDIFF_TEST_THREADS", "2"))))
     yield
     torch.set_num_threads(previous)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _private_modules_cache(tmp_path_factory):
+    """diffusers copies trust_remote_code modules into HF_MODULES_CACHE; keep each test module's copies apart."""
+    import sys
+
+    from diffusers.utils import dynamic_modules_utils
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(dynamic_modules_utils, "HF_MODULES_CACHE", str(tmp_path_factory.mktemp("hf_modules")))
+        patch.setattr(sys, "path", list(sys.path))
+        yield

@@ -4,7 +4,6 @@ of reference images; the three outputs, resolution handling, determinism and err
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -12,15 +11,13 @@ import PIL.Image
 import pytest
 import torch
 import torch.nn.functional as F
-from diffusers import UNet2DModel
+from tiny_models import SIZE, tiny_unet
 
 from crispdiff import evaluate as E
 from crispdiff.cli import main as cli_main
 from crispdiff.config import NoiseConfig
 from crispdiff.export import save_pipeline
 from crispdiff.noise import scheduler_base_config
-
-SIZE = 16
 
 
 def synthetic_images(count: int, size: int, seed: int = 0) -> torch.Tensor:
@@ -38,35 +35,10 @@ def write_folder(folder: Path, images: torch.Tensor) -> Path:
     return folder
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _private_modules_cache(tmp_path_factory):
-    """diffusers copies trust_remote_code modules into HF_MODULES_CACHE; keep ours away from other test runs."""
-    from diffusers.utils import dynamic_modules_utils
-
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(dynamic_modules_utils, "HF_MODULES_CACHE", str(tmp_path_factory.mktemp("hf_modules")))
-        patch.setattr(sys, "path", list(sys.path))
-        yield
-
-
 @pytest.fixture(scope="module")
 def reference_dir(tmp_path_factory) -> Path:
     """40 reference PNGs of 16 px."""
     return write_folder(tmp_path_factory.mktemp("reference") / "images", synthetic_images(40, SIZE, seed=7))
-
-
-def tiny_unet() -> UNet2DModel:
-    torch.manual_seed(0)
-    return UNet2DModel(
-        sample_size=SIZE,
-        in_channels=3,
-        out_channels=3,
-        block_out_channels=(8, 16),
-        down_block_types=("DownBlock2D", "DownBlock2D"),
-        up_block_types=("UpBlock2D", "UpBlock2D"),
-        layers_per_block=1,
-        norm_num_groups=4,
-    )
 
 
 def tiny_sr_model():

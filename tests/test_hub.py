@@ -7,17 +7,16 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
-import math
 from pathlib import Path
 
 import PIL.Image
 import pytest
 import torch
 import yaml
-from diffusers import UNet2DModel
 from huggingface_hub import ModelCard
 from huggingface_hub import constants as hub_constants
 from spandrel.architectures.Compact import Compact
+from tiny_models import base_config, tiny_unet
 
 from crispdiff.commands import push
 from crispdiff.export import save_pipeline
@@ -33,31 +32,6 @@ from crispdiff.hub import (
 from crispdiff.sr import SpandrelSRModel
 
 SECRET = "hf_thisIsNotARealTokenButMustNeverBePublished"
-
-
-def tiny_unet() -> UNet2DModel:
-    torch.manual_seed(0)
-    return UNet2DModel(
-        sample_size=16,
-        block_out_channels=(8, 16),
-        down_block_types=("DownBlock2D", "DownBlock2D"),
-        up_block_types=("UpBlock2D", "UpBlock2D"),
-        layers_per_block=1,
-        norm_num_groups=4,
-    )
-
-
-def base_config() -> dict:
-    def alpha_bar(t: float) -> float:
-        return math.cos((t + 0.008) / 1.008 * math.pi / 2) ** 2
-
-    betas = [min(1 - alpha_bar((i + 1) / 1000) / alpha_bar(i / 1000), 0.999) for i in range(1000)]
-    return {
-        "num_train_timesteps": 1000,
-        "trained_betas": betas,
-        "prediction_type": "v_prediction",
-        "rescale_betas_zero_snr": False,
-    }
 
 
 TRAINING = {

@@ -25,6 +25,7 @@ from diffusers import (
     UNet2DModel,
     UniPCMultistepScheduler,
 )
+from tiny_models import SIZE, base_config, cosine_betas, tiny_unet
 
 from crispdiff.export import load_pipeline, save_pipeline
 from crispdiff.images import make_grid, save_image_atomic, to_pil_list, to_uint8
@@ -38,7 +39,6 @@ from crispdiff.pipelines.pipeline_crispdiff import (
 )
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-SIZE = 16
 STEPS = 3
 SCHEDULER_CLASSES = {
     "dpmsolver++": DPMSolverMultistepScheduler,
@@ -50,39 +50,6 @@ SCHEDULER_CLASSES = {
 
 
 # ---- tiny real models -----------------------------------------------------------------------------------------------
-
-
-def cosine_betas(num_train_timesteps: int = 1000) -> list[float]:
-    """Nichol & Dhariwal's cosine schedule, betas clipped at 0.999."""
-
-    def alpha_bar(t: float) -> float:
-        return math.cos((t + 0.008) / 1.008 * math.pi / 2) ** 2
-
-    steps = num_train_timesteps
-    return [min(1 - alpha_bar((i + 1) / steps) / alpha_bar(i / steps), 0.999) for i in range(steps)]
-
-
-def base_config(prediction_type: str = "v_prediction", zero_snr: bool = False) -> dict:
-    return {
-        "num_train_timesteps": 1000,
-        "trained_betas": cosine_betas(),
-        "prediction_type": prediction_type,
-        "rescale_betas_zero_snr": zero_snr,
-    }
-
-
-def tiny_unet(seed: int = 0, in_channels: int = 3, sample_size: int = SIZE) -> UNet2DModel:
-    torch.manual_seed(seed)
-    return UNet2DModel(
-        sample_size=sample_size,
-        in_channels=in_channels,
-        out_channels=in_channels,
-        block_out_channels=(8, 16),
-        down_block_types=("DownBlock2D", "DownBlock2D"),
-        up_block_types=("UpBlock2D", "UpBlock2D"),
-        layers_per_block=1,
-        norm_num_groups=4,
-    )
 
 
 def tiny_vae(seed: int = 0) -> AutoencoderKL:
@@ -127,17 +94,6 @@ def in_memory_pipeline(unet: UNet2DModel, **kwargs) -> CrispDiffPipeline:
     sampler = kwargs.pop("sampler", "dpmsolver++")
     scheduler = make_scheduler(sampler, base_config(), beta_schedule="cosine", latent=kwargs.get("vae") is not None)
     return CrispDiffPipeline(unet=unet, scheduler=scheduler, sampler=sampler, beta_schedule="cosine", **kwargs)
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _private_modules_cache(tmp_path_factory):
-    """diffusers copies trust_remote_code modules into HF_MODULES_CACHE; keep ours away from other test runs."""
-    from diffusers.utils import dynamic_modules_utils
-
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(dynamic_modules_utils, "HF_MODULES_CACHE", str(tmp_path_factory.mktemp("hf_modules")))
-        patch.setattr(sys, "path", list(sys.path))
-        yield
 
 
 @pytest.fixture(scope="module")

@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
-import math
 import os
 import re
 import subprocess
@@ -36,6 +35,7 @@ from safetensors.torch import save_file
 from spandrel.architectures.Compact import Compact
 from spandrel.architectures.ESRGAN import ESRGAN
 from spandrel.architectures.SwinIR import SwinIR
+from tiny_models import SIZE, base_config, tiny_unet
 
 from crispdiff.commands import add_sr
 from crispdiff.export import load_pipeline, save_pipeline
@@ -51,7 +51,6 @@ from crispdiff.pipelines.sr_model import (
 from crispdiff.sr import attach_sr, describe_sr_model, load_sr_model, parse_hub_ref
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-SIZE = 16  # pipeline sample size
 
 # ---- tiny networks with the original projects' key names -------------------------------------------------------------
 
@@ -409,33 +408,6 @@ def test_hub_references(monkeypatch):
 # ---- pipelines: add-sr, and reloading without crispdiff ------------------------------------------------------------
 
 
-def tiny_unet(seed: int = 0) -> UNet2DModel:
-    torch.manual_seed(seed)
-    return UNet2DModel(
-        sample_size=SIZE,
-        in_channels=3,
-        out_channels=3,
-        block_out_channels=(8, 16),
-        down_block_types=("DownBlock2D", "DownBlock2D"),
-        up_block_types=("UpBlock2D", "UpBlock2D"),
-        layers_per_block=1,
-        norm_num_groups=4,
-    )
-
-
-def scheduler_base_config() -> dict:
-    def alpha_bar(t: float) -> float:
-        return math.cos((t + 0.008) / 1.008 * math.pi / 2) ** 2
-
-    betas = [min(1 - alpha_bar((i + 1) / 1000) / alpha_bar(i / 1000), 0.999) for i in range(1000)]
-    return {
-        "num_train_timesteps": 1000,
-        "trained_betas": betas,
-        "prediction_type": "v_prediction",
-        "rescale_betas_zero_snr": False,
-    }
-
-
 def snapshot(folder: Path) -> dict[str, str]:
     """Every file (hidden ones too) and its hash: 'unchanged' means this is identical."""
     return {
@@ -463,7 +435,7 @@ def plain_dir(tmp_path) -> Path:
     return save_pipeline(
         tmp_path / "pipe",
         unet=tiny_unet(),
-        scheduler_base_config=scheduler_base_config(),
+        scheduler_base_config=base_config(),
         beta_schedule="cosine",
         training_config={"resolution": SIZE},
     )

@@ -1,0 +1,35 @@
+"""Real diffusers models small enough for CPU tests, shared by the test files."""
+
+from __future__ import annotations
+
+import torch
+from diffusers import UNet2DModel
+
+from crispdiff.config import NoiseConfig
+from crispdiff.noise import scheduler_base_config
+
+SIZE = 16  # pixels of the tiny pipelines' samples
+
+
+def tiny_unet(seed: int = 0, in_channels: int = 3, sample_size: int = SIZE) -> UNet2DModel:
+    """A two-level UNet (8 and 16 channels) without attention: a few thousand parameters, seeded weights."""
+    torch.manual_seed(seed)
+    return UNet2DModel(
+        sample_size=sample_size,
+        in_channels=in_channels,
+        out_channels=in_channels,
+        block_out_channels=(8, 16),
+        down_block_types=("DownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "UpBlock2D"),
+        layers_per_block=1,
+        norm_num_groups=4,
+    )
+
+
+def base_config(prediction_type: str = "v_prediction", zero_snr: bool = False) -> dict:
+    """The scheduler base config crispdiff saves for a cosine schedule (explicit betas)."""
+    return scheduler_base_config(NoiseConfig(prediction_type=prediction_type, rescale_betas_zero_snr=zero_snr))
+
+
+def cosine_betas() -> list[float]:
+    return base_config()["trained_betas"]

@@ -99,7 +99,7 @@ class LatentTrainConfig(TrainConfig):
     dropout: float = flag(0.0, "Dropout inside the ResNet blocks (0.1 for long GPU runs on small datasets).")
     train_batch_size: int = flag(32, "Images per process per micro-batch (CPU default; 128-256 on a GPU).")
     max_train_steps: int | None = flag(
-        1500, "Optimizer steps (CPU default: about 6 minutes on a 2-core CPU; a GPU run: 20000-50000 steps)."
+        1500, "Optimizer steps (CPU default: about 5 minutes on a 2-core CPU; a GPU run: 20000-50000 steps)."
     )
     learning_rate: float = flag(5e-4, "Peak learning rate (5e-4 suits the short CPU run; 2e-4 for long GPU runs).")
     lr_warmup_steps: int = flag(100, "Linear warmup steps.")

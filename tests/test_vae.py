@@ -33,9 +33,9 @@ from crispdiff.vae import (
 from crispdiff.vae_training import VAETrainConfig, VAETrainer, psnr, split_indices, ssim
 
 #: The embedded VAE must reconstruct the first 32 of its held-out emoji (never seen in training) above this mean PSNR.
-#: Measured 22.86 dB for the committed weights (24.05 dB on all 189 held-out images); the margin absorbs BLAS
+#: Measured 25.75 dB for the committed weights (26.61 dB on all 189 held-out images); the margin absorbs BLAS
 #: differences, not a worse model.
-EMBEDDED_MIN_PSNR = 21.5
+EMBEDDED_MIN_PSNR = 24.5
 
 
 def tiny_kl(seed: int = 0) -> AutoencoderKL:

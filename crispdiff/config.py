@@ -28,6 +28,14 @@ def flag(default: Any, help: str, choices: list[str] | None = None, **metadata: 
     return field(default=default, metadata=meta)
 
 
+SECRET_MARKERS = ("token", "password", "secret", "api_key")
+
+
+def without_secrets(values: dict[str, Any]) -> dict[str, Any]:
+    """A configuration without credentials (``hub_token`` ...), fit to save beside a model or publish in a card."""
+    return {k: v for k, v in values.items() if not any(marker in k.lower() for marker in SECRET_MARKERS)}
+
+
 @dataclass
 class DataConfig:
     """Where the images come from and how they are turned into training tensors."""
@@ -145,9 +153,7 @@ class LoopConfig:
 
     def to_dict(self) -> dict[str, Any]:
         """The configuration as saved beside checkpoints and models: without the Hub token."""
-        values = dataclasses.asdict(self)
-        values.pop("hub_token", None)
-        return values
+        return without_secrets(dataclasses.asdict(self))
 
     def save_json(self, path: str | Path) -> None:
         write_text_atomic(path, json.dumps(self.to_dict(), indent=2, sort_keys=True))

@@ -15,6 +15,7 @@ import os
 from pathlib import Path
 from typing import Any
 
+from crispdiff.config import without_secrets as public_training_config
 from crispdiff.export import MODEL_INDEX_NAME, SAMPLES_NAME, TRAINING_CONFIG_NAME, read_model_index
 from crispdiff.io import write_text_atomic
 
@@ -32,8 +33,6 @@ UPLOAD_IGNORE_PATTERNS = [
 ]
 """What ``push_to_hub`` leaves out: resumable training checkpoints, tensorboard logs, hidden staging folders."""
 
-_SECRET_MARKERS = ("token", "password", "secret", "api_key")
-
 
 class HubUploadError(RuntimeError):
     """The upload did not happen or did not finish; the message says why and that the local folder is intact."""
@@ -49,11 +48,6 @@ def _read_json(path: Path) -> dict[str, Any] | None:
     if not path.is_file():
         return None
     return json.loads(path.read_text(encoding="utf-8"))
-
-
-def public_training_config(config: dict[str, Any]) -> dict[str, Any]:
-    """The training configuration without secrets (``hub_token`` ...), fit to publish in a card."""
-    return {k: v for k, v in config.items() if not any(marker in k.lower() for marker in _SECRET_MARKERS)}
 
 
 def _card_tags(index: dict[str, Any], extra: list[str] | None) -> list[str]:

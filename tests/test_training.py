@@ -225,6 +225,24 @@ def test_sr_model_flag_and_failed_push_leave_a_complete_folder(image_folder, tmp
     assert upscaled.images.shape == (1, 64, 64, 3)  # 16 px x4
 
 
+def test_8bit_adam_without_bitsandbytes_names_the_extra(monkeypatch):
+    import builtins
+
+    from crispdiff.training import make_optimizer
+
+    real_import = builtins.__import__
+
+    def no_bitsandbytes(name, *args, **kwargs):
+        if name == "bitsandbytes":
+            raise ImportError("No module named 'bitsandbytes'")
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", no_bitsandbytes)
+    params = [torch.nn.Parameter(torch.zeros(2))]
+    with pytest.raises(ImportError, match=r"--use_8bit_adam.*crispdiff\[bnb\]"):
+        make_optimizer(TrainConfig(use_8bit_adam=True), params, torch.device("cpu"))
+
+
 def test_checkpoint_limit_of_one_keeps_only_the_newest(image_folder, tmp_path):
     out = tmp_path / "run"
     train(tiny_config(image_folder, out, max_train_steps=7, checkpointing_steps=2, checkpoints_total_limit=1))

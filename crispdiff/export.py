@@ -73,9 +73,7 @@ def build_pipeline(
     if thresholding and vae is not None:
         logger.warning("--thresholding applies to pixel models only; the latent pipeline is saved without it")
         thresholding = False
-    scheduler = make_scheduler(
-        sampler, scheduler_base_config, beta_schedule=beta_schedule, thresholding=thresholding, latent=vae is not None
-    )
+    scheduler = make_scheduler(sampler, scheduler_base_config, thresholding=thresholding, latent=vae is not None)
     return CrispDiffPipeline(
         unet=unet,
         scheduler=scheduler,

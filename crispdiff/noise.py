@@ -116,13 +116,19 @@ def min_snr_weight(snr: torch.Tensor, gamma: float, prediction_type: str) -> tor
     The paper's weight on the x0-MSE is min(SNR, gamma). Rewriting the loss for the other targets divides by
     the factor that relates their error to the x0 error: SNR for epsilon, SNR + 1 for v. For epsilon the weight is
     computed as min(1, gamma / SNR) so that SNR = 0 (zero terminal SNR) gives 1 instead of 0 / 0.
+
+    For v and x0 the paper's weight vanishes at SNR = 0, yet every sampler's first step is taken there (with zero
+    terminal SNR, exactly there): the pure-noise step would never learn to predict the data's mean. The SNR in the
+    x0 weight is therefore clamped to [1 / gamma, gamma], symmetric in log-SNR, so the noisiest steps keep the weight
+    of SNR = 1 / gamma.
     """
     if prediction_type == "epsilon":
         return torch.clamp(gamma / snr, max=1.0)  # gamma / 0 = inf -> 1
+    x0_weight = torch.clamp(snr, min=1.0 / gamma, max=gamma)
     if prediction_type == "v_prediction":
-        return torch.clamp(snr, max=gamma) / (snr + 1.0)
+        return x0_weight / (snr + 1.0)
     if prediction_type == "sample":
-        return torch.clamp(snr, max=gamma)
+        return x0_weight
     raise ValueError(f"--prediction_type must be one of {PREDICTION_TYPES}; got {prediction_type!r}")
 
 

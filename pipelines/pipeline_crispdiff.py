@@ -47,9 +47,11 @@ PIPELINE_FILE_NAME = "pipeline_crispdiff.py"
 SR_MODULE_NAME = "sr_model"
 OUTPUT_TYPES = ("pil", "np", "pt")
 
-# Below this log-SNR the cosine schedule's x0 prediction is numerically useless; diffusers recommends clipping
-# DPM-Solver's lambda there for squaredcos_cap_v2 (see DPMSolverMultistepScheduler's lambda_min_clipped docstring).
-COSINE_LAMBDA_MIN_CLIPPED = -5.1
+# Below this half-log-SNR (lambda) an x0 prediction is numerically useless (alpha < 0.6 %); diffusers recommends
+# clipping DPM-Solver's lambda there for the cosine schedule (see lambda_min_clipped in DPMSolverMultistepScheduler).
+LAMBDA_MIN_CLIPPED = -5.1
+# DDIM and PNDM step from t to t - T // steps whatever their timestep list says: other step counts are refused.
+FIXED_STRIDE_SAMPLERS = ("ddim", "pndm")
 _BASE_KEYS = ("num_train_timesteps", "trained_betas", "prediction_type")
 
 
@@ -65,6 +67,38 @@ def has_zero_terminal_snr(trained_betas: list[float] | np.ndarray) -> bool:
     over by training may already be rescaled.
     """
     return float(np.asarray(trained_betas, dtype=np.float64)[-1]) >= 1.0 - 1e-9
+
+
+def dpm_lambda_clip(trained_betas: list[float] | np.ndarray) -> float | None:
+    """DPM-Solver's ``lambda_min_clipped`` for these betas: the clip when their tail falls below it, else ``None``.
+
+    Decided from the betas' own log-SNR, not from a schedule's name: cosine, sigmoid or any user schedule whose last
+    betas are capped (``MAX_BETA``) ends near log-SNR -10 or below without being zero-SNR, and the first step from
+    there would divide by alpha ~ 0. A zero-terminal-SNR schedule is meant to start from pure noise and is not
+    clipped; a schedule that never goes below the clip (e.g. DDPM's linear one) needs none.
+    """
+    betas = np.asarray(trained_betas, dtype=np.float64)
+    if has_zero_terminal_snr(betas):
+        return None
+    alpha_bar_last = float(np.prod(1.0 - betas))
+    half_log_snr_last = 0.5 * (np.log(alpha_bar_last) - np.log1p(-alpha_bar_last))
+    return LAMBDA_MIN_CLIPPED if half_log_snr_last < LAMBDA_MIN_CLIPPED else None
+
+
+def check_step_count(sampler: str, num_train_timesteps: int, num_inference_steps: int) -> None:
+    """Refuse DDIM / PNDM step counts that do not divide T.
+
+    Those samplers move the sample from t to t - T // steps but, with trailing spacing and T % steps != 0, the
+    timestep list holds gaps of T // steps + 1 too: the model would be told a timestep the sample is not at.
+    """
+    if sampler in FIXED_STRIDE_SAMPLERS and num_train_timesteps % num_inference_steps:
+        divisors = [n for n in range(1, 201) if num_train_timesteps % n == 0]
+        nearest = sorted(divisors, key=lambda n: abs(n - num_inference_steps))[:2]
+        raise ValueError(
+            f"the {sampler!r} sampler needs a step count that divides num_train_timesteps={num_train_timesteps}; "
+            f"{num_inference_steps} does not (try {' or '.join(map(str, sorted(nearest)))}), "
+            "or use dpmsolver++ / unipc, which take any count"
+        )
 
 
 def base_config_from_scheduler(scheduler: Any) -> dict[str, Any]:
@@ -103,7 +137,6 @@ def make_scheduler(
     sampler: str,
     base_config: dict[str, Any],
     *,
-    beta_schedule: str | None,
     thresholding: bool = False,
     latent: bool = False,
 ) -> Any:
@@ -117,7 +150,6 @@ def make_scheduler(
         sampler: one of :data:`SAMPLERS`.
         base_config: ``num_train_timesteps``, ``trained_betas``, ``prediction_type`` and optionally
             ``rescale_betas_zero_snr`` (see ``crispdiff.noise.scheduler_base_config``).
-        beta_schedule: the name of the schedule the betas came from; ``"cosine"`` turns on DPM-Solver's lambda clip.
         thresholding: dynamic thresholding of predicted x0 (Saharia et al. 2022), pixel models only.
         latent: whether the model samples VAE latents rather than pixels.
     """
@@ -148,8 +180,8 @@ def make_scheduler(
     common["rescale_betas_zero_snr"] = zero_snr
     common.update(thresholding=thresholding, dynamic_thresholding_ratio=0.995, sample_max_value=1.0)
     if sampler == "dpmsolver++":
-        clip_lambda = beta_schedule == "cosine" and not zero_snr  # zero SNR wants to start from pure noise
-        extra = {"lambda_min_clipped": COSINE_LAMBDA_MIN_CLIPPED} if clip_lambda else {}
+        clip = None if zero_snr else dpm_lambda_clip(betas)  # zero SNR wants to start from pure noise
+        extra = {"lambda_min_clipped": clip} if clip is not None else {}
         # final_sigmas_type="zero" ends on a first-order (Euler) step straight to the x0 prediction, and
         # lower_order_final keeps the last steps first-order below 15 steps: both stop the second-order update from
         # amplifying errors when there are few, large steps.
@@ -273,7 +305,8 @@ class CrispDiffPipeline(DiffusionPipeline):
 
     Args:
         sampler: name of the sampler ``scheduler`` was built for (one of :data:`SAMPLERS`).
-        beta_schedule: the schedule the betas came from (only ``"cosine"`` changes sampler settings).
+        beta_schedule: the name of the schedule the betas came from, for people reading the config (samplers derive
+            everything from the betas themselves).
         thresholding: dynamic thresholding when switching samplers (pixel models only; ignored with a vae).
         latent_scaling_factor, latent_shift_factor: latents are decoded as ``vae.decode(z / scale + shift)``; stored
             here because crispdiff may measure them on the data instead of trusting the VAE config (None = VAE config).
@@ -383,7 +416,6 @@ class CrispDiffPipeline(DiffusionPipeline):
         return make_scheduler(
             sampler,
             base_config_from_scheduler(self.scheduler),
-            beta_schedule=self.config.beta_schedule,
             thresholding=self.config.thresholding,
             latent=self.vae is not None,
         )
@@ -525,6 +557,7 @@ class CrispDiffPipeline(DiffusionPipeline):
         do_upscale = self._resolve_upscale(upscale)
         device = self._execution_device
         scheduler = self.scheduler if sampler is None else self.make_sampler(sampler)
+        check_step_count(sampler or self.config.sampler, scheduler.config.num_train_timesteps, num_inference_steps)
 
         sample = self.prepare_latents(batch_size, generator, latents, device)
         sample = self._denoise(scheduler, sample, num_inference_steps, generator, device)
@@ -554,6 +587,8 @@ __all__ = [
     "CrispDiffPipeline",
     "apply_gamma",
     "base_config_from_scheduler",
+    "check_step_count",
+    "dpm_lambda_clip",
     "gaussian_blur",
     "has_zero_terminal_snr",
     "make_scheduler",

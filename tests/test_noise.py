@@ -79,9 +79,10 @@ def test_epsilon_with_zero_snr_is_rejected():
 def test_min_snr_weights_per_target():
     snr = torch.tensor([0.0, 0.5, 5.0, 50.0])
     gamma = 5.0
-    torch.testing.assert_close(min_snr_weight(snr, gamma, "sample"), torch.tensor([0.0, 0.5, 5.0, 5.0]))
+    # the SNR in the x0 weight is clamped to [1/gamma, gamma]: SNR 0 weighs like SNR 0.2
+    torch.testing.assert_close(min_snr_weight(snr, gamma, "sample"), torch.tensor([0.2, 0.5, 5.0, 5.0]))
     torch.testing.assert_close(
-        min_snr_weight(snr, gamma, "v_prediction"), torch.tensor([0.0, 0.5 / 1.5, 5.0 / 6.0, 5.0 / 51.0])
+        min_snr_weight(snr, gamma, "v_prediction"), torch.tensor([0.2, 0.5 / 1.5, 5.0 / 6.0, 5.0 / 51.0])
     )
     eps = min_snr_weight(snr, gamma, "epsilon")
     torch.testing.assert_close(eps, torch.tensor([1.0, 1.0, 1.0, 0.1]))
@@ -117,11 +118,23 @@ def test_noise_is_added_in_fp32():
     assert s.add_noise(x0, noise, torch.tensor([0, 999])).dtype == torch.float32
 
 
+def test_pure_noise_step_still_learns_with_min_snr():
+    """With zero terminal SNR the last step is where sampling starts; its min-SNR weight must not be 0."""
+    for prediction_type in ("v_prediction", "sample"):
+        s = NoiseSchedule(make_betas("cosine", T), prediction_type, rescale_zero_snr=True)
+        last = torch.tensor([T - 1])
+        assert s.snr[-1].item() == 0.0
+        assert s.loss_weights(last, 5.0).item() == pytest.approx(0.2)
+
+
 def test_loss_weighting_and_offset_noise():
     s = NoiseSchedule(make_betas("cosine", T), "v_prediction")
     t = torch.tensor([5, 900])
     assert torch.equal(s.loss_weights(t, None), torch.ones(2))
-    assert torch.all(s.loss_weights(t, 5.0) <= 1.0)
+    snr = s.snr[t]
+    expected = snr.clamp(1 / 3.0, 3.0) / (snr + 1)  # gamma 3: the high-SNR step is capped, the noisy one floored
+    torch.testing.assert_close(s.loss_weights(t, 3.0), expected)
+    assert s.loss_weights(t, 3.0)[0] < s.loss_weights(t, 30.0)[0]  # gamma matters where SNR is large
     a = sample_noise((4, 3, 8, 8), torch.Generator().manual_seed(1), "cpu")
     b = sample_noise((4, 3, 8, 8), torch.Generator().manual_seed(1), "cpu", noise_offset=0.5)
     assert not torch.equal(a, b)

@@ -27,19 +27,23 @@ from diffusers import (
 )
 from tiny_models import SIZE, base_config, cosine_betas, tiny_unet
 
+from crispdiff.config import NoiseConfig
 from crispdiff.export import load_pipeline, save_pipeline
 from crispdiff.images import make_grid, save_image_atomic, to_pil_list, to_uint8
+from crispdiff.noise import scheduler_base_config
 from crispdiff.pipelines.pipeline_crispdiff import (
     SAMPLERS,
     CrispDiffPipeline,
     apply_gamma,
+    check_step_count,
+    dpm_lambda_clip,
     gaussian_blur,
     make_scheduler,
     unsharp_mask,
 )
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-STEPS = 3
+STEPS = 4  # divides T = 1000, as DDIM and PNDM require
 SCHEDULER_CLASSES = {
     "dpmsolver++": DPMSolverMultistepScheduler,
     "ddim": DDIMScheduler,
@@ -92,7 +96,7 @@ def generate(pipe: CrispDiffPipeline, seed: int = 0, batch_size: int = 2, **kwar
 
 def in_memory_pipeline(unet: UNet2DModel, **kwargs) -> CrispDiffPipeline:
     sampler = kwargs.pop("sampler", "dpmsolver++")
-    scheduler = make_scheduler(sampler, base_config(), beta_schedule="cosine", latent=kwargs.get("vae") is not None)
+    scheduler = make_scheduler(sampler, base_config(), latent=kwargs.get("vae") is not None)
     return CrispDiffPipeline(unet=unet, scheduler=scheduler, sampler=sampler, beta_schedule="cosine", **kwargs)
 
 
@@ -142,7 +146,7 @@ def latent_dir(tmp_path_factory) -> Path:
 def test_every_sampler_is_built_from_the_same_betas(latent):
     reference = None
     for sampler in SAMPLERS:
-        scheduler = make_scheduler(sampler, base_config(), beta_schedule="cosine", latent=latent)
+        scheduler = make_scheduler(sampler, base_config(), latent=latent)
         assert isinstance(scheduler, SCHEDULER_CLASSES[sampler])
         assert scheduler.config.timestep_spacing == "trailing"
         assert scheduler.config.prediction_type == "v_prediction"
@@ -151,17 +155,43 @@ def test_every_sampler_is_built_from_the_same_betas(latent):
         assert torch.equal(scheduler.alphas_cumprod, reference), sampler
         if sampler in ("ddim", "ddpm"):
             assert scheduler.config.clip_sample is (not latent)
-    dpm = make_scheduler("dpmsolver++", base_config(), beta_schedule="cosine")
+    dpm = make_scheduler("dpmsolver++", base_config())
     assert dpm.config.lambda_min_clipped == -5.1
     assert dpm.config.algorithm_type == "dpmsolver++" and dpm.config.solver_order == 2
     assert dpm.config.final_sigmas_type == "zero" and dpm.config.lower_order_final
-    linear = make_scheduler("dpmsolver++", base_config(), beta_schedule="linear")
-    assert linear.config.lambda_min_clipped == -math.inf
-    assert make_scheduler("ddim", base_config(), beta_schedule="cosine", thresholding=True).config.thresholding
+    assert make_scheduler("ddim", base_config(), thresholding=True).config.thresholding
+
+
+def schedule_base_config(schedule: str, zero_snr: bool = False) -> dict:
+    return scheduler_base_config(NoiseConfig(beta_schedule=schedule, rescale_betas_zero_snr=zero_snr))
+
+
+@pytest.mark.parametrize(
+    "schedule, zero_snr, clipped",
+    [("cosine", False, True), ("sigmoid", False, True), ("linear", False, False), ("cosine", True, False)],
+)
+def test_dpm_lambda_clip_follows_the_betas_log_snr(schedule, zero_snr, clipped):
+    """Cosine and sigmoid both end near log-SNR -10 (capped last beta), so both get the clip; linear ends above it;
+    zero SNR starts from pure noise on purpose. Decided from the betas, whatever the schedule is called."""
+    base = schedule_base_config(schedule, zero_snr)
+    dpm = make_scheduler("dpmsolver++", base)
+    assert dpm.config.lambda_min_clipped == (-5.1 if clipped else -math.inf)
+    if zero_snr:  # betas that are already rescaled (last beta 1) are recognised without the flag
+        assert dpm_lambda_clip(cosine_betas()[:-1] + [1.0]) is None
+
+
+@pytest.mark.parametrize("sampler", ["ddim", "pndm"])
+def test_fixed_stride_samplers_refuse_step_counts_that_do_not_divide_t(sampler):
+    pipe = quiet(in_memory_pipeline(tiny_unet(), sampler=sampler))
+    generator = torch.Generator().manual_seed(0)
+    with pytest.raises(ValueError, match="divides num_train_timesteps=1000; 30 does not"):
+        pipe(batch_size=1, num_inference_steps=30, generator=generator, output_type="pt")
+    assert pipe(batch_size=1, num_inference_steps=25, generator=generator, output_type="pt").images.shape[0] == 1
+    check_step_count("dpmsolver++", 1000, 30)  # samplers that follow their timestep list take any count
 
 
 def test_trailing_spacing_starts_at_the_last_timestep():
-    ddim = make_scheduler("ddim", base_config(), beta_schedule="cosine")
+    ddim = make_scheduler("ddim", base_config())
     ddim.set_timesteps(4)
     assert ddim.timesteps.tolist() == [999, 749, 499, 249]
 
@@ -169,26 +199,26 @@ def test_trailing_spacing_starts_at_the_last_timestep():
 def test_sampler_configuration_errors():
     zero_snr = base_config(zero_snr=True)
     with pytest.raises(ValueError, match="pndm"):
-        make_scheduler("pndm", zero_snr, beta_schedule="cosine")
+        make_scheduler("pndm", zero_snr)
     rescaled_betas = dict(base_config(), trained_betas=cosine_betas()[:-1] + [1.0])  # zero SNR without the flag
     with pytest.raises(ValueError, match="pndm"):
-        make_scheduler("pndm", rescaled_betas, beta_schedule="cosine")
+        make_scheduler("pndm", rescaled_betas)
     with pytest.raises(ValueError, match="epsilon"):
-        make_scheduler("ddim", base_config("epsilon", zero_snr=True), beta_schedule="cosine")
+        make_scheduler("ddim", base_config("epsilon", zero_snr=True))
     with pytest.raises(ValueError, match="latent"):
-        make_scheduler("ddim", base_config(), beta_schedule="cosine", thresholding=True, latent=True)
+        make_scheduler("ddim", base_config(), thresholding=True, latent=True)
     with pytest.raises(ValueError, match="unknown sampler"):
-        make_scheduler("euler", base_config(), beta_schedule="cosine")
+        make_scheduler("euler", base_config())
     with pytest.raises(ValueError, match="missing"):
-        make_scheduler("ddim", {"num_train_timesteps": 1000}, beta_schedule="cosine")
+        make_scheduler("ddim", {"num_train_timesteps": 1000})
     with pytest.raises(ValueError, match="sample"):
-        make_scheduler("pndm", base_config("sample"), beta_schedule="cosine")
+        make_scheduler("pndm", base_config("sample"))
     for sampler in ("dpmsolver++", "ddim", "unipc", "ddpm"):  # v-prediction + zero SNR is the supported combination
-        assert make_scheduler(sampler, zero_snr, beta_schedule="cosine").config.rescale_betas_zero_snr
+        assert make_scheduler(sampler, zero_snr).config.rescale_betas_zero_snr
 
 
 def test_zero_snr_pipeline_samples_finite_images():
-    scheduler = make_scheduler("dpmsolver++", base_config(zero_snr=True), beta_schedule="cosine")
+    scheduler = make_scheduler("dpmsolver++", base_config(zero_snr=True))
     pipe = CrispDiffPipeline(unet=tiny_unet(), scheduler=scheduler, beta_schedule="cosine")
     images = generate(pipe)
     assert torch.isfinite(images).all() and pipe.scheduler.timesteps[0] == 999

@@ -30,7 +30,16 @@ from crispdiff.vae import (
     vae_downsample_factor,
     weights_fingerprint,
 )
-from crispdiff.vae_training import VAETrainConfig, VAETrainer, psnr, split_indices, ssim
+from crispdiff.vae_training import (
+    VAETrainConfig,
+    VAETrainer,
+    holdout_split,
+    psnr,
+    spectral_amplitude_loss,
+    split_indices,
+    ssim,
+    widen_latent,
+)
 
 #: The embedded VAE must reconstruct the first 32 of its held-out emoji (never seen in training) above this mean PSNR.
 #: Measured 25.75 dB for the committed weights (26.61 dB on all 189 held-out images); the margin absorbs BLAS
@@ -242,6 +251,9 @@ def test_gan_and_decoder_only_training_move_the_right_weights(image_folder: Path
         "--disc_start", "0", "--disc_layers", "1", "--disc_channels", "8", "--max_train_steps", "2",
     )  # fmt: skip
     trainer = make_trainer(flags)
+    # one optimizer (a parameter group per model): under fp16 a second one would unscale the gradients twice
+    groups = trainer.optimizer.param_groups
+    assert len(groups) == 2 and {id(p) for p in groups[1]["params"]} == {id(p) for p in trainer.disc.parameters()}
     disc_before = [p.detach().clone() for p in trainer.disc.parameters()]
     terms = [trainer.micro_step() for _ in range(2)]
     assert all(torch.isfinite(t["gan_d"]) and t["gan_weight"] > 0 for t in terms) and "kl" not in terms[0]
@@ -268,6 +280,59 @@ def test_train_vae_script_saves_a_loadable_folder_and_resumes_exactly(image_fold
     second_run = load_file(resumed / "diffusion_pytorch_model.safetensors")
     assert first_run.keys() == second_run.keys()
     assert all(torch.equal(first_run[k], second_run[k]) for k in first_run)
+
+
+def test_widened_latent_decodes_exactly_like_the_original_then_learns(image_folder: Path, tmp_path: Path):
+    base = tiny_kl()
+    wide = widen_latent(base, 8).eval()
+    assert wide.config.latent_channels == 8
+    x = torch.rand(3, 3, 16, 16, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    with torch.no_grad():
+        old = base.decode(base.encode(x).latent_dist.mean).sample
+        new_mean = wide.encode(x).latent_dist.mean
+        torch.testing.assert_close(new_mean[:, :4], base.encode(x).latent_dist.mean)
+        torch.testing.assert_close(wide.decode(new_mean).sample, old, rtol=0, atol=1e-6)
+    with pytest.raises(ValueError, match="only be widened"):
+        widen_latent(wide, 4)
+
+    base.save_pretrained(tmp_path / "pretrained")
+    flags = trainer_flags(
+        image_folder, tmp_path, "--pretrained_vae_name_or_path", str(tmp_path / "pretrained"),
+        "--latent_channels", "8", "--max_train_steps", "2", "--learning_rate", "1e-3",
+    )  # fmt: skip
+    trainer = make_trainer(flags)
+    assert trainer.vae.config.latent_channels == 8
+    trainer.micro_step(), trainer.micro_step()
+    assert trainer.vae.decoder.conv_in.weight[:, 4:].abs().sum() > 0  # the decoder starts using the new channels
+
+
+def test_spectral_loss_charges_blur_whatever_the_phase():
+    g = torch.Generator().manual_seed(0)
+    sharp = (torch.rand(2, 3, 32, 32, generator=g) > 0.5).float() * 2 - 1
+    blurred = torch.nn.functional.avg_pool2d(sharp, 3, stride=1, padding=1, count_include_pad=False)
+    shifted = torch.roll(sharp, shifts=(3, 5), dims=(2, 3))  # same amplitudes, other phases
+    assert spectral_amplitude_loss(sharp, sharp).item() == pytest.approx(0.0, abs=1e-5)
+    assert spectral_amplitude_loss(shifted, sharp).item() == pytest.approx(0.0, abs=1e-4)
+    assert spectral_amplitude_loss(blurred, sharp).item() > 0.1
+    blurred.requires_grad_(True)
+    spectral_amplitude_loss(blurred, sharp).backward()
+    assert torch.isfinite(blurred.grad).all()
+
+
+def test_holdout_split_keeps_whole_classes_out(tmp_path: Path):
+    class Data:
+        metadata = [{"category": c} for c in ["a"] * 10 + ["b"] * 5 + ["c"] * 5]
+
+        def __len__(self) -> int:
+            return len(self.metadata)
+
+    train, held, classes = holdout_split(Data(), 0.2, 0, "category", ["b", "c"])
+    assert classes.tolist() == list(range(10, 20))
+    assert len(held) == 2 and set(train.tolist()) | set(held.tolist()) == set(range(10))
+    with pytest.raises(ValueError, match="do not occur"):
+        holdout_split(Data(), 0.2, 0, "category", ["z"])
+    with pytest.raises(ValueError, match="not a metadata column"):
+        holdout_split(Data(), 0.2, 0, "kind", ["a"])
 
 
 def test_existing_vae_folder_is_not_overwritten(image_folder: Path, tmp_path: Path):

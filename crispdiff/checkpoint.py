@@ -1,14 +1,14 @@
 """Resumable checkpoints: accelerate's state plus crispdiff's own (EMA weights, generators, data position).
 
-A checkpoint is written into ``checkpoint-<step>.tmp`` and renamed into place only when every process has finished
-writing, so a run killed while saving never leaves a half-written ``checkpoint-<step>`` for ``--resume_from_checkpoint
-latest`` to pick up. EMA weights go to safetensors; the generator states (one per process) go to safetensors too.
+A checkpoint is written into ``checkpoint-<step>.tmp`` and swapped into place (``crispdiff.io``: fsynced first) only
+when every process has finished writing, so a run killed while saving (or a power cut after it) never leaves a
+half-written ``checkpoint-<step>`` for ``--resume_from_checkpoint latest`` to pick up. EMA weights go to safetensors;
+the generator states (one per process) go to safetensors too.
 """
 
 from __future__ import annotations
 
 import json
-import os
 import re
 import shutil
 from pathlib import Path
@@ -17,6 +17,8 @@ from typing import Any
 import torch
 from accelerate import Accelerator
 from safetensors.torch import load_file, save_file
+
+from crispdiff.io import swap_folder_into_place
 
 CHECKPOINT_PATTERN = re.compile(r"^checkpoint-(\d+)$")
 STATE_FILE = "crispdiff_state.json"
@@ -89,10 +91,8 @@ def save_checkpoint(
         (tmp / STATE_FILE).write_text(json.dumps(full_state, indent=2))
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        if final.exists():  # an older run's checkpoint at the same step: move it aside before the swap
-            os.replace(final, output_dir / f"checkpoint-{step}.old")
-        os.replace(tmp, final)
-        shutil.rmtree(output_dir / f"checkpoint-{step}.old", ignore_errors=True)
+        # fsynced, then swapped in (an older run's checkpoint at the same step is replaced only once this one is whole)
+        swap_folder_into_place(tmp, final)
         prune_checkpoints(output_dir, total_limit)  # only once the new one is complete
     accelerator.wait_for_everyone()
     return final

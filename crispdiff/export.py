@@ -11,7 +11,6 @@ import json
 import logging
 import os
 import shutil
-import uuid
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +19,7 @@ import torch
 from diffusers import ModelMixin
 
 from crispdiff.images import save_image_atomic
+from crispdiff.io import staging_folder, swap_folder_into_place
 from crispdiff.pipelines.pipeline_crispdiff import SAMPLERS, CrispDiffPipeline, make_scheduler
 
 logger = logging.getLogger(__name__)
@@ -128,7 +128,7 @@ def save_pipeline(
         sr_strength=sr_strength,
     )
     target.parent.mkdir(parents=True, exist_ok=True)
-    staging = target.parent / f".{target.name}.tmp-{uuid.uuid4().hex[:8]}"
+    staging = staging_folder(target)
     try:
         staging.mkdir()
         pipeline.save_pretrained(staging)
@@ -137,48 +137,20 @@ def save_pipeline(
             (staging / TRAINING_CONFIG_NAME).write_text(text + "\n", encoding="utf-8")
         if sample_grid is not None:
             save_image_atomic(sample_grid, staging / SAMPLES_NAME)
-        _swap_into_place(staging, target)
+        if target.exists() and not target.is_dir():
+            raise FileExistsError(f"{target} exists and is not a folder; cannot save a pipeline there")
+        swap_folder_into_place(staging, target, carry=_foreign_entries(target))
     finally:
         if staging.exists():
             shutil.rmtree(staging, ignore_errors=True)
     return target
 
 
-def _swap_into_place(staging: Path, target: Path) -> None:
-    """Replace ``target`` by the complete ``staging`` folder, carrying over entries that are not ours.
-
-    POSIX cannot atomically exchange two non-empty folders, so the old folder is renamed aside first and restored if
-    the second rename fails; the window where ``target`` is missing is two renames long.
-    """
-    if not target.exists():
-        os.replace(staging, target)
-        return
+def _foreign_entries(target: Path) -> list[str]:
+    """Top-level entries of an existing ``target`` that a pipeline save does not write (carried over, not deleted)."""
     if not target.is_dir():
-        raise FileExistsError(f"{target} exists and is not a folder; cannot save a pipeline there")
-    carried = [entry.name for entry in target.iterdir() if entry.name not in _PIPELINE_ENTRIES]
-    carried = [name for name in carried if not (staging / name).exists()]
-    for name in carried:
-        os.replace(target / name, staging / name)
-    backup = target.parent / f".{target.name}.old-{uuid.uuid4().hex[:8]}"
-    try:
-        os.replace(target, backup)
-    except BaseException:
-        _move_back(staging, target, carried)
-        raise
-    try:
-        os.replace(staging, target)
-    except BaseException:
-        os.replace(backup, target)
-        _move_back(staging, target, carried)
-        raise
-    shutil.rmtree(backup, ignore_errors=True)
-
-
-def _move_back(staging: Path, target: Path, names: list[str]) -> None:
-    """Undo the carry-over of foreign entries after a failed swap."""
-    for name in names:
-        if (staging / name).exists():
-            os.replace(staging / name, target / name)
+        return []
+    return [entry.name for entry in target.iterdir() if entry.name not in _PIPELINE_ENTRIES]
 
 
 def read_model_index(path: str | os.PathLike) -> dict[str, Any]:

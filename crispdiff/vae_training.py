@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import shutil
 import sys
 import time
@@ -32,6 +31,7 @@ from diffusers import AutoencoderKL
 from torch import nn
 
 from crispdiff.config import DataConfig, LoopConfig, flag
+from crispdiff.io import staging_folder, swap_folder_into_place
 from crispdiff.model import group_norm_groups
 from crispdiff.training import LoopTrainer, refuse_to_overwrite, run_trainer, start_run
 from crispdiff.vae import load_vae, measure_scaling_factor, measure_shift_factor, read_scaling, sample_posterior
@@ -474,15 +474,19 @@ def measure_latent_scaling(
 
 
 def save_vae_folder(vae: AutoencoderKL, folder: Path, model_card: str) -> Path:
-    """Write config.json + safetensors + README.md into ``folder`` atomically (temporary folder, then rename)."""
+    """Write config.json + safetensors + README.md into ``folder`` atomically and durably.
+
+    The folder is built beside the target and swapped in by ``crispdiff.io.swap_folder_into_place`` (fsynced first);
+    the previous VAE is deleted only after the new one is in place, so a crash never leaves neither.
+    """
     folder = Path(folder)
-    tmp = folder.with_name(f".{folder.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    vae.save_pretrained(tmp, safe_serialization=True)
-    (tmp / "README.md").write_text(model_card)
-    if folder.exists():
-        shutil.rmtree(folder)
-    os.replace(tmp, folder)
+    tmp = staging_folder(folder)
+    try:
+        vae.save_pretrained(tmp, safe_serialization=True)
+        (tmp / "README.md").write_text(model_card)
+        swap_folder_into_place(tmp, folder)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
     return folder
 
 

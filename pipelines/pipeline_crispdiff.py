@@ -283,6 +283,9 @@ def _write_json_atomic(path: Path, data: dict[str, Any]) -> None:
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as handle:
             handle.write(json.dumps(data, indent=2, sort_keys=True) + "\n")
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600 files; others must be able to load a shared pipeline
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):

@@ -18,6 +18,7 @@ import torch
 from accelerate import Accelerator
 from safetensors.torch import load_file, save_file
 
+from crispdiff.errors import FlagError, PathError
 from crispdiff.io import swap_folder_into_place
 
 CHECKPOINT_PATTERN = re.compile(r"^checkpoint-(\d+)$")
@@ -107,7 +108,7 @@ def find_checkpoint(output_dir: str | Path, which: str) -> Path | None:
     if not path.is_absolute() and not path.exists():
         path = Path(output_dir) / which
     if not (path / STATE_FILE).is_file():
-        raise FileNotFoundError(
+        raise PathError(
             f"--resume_from_checkpoint {which!r}: {path} is not a complete crispdiff checkpoint (no {STATE_FILE})"
         )
     return path
@@ -125,7 +126,7 @@ def load_checkpoint(
     state = json.loads((path / STATE_FILE).read_text())
     saved_processes = state.get("num_processes", accelerator.num_processes)
     if saved_processes != accelerator.num_processes:
-        raise ValueError(
+        raise FlagError(
             f"{path} was written by {saved_processes} process(es) but this run has {accelerator.num_processes}: the "
             "data sharding and RNG streams would not continue where they stopped. Resume with the same "
             "--num_processes, or start a new --output_dir."

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from crispdiff.errors import ArgumentParser, FlagError, UserError, install_user_error_hook
 from crispdiff.io import write_text_atomic
 
 
@@ -228,12 +229,24 @@ def add_dataclass_flags(parser: argparse.ArgumentParser, config_cls: type) -> No
 
 
 def parse_config(config_cls: type, argv: list[str] | None = None, description: str | None = None) -> Any:
-    """Parse command-line flags into an instance of ``config_cls``."""
-    parser = argparse.ArgumentParser(description=description or config_cls.__doc__)
+    """Parse command-line flags into an instance of ``config_cls``.
+
+    ``argv=None`` means this is the program's own command line: from then on a user error anywhere in the run (bad
+    data, a missing path, an invalid flag combination) ends it with one ``error:`` line and status 2
+    (``crispdiff.errors``). A ``ValueError`` from the config's ``validate()`` is such a user error.
+    """
+    parser = ArgumentParser(description=description or config_cls.__doc__)
     add_dataclass_flags(parser, config_cls)
+    if argv is None:
+        install_user_error_hook(parser.prog)
     args = parser.parse_args(argv)
     config = config_cls(**vars(args))
     validate = getattr(config, "validate", None)
     if callable(validate):
-        validate()
+        try:
+            validate()
+        except UserError:
+            raise
+        except ValueError as err:
+            raise FlagError(str(err)) from err
     return config

@@ -32,6 +32,8 @@ import numpy as np
 import torch
 from PIL import Image, ImageColor, ImageOps
 
+from crispdiff.errors import UserError
+from crispdiff.io import write_text_atomic
 from crispdiff.pipelines.pipeline_crispdiff import gaussian_blur  # the same blur the pipeline sharpens with
 
 __all__ = [
@@ -60,10 +62,13 @@ _INTERPOLATIONS = {
 # augmentations are switched on (turning on blur does not change which images get flipped).
 _DRAWS_PER_IMAGE = 7
 _MAX_SKIPPED_NAMES = 20
+#: In a cache folder: every skipped file, one ``name (reason)`` a line. Beside a run: the same list, for the user.
+SKIPPED_FILE = "skipped.txt"
+SKIPPED_LOG_NAME = "skipped_images.txt"
 _DECODE_CHUNK = 256
 
 
-class DataError(ValueError):
+class DataError(UserError, ValueError):
     """A problem with the user's data or data flags; the message names the file and the flag to change."""
 
 
@@ -175,10 +180,11 @@ def _resize_short_side(rgb: np.ndarray, recipe: _Recipe) -> np.ndarray:
 
 @dataclass
 class _Decoded:
-    """The result of decoding one item: pixels, or ``None`` when the file could not be read."""
+    """The result of decoding one item: pixels, or ``None`` with the reason it was skipped."""
 
     pixels: np.ndarray | None
     upscaled: bool = False
+    skipped_because: str | None = None  # "unreadable" or "WxH, under --min_image_size N"
 
 
 def _open(item: Any) -> Image.Image:
@@ -199,27 +205,25 @@ def _open(item: Any) -> Image.Image:
 
 
 def _decode(item: Any, name: str, recipe: _Recipe) -> _Decoded:
-    """Decode one image with the recipe; unreadable files yield ``pixels=None``, too-small ones raise.
+    """Decode one image with the recipe; unreadable and too-small files come back without pixels and with a reason.
 
-    Why raise for small images: silently upscaling a 12-pixel thumbnail to 64 px would teach the model blur, which is
-    the one thing this project exists to avoid; the user should decide (``--min_image_size``).
+    Why skip small images instead of upscaling them: a 12-pixel thumbnail upscaled to 64 px would teach the model
+    blur, the one thing this project exists to avoid. Why skip rather than stop: one stray icon in a folder of
+    thousands should not end a run; the skipped files are named in a warning and listed in a log file.
     """
     try:
         with _open(item) as img:
             img.load()
             width, height = img.size
             if min(width, height) < recipe.min_image_size:
-                raise DataError(
-                    f"image {name} is {width}x{height}, smaller than --min_image_size {recipe.min_image_size} on its "
-                    f"short side; remove it or lower --min_image_size"
+                return _Decoded(
+                    None, skipped_because=f"{width}x{height}, under --min_image_size {recipe.min_image_size}"
                 )
             if img.getexif().get(0x0112, 1) != 1:  # camera rotation tag: photos should be upright
                 img = ImageOps.exif_transpose(img) or img
             rgb = _to_rgb_array(img, recipe.background)
-    except DataError:
-        raise
     except (OSError, SyntaxError, ValueError, TypeError, Image.DecompressionBombError, EOFError):
-        return _Decoded(None)
+        return _Decoded(None, skipped_because="unreadable")
     upscaled = min(rgb.shape[:2]) < recipe.resolution
     return _Decoded(_resize_short_side(rgb, recipe), upscaled)
 
@@ -482,7 +486,7 @@ def _build_cache(source: _Source, recipe: _Recipe, folder: Path, key: str, show_
         with (tmp / "pixels.bin").open("wb") as handle:
             for position, decoded in _decoded_stream(source, recipe, show_progress):
                 if decoded.pixels is None:
-                    skipped.append(source.names[position])
+                    skipped.append(f"{source.names[position]} ({decoded.skipped_because})")
                     continue
                 height, width = decoded.pixels.shape[:2]
                 handle.write(decoded.pixels.tobytes())
@@ -492,8 +496,8 @@ def _build_cache(source: _Source, recipe: _Recipe, folder: Path, key: str, show_
                 upscaled += int(decoded.upscaled)
         if not kept:
             raise DataError(
-                f"none of the {len(source)} images of {source.description} could be read "
-                f"(first: {', '.join(skipped[:5])})"
+                f"none of the {len(source)} images of {source.description} can be used "
+                f"({_skip_summary(skipped, recipe)}; first: {', '.join(skipped[:5])})"
             )
         np.save(tmp / "index.npy", np.asarray(index, dtype=np.int64).reshape(-1, 3))
         np.save(tmp / "kept.npy", np.asarray(kept, dtype=np.int64))
@@ -503,11 +507,13 @@ def _build_cache(source: _Source, recipe: _Recipe, folder: Path, key: str, show_
             "num_images": len(kept),
             "pixels_bytes": offset,
             "num_skipped": len(skipped),
+            "num_too_small": sum(_is_too_small(entry) for entry in skipped),
             "skipped": skipped[:_MAX_SKIPPED_NAMES],
             "num_upscaled": upscaled,
             "source": source.description,
             **recipe.as_key(),
         }
+        (tmp / SKIPPED_FILE).write_text("".join(f"{entry}\n" for entry in skipped), encoding="utf-8")
         (tmp / "header.json").write_text(json.dumps(header, indent=1))
         if _read_cache(folder, key) is not None:  # another process (e.g. a second GPU rank) finished first
             return
@@ -523,14 +529,40 @@ def _build_cache(source: _Source, recipe: _Recipe, folder: Path, key: str, show_
             shutil.rmtree(tmp, ignore_errors=True)
 
 
-def _warn_about(header: dict[str, Any], source: _Source, recipe: _Recipe) -> None:
-    """One warning for unreadable files and one for upscaled images, on every load (also from the cache)."""
+def _is_too_small(entry: str) -> bool:
+    return "--min_image_size" in entry
+
+
+def _skip_summary(skipped: Sequence[str], recipe: _Recipe) -> str:
+    """``"2 unreadable, 1 under --min_image_size 16"`` for a list of skipped-file entries."""
+    too_small = sum(_is_too_small(entry) for entry in skipped)
+    return f"{len(skipped) - too_small} unreadable, {too_small} under --min_image_size {recipe.min_image_size}"
+
+
+def skipped_entries(folder: Path, header: dict[str, Any]) -> list[str]:
+    """Every skipped file of a cache as ``"name (reason)"`` (caches written before the list existed: the first 20)."""
+    try:
+        return (folder / SKIPPED_FILE).read_text(encoding="utf-8").splitlines()
+    except OSError:
+        return [str(name) for name in header.get("skipped", [])]
+
+
+def write_skipped_log(entries: Sequence[str], output_dir: str | os.PathLike) -> Path:
+    """The full list of skipped files, one ``name (reason)`` a line, in ``OUTPUT_DIR/skipped_images.txt``."""
+    return write_text_atomic(Path(output_dir) / SKIPPED_LOG_NAME, "".join(f"{entry}\n" for entry in entries))
+
+
+def _warn_about(header: dict[str, Any], source: _Source, recipe: _Recipe, log_path: Path | None) -> None:
+    """One warning for skipped files and one for upscaled images, on every load (also from the cache)."""
     skipped = int(header.get("num_skipped", 0))
     if skipped:
         names = ", ".join(header.get("skipped", [])[:5])
         more = " ..." if skipped > 5 else ""
+        too_small = int(header.get("num_too_small", 0))
+        where = f"; the full list is in {log_path}" if log_path is not None else ""
         warnings.warn(
-            f"skipped {skipped} unreadable or truncated image(s) of {source.description}: {names}{more}",
+            f"skipped {skipped} image(s) of {source.description} ({skipped - too_small} unreadable or truncated, "
+            f"{too_small} under --min_image_size {recipe.min_image_size}): {names}{more}{where}",
             UserWarning,
             stacklevel=3,
         )
@@ -553,7 +585,8 @@ class ImageData:
     """Decoded, resized uint8 images on disk (memory-mapped) plus their metadata, ready to be batched.
 
     Attributes: ``num_images``, ``resolution``, ``captions`` (or ``None``), ``metadata`` (rows aligned with the
-    images, or ``None``), ``source`` (human description), ``num_skipped`` (unreadable files), ``cache_path`` and
+    images, or ``None``), ``source`` (human description), ``num_skipped`` (unreadable or too-small files),
+    ``skipped_names`` (every one, as ``"name (reason)"``), ``cache_path`` and
     ``cache_hit`` (whether this load decoded nothing).
     """
 
@@ -696,6 +729,16 @@ def _check_config(config: Any) -> None:
         raise DataError(f"--blur_sigma must be >= 0, got {config.blur_sigma}")
 
 
+def _skipped_log(entries: list[str], cache_folder: Path, config: Any) -> Path | None:
+    """Where every skipped file is listed: ``OUTPUT_DIR/skipped_images.txt`` for a run, else the cache's own list."""
+    if not entries:
+        return None
+    output_dir = getattr(config, "output_dir", None)
+    if output_dir:
+        return write_skipped_log(entries, output_dir)
+    return cache_folder / SKIPPED_FILE if (cache_folder / SKIPPED_FILE).is_file() else None
+
+
 def load_images(config: Any, *, for_latents: bool = False, show_progress: bool = True) -> ImageData:
     """Load the images named by the data flags of ``config`` (a ``DataConfig`` or anything with its attributes).
 
@@ -723,7 +766,8 @@ def load_images(config: Any, *, for_latents: bool = False, show_progress: bool =
         contents = _read_cache(folder, key)
         if contents is None:
             raise RuntimeError(f"the image cache just written to {folder} does not validate; is the disk full?")
-    _warn_about(contents.header, source, recipe)
+    skipped = skipped_entries(folder, contents.header)
+    _warn_about(contents.header, source, recipe, _skipped_log(skipped, folder, config))
     kept = contents.kept.tolist()
     pixels = np.memmap(folder / "pixels.bin", dtype=np.uint8, mode="r")
     return ImageData(
@@ -739,7 +783,7 @@ def load_images(config: Any, *, for_latents: bool = False, show_progress: bool =
         metadata=[source.metadata[i] for i in kept] if source.metadata is not None else None,
         source=source.description,
         num_skipped=int(contents.header.get("num_skipped", 0)),
-        skipped_names=list(contents.header.get("skipped", [])),
+        skipped_names=skipped,
         cache_path=folder,
         cache_hit=cache_hit,
     )

@@ -24,6 +24,7 @@ import numpy as np
 import torch
 
 from crispdiff import metrics as M
+from crispdiff.errors import FlagError, PathError
 from crispdiff.io import write_atomic
 
 METRICS_NAME = "metrics.json"
@@ -93,7 +94,7 @@ def load_samples_npz(path: str | os.PathLike) -> torch.Tensor:
     """
     file = Path(path)
     if not file.is_file():
-        raise FileNotFoundError(f"--samples_npz {file} does not exist")
+        raise PathError(f"--samples_npz {file} does not exist")
     with np.load(file, allow_pickle=False) as data:
         names = list(data.files)
         if "images" in names:
@@ -103,12 +104,12 @@ def load_samples_npz(path: str | os.PathLike) -> torch.Tensor:
         elif len(names) == 1:
             key = names[0]
         else:
-            raise ValueError(f"--samples_npz {file} holds arrays {names}; name the image array 'images'")
+            raise FlagError(f"--samples_npz {file} holds arrays {names}; name the image array 'images'")
         array = data[key]
     try:
         return M.to_float01(array)
     except (TypeError, ValueError) as err:
-        raise ValueError(f"--samples_npz {file} [{key}]: {err}") from err
+        raise FlagError(f"--samples_npz {file} [{key}]: {err}") from err
 
 
 def save_samples_npz(path: str | os.PathLike, images01: torch.Tensor) -> Path:
@@ -150,9 +151,10 @@ def generate_samples(
     seed: int = 0,
     batch_size: int = 32,
     upscale: bool | None = None,
+    sr_strength: float | None = None,
     log: Any = None,
 ) -> torch.Tensor:
-    """``num_images`` samples as float [N, 3, H, W] in [0, 1] on the CPU.
+    """``num_images`` samples as float [N, 3, H, W] in [0, 1] on the CPU (``crispdiff sample`` and ``evaluate``).
 
     Image ``i`` uses its own CPU generator seeded ``seed + i``, as ``crispdiff sample`` does, so the evaluated images
     are the ones that command shows for the same seed, whatever the batch size or device.
@@ -163,7 +165,12 @@ def generate_samples(
         count = min(batch_size, num_images - start)
         generators = [torch.Generator("cpu").manual_seed(seed + start + i) for i in range(count)]
         out = pipeline(
-            batch_size=count, num_inference_steps=steps, generator=generators, upscale=upscale, output_type="pt"
+            batch_size=count,
+            num_inference_steps=steps,
+            generator=generators,
+            upscale=upscale,
+            sr_strength=sr_strength,
+            output_type="pt",
         )
         images.append(out.images.float().cpu().clamp(0, 1))
         if log is not None:
@@ -360,16 +367,18 @@ def run_evaluation(
     memorisation: bool = True,
     save_samples: bool = False,
     device: str | None = None,
+    dtype: torch.dtype | None = None,
     command: str | None = None,
     log: Any = print,
 ) -> dict[str, Any]:
     """Sample (or read) images, measure them against the reference, write the three outputs; returns the metrics.
 
     Exactly one of ``pipeline_dir`` and ``samples_npz`` is needed. The comparison resolution is ``resolution``, else
-    the folder's training resolution, else the pipeline's native (pre-SR) size, else the samples' size.
+    the folder's training resolution, else the pipeline's native (pre-SR) size, else the samples' size. ``dtype``
+    is the precision the models sample in (fp32 when None); metrics are always computed in fp32.
     """
     if (pipeline_dir is None) == (samples_npz is None):
-        raise ValueError("give either a pipeline folder or --samples_npz, not both or neither")
+        raise FlagError("give either a pipeline folder or --samples_npz, not both or neither")
     started = time.time()
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     title = "crispdiff evaluation"
@@ -381,7 +390,7 @@ def run_evaluation(
     else:
         from crispdiff.export import load_pipeline
 
-        pipeline = load_pipeline(pipeline_dir, sampler=sampler, device=device)
+        pipeline = load_pipeline(pipeline_dir, sampler=sampler, device=device, dtype=dtype)
         resolution = resolution or training_resolution(pipeline_dir) or native_resolution(pipeline)
         log(f"sampling {num_images} images with {steps} steps ({pipeline.config.sampler}) on {device}")
         samples = generate_samples(

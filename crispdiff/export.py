@@ -18,6 +18,7 @@ import PIL.Image
 import torch
 from diffusers import ModelMixin
 
+from crispdiff.errors import FlagError, PathError
 from crispdiff.images import save_image_atomic
 from crispdiff.io import staging_folder, swap_folder_into_place
 from crispdiff.pipelines.pipeline_crispdiff import SAMPLERS, CrispDiffPipeline, make_scheduler
@@ -157,35 +158,51 @@ def read_model_index(path: str | os.PathLike) -> dict[str, Any]:
     """The folder's model_index.json, with clear errors when the folder is missing or not a crispdiff pipeline."""
     folder = Path(path)
     if not folder.is_dir():
-        raise FileNotFoundError(f"pipeline folder {folder} does not exist")
+        raise PathError(f"pipeline folder {folder} does not exist")
     index_path = folder / MODEL_INDEX_NAME
     if not index_path.is_file():
-        raise FileNotFoundError(f"{folder} has no {MODEL_INDEX_NAME}; it is not a saved pipeline folder")
+        raise PathError(f"{folder} has no {MODEL_INDEX_NAME}; it is not a saved pipeline folder")
     index = json.loads(index_path.read_text(encoding="utf-8"))
     class_name = index.get("_class_name")
     name = class_name[-1] if isinstance(class_name, (list, tuple)) and class_name else class_name
     if name != PIPELINE_CLASS_NAME:
-        raise ValueError(
+        raise FlagError(
             f"{index_path} describes a {class_name!r} pipeline, not a crispdiff {PIPELINE_CLASS_NAME}; "
             "load it with diffusers' DiffusionPipeline.from_pretrained instead"
         )
     return index
 
 
+#: ``--dtype`` values of ``crispdiff sample`` / ``evaluate``: the precision the UNet (and VAE, SR model) run in.
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+def parse_dtype(name: str | torch.dtype | None) -> torch.dtype | None:
+    """``"fp16"`` -> ``torch.float16`` (``None`` stays None: fp32, as saved); an unknown name is a flag error."""
+    if name is None or isinstance(name, torch.dtype):
+        return name
+    if name not in DTYPES:
+        raise FlagError(f"--dtype {name!r} is not one of {', '.join(DTYPES)}")
+    return DTYPES[name]
+
+
 def load_pipeline(
     path: str | os.PathLike,
     sampler: str | None = None,
     device: str | torch.device | None = None,
-    dtype: torch.dtype | None = None,
+    dtype: torch.dtype | str | None = None,
 ) -> CrispDiffPipeline:
     """Load a saved folder as the installed :class:`CrispDiffPipeline` (not the folder's copy of the code).
 
     ``trust_remote_code=True`` is passed because diffusers will only import the SR component's module
-    (``sr_model/sr_model.py``) with it. ``sampler`` switches the scheduler; ``device`` / ``dtype`` move the models.
+    (``sr_model/sr_model.py``) with it. ``sampler`` switches the scheduler; ``device`` / ``dtype`` move the models
+    (``dtype`` also takes ``"fp32"`` / ``"fp16"`` / ``"bf16"``). The sampler's own arithmetic stays fp32 whatever
+    ``dtype`` is: only the networks run in it.
     """
     read_model_index(path)
+    dtype = parse_dtype(dtype)
     if sampler is not None and sampler not in SAMPLERS:
-        raise ValueError(f"unknown sampler {sampler!r}; choose one of {', '.join(SAMPLERS)}")
+        raise FlagError(f"unknown sampler {sampler!r}; choose one of {', '.join(SAMPLERS)}")
     kwargs: dict[str, Any] = {"trust_remote_code": True}
     if dtype is not None:
         kwargs["dtype"] = dtype

@@ -28,6 +28,7 @@ from tqdm.auto import tqdm
 
 from crispdiff.checkpoint import find_checkpoint, load_checkpoint, save_checkpoint
 from crispdiff.config import LoopConfig, TrainConfig
+from crispdiff.errors import MissingDependencyError, OutputExistsError
 from crispdiff.export import build_pipeline, save_pipeline
 from crispdiff.hub import maybe_push_to_hub, write_model_card
 from crispdiff.images import make_grid, save_image_atomic
@@ -159,7 +160,7 @@ def make_optimizer(
         try:
             import bitsandbytes as bnb
         except ImportError as err:
-            raise ImportError(
+            raise MissingDependencyError(
                 "--use_8bit_adam needs bitsandbytes: pip install 'crispdiff[bnb]' (or drop the flag)"
             ) from err
         return bnb.optim.AdamW8bit(parameters, **kwargs)
@@ -181,7 +182,7 @@ def tracker_config(config: LoopConfig) -> dict[str, Any]:
 def refuse_to_overwrite(config: LoopConfig, folder: Path, marker: str, what: str) -> None:
     """Refuse to silently replace a finished model unless asked to (--overwrite_output_dir) or resuming."""
     if (folder / marker).exists() and not (config.overwrite_output_dir or config.resume_from_checkpoint):
-        raise FileExistsError(
+        raise OutputExistsError(
             f"{folder} already holds {what}; pass --overwrite_output_dir to replace it, "
             "--resume_from_checkpoint latest to continue, or choose another --output_dir"
         )

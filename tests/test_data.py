@@ -183,14 +183,44 @@ def test_missing_folder_error_names_path_and_flag(tmp_path):
     assert str(missing) in str(info.value)
 
 
-def test_too_small_image_error_names_file_and_flag(tmp_path, folder):
-    _solid((1, 2, 3)).save(folder / "fine.png")
+def test_too_small_images_are_skipped_and_counted_with_unreadable_ones(tmp_path, folder):
+    """One 20x6 icon (and one broken file) among good images must not stop the run: skipped, named, logged."""
+    from crispdiff.config import TrainConfig
+
+    for i in range(3):
+        _solid((i, 2, 3)).save(folder / f"fine{i}.png")
     _solid((1, 2, 3), size=(20, 6)).save(folder / "tiny.png")
+    (folder / "broken.png").write_bytes(b"nope")
+    output_dir = tmp_path / "run"
+    config = TrainConfig(
+        train_data_dir=str(folder), cache_dir=str(tmp_path / "cache"), resolution=32, output_dir=str(output_dir)
+    )
+    config.min_image_size = 8
+    for attempt in ("decoded", "from the cache"):
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            data = _load(config)
+        messages = [str(w.message) for w in caught if "skipped" in str(w.message)]
+        assert len(data) == 3 and data.num_skipped == 2, attempt
+        assert len(messages) == 1, (attempt, messages)
+        assert "1 unreadable" in messages[0] and "1 under --min_image_size 8" in messages[0], messages[0]
+        assert "tiny.png" in messages[0] and "broken.png" in messages[0]
+        log = output_dir / "skipped_images.txt"
+        assert str(log) in messages[0]
+        assert log.read_text().splitlines() == [
+            "broken.png (unreadable)",
+            "tiny.png (20x6, under --min_image_size 8)",
+        ]
+    with pytest.warns(UserWarning, match="upscaled"):
+        assert len(_load(_config(tmp_path, folder, min_image_size=4))) == 4
+
+
+def test_every_image_too_small_is_an_error_naming_the_flag(tmp_path, folder):
+    _solid((1, 2, 3), size=(20, 6)).save(folder / "tiny.png")
+    (folder / "bad.png").write_bytes(b"nope")
     with pytest.raises(DataError, match="--min_image_size") as info:
         _load(_config(tmp_path, folder))
-    assert "tiny.png" in str(info.value) and "20x6" in str(info.value)
-    with pytest.warns(UserWarning, match="upscaled"):
-        assert len(_load(_config(tmp_path, folder, min_image_size=4))) == 2
+    assert "none of the 2 images" in str(info.value) and "tiny.png (20x6" in str(info.value)
 
 
 def test_upscaled_images_warn(tmp_path, folder):

@@ -78,7 +78,7 @@ def test_evaluate_a_tiny_pipeline_writes_all_outputs_and_is_deterministic(
 ):
     common = ["--reference", str(reference_dir), "--num_images", "8", "--steps", "2", "--batch_size", "4"]
     common += ["--cache_dir", str(tmp_path / "cache"), "--no_upscale", "--no_fid", "--device", "cpu"]
-    assert evaluate(str(pipeline_dir), *common, "--out_dir", str(tmp_path / "a")) == 0
+    assert evaluate(str(pipeline_dir), *common, "--output_dir", str(tmp_path / "a")) == 0
     report = capsys.readouterr().out
     for name in (E.METRICS_NAME, E.GRID_NAME, E.REPORT_NAME):
         assert (tmp_path / "a" / name).is_file(), name
@@ -96,6 +96,7 @@ def test_evaluate_a_tiny_pipeline_writes_all_outputs_and_is_deterministic(
     grid = PIL.Image.open(tmp_path / "a" / E.GRID_NAME)
     assert grid.size == (3 * SIZE + 4 * 2, 3 * SIZE + 4 * 2)  # 8 images -> 3x3 grid, 2 px padding
 
+    # --out_dir is the old name of --output_dir, still accepted
     assert evaluate(str(pipeline_dir), *common, "--out_dir", str(tmp_path / "b"), "--sampler", "ddim") == 0
     assert evaluate(str(pipeline_dir), *common, "--out_dir", str(tmp_path / "c")) == 0
     first, again, other = (read_metrics(tmp_path / d) for d in "acb")

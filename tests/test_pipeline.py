@@ -512,6 +512,23 @@ def test_sample_command_writes_grid_and_images(pixel_dir, sr_dir, tmp_path, caps
     assert "no sr_model" in capsys.readouterr().err
 
 
+def test_sample_command_output_dir_and_dtype(pixel_dir, tmp_path, capsys):
+    """--output_dir (grid.png, images/ with --save_images) is the documented name; --dtype bf16 samples in bf16."""
+    common = ["--num_images", "3", "--steps", "2", "--batch_size", "2", "--device", "cpu", "--seed", "3"]
+    out = tmp_path / "samples"
+    assert sample_main(["sample", str(pixel_dir), "--output_dir", str(out), "--save_images", *common]) == 0
+    assert PIL.Image.open(out / "grid.png").size == (2 * SIZE, 2 * SIZE)
+    assert sorted(p.name for p in (out / "images").iterdir()) == ["00000.png", "00001.png", "00002.png"]
+    fp32 = np.asarray(PIL.Image.open(out / "images" / "00000.png"), dtype=np.int16)
+    bf16_out = tmp_path / "bf16"
+    argv = ["sample", str(pixel_dir), "--output_dir", str(bf16_out), "--save_images", "--dtype", "bf16", *common]
+    assert sample_main(argv) == 0
+    bf16 = np.asarray(PIL.Image.open(bf16_out / "images" / "00000.png"), dtype=np.int16)
+    assert not np.array_equal(bf16, fp32), "--dtype bf16 must change the arithmetic"
+    assert np.abs(bf16 - fp32).mean() < 8, "bf16 samples must stay close to fp32 ones"
+    assert load_pipeline(pixel_dir, dtype="bf16").unet.dtype == torch.bfloat16
+
+
 def test_crispdiff_cli_runs_sample(pixel_dir, tmp_path):
     from crispdiff import cli
 

@@ -9,9 +9,9 @@ If anything fails the folder is left exactly as it was.
 from __future__ import annotations
 
 import argparse
-import sys
 
 from crispdiff.config import _parse_bool
+from crispdiff.errors import FlagError, UserError, one_line, run_entry_point
 from crispdiff.sr import DEFAULT_TILE_OVERLAP, DEFAULT_TILE_SIZE, SRModelError, attach_sr, describe_sr_model
 
 
@@ -45,10 +45,13 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
 
 
 def run(args: argparse.Namespace) -> int:
-    """Attach the SR model, print what was attached; errors go to stderr with exit status 2."""
+    """Attach the SR model and print what was attached; a failure is a user error that says the folder is unchanged."""
+    return run_entry_point("crispdiff add-sr", lambda: _run(args))
+
+
+def _run(args: argparse.Namespace) -> int:
     if args.sr_strength is not None and not 0.0 <= args.sr_strength <= 1.0:
-        print(f"crispdiff add-sr: error: --sr_strength must be in [0, 1], got {args.sr_strength}", file=sys.stderr)
-        return 2
+        raise FlagError(f"--sr_strength must be in [0, 1], got {args.sr_strength}")
     try:
         model = attach_sr(
             args.pipeline_dir,
@@ -58,9 +61,7 @@ def run(args: argparse.Namespace) -> int:
             tile_overlap=args.tile_overlap,
             default_upscale=args.default_upscale,
         )
-    except (SRModelError, FileNotFoundError, ValueError, OSError) as err:
-        print(f"crispdiff add-sr: error: {err}", file=sys.stderr)
-        print(f"crispdiff add-sr: {args.pipeline_dir} was not changed", file=sys.stderr)
-        return 2
+    except (SRModelError, ValueError, OSError) as err:
+        raise UserError(f"{one_line(err)} ({args.pipeline_dir} was not changed)") from err
     print(f"added SR model to {args.pipeline_dir}/sr_model: {describe_sr_model(model)}")
     return 0

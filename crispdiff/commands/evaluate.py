@@ -1,6 +1,6 @@
 """`crispdiff evaluate DIR --reference DATA`: measure a pipeline's samples (or a file of images) against real images.
 
-Writes OUT_DIR/metrics.json, OUT_DIR/samples.png and OUT_DIR/report.md. Every metric is shown beside its
+Writes OUTPUT_DIR/metrics.json, OUTPUT_DIR/samples.png and OUTPUT_DIR/report.md. Every metric is shown beside its
 real-vs-real floor (the same metric between two disjoint halves of the reference), which is what "perfect" reads as
 for this number of images. SWD, the sharpness ratios, the colour-blob indicator and the memorisation check need no
 downloaded network; FID/KID are added when Inception weights exist locally (--inception_weights or torch's cache).
@@ -13,6 +13,8 @@ import shlex
 import sys
 from pathlib import Path
 
+from crispdiff.errors import FlagError, run_entry_point
+from crispdiff.export import DTYPES
 from crispdiff.pipelines.pipeline_crispdiff import SAMPLERS
 
 
@@ -43,7 +45,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     group.add_argument("--no_upscale", dest="upscale", action="store_false", help="Do not upscale.")
     parser.add_argument("--seed", type=int, default=0, help="Sample i uses seed + i; also seeds the metrics.")
     parser.add_argument("--batch_size", type=int, default=32, help="Images per sampling forward pass.")
-    parser.add_argument("--out_dir", default="crispdiff-eval", help="Where metrics.json, samples.png, report.md go.")
+    parser.add_argument("--output_dir", default="crispdiff-eval", help="Where metrics.json, samples.png, report.md go.")
+    parser.add_argument("--out_dir", dest="output_dir", default=argparse.SUPPRESS, help=argparse.SUPPRESS)  # old name
     parser.add_argument(
         "--resolution",
         type=int,
@@ -59,24 +62,26 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     )
     parser.add_argument("--no_fid", action="store_true", help="Skip FID/KID even when Inception weights exist.")
     parser.add_argument("--no_memorisation", action="store_true", help="Skip the nearest-training-image check.")
-    parser.add_argument("--save_samples", action="store_true", help="Also write the samples to OUT_DIR/samples.npz.")
+    parser.add_argument("--save_samples", action="store_true", help="Also write the samples to OUTPUT_DIR/samples.npz.")
     parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1, mps ... (default: cuda when available).")
+    parser.add_argument(
+        "--dtype", choices=list(DTYPES), default="fp32", help="Precision the networks sample in (bf16/fp16 on GPUs)."
+    )
     parser.set_defaults(func=run)
     return parser
 
 
-def _check_args(args: argparse.Namespace) -> str | None:
-    """A message for the first invalid flag combination, or None."""
+def _check_args(args: argparse.Namespace) -> None:
+    """Raise a FlagError for the first invalid flag combination."""
     if (args.pipeline_dir is None) == (args.samples_npz is None):
-        return "give a pipeline folder DIR or --samples_npz FILE (exactly one)"
+        raise FlagError("give a pipeline folder DIR or --samples_npz FILE (exactly one)")
     for name in ("num_images", "steps", "batch_size"):
         if getattr(args, name) < 1:
-            return f"--{name} must be >= 1, got {getattr(args, name)}"
+            raise FlagError(f"--{name} must be >= 1, got {getattr(args, name)}")
     if args.resolution is not None and args.resolution < 16:
-        return f"--resolution must be >= 16 (the coarsest SWD level), got {args.resolution}"
+        raise FlagError(f"--resolution must be >= 16 (the coarsest SWD level), got {args.resolution}")
     if args.max_reference_images is not None and args.max_reference_images < 4:
-        return f"--max_reference_images must be >= 4, got {args.max_reference_images}"
-    return None
+        raise FlagError(f"--max_reference_images must be >= 4, got {args.max_reference_images}")
 
 
 def _command_line(args: argparse.Namespace) -> str:
@@ -95,43 +100,40 @@ def _command_line(args: argparse.Namespace) -> str:
 
 def run(args: argparse.Namespace) -> int:
     """Run the evaluation, print the report's table and where the files went."""
-    from crispdiff.data import DataError
+    return run_entry_point("crispdiff evaluate", lambda: _run(args))
+
+
+def _run(args: argparse.Namespace) -> int:
     from crispdiff.evaluate import run_evaluation
 
-    problem = _check_args(args)
-    if problem:
-        print(f"crispdiff evaluate: error: {problem}", file=sys.stderr)
-        return 2
+    _check_args(args)
 
     def log(message: str) -> None:
         print(f"crispdiff evaluate: {message}", file=sys.stderr)
 
-    try:
-        result = run_evaluation(
-            out_dir=args.out_dir,
-            pipeline_dir=args.pipeline_dir,
-            samples_npz=args.samples_npz,
-            reference=args.reference,
-            num_images=args.num_images,
-            steps=args.steps,
-            sampler=args.sampler,
-            upscale=args.upscale,
-            seed=args.seed,
-            batch_size=args.batch_size,
-            resolution=args.resolution,
-            cache_dir=args.cache_dir,
-            max_reference_images=args.max_reference_images,
-            inception_weights=args.inception_weights,
-            fid=not args.no_fid,
-            memorisation=not args.no_memorisation,
-            save_samples=args.save_samples,
-            device=args.device,
-            command=_command_line(args),
-            log=log,
-        )
-    except (FileNotFoundError, ValueError, DataError) as err:
-        print(f"crispdiff evaluate: error: {err}", file=sys.stderr)
-        return 2
+    result = run_evaluation(
+        out_dir=args.output_dir,
+        pipeline_dir=args.pipeline_dir,
+        samples_npz=args.samples_npz,
+        reference=args.reference,
+        num_images=args.num_images,
+        steps=args.steps,
+        sampler=args.sampler,
+        upscale=args.upscale,
+        seed=args.seed,
+        batch_size=args.batch_size,
+        resolution=args.resolution,
+        cache_dir=args.cache_dir,
+        max_reference_images=args.max_reference_images,
+        inception_weights=args.inception_weights,
+        fid=not args.no_fid,
+        memorisation=not args.no_memorisation,
+        save_samples=args.save_samples,
+        device=args.device,
+        dtype=args.dtype,
+        command=_command_line(args),
+        log=log,
+    )
     paths = result["paths"]
     print(Path(paths["report"]).read_text(encoding="utf-8"))
     print(f"Wrote {paths['metrics']}, {paths['grid']} and {paths['report']}")

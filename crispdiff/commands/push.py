@@ -8,8 +8,8 @@ network, no permission) the command says so and exits with status 1; the local f
 from __future__ import annotations
 
 import argparse
-import sys
 
+from crispdiff.errors import FlagError, report_user_error, run_entry_point
 from crispdiff.hub import HubUploadError, push_to_hub
 
 
@@ -34,6 +34,10 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
 
 def run(args: argparse.Namespace) -> int:
     """Push and print the repository URL; missing folders exit 2, failed uploads exit 1, both with a message."""
+    return run_entry_point("crispdiff push", lambda: _run(args))
+
+
+def _run(args: argparse.Namespace) -> int:
     try:
         url = push_to_hub(
             args.pipeline_dir,
@@ -44,11 +48,10 @@ def run(args: argparse.Namespace) -> int:
             license=args.license,
             datasets=args.datasets,
         )
-    except (FileNotFoundError, ValueError) as err:
-        print(f"crispdiff push: error: {err}", file=sys.stderr)
-        return 2
-    except HubUploadError as err:
-        print(f"crispdiff push: error: {err}", file=sys.stderr)
+    except ValueError as err:  # a bad --repo_id; missing folders are PathErrors, reported by the crispdiff command
+        raise FlagError(str(err)) from err
+    except HubUploadError as err:  # not the user's input: the network, the token or the Hub (status 1, one line)
+        report_user_error("crispdiff push", err)
         return 1
     print(f"uploaded {args.pipeline_dir} to {url}")
     return 0

@@ -13,7 +13,9 @@ from pathlib import Path
 
 import torch
 
-from crispdiff.export import load_pipeline
+from crispdiff.errors import FlagError, run_entry_point
+from crispdiff.evaluate import generate_samples
+from crispdiff.export import DTYPES, load_pipeline
 from crispdiff.images import make_grid, save_image_atomic, to_pil_list
 from crispdiff.pipelines.pipeline_crispdiff import SAMPLERS
 
@@ -32,9 +34,11 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     parser.add_argument("--sampler", choices=SAMPLERS, default=None, help="Sampler (default: the pipeline's own).")
     parser.add_argument("--seed", type=int, default=0, help="Image i uses seed + i.")
     parser.add_argument("--batch_size", type=int, default=16, help="Images per forward pass.")
-    parser.add_argument("--out", default="grid.png", help="Where the grid image is written (atomically).")
+    parser.add_argument("--output_dir", default=".", help="Where grid.png (and with --save_images, each image) goes.")
+    parser.add_argument(
+        "--save_images", action="store_true", help="Also write each image as OUTPUT_DIR/images/00000.png, ..."
+    )
     parser.add_argument("--nrow", type=int, default=None, help="Images per grid row (default: a square grid).")
-    parser.add_argument("--out_dir", default=None, help="Also write each image as DIR/00000.png, 00001.png, ...")
     group = parser.add_mutually_exclusive_group()
     group.add_argument(
         "--upscale", dest="upscale", action="store_true", default=None, help="Upscale with the SR model."
@@ -42,6 +46,12 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     group.add_argument("--no_upscale", dest="upscale", action="store_false", help="Do not upscale.")
     parser.add_argument("--sr_strength", type=float, default=None, help="SR/Lanczos blend (default: the pipeline's).")
     parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1, mps ... (default: cuda when available).")
+    parser.add_argument(
+        "--dtype", choices=list(DTYPES), default="fp32", help="Precision the networks run in (bf16/fp16 on GPUs)."
+    )
+    # Old names, kept working but not advertised: --out FILE (the grid's path), --out_dir DIR (single images there).
+    parser.add_argument("--out", default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--out_dir", default=None, help=argparse.SUPPRESS)
     parser.set_defaults(func=run)
     return parser
 
@@ -51,54 +61,58 @@ def _default_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
-def _check_args(args: argparse.Namespace) -> str | None:
-    """A message for the first invalid flag, or None."""
+def _check_args(args: argparse.Namespace) -> None:
+    """Raise a FlagError naming the first invalid flag."""
     for name in ("num_images", "steps", "batch_size"):
         if getattr(args, name) < 1:
-            return f"--{name} must be >= 1, got {getattr(args, name)}"
+            raise FlagError(f"--{name} must be >= 1, got {getattr(args, name)}")
     if args.nrow is not None and args.nrow < 1:
-        return f"--nrow must be >= 1, got {args.nrow}"
+        raise FlagError(f"--nrow must be >= 1, got {args.nrow}")
     if args.sr_strength is not None and not 0.0 <= args.sr_strength <= 1.0:
-        return f"--sr_strength must be in [0, 1], got {args.sr_strength}"
-    return None
+        raise FlagError(f"--sr_strength must be in [0, 1], got {args.sr_strength}")
+
+
+def output_paths(args: argparse.Namespace) -> tuple[Path, Path | None]:
+    """(grid file, folder for single images or None), from --output_dir / --save_images or the old --out / --out_dir."""
+    output_dir = Path(args.output_dir)
+    grid = Path(args.out) if args.out else output_dir / "grid.png"
+    if args.out_dir:
+        return grid, Path(args.out_dir)
+    return grid, (output_dir / "images" if args.save_images else None)
 
 
 def run(args: argparse.Namespace) -> int:
     """Sample ``--num_images`` images in batches, write the grid (and single images), print where they went."""
-    problem = _check_args(args)
-    if problem:
-        print(f"crispdiff sample: error: {problem}", file=sys.stderr)
-        return 2
-    try:
-        pipeline = load_pipeline(args.pipeline_dir, sampler=args.sampler, device=args.device or _default_device())
-    except (FileNotFoundError, ValueError) as err:
-        print(f"crispdiff sample: error: {err}", file=sys.stderr)
-        return 2
+    return run_entry_point("crispdiff sample", lambda: _run(args))
+
+
+def _run(args: argparse.Namespace) -> int:
+    _check_args(args)
+    pipeline = load_pipeline(
+        args.pipeline_dir, sampler=args.sampler, device=args.device or _default_device(), dtype=args.dtype
+    )
     if args.upscale and pipeline.sr_model is None:
-        print(f"crispdiff sample: error: --upscale given but {args.pipeline_dir} has no sr_model", file=sys.stderr)
-        return 2
-    pipeline.set_progress_bar_config(disable=True)
+        raise FlagError(f"--upscale given but {args.pipeline_dir} has no sr_model")
 
-    images = []
-    for start in range(0, args.num_images, args.batch_size):
-        count = min(args.batch_size, args.num_images - start)
-        generators = [torch.Generator("cpu").manual_seed(args.seed + start + i) for i in range(count)]
-        batch = pipeline(
-            batch_size=count,
-            num_inference_steps=args.steps,
-            generator=generators,
-            upscale=args.upscale,
-            sr_strength=args.sr_strength,
-            output_type="pt",
-        ).images
-        images.extend(to_pil_list(batch.cpu(), value_range=(0.0, 1.0)))
-        print(f"crispdiff sample: {start + count}/{args.num_images} images", file=sys.stderr)
+    def log(message: str) -> None:
+        print(f"crispdiff sample: {message}", file=sys.stderr)
 
-    grid_path = save_image_atomic(make_grid(images, nrow=args.nrow), args.out)
+    batch = generate_samples(
+        pipeline,
+        args.num_images,
+        steps=args.steps,
+        seed=args.seed,
+        batch_size=args.batch_size,
+        upscale=args.upscale,
+        sr_strength=args.sr_strength,
+        log=log,
+    )
+    images = to_pil_list(batch, value_range=(0.0, 1.0))
+    grid_file, images_dir = output_paths(args)
+    grid_path = save_image_atomic(make_grid(images, nrow=args.nrow), grid_file)
     print(f"Wrote a grid of {len(images)} images to {grid_path}")
-    if args.out_dir:
-        out_dir = Path(args.out_dir)
+    if images_dir is not None:
         for index, image in enumerate(images):
-            save_image_atomic(image, out_dir / f"{index:05d}.png")
-        print(f"Wrote {len(images)} images to {out_dir}")
+            save_image_atomic(image, images_dir / f"{index:05d}.png")
+        print(f"Wrote {len(images)} images to {images_dir}")
     return 0

@@ -14,6 +14,7 @@ COMMANDS = {
     "add-sr": "add_sr",
     "push": "push",
     "evaluate": "evaluate",
+    "export-sd": "export_sd",
 }
 
 

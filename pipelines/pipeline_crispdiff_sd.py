@@ -1,0 +1,162 @@
+"""CrispDiffSDPipeline: Stable Diffusion (a LoRA fused in) that can finish small: SR upscale or Lanczos downsample.
+
+The seed's Plan D: fine-tune SD on a small dataset, generate at its native 512 px where it is good, then bring the
+result to the target size. Downsampling 512 -> 64 with an antialiased Lanczos filter keeps edges crisp where a plain
+bilinear/bicubic resize aliases or blurs; an optional SR component (``sr_model``, crispdiff's ``SpandrelSRModel``)
+goes the other way.
+
+Self-contained on purpose: a copy is saved into every folder so ``DiffusionPipeline.from_pretrained(folder,
+trust_remote_code=True)`` works with only torch, numpy, PIL and diffusers installed; it must never import crispdiff.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import PIL.Image
+import torch
+from diffusers import ModelMixin, StableDiffusionPipeline
+from diffusers.pipelines.stable_diffusion import StableDiffusionPipelineOutput
+
+PIPELINE_FILE_NAME = "pipeline_crispdiff_sd.py"
+SR_MODULE_NAME = "sr_model"
+OUTPUT_TYPES = ("pil", "np", "pt")
+
+
+def lanczos_downsample(images01: torch.Tensor, size: int | tuple[int, int]) -> torch.Tensor:
+    """Resize ``[B, 3, H, W]`` images in [0, 1] with PIL's Lanczos filter in float ("F") mode, per channel.
+
+    PIL widens the Lanczos kernel by the reduction factor, which is the antialiasing a 512 -> 64 downsample needs; float
+    mode avoids quantising before the final output. Returns float32 on the input's device, clamped to [0, 1].
+    """
+    height, width = (size, size) if isinstance(size, int) else (int(size[0]), int(size[1]))
+    if tuple(images01.shape[-2:]) == (height, width):
+        return images01.float().clamp(0.0, 1.0)
+    array = images01.detach().float().cpu().numpy()
+    out = np.empty((*array.shape[:2], height, width), dtype=np.float32)
+    for b in range(array.shape[0]):
+        for c in range(array.shape[1]):
+            channel = PIL.Image.fromarray(array[b, c], mode="F")
+            out[b, c] = np.asarray(channel.resize((width, height), PIL.Image.LANCZOS), dtype=np.float32)
+    return torch.from_numpy(out).to(images01.device).clamp_(0.0, 1.0)
+
+
+def _write_json_atomic(path: Path, data: dict[str, Any]) -> None:
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as handle:
+            handle.write(json.dumps(data, indent=2, sort_keys=True) + "\n")
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+class CrispDiffSDPipeline(StableDiffusionPipeline):
+    """``StableDiffusionPipeline`` plus an optional ``sr_model`` and an ``output_size`` applied after decoding.
+
+    Args (beyond StableDiffusionPipeline's):
+        sr_model: a ModelMixin with ``upscale(images01, sr_strength=..., output_size=...)``; used when present.
+        output_size: final side in pixels (None = the generated size): a Lanczos downsample, or the SR target.
+        sr_strength: default blend of SR output with a Lanczos upscale (0 = Lanczos only, 1 = SR only).
+    """
+
+    _optional_components = ["safety_checker", "feature_extractor", "image_encoder", "sr_model"]
+    model_cpu_offload_seq = "text_encoder->image_encoder->unet->vae->sr_model"
+
+    def __init__(
+        self,
+        vae: Any,
+        text_encoder: Any,
+        tokenizer: Any,
+        unet: Any,
+        scheduler: Any,
+        safety_checker: Any = None,
+        feature_extractor: Any = None,
+        image_encoder: Any = None,
+        requires_safety_checker: bool = False,
+        sr_model: ModelMixin | None = None,
+        output_size: int | None = None,
+        sr_strength: float = 0.5,
+    ):
+        super().__init__(
+            vae=vae,
+            text_encoder=text_encoder,
+            tokenizer=tokenizer,
+            unet=unet,
+            scheduler=scheduler,
+            safety_checker=safety_checker,
+            feature_extractor=feature_extractor,
+            image_encoder=image_encoder,
+            requires_safety_checker=requires_safety_checker,
+        )
+        if output_size is not None and int(output_size) < 1:
+            raise ValueError(f"output_size must be positive, got {output_size}")
+        self.register_modules(sr_model=sr_model)
+        self.register_to_config(
+            output_size=None if output_size is None else int(output_size), sr_strength=float(sr_strength)
+        )
+
+    def save_pretrained(self, save_directory: str | os.PathLike, **kwargs: Any) -> None:
+        """Save like diffusers, then copy this file beside model_index.json and point ``_class_name`` at it."""
+        if kwargs.get("push_to_hub"):
+            raise ValueError("save the folder first, then upload it; push_to_hub here would upload a partial folder")
+        super().save_pretrained(save_directory, **kwargs)
+        folder = Path(save_directory)
+        shutil.copyfile(Path(__file__).resolve(), folder / PIPELINE_FILE_NAME)
+        index_path = folder / self.config_name
+        index = json.loads(index_path.read_text(encoding="utf-8"))
+        index["_class_name"] = [PIPELINE_FILE_NAME[: -len(".py")], type(self).__name__]
+        if self.sr_model is not None:
+            index["sr_model"] = [SR_MODULE_NAME, type(self.sr_model).__name__]
+        _write_json_atomic(index_path, index)
+
+    @torch.no_grad()
+    def __call__(
+        self,
+        *args: Any,
+        output_size: int | tuple[int, int] | None = None,
+        upscale: bool | None = None,
+        sr_strength: float | None = None,
+        output_type: str = "pil",
+        return_dict: bool = True,
+        **kwargs: Any,
+    ) -> StableDiffusionPipelineOutput | tuple:
+        """Generate like ``StableDiffusionPipeline`` (same arguments), then SR-upscale or downsample.
+
+        ``output_size`` defaults to the config's; ``upscale`` defaults to whether an ``sr_model`` is present.
+        ``output_type="latent"`` returns the latents untouched.
+        """
+        if output_type == "latent":
+            return super().__call__(*args, output_type="latent", return_dict=return_dict, **kwargs)
+        if output_type not in OUTPUT_TYPES:
+            raise ValueError(f"output_type must be one of {OUTPUT_TYPES} or 'latent', got {output_type!r}")
+        result = super().__call__(*args, output_type="pt", return_dict=True, **kwargs)
+        images01 = result.images.float()
+        size = self.config.output_size if output_size is None else output_size
+        do_upscale = self.sr_model is not None if upscale is None else bool(upscale)
+        if do_upscale:
+            if self.sr_model is None:
+                raise ValueError("upscale=True but this pipeline has no sr_model component")
+            strength = self.config.sr_strength if sr_strength is None else sr_strength
+            images01 = self.sr_model.upscale(images01, sr_strength=strength, output_size=size).float()
+        elif size is not None:
+            images01 = lanczos_downsample(images01, size)
+        if output_type == "pt":
+            images: Any = images01
+        else:
+            array = images01.permute(0, 2, 3, 1).cpu().numpy().astype(np.float32)
+            images = array if output_type == "np" else self.numpy_to_pil(array)
+        if not return_dict:
+            return (images, result.nsfw_content_detected)
+        return StableDiffusionPipelineOutput(images=images, nsfw_content_detected=result.nsfw_content_detected)
+
+
+__all__ = ["CrispDiffSDPipeline", "lanczos_downsample"]

@@ -1,0 +1,417 @@
+"""Plan D: LoRA / DreamBooth on Stable Diffusion, with a tiny real SD built from configs (no weights downloaded).
+
+The base is a real ``StableDiffusionPipeline`` folder: a two-level ``UNet2DConditionModel`` with cross-attention, an
+f=2 ``AutoencoderKL``, a two-layer ``CLIPTextModel`` and a CLIP tokenizer over a byte-level vocabulary with no
+merges (every byte is a token), written by the fixture. Images are 16 px (8x8 latents).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from crispdiff.config import parse_config
+from crispdiff.sd_lora import (
+    KOHYA_WEIGHTS_NAME,
+    LORA_WEIGHTS_NAME,
+    DreamBoothLoRAConfig,
+    SDLoRAError,
+    TextToImageLoRAConfig,
+    generate_class_images,
+    load_sd,
+    train_dreambooth_lora,
+    train_text_to_image_lora,
+)
+
+REPO = Path(__file__).resolve().parents[1]
+RES = 16
+PROMPT = "a photo of sks dog"
+
+
+def _byte_vocab(folder: Path) -> tuple[Path, Path]:
+    """CLIP's byte-to-unicode table as a vocabulary (each byte, and each byte ending a word), no merges."""
+    codes = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    chars = list(codes)
+    extra = 0
+    for b in range(256):
+        if b not in codes:
+            codes.append(b)
+            chars.append(256 + extra)
+            extra += 1
+    symbols = [chr(c) for c in chars]
+    vocab = {s: i for i, s in enumerate(symbols + [s + "</w>" for s in symbols])}
+    vocab.update({"<|startoftext|>": len(vocab), "<|endoftext|>": len(vocab) + 1})
+    (folder / "vocab.json").write_text(json.dumps(vocab))
+    (folder / "merges.txt").write_text("#version: 0.2\n")
+    return folder / "vocab.json", folder / "merges.txt"
+
+
+def make_tiny_sd(folder: Path, prediction_type: str = "epsilon") -> Path:
+    from diffusers import AutoencoderKL, PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+    folder.mkdir(parents=True, exist_ok=True)
+    vocab, merges = _byte_vocab(folder)
+    tokenizer = CLIPTokenizer(str(vocab), str(merges), model_max_length=16)
+    torch.manual_seed(0)
+    unet = UNet2DConditionModel(
+        sample_size=RES // 2,
+        in_channels=4,
+        out_channels=4,
+        block_out_channels=(8, 16),
+        layers_per_block=1,
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=16,
+        attention_head_dim=2,
+        norm_num_groups=4,
+    )
+    vae = AutoencoderKL(
+        block_out_channels=(8, 16),
+        down_block_types=("DownEncoderBlock2D",) * 2,
+        up_block_types=("UpDecoderBlock2D",) * 2,
+        latent_channels=4,
+        norm_num_groups=4,
+        sample_size=RES,
+    )
+    text_config = CLIPTextConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=16,
+        intermediate_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        max_position_embeddings=16,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        projection_dim=16,
+    )
+    scheduler = PNDMScheduler(
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        skip_prk_steps=True,
+        prediction_type=prediction_type,
+    )
+    pipeline = StableDiffusionPipeline(
+        vae=vae,
+        text_encoder=CLIPTextModel(text_config),
+        tokenizer=tokenizer,
+        unet=unet,
+        scheduler=scheduler,
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+    pipeline.save_pretrained(folder / "sd")
+    return folder / "sd"
+
+
+@pytest.fixture(autouse=True)
+def _fresh_accelerate_state():
+    """accelerate keeps one process-wide state; a run with another precision needs a fresh one."""
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+    yield
+
+
+@pytest.fixture(scope="module")
+def tiny_sd(tmp_path_factory) -> Path:
+    return make_tiny_sd(tmp_path_factory.mktemp("tiny_sd"))
+
+
+@pytest.fixture(scope="module")
+def subject_dir(tmp_path_factory) -> Path:
+    """Four 24 px pictures (a coloured disc on a background) with per-image captions for two of them."""
+    folder = tmp_path_factory.mktemp("subject")
+    rng = np.random.default_rng(0)
+    yy, xx = np.mgrid[:24, :24]
+    for i in range(4):
+        image = np.empty((24, 24, 3), np.uint8)
+        image[:] = rng.integers(0, 255, 3)
+        disc = (yy - 12 - i) ** 2 + (xx - 10 - i) ** 2 < 40
+        image[disc] = rng.integers(0, 255, 3)
+        Image.fromarray(image).save(folder / f"{i:02d}.png")
+    rows = [{"file_name": "00.png", "text": "sks dog on grass"}, {"file_name": "01.png", "text": ""}]
+    rows += [{"file_name": f"{i:02d}.png", "text": f"sks dog number {i}"} for i in (2, 3)]
+    (folder / "metadata.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    return folder
+
+
+@pytest.fixture(scope="module")
+def captioned_dir(subject_dir, tmp_path_factory) -> Path:
+    """The subject pictures with a caption for every image (text-to-image needs one each)."""
+    folder = tmp_path_factory.mktemp("captioned")
+    for image in subject_dir.glob("*.png"):
+        shutil.copy(image, folder / image.name)
+    rows = [{"file_name": f"{i:02d}.png", "text": f"sks dog {['red', 'green', 'blue', 'grey'][i]}"} for i in range(4)]
+    (folder / "metadata.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    return folder
+
+
+def common_flags(base: Path, out: Path, cache: Path) -> list[str]:
+    return [
+        "--pretrained_model_name_or_path", str(base), "--output_dir", str(out), "--cache_dir", str(cache),
+        "--resolution", str(RES), "--train_batch_size", "2", "--learning_rate", "1e-2", "--report_to", "none",
+        "--num_validation_images", "2", "--validation_inference_steps", "3", "--vae_batch_size", "4",
+        "--cpu_threads", "1",
+    ]  # fmt: skip
+
+
+def plain_diffusers_images(base: Path, lora: Path | None, prompt: str, weight_name: str | None = None) -> torch.Tensor:
+    """What a user gets with diffusers alone: the base, load_lora_weights, DPM-Solver++ (as crispdiff samples)."""
+    from diffusers import DPMSolverMultistepScheduler, StableDiffusionPipeline
+
+    pipe = StableDiffusionPipeline.from_pretrained(base, safety_checker=None)
+    pipe.scheduler = DPMSolverMultistepScheduler.from_config(pipe.scheduler.config, algorithm_type="dpmsolver++")
+    pipe.set_progress_bar_config(disable=True)
+    if lora is not None:
+        pipe.load_lora_weights(str(lora), **({"weight_name": weight_name} if weight_name else {}))
+    return pipe(
+        [prompt] * 2,
+        num_inference_steps=3,
+        height=RES,
+        width=RES,
+        generator=torch.Generator().manual_seed(0),
+        output_type="pt",
+    ).images
+
+
+def grid_tensor(path: Path) -> torch.Tensor:
+    """The two images of a 1x2 sample grid as [2, 3, RES, RES] in [0, 1] (grids are quantised to uint8)."""
+    array = np.asarray(Image.open(path).convert("RGB"), dtype=np.float32) / 255.0
+    tensor = torch.from_numpy(array).permute(2, 0, 1)
+    height, width = tensor.shape[1:]
+    if (height, width) == (RES, 2 * RES):
+        return torch.stack([tensor[:, :, :RES], tensor[:, :, RES:]])
+    pad = (width - 2 * RES) // 3  # make_grid pads between and around the tiles
+    tiles = [tensor[:, pad : pad + RES, left : left + RES] for left in (pad, 2 * pad + RES)]
+    return torch.stack(tiles)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def test_dreambooth_lora_loads_in_plain_diffusers_and_kohya(tiny_sd, subject_dir, tmp_path):
+    """Prior preservation (class images made once), LoRA on attention and feed-forward with alpha != rank, min-SNR,
+    per-image captions: the saved file and its kohya copy give plain diffusers the in-training model's images."""
+    out = tmp_path / "out"
+    flags = common_flags(tiny_sd, out, tmp_path / "cache") + [
+        "--instance_data_dir", str(subject_dir), "--instance_prompt", PROMPT, "--caption_column", "text",
+        "--with_prior_preservation", "--class_data_dir", str(tmp_path / "class"), "--class_prompt", "a photo of dog",
+        "--num_class_images", "3", "--sample_batch_size", "2", "--class_inference_steps", "2",
+        "--rank", "4", "--lora_alpha", "8", "--lora_target_modules", "attention", "ff",
+        "--snr_gamma", "5", "--max_train_steps", "3", "--checkpointing_steps", "0", "--validation_steps", "0",
+        "--validation_prompt", PROMPT, "--export_kohya",
+    ]  # fmt: skip
+    config = parse_config(DreamBoothLoRAConfig, flags)
+    path = train_dreambooth_lora(config)
+    assert path == out / LORA_WEIGHTS_NAME
+
+    # the class images were generated once: a second top-up makes none and leaves the files as they were
+    class_files = sorted((tmp_path / "class").glob("*.png"))
+    assert len(class_files) == 3
+    before = [f.read_bytes() for f in class_files]
+    assert generate_class_images(config, load_sd(str(tiny_sd)), torch.device("cpu")) == 0
+    assert [f.read_bytes() for f in sorted((tmp_path / "class").glob("*.png"))] == before
+
+    # both the UNet and the text encoder got adapters, stored in diffusers' layout with the adapter config
+    from safetensors import safe_open
+
+    with safe_open(str(path), "pt") as handle:
+        keys, metadata = list(handle.keys()), handle.metadata()
+    assert any(k.startswith("unet.") and "ff.net" in k for k in keys)
+    assert json.loads(metadata["lora_adapter_metadata"])["unet.lora_alpha"] == 8
+
+    trained = grid_tensor(out / "samples.png")  # the in-training model's samples of the validation prompt
+    loaded = plain_diffusers_images(tiny_sd, out, PROMPT)
+    base = plain_diffusers_images(tiny_sd, None, PROMPT)
+    assert (loaded - base).abs().max() > 0.02  # the LoRA changes the images (the comparison below can fail)
+    assert (loaded - trained).abs().max() <= 1.0 / 255 + 1e-6  # equal up to the grid's uint8 rounding
+
+    with safe_open(str(out / KOHYA_WEIGHTS_NAME), "pt") as handle:
+        kohya_keys = list(handle.keys())
+        assert float(handle.get_tensor(next(k for k in kohya_keys if k.endswith(".alpha")))) == 8.0
+    assert any(k.startswith("lora_unet_down_blocks_0_attentions_0") for k in kohya_keys)
+    kohya = plain_diffusers_images(tiny_sd, out, PROMPT, weight_name=KOHYA_WEIGHTS_NAME)
+    torch.testing.assert_close(kohya, loaded, atol=1e-4, rtol=0)
+
+    card = (out / "README.md").read_text()
+    assert f"base_model: {tiny_sd}" in card and "dreambooth" in card and PROMPT in card
+
+
+def test_text_to_image_resume_is_exact_and_validation_changes_nothing(tiny_sd, captioned_dir, tmp_path):
+    """4 steps with a validation grid every step == 3 steps (checkpoint at 2) resumed to 4, bit for bit."""
+    from safetensors.torch import load_file
+
+    def run(out: Path, steps: int, *extra: str) -> Path | None:
+        flags = common_flags(tiny_sd, out, tmp_path / "cache") + [
+            "--train_data_dir", str(captioned_dir), "--max_train_steps", str(steps), "--lora_dropout", "0.1",
+            "--noise_offset", "0.05", "--random_flip", "--snr_gamma", "5", *extra,
+        ]  # fmt: skip
+        return train_text_to_image_lora(parse_config(TextToImageLoRAConfig, flags))
+
+    validating = ["--validation_prompt", "sks dog", "--validation_steps", "1", "--checkpointing_steps", "0"]
+    straight = run(tmp_path / "a", 4, *validating)
+    assert len(list((tmp_path / "a" / "samples").glob("step_*.png"))) == 3
+    run(tmp_path / "b", 3, "--checkpointing_steps", "2", "--validation_steps", "0")
+    checkpoint = tmp_path / "b" / "checkpoint-2"
+    assert (checkpoint / "lora_unet.safetensors").is_file()
+    # the checkpoint holds the adapter, not the frozen UNet
+    assert not list(checkpoint.glob("model*.safetensors")) and not list(checkpoint.glob("pytorch_model*"))
+    resume = ["--resume_from_checkpoint", "latest", "--overwrite_output_dir"]
+    resumed = run(tmp_path / "b", 4, *resume, "--checkpointing_steps", "0", "--validation_steps", "0")
+    a, b = load_file(str(straight)), load_file(str(resumed))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    at_two = load_file(str(checkpoint / "lora_unet.safetensors"))  # peft keys; training moved on after step 2
+    ups = [k for k in at_two if "lora_B" in k]
+    assert ups and any(not torch.equal(at_two[k], a["unet." + k.replace("lora_B", "lora.up")]) for k in ups)
+
+
+_NO_CRISPDIFF = textwrap.dedent(
+    """
+    import importlib.abc, sys
+
+    class Block(importlib.abc.MetaPathFinder):
+        def find_spec(self, name, path=None, target=None):
+            if name.split(".")[0] in ("crispdiff", "pipelines"):
+                raise ModuleNotFoundError(f"{name} is blocked here")
+            return None
+
+    sys.meta_path[:] = [Block()] + [f for f in sys.meta_path if "editable" not in repr(f).lower()]
+    try:
+        import crispdiff  # noqa: F401
+        raise SystemExit("crispdiff is importable; the test would prove nothing")
+    except ModuleNotFoundError:
+        pass
+    import numpy as np
+    import torch
+    from diffusers import DiffusionPipeline
+
+    folder, out, threads = sys.argv[1], sys.argv[2], int(sys.argv[3])
+    torch.set_num_threads(threads)
+    pipe = DiffusionPipeline.from_pretrained(folder, trust_remote_code=True)
+    pipe.set_progress_bar_config(disable=True)
+    images = pipe(["sks dog"] * 2, num_inference_steps=3, height=16, width=16,
+                  generator=torch.Generator().manual_seed(0), output_type="np").images
+    np.save(out, images)
+    print(type(pipe).__module__, type(pipe).__name__)
+    """
+)
+
+
+def test_text_encoder_lora_script_and_exported_pipeline(tiny_sd, captioned_dir, tmp_path):
+    """`accelerate launch` of the script with a text-encoder LoRA and --save_pipeline: the fused pipeline gives the
+    in-training model's images, and reloads bit-identically where crispdiff cannot be imported."""
+    from diffusers import DiffusionPipeline
+
+    out = tmp_path / "out"
+    command = [
+        sys.executable, "-m", "accelerate.commands.launch",
+        "--config_file", str(REPO / "accelerate_configs" / "cpu.yaml"),
+        str(REPO / "train_scripts" / "train_text_to_image_lora.py"),
+        *common_flags(tiny_sd, out, tmp_path / "cache"),
+        "--train_data_dir", str(captioned_dir), "--train_text_encoder", "--rank", "2", "--lora_alpha", "3",
+        "--max_train_steps", "3", "--checkpointing_steps", "0", "--validation_prompt", "sks dog",
+        "--validation_steps", "0", "--save_pipeline", "--output_size", "8",
+    ]  # fmt: skip
+    env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
+    done = subprocess.run(command, capture_output=True, text=True, env=env, timeout=300)
+    assert done.returncode == 0, (done.stdout + done.stderr)[-3000:]
+    from safetensors import safe_open
+
+    with safe_open(str(out / LORA_WEIGHTS_NAME), "pt") as handle:
+        assert any(k.startswith("text_encoder.") for k in handle.keys())  # noqa: SIM118
+
+    folder = out / "pipeline"
+    index = json.loads((folder / "model_index.json").read_text())
+    assert index["_class_name"] == ["pipeline_crispdiff_sd", "CrispDiffSDPipeline"]
+    assert index["scheduler"][1] == "DPMSolverMultistepScheduler" and (folder / "pipeline_crispdiff_sd.py").is_file()
+    pipe = DiffusionPipeline.from_pretrained(folder, trust_remote_code=True)
+    pipe.set_progress_bar_config(disable=True)
+    assert pipe.scheduler.config.algorithm_type == "dpmsolver++"
+
+    def images(size: int | None, kind: str = "pt") -> torch.Tensor:
+        return pipe(
+            ["sks dog"] * 2, num_inference_steps=3, height=RES, width=RES, output_size=size,
+            generator=torch.Generator().manual_seed(0), output_type=kind,
+        ).images  # fmt: skip
+
+    native = images(RES)
+    trained = grid_tensor(out / "samples.png")
+    base = plain_diffusers_images(tiny_sd, None, "sks dog")
+    assert (native - base).abs().max() > 0.02  # the fused LoRA (UNet and text encoder) matters ...
+    assert (native - trained).abs().max() <= 2.0 / 255  # ... and is the in-training model, up to grid rounding
+    small = images(None, "np")
+    assert small.shape == (2, 8, 8, 3)  # the configured output_size: a Lanczos downsample of the 16 px images
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PYTHON")}
+    env.update(HF_MODULES_CACHE=str(tmp_path / "modules"), HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
+    threads = str(torch.get_num_threads())
+    reload = [sys.executable, "-I", "-c", _NO_CRISPDIFF, str(folder), str(tmp_path / "out.npy"), threads]
+    done = subprocess.run(reload, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.split()[-1] == "CrispDiffSDPipeline"
+    np.testing.assert_array_equal(np.load(tmp_path / "out.npy"), small)
+
+
+def test_bf16_dora_with_gradient_checkpointing_keeps_fp32_adapters(tiny_sd, subject_dir, tmp_path):
+    """The CPU's mixed-precision path (bf16 autocast; fp16 needs a GPU): base weights bf16, DoRA weights fp32."""
+    out = tmp_path / "out"
+    flags = common_flags(tiny_sd, out, tmp_path / "cache") + [
+        "--instance_data_dir", str(subject_dir), "--instance_prompt", PROMPT, "--use_dora",
+        "--gradient_checkpointing", "--mixed_precision", "bf16", "--max_train_steps", "2",
+        "--checkpointing_steps", "0", "--num_validation_images", "1",
+    ]  # fmt: skip
+    path = train_dreambooth_lora(parse_config(DreamBoothLoRAConfig, flags))
+    from safetensors.torch import load_file
+
+    state = load_file(str(path))
+    assert any("lora_magnitude_vector" in k for k in state)
+    assert all(v.dtype == torch.float32 and torch.isfinite(v).all() for v in state.values())
+    images = plain_diffusers_images(tiny_sd, out, PROMPT)  # DoRA loads in plain diffusers too
+    assert torch.isfinite(images).all()
+
+
+def test_refusals_are_one_line(tiny_sd, subject_dir, tmp_path, capsys):
+    from crispdiff.cli import main
+
+    sdxl = tmp_path / "sdxl"
+    shutil.copytree(tiny_sd, sdxl)
+    index = json.loads((sdxl / "model_index.json").read_text())
+    (sdxl / "model_index.json").write_text(json.dumps({**index, "_class_name": "StableDiffusionXLPipeline"}))
+    v_model = make_tiny_sd(tmp_path / "v", prediction_type="v_prediction")
+    flags = ["--instance_data_dir", str(subject_dir), "--instance_prompt", PROMPT, "--output_dir", str(tmp_path / "o")]
+    prior_without_class = ["--caption_column", "text", "--with_prior_preservation"]
+    cases = [
+        (["--pretrained_model_name_or_path", str(sdxl)], "StableDiffusionXLPipeline"),
+        (["--pretrained_model_name_or_path", str(tiny_sd), "--prediction_type", "v_prediction"], "--prediction_type"),
+        (["--pretrained_model_name_or_path", str(v_model), "--prediction_type", "epsilon"], "base scheduler's v_pred"),
+        (["--pretrained_model_name_or_path", str(tiny_sd), "--use_dora", "--export_kohya"], "--export_kohya"),
+        (["--pretrained_model_name_or_path", str(tiny_sd), "--mixed_precision", "fp16"], "needs a GPU"),
+        (["--pretrained_model_name_or_path", str(tiny_sd), *prior_without_class], "--class_data_dir"),
+    ]  # fmt: skip
+    for extra, expected in cases:
+        with pytest.raises(SDLoRAError, match=expected) as info:
+            train_dreambooth_lora(parse_config(DreamBoothLoRAConfig, flags + extra))
+        assert "\n" not in str(info.value)
+    t2i = ["--pretrained_model_name_or_path", str(tiny_sd), "--train_data_dir", str(subject_dir)]
+    t2i += ["--output_dir", str(tmp_path / "t"), "--cache_dir", str(tmp_path / "cache"), "--resolution", str(RES)]
+    with pytest.raises(SDLoRAError, match="empty caption"):
+        train_text_to_image_lora(parse_config(TextToImageLoRAConfig, t2i))
+
+    capsys.readouterr()
+    assert main(["export-sd", "--base", str(sdxl), "--out", str(tmp_path / "p")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "StableDiffusionXLPipeline" in err[0] and not (tmp_path / "p").exists()

@@ -725,13 +725,13 @@ class SDLoRATrainer(LoopTrainer):
         raise SDLoRAError(f"unexpected model {type(bare).__name__} in the checkpoint")
 
     def _save_lora_checkpoint(self, models: list[Any], weights: list[Any], output_dir: str) -> None:
+        """accelerate's save hook (called on every process): the main process writes the adapters, once."""
         from safetensors.torch import save_file
 
-        for model in models:
-            save_file(
-                lora_state(self.accelerator.unwrap_model(model)),
-                str(Path(output_dir) / CHECKPOINT_LORA_FILES[self._role(model)]),
-            )
+        if self.accelerator.is_main_process:
+            for model in models:
+                path = Path(output_dir) / CHECKPOINT_LORA_FILES[self._role(model)]
+                save_file(lora_state(self.accelerator.unwrap_model(model)), str(path))
         weights.clear()  # accelerate would otherwise save every frozen base weight too
 
     def _load_lora_checkpoint(self, models: list[Any], input_dir: str) -> None:

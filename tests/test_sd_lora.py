@@ -415,3 +415,37 @@ def test_refusals_are_one_line(tiny_sd, subject_dir, tmp_path, capsys):
     assert main(["export-sd", "--base", str(sdxl), "--out", str(tmp_path / "p")]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "StableDiffusionXLPipeline" in err[0] and not (tmp_path / "p").exists()
+
+
+def test_export_with_an_sr_component_reloads_and_upscales(tiny_sd, tmp_path):
+    """export-sd --sr_model: the SR network is saved inside the folder and applied by default (16 px -> 64 px)."""
+    from diffusers import DiffusionPipeline
+    from spandrel.architectures.Compact import Compact
+
+    from crispdiff.cli import main
+
+    torch.manual_seed(3)
+    net = Compact(num_in_ch=3, num_out_ch=3, num_feat=8, num_conv=2, upscale=4, act_type="prelu")
+    weights = tmp_path / "compact_x4.pth"
+    torch.save({"params": dict(net.state_dict())}, weights)
+    folder = tmp_path / "pipe"
+    assert main(["export-sd", "--base", str(tiny_sd), "--sr_model", str(weights), "--out", str(folder)]) == 0
+    index = json.loads((folder / "model_index.json").read_text())
+    assert index["sr_model"] == ["sr_model", "SpandrelSRModel"] and (folder / "sr_model" / "sr_model.py").is_file()
+    pipe = DiffusionPipeline.from_pretrained(folder, trust_remote_code=True)
+    pipe.set_progress_bar_config(disable=True)
+    kwargs = dict(num_inference_steps=2, height=RES, width=RES, output_type="pt")
+    up = pipe("sks dog", generator=torch.Generator().manual_seed(0), **kwargs).images
+    plain = pipe("sks dog", generator=torch.Generator().manual_seed(0), upscale=False, **kwargs).images
+    assert up.shape == (1, 3, 4 * RES, 4 * RES) and plain.shape == (1, 3, RES, RES)
+
+
+def test_push_to_hub_offline_is_a_clear_error(tiny_sd, tmp_path, monkeypatch):
+    from crispdiff.hub import HubUploadError
+    from crispdiff.sd_lora import push_lora_to_hub
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    flags = ["--pretrained_model_name_or_path", str(tiny_sd), "--train_data_dir", str(tmp_path), "--push_to_hub"]
+    config = parse_config(TextToImageLoRAConfig, [*flags, "--hub_token", "hf_x", "--output_dir", str(tmp_path)])
+    with pytest.raises(HubUploadError, match="HF_HUB_OFFLINE"):
+        push_lora_to_hub(tmp_path, config)

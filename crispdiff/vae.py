@@ -194,6 +194,35 @@ def measure_shift_factor(latents: torch.Tensor) -> float:
     return float(latents.detach().double().mean().item())
 
 
+@torch.no_grad()
+def standardize_latent_channels(vae: AutoencoderKL, latents: torch.Tensor) -> AutoencoderKL:
+    """Reparametrise ``vae`` in place so that these (posterior-sample) latents have mean 0 and std 1 per channel.
+
+    Why: one global ``scaling_factor`` leaves channels at very different scales (a widened VAE's new channels had a
+    std of 0.45 beside old ones at 1.0-2.1 with means up to -2.1); the same noise level then drowns some channels
+    long before others, which makes the latents harder to generate. The change is exact and lives in the 1x1 quant
+    convolutions: the encoder's ``quant_conv`` emits ``(mean - mu) / sigma`` and ``logvar - 2 log sigma``, and
+    ``post_quant_conv`` first maps ``z' -> sigma * z' + mu``, so every image decodes as before.
+    """
+    if vae.quant_conv is None or vae.post_quant_conv is None:
+        raise ValueError("standardizing latent channels needs an AutoencoderKL with quant_conv and post_quant_conv")
+    channels = vae.config.latent_channels
+    flat = latents.double().transpose(0, 1).reshape(channels, -1)
+    mu, sigma = flat.mean(dim=1), flat.std(dim=1)
+    if not torch.all(sigma > 0):
+        raise ValueError("cannot standardize latent channels: a channel is constant on these images")
+    weight, bias = vae.quant_conv.weight.double(), vae.quant_conv.bias.double()
+    weight[:channels] /= sigma[:, None, None, None]
+    bias[:channels] = (bias[:channels] - mu) / sigma
+    bias[channels:] -= 2.0 * sigma.log()
+    vae.quant_conv.weight.copy_(weight), vae.quant_conv.bias.copy_(bias)
+    weight, bias = vae.post_quant_conv.weight.double(), vae.post_quant_conv.bias.double()
+    bias += weight[:, :, 0, 0] @ mu
+    weight *= sigma[None, :, None, None]
+    vae.post_quant_conv.weight.copy_(weight), vae.post_quant_conv.bias.copy_(bias)
+    return vae
+
+
 def read_scaling(vae: AnyVAE) -> tuple[float | None, float | None]:
     """``(scaling_factor, shift_factor)`` stated in the VAE's config, ``None`` for each one the file did not state.
 

@@ -34,7 +34,14 @@ from crispdiff.config import DataConfig, LoopConfig, flag
 from crispdiff.io import staging_folder, swap_folder_into_place
 from crispdiff.model import group_norm_groups
 from crispdiff.training import LoopTrainer, refuse_to_overwrite, run_trainer, start_run
-from crispdiff.vae import load_vae, measure_scaling_factor, measure_shift_factor, read_scaling, sample_posterior
+from crispdiff.vae import (
+    load_vae,
+    measure_scaling_factor,
+    measure_shift_factor,
+    read_scaling,
+    sample_posterior,
+    standardize_latent_channels,
+)
 
 logger = logging.getLogger("crispdiff")
 
@@ -105,6 +112,11 @@ class VAETrainConfig(DataConfig, LoopConfig):
     )
     num_validation_images: int = flag(8, "Held-out images shown in the reconstruction grid.")
     scaling_samples: int = flag(1024, "Training images encoded to measure the latent scaling_factor / shift_factor.")
+    standardize_latents: bool = flag(
+        True,
+        "Before saving, fold a per-channel standardisation into the quant convolutions (exact: images decode the "
+        "same) so every latent channel has mean 0 and std 1, which latent diffusion learns more easily.",
+    )
 
     def validate(self) -> None:
         """Reject flag combinations that would silently do something else than asked."""
@@ -455,6 +467,18 @@ def save_reconstruction_grid(vae: AutoencoderKL, images_uint8: torch.Tensor, pat
 
 
 @torch.no_grad()
+@torch.no_grad()
+def sample_latents(vae: AutoencoderKL, images_uint8: torch.Tensor, seed: int, batch_size: int = 64) -> torch.Tensor:
+    """Posterior samples of these images (what a latent diffusion model sees), on the CPU."""
+    param = next(vae.parameters())
+    generator = torch.Generator(device=param.device).manual_seed(seed)
+    samples = []
+    for chunk in uint8_to_m11(images_uint8).split(batch_size):
+        posterior = vae.encode(chunk.to(param.device, param.dtype)).latent_dist
+        samples.append(sample_posterior(posterior.mean.float(), posterior.logvar.float(), generator).cpu())
+    return torch.cat(samples)
+
+
 def measure_latent_scaling(
     vae: AutoencoderKL, images_uint8: torch.Tensor, seed: int, batch_size: int = 64
 ) -> tuple[float, float]:
@@ -463,13 +487,7 @@ def measure_latent_scaling(
     Sampling (not the mean) matches how latent trainers draw their latents; the shift centres them, since a VAE
     trained from scratch has no reason to have zero-mean latents.
     """
-    param = next(vae.parameters())
-    generator = torch.Generator(device=param.device).manual_seed(seed)
-    samples = []
-    for chunk in uint8_to_m11(images_uint8).split(batch_size):
-        posterior = vae.encode(chunk.to(param.device, param.dtype)).latent_dist
-        samples.append(sample_posterior(posterior.mean.float(), posterior.logvar.float(), generator).cpu())
-    latents = torch.cat(samples)
+    latents = sample_latents(vae, images_uint8, seed, batch_size)
     return measure_scaling_factor(latents), measure_shift_factor(latents)
 
 
@@ -722,6 +740,8 @@ class VAETrainer(LoopTrainer):
         else:
             count = min(config.scaling_samples, len(self.train_indices))
             images = self.data.center_crops(self.train_indices[:count])
+            if config.standardize_latents and not config.train_decoder_only:
+                standardize_latent_channels(vae, sample_latents(vae, images, config.seed))
             scale, shift = measure_latent_scaling(vae, images, config.seed)
         vae.register_to_config(scaling_factor=scale, shift_factor=shift)
         metrics = self.validate(vae)

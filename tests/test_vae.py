@@ -26,6 +26,7 @@ from crispdiff.vae import (
     read_scaling,
     sample_posterior,
     scale_latents,
+    standardize_latent_channels,
     unscale_latents,
     vae_downsample_factor,
     weights_fingerprint,
@@ -304,6 +305,22 @@ def test_widened_latent_decodes_exactly_like_the_original_then_learns(image_fold
     assert trainer.vae.config.latent_channels == 8
     trainer.micro_step(), trainer.micro_step()
     assert trainer.vae.decoder.conv_in.weight[:, 4:].abs().sum() > 0  # the decoder starts using the new channels
+
+
+def test_standardized_latent_channels_decode_the_same():
+    vae = tiny_kl()
+    x = torch.rand(6, 3, 16, 16, generator=torch.Generator().manual_seed(1)) * 2 - 1
+    with torch.no_grad():
+        before = vae.decode(vae.encode(x).latent_dist.mean).sample
+        latents = vae.encode(x).latent_dist.sample(torch.Generator().manual_seed(0))
+    standardize_latent_channels(vae, latents)
+    with torch.no_grad():
+        after_mean = vae.encode(x).latent_dist.mean
+        after = vae.decode(after_mean).sample
+        again = vae.encode(x).latent_dist.sample(torch.Generator().manual_seed(0))
+    torch.testing.assert_close(after, before, rtol=0, atol=1e-5)
+    torch.testing.assert_close(again.mean(dim=(0, 2, 3)), torch.zeros(4), rtol=0, atol=1e-4)
+    torch.testing.assert_close(again.std(dim=(0, 2, 3)), torch.ones(4), rtol=0, atol=1e-3)
 
 
 def test_spectral_loss_charges_blur_whatever_the_phase():

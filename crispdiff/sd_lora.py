@@ -673,6 +673,10 @@ class SDLoRATrainer(LoopTrainer):
         )
         self.schedule = base_schedule(parts.scheduler, config.prediction_type).to(device)
 
+        for part in [instance] + ([prior] if prior is not None else []):
+            prepare = getattr(part.space, "prepare", None)  # keeps cached latents on a GPU when they fit
+            if prepare is not None:
+                prepare(device)
         unet, text_encoder = parts.unet, parts.text_encoder
         unet.add_adapter(config.lora_config(config.unet_targets()))
         if config.train_text_encoder:

@@ -449,3 +449,29 @@ def test_push_to_hub_offline_is_a_clear_error(tiny_sd, tmp_path, monkeypatch):
     config = parse_config(TextToImageLoRAConfig, [*flags, "--hub_token", "hf_x", "--output_dir", str(tmp_path)])
     with pytest.raises(HubUploadError, match="HF_HUB_OFFLINE"):
         push_lora_to_hub(tmp_path, config)
+
+
+def test_each_image_trains_with_its_own_caption(tiny_sd, subject_dir, tmp_path):
+    """Per-image captions from metadata.jsonl (empty ones -> the instance prompt), each encoded once and looked up."""
+    from crispdiff.data import load_images
+    from crispdiff.sd_lora import PromptBank, captions_for, image_view
+
+    config = parse_config(
+        DreamBoothLoRAConfig,
+        ["--pretrained_model_name_or_path", str(tiny_sd), "--instance_data_dir", str(subject_dir)]
+        + ["--instance_prompt", PROMPT, "--caption_column", "text", "--cache_dir", str(tmp_path), "--resolution", "16"],
+    )
+    data = load_images(image_view(config, train_data_dir=str(subject_dir)), for_latents=True, show_progress=False)
+    captions = captions_for(data, PROMPT)
+    assert captions == ["sks dog on grass", PROMPT, "sks dog number 2", "sks dog number 3"]
+    parts = load_sd(str(tiny_sd))
+    bank = PromptBank(parts.tokenizer, captions + [PROMPT])
+    assert len(bank.prompts) == 4  # the instance prompt is encoded once
+    bank.precompute(parts.text_encoder, torch.device("cpu"))
+    ids = bank.ids(captions)
+    looked_up = bank.encode(ids, None, torch.device("cpu"))
+    tokens = parts.tokenizer(captions, padding="max_length", max_length=16, truncation=True, return_tensors="pt")
+    with torch.no_grad():
+        direct = parts.text_encoder(tokens.input_ids)[0]
+    torch.testing.assert_close(looked_up, direct)
+    assert not torch.equal(looked_up[0], looked_up[2])

@@ -397,8 +397,10 @@ def captions_for(data: Any, fallback: str | None) -> list[str]:
     if fallback is None:
         empty = [i for i, c in enumerate(captions) if not c.strip()]
         if empty:
+            rows = getattr(data, "metadata", None) or []
+            first = rows[empty[0]].get("file_name", empty[0]) if len(rows) > empty[0] else empty[0]
             raise SDLoRAError(
-                f"{len(empty)} image(s) have an empty caption (first: index {empty[0]}); fill --caption_column"
+                f"{len(empty)} image(s) have an empty --caption_column caption (first: {first}); fill them"
             )
         return list(captions)
     return [c if c.strip() else fallback for c in captions]

@@ -408,7 +408,7 @@ def test_refusals_are_one_line(tiny_sd, subject_dir, tmp_path, capsys):
         assert "\n" not in str(info.value)
     t2i = ["--pretrained_model_name_or_path", str(tiny_sd), "--train_data_dir", str(subject_dir)]
     t2i += ["--output_dir", str(tmp_path / "t"), "--cache_dir", str(tmp_path / "cache"), "--resolution", str(RES)]
-    with pytest.raises(SDLoRAError, match="empty caption"):
+    with pytest.raises(SDLoRAError, match=r"empty --caption_column caption \(first: 01.png\)"):
         train_text_to_image_lora(parse_config(TextToImageLoRAConfig, t2i))
 
     capsys.readouterr()

@@ -119,7 +119,14 @@ class LoopConfig:
     max_train_steps: int | None = flag(None, "Optimizer steps to train for (overrides --num_epochs).")
     num_epochs: int = flag(100, "Epochs to train for when --max_train_steps is not given.")
     learning_rate: float = flag(2e-4, "Peak learning rate.")
-    scale_lr: bool = flag(False, "Multiply the LR by batch size x accumulation x processes.")
+    scale_lr: bool = flag(
+        False,
+        "Scale --learning_rate linearly with the global batch (batch x accumulation x processes) relative to "
+        "--lr_reference_batch: lr x global_batch / reference. Off: the LR is used as given.",
+    )
+    lr_reference_batch: int = flag(
+        64, "The global batch --learning_rate was tuned for; --scale_lr scales by the ratio to it."
+    )
     lr_scheduler: str = flag(
         "cosine",
         "LR schedule after warmup.",
@@ -136,6 +143,11 @@ class LoopConfig:
         None, "Mixed precision (default: what `accelerate config` chose).", choices=["no", "fp16", "bf16"]
     )
     allow_tf32: bool = flag(True, "Allow TF32 matmuls on Ampere+ GPUs.")
+    deterministic: bool = flag(
+        False,
+        "Use only deterministic kernels (torch.use_deterministic_algorithms, no cuDNN benchmarking, no TF32), so a "
+        "resumed GPU run ends bit-identical to an uninterrupted one; slower. CPU runs are deterministic without it.",
+    )
     cpu_threads: int | None = flag(
         None,
         "Torch threads per process when training on the CPU (default: the cores divided among this machine's "
@@ -166,6 +178,12 @@ class TrainConfig(DataConfig, ModelConfig, NoiseConfig, HubConfig, LoopConfig):
 
     gradient_checkpointing: bool = flag(False, "Trade compute for memory in the UNet.")
     enable_xformers_memory_efficient_attention: bool = flag(False, "Use xformers attention (optional extra).")
+    torch_compile: bool = flag(
+        False, "Compile the UNet with torch.compile (the first steps are slow while it compiles; GPU runs gain most)."
+    )
+    torch_compile_backend: str = flag(
+        "inductor", "torch.compile backend for --torch_compile ('aot_eager' compiles in seconds but runs no faster)."
+    )
     save_model_steps: int | None = flag(
         None, "Also write the pipeline folder every N steps (default: only at the end)."
     )

@@ -25,6 +25,7 @@ from typing import Any
 import torch
 
 from crispdiff.config import TrainConfig, flag
+from crispdiff.data import to_device
 from crispdiff.latent_cache import DTYPES, LatentCache, load_or_build_latent_cache
 from crispdiff.vae import (
     AnyVAE,
@@ -221,8 +222,17 @@ class LatentSpace:
         coin = torch.rand(indices.numel(), generator=generator, device=generator.device).cpu()
         variants = (coin < 0.5).long() if self.cache.num_variants == 2 else torch.zeros_like(indices)
         mean, logvar = self.cache.posterior(indices, variants)
-        z = sample_posterior(mean.to(generator.device), logvar.to(generator.device), generator)
+        if mean.device != generator.device:  # latents kept on the GPU (prepare): only the drawn noise travels
+            eps = torch.randn(mean.shape, generator=generator, device=generator.device)
+            z = mean + torch.exp(0.5 * logvar) * to_device(eps, mean.device)  # = sample_posterior with that noise
+        else:
+            z = sample_posterior(mean, logvar, generator)
         return scale_latents(z, self.scaling_factor, self.shift_factor).to(device)
+
+    def prepare(self, device: torch.device) -> None:
+        """On a GPU, keep the cached posteriors there when they fit (the trainer calls this once)."""
+        if device.type != "cpu":
+            self.cache.keep_on_device(device)
 
     def pipeline_components(self) -> dict[str, Any]:
         return {

@@ -15,6 +15,7 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
+from torch import nn
 
 from crispdiff.config import NoiseConfig
 
@@ -137,14 +138,22 @@ def _per_sample(values: torch.Tensor, ndim: int) -> torch.Tensor:
     return values.reshape(-1, *([1] * (ndim - 1)))
 
 
-class NoiseSchedule:
+class NoiseSchedule(nn.Module):
     """Precomputed alpha-bar buffers and the operations of the training objective, all in fp32.
 
     Adding noise in fp32 matters under mixed precision: at small t, sqrt(1 - alpha-bar) is ~1e-2 and the bf16
-    rounding of x_t would swamp the signal the model must learn to remove.
+    rounding of x_t would swamp the signal the model must learn to remove. A module with (non-persistent) buffers,
+    so ``.to(device)`` moves every table at once and a new table cannot be forgotten; ``.to(dtype)`` is refused
+    because the tables must stay fp32 whatever the model's precision.
     """
 
+    alphas_cumprod: torch.Tensor
+    sqrt_alphas_cumprod: torch.Tensor
+    sqrt_one_minus_alphas_cumprod: torch.Tensor
+    snr: torch.Tensor
+
     def __init__(self, betas: torch.Tensor, prediction_type: str = "v_prediction", rescale_zero_snr: bool = False):
+        super().__init__()
         if prediction_type not in PREDICTION_TYPES:
             raise ValueError(f"--prediction_type must be one of {PREDICTION_TYPES}; got {prediction_type!r}")
         if rescale_zero_snr:
@@ -155,21 +164,28 @@ class NoiseSchedule:
                     "trivial and x0 cannot be recovered from it; use --prediction_type v_prediction or sample."
                 )
         self.prediction_type = prediction_type
-        self.betas = betas.to(torch.float64)
+        self.betas = betas.to(torch.float64)  # the float64 source of the tables; stays on the CPU
         alphas_cumprod = torch.cumprod(1.0 - self.betas, dim=0)
         self.num_train_timesteps = len(betas)
-        self.alphas_cumprod = alphas_cumprod.float()
-        self.sqrt_alphas_cumprod = alphas_cumprod.sqrt().float()
-        self.sqrt_one_minus_alphas_cumprod = (1.0 - alphas_cumprod).sqrt().float()
-        self.snr = (alphas_cumprod / (1.0 - alphas_cumprod)).float()
+        tables = {
+            "alphas_cumprod": alphas_cumprod,
+            "sqrt_alphas_cumprod": alphas_cumprod.sqrt(),
+            "sqrt_one_minus_alphas_cumprod": (1.0 - alphas_cumprod).sqrt(),
+            "snr": alphas_cumprod / (1.0 - alphas_cumprod),
+        }
+        for name, table in tables.items():
+            self.register_buffer(name, table.float(), persistent=False)
 
     @classmethod
     def from_config(cls, config: NoiseConfig) -> NoiseSchedule:
         return cls(betas_from_config(config), config.prediction_type, config.rescale_betas_zero_snr)
 
-    def to(self, device: torch.device | str) -> NoiseSchedule:
-        for name in ("alphas_cumprod", "sqrt_alphas_cumprod", "sqrt_one_minus_alphas_cumprod", "snr"):
-            setattr(self, name, getattr(self, name).to(device))
+    def _apply(self, fn: Any, recurse: bool = True) -> NoiseSchedule:
+        """Moves between devices only: the tables stay fp32 (``.half()`` / ``.to(torch.bfloat16)`` are refused)."""
+        before = self.snr.dtype
+        super()._apply(fn, recurse)
+        if self.snr.dtype != before:
+            raise TypeError("NoiseSchedule tables stay float32; move it with .to(device) only")
         return self
 
     def sample_timesteps(self, batch_size: int, generator: torch.Generator, device: torch.device | str) -> torch.Tensor:

@@ -28,7 +28,7 @@ from tqdm.auto import tqdm
 
 from crispdiff.checkpoint import find_checkpoint, load_checkpoint, save_checkpoint
 from crispdiff.config import LoopConfig, TrainConfig
-from crispdiff.errors import MissingDependencyError, OutputExistsError
+from crispdiff.errors import FlagError, MissingDependencyError, OutputExistsError
 from crispdiff.export import build_pipeline, save_pipeline
 from crispdiff.hub import maybe_push_to_hub, write_model_card
 from crispdiff.images import make_grid, save_image_atomic
@@ -71,6 +71,11 @@ class PixelSpace:
     def x0(self, indices: torch.Tensor, generator: torch.Generator, device: torch.device) -> torch.Tensor:
         return self.data.batch(indices, generator, device=device)
 
+    def prepare(self, device: torch.device) -> None:
+        """On a GPU, keep the uint8 images there when they fit (on the CPU the memory map already is RAM)."""
+        if device.type != "cpu" and self.data.keep_on_device(device):
+            logger.info("keeping the %d training images on %s", len(self.data), device)
+
     def pipeline_components(self) -> dict[str, Any]:
         return {}
 
@@ -102,14 +107,24 @@ class EpochBatches:
         self.seed = seed
         global_batch = batch_size * num_processes
         self.batches_per_epoch = max(1, num_items // global_batch)
+        self._order_epoch: int | None = None
+        self._order = torch.empty(0, dtype=torch.long)
+
+    def epoch_order(self, epoch: int) -> torch.Tensor:
+        """The shuffled item order of ``epoch``, computed once per epoch (not once per micro-step)."""
+        if self._order_epoch != epoch:
+            order = torch.randperm(self.num_items, generator=torch.Generator().manual_seed(self.seed + epoch))
+            global_batch = self.batch_size * self.num_processes
+            if len(order) < global_batch:  # tiny datasets: repeat the shuffled order to fill one batch
+                order = order.repeat(math.ceil(global_batch / len(order)))
+            self._order, self._order_epoch = order, epoch
+        return self._order
 
     def indices(self, position: DataPosition) -> torch.Tensor:
-        order = torch.randperm(self.num_items, generator=torch.Generator().manual_seed(self.seed + position.epoch))
+        """This process's slice of global batch ``position.batch_in_epoch`` of the epoch's order."""
         global_batch = self.batch_size * self.num_processes
-        if len(order) < global_batch:  # tiny datasets: repeat the shuffled order to fill one batch
-            order = order.repeat(math.ceil(global_batch / len(order)))
         start = position.batch_in_epoch * global_batch + self.process_index * self.batch_size
-        return order[start : start + self.batch_size]
+        return self.epoch_order(position.epoch)[start : start + self.batch_size]
 
     def advance(self, position: DataPosition) -> DataPosition:
         if position.batch_in_epoch + 1 < self.batches_per_epoch:
@@ -149,7 +164,12 @@ def make_accelerator(config: LoopConfig) -> Accelerator:
 def make_optimizer(
     config: LoopConfig, parameters: Any, device: torch.device, lr: float | None = None
 ) -> torch.optim.Optimizer:
-    """AdamW (fused on CUDA, where it is one kernel per step instead of one per tensor) or 8-bit AdamW."""
+    """AdamW (fused on CUDA, where it is one kernel per step instead of one per tensor) or 8-bit AdamW.
+
+    Fused is chosen from where the parameters *are*, not where they will be: torch 2.1-2.3 reject a fused AdamW over
+    CPU parameters, so callers move the model to its device first (``Trainer`` does).
+    """
+    parameters = list(parameters)
     kwargs = dict(
         lr=config.learning_rate if lr is None else lr,
         betas=(config.adam_beta1, config.adam_beta2),
@@ -164,7 +184,22 @@ def make_optimizer(
                 "--use_8bit_adam needs bitsandbytes: pip install 'crispdiff[bnb]' (or drop the flag)"
             ) from err
         return bnb.optim.AdamW8bit(parameters, **kwargs)
-    return torch.optim.AdamW(parameters, fused=device.type == "cuda", **kwargs)
+    on_cuda = device.type == "cuda" and bool(parameters) and all(p.device.type == "cuda" for p in parameters)
+    return torch.optim.AdamW(parameters, fused=True if on_cuda else None, **kwargs)
+
+
+def scaled_learning_rate(config: LoopConfig, num_processes: int) -> float:
+    """--learning_rate, or with --scale_lr the linear scaling rule (Goyal et al. 2017) from --lr_reference_batch.
+
+    Why a reference batch: the default LRs are already tuned for a batch (2e-4 at 64 images); multiplying them by
+    the batch itself, as diffusers' example scripts do, turns 2e-4 into 1.3e-2 and diverges.
+    """
+    if not config.scale_lr:
+        return config.learning_rate
+    if config.lr_reference_batch < 1:
+        raise FlagError(f"--lr_reference_batch must be >= 1, got {config.lr_reference_batch}")
+    global_batch = config.train_batch_size * config.gradient_accumulation_steps * num_processes
+    return config.learning_rate * global_batch / config.lr_reference_batch
 
 
 def total_train_steps(config: LoopConfig, batches_per_epoch: int) -> int:
@@ -225,12 +260,10 @@ class LoopTrainer:
     def setup_optimization(self, model: torch.nn.Module, trainable: list[torch.nn.Parameter]) -> None:
         """EMA of `model` (if --use_ema), the optimizer over `trainable`, and the warmup + decay LR schedule."""
         config, accelerator, device = self.config, self.accelerator, self.accelerator.device
-        if device.type == "cuda":
+        if device.type == "cuda" and not config.deterministic:
             torch.backends.cuda.matmul.allow_tf32 = config.allow_tf32
             torch.backends.cudnn.allow_tf32 = config.allow_tf32
-        lr = config.learning_rate
-        if config.scale_lr:
-            lr *= config.train_batch_size * config.gradient_accumulation_steps * accelerator.num_processes
+        lr = scaled_learning_rate(config, accelerator.num_processes)
         if config.use_ema:
             self.ema = EMAModel(
                 model.parameters(),
@@ -358,8 +391,7 @@ class LoopTrainer:
                 self.save_checkpoint()
             if self.due(config.validation_steps):
                 self.validate()
-            self.periodic()
-            accelerator.wait_for_everyone()
+            self.periodic()  # no barrier per step: checkpoints synchronise on their own, exports happen on rank 0
         progress.close()
         result = self.finish() if accelerator.is_main_process else None
         accelerator.wait_for_everyone()
@@ -367,8 +399,27 @@ class LoopTrainer:
         return result
 
 
+def configure_kernels(config: LoopConfig) -> None:
+    """Fast kernels by default, reproducible ones with --deterministic.
+
+    Default: cuDNN benchmarks its convolution algorithms once per input shape (the shapes never change during a
+    run) and keeps the fastest. That choice, and many CUDA kernels (atomic-add reductions in the backward pass), are
+    non-deterministic, so a resumed GPU run drifts from an uninterrupted one in the last bits. --deterministic asks
+    torch for deterministic algorithms everywhere (an error names any op that has none), turns benchmarking and TF32
+    off and sets the cuBLAS workspace that deterministic matmuls need; it must run before CUDA is first used.
+    """
+    if config.deterministic:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.use_deterministic_algorithms(True)
+        torch.backends.cudnn.benchmark = False
+        torch.backends.cudnn.deterministic = True
+    elif torch.cuda.is_available():
+        torch.backends.cudnn.benchmark = True
+
+
 def start_run(config: LoopConfig) -> Accelerator:
-    """The Accelerator, CPU threads, logging and global seed of a run (before any model is built)."""
+    """Kernel settings, the Accelerator, CPU threads, logging and global seed of a run (before any model is built)."""
+    configure_kernels(config)
     accelerator = make_accelerator(config)
     use_cpu_cores(config, int(os.environ.get("LOCAL_WORLD_SIZE", accelerator.num_processes)))
     logging.basicConfig(level=logging.INFO if accelerator.is_main_process else logging.WARNING)
@@ -400,12 +451,19 @@ class Trainer(LoopTrainer):
             unet.enable_gradient_checkpointing()
         if config.enable_xformers_memory_efficient_attention:
             unet.enable_xformers_memory_efficient_attention()
+        unet = unet.to(device)  # before the optimizer: fused AdamW must see its parameters on the device
         if device.type == "cuda":
             unet = unet.to(memory_format=torch.channels_last)
         self.num_parameters = count_parameters(unet)
         self.setup_optimization(unet, list(unet.parameters()))
         self.unet, self.optimizer = accelerator.prepare(unet, self.optimizer)
+        if config.torch_compile:
+            # in place (nn.Module.compile): state-dict keys, EMA, checkpoints and the saved pipeline are unchanged
+            accelerator.unwrap_model(self.unet).compile(backend=config.torch_compile_backend)
         self.schedule = NoiseSchedule.from_config(config).to(device)
+        prepare = getattr(space, "prepare", None)
+        if callable(prepare):  # e.g. keep the uint8 images on the GPU when they fit
+            prepare(device)
 
     def describe(self) -> str:
         return f"{len(self.space)} training items, UNet with {describe_parameters(self.num_parameters)}"

@@ -427,6 +427,34 @@ def test_batch_shape_range_and_determinism(tmp_path, folder):
     assert not torch.equal(data.batch(indices, generator), first), "the generator advanced"
 
 
+def test_device_resident_images_give_the_same_batches_as_the_memory_map(tmp_path, folder):
+    """keep_on_device (used on GPUs; forced onto the CPU here) gathers the same random crops, flips, jitter and blur
+    bit for bit as the memory-map path, so resuming a run on either path reproduces the same data."""
+    rng = np.random.default_rng(0)
+    for i in range(5):  # 48x32 images at 32 px (stored as they are): random crops have room to move
+        Image.fromarray(rng.integers(0, 256, (32, 48, 3), dtype=np.uint8)).save(folder / f"noise{i}.png")
+    options = dict(resolution=32, random_flip=True, color_jitter=0.1, blur_prob=0.5)
+    mapped = _load(_config(tmp_path, folder, **options))
+    resident = _load(_config(tmp_path, folder, **options))
+    assert not resident.keep_on_device("cpu", max_bytes=5 * 32 * 48 * 3 - 1), "must respect the memory budget"
+    assert resident.resident_device is None
+    assert resident.keep_on_device("cpu", max_bytes=5 * 32 * 48 * 3)
+    assert resident.resident_device == torch.device("cpu")
+    indices = torch.tensor([4, 0, 3, 3, 1, 2, 0, 4, 2, 1])
+    a = mapped.batch(indices, torch.Generator().manual_seed(9))
+    b = resident.batch(indices, torch.Generator().manual_seed(9))
+    assert torch.equal(a, b)
+    assert len({tuple(x[:, :2, :2].flatten().tolist()) for x in a}) > 5, "the crops must differ"
+
+
+def test_images_of_different_sizes_stay_in_the_memory_map(tmp_path, folder):
+    _solid((1, 2, 3), size=(32, 32)).save(folder / "square.png")
+    _solid((1, 2, 3), size=(48, 32)).save(folder / "wide.png")
+    data = _load(_config(tmp_path, folder))
+    assert not data.keep_on_device("cpu", max_bytes=10**9) and data.resident_device is None
+    assert data.batch([0, 1], torch.Generator()).shape == (2, 3, 32, 32)
+
+
 def test_generator_consumption_does_not_depend_on_options(tmp_path, folder):
     _three_images(folder)
     states = []

@@ -153,3 +153,13 @@ def test_base_config_agrees_with_every_scheduler():
     for cls in (DDPMScheduler, DDIMScheduler, DPMSolverMultistepScheduler, UniPCMultistepScheduler, PNDMScheduler):
         kwargs = {k: v for k, v in base.items() if k != "rescale_betas_zero_snr" or cls is not PNDMScheduler}
         torch.testing.assert_close(cls(**kwargs).alphas_cumprod, ours, rtol=1e-5, atol=1e-7)
+
+
+def test_noise_schedule_is_a_module_whose_tables_move_together_and_stay_fp32():
+    s = NoiseSchedule(make_betas("cosine", T))
+    names = {name for name, _ in s.named_buffers()}
+    assert names == {"alphas_cumprod", "sqrt_alphas_cumprod", "sqrt_one_minus_alphas_cumprod", "snr"}
+    assert s.state_dict() == {}, "derived from the config: nothing to save in checkpoints"
+    assert s.to("meta").snr.device.type == "meta" and s.sqrt_alphas_cumprod.device.type == "meta"
+    with pytest.raises(TypeError, match="float32"):
+        NoiseSchedule(make_betas("cosine", T)).to(torch.bfloat16)

@@ -155,28 +155,141 @@ def test_resume_gives_the_same_weights_as_an_uninterrupted_run(image_folder, tmp
     assert len(ckpt) == len(a) and norm(ckpt.values()) != norm(a.values())
 
 
+def _sample(pipe, seed: int = 7) -> np.ndarray:
+    pipe.set_progress_bar_config(disable=True)
+    generator = torch.Generator().manual_seed(seed)
+    return pipe(batch_size=2, num_inference_steps=3, generator=generator, output_type="np").images
+
+
 def test_saved_pipeline_reproduces_in_process_images(image_folder, tmp_path):
+    """The folder written at the end samples exactly what the trainer's own in-memory pipeline samples."""
     from diffusers import DiffusionPipeline
 
-    out = tmp_path / "run"
-    train(tiny_config(image_folder, out, max_train_steps=2, checkpointing_steps=0))
-    folder = out / "pipeline"
-    pipe = DiffusionPipeline.from_pretrained(str(folder), trust_remote_code=True)
-    first = pipe(batch_size=2, num_inference_steps=3, generator=torch.Generator().manual_seed(7), output_type="np")
-    again = DiffusionPipeline.from_pretrained(str(folder), trust_remote_code=True)
-    second = again(batch_size=2, num_inference_steps=3, generator=torch.Generator().manual_seed(7), output_type="np")
-    assert first.images.shape == (2, 16, 16, 3)
-    assert np.array_equal(first.images, second.images)
+    from crispdiff.data import load_images
+    from crispdiff.export import build_pipeline
+
+    config = tiny_config(image_folder, tmp_path / "run", max_train_steps=2, checkpointing_steps=0)
+    trainer = Trainer(config, PixelSpace(load_images(config, show_progress=False)), make_accelerator(config))
+    while trainer.step < 2:
+        trainer.optimizer_step()
+    folder = trainer.export()
+    in_process = _sample(build_pipeline(**trainer.pipeline_kwargs()))
+    reloaded = _sample(DiffusionPipeline.from_pretrained(str(folder), trust_remote_code=True))
+    assert in_process.shape == (2, 16, 16, 3)
+    np.testing.assert_array_equal(reloaded, in_process)
+    untrained = Trainer(config, trainer.space, make_accelerator(config))
+    assert not np.array_equal(_sample(build_pipeline(**untrained.pipeline_kwargs())), in_process), "vacuous"
     assert (folder / "samples.png").is_file() and (folder / "crispdiff_training.json").is_file()
+    pipe = DiffusionPipeline.from_pretrained(str(folder), trust_remote_code=True)
     assert pipe.scheduler.__class__.__name__ == "DPMSolverMultistepScheduler"
 
 
-def test_bf16_autocast_run_saves_fp32_pipeline(image_folder, tmp_path):
-    """bf16 autocast (available on CPU too): the loss stays finite and the saved weights are fp32."""
-    out = tmp_path / "bf16"
-    train(tiny_config(image_folder, out, max_train_steps=3, checkpointing_steps=0, mixed_precision="bf16"))
-    weights = _pipeline_weights(out / "pipeline")
-    assert all(w.dtype == torch.float32 and torch.isfinite(w).all() for w in weights.values())
+def test_bf16_autocast_trains_in_bf16_and_saves_the_fp32_master_weights(image_folder, tmp_path):
+    """bf16 autocast (available on CPU too) changes the arithmetic (weights differ from an fp32 run with the same
+    seed, slightly), and the saved pipeline holds the fp32 EMA weights bit for bit, not a bf16 round trip."""
+    from crispdiff.data import load_images
+
+    def run(mixed_precision: str, out: Path) -> Trainer:
+        from accelerate.state import AcceleratorState
+
+        AcceleratorState._reset_state(reset_partial_state=True)
+        torch.manual_seed(0)  # the same initial weights for both runs
+        config = tiny_config(
+            image_folder, out, max_train_steps=3, checkpointing_steps=0, mixed_precision=mixed_precision, dropout=0.0
+        )
+        trainer = Trainer(config, PixelSpace(load_images(config, show_progress=False)), make_accelerator(config))
+        while trainer.step < 3:
+            losses = trainer.optimizer_step()
+        assert torch.isfinite(losses["loss"])
+        trainer.export()
+        return trainer
+
+    bf16, fp32 = run("bf16", tmp_path / "bf16"), run("no", tmp_path / "fp32")
+    saved = _pipeline_weights(tmp_path / "bf16" / "pipeline")
+    ema = dict(zip(bf16.accelerator.unwrap_model(bf16.unet).state_dict(), bf16.ema.shadow_params))
+    assert all(w.dtype == torch.float32 for w in saved.values())
+    assert all(torch.equal(saved[name], ema[name].cpu()) for name in saved), "saved weights must be the fp32 EMA"
+    fp32_saved = _pipeline_weights(tmp_path / "fp32" / "pipeline")
+    differences = [(saved[k] - fp32_saved[k]).abs().max().item() for k in saved]
+    assert max(differences) > 0, "bf16 autocast must change the arithmetic (was it applied at all?)"
+    assert max(differences) < 1e-2, "but only by rounding"
+    del fp32
+
+
+def _losses(config: TrainConfig, steps: int) -> list[float]:
+    from accelerate.state import AcceleratorState
+
+    from crispdiff.data import load_images
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+    torch.manual_seed(0)
+    trainer = Trainer(config, PixelSpace(load_images(config, show_progress=False)), make_accelerator(config))
+    return [trainer.optimizer_step()["loss"].item() for _ in range(steps)]
+
+
+def test_torch_compile_gives_the_losses_of_eager_mode(image_folder, tmp_path):
+    """--torch_compile trains the same model: equal losses within float tolerance over a few steps. The test uses
+    the aot_eager backend (dynamo graph capture + AOT autograd, as inductor gets them); inductor itself needs
+    minutes of C++ compilation on a 2-core CI machine."""
+    torch._dynamo.reset()
+    common = dict(max_train_steps=3, checkpointing_steps=0, dropout=0.0)
+    eager = _losses(tiny_config(image_folder, tmp_path / "eager", **common), 3)
+    compiled_config = tiny_config(
+        image_folder, tmp_path / "compiled", torch_compile="true", torch_compile_backend="aot_eager", **common
+    )
+    compiled = _losses(compiled_config, 3)
+    assert len(set(eager)) == 3, "the loss must change from step to step"
+    np.testing.assert_allclose(compiled, eager, rtol=1e-4, atol=1e-6)
+    torch._dynamo.reset()
+
+
+def test_scale_lr_scales_by_the_ratio_to_the_reference_batch():
+    from crispdiff.training import scaled_learning_rate
+
+    config = TrainConfig(learning_rate=2e-4, train_batch_size=64, gradient_accumulation_steps=2)
+    assert scaled_learning_rate(config, num_processes=2) == 2e-4, "without --scale_lr the LR is used as given"
+    config.scale_lr = True
+    assert scaled_learning_rate(config, num_processes=2) == pytest.approx(8e-4)  # 256 images vs the reference 64
+    config.lr_reference_batch = 256
+    assert scaled_learning_rate(config, num_processes=2) == pytest.approx(2e-4)
+
+
+def test_fused_adamw_follows_where_the_parameters_are():
+    """Fused AdamW over parameters still on the CPU is rejected by torch 2.1-2.3; decide from the parameters."""
+    from crispdiff.training import make_optimizer
+
+    cpu_params = [torch.nn.Parameter(torch.zeros(2))]
+    optimizer = make_optimizer(TrainConfig(), cpu_params, torch.device("cuda"))
+    assert not optimizer.defaults.get("fused")
+
+
+def test_epoch_order_is_computed_once_per_epoch_and_covers_the_data(monkeypatch):
+    from crispdiff.training import DataPosition, EpochBatches
+
+    calls = []
+    real = torch.randperm
+    monkeypatch.setattr(torch, "randperm", lambda *a, **k: calls.append(a) or real(*a, **k))
+    batches = EpochBatches(num_items=10, batch_size=2, num_processes=1, process_index=0, seed=3)
+    position, seen = DataPosition(), []
+    for _ in range(batches.batches_per_epoch):
+        seen += batches.indices(position).tolist()
+        position = batches.advance(position)
+    assert sorted(seen) == list(range(10)) and position == DataPosition(1, 0)
+    assert len(calls) == 1, "one permutation per epoch, not one per micro-step"
+    assert batches.indices(position).tolist() != seen[:2] and len(calls) == 2
+
+
+def test_deterministic_flag_turns_on_deterministic_algorithms(image_folder, tmp_path):
+    """--deterministic reaches torch (the README's condition for bit-exact resume on a GPU)."""
+    try:
+        train(
+            tiny_config(image_folder, tmp_path / "det", max_train_steps=1, checkpointing_steps=0, deterministic="true")
+        )
+        assert torch.are_deterministic_algorithms_enabled()
+        assert torch.backends.cudnn.deterministic and not torch.backends.cudnn.benchmark
+    finally:
+        torch.use_deterministic_algorithms(False)
+        torch.backends.cudnn.deterministic = False
 
 
 def test_validation_grid_and_metrics_are_logged(image_folder, tmp_path):

@@ -44,7 +44,7 @@ import torch
 from accelerate import Accelerator
 
 from crispdiff.config import DataConfig, HubConfig, LoopConfig, flag
-from crispdiff.errors import FlagError
+from crispdiff.errors import FlagError, one_line
 from crispdiff.io import staging_folder, swap_folder_into_place, write_text_atomic
 from crispdiff.latent import LatentSpace, latent_cache_dir, preprocessing_key
 from crispdiff.latent_cache import DTYPES, load_or_build_latent_cache
@@ -680,7 +680,13 @@ class SDLoRATrainer(LoopTrainer):
             if prepare is not None:
                 prepare(device)
         unet, text_encoder = parts.unet, parts.text_encoder
-        unet.add_adapter(config.lora_config(config.unet_targets()))
+        try:
+            unet.add_adapter(config.lora_config(config.unet_targets()))
+        except ValueError as err:  # peft: none of the target modules exists in the UNet
+            raise SDLoRAError(
+                f"--lora_target_modules {' '.join(config.lora_target_modules)} matched no UNet module "
+                f"({one_line(err)[:200]}); use the presets {sorted(TARGET_PRESETS)} or module names such as to_q"
+            ) from err
         if config.train_text_encoder:
             add_text_encoder_lora(text_encoder, config.lora_config(TEXT_ENCODER_TARGETS))
         else:
@@ -981,12 +987,11 @@ def fuse_lora_file(pipeline: Any, folder: Path, scale: float = 1.0) -> None:
         metadata = handle.metadata() or {}
     text = {k[len("text_encoder.") :]: v for k, v in state.items() if k.startswith("text_encoder.")}
     unet = {k: v for k, v in state.items() if not k.startswith("text_encoder.")}
-    staging = folder.parent / f".{folder.name}.fuse-{uuid.uuid4().hex[:8]}" if folder.is_dir() else None
+    staging = path.parent / f".{path.stem}.fuse-{uuid.uuid4().hex[:8]}"
     try:
         if unet:
             source = path
             if text:
-                assert staging is not None
                 staging.mkdir()
                 source = staging / LORA_WEIGHTS_NAME
                 save_file(unet, str(source), metadata)
@@ -1000,8 +1005,7 @@ def fuse_lora_file(pipeline: Any, folder: Path, scale: float = 1.0) -> None:
                 raise SDLoRAError(f"{path} has a text-encoder LoRA but no adapter metadata (lora_alpha); cannot fuse")
             fuse_text_encoder_lora(pipeline.text_encoder, text, float(alpha), scale)
     finally:
-        if staging is not None:
-            shutil.rmtree(staging, ignore_errors=True)
+        shutil.rmtree(staging, ignore_errors=True)
 
 
 def build_sd_pipeline(

@@ -401,6 +401,7 @@ def test_refusals_are_one_line(tiny_sd, subject_dir, tmp_path, capsys):
         (["--pretrained_model_name_or_path", str(tiny_sd), "--use_dora", "--export_kohya"], "--export_kohya"),
         (["--pretrained_model_name_or_path", str(tiny_sd), "--mixed_precision", "fp16"], "needs a GPU"),
         (["--pretrained_model_name_or_path", str(tiny_sd), *prior_without_class], "--class_data_dir"),
+        (["--pretrained_model_name_or_path", str(tiny_sd), "--lora_target_modules", "nope"], "matched no UNet module"),
     ]  # fmt: skip
     for extra, expected in cases:
         with pytest.raises(SDLoRAError, match=expected) as info:

@@ -38,6 +38,8 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--no_record", action="store_true", help="print only; do not append to RESULTS.md")
+    p.add_argument("--torch_compile", action="store_true", help="time crispdiff's loop with --torch_compile")
+    p.add_argument("--torch_compile_backend", default="inductor", help="backend for --torch_compile")
     return p.parse_args()
 
 
@@ -62,6 +64,8 @@ def main() -> None:
             max_train_steps=10**6,
             random_flip=True,
             dropout=0.0,
+            torch_compile=args.torch_compile,
+            torch_compile_backend=args.torch_compile_backend,
             **arch,
         )
         ours = Trainer(config, PixelSpace(load_images(config)), make_accelerator(config))
@@ -101,7 +105,12 @@ def main() -> None:
     )
     notes = (
         f"UNet {describe_parameters(count_parameters(unet))} ({arch}), {args.resolution} px, batch "
-        f"{args.train_batch_size}, precision {args.mixed_precision}, {args.repeats} x {args.steps} steps alternated."
+        f"{args.train_batch_size}, precision {args.mixed_precision}, {args.repeats} x {args.steps} steps alternated"
+        + (
+            f", crispdiff compiled ({args.torch_compile_backend}, compile time in the warmup)."
+            if args.torch_compile
+            else "."
+        )
     )
     print(f"machine: {machine()}")
     if args.no_record:

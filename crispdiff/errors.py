@@ -26,6 +26,10 @@ class UserError(Exception):
     """A problem with the user's data, flags or paths; the message names the flag or file to change."""
 
 
+class DataError(UserError, ValueError):
+    """A problem with the user's data or data flags; the message names the file and the flag to change."""
+
+
 class FlagError(UserError, ValueError):
     """A flag value or flag combination that cannot work."""
 

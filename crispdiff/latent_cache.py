@@ -39,7 +39,6 @@ import hashlib
 import json
 import os
 import shutil
-import uuid
 import warnings
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
@@ -49,6 +48,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from crispdiff.images import uint8_to_model
+from crispdiff.io import write_text_atomic
 from crispdiff.vae import AnyVAE, encode_posterior, latent_channels, vae_downsample_factor, weights_fingerprint
 
 __all__ = [
@@ -248,10 +249,8 @@ def _chunk_checksum(arrays: dict[str, np.ndarray], start: int, end: int) -> str:
 
 
 def _write_json_atomic(path: Path, payload: dict[str, Any]) -> None:
-    """Write-then-rename so a crash never leaves a half-written header behind."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
-    tmp.write_text(json.dumps(payload, indent=1, sort_keys=True))
-    os.replace(tmp, path)
+    """Write-then-rename (``crispdiff.io``) so a crash never leaves a half-written header behind."""
+    write_text_atomic(path, json.dumps(payload, indent=1, sort_keys=True))
 
 
 def _open_array(path: Path, spec: LatentCacheSpec, mode: str) -> np.ndarray | None:
@@ -341,7 +340,7 @@ def _encode_images(
     for batch_start in range(start, end, batch_size):
         batch_end = min(end, batch_start + batch_size)
         crops = data.center_crops(range(batch_start, batch_end))
-        images = crops.float().div_(127.5).sub_(1.0)
+        images = uint8_to_model(crops)
         variants = [images, images.flip(3)] if spec.random_flip else [images]
         mean_v, logvar_v = zip(*(encode_posterior(vae, v) for v in variants))
         mean, logvar = torch.stack(mean_v, dim=1).cpu(), torch.stack(logvar_v, dim=1).cpu()

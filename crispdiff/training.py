@@ -417,6 +417,19 @@ def configure_kernels(config: LoopConfig) -> None:
         torch.backends.cudnn.benchmark = True
 
 
+def ema_copy(model: Any, ema: EMAModel | None) -> Any:
+    """A standalone fp32 copy of a diffusers model carrying the EMA weights (the raw ones without EMA), in eval mode.
+
+    The one place sampling, validation and export get their weights from: ``from_config`` builds fp32 and the
+    trained weights are fp32 masters, so nothing is rounded on the way.
+    """
+    copy = type(model).from_config(model.config)
+    copy.load_state_dict(model.state_dict())
+    if ema is not None:
+        ema.copy_to(copy.parameters())
+    return copy.eval()
+
+
 def start_run(config: LoopConfig) -> Accelerator:
     """Kernel settings, the Accelerator, CPU threads, logging and global seed of a run (before any model is built)."""
     configure_kernels(config)
@@ -494,12 +507,7 @@ class Trainer(LoopTrainer):
 
     def sampling_unet(self) -> UNet2DModel:
         """A standalone copy of the UNet carrying the EMA weights (or the raw ones without EMA), in fp32."""
-        unet = self.accelerator.unwrap_model(self.unet)
-        copy = UNet2DModel.from_config(unet.config)
-        copy.load_state_dict(unet.state_dict())
-        if self.ema is not None:
-            self.ema.copy_to(copy.parameters())
-        return copy.to(self.accelerator.device).eval()  # from_config builds fp32; the trained weights are fp32 masters
+        return ema_copy(self.accelerator.unwrap_model(self.unet), self.ema).to(self.accelerator.device)
 
     def pipeline_kwargs(self) -> dict[str, Any]:
         """What `crispdiff.export` needs to build or save this run's pipeline (EMA weights, sampler, schedule)."""

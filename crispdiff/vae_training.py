@@ -31,9 +31,10 @@ from diffusers import AutoencoderKL
 from torch import nn
 
 from crispdiff.config import DataConfig, LoopConfig, flag
+from crispdiff.images import uint8_to_model
 from crispdiff.io import staging_folder, swap_folder_into_place
 from crispdiff.model import group_norm_groups
-from crispdiff.training import LoopTrainer, refuse_to_overwrite, run_trainer, start_run
+from crispdiff.training import LoopTrainer, ema_copy, refuse_to_overwrite, run_trainer, start_run
 from crispdiff.vae import (
     load_vae,
     measure_scaling_factor,
@@ -417,12 +418,9 @@ def holdout_split(
     return rest[train], rest[held], everything[in_class]
 
 
-def uint8_to_m11(images: torch.Tensor) -> torch.Tensor:
-    """uint8 [0, 255] -> float [-1, 1]."""
-    return images.float().div(127.5).sub(1.0)
+uint8_to_m11 = uint8_to_model  # the old name, kept importable
 
 
-@torch.no_grad()
 def reconstruct(vae: AutoencoderKL, images_m11: torch.Tensor, batch_size: int = 64) -> torch.Tensor:
     """Deterministic reconstructions (posterior mean) in [-1, 1], in batches, on the VAE's device."""
     param = next(vae.parameters())
@@ -693,11 +691,7 @@ class VAETrainer(LoopTrainer):
 
     def eval_vae(self) -> AutoencoderKL:
         """A standalone fp32 copy with the EMA weights (or the raw ones), for validation and saving."""
-        vae = self.vae
-        copy = AutoencoderKL.from_config(vae.config)
-        copy.load_state_dict(vae.state_dict())
-        if self.ema is not None:
-            self.ema.copy_to(copy.parameters())
+        copy = ema_copy(self.vae, self.ema)
         return copy.to(self.accelerator.device).eval().requires_grad_(False)  # from_config builds it in fp32
 
     def validate(self, vae: AutoencoderKL | None = None) -> dict[str, float]:

@@ -1,0 +1,216 @@
+"""Batches from the decoded images: random crops, flips, colour jitter and blur drawn from the caller's generator,
+gathered on the device when the images live there (``ImageData.keep_on_device``)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from crispdiff.pipelines.pipeline_crispdiff import gaussian_blur  # the same blur the pipeline sharpens with
+
+# Random numbers drawn per image in ``ImageData.batch``; fixed so the generator advances by the same amount whatever
+# augmentations are switched on (turning on blur does not change which images get flipped).
+_DRAWS_PER_IMAGE = 7
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# The dataset object
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+class ImageData:
+    """Decoded, resized uint8 images on disk (memory-mapped) plus their metadata, ready to be batched.
+
+    Attributes: ``num_images``, ``resolution``, ``captions`` (or ``None``), ``metadata`` (rows aligned with the
+    images, or ``None``), ``source`` (human description), ``num_skipped`` (unreadable or too-small files),
+    ``skipped_names`` (every one, as ``"name (reason)"``), ``cache_path`` and
+    ``cache_hit`` (whether this load decoded nothing).
+    """
+
+    def __init__(
+        self,
+        pixels: np.ndarray,
+        index: np.ndarray,
+        *,
+        resolution: int,
+        center_crop: bool,
+        random_flip: bool,
+        color_jitter: float,
+        blur_prob: float,
+        blur_sigma: float,
+        captions: list[str] | None,
+        metadata: list[dict[str, Any]] | None,
+        source: str,
+        num_skipped: int,
+        skipped_names: list[str],
+        cache_path: Path,
+        cache_hit: bool,
+    ) -> None:
+        self._pixels = pixels
+        self._index = index
+        self._resident: torch.Tensor | None = None  # all images on a device, see keep_on_device
+        self.num_images = int(index.shape[0])
+        self.resolution = int(resolution)
+        self.center_crop = bool(center_crop)
+        self.random_flip = bool(random_flip)
+        self.color_jitter = float(color_jitter)
+        self.blur_prob = float(blur_prob)
+        self.blur_sigma = float(blur_sigma)
+        self.captions = captions
+        self.metadata = metadata
+        self.source = source
+        self.num_skipped = int(num_skipped)
+        self.skipped_names = skipped_names
+        self.cache_path = cache_path
+        self.cache_hit = cache_hit
+
+    def __len__(self) -> int:
+        return self.num_images
+
+    def __repr__(self) -> str:
+        return f"ImageData({self.num_images} images at {self.resolution}px from {self.source})"
+
+    def stored_image(self, i: int) -> np.ndarray:
+        """The stored HxWx3 uint8 image ``i`` (short side == resolution), a read-only view of the memory map."""
+        offset, height, width = (int(v) for v in self._index[i])
+        return self._pixels[offset : offset + height * width * 3].reshape(height, width, 3)
+
+    def _crop(self, i: int, u_top: float, u_left: float, center: bool) -> np.ndarray:
+        """An RxR crop of image ``i``: centred, or placed by two uniform numbers in [0, 1)."""
+        image = self.stored_image(i)
+        height, width = image.shape[:2]
+        res = self.resolution
+        if center:
+            top, left = (height - res) // 2, (width - res) // 2
+        else:
+            top = min(int(u_top * (height - res + 1)), height - res)
+            left = min(int(u_left * (width - res + 1)), width - res)
+        return image[top : top + res, left : left + res]
+
+    def center_crops(self, indices: Sequence[int] | torch.Tensor | None = None) -> torch.Tensor:
+        """Deterministic centre crops as uint8 [N, 3, R, R] (all images, or ``indices``) for caches and metrics."""
+        ids = list(range(self.num_images)) if indices is None else _as_index_list(indices)
+        crops = np.empty((len(ids), self.resolution, self.resolution, 3), dtype=np.uint8)
+        for j, i in enumerate(ids):
+            crops[j] = self._crop(i, 0.0, 0.0, center=True)
+        return torch.from_numpy(crops).permute(0, 3, 1, 2).contiguous()
+
+    def keep_on_device(self, device: torch.device | str, max_bytes: int | None = None) -> bool:
+        """Copy all stored images to ``device`` as one uint8 tensor, so batches never leave it; True if done.
+
+        Only when every stored image has the same size (always with ``--center_crop``; common for icon and emoji
+        sets) and the pixels fit in ``max_bytes`` (default: a quarter of the GPU's free memory; 1,000 emoji at
+        64 px are 12 MB). Otherwise batches keep coming from the memory map through pinned memory.
+        """
+        device = torch.device(device)
+        sizes = self._index[:, 1:]
+        if self.num_images == 0 or not (sizes == sizes[0]).all():
+            return False
+        height, width = (int(v) for v in sizes[0])
+        total = self.num_images * height * width * 3
+        if max_bytes is None:
+            max_bytes = torch.cuda.mem_get_info(device)[0] // 4 if device.type == "cuda" else 0
+        if total > max_bytes:
+            return False
+        pixels = np.ascontiguousarray(self._pixels[:total]).reshape(self.num_images, height, width, 3)
+        self._resident = torch.from_numpy(pixels).to(device)
+        return True
+
+    @property
+    def resident_device(self) -> torch.device | None:
+        """Where ``keep_on_device`` put the images, or None (batches come from the memory map)."""
+        return None if self._resident is None else self._resident.device
+
+    def _crop_offsets(self, ids: list[int], u: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Top and left corner of each RxR crop: centred, or placed by two uniform numbers in [0, 1) per image."""
+        heights, widths = self._index[ids, 1], self._index[ids, 2]
+        res = self.resolution
+        if self.center_crop:
+            return (heights - res) // 2, (widths - res) // 2
+        tops = np.minimum((u[:, 0] * (heights - res + 1)).astype(np.int64), heights - res)
+        lefts = np.minimum((u[:, 1] * (widths - res + 1)).astype(np.int64), widths - res)
+        return tops, lefts
+
+    def _crops_uint8(self, ids: list[int], u: np.ndarray, device: torch.device | str | None) -> torch.Tensor:
+        """uint8 [B, R, R, 3] crops on ``device``: gathered where the images live (device or memory map)."""
+        tops, lefts = self._crop_offsets(ids, u)
+        res = self.resolution
+        if self._resident is not None:
+            on = self._resident.device
+            span = torch.arange(res, device=on)
+            rows = torch.from_numpy(tops).to(on).view(-1, 1, 1) + span.view(1, -1, 1)
+            cols = torch.from_numpy(lefts).to(on).view(-1, 1, 1) + span.view(1, 1, -1)
+            crops = self._resident[torch.tensor(ids, device=on).view(-1, 1, 1), rows, cols]
+            return crops if device is None else crops.to(device)
+        crops = np.empty((len(ids), res, res, 3), dtype=np.uint8)
+        for j, i in enumerate(ids):
+            image = self.stored_image(i)
+            crops[j] = image[tops[j] : tops[j] + res, lefts[j] : lefts[j] + res]
+        return to_device(torch.from_numpy(crops), device)
+
+    def batch(
+        self,
+        indices: torch.Tensor | Sequence[int],
+        generator: torch.Generator,
+        device: torch.device | str | None = None,
+    ) -> torch.Tensor:
+        """A float32 [B, 3, R, R] batch in [-1, 1] with crop / flip / jitter / blur drawn from ``generator``.
+
+        Exactly ``7 * B`` uniform numbers are drawn from ``generator`` per call whatever the options, so the data
+        stream of a resumed run (generator state restored from a checkpoint) is identical bit for bit. Nothing here
+        waits for the device: crops are gathered on it (``keep_on_device``) or copied from pinned memory without
+        blocking, and the blur is applied with a mask rather than by asking the device which images drew it.
+        """
+        ids = _as_index_list(indices)
+        draws = torch.rand(len(ids), _DRAWS_PER_IMAGE, generator=generator, device=generator.device).cpu().double()
+        x = uint8_to_unit(self._crops_uint8(ids, draws.numpy(), device).permute(0, 3, 1, 2))
+        draws = to_device(draws.float(), x.device)
+        if self.random_flip:
+            flip = (draws[:, 2] < 0.5).view(-1, 1, 1, 1)
+            x = torch.where(flip, x.flip(3), x)
+        if self.color_jitter > 0:
+            x = _color_jitter(x, draws[:, 3:6], self.color_jitter)
+        if self.blur_prob > 0 and self.blur_sigma > 0:
+            chosen = (draws[:, 6] < self.blur_prob).view(-1, 1, 1, 1)
+            x = torch.where(chosen, gaussian_blur(x, self.blur_sigma), x)
+        return x.mul_(2.0).sub_(1.0).contiguous()
+
+
+def uint8_to_unit(images: torch.Tensor) -> torch.Tensor:
+    """uint8 0..255 -> float32 0..1 (exact: the values are k / 255)."""
+    return images.float().div_(255.0)
+
+
+def to_device(tensor: torch.Tensor, device: torch.device | str | None) -> torch.Tensor:
+    """CPU -> ``device``; to a GPU through pinned memory without blocking the host (the copy overlaps compute)."""
+    if device is None or torch.device(device).type == "cpu":
+        return tensor if device is None else tensor.to(device)
+    if torch.cuda.is_available() and torch.device(device).type == "cuda":
+        return tensor.pin_memory().to(device, non_blocking=True)
+    return tensor.to(device)
+
+
+def _as_index_list(indices: torch.Tensor | Iterable[int]) -> list[int]:
+    if isinstance(indices, torch.Tensor):
+        return [int(i) for i in indices.reshape(-1).tolist()]
+    return [int(i) for i in indices]
+
+
+def _luma(x: torch.Tensor) -> torch.Tensor:
+    """Rec. 601 luma of an NCHW RGB batch in [0, 1], keeping a channel dim."""
+    return 0.299 * x[:, 0:1] + 0.587 * x[:, 1:2] + 0.114 * x[:, 2:3]
+
+
+def _color_jitter(x: torch.Tensor, uniforms: torch.Tensor, strength: float) -> torch.Tensor:
+    """Brightness, contrast and saturation each scaled by a factor in [1 - s, 1 + s] (uniforms in [0, 1))."""
+    factors = (1.0 + strength * (2.0 * uniforms - 1.0)).view(-1, 3, 1, 1, 1)
+    brightness, contrast, saturation = factors[:, 0], factors[:, 1], factors[:, 2]
+    x = (x * brightness).clamp_(0.0, 1.0)
+    mean = _luma(x).mean(dim=(1, 2, 3), keepdim=True)
+    x = ((x - mean) * contrast + mean).clamp_(0.0, 1.0)
+    gray = _luma(x)
+    return ((x - gray) * saturation + gray).clamp_(0.0, 1.0)

@@ -23,7 +23,7 @@ _MODES = {1: "L", 3: "RGB", 4: "RGBA"}
 
 def uint8_to_model(images: torch.Tensor) -> torch.Tensor:
     """uint8 0..255 -> float32 model space [-1, 1] (``x / 127.5 - 1``), the one conversion the VAE paths share."""
-    return images.float().div_(127.5).sub_(1.0)
+    return images.float().div(127.5).sub_(1.0)  # out of place first: float input must not be changed
 
 
 def to_uint8(images: torch.Tensor, value_range: ValueRange = (-1.0, 1.0)) -> torch.Tensor:

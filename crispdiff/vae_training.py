@@ -421,6 +421,7 @@ def holdout_split(
 uint8_to_m11 = uint8_to_model  # the old name, kept importable
 
 
+@torch.no_grad()
 def reconstruct(vae: AutoencoderKL, images_m11: torch.Tensor, batch_size: int = 64) -> torch.Tensor:
     """Deterministic reconstructions (posterior mean) in [-1, 1], in batches, on the VAE's device."""
     param = next(vae.parameters())

@@ -1,11 +1,11 @@
 """Latent diffusion (Plan C): the UNet trains on a frozen VAE's latents instead of pixels.
 
-Why latents: a 64 px emoji is 3x64x64 = 12,288 numbers; the embedded f=4 VAE turns it into 4x16x16 = 1,024. The same
+Why latents: a 64 px emoji is 3x64x64 = 12,288 numbers; the embedded f=4 VAE turns it into 8x16x16 = 2,048. The same
 UNet then does ~16x less work per image, and the decoder — trained on the same images — draws the fine edges, so
 samples are sharper for the same compute. The pieces:
 
 - ``LatentTrainConfig``: the pixel trainer's flags plus the VAE's, with defaults for the main job (``accelerate
-  launch train_scripts/train_latent.py`` with no arguments: embedded emoji, embedded VAE, ~10 minutes on 2 CPU cores);
+  launch train_scripts/train_latent.py`` with no arguments: embedded emoji, embedded VAE, ~4 minutes on 2 CPU cores);
 - ``LatentSpace``: the ``crispdiff.training.TrainingSpace`` whose ``x0`` draws ``z = mean + std * eps`` from the
   cached posterior (``crispdiff.latent_cache``), picks the mirror image's latents half the time with
   ``--random_flip``, and scales them to unit variance;
@@ -48,8 +48,9 @@ SCALING_SAMPLE_IMAGES = 4096
 class LatentTrainConfig(TrainConfig):
     """Everything `train_scripts/train_latent.py` accepts.
 
-    The defaults are the main job: the embedded Noto emoji at 64 px, the embedded f=4 VAE (16x16x4 latents), and a
-    UNet and schedule sized to finish, latent encoding included, in about 10 minutes on a 2-core CPU. On a GPU use a
+    The defaults are the main job: the embedded Noto emoji at 64 px, the embedded f=4 VAE (8x16x16 latents), and a
+    UNet and schedule sized to finish, latent encoding included, in about 4 minutes on a 2-core CPU (8 on one half
+    as fast). On a GPU use a
     bigger model and a longer run; each flag's help says what.
     """
 
@@ -82,10 +83,10 @@ class LatentTrainConfig(TrainConfig):
         "(plus their mean as shift) when the config states none; the value used is saved in the pipeline.",
     )
 
-    # Defaults for the main job: 64 px emoji -> 16x16x4 latents and a 2.8M-parameter UNet. `accelerate launch` without
-    # a config gives a CPU process ONE thread; measured on this 2-core machine the whole run (1000 images encoded,
-    # 1500 steps of 32, two validation grids, checkpoints, export) took 7m20s of CPU time; wall 10m15s while other
-    # jobs shared the cores. `--num_cpu_threads_per_process 2` makes it faster. See benchmarks/RESULTS.md.
+    # Defaults for the main job: 64 px emoji -> 8x16x16 latents and a 2.8M-parameter UNet, sized so the whole run
+    # (1000 images encoded, 1300 steps of 32, export and sample grid) takes about 4 minutes on a 2-core CPU and at most
+    # 10 on one half as fast. `accelerate launch` without a config gives a CPU process one thread; crispdiff gives it
+    # its share of the cores (`--cpu_threads`). Measured in benchmarks/RESULTS.md (bench_budget.py).
     resolution: int = flag(64, "Training resolution in pixels (square); must be a multiple of the VAE's factor.")
     base_channels: int = flag(
         32, "Channels of the first UNet level (CPU default; on a GPU 128 with --channel_mults 1 2 3 4)."
@@ -100,9 +101,13 @@ class LatentTrainConfig(TrainConfig):
     dropout: float = flag(0.0, "Dropout inside the ResNet blocks (0.1 for long GPU runs on small datasets).")
     train_batch_size: int = flag(32, "Images per process per micro-batch (CPU default; 128-256 on a GPU).")
     max_train_steps: int | None = flag(
-        1500, "Optimizer steps (CPU default: about 5 minutes on a 2-core CPU; a GPU run: 20000-50000 steps)."
+        1300, "Optimizer steps (CPU default: about 4 minutes on a 2-core CPU; a GPU run: 20000-50000 steps)."
     )
-    learning_rate: float = flag(5e-4, "Peak learning rate (5e-4 suits the short CPU run; 2e-4 for long GPU runs).")
+    learning_rate: float = flag(
+        2e-3,
+        "Peak learning rate. 2e-3 suits the short CPU run on the 8-channel embedded VAE (measured: 5e-4 left SWD "
+        "1.5x higher at 1,500 steps); 2e-4 for long GPU runs with a bigger UNet.",
+    )
     lr_warmup_steps: int = flag(100, "Linear warmup steps.")
     ema_power: float = flag(2 / 3, "EMA warmup power (2/3 for runs of a few thousand steps, 3/4 for longer ones).")
     checkpointing_steps: int = flag(500, "Save a resumable checkpoint every N optimizer steps.")

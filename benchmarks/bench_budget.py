@@ -32,7 +32,7 @@ import torch
 from common import BENCH_DIR, append_results, machine, markdown_table
 
 from crispdiff.evaluate import evaluate_samples, generate_samples
-from crispdiff.export import load_pipeline
+from crispdiff.export import build_pipeline, load_pipeline, save_pipeline
 from crispdiff.images import make_grid, save_image_atomic
 from crispdiff.io import write_text_atomic
 from crispdiff.latent import LatentTrainConfig, build_latent_space
@@ -63,8 +63,6 @@ class BudgetTrainer(Trainer):
         if self.budgets_s and self.cpu_spent >= self.budgets_s[0]:
             budget = self.budgets_s.pop(0)
             folder = self.output_dir / f"budget_{budget / 60:g}min"
-            from crispdiff.export import build_pipeline, save_pipeline
-
             kwargs = self.pipeline_kwargs()
             grid, _ = self.sample_grid(build_pipeline(**kwargs))
             save_pipeline(folder, training_config=self.config.to_dict(), sample_grid=grid, **kwargs)

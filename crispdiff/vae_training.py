@@ -200,23 +200,14 @@ def widen_latent(vae: AutoencoderKL, latent_channels: int) -> AutoencoderKL:
     for name, tensor in source.items():
         if target[name].shape == tensor.shape:
             target[name].copy_(tensor)
-    # [mean, logvar] channels: old channel i lands at kept[i]; the others are new
+    # [mean, logvar] channels: old channel i lands at kept[i]; the others are new (fresh encoder rows)
     kept = torch.tensor([*range(old), *range(latent_channels, latent_channels + old)])
-    new = torch.tensor([i for i in range(2 * latent_channels) if i not in set(kept.tolist())])
     target["encoder.conv_out.weight"][kept] = source["encoder.conv_out.weight"]
     target["encoder.conv_out.bias"][kept] = source["encoder.conv_out.bias"]
-    if vae.quant_conv is not None:  # 1x1 conv over [mean, logvar]: the old map on old channels, identity on new ones
-        weight = target["quant_conv.weight"].zero_()
-        weight[kept[:, None], kept[None, :]] = source["quant_conv.weight"]
-        weight[new, new] = 1.0
-        target["quant_conv.bias"].zero_()[kept] = source["quant_conv.bias"]
+    if vae.quant_conv is not None:  # 1x1 conv over [mean, logvar]
+        _grow_1x1(target, "quant_conv", source, kept)
     if vae.post_quant_conv is not None:
-        weight = target["post_quant_conv.weight"]
-        weight.zero_()
-        weight[:, :, 0, 0] = torch.eye(latent_channels)
-        weight[:old, :old] = source["post_quant_conv.weight"]
-        target["post_quant_conv.bias"].zero_()
-        target["post_quant_conv.bias"][:old] = source["post_quant_conv.bias"]
+        _grow_1x1(target, "post_quant_conv", source, torch.arange(old))
     # the decoder's first convolution ignores the new channels at step 0
     target["decoder.conv_in.weight"].zero_()
     target["decoder.conv_in.weight"][:, :old] = source["decoder.conv_in.weight"]
@@ -315,6 +306,15 @@ def kl_per_value(mean: torch.Tensor, logvar: torch.Tensor, num_values: int) -> t
     mean, logvar = mean.float(), logvar.float()
     kl = 0.5 * (mean.square() + logvar.exp() - 1.0 - logvar).sum(dim=(1, 2, 3))
     return kl.mean() / num_values
+
+
+def _grow_1x1(target: dict[str, torch.Tensor], name: str, source: dict[str, torch.Tensor], kept: torch.Tensor) -> None:
+    """A widened 1x1 convolution: the old map between the ``kept`` channels, identity on the new ones."""
+    weight, bias = target[f"{name}.weight"], target[f"{name}.bias"]
+    weight.zero_(), bias.zero_()
+    weight[:, :, 0, 0] = torch.eye(weight.shape[0])
+    weight[kept[:, None], kept[None, :]] = source[f"{name}.weight"]
+    bias[kept] = source[f"{name}.bias"]
 
 
 def spectral_amplitude_loss(reconstruction: torch.Tensor, target: torch.Tensor) -> torch.Tensor:

@@ -19,6 +19,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from tiny_models import WITHOUT_CRISPDIFF
 
 from crispdiff.config import parse_config
 from crispdiff.sd_lora import (
@@ -279,22 +280,8 @@ def test_text_to_image_resume_is_exact_and_validation_changes_nothing(tiny_sd, c
     assert ups and any(not torch.equal(at_two[k], a["unet." + k.replace("lora_B", "lora.up")]) for k in ups)
 
 
-_NO_CRISPDIFF = textwrap.dedent(
+_NO_CRISPDIFF = WITHOUT_CRISPDIFF + textwrap.dedent(
     """
-    import importlib.abc, sys
-
-    class Block(importlib.abc.MetaPathFinder):
-        def find_spec(self, name, path=None, target=None):
-            if name.split(".")[0] in ("crispdiff", "pipelines"):
-                raise ModuleNotFoundError(f"{name} is blocked here")
-            return None
-
-    sys.meta_path[:] = [Block()] + [f for f in sys.meta_path if "editable" not in repr(f).lower()]
-    try:
-        import crispdiff  # noqa: F401
-        raise SystemExit("crispdiff is importable; the test would prove nothing")
-    except ModuleNotFoundError:
-        pass
     import numpy as np
     import torch
     from diffusers import DiffusionPipeline

@@ -35,7 +35,7 @@ from safetensors.torch import save_file
 from spandrel.architectures.Compact import Compact
 from spandrel.architectures.ESRGAN import ESRGAN
 from spandrel.architectures.SwinIR import SwinIR
-from tiny_models import SIZE, base_config, tiny_unet
+from tiny_models import SIZE, WITHOUT_CRISPDIFF, base_config, tiny_unet
 
 from crispdiff.commands import add_sr
 from crispdiff.export import load_pipeline, save_pipeline
@@ -484,22 +484,10 @@ def test_add_sr_failure_leaves_the_folder_unchanged(sr_files, plain_dir, tmp_pat
     assert run_add_sr(str(tmp_path / "nowhere"), "--sr_model", str(sr_files["esrgan_x4"][1][".pth"])) == 2
 
 
-_NO_CRISPDIFF = textwrap.dedent(
+_NO_CRISPDIFF = WITHOUT_CRISPDIFF + textwrap.dedent(
     """
-    import importlib.abc, json, sys
+    import json
 
-    class Block(importlib.abc.MetaPathFinder):
-        def find_spec(self, name, path=None, target=None):
-            if name.split(".")[0] in ("crispdiff", "pipelines"):
-                raise ModuleNotFoundError(f"{name} is blocked here")
-            return None
-
-    sys.meta_path[:] = [Block()] + [f for f in sys.meta_path if "editable" not in repr(f).lower()]
-    try:
-        import crispdiff  # noqa: F401
-        raise SystemExit("crispdiff is importable; the test would prove nothing")
-    except ModuleNotFoundError:
-        pass
     import numpy as np
     import torch
     from diffusers import DiffusionPipeline

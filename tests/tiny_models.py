@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import textwrap
+
 import torch
 from diffusers import UNet2DModel
 
@@ -33,3 +35,26 @@ def base_config(prediction_type: str = "v_prediction", zero_snr: bool = False) -
 
 def cosine_betas() -> list[float]:
     return base_config()["trained_betas"]
+
+
+#: The opening of a ``python -I -c`` script that must not see crispdiff: it blocks the package (also through an
+#: editable install's finder) and exits if crispdiff still imports, so a "loads without crispdiff" test cannot pass
+#: by accident. Append the script's own body.
+WITHOUT_CRISPDIFF = textwrap.dedent(
+    """
+    import importlib.abc, sys
+
+    class Block(importlib.abc.MetaPathFinder):
+        def find_spec(self, name, path=None, target=None):
+            if name.split(".")[0] in ("crispdiff", "pipelines"):
+                raise ModuleNotFoundError(f"{name} is blocked here")
+            return None
+
+    sys.meta_path[:] = [Block()] + [f for f in sys.meta_path if "editable" not in repr(f).lower()]
+    try:
+        import crispdiff  # noqa: F401
+        raise SystemExit("crispdiff is importable; the test would prove nothing")
+    except ModuleNotFoundError:
+        pass
+    """
+)

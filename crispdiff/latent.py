@@ -38,7 +38,7 @@ from crispdiff.vae import (
     scale_latents,
 )
 
-__all__ = ["LatentSpace", "LatentTrainConfig", "preprocessing_key", "resolve_scaling", "train_latent"]
+__all__ = ["LatentSpace", "LatentTrainConfig", "load_latents", "preprocessing_key", "resolve_scaling", "train_latent"]
 
 #: Posterior samples used to measure the scaling factor when the VAE's config states none (evenly spaced images).
 SCALING_SAMPLE_IMAGES = 4096
@@ -250,21 +250,31 @@ class LatentSpace:
         return self.data.center_crops(range(min(count, len(self.data))))
 
 
-def build_latent_space(config: LatentTrainConfig, vae: AnyVAE, *, show_progress: bool = True) -> LatentSpace:
-    """Load the images (centre crops), encode or reuse their latent cache, and resolve the latent scaling."""
+def load_latents(view: Any, config: Any, vae: AnyVAE, *, show_progress: bool = True) -> tuple[Any, LatentCache]:
+    """The images ``view`` describes (centre crops) and their latent cache, encoded once and then reused.
+
+    ``view`` holds the data flags (folder, resolution, flips...) and ``config`` the cache flags; they differ when one
+    run trains on several image sets (DreamBooth's instance and class images).
+    """
     from crispdiff.data import load_images
 
-    data = load_images(config, for_latents=True, show_progress=show_progress)
+    data = load_images(view, for_latents=True, show_progress=show_progress)
     cache = load_or_build_latent_cache(
         data,
         vae,
         latent_cache_dir(config),
-        preprocessing=preprocessing_key(config),
-        random_flip=config.random_flip,
+        preprocessing=preprocessing_key(view),
+        random_flip=bool(view.random_flip),
         dtype=config.latent_cache_dtype,
         batch_size=config.vae_batch_size,
         show_progress=show_progress,
     )
+    return data, cache
+
+
+def build_latent_space(config: LatentTrainConfig, vae: AnyVAE, *, show_progress: bool = True) -> LatentSpace:
+    """Load the images (centre crops), encode or reuse their latent cache, and resolve the latent scaling."""
+    data, cache = load_latents(config, config, vae, show_progress=show_progress)
     scale, shift, source = resolve_scaling(vae, cache, config.scaling_factor)
     if show_progress:
         state = "reused" if cache.encoded_images == 0 else f"encoded {cache.encoded_images} image(s)"

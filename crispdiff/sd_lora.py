@@ -46,8 +46,8 @@ from accelerate import Accelerator
 from crispdiff.config import DataConfig, HubConfig, LoopConfig, flag
 from crispdiff.errors import FlagError, one_line
 from crispdiff.io import staging_folder, swap_folder_into_place, write_text_atomic
-from crispdiff.latent import LatentSpace, latent_cache_dir, preprocessing_key
-from crispdiff.latent_cache import DTYPES, load_or_build_latent_cache
+from crispdiff.latent import LatentSpace, load_latents
+from crispdiff.latent_cache import DTYPES
 from crispdiff.noise import NoiseSchedule, sample_noise
 from crispdiff.training import LoopTrainer, has_accelerator_device, refuse_to_overwrite, run_trainer, start_run
 
@@ -371,21 +371,14 @@ class TrainSet:
 
 
 def latent_space(view: Any, config: SDLoRAConfig, vae: Any, show_progress: bool) -> tuple[LatentSpace, Any]:
-    """Load the images of ``view`` and their latents (encoded once, then reused from the cache)."""
-    from crispdiff.data import load_images
+    """Load the images of ``view`` and their latents (encoded once, then reused from the cache).
+
+    The scaling is the VAE config's (SD's 0.18215 when unstated), never measured: Stable Diffusion's own pipeline
+    decodes with that value, so the LoRA must train in the same space.
+    """
     from crispdiff.vae import read_scaling
 
-    data = load_images(view, for_latents=True, show_progress=show_progress)
-    cache = load_or_build_latent_cache(
-        data,
-        vae,
-        latent_cache_dir(config),
-        preprocessing=preprocessing_key(view),
-        random_flip=bool(view.random_flip),
-        dtype=config.latent_cache_dtype,
-        batch_size=config.vae_batch_size,
-        show_progress=show_progress,
-    )
+    data, cache = load_latents(view, config, vae, show_progress=show_progress)
     scale, shift = read_scaling(vae)
     scale = float(vae.config.scaling_factor) if scale is None else scale
     return LatentSpace(cache, vae, data, scaling_factor=scale, shift_factor=shift), data

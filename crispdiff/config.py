@@ -76,6 +76,23 @@ class ModelConfig:
     layers_per_block: int = flag(2, "ResNet layers per UNet level.")
     dropout: float = flag(0.1, "Dropout inside the ResNet blocks.")
     attention_head_dim: int = flag(32, "Channels per attention head.")
+    encoder: str | None = flag(
+        None,
+        "Use a timm network as the UNet's encoder, e.g. `timm:convnext_atto` or `timm:resnet18` (needs "
+        "`pip install 'crispdiff[timm]'`). --base_channels is then the stem width, --layers_per_block and --dropout "
+        "shape the decoder; --channel_mults and --attention_res are not used.",
+    )
+    encoder_weights: str | None = flag(
+        None,
+        "A local .safetensors or .pth state dict of the --encoder timm model (e.g. ImageNet weights) to start from; "
+        "nothing is downloaded. Default: random init.",
+    )
+    encoder_norm: str = flag(
+        "group",
+        "Norm layers of a timm --encoder: BatchNorm -> GroupNorm keeping the affine weights (group), BatchNorm frozen "
+        "at its running statistics (frozen_bn; for --encoder_weights), or timm's BatchNorm unchanged (batch).",
+        choices=["group", "frozen_bn", "batch"],
+    )
 
 
 @dataclass
@@ -187,7 +204,19 @@ class TrainConfig(DataConfig, ModelConfig, NoiseConfig, HubConfig, LoopConfig):
     save_model_steps: int | None = flag(
         None, "Also write the pipeline folder every N steps (default: only at the end)."
     )
-    num_validation_images: int = flag(16, "Images in the validation grid.")
+    class_column: str | None = flag(
+        None,
+        "Train a class-conditional model on this metadata.jsonl / dataset column (e.g. the embedded emoji's "
+        "`category`); sample a class with classifier-free guidance (`crispdiff sample --class NAME`).",
+    )
+    class_dropout_prob: float = flag(
+        0.1,
+        "With --class_column: probability of training an image as the null class, so that one model is both "
+        "conditional and unconditional (classifier-free guidance needs both).",
+    )
+    num_validation_images: int = flag(
+        16, "Images in the validation grid (a class-conditional model: one row per class, this many in all or more)."
+    )
     validation_inference_steps: int = flag(25, "Sampler steps for validation and the final sample grid.")
     validation_metrics: bool = flag(False, "Log SWD and sharpness ratios at each validation.")
     sampler: str = flag(

@@ -89,10 +89,49 @@ def _skipped_log(entries: list[str], cache_folder: Path, config: Any) -> Path | 
     return cache_folder / SKIPPED_FILE if (cache_folder / SKIPPED_FILE).is_file() else None
 
 
+def _class_values(source: Any, column: str | None) -> list[str] | None:
+    """Each source item's class (``str`` of the ``--class_column`` value), checked before anything is decoded.
+
+    An image without a value is an error naming the file: silently training it as "no class" would teach the null
+    class from a few arbitrary images.
+    """
+    if column is None:
+        return None
+    if source.metadata is None:  # the sources already refuse this; kept as a guard for new sources
+        raise DataError(f"--class_column {column!r} was given but {source.description} has no metadata")
+    values = []
+    for name, row in zip(source.names, source.metadata):
+        value = row.get(column)
+        text = "" if value is None else str(value).strip()
+        if not text:
+            raise DataError(
+                f"--class_column {column!r}: image {name} has no value in that column "
+                "(give every image a class, or drop it from the data)"
+            )
+        values.append(text)
+    return values
+
+
+def _class_labels(values: list[str] | None, kept: list[int], column: str | None) -> tuple[Any, Any]:
+    """``(class_names, class_ids)`` of the kept images: names sorted as strings, ids 0..N-1 (N is the null class)."""
+    if values is None:
+        return None, None
+    kept_values = [values[i] for i in kept]
+    names = sorted(set(kept_values))
+    if len(names) < 2:
+        raise DataError(
+            f"--class_column {column!r} has a single class ({names[0]!r}) in this data; a class-conditional model "
+            "needs at least two (drop --class_column to train unconditionally)"
+        )
+    position = {name: i for i, name in enumerate(names)}
+    return names, np.array([position[v] for v in kept_values], dtype=np.int64)
+
+
 def load_images(config: Any, *, for_latents: bool = False, show_progress: bool = True) -> ImageData:
     """Load the images named by the data flags of ``config`` (a ``DataConfig`` or anything with its attributes).
 
     The first call decodes and caches; later calls with the same files and preprocessing memory-map the cache.
+    ``--class_column`` adds class names and ids, read from the metadata on every load (not part of the cache key).
     ``for_latents=True`` stores centre crops only, whatever ``--center_crop`` says: a latent cache encodes each image
     once, so there is no later random crop to keep the full image for.
     """
@@ -105,6 +144,8 @@ def load_images(config: Any, *, for_latents: bool = False, show_progress: bool =
         min_image_size=int(config.min_image_size),
     )
     source = _resolve_source(config)
+    class_column = getattr(config, "class_column", None)
+    class_values = _class_values(source, class_column)
     key = _cache_key(source, recipe)
     folder = cache_root(config) / "images" / key
     contents = _read_cache(folder, key)
@@ -119,6 +160,7 @@ def load_images(config: Any, *, for_latents: bool = False, show_progress: bool =
     skipped = skipped_entries(folder, contents.header)
     _warn_about(contents.header, source, recipe, _skipped_log(skipped, folder, config))
     kept = contents.kept.tolist()
+    class_names, class_ids = _class_labels(class_values, kept, class_column)
     pixels = np.memmap(folder / "pixels.bin", dtype=np.uint8, mode="r")
     return ImageData(
         pixels,
@@ -136,4 +178,6 @@ def load_images(config: Any, *, for_latents: bool = False, show_progress: bool =
         skipped_names=skipped,
         cache_path=folder,
         cache_hit=cache_hit,
+        class_names=class_names,
+        class_ids=class_ids,
     )

@@ -28,7 +28,9 @@ class ImageData:
     Attributes: ``num_images``, ``resolution``, ``captions`` (or ``None``), ``metadata`` (rows aligned with the
     images, or ``None``), ``source`` (human description), ``num_skipped`` (unreadable or too-small files),
     ``skipped_names`` (every one, as ``"name (reason)"``), ``cache_path`` and
-    ``cache_hit`` (whether this load decoded nothing).
+    ``cache_hit`` (whether this load decoded nothing); with ``--class_column``, ``class_names`` (sorted) and
+    ``class_ids`` (int64 per image, 0..N-1), else both ``None``. Labels come from the metadata at every load rather
+    than from the cache, so one pixel (and latent) cache serves conditional and unconditional runs alike.
     """
 
     def __init__(
@@ -49,6 +51,8 @@ class ImageData:
         skipped_names: list[str],
         cache_path: Path,
         cache_hit: bool,
+        class_names: list[str] | None = None,
+        class_ids: np.ndarray | None = None,
     ) -> None:
         self._pixels = pixels
         self._index = index
@@ -67,12 +71,25 @@ class ImageData:
         self.skipped_names = skipped_names
         self.cache_path = cache_path
         self.cache_hit = cache_hit
+        if (class_names is None) != (class_ids is None):
+            raise ValueError("class_names and class_ids go together")
+        if class_ids is not None and len(class_ids) != self.num_images:
+            raise ValueError(f"{len(class_ids)} class ids for {self.num_images} images")
+        self.class_names = class_names
+        self.class_ids = None if class_ids is None else np.asarray(class_ids, dtype=np.int64)
 
     def __len__(self) -> int:
         return self.num_images
 
     def __repr__(self) -> str:
         return f"ImageData({self.num_images} images at {self.resolution}px from {self.source})"
+
+    def class_labels(self, indices: torch.Tensor | Sequence[int], device: torch.device | str | None = None) -> Any:
+        """The class ids of these images as a LongTensor on ``device``, or ``None`` for unlabelled data."""
+        if self.class_ids is None:
+            return None
+        labels = torch.from_numpy(self.class_ids[_as_index_list(indices)])
+        return labels if device is None else labels.to(device)
 
     def stored_image(self, i: int) -> np.ndarray:
         """The stored HxWx3 uint8 image ``i`` (short side == resolution), a read-only view of the memory map."""

@@ -49,6 +49,7 @@ class _Source:
     metadata: list[dict[str, Any]] | None
     captions: list[str] | None
     fetch: Callable[[int, int], list[Any]]  # items[start:end] as things `_open` accepts
+    columns: list[str] | None = None  # metadata columns, for "available columns" in errors
 
     def __len__(self) -> int:
         return len(self.names)
@@ -91,6 +92,18 @@ def _check_caption_column(column: str | None, available: Sequence[str], where: s
         )
 
 
+def _check_class_column(column: str | None, available: Sequence[str] | None, where: str) -> None:
+    """--class_column must name a metadata column; say which ones there are (or that there is no metadata)."""
+    if column is None:
+        return
+    if available is None:
+        raise DataError(
+            f"--class_column {column!r} was given but {where} has no metadata.jsonl / metadata.csv to read classes from"
+        )
+    if column not in available:
+        raise DataError(f"--class_column {column!r} is not a column of {where}; available columns: {sorted(available)}")
+
+
 def _folder_source(folder: Path, config: Any, flag: str, description: str | None = None) -> _Source:
     """A folder of images (recursive) with an optional imagefolder-style metadata file."""
     if not folder.exists():
@@ -107,12 +120,12 @@ def _folder_source(folder: Path, config: Any, flag: str, description: str | None
         files = files[: max(0, int(config.max_train_samples))]
     names = [p.relative_to(folder).as_posix() for p in files]
     rows = _read_metadata_file(folder)
-    metadata = captions = None
+    metadata = captions = columns = None
     if rows is not None:
         if rows and "file_name" not in rows[0]:
             raise DataError(f"the metadata file in {folder} has no 'file_name' column ({flag})")
         by_name = {str(row.get("file_name")): row for row in rows}
-        columns = list(rows[0].keys()) if rows else ["file_name"]
+        columns = sorted({key for row in rows for key in row}) if rows else ["file_name"]
         metadata = [dict(by_name.get(name, {"file_name": name})) for name in names]
         _check_caption_column(config.caption_column, columns, f"the metadata file in {folder}")
         if config.caption_column is not None:
@@ -121,6 +134,7 @@ def _folder_source(folder: Path, config: Any, flag: str, description: str | None
         raise DataError(
             f"--caption_column {config.caption_column!r} was given but {folder} has no metadata.jsonl / metadata.csv"
         )
+    _check_class_column(getattr(config, "class_column", None), columns, f"the metadata of {folder}")
     digest = hashlib.sha256()
     for path, name in zip(files, names):
         stat = path.stat()
@@ -136,6 +150,7 @@ def _folder_source(folder: Path, config: Any, flag: str, description: str | None
         metadata=metadata,
         captions=captions,
         fetch=lambda start, end: list(files[start:end]),
+        columns=columns,
     )
 
 
@@ -182,6 +197,10 @@ def _dataset_source(config: Any) -> _Source:
             f"available columns: {columns}"
         )
     _check_caption_column(config.caption_column, columns, f"--dataset_name {config.dataset_name}")
+    class_column = getattr(config, "class_column", None)
+    _check_class_column(
+        class_column, [c for c in columns if c != config.image_column], f"--dataset_name {config.dataset_name}"
+    )
     if config.max_train_samples is not None:
         ds = ds.select(range(min(len(ds), max(0, int(config.max_train_samples)))))
     if len(ds) == 0:
@@ -190,6 +209,13 @@ def _dataset_source(config: Any) -> _Source:
         ds = ds.cast_column(config.image_column, datasets.Image(decode=False))
     other = [c for c in columns if c != config.image_column]
     metadata = ds.select_columns(other).to_list() if other else None
+    label_feature = ds.features[class_column] if class_column else None
+    if metadata is not None and isinstance(label_feature, datasets.ClassLabel):  # ints -> the dataset's own names
+        for row in metadata:
+            if row[class_column] is not None and row[class_column] >= 0:  # -1 is datasets' "no label"
+                row[class_column] = label_feature.int2str(int(row[class_column]))
+            else:
+                row[class_column] = None
     captions = [str(row[config.caption_column] or "") for row in metadata] if config.caption_column else None
     image_column = config.image_column
     return _Source(
@@ -199,6 +225,7 @@ def _dataset_source(config: Any) -> _Source:
         metadata=metadata,
         captions=captions,
         fetch=lambda start, end: list(ds[start:end][image_column]),
+        columns=other,
     )
 
 

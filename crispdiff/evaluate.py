@@ -153,8 +153,13 @@ def generate_samples(
     upscale: bool | None = None,
     sr_strength: float | None = None,
     log: Any = None,
+    class_labels: int | str | None = None,
+    guidance_scale: float = 1.0,
 ) -> torch.Tensor:
     """``num_images`` samples as float [N, 3, H, W] in [0, 1] on the CPU (``crispdiff sample`` and ``evaluate``).
+
+    ``class_labels`` (one class name or id for every image) and ``guidance_scale`` go to a class-conditional
+    pipeline; they are passed only when set, so pipelines without them keep working.
 
     Image ``i`` uses its own CPU generator seeded ``seed + i``, as ``crispdiff sample`` does, so the evaluated images
     are the ones that command shows for the same seed, whatever the batch size or device.
@@ -164,6 +169,11 @@ def generate_samples(
     for start in range(0, num_images, batch_size):
         count = min(batch_size, num_images - start)
         generators = [torch.Generator("cpu").manual_seed(seed + start + i) for i in range(count)]
+        conditioning: dict[str, Any] = {}
+        if class_labels is not None:
+            conditioning["class_labels"] = class_labels
+        if guidance_scale != 1.0:
+            conditioning["guidance_scale"] = guidance_scale
         out = pipeline(
             batch_size=count,
             num_inference_steps=steps,
@@ -171,6 +181,7 @@ def generate_samples(
             upscale=upscale,
             sr_strength=sr_strength,
             output_type="pt",
+            **conditioning,
         )
         images.append(out.images.float().cpu().clamp(0, 1))
         if log is not None:

@@ -65,8 +65,13 @@ def build_pipeline(
     latent_shift_factor: float | None = None,
     sr_model: ModelMixin | None = None,
     sr_strength: float = 0.5,
+    class_names: list[str] | None = None,
 ) -> CrispDiffPipeline:
-    """The in-memory pipeline that :func:`save_pipeline` writes (also handy for sampling during training)."""
+    """The in-memory pipeline that :func:`save_pipeline` writes (also handy for sampling during training).
+
+    ``class_names`` (a class-conditional unet's classes, id order) go into the pipeline config, so
+    ``pipe(class_labels="name")`` works after loading.
+    """
     if not isinstance(unet, ModelMixin):
         raise TypeError(f"unet must be a diffusers UNet2DModel, got {type(unet).__name__}")
     if sampler not in SAMPLERS:
@@ -86,6 +91,7 @@ def build_pipeline(
         latent_scaling_factor=latent_scaling_factor,
         latent_shift_factor=latent_shift_factor,
         sr_strength=sr_strength,
+        class_names=class_names,
     )
 
 
@@ -102,6 +108,7 @@ def save_pipeline(
     latent_shift_factor: float | None = None,
     sr_model: ModelMixin | None = None,
     sr_strength: float = 0.5,
+    class_names: list[str] | None = None,
     training_config: dict[str, Any] | None = None,
     sample_grid: PIL.Image.Image | None = None,
 ) -> Path:
@@ -127,6 +134,7 @@ def save_pipeline(
         latent_shift_factor=latent_shift_factor,
         sr_model=sr_model,
         sr_strength=sr_strength,
+        class_names=class_names,
     )
     target.parent.mkdir(parents=True, exist_ok=True)
     staging = staging_folder(target)

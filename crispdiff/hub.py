@@ -100,10 +100,14 @@ def _components_table(folder: Path, index: dict[str, Any]) -> str:
     unet = _read_json(folder / "unet" / "config.json") or {}
     unet_params = _parameter_count(folder / "unet" / "diffusion_pytorch_model.safetensors")
     size = unet.get("sample_size")
-    detail = f"{size} px samples, channels {unet.get('block_out_channels')}"
+    if unet.get("encoder"):  # TimmEncoderUNet (pipelines/timm_unet.py)
+        detail = f"{size} px samples, timm encoder `{unet['encoder']}`"
+    else:
+        detail = f"{size} px samples, channels {unet.get('block_out_channels')}"
     if unet_params:
         detail += f", {unet_params / 1e6:.3g}M parameters"
-    rows.append(("unet", "UNet2DModel", detail))
+    unet_entry = index.get("unet")
+    rows.append(("unet", unet_entry[1] if isinstance(unet_entry, list) else "UNet2DModel", detail))
     scheduler = index.get("scheduler", [None, None])[1]
     rows.append(("scheduler", scheduler, f"default sampler `{index.get('sampler', '?')}`"))
     if _has_component(index, "vae"):
@@ -125,9 +129,9 @@ def _components_table(folder: Path, index: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def _usage(repo_or_dir: str, has_sr: bool) -> str:
+def _usage(repo_or_dir: str, has_sr: bool, has_timm: bool = False) -> str:
     """How to load and sample the pipeline on a machine without crispdiff."""
-    needs = "torch, diffusers" + (" and spandrel" if has_sr else "")
+    needs = "torch, diffusers" + (", timm" if has_timm else "") + (" and spandrel" if has_sr else "")
     sr_line = (
         "\n# upscale=False skips the SR step; sr_strength blends SR with a Lanczos upscale (0 = Lanczos only)\n"
         "big = pipe(batch_size=4, upscale=True, sr_strength=0.5, generator=torch.Generator().manual_seed(0)).images\n"
@@ -137,6 +141,7 @@ def _usage(repo_or_dir: str, has_sr: bool) -> str:
     return (
         f"Needs only {needs} (crispdiff itself is not required). `trust_remote_code=True` lets diffusers import the\n"
         "pipeline code saved with the model (`pipeline_crispdiff.py`"
+        + (", `unet/timm_unet.py`" if has_timm else "")
         + (", `sr_model/sr_model.py`" if has_sr else "")
         + ").\n\n```python\nimport torch\nfrom diffusers import DiffusionPipeline\n\n"
         f'pipe = DiffusionPipeline.from_pretrained("{repo_or_dir}", trust_remote_code=True)\n'
@@ -179,7 +184,8 @@ def render_model_card(
     ]
     if (folder / SAMPLES_NAME).is_file():
         parts += ["## Samples\n", f"![samples]({SAMPLES_NAME})\n"]
-    parts += ["## How to use\n", _usage(repo_id or str(folder), has_sr)]
+    has_timm = (folder / "unet" / "timm_unet.py").is_file()
+    parts += ["## How to use\n", _usage(repo_id or str(folder), has_sr, has_timm=has_timm)]
     parts += ["## Components\n", _components_table(folder, index), ""]
     if license == "other":
         parts += ["License: not specified by the author (`crispdiff push --license ...` sets it).\n"]

@@ -213,9 +213,16 @@ class LatentSpace:
         self.sample_size = height
         self.scaling_factor = float(scaling_factor)
         self.shift_factor = None if shift_factor is None else float(shift_factor)
+        # --class_column: labels come from the image data (its metadata), so the latent cache is shared with
+        # unconditional runs on the same images
+        self.class_names: list[str] | None = getattr(data, "class_names", None)
 
     def __len__(self) -> int:
         return len(self.cache)
+
+    def class_labels(self, indices: torch.Tensor, device: torch.device) -> torch.Tensor | None:
+        """Class ids of these images (--class_column), or None when the data has no classes."""
+        return self.data.class_labels(indices, device) if self.class_names else None
 
     def x0(self, indices: torch.Tensor, generator: torch.Generator, device: torch.device) -> torch.Tensor:
         """Scaled latents ``[B, C, h, w]``: variant (flip) and posterior noise drawn from ``generator``.

@@ -55,6 +55,15 @@ class TrainingSpace(Protocol):
     def reference_images(self, count: int) -> torch.Tensor:
         """Up to `count` real images, uint8 [N, 3, H, W], for validation metrics."""
 
+    # Class-conditional spaces (--class_column) also have ``class_names: list[str] | None`` and
+    # ``class_labels(indices, device) -> LongTensor | None``; the Trainer reads both with getattr, so a space without
+    # them is unconditional.
+
+
+def space_class_names(space: Any) -> list[str] | None:
+    """The space's class names (--class_column), or None for an unconditional space."""
+    return getattr(space, "class_names", None)
+
 
 class PixelSpace:
     """Diffusion directly on pixels in [-1, 1]."""
@@ -64,12 +73,17 @@ class PixelSpace:
     def __init__(self, data: Any):
         self.data = data
         self.sample_size = data.resolution
+        self.class_names: list[str] | None = getattr(data, "class_names", None)
 
     def __len__(self) -> int:
         return len(self.data)
 
     def x0(self, indices: torch.Tensor, generator: torch.Generator, device: torch.device) -> torch.Tensor:
         return self.data.batch(indices, generator, device=device)
+
+    def class_labels(self, indices: torch.Tensor, device: torch.device) -> torch.Tensor | None:
+        """Class ids of these images (--class_column), or None when the data has no classes."""
+        return self.data.class_labels(indices, device) if self.class_names else None
 
     def prepare(self, device: torch.device) -> None:
         """On a GPU, keep the uint8 images there when they fit (on the CPU the memory map already is RAM)."""
@@ -421,8 +435,13 @@ def ema_copy(model: Any, ema: EMAModel | None) -> Any:
     """A standalone fp32 copy of a diffusers model carrying the EMA weights (the raw ones without EMA), in eval mode.
 
     The one place sampling, validation and export get their weights from: ``from_config`` builds fp32 and the
-    trained weights are fp32 masters, so nothing is rounded on the way.
+    trained weights are fp32 masters, so nothing is rounded on the way. A model carrying peft LoRA adapters
+    (``--train_modules lora``) comes back with them merged: a plain model that loads without peft.
     """
+    if isinstance(getattr(model, "peft_config", None), dict):
+        from crispdiff.transfer import plain_copy
+
+        return plain_copy(model, ema)
     copy = type(model).from_config(model.config)
     copy.load_state_dict(model.state_dict())
     if ema is not None:
@@ -455,11 +474,33 @@ def run_trainer(trainer: LoopTrainer) -> Path | None:
 class Trainer(LoopTrainer):
     """A diffusion UNet on a `TrainingSpace` (pixels or latents), saved as a crispdiff pipeline."""
 
-    def __init__(self, config: TrainConfig, space: TrainingSpace, accelerator: Accelerator):
+    def __init__(
+        self,
+        config: TrainConfig,
+        space: TrainingSpace,
+        accelerator: Accelerator,
+        unet: Any = None,
+        trainable: list[torch.nn.Parameter] | None = None,
+    ):
+        """``unet``: a prebuilt denoiser (e.g. a pretrained one, crispdiff.transfer) instead of one built from the
+        config; ``trainable``: the parameters the optimizer gets (default: all of them; frozen ones stay as given)."""
         super().__init__(config, accelerator, len(space))
         self.space = space
         device = accelerator.device
-        unet = unet_from_config(config, resolution=space.sample_size, in_channels=space.channels)
+        self.class_names = space_class_names(space)
+        if self.class_names and not 0.0 <= config.class_dropout_prob < 1.0:
+            raise FlagError(f"--class_dropout_prob must be within [0, 1), got {config.class_dropout_prob}")
+        num_class_embeds = len(self.class_names) + 1 if self.class_names else None  # + the null class, id N
+        if unet is None:
+            unet = unet_from_config(
+                config, resolution=space.sample_size, in_channels=space.channels, num_class_embeds=num_class_embeds
+            )
+        elif getattr(unet.config, "num_class_embeds", None) != num_class_embeds:
+            raise FlagError(
+                f"the given UNet has num_class_embeds={getattr(unet.config, 'num_class_embeds', None)} but the data "
+                f"has {len(self.class_names or [])} classes (--class_column), which need "
+                f"{num_class_embeds} (the classes + the null class)"
+            )
         if config.gradient_checkpointing:
             unet.enable_gradient_checkpointing()
         if config.enable_xformers_memory_efficient_attention:
@@ -468,7 +509,8 @@ class Trainer(LoopTrainer):
         if device.type == "cuda":
             unet = unet.to(memory_format=torch.channels_last)
         self.num_parameters = count_parameters(unet)
-        self.setup_optimization(unet, list(unet.parameters()))
+        # .to() above kept the Parameter objects, so a `trainable` list made before it still names them
+        self.setup_optimization(unet, list(unet.parameters()) if trainable is None else list(trainable))
         self.unet, self.optimizer = accelerator.prepare(unet, self.optimizer)
         if config.torch_compile:
             # in place (nn.Module.compile): state-dict keys, EMA, checkpoints and the saved pipeline are unchanged
@@ -479,7 +521,20 @@ class Trainer(LoopTrainer):
             prepare(device)
 
     def describe(self) -> str:
-        return f"{len(self.space)} training items, UNet with {describe_parameters(self.num_parameters)}"
+        classes = f", {len(self.class_names)} classes" if self.class_names else ""
+        return f"{len(self.space)} training items{classes}, UNet with {describe_parameters(self.num_parameters)}"
+
+    def class_labels(self, indices: torch.Tensor, batch_size: int, device: torch.device) -> torch.Tensor | None:
+        """The micro-batch's class ids, each replaced by the null id N with probability --class_dropout_prob.
+
+        The dropout coin comes from the noise generator (checkpointed), so a resumed run drops the same labels.
+        None for an unconditional space.
+        """
+        if not self.class_names:
+            return None
+        labels = self.space.class_labels(indices, device)
+        drop = torch.rand(batch_size, generator=self.noise_generator, device=self.noise_generator.device).to(device)
+        return torch.where(drop < self.config.class_dropout_prob, len(self.class_names), labels)
 
     def ema_parameters(self) -> Any:
         return self.accelerator.unwrap_model(self.unet).parameters()
@@ -492,10 +547,11 @@ class Trainer(LoopTrainer):
         noise = sample_noise(tuple(x0.shape), self.noise_generator, device, config.noise_offset)
         t = self.schedule.sample_timesteps(x0.shape[0], self.noise_generator, device)
         x_t = self.schedule.add_noise(x0, noise, t)
+        labels = self.class_labels(indices, x0.shape[0], device)
         if device.type == "cuda":
             x_t = x_t.contiguous(memory_format=torch.channels_last)
         with self.accelerator.accumulate(self.unet):
-            model_output = self.unet(x_t, t).sample
+            model_output = self.unet(x_t, t, class_labels=labels).sample
             loss = self.schedule.loss(model_output, x0, noise, t, config.snr_gamma)
             self.accelerator.backward(loss)
             if self.accelerator.sync_gradients and config.max_grad_norm > 0:
@@ -519,20 +575,31 @@ class Trainer(LoopTrainer):
             sampler=config.sampler,
             thresholding=config.thresholding,
             sr_strength=config.sr_strength,
+            class_names=self.class_names,
             **self.space.pipeline_components(),
         )
 
     def sample_grid(self, pipeline: Any) -> tuple[Any, torch.Tensor]:
-        """The validation grid: always the same seed, so grids at different steps are comparable."""
+        """The validation grid: always the same seed, so grids at different steps are comparable.
+
+        A class-conditional model gets one row per class (in class-id order, ceil(images / classes) images each,
+        sampled without guidance), so every class can be seen to learn.
+        """
         generator = torch.Generator().manual_seed(self.config.seed)
+        count, nrow, labels = self.config.num_validation_images, None, None
+        if self.class_names:
+            nrow = math.ceil(count / len(self.class_names))
+            labels = [k for k in range(len(self.class_names)) for _ in range(nrow)]
+            count = len(labels)
         images = pipeline(
-            batch_size=self.config.num_validation_images,
+            batch_size=count,
             num_inference_steps=self.config.validation_inference_steps,
             generator=generator,
             upscale=False,
             output_type="pt",
+            class_labels=labels,
         ).images
-        return make_grid(images, value_range=(0, 1)), images
+        return make_grid(images, nrow=nrow, value_range=(0, 1)), images
 
     def validate(self) -> None:
         """Sample a grid with the fast sampler (main process), save it and log it; optionally log metrics."""

@@ -1,4 +1,5 @@
-"""CrispDiffPipeline: unconditional image generation from a crispdiff model (unet + scheduler [+ vae] [+ sr_model]).
+"""CrispDiffPipeline: image generation from a crispdiff model (unet + scheduler [+ vae] [+ sr_model]), unconditional
+or class-conditional with classifier-free guidance.
 
 This file is self-contained on purpose: a copy of it is saved into every pipeline folder so that
 ``DiffusionPipeline.from_pretrained(folder, trust_remote_code=True)`` works on a machine that has only torch, numpy,
@@ -32,7 +33,6 @@ from diffusers import (
     ImagePipelineOutput,
     ModelMixin,
     PNDMScheduler,
-    UNet2DModel,
     UniPCMultistepScheduler,
 )
 from diffusers.utils import logging
@@ -233,6 +233,23 @@ def _make_pndm(common: dict[str, Any], *, zero_snr: bool, thresholding: bool) ->
 # --------------------------------------------------------------------------------------------------------------------
 
 
+def _class_name_list(class_names: list[str] | dict[str, str] | None) -> list[str] | None:
+    """Class names as a list in id order, from a list or from the ``{"0": name, ...}`` form saved in the config."""
+    if class_names is None:
+        return None
+    if isinstance(class_names, dict):
+        try:
+            return [str(class_names[str(i)]) for i in range(len(class_names))]
+        except KeyError as err:
+            raise ValueError(
+                f"class_names must map the ids 0..{len(class_names) - 1} to names, got {class_names}"
+            ) from err
+    names = [str(name) for name in class_names]
+    if len(set(names)) != len(names):
+        raise ValueError(f"class_names must be unique, got {names}")
+    return names
+
+
 def gaussian_blur(images: torch.Tensor, sigma: float) -> torch.Tensor:
     """Separable Gaussian blur with replicate padding (works for images smaller than the kernel too)."""
     if sigma <= 0:
@@ -293,13 +310,33 @@ def _write_json_atomic(path: Path, data: dict[str, Any]) -> None:
         raise
 
 
+def _save_component_module(folder: Path, component: str, model: Any, module_name: str | None = None) -> list[str]:
+    """Copy a custom component's module into ``folder/component/`` and return its model_index entry.
+
+    diffusers imports a custom component's module (with ``trust_remote_code=True``) only from the component's own
+    folder, so the file has to travel there; the module name defaults to the source file's own name.
+    """
+    source = inspect.getsourcefile(type(model))
+    if source is None:
+        raise ValueError(f"cannot find the source file of {type(model)!r} to save with the pipeline")
+    module_name = module_name or Path(source).stem
+    destination = folder / component / f"{module_name}.py"
+    destination.parent.mkdir(exist_ok=True)
+    if not (destination.exists() and os.path.samefile(source, destination)):
+        shutil.copyfile(source, destination)
+    return [module_name, type(model).__name__]
+
+
 # --------------------------------------------------------------------------------------------------------------------
 # The pipeline
 # --------------------------------------------------------------------------------------------------------------------
 
 
 class CrispDiffPipeline(DiffusionPipeline):
-    """Unconditional generation: noise -> unet/scheduler loop -> [vae decode] -> [SR upscale] -> [sharpen, gamma].
+    """Image generation: noise -> unet/scheduler loop -> [vae decode] -> [SR upscale] -> [sharpen, gamma].
+
+    Unconditional, or class-conditional with classifier-free guidance when the unet has a class embedding
+    (``num_class_embeds`` = N classes + 1; id N is the null class the model was trained on with label dropout).
 
     Components: ``unet`` (UNet2DModel), ``scheduler`` (built by :func:`make_scheduler`), optional ``vae``
     (AutoencoderKL / AutoencoderTiny, for latent models) and optional ``sr_model`` (any ModelMixin with
@@ -317,6 +354,9 @@ class CrispDiffPipeline(DiffusionPipeline):
         sr_strength: default blend of the SR output with a Lanczos upscale (0 = Lanczos only, 1 = SR only).
         sharpen_amount, sharpen_radius, sharpen_threshold: unsharp mask after decoding/SR (amount 0 = off).
         gamma: output gamma, ``x ** (1/gamma)`` (1 = off).
+        class_names: a class-conditional unet's class names in id order (a list; stored in model_index.json as
+            ``{"0": name, ...}``, because diffusers reads any list there as a ``[library, class]`` component entry
+            and then refuses to download the folder from the Hub). See :attr:`classes`.
     """
 
     model_cpu_offload_seq = "unet->vae->sr_model"
@@ -324,7 +364,7 @@ class CrispDiffPipeline(DiffusionPipeline):
 
     def __init__(
         self,
-        unet: UNet2DModel,
+        unet: ModelMixin,  # UNet2DModel, or a custom denoiser with its signature (TimmEncoderUNet)
         scheduler: Any,
         vae: AutoencoderKL | AutoencoderTiny | None = None,
         sr_model: ModelMixin | None = None,
@@ -339,8 +379,16 @@ class CrispDiffPipeline(DiffusionPipeline):
         sharpen_radius: float = 1.0,
         sharpen_threshold: float = 0.0,
         gamma: float = 1.0,
+        class_names: list[str] | dict[str, str] | None = None,
     ):
         super().__init__()
+        names = _class_name_list(class_names)
+        num_class_embeds = getattr(unet.config, "num_class_embeds", None)
+        if names is not None and num_class_embeds != len(names) + 1:
+            raise ValueError(
+                f"{len(names)} class_names need a unet with num_class_embeds = {len(names) + 1} (the classes and the "
+                f"null class), but this unet has {num_class_embeds}"
+            )
         if sampler not in SAMPLERS:
             raise ValueError(f"unknown sampler {sampler!r}; choose one of {', '.join(SAMPLERS)}")
         if thresholding and vae is not None:
@@ -361,7 +409,13 @@ class CrispDiffPipeline(DiffusionPipeline):
             sharpen_radius=float(sharpen_radius),
             sharpen_threshold=float(sharpen_threshold),
             gamma=float(gamma),
+            class_names=None if names is None else {str(i): name for i, name in enumerate(names)},
         )
+
+    @property
+    def classes(self) -> list[str] | None:
+        """The class names in id order (``pipe(class_labels=name)`` accepts them), or None."""
+        return _class_name_list(self.config.get("class_names"))
 
     # ---- loading / saving ----------------------------------------------------------------------------------------
 
@@ -387,7 +441,8 @@ class CrispDiffPipeline(DiffusionPipeline):
         ``model_index.json`` gets ``_class_name = ["pipeline_crispdiff", "CrispDiffPipeline"]`` (diffusers imports the
         copy saved beside it with ``trust_remote_code=True``) and, with an SR model, ``sr_model =
         ["sr_model", <class>]`` with the module copied to ``sr_model/sr_model.py``: diffusers only imports a custom
-        component's module from the component's own folder.
+        component's module from the component's own folder. A unet that is not a diffusers class (the timm-encoder
+        UNet) is saved the same way: ``unet = ["timm_unet", "TimmEncoderUNet"]`` with ``unet/timm_unet.py``.
         """
         if kwargs.get("push_to_hub"):
             raise ValueError(
@@ -402,14 +457,9 @@ class CrispDiffPipeline(DiffusionPipeline):
         index = json.loads(index_path.read_text(encoding="utf-8"))
         index["_class_name"] = [PIPELINE_FILE_NAME[: -len(".py")], type(self).__name__]
         if self.sr_model is not None:
-            source = inspect.getsourcefile(type(self.sr_model))
-            if source is None:
-                raise ValueError(f"cannot find the source file of {type(self.sr_model)!r} to save with the pipeline")
-            destination = folder / "sr_model" / f"{SR_MODULE_NAME}.py"
-            destination.parent.mkdir(exist_ok=True)
-            if not (destination.exists() and os.path.samefile(source, destination)):
-                shutil.copyfile(source, destination)
-            index["sr_model"] = [SR_MODULE_NAME, type(self.sr_model).__name__]
+            index["sr_model"] = _save_component_module(folder, "sr_model", self.sr_model, SR_MODULE_NAME)
+        if not type(self.unet).__module__.startswith("diffusers."):  # e.g. TimmEncoderUNet (timm_unet.py)
+            index["unet"] = _save_component_module(folder, "unet", self.unet)
         _write_json_atomic(index_path, index)
 
     # ---- samplers -------------------------------------------------------------------------------------------------
@@ -458,10 +508,73 @@ class CrispDiffPipeline(DiffusionPipeline):
             raise ValueError(f"latents have shape {tuple(latents.shape)}, expected {shape}")
         return latents.to(device=device, dtype=torch.float32)
 
+    def resolve_class_labels(self, class_labels: Any, batch_size: int, device: torch.device) -> torch.Tensor | None:
+        """``class_labels`` as a LongTensor of ``batch_size`` ids (None for an unconditional unet).
+
+        Accepts an id, a class name, or a list / tensor of them (one per image; a single label is used for every
+        image). Id N (= ``num_class_embeds - 1``) is the null class. A class-conditional unet called without labels
+        samples the null class, i.e. unconditionally; an unconditional unet refuses labels.
+        """
+        num_class_embeds = getattr(self.unet.config, "num_class_embeds", None)
+        if num_class_embeds is None:
+            if class_labels is not None:
+                raise ValueError(
+                    "class_labels were given but this pipeline's unet is unconditional (no class embedding); "
+                    "call it without class_labels"
+                )
+            return None
+        null_id = int(num_class_embeds) - 1
+        if class_labels is None:
+            return torch.full((batch_size,), null_id, dtype=torch.long, device=device)
+        if isinstance(class_labels, (torch.Tensor, np.ndarray)):
+            items = [int(v) for v in np.asarray(torch.as_tensor(class_labels).cpu()).reshape(-1)]
+        elif isinstance(class_labels, (list, tuple)):
+            items = list(class_labels)
+        else:
+            items = [class_labels]
+        if len(items) == 1:
+            items = items * batch_size
+        if len(items) != batch_size:
+            raise ValueError(f"got {len(items)} class_labels for a batch of {batch_size}; give one, or one per image")
+        return torch.tensor([self._class_id(item, null_id) for item in items], dtype=torch.long, device=device)
+
+    def _class_id(self, label: Any, null_id: int) -> int:
+        """One label -> its id: a name looked up in :attr:`classes`, or an int in 0..N (N = the null class)."""
+        names = self.classes
+        if isinstance(label, str):
+            if names is None:
+                raise ValueError(f"class label {label!r} is a name but this pipeline stores no class names; pass ids")
+            if label not in names:
+                raise ValueError(f"unknown class {label!r}; this pipeline's classes are {names}")
+            return names.index(label)
+        if isinstance(label, (bool, np.bool_)) or not isinstance(label, (int, np.integer)):
+            raise ValueError(f"a class label must be a class name or an int id, got {label!r}")
+        if not 0 <= int(label) <= null_id:
+            raise ValueError(f"class id {int(label)} is out of range: 0..{null_id - 1}, or {null_id} for no class")
+        return int(label)
+
     def _denoise(
-        self, scheduler: Any, sample: torch.Tensor, num_inference_steps: int, generator: Any, device: torch.device
+        self,
+        scheduler: Any,
+        sample: torch.Tensor,
+        num_inference_steps: int,
+        generator: Any,
+        device: torch.device,
+        class_labels: torch.Tensor | None = None,
+        guidance_scale: float = 1.0,
     ) -> torch.Tensor:
-        """The sampling loop; the sample stays in float32 whatever the unet's dtype."""
+        """The sampling loop; the sample stays in float32 whatever the unet's dtype.
+
+        With ``guidance_scale != 1`` each step is one unet call on the batch twice over (conditional, then null
+        labels) combined as ``uncond + s * (cond - uncond)`` (Ho & Salimans 2022): one call of twice the batch costs
+        less than two calls. Labels are passed only when there are any, so unconditional unets keep their plain
+        ``unet(x, t)`` call.
+        """
+        null_id = None if class_labels is None else int(self.unet.config.num_class_embeds) - 1
+        guided = class_labels is not None and guidance_scale != 1.0 and bool((class_labels != null_id).any())
+        if guided:
+            class_labels = torch.cat([class_labels, torch.full_like(class_labels, null_id)])
+        unet_kwargs = {} if class_labels is None else {"class_labels": class_labels}
         scheduler.set_timesteps(num_inference_steps, device=device)
         sample = sample * scheduler.init_noise_sigma
         accepts_generator = "generator" in inspect.signature(scheduler.step).parameters
@@ -471,7 +584,12 @@ class CrispDiffPipeline(DiffusionPipeline):
             step_kwargs["use_clipped_model_output"] = True
         for t in self.progress_bar(scheduler.timesteps):
             model_input = scheduler.scale_model_input(sample, t).to(self.unet.dtype)
-            model_output = self.unet(model_input, t).sample.float()
+            if guided:
+                model_input = torch.cat([model_input, model_input])
+            model_output = self.unet(model_input, t, **unet_kwargs).sample.float()
+            if guided:
+                cond, uncond = model_output.chunk(2)
+                model_output = uncond + guidance_scale * (cond - uncond)
             sample = scheduler.step(model_output, t, sample, **step_kwargs).prev_sample
         return sample
 
@@ -533,6 +651,8 @@ class CrispDiffPipeline(DiffusionPipeline):
         sharpen_radius: float | None = None,
         sharpen_threshold: float | None = None,
         gamma: float | None = None,
+        class_labels: int | str | list[int | str] | torch.Tensor | None = None,
+        guidance_scale: float = 1.0,
     ) -> ImagePipelineOutput | tuple:
         """Generate ``batch_size`` images.
 
@@ -548,6 +668,11 @@ class CrispDiffPipeline(DiffusionPipeline):
                 (NCHW float in [0, 1]).
             latents: initial noise of the unet's input shape, instead of drawing it.
             sharpen_amount, sharpen_radius, sharpen_threshold, gamma: override the config's post-processing.
+            class_labels: for a class-conditional model: a class name or id, or one per image (names: :attr:`classes`).
+                Without them a conditional model samples its null class, i.e. unconditionally (guidance then has
+                nothing to amplify and is skipped). An unconditional model refuses them.
+            guidance_scale: classifier-free guidance strength s: 1 = the conditional model alone (one unet pass);
+                s > 1 pushes samples towards their class, ``uncond + s * (cond - uncond)`` (two passes in one batch).
         """
         if output_type not in OUTPUT_TYPES:
             raise ValueError(f"output_type must be one of {OUTPUT_TYPES}, got {output_type!r}")
@@ -559,11 +684,14 @@ class CrispDiffPipeline(DiffusionPipeline):
             raise ValueError(f"got {len(generator)} generators for a batch of {batch_size}")
         do_upscale = self._resolve_upscale(upscale)
         device = self._execution_device
+        labels = self.resolve_class_labels(class_labels, batch_size, device)
+        if labels is None and guidance_scale != 1.0:
+            raise ValueError(f"guidance_scale={guidance_scale} needs a class-conditional model; this unet is not one")
         scheduler = self.scheduler if sampler is None else self.make_sampler(sampler)
         check_step_count(sampler or self.config.sampler, scheduler.config.num_train_timesteps, num_inference_steps)
 
         sample = self.prepare_latents(batch_size, generator, latents, device)
-        sample = self._denoise(scheduler, sample, num_inference_steps, generator, device)
+        sample = self._denoise(scheduler, sample, num_inference_steps, generator, device, labels, guidance_scale)
         images01 = self.decode(sample)
         if do_upscale:
             strength = self.config.sr_strength if sr_strength is None else sr_strength

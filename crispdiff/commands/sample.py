@@ -3,6 +3,9 @@
 Image i is drawn from its own CPU generator seeded ``seed + i``: its starting noise does not depend on
 ``--batch_size`` or the device, and it can be regenerated alone with
 ``pipe(generator=torch.Generator().manual_seed(seed + i))`` (identical up to float rounding across batch sizes).
+
+A class-conditional pipeline (trained with ``--class_column``) samples one class with ``--class NAME`` (or an id),
+optionally with classifier-free guidance ``--guidance_scale 3``; without ``--class`` it samples unconditionally.
 """
 
 from __future__ import annotations
@@ -45,6 +48,19 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     )
     group.add_argument("--no_upscale", dest="upscale", action="store_false", help="Do not upscale.")
     parser.add_argument("--sr_strength", type=float, default=None, help="SR/Lanczos blend (default: the pipeline's).")
+    parser.add_argument(
+        "--class",
+        dest="class_label",
+        default=None,
+        metavar="NAME",
+        help="A class-conditional model's class (a name, or an id); without it such a model samples unconditionally.",
+    )
+    parser.add_argument(
+        "--guidance_scale",
+        type=float,
+        default=1.0,
+        help="Classifier-free guidance with --class: 1 = the conditional model alone; 2-4 = more typical of the class.",
+    )
     parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1, mps ... (default: cuda when available).")
     parser.add_argument(
         "--dtype", choices=list(DTYPES), default="fp32", help="Precision the networks run in (bf16/fp16 on GPUs)."
@@ -70,6 +86,26 @@ def _check_args(args: argparse.Namespace) -> None:
         raise FlagError(f"--nrow must be >= 1, got {args.nrow}")
     if args.sr_strength is not None and not 0.0 <= args.sr_strength <= 1.0:
         raise FlagError(f"--sr_strength must be in [0, 1], got {args.sr_strength}")
+    if args.guidance_scale < 0:
+        raise FlagError(f"--guidance_scale must be >= 0, got {args.guidance_scale}")
+    if args.guidance_scale != 1.0 and args.class_label is None:
+        raise FlagError("--guidance_scale needs --class NAME (guidance pushes samples towards a class)")
+
+
+def class_label(pipeline: object, text: str | None, pipeline_dir: str) -> int | str | None:
+    """--class as the pipeline takes it: a class name, else an id; a FlagError names the classes there are."""
+    if text is None:
+        return None
+    names = getattr(pipeline, "classes", None)
+    num_class_embeds = getattr(pipeline.unet.config, "num_class_embeds", None)  # type: ignore[attr-defined]
+    if num_class_embeds is None:
+        raise FlagError(f"--class {text!r} given but {pipeline_dir} holds an unconditional model (no classes)")
+    if names and text in names:
+        return text
+    if text.isdigit() and int(text) < num_class_embeds - 1:
+        return int(text)
+    known = f"its classes are {names}" if names else f"it stores no class names; pass an id 0..{num_class_embeds - 2}"
+    raise FlagError(f"--class {text!r} is not a class of {pipeline_dir}; {known}")
 
 
 def output_paths(args: argparse.Namespace) -> tuple[Path, Path | None]:
@@ -93,6 +129,7 @@ def _run(args: argparse.Namespace) -> int:
     )
     if args.upscale and pipeline.sr_model is None:
         raise FlagError(f"--upscale given but {args.pipeline_dir} has no sr_model")
+    label = class_label(pipeline, args.class_label, args.pipeline_dir)
 
     def log(message: str) -> None:
         print(f"crispdiff sample: {message}", file=sys.stderr)
@@ -106,6 +143,8 @@ def _run(args: argparse.Namespace) -> int:
         upscale=args.upscale,
         sr_strength=args.sr_strength,
         log=log,
+        class_labels=label,
+        guidance_scale=args.guidance_scale,
     )
     images = to_pil_list(batch, value_range=(0.0, 1.0))
     grid_file, images_dir = output_paths(args)

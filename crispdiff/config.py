@@ -106,6 +106,11 @@ class NoiseConfig:
     sigmoid_start: float = flag(-3.0, "Chen 2023 sigmoid schedule: start of the sigmoid's input range.")
     sigmoid_end: float = flag(3.0, "Chen 2023 sigmoid schedule: end of the sigmoid's input range.")
     sigmoid_tau: float = flag(1.0, "Chen 2023 sigmoid schedule: temperature (larger = noisier middle).")
+    snr_shift: float = flag(
+        0.0,
+        "Shift the cosine / sigmoid schedule's log-SNR by this many nats at every t (Hoogeboom et al. 2023). "
+        "Negative = noisier (large images: -2*ln(resolution/64)); positive = cleaner (small latents). 0 = off.",
+    )
     rescale_betas_zero_snr: bool = flag(False, "Rescale the schedule to zero terminal SNR (Lin et al. 2023).")
     prediction_type: str = flag(
         "v_prediction", "What the UNet predicts.", choices=["epsilon", "v_prediction", "sample"]

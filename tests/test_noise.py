@@ -57,6 +57,24 @@ def test_sigmoid_schedule_is_chens_not_diffusers():
     assert not torch.allclose(ours, tau2)
 
 
+@pytest.mark.parametrize("schedule", ["cosine", "sigmoid"])
+def test_snr_shift_moves_log_snr_by_the_shift(schedule):
+    """--snr_shift s multiplies every step's SNR by e^s (away from the capped last steps), and the saved
+    scheduler config carries the shifted betas, so training and sampling agree."""
+    plain = NoiseSchedule(make_betas(schedule, T)).snr.double()
+    shifted = NoiseSchedule(make_betas(schedule, T, snr_shift=1.5)).snr.double()
+    middle = slice(10, T - 20)
+    torch.testing.assert_close(
+        shifted[middle].log() - plain[middle].log(), torch.full_like(plain[middle], 1.5), rtol=0, atol=2e-3
+    )
+    config = NoiseConfig(beta_schedule=schedule, snr_shift=-1.0)
+    saved = DDPMScheduler(**scheduler_base_config(config)).alphas_cumprod.double()
+    torch.testing.assert_close(saved, NoiseSchedule.from_config(config).alphas_cumprod.double(), rtol=1e-5, atol=1e-7)
+    assert saved[T // 2] < NoiseSchedule(make_betas(schedule, T)).alphas_cumprod[T // 2]
+    with pytest.raises(ValueError, match="snr_shift"):
+        make_betas("linear", T, snr_shift=1.0)
+
+
 def test_zero_terminal_snr_rescale():
     betas = make_betas("cosine", T)
     rescaled = rescale_zero_terminal_snr(betas)

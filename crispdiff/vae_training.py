@@ -89,6 +89,13 @@ class VAETrainConfig(DataConfig, LoopConfig):
         "Weight of the spectral-amplitude L1 loss (0 = off). It penalises missing or extra energy per spatial "
         "frequency whatever its phase, so the decoder stops averaging edges away; a cheap alternative to a GAN.",
     )
+    decoder_noise: float = flag(
+        0.0,
+        "Train the decoder on noisy latents: each image's latent gets Gaussian noise of a std drawn uniformly in "
+        "[0, this] (latent units; the standardized embedded VAE's latents have std ~1). 0 = off. A latent diffusion "
+        "model's samples are never exactly on the encoder's manifold, and a decoder that only ever saw clean latents "
+        "turns their small errors into speckle ('confetti'); with --train_decoder_only the latents stay the same.",
+    )
     disc_start: int | None = flag(None, "Optimizer step at which the patch-GAN loss starts (default: no GAN).")
     disc_weight: float = flag(0.5, "Weight of the generator's GAN loss (times the adaptive weight).")
     adaptive_disc_weight: bool = flag(True, "Balance GAN and reconstruction gradients at the decoder's last layer.")
@@ -121,6 +128,8 @@ class VAETrainConfig(DataConfig, LoopConfig):
 
     def validate(self) -> None:
         """Reject flag combinations that would silently do something else than asked."""
+        if self.decoder_noise < 0:
+            raise ValueError(f"--decoder_noise must be >= 0, got {self.decoder_noise}")
         if bool(self.holdout_column) != bool(self.holdout_values):
             raise ValueError("--holdout_column and --holdout_values go together (a column and the values to hold out).")
         if self.train_decoder_only and not self.pretrained_vae_name_or_path:
@@ -223,10 +232,11 @@ class AutoencoderStep(nn.Module):
     building a graph.
     """
 
-    def __init__(self, vae: AutoencoderKL, frozen_encoder: bool):
+    def __init__(self, vae: AutoencoderKL, frozen_encoder: bool, decoder_noise: float = 0.0):
         super().__init__()
         self.vae = vae
         self.frozen_encoder = frozen_encoder
+        self.decoder_noise = decoder_noise
 
     def forward(
         self, images: torch.Tensor, generator: torch.Generator | None = None
@@ -234,7 +244,21 @@ class AutoencoderStep(nn.Module):
         with torch.set_grad_enabled(torch.is_grad_enabled() and not self.frozen_encoder):
             posterior = self.vae.encode(images).latent_dist
         latents = sample_posterior(posterior.mean, posterior.logvar, generator)
+        if self.decoder_noise > 0 and self.training:
+            latents = add_decoder_noise(latents, self.decoder_noise, generator)
         return self.vae.decode(latents).sample, posterior.mean, posterior.logvar
+
+
+def add_decoder_noise(latents: torch.Tensor, max_std: float, generator: torch.Generator | None) -> torch.Tensor:
+    """``latents + std * eps`` with one std per image drawn uniformly in [0, max_std] (--decoder_noise).
+
+    Uniform stds keep clean and near-clean latents in every batch, so reconstructions of exact latents stay sharp
+    while the decoder learns to map slightly-off latents (a diffusion model's samples) back onto clean images.
+    """
+    shape = (latents.shape[0],) + (1,) * (latents.dim() - 1)
+    std = max_std * torch.rand(shape, generator=generator, device=latents.device, dtype=latents.dtype)
+    eps = torch.randn(latents.shape, generator=generator, device=latents.device, dtype=latents.dtype)
+    return latents + std * eps
 
 
 class PatchDiscriminator(nn.Module):
@@ -599,7 +623,7 @@ class VAETrainer(LoopTrainer):
             )
         self.setup_optimization(vae, groups)
         self.model, self.optimizer = accelerator.prepare(
-            AutoencoderStep(vae, config.train_decoder_only), self.optimizer
+            AutoencoderStep(vae, config.train_decoder_only, config.decoder_noise), self.optimizer
         )
         self.disc = accelerator.prepare(disc) if disc is not None else None
         self.lpips = load_lpips(config)

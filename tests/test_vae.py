@@ -32,8 +32,10 @@ from crispdiff.vae import (
     weights_fingerprint,
 )
 from crispdiff.vae_training import (
+    AutoencoderStep,
     VAETrainConfig,
     VAETrainer,
+    add_decoder_noise,
     holdout_split,
     psnr,
     spectral_amplitude_loss,
@@ -336,6 +338,30 @@ def test_spectral_loss_charges_blur_whatever_the_phase():
     blurred.requires_grad_(True)
     spectral_amplitude_loss(blurred, sharp).backward()
     assert torch.isfinite(blurred.grad).all()
+
+
+def test_decoder_noise_perturbs_training_latents_only():
+    """--decoder_noise: per-image noise std uniform in [0, max] while training; validation (eval) decodes exactly."""
+    latents = torch.zeros(2048, 4, 16, 16)
+    noisy = add_decoder_noise(latents, 0.5, torch.Generator().manual_seed(0))
+    stds = noisy.flatten(1).std(dim=1)
+    assert stds.max().item() < 0.5 * 1.15 and stds.min().item() < 0.05  # bounded, and near-clean images occur
+    assert stds.mean().item() == pytest.approx(0.25, abs=0.02)  # E[U(0, 0.5)]
+    vae = tiny_kl()
+    images = torch.rand(2, 3, 16, 16) * 2 - 1
+    step = AutoencoderStep(vae, frozen_encoder=True, decoder_noise=0.5)
+    clean = AutoencoderStep(vae, frozen_encoder=True)
+    with torch.no_grad():
+        step.train(), clean.train()
+        trained = step(images, torch.Generator().manual_seed(1))[0]
+        reference = clean(images, torch.Generator().manual_seed(1))[0]
+        assert (trained - reference).abs().max().item() > 1e-3
+        step.eval(), clean.eval()
+        torch.testing.assert_close(
+            step(images, torch.Generator().manual_seed(1))[0], clean(images, torch.Generator().manual_seed(1))[0]
+        )
+    with pytest.raises(ValueError, match="decoder_noise"):
+        VAETrainConfig(decoder_noise=-0.1).validate()
 
 
 def test_holdout_split_keeps_whole_classes_out(tmp_path: Path):

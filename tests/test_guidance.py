@@ -18,10 +18,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from diffusers import AutoencoderKL, UNet2DModel
+from diffusers import UNet2DModel
 from PIL import Image
 from safetensors.torch import load_file
-from tiny_models import SIZE, WITHOUT_CRISPDIFF, base_config
+from tiny_models import SIZE, WITHOUT_CRISPDIFF, base_config, tiny_vae
 
 from crispdiff.config import TrainConfig
 from crispdiff.data import load_images
@@ -324,19 +324,7 @@ def test_unconditional_models_refuse_labels_and_guidance_and_names_must_match_th
 @pytest.fixture(scope="module")
 def vae_dir(tmp_path_factory) -> Path:
     """A tiny random f=2 AutoencoderKL with a stated scaling factor."""
-    torch.manual_seed(0)
-    vae = AutoencoderKL(
-        in_channels=3,
-        out_channels=3,
-        down_block_types=("DownEncoderBlock2D",) * 2,
-        up_block_types=("UpDecoderBlock2D",) * 2,
-        block_out_channels=(8, 16),
-        layers_per_block=1,
-        latent_channels=4,
-        norm_num_groups=4,
-        sample_size=SIZE,
-        scaling_factor=1.0,
-    )
+    vae = tiny_vae(sample_size=SIZE, scaling_factor=1.0)
     folder = tmp_path_factory.mktemp("vae")
     vae.save_pretrained(folder)
     return folder

@@ -16,6 +16,7 @@ import torch
 from diffusers import AutoencoderKL
 from PIL import Image
 from safetensors.torch import load_file
+from tiny_models import tiny_vae
 
 from crispdiff.config import parse_config
 from crispdiff.data import load_images
@@ -37,18 +38,7 @@ RESOLUTION = 16
 @pytest.fixture(scope="module")
 def vae_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A tiny random f=2 AutoencoderKL folder whose config states no scaling factor (so it gets measured)."""
-    torch.manual_seed(0)
-    vae = AutoencoderKL(
-        in_channels=3,
-        out_channels=3,
-        down_block_types=("DownEncoderBlock2D",) * 2,
-        up_block_types=("UpDecoderBlock2D",) * 2,
-        block_out_channels=(8, 16),
-        layers_per_block=1,
-        latent_channels=4,
-        norm_num_groups=4,
-        sample_size=RESOLUTION,
-    )
+    vae = tiny_vae(sample_size=RESOLUTION)
     folder = tmp_path_factory.mktemp("vae")
     vae.save_pretrained(folder)
     config = json.loads((folder / "config.json").read_text())

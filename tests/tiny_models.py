@@ -5,7 +5,7 @@ from __future__ import annotations
 import textwrap
 
 import torch
-from diffusers import UNet2DModel
+from diffusers import AutoencoderKL, UNet2DModel
 
 from crispdiff.config import NoiseConfig
 from crispdiff.noise import scheduler_base_config
@@ -25,6 +25,24 @@ def tiny_unet(seed: int = 0, in_channels: int = 3, sample_size: int = SIZE) -> U
         up_block_types=("UpBlock2D", "UpBlock2D"),
         layers_per_block=1,
         norm_num_groups=4,
+    )
+
+
+def tiny_vae(seed: int = 0, sample_size: int = SIZE, **config) -> AutoencoderKL:
+    """A two-level f=2 AutoencoderKL (8 and 16 channels, 4 latent channels), seeded weights; ``config`` overrides
+    (e.g. ``scaling_factor=1.0``)."""
+    torch.manual_seed(seed)
+    return AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D",) * 2,
+        up_block_types=("UpDecoderBlock2D",) * 2,
+        block_out_channels=(8, 16),
+        layers_per_block=1,
+        latent_channels=4,
+        norm_num_groups=4,
+        sample_size=sample_size,
+        **config,
     )
 
 

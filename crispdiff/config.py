@@ -234,6 +234,12 @@ class TrainConfig(DataConfig, ModelConfig, NoiseConfig, HubConfig, LoopConfig):
         None, "A super-resolution model (.pth / .safetensors, or hub 'repo_id/file') saved into the pipeline."
     )
     sr_strength: float = flag(0.5, "Default blend of SR output with a Lanczos upscale (0 = Lanczos only, 1 = SR only).")
+    sharpen_amount: float | None = flag(
+        None,
+        "Default unsharp-mask amount of the saved pipeline (radius 1 px), applied after decoding / SR; callers can "
+        "override it per call (pipe(sharpen_amount=...)). Default: 0, except the latent trainer with the embedded "
+        "VAE, which uses the amount measured for that decoder.",
+    )
 
 
 _TRUE = {"1", "true", "yes", "y", "on"}

@@ -66,6 +66,7 @@ def build_pipeline(
     sr_model: ModelMixin | None = None,
     sr_strength: float = 0.5,
     class_names: list[str] | None = None,
+    sharpen_amount: float = 0.0,
 ) -> CrispDiffPipeline:
     """The in-memory pipeline that :func:`save_pipeline` writes (also handy for sampling during training).
 
@@ -92,50 +93,31 @@ def build_pipeline(
         latent_shift_factor=latent_shift_factor,
         sr_strength=sr_strength,
         class_names=class_names,
+        sharpen_amount=sharpen_amount,
     )
 
 
 def save_pipeline(
     output_dir: str | os.PathLike,
     *,
-    unet: ModelMixin,
-    scheduler_base_config: dict[str, Any],
-    beta_schedule: str,
-    sampler: str = "dpmsolver++",
-    thresholding: bool = False,
-    vae: ModelMixin | None = None,
-    latent_scaling_factor: float | None = None,
-    latent_shift_factor: float | None = None,
-    sr_model: ModelMixin | None = None,
-    sr_strength: float = 0.5,
-    class_names: list[str] | None = None,
     training_config: dict[str, Any] | None = None,
     sample_grid: PIL.Image.Image | None = None,
+    **pipeline_kwargs: Any,
 ) -> Path:
     """Write a complete pipeline folder at ``output_dir`` and return its path.
 
-    ``scheduler_base_config`` holds ``num_train_timesteps``, ``trained_betas``, ``prediction_type`` and
-    ``rescale_betas_zero_snr`` (``crispdiff.noise.scheduler_base_config``). The unet is saved as given: pass the EMA
-    weights. ``training_config`` goes to ``crispdiff_training.json`` and ``sample_grid`` to ``samples.png``.
+    ``pipeline_kwargs`` are :func:`build_pipeline`'s: ``unet`` (saved as given: pass the EMA weights),
+    ``scheduler_base_config`` (``num_train_timesteps``, ``trained_betas``, ``prediction_type`` and
+    ``rescale_betas_zero_snr``, from ``crispdiff.noise.scheduler_base_config``), ``beta_schedule``, and the optional
+    components and defaults. ``training_config`` goes to ``crispdiff_training.json`` and ``sample_grid`` to
+    ``samples.png``.
 
     An existing ``output_dir`` is replaced only after the new folder is complete; top-level entries that are not
     part of a pipeline (``checkpoint-*``, ``logs``, ``README.md`` ...) are moved into the new folder, so the training
     output folder can double as the pipeline folder.
     """
     target = Path(output_dir).resolve()
-    pipeline = build_pipeline(
-        unet=unet,
-        scheduler_base_config=scheduler_base_config,
-        beta_schedule=beta_schedule,
-        sampler=sampler,
-        thresholding=thresholding,
-        vae=vae,
-        latent_scaling_factor=latent_scaling_factor,
-        latent_shift_factor=latent_shift_factor,
-        sr_model=sr_model,
-        sr_strength=sr_strength,
-        class_names=class_names,
-    )
+    pipeline = build_pipeline(**pipeline_kwargs)
     target.parent.mkdir(parents=True, exist_ok=True)
     staging = staging_folder(target)
     try:

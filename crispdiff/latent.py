@@ -28,6 +28,7 @@ from crispdiff.config import TrainConfig, flag
 from crispdiff.data import to_device
 from crispdiff.latent_cache import DTYPES, LatentCache, load_or_build_latent_cache
 from crispdiff.vae import (
+    EMBEDDED_VAE_SHARPEN_AMOUNT,
     AnyVAE,
     embedded_vae_dir,
     load_vae,
@@ -133,6 +134,10 @@ class LatentTrainConfig(TrainConfig):
             raise ValueError(f"--vae_batch_size must be >= 1, got {self.vae_batch_size}")
         if self.scaling_factor is not None and not self.scaling_factor > 0:
             raise ValueError(f"--scaling_factor must be positive, got {self.scaling_factor}")
+        if self.sharpen_amount is None:  # resolved here so the saved training config states the value used
+            self.sharpen_amount = 0.0 if self.pretrained_vae_name_or_path else EMBEDDED_VAE_SHARPEN_AMOUNT
+        if self.sharpen_amount < 0:
+            raise ValueError(f"--sharpen_amount must be >= 0, got {self.sharpen_amount}")
 
     def resolved_vae_path(self) -> Path | str:
         """The VAE this config loads: the flag's value, or the embedded default's folder."""

@@ -575,6 +575,7 @@ class Trainer(LoopTrainer):
             sampler=config.sampler,
             thresholding=config.thresholding,
             sr_strength=config.sr_strength,
+            sharpen_amount=config.sharpen_amount or 0.0,
             class_names=self.class_names,
             **self.space.pipeline_components(),
         )

@@ -32,6 +32,13 @@ _VAE_CLASSES: dict[str, type] = {"AutoencoderKL": AutoencoderKL, "AutoencoderTin
 AnyVAE = AutoencoderKL | AutoencoderTiny
 
 
+#: The unsharp-mask amount (radius 1 px) a latent pipeline on the embedded VAE gets by default. Its decoder is
+#: trained to map a diffusion model's slightly-off latents back to clean images (``--decoder_noise``), which leaves
+#: them a little soft; this amount brings the main job's samples to the data's high-frequency energy (measured in
+#: benchmarks/RESULTS.md, "Main job: decoder noise and sharpening").
+EMBEDDED_VAE_SHARPEN_AMOUNT = 0.5
+
+
 def embedded_vae_dir() -> Path:
     """The folder of the default VAE shipped inside the package (f=4, trained on Noto emoji)."""
     return Path(__file__).resolve().parent / "assets" / "vae-noto-f4"

@@ -29,7 +29,7 @@ from crispdiff.latent import (
     resolve_scaling,
 )
 from crispdiff.latent_cache import load_or_build_latent_cache
-from crispdiff.vae import embedded_vae_dir, encode_posterior, load_vae, unscale_latents
+from crispdiff.vae import EMBEDDED_VAE_SHARPEN_AMOUNT, embedded_vae_dir, encode_posterior, load_vae, unscale_latents
 
 NUM_IMAGES = 10
 RESOLUTION = 16
@@ -248,11 +248,12 @@ def test_train_latent_writes_a_pipeline_that_reloads_with_the_frozen_vae(image_d
 
     from crispdiff.latent import train_latent
 
-    config = make_config(image_dir, vae_dir, tmp_path, random_flip=True)
+    config = make_config(image_dir, vae_dir, tmp_path, random_flip=True, sharpen_amount=0.25)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         pipeline_dir = train_latent(config)
     assert pipeline_dir is not None and (pipeline_dir / "samples.png").is_file()
+    assert json.loads((pipeline_dir / "model_index.json").read_text())["sharpen_amount"] == 0.25
 
     # the VAE was frozen: the saved weights are the original ones, bit for bit
     original = load_file(str(vae_dir / "diffusion_pytorch_model.safetensors"))
@@ -286,6 +287,10 @@ def test_default_command_uses_embedded_data_and_vae(tmp_path):
     assert Path(config.resolved_vae_path()) == embedded_vae_dir()
     assert config.train_data_dir is None and config.dataset_name is None
     assert (config.resolution, config.vae_trainable) == (64, "none")
+    # the embedded decoder's measured post-sharpening is the default only for the embedded VAE
+    assert config.sharpen_amount == EMBEDDED_VAE_SHARPEN_AMOUNT > 0
+    assert parse_config(LatentTrainConfig, ["--pretrained_vae_name_or_path", "x"]).sharpen_amount == 0.0
+    assert parse_config(LatentTrainConfig, ["--sharpen_amount", "0"]).sharpen_amount == 0.0
     config.cache_dir = str(tmp_path)
     config.max_train_samples = 2
     try:

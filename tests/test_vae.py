@@ -43,12 +43,15 @@ from crispdiff.vae_training import (
     widen_latent,
 )
 
-#: The embedded VAE must reconstruct 32 emoji it never trained on (held out by the split its card states) above this
-#: mean PSNR, with sharpness ratios inside this band. Measured for the committed weights on these 32 images: 28.62 dB,
-#: hf ratio 0.879, Laplacian ratio 0.887 (the previous 4-channel VAE: ~26 dB, 0.55); the margins absorb BLAS
-#: differences, not a worse model.
-EMBEDDED_MIN_PSNR = 28.0
+#: The embedded VAE must reconstruct 32 emoji it never trained on (half of them from the held-out categories; the split
+#: its card states) above this mean PSNR, with sharpness ratios inside this band, and decode latents carrying noise of
+#: std 0.3 (a diffusion model's errors) losing at most EMBEDDED_MAX_NOISY_DROP dB. Measured for the committed weights on
+#: these 32 images: 27.42 dB, hf ratio 0.851, Laplacian ratio 0.854, noisy latents 25.55 dB (a 1.9 dB drop; the
+#: previous, reconstruction-only decoder: 28.62 dB but a 6.3 dB drop; the 4-channel VAE before it: ~26 dB, hf 0.55).
+#: The margins absorb BLAS differences, not a worse model.
+EMBEDDED_MIN_PSNR = 26.8
 EMBEDDED_SHARPNESS_BAND = (0.8, 1.2)
+EMBEDDED_MAX_NOISY_DROP = 3.5
 EMBEDDED_HOLDOUT = dict(fraction=0.05, seed=0, column="category", values=["Activities", "Food & Drink"])
 
 
@@ -419,3 +422,11 @@ def test_embedded_vae_reconstructs_held_out_emoji_sharply(emoji_dir: Path, tmp_p
     assert metrics["psnr"] > EMBEDDED_MIN_PSNR, metrics
     low, high = EMBEDDED_SHARPNESS_BAND
     assert low < metrics["hf_energy_ratio"] < high and low < metrics["laplacian_var_ratio"] < high, metrics
+    # the decoder was trained with --decoder_noise: slightly-off latents still decode to the image, not to speckle
+    target = images.float() / 255.0
+    with torch.no_grad():
+        clean_latents, _ = encode_posterior(vae, target * 2 - 1)
+        noise = torch.randn(clean_latents.shape, generator=torch.Generator().manual_seed(0))
+        noisy = (vae.decode(clean_latents + 0.3 * noise).sample.clamp(-1, 1) + 1) / 2
+    noisy_psnr = float(psnr(noisy, target).mean())
+    assert metrics["psnr"] - noisy_psnr < EMBEDDED_MAX_NOISY_DROP, (metrics["psnr"], noisy_psnr)

@@ -144,8 +144,11 @@ class TransferConfig(TrainConfig):
             raise FlagError(f"--freeze_encoder goes with --train_modules all, not {self.train_modules}")
         if self.save_lora_adapter and self.train_modules != "lora":
             raise FlagError("--save_lora_adapter needs --train_modules lora")
-        if self.model_config_name_or_path:
-            raise FlagError("--model_config_name_or_path does not apply: the architecture is the pretrained model's")
+        if self.model_config_name_or_path or self.encoder or self.encoder_weights:
+            raise FlagError(
+                "--model_config_name_or_path / --encoder / --encoder_weights do not apply: the architecture is the "
+                "pretrained model's (train a timm-encoder UNet with train_unconditional.py or train_latent.py)"
+            )
 
     def lora_targets(self) -> list[str]:
         """The module names peft gets: presets expanded, duplicates dropped, order kept."""

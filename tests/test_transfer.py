@@ -200,6 +200,10 @@ def test_schedule_and_prediction_type_come_from_the_pretrained_scheduler(tiny_dd
     assert switched.prediction_type == "v_prediction" and switched.beta_schedule == "linear"
     assert "experimental" in caplog.text and "1/alpha_T = 1" in caplog.text  # ~157 for these betas
 
+    for architecture in (dict(encoder="timm:resnet18"), dict(model_config_name_or_path=str(tiny_ddpm))):
+        with pytest.raises(FlagError, match="architecture is the pretrained model's"):
+            transfer_config(tiny_ddpm, images32, tmp_path / "out", **architecture)
+
     for modules in (dict(train_modules="lora"), dict(train_modules="decoder"), dict(freeze_encoder="true")):
         refused = transfer_config(tiny_ddpm, images32, tmp_path / "out", prediction_type="v_prediction", **modules)
         with pytest.raises(FlagError, match="cannot retarget"):

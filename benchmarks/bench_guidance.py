@@ -47,7 +47,7 @@ NULL = "(null class)"
 
 def parse_args() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--train_steps", type=int, default=None, help="optimizer steps (default: the main job's 1300)")
+    p.add_argument("--train_steps", type=int, default=None, help="optimizer steps (default: the main job's)")
     p.add_argument("--pipeline", default=None, help="measure this trained class-conditional pipeline instead")
     p.add_argument("--scales", type=float, nargs="+", default=[1.0, 2.0, 4.0], help="guidance scales")
     p.add_argument("--classes", type=int, default=4, help="measure the N largest classes")

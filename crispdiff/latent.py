@@ -5,7 +5,7 @@ UNet then does ~16x less work per image, and the decoder — trained on the same
 samples are sharper for the same compute. The pieces:
 
 - ``LatentTrainConfig``: the pixel trainer's flags plus the VAE's, with defaults for the main job (``accelerate
-  launch train_scripts/train_latent.py`` with no arguments: embedded emoji, embedded VAE, ~4 minutes on 2 CPU cores);
+  launch train_scripts/train_latent.py`` with no arguments: embedded emoji, embedded VAE, ~4.5 minutes on 2 CPU cores);
 - ``LatentSpace``: the ``crispdiff.training.TrainingSpace`` whose ``x0`` draws ``z = mean + std * eps`` from the
   cached posterior (``crispdiff.latent_cache``), picks the mirror image's latents half the time with
   ``--random_flip``, and scales them to unit variance;
@@ -50,7 +50,7 @@ class LatentTrainConfig(TrainConfig):
     """Everything `train_scripts/train_latent.py` accepts.
 
     The defaults are the main job: the embedded Noto emoji at 64 px, the embedded f=4 VAE (8x16x16 latents), and a
-    UNet and schedule sized to finish, latent encoding included, in about 4 minutes on a 2-core CPU (8 on one half
+    UNet and schedule sized to finish, latent encoding included, in about 4.5 minutes on a 2-core CPU (9 on one half
     as fast). On a GPU use a
     bigger model and a longer run; each flag's help says what.
     """
@@ -85,9 +85,10 @@ class LatentTrainConfig(TrainConfig):
     )
 
     # Defaults for the main job: 64 px emoji -> 8x16x16 latents and a 2.8M-parameter UNet, sized so the whole run
-    # (1000 images encoded, 1300 steps of 32, export and sample grid) takes about 4 minutes on a 2-core CPU and at most
-    # 10 on one half as fast. `accelerate launch` without a config gives a CPU process one thread; crispdiff gives it
-    # its share of the cores (`--cpu_threads`). Measured in benchmarks/RESULTS.md (bench_budget.py).
+    # (1000 images encoded, 1500 steps of 32, export and sample grid) takes about 4.5 minutes on a 2-core CPU and
+    # at most 10 on one half as fast. `accelerate launch` without a config gives a CPU process one thread; crispdiff
+    # gives it its share of the cores (`--cpu_threads`). Measured in benchmarks/RESULTS.md ("Main job: decoder noise
+    # and sharpening", bench_budget.py).
     resolution: int = flag(64, "Training resolution in pixels (square); must be a multiple of the VAE's factor.")
     base_channels: int = flag(
         32, "Channels of the first UNet level (CPU default; on a GPU 128 with --channel_mults 1 2 3 4)."
@@ -102,7 +103,7 @@ class LatentTrainConfig(TrainConfig):
     dropout: float = flag(0.0, "Dropout inside the ResNet blocks (0.1 for long GPU runs on small datasets).")
     train_batch_size: int = flag(32, "Images per process per micro-batch (CPU default; 128-256 on a GPU).")
     max_train_steps: int | None = flag(
-        1300, "Optimizer steps (CPU default: about 4 minutes on a 2-core CPU; a GPU run: 20000-50000 steps)."
+        1500, "Optimizer steps (CPU default: about 4.5 minutes on a 2-core CPU; a GPU run: 20000-50000 steps)."
     )
     learning_rate: float = flag(
         2e-3,

@@ -42,6 +42,7 @@ from crispdiff.errors import FlagError, PathError
 from crispdiff.io import write_text_atomic
 from crispdiff.model import count_parameters, describe_parameters
 from crispdiff.noise import make_betas
+from crispdiff.pipelines.pipeline_crispdiff import class_name_list
 from crispdiff.training import PixelSpace, Trainer, TrainingSpace, check_output_dir, run_trainer, start_run
 
 logger = logging.getLogger("crispdiff")
@@ -263,13 +264,12 @@ def load_pretrained(name: str, revision: str | None = None) -> Pretrained:
     if scheduler is None:
         raise PathError(f"{name} ({pipeline_class}) has no scheduler config to take the noise schedule from")
     training = _read_json(path / "crispdiff_training.json") if path.is_dir() else None
-    class_names = index.get("class_names")
     return Pretrained(
         unet=unet,
         scheduler_config=scheduler,
         source=str(pipeline_class),
         training_config=training,
-        class_names=list(class_names) if class_names else None,
+        class_names=class_name_list(index.get("class_names")),  # stored as {"0": name, ...}
     )
 
 

@@ -233,7 +233,7 @@ def _make_pndm(common: dict[str, Any], *, zero_snr: bool, thresholding: bool) ->
 # --------------------------------------------------------------------------------------------------------------------
 
 
-def _class_name_list(class_names: list[str] | dict[str, str] | None) -> list[str] | None:
+def class_name_list(class_names: list[str] | dict[str, str] | None) -> list[str] | None:
     """Class names as a list in id order, from a list or from the ``{"0": name, ...}`` form saved in the config."""
     if class_names is None:
         return None
@@ -382,7 +382,7 @@ class CrispDiffPipeline(DiffusionPipeline):
         class_names: list[str] | dict[str, str] | None = None,
     ):
         super().__init__()
-        names = _class_name_list(class_names)
+        names = class_name_list(class_names)
         num_class_embeds = getattr(unet.config, "num_class_embeds", None)
         if names is not None and num_class_embeds != len(names) + 1:
             raise ValueError(
@@ -415,7 +415,7 @@ class CrispDiffPipeline(DiffusionPipeline):
     @property
     def classes(self) -> list[str] | None:
         """The class names in id order (``pipe(class_labels=name)`` accepts them), or None."""
-        return _class_name_list(self.config.get("class_names"))
+        return class_name_list(self.config.get("class_names"))
 
     # ---- loading / saving ----------------------------------------------------------------------------------------
 
@@ -719,6 +719,7 @@ __all__ = [
     "apply_gamma",
     "base_config_from_scheduler",
     "check_step_count",
+    "class_name_list",
     "dpm_lambda_clip",
     "gaussian_blur",
     "has_zero_terminal_snr",

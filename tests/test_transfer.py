@@ -283,6 +283,18 @@ def test_crispdiff_pipelines_and_bare_unet_folders_load_with_their_schedule(tmp_
         load_pretrained(str(tmp_path))
 
 
+def test_a_class_conditional_crispdiff_pipeline_brings_its_class_names(tmp_path):
+    """model_index.json stores the names as {"0": name, ...}; the transfer must read them back as a list in id order
+    (they are compared with the data's classes before fine-tuning)."""
+    from crispdiff.export import save_pipeline
+
+    names = ["b", "a", "c"]  # id order, not sorted order
+    unet, _ = adapt_unet(tiny_attention_unet(), 16, num_class_embeds=len(names) + 1)
+    save_pipeline(tmp_path / "classes", unet=unet, scheduler_base_config=base_config("v_prediction"),
+                  beta_schedule="cosine", class_names=names)  # fmt: skip
+    assert load_pretrained(str(tmp_path / "classes")).class_names == names
+
+
 # -- what trains ------------------------------------------------------------------------------------------------------
 
 

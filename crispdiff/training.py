@@ -431,6 +431,11 @@ def configure_kernels(config: LoopConfig) -> None:
         torch.backends.cudnn.benchmark = True
 
 
+def has_adapters(model: torch.nn.Module) -> bool:
+    """Whether peft LoRA adapters were injected into ``model`` (crispdiff.transfer sets ``peft_config`` then)."""
+    return isinstance(getattr(model, "peft_config", None), dict)
+
+
 def ema_copy(model: Any, ema: EMAModel | None) -> Any:
     """A standalone fp32 copy of a diffusers model carrying the EMA weights (the raw ones without EMA), in eval mode.
 
@@ -438,7 +443,7 @@ def ema_copy(model: Any, ema: EMAModel | None) -> Any:
     trained weights are fp32 masters, so nothing is rounded on the way. A model carrying peft LoRA adapters
     (``--train_modules lora``) comes back with them merged: a plain model that loads without peft.
     """
-    if isinstance(getattr(model, "peft_config", None), dict):
+    if has_adapters(model):
         from crispdiff.transfer import plain_copy
 
         return plain_copy(model, ema)

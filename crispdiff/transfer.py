@@ -39,11 +39,19 @@ from diffusers.training_utils import EMAModel
 
 from crispdiff.config import TrainConfig, flag
 from crispdiff.errors import FlagError, PathError
-from crispdiff.io import write_text_atomic
+from crispdiff.io import write_atomic, write_text_atomic
 from crispdiff.model import count_parameters, describe_parameters
 from crispdiff.noise import make_betas
 from crispdiff.pipelines.pipeline_crispdiff import class_name_list
-from crispdiff.training import PixelSpace, Trainer, TrainingSpace, check_output_dir, run_trainer, start_run
+from crispdiff.training import (
+    PixelSpace,
+    Trainer,
+    TrainingSpace,
+    check_output_dir,
+    has_adapters,
+    run_trainer,
+    start_run,
+)
 
 logger = logging.getLogger("crispdiff")
 
@@ -486,10 +494,6 @@ def inject_lora(unet: torch.nn.Module, config: TransferConfig) -> list[str]:
     return [name for name, module in unet.named_modules() if isinstance(module, BaseTunerLayer)]
 
 
-def has_adapters(model: torch.nn.Module) -> bool:
-    return isinstance(getattr(model, "peft_config", None), dict)
-
-
 def select_trainable(unet: torch.nn.Module, config: TransferConfig, new_keys: list[str]) -> list[torch.nn.Parameter]:
     """Set ``requires_grad`` as --train_modules says (new parameters always train); returns the trainable ones."""
     names = [name for name, _ in unet.named_parameters()]
@@ -567,7 +571,7 @@ def save_lora_adapter(
     model: torch.nn.Module, folder: str | os.PathLike, extra_keys: list[str] = (), ema: EMAModel | None = None
 ) -> Path:
     """Write ``adapter_model.safetensors`` + ``adapter_config.json`` (peft's names) for the (EMA) adapter."""
-    from safetensors.torch import save_file
+    from safetensors.torch import save
 
     if ema is not None:
         model = copy.deepcopy(model)
@@ -577,9 +581,8 @@ def save_lora_adapter(
     lora_config = model.peft_config["default"].to_dict()
     lora_config = {k: (sorted(v) if isinstance(v, set) else v) for k, v in lora_config.items()}
     metadata = {"lora_config": json.dumps(lora_config), "extra_keys": json.dumps(list(extra_keys))}
-    staged = folder / f".{ADAPTER_WEIGHTS_NAME}.tmp"
-    save_file(adapter_state(model, extra_keys), staged, metadata=metadata)
-    os.replace(staged, folder / ADAPTER_WEIGHTS_NAME)
+    weights = save(adapter_state(model, extra_keys), metadata=metadata)
+    write_atomic(folder / ADAPTER_WEIGHTS_NAME, lambda handle: handle.write(weights), binary=True)
     write_text_atomic(folder / ADAPTER_CONFIG_NAME, json.dumps(lora_config, indent=2, sort_keys=True))
     return folder
 
@@ -601,9 +604,10 @@ def load_lora_adapter(model: torch.nn.Module, folder: str | os.PathLike) -> torc
     state = load_file(str(path))
     inject_adapter_in_model(lora_config, model, adapter_name="default")
     model.peft_config = {"default": lora_config}
+    own = model.state_dict()  # tensors share storage with the parameters
     with torch.no_grad():
         for key in extra:
-            model.state_dict()[key].copy_(state.pop(key))
+            own[key].copy_(state.pop(key))
     result = set_peft_model_state_dict(model, state)
     if getattr(result, "unexpected_keys", None):
         raise RuntimeError(f"{path}: keys this adapter does not have: {result.unexpected_keys[:8]}")

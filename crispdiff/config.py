@@ -95,6 +95,10 @@ class ModelConfig:
     )
 
 
+#: The schedules defined by a continuous alpha-bar, the only ones --snr_shift can shift.
+SHIFTABLE_SCHEDULES = ("cosine", "sigmoid")
+
+
 @dataclass
 class NoiseConfig:
     """The forward process and the training objective."""
@@ -117,6 +121,14 @@ class NoiseConfig:
     )
     snr_gamma: float | None = flag(5.0, "Min-SNR-gamma loss weighting (Hang et al. 2023); pass 0 to disable.")
     noise_offset: float = flag(0.0, "Offset noise strength (0 = off).")
+
+    def check_snr_shift(self) -> None:
+        """--snr_shift needs a shiftable schedule; a schedule still unknown (None: taken later from a pretrained
+        scheduler) is checked again once it is resolved."""
+        if self.snr_shift and self.beta_schedule is not None and self.beta_schedule not in SHIFTABLE_SCHEDULES:
+            raise FlagError(
+                f"--snr_shift applies to the {' and '.join(SHIFTABLE_SCHEDULES)} schedules, not {self.beta_schedule!r}"
+            )
 
 
 @dataclass
@@ -240,6 +252,12 @@ class TrainConfig(DataConfig, ModelConfig, NoiseConfig, HubConfig, LoopConfig):
         "override it per call (pipe(sharpen_amount=...)). Default: 0, except the latent trainer with the embedded "
         "VAE, which uses the amount measured for that decoder.",
     )
+
+    def validate(self) -> None:
+        """Refuse flag combinations every diffusion trainer would only fail on later (subclasses extend this)."""
+        self.check_snr_shift()
+        if self.sharpen_amount is not None and self.sharpen_amount < 0:
+            raise ValueError(f"--sharpen_amount must be >= 0, got {self.sharpen_amount}")
 
 
 _TRUE = {"1", "true", "yes", "y", "on"}

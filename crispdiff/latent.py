@@ -118,6 +118,9 @@ class LatentTrainConfig(TrainConfig):
 
     def validate(self) -> None:
         """Refuse flag combinations the latent trainer cannot honour, with the reason and the alternative."""
+        if self.sharpen_amount is None:  # resolved first so the saved training config states the value used
+            self.sharpen_amount = 0.0 if self.pretrained_vae_name_or_path else EMBEDDED_VAE_SHARPEN_AMOUNT
+        super().validate()
         if self.vae_trainable == "decoder":
             raise ValueError(
                 "--vae_trainable decoder is not supported by train_latent.py: the UNet learns from cached latents, so "
@@ -135,10 +138,6 @@ class LatentTrainConfig(TrainConfig):
             raise ValueError(f"--vae_batch_size must be >= 1, got {self.vae_batch_size}")
         if self.scaling_factor is not None and not self.scaling_factor > 0:
             raise ValueError(f"--scaling_factor must be positive, got {self.scaling_factor}")
-        if self.sharpen_amount is None:  # resolved here so the saved training config states the value used
-            self.sharpen_amount = 0.0 if self.pretrained_vae_name_or_path else EMBEDDED_VAE_SHARPEN_AMOUNT
-        if self.sharpen_amount < 0:
-            raise ValueError(f"--sharpen_amount must be >= 0, got {self.sharpen_amount}")
 
     def resolved_vae_path(self) -> Path | str:
         """The VAE this config loads: the flag's value, or the embedded default's folder."""

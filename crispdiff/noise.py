@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from crispdiff.config import NoiseConfig
+from crispdiff.config import SHIFTABLE_SCHEDULES, NoiseConfig
 
 PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
 MAX_BETA = 0.999  # as in Nichol & Dhariwal 2021: keeps the last steps from dividing by ~0
@@ -96,7 +96,7 @@ def make_betas(
     ``snr_shift`` (see :func:`shift_alpha_bar`) applies to the schedules defined by a continuous alpha-bar (cosine,
     sigmoid); the linear ones are defined by their betas and refuse it.
     """
-    if snr_shift and schedule not in ("cosine", "sigmoid"):
+    if snr_shift and schedule not in SHIFTABLE_SCHEDULES:
         raise ValueError(f"--snr_shift applies to the cosine and sigmoid schedules, not {schedule!r}")
     if schedule == "linear":
         return torch.linspace(beta_start, beta_end, num_train_timesteps, dtype=torch.float64)

@@ -142,9 +142,7 @@ class TransferConfig(TrainConfig):
     ema_power: float = flag(2 / 3, "EMA warmup power (2/3 suits the shorter runs of fine-tuning).")
 
     def validate(self) -> None:
-        parent = getattr(super(), "validate", None)
-        if callable(parent):
-            parent()
+        super().validate()
         if not self.pretrained_model_name_or_path:
             raise FlagError("--pretrained_model_name_or_path is required (a DDPMPipeline / crispdiff / UNet folder)")
         if self.lora_rank < 1:
@@ -378,8 +376,7 @@ def resolve_schedule(config: TransferConfig, pretrained: Pretrained) -> None:
     if changed:
         logger.warning("the schedule differs from the pretrained one (%s): the model must re-learn its noise levels",
                        ", ".join(f"{k}={v}" for k, v in changed.items()))  # fmt: skip
-    if config.snr_shift and config.beta_schedule not in ("cosine", "sigmoid"):
-        raise FlagError(f"--snr_shift applies to the cosine and sigmoid schedules, not {config.beta_schedule!r}")
+    config.check_snr_shift()  # the schedule is known only now
 
 
 # ----------------------------------------------------------------------------------------------------------------------

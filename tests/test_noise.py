@@ -8,7 +8,8 @@ import pytest
 import torch
 from diffusers import DDPMScheduler
 
-from crispdiff.config import NoiseConfig
+from crispdiff.config import NoiseConfig, TrainConfig, parse_config
+from crispdiff.errors import FlagError
 from crispdiff.noise import (
     NoiseSchedule,
     cosine_alpha_bar,
@@ -73,6 +74,9 @@ def test_snr_shift_moves_log_snr_by_the_shift(schedule):
     assert saved[T // 2] < NoiseSchedule(make_betas(schedule, T)).alphas_cumprod[T // 2]
     with pytest.raises(ValueError, match="snr_shift"):
         make_betas("linear", T, snr_shift=1.0)
+    # on the command line it is a one-line flag error before any model is built
+    with pytest.raises(FlagError, match="--snr_shift applies to the cosine and sigmoid schedules, not 'linear'"):
+        parse_config(TrainConfig, ["--beta_schedule", "linear", "--snr_shift", "1"])
 
 
 def test_zero_terminal_snr_rescale():

@@ -70,7 +70,11 @@ class VAETrainConfig(DataConfig, LoopConfig):
     )
     preset: str = flag("f4", "Architecture preset: f4 (H/4 latents, 3 levels) or f8 (H/8, 4 levels).", ["f4", "f8"])
     block_out_channels: list[int] | None = flag(None, "Channels per level, overriding the preset (one level each).")
-    layers_per_block: int | None = flag(None, "ResNet layers per encoder level, overriding the preset.")
+    layers_per_block: int | None = flag(
+        None,
+        "ResNet layers per encoder level, overriding the preset (the decoder has one more). On a pretrained VAE a "
+        "larger number deepens it without changing what it encodes or decodes at step 0.",
+    )
     latent_channels: int | None = flag(
         None,
         "Latent channels (default 4 from scratch; a pretrained VAE keeps its own, and a larger number widens its "
@@ -182,6 +186,8 @@ def initial_vae(config: VAETrainConfig) -> AutoencoderKL:
         if config.train_decoder_only:
             raise ValueError("--latent_channels cannot change with --train_decoder_only (the encoder is frozen).")
         vae = widen_latent(vae, wanted)
+    if config.layers_per_block and config.layers_per_block != vae.config.layers_per_block:
+        vae = deepen(vae, config.layers_per_block)
     vae.train().requires_grad_(True)
     if config.train_decoder_only:
         vae.encoder.requires_grad_(False)
@@ -222,6 +228,35 @@ def widen_latent(vae: AutoencoderKL, latent_channels: int) -> AutoencoderKL:
     target["decoder.conv_in.weight"][:, :old] = source["decoder.conv_in.weight"]
     wide.load_state_dict(target)
     return wide
+
+
+@torch.no_grad()
+def deepen(vae: AutoencoderKL, layers_per_block: int) -> AutoencoderKL:
+    """A copy of ``vae`` with more ResNet layers per level that encodes and decodes exactly as ``vae`` did.
+
+    Why: the f=4 decoder's full-resolution level is narrow, and with a frozen encoder (``--train_decoder_only``) more
+    decoder depth is the capacity that can be added without changing a single latent. ``AutoencoderKL`` has one
+    ``layers_per_block`` for both halves, so the encoder grows too; every new ResNet is appended after a level's
+    existing ones with its last convolution zeroed, which makes it an exact identity (``x + 0``). Frozen, the encoder's
+    new layers stay identities; trainable, the decoder's learn from step 0.
+    """
+    old = vae.config.layers_per_block
+    if layers_per_block < old:
+        raise ValueError(
+            f"--layers_per_block {layers_per_block} is smaller than the pretrained VAE's {old}; "
+            "it can only be deepened."
+        )
+    deep = AutoencoderKL.from_config({**vae.config, "layers_per_block": layers_per_block})
+    kept = deep.state_dict()
+    missing = set(kept)
+    for name, tensor in vae.state_dict().items():
+        kept[name].copy_(tensor)
+        missing.discard(name)
+    for name in missing:  # only the new ResNets' parameters
+        if ".conv2." in name:
+            kept[name].zero_()
+    deep.load_state_dict(kept)
+    return deep
 
 
 class AutoencoderStep(nn.Module):

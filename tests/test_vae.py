@@ -36,6 +36,7 @@ from crispdiff.vae_training import (
     VAETrainConfig,
     VAETrainer,
     add_decoder_noise,
+    deepen,
     holdout_split,
     psnr,
     spectral_amplitude_loss,
@@ -299,7 +300,7 @@ def test_widened_latent_decodes_exactly_like_the_original_then_learns(image_fold
         old = base.decode(base.encode(x).latent_dist.mean).sample
         new_mean = wide.encode(x).latent_dist.mean
         torch.testing.assert_close(new_mean[:, :4], base.encode(x).latent_dist.mean)
-        torch.testing.assert_close(wide.decode(new_mean).sample, old, rtol=0, atol=1e-6)
+        torch.testing.assert_close(wide.decode(new_mean).sample, old, rtol=0, atol=1e-5)
     with pytest.raises(ValueError, match="only be widened"):
         widen_latent(wide, 4)
 
@@ -312,6 +313,32 @@ def test_widened_latent_decodes_exactly_like_the_original_then_learns(image_fold
     assert trainer.vae.config.latent_channels == 8
     trainer.micro_step(), trainer.micro_step()
     assert trainer.vae.decoder.conv_in.weight[:, 4:].abs().sum() > 0  # the decoder starts using the new channels
+
+
+def test_deepened_vae_codes_exactly_like_the_original_and_its_decoder_learns(image_folder: Path, tmp_path: Path):
+    base = tiny_kl()
+    deep = deepen(base, base.config.layers_per_block + 1).eval()
+    assert len(deep.decoder.up_blocks[0].resnets) == len(base.decoder.up_blocks[0].resnets) + 1
+    x = torch.rand(3, 3, 16, 16, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    with torch.no_grad():
+        latents = base.encode(x).latent_dist.mean
+        assert torch.equal(deep.encode(x).latent_dist.mean, latents)  # new layers are exact identities
+        assert torch.equal(deep.decode(latents).sample, base.decode(latents).sample)
+    with pytest.raises(ValueError, match="only be deepened"):
+        deepen(deep, base.config.layers_per_block)
+
+    base.save_pretrained(tmp_path / "pretrained")
+    deeper = str(base.config.layers_per_block + 1)
+    flags = trainer_flags(
+        image_folder, tmp_path, "--pretrained_vae_name_or_path", str(tmp_path / "pretrained"), "--train_decoder_only",
+        "--layers_per_block", deeper, "--max_train_steps", "2", "--learning_rate", "1e-3",
+    )  # fmt: skip
+    trainer = make_trainer(flags)
+    encoder_before = {k: v.clone() for k, v in trainer.vae.encoder.state_dict().items()}
+    trainer.micro_step(), trainer.micro_step()
+    new_decoder_layer = trainer.vae.decoder.up_blocks[0].resnets[-1]
+    assert new_decoder_layer.conv2.weight.abs().sum() > 0  # the decoder's new layers learn
+    assert all(torch.equal(v, trainer.vae.encoder.state_dict()[k]) for k, v in encoder_before.items())
 
 
 def test_standardized_latent_channels_decode_the_same():

@@ -24,7 +24,7 @@ import numpy as np
 import torch
 
 from crispdiff import metrics as M
-from crispdiff.errors import FlagError, PathError
+from crispdiff.errors import DataError, FlagError, PathError
 from crispdiff.io import write_atomic
 
 METRICS_NAME = "metrics.json"
@@ -53,19 +53,19 @@ _REPORT_ROWS = [
 # Inputs
 
 
-def load_reference(
+def load_reference_data(
     reference: str | None,
     resolution: int,
     *,
     cache_dir: str | None = None,
     max_images: int | None = None,
     background: str = "white",
-) -> torch.Tensor:
-    """Reference images as uint8 [N, 3, R, R] centre crops, through ``crispdiff.data.load_images``.
+    class_column: str | None = None,
+) -> Any:
+    """The reference as ``crispdiff.data.load_images`` reads it (an ``ImageData``; with ``class_column``, its classes).
 
     ``reference`` is an image folder, a folder written by ``datasets``' ``save_to_disk``, a Hub dataset id, or
-    ``None`` / ``"default"`` for the embedded emoji subset. Centre crops, not random ones, so the reference is the
-    same on every run.
+    ``None`` / ``"default"`` for the embedded emoji subset.
     """
     from crispdiff.config import DataConfig
     from crispdiff.data import is_saved_dataset, load_images
@@ -77,13 +77,51 @@ def load_reference(
         background=background,
         max_train_samples=max_images,
     )
+    config.class_column = class_column  # read by load_images; DataConfig itself has no class flag
     if reference not in (None, "", "default"):
         path = Path(str(reference)).expanduser()
         if path.is_dir() and not is_saved_dataset(path):
             config.train_data_dir = str(path)
         else:
             config.dataset_name = str(reference)
-    return load_images(config, show_progress=False).center_crops()
+    return load_images(config, show_progress=False)
+
+
+def load_reference(
+    reference: str | None,
+    resolution: int,
+    *,
+    cache_dir: str | None = None,
+    max_images: int | None = None,
+    background: str = "white",
+) -> torch.Tensor:
+    """Reference images as uint8 [N, 3, R, R] centre crops (see :func:`load_reference_data` for ``reference``).
+
+    Centre crops, not random ones, so the reference is the same on every run.
+    """
+    data = load_reference_data(reference, resolution, cache_dir=cache_dir, max_images=max_images, background=background)
+    return data.center_crops()
+
+
+def reference_class_mix(reference_classes: list[str], num_images: int, seed: int = 0) -> list[str]:
+    """One class label per generated image, in the reference's class proportions (largest-remainder rounding).
+
+    Why: a class-conditional model sampled unconditionally is not what its users run, and sampled with one class it
+    cannot be compared with a mixed reference. Labels in the reference's mix make SWD and the sharpness ratios
+    compare like with like. The order is shuffled (seeded) so that any prefix of the samples is mixed too.
+    """
+    counts: dict[str, int] = {}
+    for name in reference_classes:
+        counts[name] = counts.get(name, 0) + 1
+    total = len(reference_classes)
+    exact = {name: count * num_images / total for name, count in sorted(counts.items())}
+    taken = {name: int(share) for name, share in exact.items()}
+    by_remainder = sorted(exact, key=lambda name: (taken[name] - exact[name], name))
+    for name in by_remainder[: num_images - sum(taken.values())]:
+        taken[name] += 1
+    labels = [name for name, count in taken.items() for _ in range(count)]
+    order = torch.randperm(len(labels), generator=torch.Generator().manual_seed(seed)).tolist()
+    return [labels[i] for i in order]
 
 
 def load_samples_npz(path: str | os.PathLike) -> torch.Tensor:
@@ -133,13 +171,78 @@ def native_resolution(pipeline: Any) -> int:
     return size
 
 
-def training_resolution(pipeline_dir: str | os.PathLike) -> int | None:
-    """The ``resolution`` recorded in the folder's crispdiff_training.json, if there is one."""
+def training_setting(pipeline_dir: str | os.PathLike, name: str) -> Any:
+    """One value recorded in the folder's crispdiff_training.json (None without the file or the key)."""
     path = Path(pipeline_dir) / TRAINING_CONFIG_NAME
     if not path.is_file():
         return None
-    value = json.loads(path.read_text(encoding="utf-8")).get("resolution")
+    return json.loads(path.read_text(encoding="utf-8")).get(name)
+
+
+def training_resolution(pipeline_dir: str | os.PathLike) -> int | None:
+    """The ``resolution`` recorded in the folder's crispdiff_training.json, if there is one."""
+    value = training_setting(pipeline_dir, "resolution")
     return int(value) if value else None
+
+
+def class_label_flag(pipeline: object, text: str | None, pipeline_dir: str) -> int | str | None:
+    """--class as the pipeline takes it: a class name, else an id; a FlagError names the classes there are."""
+    if text is None:
+        return None
+    names = getattr(pipeline, "classes", None)
+    num_class_embeds = getattr(pipeline.unet.config, "num_class_embeds", None)  # type: ignore[attr-defined]
+    if num_class_embeds is None:
+        raise FlagError(f"--class {text!r} given but {pipeline_dir} holds an unconditional model (no classes)")
+    if names and text in names:
+        return text
+    if text.isdigit() and int(text) < num_class_embeds - 1:
+        return int(text)
+    known = f"its classes are {names}" if names else f"it stores no class names; pass an id 0..{num_class_embeds - 2}"
+    raise FlagError(f"--class {text!r} is not a class of {pipeline_dir}; {known}")
+
+
+def conditioning_plan(
+    pipeline: Any,
+    pipeline_dir: str | os.PathLike,
+    reference_data: Any,
+    num_images: int,
+    class_label: int | str | None,
+    seed: int,
+) -> tuple[list[str] | int | str | None, torch.Tensor | None, str]:
+    """What a class-conditional pipeline samples in an evaluation: ``(class_labels, reference subset, description)``.
+
+    ``class_label`` given: every sample is that class, measured against the reference images of that class when the
+    reference has the model's class column (else all of it). Not given: labels in the reference's class mix
+    (:func:`reference_class_mix`). A reference without the class column, or an unconditional pipeline: no labels
+    (a conditional model then samples its null class, i.e. unconditionally).
+    """
+    conditional = getattr(pipeline.unet.config, "num_class_embeds", None) is not None
+    column = training_setting(pipeline_dir, "class_column") if conditional else None
+    classes = reference_classes(reference_data, column)
+    if class_label is not None:
+        class_label = class_label_flag(pipeline, str(class_label), str(pipeline_dir))
+        if classes is None or not isinstance(class_label, str):
+            return class_label, None, f"class {class_label!r}, against the whole reference"
+        subset = torch.tensor([i for i, name in enumerate(classes) if name == class_label], dtype=torch.long)
+        if len(subset) < 4:
+            raise FlagError(f"--class {class_label!r}: the reference has {len(subset)} images of it (need >= 4)")
+        return class_label, subset, f"class {class_label!r}, against the reference's {len(subset)} images of it"
+    if classes is None:
+        if conditional:
+            return None, None, f"unconditional (null class): the reference has no {column!r} classes"
+        return None, None, "unconditional"
+    return reference_class_mix(classes, num_images, seed), None, f"classes in the reference's {column!r} mix"
+
+
+def reference_classes(reference_data: Any, column: str | None) -> list[str] | None:
+    """The class name of each reference image in ``column`` (None without a column or when an image lacks it)."""
+    if column is None:
+        return None
+    names = getattr(reference_data, "class_names", None)
+    ids = getattr(reference_data, "class_ids", None)
+    if names is None or ids is None:
+        return None
+    return [names[int(i)] for i in ids]
 
 
 @torch.no_grad()
@@ -153,13 +256,14 @@ def generate_samples(
     upscale: bool | None = None,
     sr_strength: float | None = None,
     log: Any = None,
-    class_labels: int | str | None = None,
-    guidance_scale: float = 1.0,
+    class_labels: int | str | list[int | str] | None = None,
+    guidance_scale: float | None = None,
 ) -> torch.Tensor:
     """``num_images`` samples as float [N, 3, H, W] in [0, 1] on the CPU (``crispdiff sample`` and ``evaluate``).
 
-    ``class_labels`` (one class name or id for every image) and ``guidance_scale`` go to a class-conditional
-    pipeline; they are passed only when set, so pipelines without them keep working.
+    ``class_labels`` (one class name or id for every image, or a list with one per image) and ``guidance_scale``
+    (default: the pipeline's own) go to a class-conditional pipeline; they are passed only when set, so pipelines
+    without them keep working.
 
     Image ``i`` uses its own CPU generator seeded ``seed + i``, as ``crispdiff sample`` does, so the evaluated images
     are the ones that command shows for the same seed, whatever the batch size or device.
@@ -170,9 +274,11 @@ def generate_samples(
         count = min(batch_size, num_images - start)
         generators = [torch.Generator("cpu").manual_seed(seed + start + i) for i in range(count)]
         conditioning: dict[str, Any] = {}
-        if class_labels is not None:
+        if isinstance(class_labels, list):
+            conditioning["class_labels"] = class_labels[start : start + count]
+        elif class_labels is not None:
             conditioning["class_labels"] = class_labels
-        if guidance_scale != 1.0:
+        if guidance_scale is not None:
             conditioning["guidance_scale"] = guidance_scale
         out = pipeline(
             batch_size=count,
@@ -381,12 +487,16 @@ def run_evaluation(
     dtype: torch.dtype | None = None,
     command: str | None = None,
     log: Any = print,
+    class_label: int | str | None = None,
+    guidance_scale: float | None = None,
 ) -> dict[str, Any]:
     """Sample (or read) images, measure them against the reference, write the three outputs; returns the metrics.
 
     Exactly one of ``pipeline_dir`` and ``samples_npz`` is needed. The comparison resolution is ``resolution``, else
     the folder's training resolution, else the pipeline's native (pre-SR) size, else the samples' size. ``dtype``
-    is the precision the models sample in (fp32 when None); metrics are always computed in fp32.
+    is the precision the models sample in (fp32 when None); metrics are always computed in fp32. A class-conditional
+    pipeline samples its classes in the reference's mix, or ``class_label`` (see :func:`conditioning_plan`), with
+    ``guidance_scale`` (default: the pipeline's own).
     """
     if (pipeline_dir is None) == (samples_npz is None):
         raise FlagError("give either a pipeline folder or --samples_npz, not both or neither")
@@ -398,25 +508,54 @@ def run_evaluation(
         resolution = resolution or samples.shape[-1]
         title += f" of {Path(samples_npz).name}"
         source: dict[str, Any] = {"samples_npz": str(samples_npz)}
+        sampled = time.time()
+        log(f"loading the reference images at {resolution}px")
+        ref = load_reference(reference, resolution, cache_dir=cache_dir, max_images=max_reference_images)
     else:
         from crispdiff.export import load_pipeline
 
         pipeline = load_pipeline(pipeline_dir, sampler=sampler, device=device, dtype=dtype)
         resolution = resolution or training_resolution(pipeline_dir) or native_resolution(pipeline)
-        log(f"sampling {num_images} images with {steps} steps ({pipeline.config.sampler}) on {device}")
-        samples = generate_samples(
-            pipeline, num_images, steps=steps, seed=seed, batch_size=batch_size, upscale=upscale, log=log
+        log(f"loading the reference images at {resolution}px")
+        column = training_setting(pipeline_dir, "class_column")
+        try:
+            reference_data = load_reference_data(
+                reference, resolution, cache_dir=cache_dir, max_images=max_reference_images, class_column=column
+            )
+        except DataError:  # the reference lacks the model's class column: compare unconditional samples
+            reference_data = load_reference_data(
+                reference, resolution, cache_dir=cache_dir, max_images=max_reference_images
+            )
+        labels, subset, conditioning = conditioning_plan(
+            pipeline, pipeline_dir, reference_data, num_images, class_label, seed
         )
+        ref = reference_data.center_crops(subset)
+        if labels is not None and guidance_scale is None:
+            guidance_scale = float(pipeline.config.get("guidance_scale", 1.0))
+        guided = f", guidance {guidance_scale:g}" if labels is not None else ""
+        log(f"sampling {num_images} images with {steps} steps ({pipeline.config.sampler}) on {device}: "
+            f"{conditioning}{guided}")  # fmt: skip
+        samples = generate_samples(
+            pipeline,
+            num_images,
+            steps=steps,
+            seed=seed,
+            batch_size=batch_size,
+            upscale=upscale,
+            log=log,
+            class_labels=labels,
+            guidance_scale=guidance_scale if labels is not None else None,
+        )
+        sampled = time.time()
         title += f" of {Path(pipeline_dir).name}"
         source = {
             "pipeline_dir": str(pipeline_dir),
             "sampler": pipeline.config.sampler if sampler is None else sampler,
             "steps": steps,
             "upscale": upscale,
+            "conditioning": conditioning,
+            "guidance_scale": guidance_scale if labels is not None else None,
         }
-    sampled = time.time()
-    log(f"loading the reference images at {resolution}px")
-    ref = load_reference(reference, resolution, cache_dir=cache_dir, max_images=max_reference_images)
     log(f"measuring {len(samples)} samples against {len(ref)} reference images")
     result = evaluate_samples(
         samples,

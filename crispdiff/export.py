@@ -67,11 +67,12 @@ def build_pipeline(
     sr_strength: float = 0.5,
     class_names: list[str] | None = None,
     sharpen_amount: float = 0.0,
+    guidance_scale: float = 1.0,
 ) -> CrispDiffPipeline:
     """The in-memory pipeline that :func:`save_pipeline` writes (also handy for sampling during training).
 
     ``class_names`` (a class-conditional unet's classes, id order) go into the pipeline config, so
-    ``pipe(class_labels="name")`` works after loading.
+    ``pipe(class_labels="name")`` works after loading, and ``guidance_scale`` becomes the default of labelled calls.
     """
     if not isinstance(unet, ModelMixin):
         raise TypeError(f"unet must be a diffusers UNet2DModel, got {type(unet).__name__}")
@@ -94,6 +95,7 @@ def build_pipeline(
         sr_strength=sr_strength,
         class_names=class_names,
         sharpen_amount=sharpen_amount,
+        guidance_scale=guidance_scale,
     )
 
 

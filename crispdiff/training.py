@@ -582,19 +582,20 @@ class Trainer(LoopTrainer):
             sr_strength=config.sr_strength,
             sharpen_amount=config.sharpen_amount or 0.0,
             class_names=self.class_names,
+            guidance_scale=self.config.guidance_scale if self.class_names else 1.0,
             **self.space.pipeline_components(),
         )
 
     def sample_grid(self, pipeline: Any) -> tuple[Any, torch.Tensor]:
         """The validation grid: always the same seed, so grids at different steps are comparable.
 
-        A class-conditional model gets one row per class (in class-id order, ceil(images / classes) images each,
-        sampled without guidance), so every class can be seen to learn.
+        A class-conditional model gets one row per class (in class-id order, ceil(images / classes) images each but at
+        least 4, sampled with the pipeline's guidance scale), so every class can be seen to learn.
         """
         generator = torch.Generator().manual_seed(self.config.seed)
         count, nrow, labels = self.config.num_validation_images, None, None
         if self.class_names:
-            nrow = math.ceil(count / len(self.class_names))
+            nrow = max(4, math.ceil(count / len(self.class_names)))
             labels = [k for k in range(len(self.class_names)) for _ in range(nrow)]
             count = len(labels)
         images = pipeline(

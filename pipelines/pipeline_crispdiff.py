@@ -380,6 +380,7 @@ class CrispDiffPipeline(DiffusionPipeline):
         sharpen_threshold: float = 0.0,
         gamma: float = 1.0,
         class_names: list[str] | dict[str, str] | None = None,
+        guidance_scale: float = 1.0,
     ):
         super().__init__()
         names = class_name_list(class_names)
@@ -410,6 +411,7 @@ class CrispDiffPipeline(DiffusionPipeline):
             sharpen_threshold=float(sharpen_threshold),
             gamma=float(gamma),
             class_names=None if names is None else {str(i): name for i, name in enumerate(names)},
+            guidance_scale=float(guidance_scale),
         )
 
     @property
@@ -652,7 +654,7 @@ class CrispDiffPipeline(DiffusionPipeline):
         sharpen_threshold: float | None = None,
         gamma: float | None = None,
         class_labels: int | str | list[int | str] | torch.Tensor | None = None,
-        guidance_scale: float = 1.0,
+        guidance_scale: float | None = None,
     ) -> ImagePipelineOutput | tuple:
         """Generate ``batch_size`` images.
 
@@ -673,6 +675,8 @@ class CrispDiffPipeline(DiffusionPipeline):
                 nothing to amplify and is skipped). An unconditional model refuses them.
             guidance_scale: classifier-free guidance strength s: 1 = the conditional model alone (one unet pass);
                 s > 1 pushes samples towards their class, ``uncond + s * (cond - uncond)`` (two passes in one batch).
+                Default: the scale the model was saved with (``config.guidance_scale``; 1.0 for folders without one),
+                used only when there are class labels.
         """
         if output_type not in OUTPUT_TYPES:
             raise ValueError(f"output_type must be one of {OUTPUT_TYPES}, got {output_type!r}")
@@ -685,6 +689,8 @@ class CrispDiffPipeline(DiffusionPipeline):
         do_upscale = self._resolve_upscale(upscale)
         device = self._execution_device
         labels = self.resolve_class_labels(class_labels, batch_size, device)
+        if guidance_scale is None:
+            guidance_scale = float(self.config.get("guidance_scale", 1.0)) if class_labels is not None else 1.0
         if labels is None and guidance_scale != 1.0:
             raise ValueError(f"guidance_scale={guidance_scale} needs a class-conditional model; this unet is not one")
         scheduler = self.scheduler if sampler is None else self.make_sampler(sampler)

@@ -163,9 +163,9 @@ def test_trainer_builds_a_class_embedding_with_a_null_row_and_drops_labels_from_
     assert 0 < int(dropped.sum()) < 12, "vacuous: every label dropped or none"
     assert torch.equal(trainer.noise_generator.get_state(), replay.get_state()), "draws beyond the dropout coin"
 
-    # the validation grid has one row per class: ceil(4 images / 3 classes) = 2 columns, 3 rows
+    # the validation grid has one row per class: ceil(4 images / 3 classes) = 2, but at least 4 columns; 3 rows
     grid, images = trainer.sample_grid(build_pipeline(**trainer.pipeline_kwargs()))
-    assert images.shape[0] == 6 and grid.size == (2 * SIZE, 3 * SIZE)
+    assert images.shape[0] == 12 and grid.size == (4 * SIZE, 3 * SIZE)
 
 
 def test_conditional_resume_gives_the_same_weights_as_an_uninterrupted_run(class_folder, tmp_path):
@@ -288,6 +288,34 @@ def test_guidance_is_uncond_plus_scale_times_the_difference(scale):
     assert (guided - plain).abs().max() > 1e-3, "vacuous: guidance changed nothing"
 
 
+def test_the_saved_guidance_scale_is_the_default_for_labelled_calls_only():
+    pipe = build_pipeline(
+        unet=tiny_class_unet(), scheduler_base_config=base_config(), beta_schedule="cosine", class_names=CLASSES,
+        guidance_scale=2.5,
+    )  # fmt: skip
+    pipe.set_progress_bar_config(disable=True)
+    assert pipe.config.guidance_scale == 2.5 and class_pipeline().config.guidance_scale == 1.0
+    labelled = dict(num_inference_steps=4, class_labels=["ring", "disc", "square"], output_type="pt")
+    default = pipe(latents=_noise(), **labelled).images
+    assert torch.equal(default, pipe(latents=_noise(), guidance_scale=2.5, **labelled).images)
+    assert not torch.allclose(default, pipe(latents=_noise(), guidance_scale=1.0, **labelled).images)
+    # without labels the model samples its null class, unguided, whatever the saved scale
+    unlabelled = pipe(num_inference_steps=4, latents=_noise(), output_type="pt").images
+    assert torch.equal(unlabelled, _by_hand(pipe, _noise(), torch.full((3,), 3), 4, None))
+
+
+def test_reference_class_mix_keeps_the_proportions_and_is_seeded():
+    from crispdiff.evaluate import reference_class_mix
+
+    reference = ["a"] * 6 + ["b"] * 3 + ["c"]
+    mix = reference_class_mix(reference, 20, seed=0)
+    assert sorted(mix) == ["a"] * 12 + ["b"] * 6 + ["c"] * 2
+    assert mix == reference_class_mix(reference, 20, seed=0) and mix != reference_class_mix(reference, 20, seed=1)
+    assert mix != sorted(mix), "shuffled, so that any prefix of the samples is mixed"
+    # largest remainders: 4.2, 2.1, 0.7 -> 4, 2, 1
+    assert sorted(reference_class_mix(reference, 7)) == ["a"] * 4 + ["b"] * 2 + ["c"]
+
+
 def test_labels_resolve_from_names_ids_and_broadcast():
     pipe = class_pipeline()
     resolve = lambda labels, n=3: pipe.resolve_class_labels(labels, n, torch.device("cpu")).tolist()  # noqa: E731
@@ -392,3 +420,17 @@ def test_train_latent_script_with_a_class_column_writes_a_pipeline_that_samples_
     assert "--class 'star' is not a class of" in capsys.readouterr().err
     assert main(["sample", *args, "--guidance_scale", "3"]) == 2
     assert "--guidance_scale needs --class" in capsys.readouterr().err
+
+    # evaluate samples the classes in the reference's mix with the saved guidance, or one class against its images
+    assert index["guidance_scale"] == 2.0  # --guidance_scale's default, saved with the classes
+    evaluate = [str(folder), "--reference", str(class_folder), "--num_images", "6", "--steps", "2", "--no_fid",
+                "--no_memorisation", "--device", "cpu", "--batch_size", "4"]  # fmt: skip
+    assert main(["evaluate", *evaluate, "--output_dir", str(tmp_path / "mix")]) == 0
+    settings = json.loads((tmp_path / "mix" / "metrics.json").read_text())["settings"]
+    assert settings["conditioning"] == "classes in the reference's 'shape' mix" and settings["guidance_scale"] == 2.0
+    assert main(["evaluate", *evaluate, "--output_dir", str(tmp_path / "ring"), "--class", "ring"]) == 0
+    settings = json.loads((tmp_path / "ring" / "metrics.json").read_text())["settings"]
+    assert settings["conditioning"] == f"class 'ring', against the reference's {PER_CLASS} images of it"
+    capsys.readouterr()
+    assert main(["evaluate", *evaluate, "--class", "star"]) == 2
+    assert "--class 'star' is not a class of" in capsys.readouterr().err

@@ -21,6 +21,7 @@ from tiny_models import tiny_vae
 from crispdiff.config import parse_config
 from crispdiff.data import load_images
 from crispdiff.latent import (
+    EMBEDDED_CLASS_COLUMN,
     LatentSpace,
     LatentTrainConfig,
     build_latent_space,
@@ -291,13 +292,17 @@ def test_default_command_uses_embedded_data_and_vae(tmp_path):
     assert config.sharpen_amount == EMBEDDED_VAE_SHARPEN_AMOUNT > 0
     assert parse_config(LatentTrainConfig, ["--pretrained_vae_name_or_path", "x"]).sharpen_amount == 0.0
     assert parse_config(LatentTrainConfig, ["--sharpen_amount", "0"]).sharpen_amount == 0.0
+    # the main job is class-conditional on the embedded emoji's categories; other data is not, unless asked
+    assert config.class_column == EMBEDDED_CLASS_COLUMN == "category"
+    assert parse_config(LatentTrainConfig, ["--class_column", "none"]).class_column is None
+    own_data = ["--train_data_dir", str(tmp_path)]
+    assert parse_config(LatentTrainConfig, own_data).class_column is None
+    assert parse_config(LatentTrainConfig, [*own_data, "--class_column", "x"]).class_column == "x"
     config.cache_dir = str(tmp_path)
-    config.max_train_samples = 2
-    try:
-        data = load_images(config, for_latents=True, show_progress=False)
-    except Exception as error:  # noqa: BLE001 - the embedded assets may not be installed in this checkout yet
-        pytest.skip(f"embedded dataset not loadable here: {error}")
+    config.max_train_samples = 100
+    data = load_images(config, for_latents=True, show_progress=False)
     assert "embedded" in data.source and data.resolution == 64
+    assert len(data.class_names) >= 2 and len(data.class_ids) == 100
 
 
 def test_unsupported_flags_are_rejected_with_the_alternative():

@@ -13,6 +13,7 @@ import shlex
 import sys
 from pathlib import Path
 
+from crispdiff.commands.sample import check_guidance_flags
 from crispdiff.errors import FlagError, run_entry_point
 from crispdiff.export import DTYPES
 from crispdiff.pipelines.pipeline_crispdiff import SAMPLERS
@@ -63,6 +64,20 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     parser.add_argument("--no_fid", action="store_true", help="Skip FID/KID even when Inception weights exist.")
     parser.add_argument("--no_memorisation", action="store_true", help="Skip the nearest-training-image check.")
     parser.add_argument("--save_samples", action="store_true", help="Also write the samples to OUTPUT_DIR/samples.npz.")
+    parser.add_argument(
+        "--class",
+        dest="class_label",
+        default=None,
+        metavar="NAME",
+        help="A class-conditional model: sample only this class (a name or an id), measured against the reference's "
+        "images of it. Default: the classes in the reference's own mix (of the model's --class_column).",
+    )
+    parser.add_argument(
+        "--guidance_scale",
+        type=float,
+        default=None,
+        help="Classifier-free guidance for a class-conditional model (default: the scale the pipeline was saved with).",
+    )
     parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1, mps ... (default: cuda when available).")
     parser.add_argument(
         "--dtype", choices=list(DTYPES), default="fp32", help="Precision the networks sample in (bf16/fp16 on GPUs)."
@@ -82,6 +97,9 @@ def _check_args(args: argparse.Namespace) -> None:
         raise FlagError(f"--resolution must be >= 16 (the coarsest SWD level), got {args.resolution}")
     if args.max_reference_images is not None and args.max_reference_images < 4:
         raise FlagError(f"--max_reference_images must be >= 4, got {args.max_reference_images}")
+    if args.samples_npz is not None and (args.class_label is not None or args.guidance_scale is not None):
+        raise FlagError("--class and --guidance_scale choose how a pipeline samples; --samples_npz has no pipeline")
+    check_guidance_flags(args, needs_class=False)
 
 
 def _command_line(args: argparse.Namespace) -> str:
@@ -133,6 +151,8 @@ def _run(args: argparse.Namespace) -> int:
         dtype=args.dtype,
         command=_command_line(args),
         log=log,
+        class_label=args.class_label,
+        guidance_scale=args.guidance_scale,
     )
     paths = result["paths"]
     print(Path(paths["report"]).read_text(encoding="utf-8"))

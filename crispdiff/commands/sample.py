@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 
 from crispdiff.errors import FlagError, run_entry_point
-from crispdiff.evaluate import generate_samples
+from crispdiff.evaluate import class_label_flag, generate_samples
 from crispdiff.export import DTYPES, load_pipeline
 from crispdiff.images import make_grid, save_image_atomic, to_pil_list
 from crispdiff.pipelines.pipeline_crispdiff import SAMPLERS
@@ -58,8 +58,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     parser.add_argument(
         "--guidance_scale",
         type=float,
-        default=1.0,
-        help="Classifier-free guidance with --class: 1 = the conditional model alone; 2-4 = more typical of the class.",
+        default=None,
+        help="Classifier-free guidance with --class: 1 = the conditional model alone; 2-4 = more typical of the class "
+        "(default: the scale the pipeline was saved with).",
     )
     parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1, mps ... (default: cuda when available).")
     parser.add_argument(
@@ -86,26 +87,17 @@ def _check_args(args: argparse.Namespace) -> None:
         raise FlagError(f"--nrow must be >= 1, got {args.nrow}")
     if args.sr_strength is not None and not 0.0 <= args.sr_strength <= 1.0:
         raise FlagError(f"--sr_strength must be in [0, 1], got {args.sr_strength}")
+    check_guidance_flags(args, needs_class=True)
+
+
+def check_guidance_flags(args: argparse.Namespace, needs_class: bool) -> None:
+    """--guidance_scale must be >= 0; ``sample`` needs --class with it (``evaluate`` can use the reference's mix)."""
+    if args.guidance_scale is None:
+        return
     if args.guidance_scale < 0:
         raise FlagError(f"--guidance_scale must be >= 0, got {args.guidance_scale}")
-    if args.guidance_scale != 1.0 and args.class_label is None:
+    if needs_class and args.guidance_scale != 1.0 and args.class_label is None:
         raise FlagError("--guidance_scale needs --class NAME (guidance pushes samples towards a class)")
-
-
-def class_label(pipeline: object, text: str | None, pipeline_dir: str) -> int | str | None:
-    """--class as the pipeline takes it: a class name, else an id; a FlagError names the classes there are."""
-    if text is None:
-        return None
-    names = getattr(pipeline, "classes", None)
-    num_class_embeds = getattr(pipeline.unet.config, "num_class_embeds", None)  # type: ignore[attr-defined]
-    if num_class_embeds is None:
-        raise FlagError(f"--class {text!r} given but {pipeline_dir} holds an unconditional model (no classes)")
-    if names and text in names:
-        return text
-    if text.isdigit() and int(text) < num_class_embeds - 1:
-        return int(text)
-    known = f"its classes are {names}" if names else f"it stores no class names; pass an id 0..{num_class_embeds - 2}"
-    raise FlagError(f"--class {text!r} is not a class of {pipeline_dir}; {known}")
 
 
 def output_paths(args: argparse.Namespace) -> tuple[Path, Path | None]:
@@ -129,7 +121,7 @@ def _run(args: argparse.Namespace) -> int:
     )
     if args.upscale and pipeline.sr_model is None:
         raise FlagError(f"--upscale given but {args.pipeline_dir} has no sr_model")
-    label = class_label(pipeline, args.class_label, args.pipeline_dir)
+    label = class_label_flag(pipeline, args.class_label, args.pipeline_dir)
 
     def log(message: str) -> None:
         print(f"crispdiff sample: {message}", file=sys.stderr)

@@ -12,6 +12,9 @@ does not show. The only difference between the recipes:
 * ``main``: the main job's noise recipe (its schedule, prediction type and min-SNR gamma);
 * ``diffusers``: diffusers' example defaults — linear betas, epsilon prediction, no min-SNR weighting.
 
+Both are, like the main job, class-conditional on the emoji's categories (sampled in the reference's class mix with
+the pipeline's guidance scale, as ``crispdiff evaluate`` does) and saved with the embedded VAE's unsharp mask.
+
 Budgets are CPU time of the training process (``time.process_time``: every thread's user + system time), which, unlike
 wall-clock time, does not depend on what else the machine runs; on 2 busy cores one wall minute is about two
 CPU-minutes. Exports and sampling happen outside the measured time. Every saved pipeline is sampled (DPM-Solver++ 25
@@ -31,7 +34,13 @@ from typing import Any
 import torch
 from common import BENCH_DIR, append_results, machine, markdown_table
 
-from crispdiff.evaluate import evaluate_samples, generate_samples
+from crispdiff.evaluate import (
+    evaluate_samples,
+    generate_samples,
+    load_reference_data,
+    reference_class_mix,
+    reference_classes,
+)
 from crispdiff.export import build_pipeline, load_pipeline, save_pipeline
 from crispdiff.images import make_grid, save_image_atomic
 from crispdiff.io import write_text_atomic
@@ -81,6 +90,7 @@ class BudgetTrainer(Trainer):
 def recipe_config(name: str, out_dir: Path, args: argparse.Namespace) -> LatentTrainConfig:
     """The main job's config with this recipe's noise settings, a constant LR and a step cap it never reaches."""
     base = LatentTrainConfig()
+    base.validate()  # resolves the main job's data-dependent defaults (class column, unsharp amount)
     return replace(
         base,
         **RECIPES[name],
@@ -106,9 +116,14 @@ def train_recipe(name: str, out_dir: Path, args: argparse.Namespace) -> list[dic
     return trainer.saved
 
 
-def measure_point(point: dict[str, Any], reference: torch.Tensor, args: argparse.Namespace) -> dict[str, Any]:
+def measure_point(
+    point: dict[str, Any], reference: torch.Tensor, classes: list[str], args: argparse.Namespace
+) -> dict[str, Any]:
     pipeline = load_pipeline(point["folder"])
-    samples = generate_samples(pipeline, args.num_images, steps=args.steps, seed=args.seed, batch_size=100)
+    labels = reference_class_mix(classes, args.num_images, args.seed) if pipeline.classes else None
+    samples = generate_samples(
+        pipeline, args.num_images, steps=args.steps, seed=args.seed, batch_size=100, class_labels=labels
+    )
     save_image_atomic(make_grid(samples[:64], value_range=(0, 1)), Path(point["folder"]) / "grid64.png")
     result = evaluate_samples(samples, reference, seed=args.seed, memorisation=False, fid=False)
     generated, floor = result["generated"], result["real_vs_real_floor"]
@@ -169,11 +184,15 @@ def main() -> None:
     args = parse_args()
     out_dir = Path(args.out_dir)
     points = {name: train_recipe(name, out_dir, args) for name in args.recipes}
-    from crispdiff.data import load_images
-
-    reference = load_images(LatentTrainConfig(), for_latents=True, show_progress=False).center_crops()
+    main_job = LatentTrainConfig()
+    main_job.validate()
+    reference_data = load_reference_data(None, main_job.resolution, class_column=main_job.class_column)
+    reference = reference_data.center_crops()
+    classes = reference_classes(reference_data, main_job.class_column)
     rows = [
-        {"recipe": name, **measure_point(point, reference, args)} for name, saved in points.items() for point in saved
+        {"recipe": name, **measure_point(point, reference, classes, args)}
+        for name, saved in points.items()
+        for point in saved
     ]
     header = ["recipe", "CPU-min", "wall-min", "steps", "SWD x1e3", "SWD / floor", "hf ratio", "Laplacian ratio"]
     table = markdown_table(

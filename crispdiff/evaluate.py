@@ -15,6 +15,7 @@ and a useful SR model reads above 1.
 from __future__ import annotations
 
 import json
+import math
 import os
 import time
 from pathlib import Path
@@ -258,12 +259,14 @@ def generate_samples(
     log: Any = None,
     class_labels: int | str | list[int | str] | None = None,
     guidance_scale: float | None = None,
+    postprocess: dict[str, float] | None = None,
 ) -> torch.Tensor:
     """``num_images`` samples as float [N, 3, H, W] in [0, 1] on the CPU (``crispdiff sample`` and ``evaluate``).
 
     ``class_labels`` (one class name or id for every image, or a list with one per image) and ``guidance_scale``
     (default: the pipeline's own) go to a class-conditional pipeline; they are passed only when set, so pipelines
-    without them keep working.
+    without them keep working. ``postprocess`` overrides the pipeline's post-processing arguments (e.g.
+    ``{"sharpen_amount": 0.0, "gamma": 1.0}`` for images as they leave the decoder / SR model).
 
     Image ``i`` uses its own CPU generator seeded ``seed + i``, as ``crispdiff sample`` does, so the evaluated images
     are the ones that command shows for the same seed, whatever the batch size or device.
@@ -280,6 +283,7 @@ def generate_samples(
             conditioning["class_labels"] = class_labels
         if guidance_scale is not None:
             conditioning["guidance_scale"] = guidance_scale
+        conditioning.update(postprocess or {})
         out = pipeline(
             batch_size=count,
             num_inference_steps=steps,
@@ -381,6 +385,71 @@ def _levels(values: dict[str, Any]) -> str:
     return " / ".join(f"{k[4:]}px {values[k]:.3g}" for k in levels) or "-"
 
 
+#: Unsharp-mask amounts ``--sharpen_sweep`` tries (0 = off), with the pipeline's own radius and threshold.
+SHARPEN_SWEEP_AMOUNTS = tuple(round(0.1 * step, 1) for step in range(16))
+
+
+def sharpen_sweep(
+    pipeline: Any,
+    unsharpened01: torch.Tensor,
+    reference: torch.Tensor | np.ndarray,
+    amounts: tuple[float, ...] = SHARPEN_SWEEP_AMOUNTS,
+) -> dict[str, Any]:
+    """Both sharpness ratios of the same samples under each unsharp amount, and the amount that matches the data best.
+
+    Why: the right amount depends on how sharp the model is before post-processing, and that changes with training
+    length (benchmarks/RESULTS.md, "What more compute buys": the main job's 0.5 gives hf 1.07 after its 4 minutes but
+    1.16 after 20 CPU-minutes). Sharpening is post-processing, so one unsharpened sampling pass serves every amount.
+    ``unsharpened01`` are the pipeline's outputs with ``sharpen_amount=0`` and ``gamma=1``; each amount goes through
+    the pipeline's own ``postprocess`` (unsharp mask, then its gamma), so the figures are what the pipeline would
+    give. The best amount is the one whose worse ratio is nearest 1 on a log scale: neither blurry nor noisy by
+    either measure.
+    """
+    ref01 = M.to_float01(reference)
+    rows = []
+    for amount in amounts:
+        sharpened = pipeline.postprocess(unsharpened01, sharpen_amount=amount)
+        ratios = M.sharpness_ratios(ref01, M.resize_images(sharpened, ref01.shape[-1]))
+        rows.append(
+            {
+                "amount": amount,
+                "hf_energy_ratio": ratios["hf_energy_ratio"],
+                "laplacian_var_ratio": ratios["laplacian_var_ratio"],
+            }
+        )
+    best = min(rows, key=lambda r: max(abs(math.log(r["hf_energy_ratio"])), abs(math.log(r["laplacian_var_ratio"]))))
+    return {"rows": rows, "best_amount": best["amount"], "pipeline_amount": float(pipeline.config.sharpen_amount)}
+
+
+def save_sharpen_amount(pipeline_dir: str | os.PathLike, amount: float) -> Path:
+    """Write ``amount`` as the saved pipeline's default unsharp mask (its model_index.json, atomically)."""
+    path = Path(pipeline_dir) / "model_index.json"
+    index = json.loads(path.read_text(encoding="utf-8"))
+    if "sharpen_amount" not in index:
+        raise FlagError(f"{path} has no sharpen_amount setting: not a crispdiff pipeline, nothing written")
+    index["sharpen_amount"] = amount
+    text = json.dumps(index, indent=2, sort_keys=True) + "\n"
+    return write_atomic(path, lambda handle: handle.write(text))
+
+
+def _sweep_lines(sweep: dict[str, Any]) -> list[str]:
+    lines = [
+        "",
+        f"Unsharp-mask sweep (the same samples, sharpened afterwards): best amount **{sweep['best_amount']:g}**, "
+        f"the pipeline's is {sweep['pipeline_amount']:g}.",
+        "",
+        "| sharpen_amount | high-frequency energy ratio | Laplacian variance ratio |",
+        "| --- | --- | --- |",
+    ]
+    for row in sweep["rows"]:
+        marks = [
+            m for m, a in (("best", sweep["best_amount"]), ("pipeline", sweep["pipeline_amount"])) if a == row["amount"]
+        ]
+        label = f"{row['amount']:g}" + (f" ({', '.join(marks)})" if marks else "")
+        lines.append(f"| {label} | {row['hf_energy_ratio']:.3g} | {row['laplacian_var_ratio']:.3g} |")
+    return lines
+
+
 def format_report(result: dict[str, Any], *, title: str = "crispdiff evaluation", command: str | None = None) -> str:
     """A short markdown report: one table, generated beside the real-vs-real floor, and how to read each row."""
     gen, floor, settings = result["generated"], result["real_vs_real_floor"], result["settings"]
@@ -417,6 +486,8 @@ def format_report(result: dict[str, Any], *, title: str = "crispdiff evaluation"
             f"high-frequency energy ratio {out['hf_energy_ratio']:.3g}, Laplacian variance ratio "
             f"{out['laplacian_var_ratio']:.3g}.",
         ]
+    if result.get("sharpen_sweep"):
+        lines += _sweep_lines(result["sharpen_sweep"])
     lines += ["", f"![samples]({GRID_NAME})", ""]
     return "\n".join(lines)
 
@@ -489,6 +560,8 @@ def run_evaluation(
     log: Any = print,
     class_label: int | str | None = None,
     guidance_scale: float | None = None,
+    sweep_sharpen: bool = False,
+    save_best_sharpen: bool = False,
 ) -> dict[str, Any]:
     """Sample (or read) images, measure them against the reference, write the three outputs; returns the metrics.
 
@@ -496,7 +569,9 @@ def run_evaluation(
     the folder's training resolution, else the pipeline's native (pre-SR) size, else the samples' size. ``dtype``
     is the precision the models sample in (fp32 when None); metrics are always computed in fp32. A class-conditional
     pipeline samples its classes in the reference's mix, or ``class_label`` (see :func:`conditioning_plan`), with
-    ``guidance_scale`` (default: the pipeline's own).
+    ``guidance_scale`` (default: the pipeline's own). ``sweep_sharpen`` samples once without the unsharp mask,
+    measures every amount (:func:`sharpen_sweep`) and evaluates the pipeline's own amount as usual;
+    ``save_best_sharpen`` then writes the best amount into the pipeline folder.
     """
     if (pipeline_dir is None) == (samples_npz is None):
         raise FlagError("give either a pipeline folder or --samples_npz, not both or neither")
@@ -545,7 +620,14 @@ def run_evaluation(
             log=log,
             class_labels=labels,
             guidance_scale=guidance_scale if labels is not None else None,
+            postprocess={"sharpen_amount": 0.0, "gamma": 1.0} if sweep_sharpen else None,
         )
+        if sweep_sharpen:
+            compared, _ = M.split_reference(len(ref), len(samples), seed=seed)  # the subset evaluate_samples uses
+            sweep = sharpen_sweep(pipeline, samples, ref[compared])
+            samples = pipeline.postprocess(samples)  # the pipeline's own amount and gamma, as it samples
+            best, own = sweep["best_amount"], sweep["pipeline_amount"]
+            log(f"unsharp-mask sweep: best amount {best:g} (the pipeline's: {own:g})")
         sampled = time.time()
         title += f" of {Path(pipeline_dir).name}"
         source = {
@@ -567,6 +649,11 @@ def run_evaluation(
         device=device,
     )
     result["settings"].update(source)
+    if sweep_sharpen and samples_npz is None:
+        result["sharpen_sweep"] = sweep
+        if save_best_sharpen:
+            path = save_sharpen_amount(pipeline_dir, sweep["best_amount"])
+            log(f"wrote sharpen_amount {sweep['best_amount']:g} into {path}")
     result["settings"]["reference"] = reference or "default"
     result["settings"]["seconds_sampling"] = round(sampled - started, 2)
     result["settings"]["seconds_metrics"] = round(time.time() - sampled, 2)

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The main job on a fresh machine: install, then train a latent diffusion model on the embedded emoji with the
-# embedded VAE. Ends with crispdiff-output/pipeline (a diffusers pipeline) and crispdiff-output/pipeline/samples.png.
+# embedded VAE. Ends with crispdiff-latent/pipeline (a diffusers pipeline) and crispdiff-latent/pipeline/samples.png.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/install.sh

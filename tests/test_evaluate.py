@@ -156,6 +156,45 @@ def test_load_samples_npz_formats(tmp_path):
         E.load_samples_npz(tmp_path / "bad.npz")
 
 
+def test_sharpen_sweep_measures_every_amount_on_the_same_samples_and_saves_the_best(reference_dir, tmp_path, capsys):
+    from crispdiff.export import load_pipeline
+
+    folder = save_pipeline(
+        tmp_path / "pipeline",
+        unet=tiny_unet(),
+        scheduler_base_config=scheduler_base_config(NoiseConfig()),
+        beta_schedule="cosine",
+        sharpen_amount=1.0,  # far too much for an untrained model's noise: the sweep must find less
+        training_config={"resolution": SIZE},
+    )
+    common = ["--reference", str(reference_dir), "--num_images", "8", "--steps", "2", "--no_fid", "--device", "cpu"]
+    common += ["--cache_dir", str(tmp_path / "cache")]
+    assert evaluate(str(folder), *common, "--output_dir", str(tmp_path / "plain")) == 0
+    assert evaluate(str(folder), *common, "--output_dir", str(tmp_path / "swept"), "--sharpen_sweep") == 0
+    plain, swept = read_metrics(tmp_path / "plain"), read_metrics(tmp_path / "swept")
+    # the evaluated samples are still the pipeline's own: sharpening after sampling is what the pipeline does
+    for key in ("swd_avg", "hf_energy_ratio", "laplacian_var_ratio"):
+        assert swept["generated"][key] == pytest.approx(plain["generated"][key], rel=1e-5), key
+    sweep = swept["sharpen_sweep"]
+    rows = sweep["rows"]
+    assert [row["amount"] for row in rows] == list(E.SHARPEN_SWEEP_AMOUNTS) and sweep["pipeline_amount"] == 1.0
+    own = next(row for row in rows if row["amount"] == 1.0)
+    assert own["hf_energy_ratio"] == pytest.approx(swept["generated"]["hf_energy_ratio"], rel=1e-5)
+    hf = [row["hf_energy_ratio"] for row in rows]
+    assert all(later >= earlier for earlier, later in zip(hf, hf[1:])) and hf[-1] > hf[0]  # more amount, more detail
+
+    def distance(row: dict) -> float:
+        return max(abs(np.log(row["hf_energy_ratio"])), abs(np.log(row["laplacian_var_ratio"])))
+
+    assert sweep["best_amount"] == min(rows, key=distance)["amount"] < 1.0
+    assert "Unsharp-mask sweep" in capsys.readouterr().out
+    assert load_pipeline(folder).config.sharpen_amount == 1.0  # reporting alone changes nothing
+
+    out = str(tmp_path / "saved")
+    assert evaluate(str(folder), *common, "--output_dir", out, "--sharpen_sweep", "--save_sharpen_amount") == 0
+    assert load_pipeline(folder).config.sharpen_amount == sweep["best_amount"]
+
+
 def test_cli_errors_are_messages(tmp_path, reference_dir, capsys):
     assert evaluate("--reference", str(reference_dir)) == 2
     assert "exactly one" in capsys.readouterr().err
@@ -172,3 +211,7 @@ def test_cli_errors_are_messages(tmp_path, reference_dir, capsys):
     assert evaluate(str(tmp_path / "not_a_pipeline"), "--reference", str(reference_dir)) == 2
     assert "does not exist" in capsys.readouterr().err
     assert not (tmp_path / "x").exists()
+    assert evaluate("--samples_npz", str(tmp_path / "s.npz"), "--sharpen_sweep") == 2
+    assert "--samples_npz has no pipeline" in capsys.readouterr().err
+    assert evaluate(str(tmp_path / "s.npz"), "--save_sharpen_amount") == 2
+    assert "pass both" in capsys.readouterr().err

@@ -78,6 +78,17 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
         default=None,
         help="Classifier-free guidance for a class-conditional model (default: the scale the pipeline was saved with).",
     )
+    parser.add_argument(
+        "--sharpen_sweep",
+        action="store_true",
+        help="Also measure both sharpness ratios under unsharp-mask amounts 0-1.5 (one sampling pass) and report the "
+        "amount nearest the data's sharpness; the right amount falls as a model trains longer.",
+    )
+    parser.add_argument(
+        "--save_sharpen_amount",
+        action="store_true",
+        help="With --sharpen_sweep: write the best amount into DIR as the pipeline's default sharpen_amount.",
+    )
     parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1, mps ... (default: cuda when available).")
     parser.add_argument(
         "--dtype", choices=list(DTYPES), default="fp32", help="Precision the networks sample in (bf16/fp16 on GPUs)."
@@ -99,6 +110,10 @@ def _check_args(args: argparse.Namespace) -> None:
         raise FlagError(f"--max_reference_images must be >= 4, got {args.max_reference_images}")
     if args.samples_npz is not None and (args.class_label is not None or args.guidance_scale is not None):
         raise FlagError("--class and --guidance_scale choose how a pipeline samples; --samples_npz has no pipeline")
+    if args.samples_npz is not None and args.sharpen_sweep:
+        raise FlagError("--sharpen_sweep re-runs a pipeline's post-processing; --samples_npz has no pipeline")
+    if args.save_sharpen_amount and not args.sharpen_sweep:
+        raise FlagError("--save_sharpen_amount writes what --sharpen_sweep finds; pass both")
     check_guidance_flags(args, needs_class=False)
 
 
@@ -153,6 +168,8 @@ def _run(args: argparse.Namespace) -> int:
         log=log,
         class_label=args.class_label,
         guidance_scale=args.guidance_scale,
+        sweep_sharpen=args.sharpen_sweep,
+        save_best_sharpen=args.save_sharpen_amount,
     )
     paths = result["paths"]
     print(Path(paths["report"]).read_text(encoding="utf-8"))

@@ -211,12 +211,14 @@ def main() -> None:
             for r in rows
         ],
     )
+    shown = out_dir.resolve()
+    shown = shown.relative_to(BENCH_DIR.parent) if shown.is_relative_to(BENCH_DIR.parent) else shown  # repo-relative
     notes = (
         f"Real-vs-real floor: SWD {rows[0]['swd_floor']:.3g}. {args.num_images} samples per point, DPM-Solver++ "
         f"{args.steps}, against the {len(reference)} embedded emoji. Recipes: main = the main job's defaults; "
         "diffusers = the same with linear betas, epsilon prediction and no min-SNR. Constant LR after warmup; "
-        f"budgets in training-process CPU time on {machine()}. Plot: {out_dir / 'budget.png'}; grids: "
-        f"{out_dir}/<recipe>/budget_*/grid64.png."
+        f"budgets in training-process CPU time on {machine()}. Plot: {shown / 'budget.png'}; grids: "
+        f"{shown}/<recipe>/budget_*/grid64.png."
     )
     write_text_atomic(out_dir / "budget.json", json.dumps(rows, indent=2))
     write_text_atomic(out_dir / "budget.md", table + "\n\n" + notes + "\n")

@@ -87,12 +87,17 @@ class BudgetTrainer(Trainer):
         return self.saved[-1]["folder"]
 
 
+def main_job_config() -> LatentTrainConfig:
+    """The main job's defaults, validated: that resolves its data-dependent ones (class column, unsharp amount)."""
+    config = LatentTrainConfig()
+    config.validate()
+    return config
+
+
 def recipe_config(name: str, out_dir: Path, args: argparse.Namespace) -> LatentTrainConfig:
     """The main job's config with this recipe's noise settings, a constant LR and a step cap it never reaches."""
-    base = LatentTrainConfig()
-    base.validate()  # resolves the main job's data-dependent defaults (class column, unsharp amount)
     return replace(
-        base,
+        main_job_config(),
         **RECIPES[name],
         output_dir=str(out_dir / name),
         overwrite_output_dir=True,
@@ -184,8 +189,7 @@ def main() -> None:
     args = parse_args()
     out_dir = Path(args.out_dir)
     points = {name: train_recipe(name, out_dir, args) for name in args.recipes}
-    main_job = LatentTrainConfig()
-    main_job.validate()
+    main_job = main_job_config()
     reference_data = load_reference_data(None, main_job.resolution, class_column=main_job.class_column)
     reference = reference_data.center_crops()
     classes = reference_classes(reference_data, main_job.class_column)

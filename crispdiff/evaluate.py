@@ -26,7 +26,7 @@ import torch
 
 from crispdiff import metrics as M
 from crispdiff.errors import DataError, FlagError, PathError
-from crispdiff.io import write_atomic
+from crispdiff.io import write_atomic, write_text_atomic
 
 METRICS_NAME = "metrics.json"
 GRID_NAME = "samples.png"
@@ -423,13 +423,11 @@ def sharpen_sweep(
 
 def save_sharpen_amount(pipeline_dir: str | os.PathLike, amount: float) -> Path:
     """Write ``amount`` as the saved pipeline's default unsharp mask (its model_index.json, atomically)."""
-    path = Path(pipeline_dir) / "model_index.json"
-    index = json.loads(path.read_text(encoding="utf-8"))
-    if "sharpen_amount" not in index:
-        raise FlagError(f"{path} has no sharpen_amount setting: not a crispdiff pipeline, nothing written")
+    from crispdiff.export import MODEL_INDEX_NAME, read_model_index
+
+    index = read_model_index(pipeline_dir)  # clear errors for a missing folder or another kind of pipeline
     index["sharpen_amount"] = amount
-    text = json.dumps(index, indent=2, sort_keys=True) + "\n"
-    return write_atomic(path, lambda handle: handle.write(text))
+    return write_text_atomic(Path(pipeline_dir) / MODEL_INDEX_NAME, json.dumps(index, indent=2, sort_keys=True) + "\n")
 
 
 def _sweep_lines(sweep: dict[str, Any]) -> list[str]:
@@ -578,6 +576,7 @@ def run_evaluation(
     started = time.time()
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     title = "crispdiff evaluation"
+    sweep: dict[str, Any] | None = None  # set when a pipeline's samples are swept (sweep_sharpen)
     if samples_npz is not None:
         samples = load_samples_npz(samples_npz)
         resolution = resolution or samples.shape[-1]
@@ -649,7 +648,7 @@ def run_evaluation(
         device=device,
     )
     result["settings"].update(source)
-    if sweep_sharpen and samples_npz is None:
+    if sweep is not None:
         result["sharpen_sweep"] = sweep
         if save_best_sharpen:
             path = save_sharpen_amount(pipeline_dir, sweep["best_amount"])

@@ -1,6 +1,24 @@
-# Shared by benchmarks/gpu/run.sh and vae.sh (sourced, not run): the stage runner and the device setup.
-# The caller sets START, PY, TINY, BUDGET, WORK, REPO, WHEELS and SITE first, and is in the repository root.
+# Shared by benchmarks/gpu/run.sh and vae.sh (sourced, not run): the common start, the stage runner and the device
+# setup.
 # shellcheck shell=bash
+
+# init_run NAME: start the clock, go to the repository root and set what every stage uses: REPO, PY, TINY, BUDGET
+# (GPU_BENCH_BUDGET, else 540 s), WORK (GPU_BENCH_WORK, else a fresh /tmp/crispdiff-gpu-NAME.*), WHEELS, SITE; offline,
+# unbuffered, with the caches inside WORK.
+init_run() {
+    START=$(date +%s)
+    cd "$(dirname "${BASH_SOURCE[0]}")/../.." || return 1
+    REPO=$(pwd)
+    PY=${PYTHON:-python3}
+    TINY=${GPU_BENCH_TINY:-0}
+    BUDGET=${GPU_BENCH_BUDGET:-540}
+    WORK=${GPU_BENCH_WORK:-$(mktemp -d "/tmp/crispdiff-gpu-$1.XXXXXX")}
+    WHEELS=$REPO/benchmarks/gpu/wheels
+    SITE=$WORK/site
+    mkdir -p "$WORK"
+    export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 PYTHONUNBUFFERED=1 TQDM_MININTERVAL=10
+    export CRISPDIFF_CACHE=$WORK/cache HF_DATASETS_CACHE=$WORK/hf-datasets
+}
 
 elapsed() { echo $(( $(date +%s) - START )); }
 
@@ -84,4 +102,19 @@ print("versions:", ", ".join(f"{k} {v}" for k, v in versions.items()),
 import crispdiff.pipelines.pipeline_crispdiff  # noqa: F401
 EOF
     echo "setup done at $(elapsed)s"
+}
+
+# copy_common_outputs STAGE...: into $OUT, summary.md, the sections the stages appended to this copy of RESULTS.md
+# (date, machine, command, table, notes; when RECORD is empty, i.e. they recorded) and every named stage's log as
+# log.txt. The caller sets OUT, WORK, RECORD and RESULTS_LINES (RESULTS.md's length before the stages).
+copy_common_outputs() {
+    mkdir -p "$OUT"
+    cp "$WORK/summary.md" "$OUT/summary.md"
+    if [ -z "$RECORD" ] && [ -f benchmarks/RESULTS.md ]; then
+        tail -n +"$(( RESULTS_LINES + 1 ))" benchmarks/RESULTS.md >"$OUT/RESULTS-gpu.md"
+    fi
+    local stage
+    for stage in "$@"; do
+        [ -f "$WORK/$stage.log" ] && { echo "===== $stage.log"; tr '\r' '\n' <"$WORK/$stage.log" | grep -v '^\s*$'; }
+    done >"$OUT/log.txt"
 }

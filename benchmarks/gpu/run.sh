@@ -15,19 +15,11 @@
 # left of the budget, so one stall cannot eat the call; a failed stage is reported and the next one still runs.
 set -uo pipefail
 
-START=$(date +%s)
-cd "$(dirname "${BASH_SOURCE[0]}")/../.." || exit 1
-REPO=$(pwd)
-PY=${PYTHON:-python3}
-TINY=${GPU_BENCH_TINY:-0}
-BUDGET=${GPU_BENCH_BUDGET:-540}
-WORK=${GPU_BENCH_WORK:-$(mktemp -d /tmp/crispdiff-gpu-bench.XXXXXX)}
+# shellcheck source=benchmarks/gpu/lib.sh
+. "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
+init_run bench || exit 1
 DATA=${GPU_BENCH_DATA:-$REPO/crispdiff/assets/noto-emoji-64}
-WHEELS=$REPO/benchmarks/gpu/wheels
-SITE=$WORK/site
-mkdir -p "$WORK"
-export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 PYTHONUNBUFFERED=1 TQDM_MININTERVAL=10
-export CRISPDIFF_CACHE=$WORK/cache HF_DATASETS_CACHE=$WORK/hf-datasets MPLBACKEND=Agg
+export MPLBACKEND=Agg
 
 if [ "$TINY" = 1 ]; then
     RES=32; BASE=16; MULTS="1 2"; ATTN="16"; LAYERS=1; BATCH=8; PREC=no
@@ -42,8 +34,6 @@ SWEEP=${GPU_BENCH_SWEEP:-dpmsolver++:10,dpmsolver++:25,dpmsolver++:50,ddim:50,un
 TRAIN_SECONDS=${GPU_BENCH_TRAIN_SECONDS:-160}
 ARCH="--resolution $RES --base_channels $BASE --channel_mults $MULTS --attention_res $ATTN --layers_per_block $LAYERS"
 
-# shellcheck source=benchmarks/gpu/lib.sh
-. "$REPO/benchmarks/gpu/lib.sh"
 setup_device "crispdiff GPU benchmark" || exit 1
 RESULTS_LINES=$(wc -l <benchmarks/RESULTS.md 2>/dev/null || echo 0)
 
@@ -138,15 +128,7 @@ EOF
 
 # ---- files for the caller -----------------------------------------------------------------------------------------
 if [ -n "${OUT:-}" ]; then
-    mkdir -p "$OUT"
-    cp "$WORK/summary.md" "$OUT/summary.md"
-    if [ -z "$RECORD" ] && [ -f benchmarks/RESULTS.md ]; then
-        # The sections the stages appended to this copy of RESULTS.md (date, machine, command, table, notes).
-        tail -n +"$(( RESULTS_LINES + 1 ))" benchmarks/RESULTS.md >"$OUT/RESULTS-gpu.md"
-    fi
-    for stage in throughput train sweep; do
-        [ -f "$WORK/$stage.log" ] && { echo "===== $stage.log"; tr '\r' '\n' <"$WORK/$stage.log" | grep -v '^\s*$'; }
-    done >"$OUT/log.txt"
+    copy_common_outputs throughput train sweep
     for pair in sweep/samplers.png:samplers.png sweep/grids.png:sampler-grids.png sweep/samplers.json:samplers.json \
                 train/model/pipeline/samples.png:train-samples.png; do
         [ -f "$WORK/${pair%%:*}" ] && cp "$WORK/${pair%%:*}" "$OUT/${pair##*:}"

@@ -16,22 +16,14 @@
 # GPU_BENCH_WORK, PYTHON. A training stage cut by its timeout is finished from its last checkpoint (every 250 steps).
 set -uo pipefail
 
-START=$(date +%s)
-cd "$(dirname "${BASH_SOURCE[0]}")/../.." || exit 1
-REPO=$(pwd)
-PY=${PYTHON:-python3}
-TINY=${GPU_BENCH_TINY:-0}
-BUDGET=${GPU_BENCH_BUDGET:-540}
-WORK=${GPU_BENCH_WORK:-$(mktemp -d /tmp/crispdiff-gpu-vae.XXXXXX)}
-WHEELS=$REPO/benchmarks/gpu/wheels
-SITE=$WORK/site
-mkdir -p "$WORK"
+# shellcheck source=benchmarks/gpu/lib.sh
+. "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
+init_run vae || exit 1
 if [ -z "${CRISPDIFF_SHARED:-}" ]; then
     CRISPDIFF_SHARED=$REPO/benchmarks/gpu/shared
     [ -d "$CRISPDIFF_SHARED/data/noto-emoji-64" ] || CRISPDIFF_SHARED=$REPO/../shared
 fi
-export CRISPDIFF_SHARED HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 PYTHONUNBUFFERED=1 TQDM_MININTERVAL=10
-export CRISPDIFF_CACHE=$WORK/cache HF_DATASETS_CACHE=$WORK/hf-datasets
+export CRISPDIFF_SHARED
 DATA=$CRISPDIFF_SHARED/data/noto-emoji-64/train
 LATENT=${GPU_VAE_LATENT_CHANNELS:-8}
 if [ "$TINY" = 1 ]; then
@@ -42,8 +34,6 @@ else
     EVERY=250; RECORD=; MEASURE_SECONDS=120
 fi
 
-# shellcheck source=benchmarks/gpu/lib.sh
-. "$REPO/benchmarks/gpu/lib.sh"
 setup_device "crispdiff GPU VAE run" || exit 1
 if [ ! -f "$DATA/metadata.jsonl" ]; then
     echo "no Noto emoji at $DATA: copy ../shared/data/noto-emoji-64 into benchmarks/gpu/shared/data/ and carry it"
@@ -85,14 +75,8 @@ fi
 
 # ---- files for the caller -----------------------------------------------------------------------------------------
 if [ -n "${OUT:-}" ]; then
+    copy_common_outputs vae_train vae_finish vae_measure
     mkdir -p "$OUT/vae"
-    cp "$WORK/summary.md" "$OUT/summary.md"
-    if [ -z "$RECORD" ] && [ -f benchmarks/RESULTS.md ]; then
-        tail -n +"$(( RESULTS_LINES + 1 ))" benchmarks/RESULTS.md >"$OUT/RESULTS-gpu.md"
-    fi
-    for stage in vae_train vae_finish vae_measure; do
-        [ -f "$WORK/$stage.log" ] && { echo "===== $stage.log"; tr '\r' '\n' <"$WORK/$stage.log" | grep -v '^\s*$'; }
-    done >"$OUT/log.txt"
     cp "$WORK"/vae-run/vae/*.json "$WORK"/vae-run/vae/*.safetensors "$OUT/vae/" 2>/dev/null
 fi
 echo

@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from diffusers import AutoencoderKL, AutoencoderTiny
 from PIL import Image
 from safetensors.torch import load_file
@@ -39,6 +40,7 @@ from crispdiff.vae_training import (
     deepen,
     holdout_split,
     psnr,
+    scale_equivariance_loss,
     spectral_amplitude_loss,
     ssim,
     widen_latent,
@@ -392,6 +394,33 @@ def test_decoder_noise_perturbs_training_latents_only():
         )
     with pytest.raises(ValueError, match="decoder_noise"):
         VAETrainConfig(decoder_noise=-0.1).validate()
+
+
+def test_scale_equivariance_decodes_the_pooled_latent_and_the_loss_falls(image_folder: Path, tmp_path: Path):
+    """--scale_equivariance_weight: the latent pooled 2x decodes to the pooled image; the term trains and falls."""
+    vae = tiny_kl()
+    images = torch.rand(2, 3, 16, 16, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    step = AutoencoderStep(vae, frozen_encoder=False, scale_equivariance=True).train()
+    with torch.no_grad():
+        out = step(images, torch.Generator().manual_seed(1))
+        latents = sample_posterior(out.mean, out.logvar, torch.Generator().manual_seed(1))
+        torch.testing.assert_close(out.pooled_reconstruction, vae.decode(F.avg_pool2d(latents, 2)).sample)
+        assert out.pooled_reconstruction.shape == (2, 3, 8, 8)
+        assert step.eval()(images).pooled_reconstruction is None  # validation decodes only the full latent
+    pooled_images = F.avg_pool2d(images, 2)
+    assert scale_equivariance_loss(pooled_images, images, "l1").item() == 0.0
+    assert scale_equivariance_loss(-pooled_images, images, "l1").item() > 0.1
+
+    trainer = make_trainer(
+        trainer_flags(image_folder, tmp_path, "--learning_rate", "2e-3", "--max_train_steps", "30",
+                      "--scale_equivariance_weight", "1")
+    )  # fmt: skip
+    losses = [trainer.micro_step()["scale_eq"].item() for _ in range(30)]
+    assert np.mean(losses[-5:]) < 0.7 * np.mean(losses[:5]), losses
+    with pytest.raises(ValueError, match="scale_equivariance_weight"):
+        VAETrainConfig(scale_equivariance_weight=-1).validate()
+    with pytest.raises(ValueError, match="train_decoder_only"):
+        VAETrainConfig(scale_equivariance_weight=1, train_decoder_only=True, pretrained_vae_name_or_path="x").validate()
 
 
 def test_holdout_split_keeps_whole_classes_out(tmp_path: Path):

@@ -9,6 +9,7 @@ position), validation grids, and a saved pipeline that samples with DPM-Solver++
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import os
@@ -32,6 +33,7 @@ from crispdiff.errors import FlagError, MissingDependencyError, OutputExistsErro
 from crispdiff.export import build_pipeline, save_pipeline
 from crispdiff.hub import maybe_push_to_hub, write_model_card
 from crispdiff.images import make_grid, save_image_atomic
+from crispdiff.io import write_text_atomic
 from crispdiff.model import count_parameters, describe_parameters, unet_from_config
 from crispdiff.noise import NoiseSchedule, sample_noise, scheduler_base_config
 
@@ -628,9 +630,45 @@ class Trainer(LoopTrainer):
         if logs:
             self.accelerator.log(logs, step=self.step)
 
-    def export(self) -> Path:
-        """Write the pipeline folder (EMA weights, DPM-Solver++ default, sample grid, training config)."""
+    def calibrated_sharpen_amount(self, pipeline: Any) -> float:
+        """The unsharp amount that brings this model's samples to the training images' sharpness (and a log line).
+
+        ``--sharpen_calibration_images`` samples, unsharpened, classes taken in turn, go through
+        ``crispdiff.evaluate.sharpen_sweep`` against up to 2,000 training images; the sweep table is kept next to the
+        pipeline in ``sharpen_calibration.json``.
+        """
+        from crispdiff.evaluate import generate_samples, sharpen_sweep
+
+        count = self.config.sharpen_calibration_images
+        labels = [k % len(self.class_names) for k in range(count)] if self.class_names else None
+        samples = generate_samples(
+            pipeline,
+            count,
+            steps=self.config.validation_inference_steps,
+            seed=self.config.seed,
+            upscale=False,
+            class_labels=labels,
+            postprocess={"sharpen_amount": 0.0, "gamma": 1.0},
+        )
+        sweep = sharpen_sweep(pipeline, samples, self.space.reference_images(2000))
+        best = next(row for row in sweep["rows"] if row["amount"] == sweep["best_amount"])
+        write_text_atomic(self.output_dir / "sharpen_calibration.json", json.dumps(sweep, indent=2) + "\n")
+        self.accelerator.print(
+            f"Unsharp amount calibrated on {count} samples: {sweep['best_amount']} (high-frequency ratio "
+            f"{best['hf_energy_ratio']:.2f}, Laplacian ratio {best['laplacian_var_ratio']:.2f}; "
+            f"--sharpen_amount was {sweep['pipeline_amount']})."
+        )
+        return float(sweep["best_amount"])
+
+    def export(self, calibrate_sharpening: bool = False) -> Path:
+        """Write the pipeline folder (EMA weights, DPM-Solver++ default, sample grid, training config).
+
+        With ``calibrate_sharpening`` (the final export) and ``--sharpen_calibration_images``, the saved unsharp amount
+        is the calibrated one, and the grid shows it.
+        """
         kwargs = self.pipeline_kwargs()
+        if calibrate_sharpening and self.config.sharpen_calibration_images:
+            kwargs["sharpen_amount"] = self.calibrated_sharpen_amount(build_pipeline(**kwargs))
         grid, _ = self.sample_grid(build_pipeline(**kwargs))
         if self.config.sr_model_name_or_path:
             from crispdiff.sr import load_sr_model
@@ -647,7 +685,7 @@ class Trainer(LoopTrainer):
             self.export()
 
     def finish(self) -> Path:
-        folder = self.export()
+        folder = self.export(calibrate_sharpening=True)
         self.accelerator.print(f"Pipeline saved to {folder} (sample grid: {folder / 'samples.png'}).")
         if self.config.push_to_hub:
             self.accelerator.print(f"Uploaded to {maybe_push_to_hub(folder, self.config)}")

@@ -7,6 +7,7 @@ calls are counted with a forward hook on the real encoder, not with mocks.
 from __future__ import annotations
 
 import json
+import math
 import warnings
 from pathlib import Path
 
@@ -242,6 +243,31 @@ def test_interrupted_encode_resumes(image_dir, vae_dir, tmp_path):
     other = make_config(image_dir, vae_dir, tmp_path / "fresh", vae_batch_size=2)
     _, fresh = build_cache(other, vae)
     assert np.array_equal(resumed.mean, fresh.mean) and np.array_equal(resumed.logvar, fresh.logvar)
+
+
+def test_train_latent_calibrates_the_unsharp_amount_it_saves(image_dir, vae_dir, tmp_path):
+    """--sharpen_calibration_images: the saved amount is the sweep's best on the final model, not the flag's."""
+    from crispdiff.evaluate import SHARPEN_SWEEP_AMOUNTS
+    from crispdiff.latent import train_latent
+
+    config = make_config(image_dir, vae_dir, tmp_path, sharpen_amount=1.0, sharpen_calibration_images=6)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        pipeline_dir = train_latent(config)
+    sweep = json.loads((pipeline_dir.parent / "sharpen_calibration.json").read_text())
+    rows = sweep["rows"]
+    assert [row["amount"] for row in rows] == list(SHARPEN_SWEEP_AMOUNTS) and sweep["pipeline_amount"] == 1.0
+    hf = [row["hf_energy_ratio"] for row in rows]
+    assert all(a < b for a, b in zip(hf, hf[1:]))  # each amount really sharpened the same samples more
+
+    def mismatch(row: dict) -> float:
+        return max(abs(math.log(row["hf_energy_ratio"])), abs(math.log(row["laplacian_var_ratio"])))
+
+    # a tiny VAE after 3 steps decodes soft (ratios ~0.75 at the flag's 1.0): the sweep must ask for more
+    assert sweep["best_amount"] == min(rows, key=mismatch)["amount"] > 1.0
+    assert json.loads((pipeline_dir / "model_index.json").read_text())["sharpen_amount"] == sweep["best_amount"]
+    with pytest.raises(ValueError, match="sharpen_calibration_images"):
+        make_config(image_dir, vae_dir, tmp_path, sharpen_calibration_images=-1).validate()
 
 
 def test_train_latent_writes_a_pipeline_that_reloads_with_the_frozen_vae(image_dir, vae_dir, tmp_path):

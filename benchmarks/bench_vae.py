@@ -2,16 +2,20 @@
 
     python benchmarks/bench_vae.py                                  # the embedded VAE
     python benchmarks/bench_vae.py --vae old=/tmp/old-vae new=crispdiff/assets/vae-noto-f4
+    python benchmarks/bench_vae.py --other_family ~/.cache/crispdiff/twemoji-64   # after fetch_twemoji.py
 
 The held-out sets are the ones the embedded VAE was trained without (``crispdiff.vae_training.holdout_split`` with
 the card's flags): whole categories (--holdout_values) and a seeded 5 % of the remaining images. Reconstructions use
 the posterior mean; sharpness ratios are reconstruction / original (1 = as sharp as the data). The embedded 1,000
 (the main job's data, mostly seen in training) are reported too, since they bound how sharp the main job can be.
+``--other_family`` adds a folder of emoji from a design family the VAE never saw (issue 8: >= 25 dB, hf >= 0.85;
+``fetch_twemoji.py`` fetches Twemoji).
 """
 
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 import torch
 from common import append_results, emoji_dir, markdown_table
@@ -29,6 +33,7 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--holdout_values", nargs="+", default=["Activities", "Food & Drink"])
     p.add_argument("--validation_fraction", type=float, default=0.05)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--other_family", help="a folder of emoji of another design family (e.g. fetch_twemoji.py's)")
     p.add_argument("--no_record", action="store_true", help="do not append to benchmarks/RESULTS.md")
     return p.parse_args()
 
@@ -45,6 +50,9 @@ def main() -> None:
         f"held-out categories {', '.join(args.holdout_values)} ({len(classes)})": data.center_crops(classes),
         f"embedded 1,000 (main job data; mostly trained on) ({len(embedded)})": embedded.center_crops(),
     }
+    if args.other_family:
+        other = load_images(DataConfig(train_data_dir=args.other_family), show_progress=False)
+        sets[f"another design family: {Path(args.other_family).name} ({len(other)})"] = other.center_crops()
     rows = []
     for spec in args.vae:
         name, _, path = spec.partition("=")
@@ -60,6 +68,7 @@ def main() -> None:
         f"Data: {emoji_dir()} (64 px, composited on white). Held out with holdout_split(column "
         f"{args.holdout_column!r}, values {args.holdout_values}, fraction {args.validation_fraction}, seed "
         f"{args.seed}); posterior mean; SSIM 11x11 Gaussian window."
+        + (f" Other design family: {args.other_family} (composited on white)." if args.other_family else "")
     )
     if args.no_record:
         print(table + "\n\n" + notes)

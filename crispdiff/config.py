@@ -265,7 +265,7 @@ class TrainConfig(DataConfig, ModelConfig, NoiseConfig, HubConfig, LoopConfig):
         "At the end of training, sample this many images without the unsharp mask and save the amount whose "
         "high-frequency and Laplacian ratios best match the training images (the rule of `crispdiff evaluate "
         "--sharpen_sweep`). 0 = keep --sharpen_amount. Worth it on long runs: the amount a model needs falls as it "
-        "gets sharper (0.5 after the main job's 4 CPU-minutes, 0.3 after 20); 256 is plenty.",
+        "gets sharper (benchmarks/RESULTS.md, 'Unsharp-mask amount vs training length'); 256 is plenty.",
     )
 
     def validate(self) -> None:

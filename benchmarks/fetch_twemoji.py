@@ -7,7 +7,7 @@ Issue 8 asks that the embedded VAE generalise to emoji of another design family 
 ``../shared`` has only Noto; the same emoji drawn by Twitter come from the npm registry as
 ``emoji-datasource-twitter`` (the package ``emoji-datasource-google`` that the Noto set was cut from has the same
 layout). Nothing is committed: the images are CC-BY 4.0 (Twitter, Inc. and contributors, https://twemoji.twitter.com),
-fetched once into a cache. Tests never need this; the benchmark skips the family when the folder is absent.
+fetched once into a cache. Tests never need this; bench_vae.py measures the family only when given the folder.
 """
 
 from __future__ import annotations

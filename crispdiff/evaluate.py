@@ -266,7 +266,7 @@ def generate_samples(
     ``class_labels`` (one class name or id for every image, or a list with one per image) and ``guidance_scale``
     (default: the pipeline's own) go to a class-conditional pipeline; they are passed only when set, so pipelines
     without them keep working. ``postprocess`` overrides the pipeline's post-processing arguments (e.g.
-    ``{"sharpen_amount": 0.0, "gamma": 1.0}`` for images as they leave the decoder / SR model).
+    ``NO_POSTPROCESS`` for images as they leave the decoder / SR model).
 
     Image ``i`` uses its own CPU generator seeded ``seed + i``, as ``crispdiff sample`` does, so the evaluated images
     are the ones that command shows for the same seed, whatever the batch size or device.
@@ -387,6 +387,9 @@ def _levels(values: dict[str, Any]) -> str:
 
 #: Unsharp-mask amounts ``--sharpen_sweep`` tries (0 = off), with the pipeline's own radius and threshold.
 SHARPEN_SWEEP_AMOUNTS = tuple(round(0.1 * step, 1) for step in range(16))
+
+#: ``generate_samples(postprocess=...)`` for images as they leave the decoder / SR model: what ``sharpen_sweep`` takes.
+NO_POSTPROCESS = {"sharpen_amount": 0.0, "gamma": 1.0}
 
 
 def sharpen_sweep(
@@ -619,7 +622,7 @@ def run_evaluation(
             log=log,
             class_labels=labels,
             guidance_scale=guidance_scale if labels is not None else None,
-            postprocess={"sharpen_amount": 0.0, "gamma": 1.0} if sweep_sharpen else None,
+            postprocess=NO_POSTPROCESS if sweep_sharpen else None,
         )
         if sweep_sharpen:
             compared, _ = M.split_reference(len(ref), len(samples), seed=seed)  # the subset evaluate_samples uses

@@ -637,7 +637,7 @@ class Trainer(LoopTrainer):
         ``crispdiff.evaluate.sharpen_sweep`` against up to 2,000 training images; the sweep table is kept next to the
         pipeline in ``sharpen_calibration.json``.
         """
-        from crispdiff.evaluate import generate_samples, sharpen_sweep
+        from crispdiff.evaluate import NO_POSTPROCESS, generate_samples, sharpen_sweep
 
         count = self.config.sharpen_calibration_images
         labels = [k % len(self.class_names) for k in range(count)] if self.class_names else None
@@ -648,7 +648,7 @@ class Trainer(LoopTrainer):
             seed=self.config.seed,
             upscale=False,
             class_labels=labels,
-            postprocess={"sharpen_amount": 0.0, "gamma": 1.0},
+            postprocess=NO_POSTPROCESS,
         )
         sweep = sharpen_sweep(pipeline, samples, self.space.reference_images(2000))
         best = next(row for row in sweep["rows"] if row["amount"] == sweep["best_amount"])

@@ -12,8 +12,9 @@ does not show. The only difference between the recipes:
 * ``main``: the main job's noise recipe (its schedule, prediction type and min-SNR gamma);
 * ``diffusers``: diffusers' example defaults — linear betas, epsilon prediction, no min-SNR weighting.
 
-Both are, like the main job, class-conditional on the emoji's categories (sampled in the reference's class mix with
-the pipeline's guidance scale, as ``crispdiff evaluate`` does) and saved with the embedded VAE's unsharp mask.
+Both are, like the main job, class-conditional on its default column (``EMBEDDED_CLASS_COLUMN``; sampled in the
+reference's class mix with the pipeline's guidance scale, as ``crispdiff evaluate`` does) and saved with the embedded
+VAE's unsharp mask.
 
 Budgets are CPU time of the training process (``time.process_time``: every thread's user + system time), which, unlike
 wall-clock time, does not depend on what else the machine runs; on 2 busy cores one wall minute is about two

@@ -240,7 +240,7 @@ class TrainConfig(DataConfig, ModelConfig, NoiseConfig, HubConfig, LoopConfig):
     num_validation_images: int = flag(
         16,
         "Images in the validation grid (a class-conditional model: one row per class, at least 4 per row, this many "
-        "in all or more).",
+        "in all or more; with more than 16 classes, one image per class).",
     )
     validation_inference_steps: int = flag(25, "Sampler steps for validation and the final sample grid.")
     validation_metrics: bool = flag(False, "Log SWD and sharpness ratios at each validation.")

@@ -39,6 +39,9 @@ from crispdiff.noise import NoiseSchedule, sample_noise, scheduler_base_config
 
 logger = logging.getLogger("crispdiff")
 
+# A class-conditional validation grid has one row per class up to this many classes, one tile per class beyond.
+MAX_GRID_CLASS_ROWS = 16
+
 
 class TrainingSpace(Protocol):
     """Where the diffusion happens: pixels, or a VAE's latents."""
@@ -592,13 +595,19 @@ class Trainer(LoopTrainer):
         """The validation grid: always the same seed, so grids at different steps are comparable.
 
         A class-conditional model gets one row per class (in class-id order, ceil(images / classes) images each but at
-        least 4, sampled with the pipeline's guidance scale), so every class can be seen to learn.
+        least 4, sampled with the pipeline's guidance scale), so every class can be seen to learn. With more than
+        ``MAX_GRID_CLASS_ROWS`` classes (e.g. the emoji's 90 Unicode subcategories) rows of 4 would make a grid too tall
+        to look at, so every class gets one tile instead, in class-id order, in a square grid.
         """
         generator = torch.Generator().manual_seed(self.config.seed)
         count, nrow, labels = self.config.num_validation_images, None, None
         if self.class_names:
-            nrow = max(4, math.ceil(count / len(self.class_names)))
-            labels = [k for k in range(len(self.class_names)) for _ in range(nrow)]
+            num_classes = len(self.class_names)
+            if num_classes > MAX_GRID_CLASS_ROWS:
+                per_class = 1  # make_grid's default layout is the square one
+            else:
+                per_class = nrow = max(4, math.ceil(count / num_classes))
+            labels = [k for k in range(num_classes) for _ in range(per_class)]
             count = len(labels)
         images = pipeline(
             batch_size=count,

@@ -23,6 +23,7 @@ from PIL import Image
 from safetensors.torch import load_file
 from tiny_models import SIZE, WITHOUT_CRISPDIFF, base_config, tiny_vae
 
+from crispdiff import training
 from crispdiff.config import TrainConfig
 from crispdiff.data import load_images
 from crispdiff.errors import DataError
@@ -145,7 +146,7 @@ def test_class_column_gives_sorted_names_ids_and_shares_the_image_cache(class_fo
 
 
 def test_trainer_builds_a_class_embedding_with_a_null_row_and_drops_labels_from_the_noise_generator(
-    class_folder, tmp_path
+    class_folder, tmp_path, monkeypatch
 ):
     config = tiny_config(class_folder, tmp_path / "out", train_batch_size=12)
     trainer = Trainer(config, PixelSpace(load_images(config, show_progress=False)), make_accelerator(config))
@@ -166,6 +167,11 @@ def test_trainer_builds_a_class_embedding_with_a_null_row_and_drops_labels_from_
     # the validation grid has one row per class: ceil(4 images / 3 classes) = 2, but at least 4 columns; 3 rows
     grid, images = trainer.sample_grid(build_pipeline(**trainer.pipeline_kwargs()))
     assert images.shape[0] == 12 and grid.size == (4 * SIZE, 3 * SIZE)
+
+    # more classes than MAX_GRID_CLASS_ROWS (90 emoji subcategories would be 360 tiles): one tile per class, square
+    monkeypatch.setattr(training, "MAX_GRID_CLASS_ROWS", 2)
+    grid, images = trainer.sample_grid(build_pipeline(**trainer.pipeline_kwargs()))
+    assert images.shape[0] == len(CLASSES) and grid.size == (2 * SIZE, 2 * SIZE)
 
 
 def test_conditional_resume_gives_the_same_weights_as_an_uninterrupted_run(class_folder, tmp_path):

@@ -318,8 +318,8 @@ def test_default_command_uses_embedded_data_and_vae(tmp_path):
     assert config.sharpen_amount == EMBEDDED_VAE_SHARPEN_AMOUNT > 0
     assert parse_config(LatentTrainConfig, ["--pretrained_vae_name_or_path", "x"]).sharpen_amount == 0.0
     assert parse_config(LatentTrainConfig, ["--sharpen_amount", "0"]).sharpen_amount == 0.0
-    # the main job is class-conditional on the embedded emoji's categories; other data is not, unless asked
-    assert config.class_column == EMBEDDED_CLASS_COLUMN == "category"
+    # the main job is class-conditional on the embedded emoji's subcategories; other data is not, unless asked
+    assert config.class_column == EMBEDDED_CLASS_COLUMN == "subcategory"
     assert parse_config(LatentTrainConfig, ["--class_column", "none"]).class_column is None
     own_data = ["--train_data_dir", str(tmp_path)]
     assert parse_config(LatentTrainConfig, own_data).class_column is None

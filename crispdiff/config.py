@@ -60,6 +60,12 @@ class DataConfig:
     max_train_samples: int | None = flag(None, "Use only the first N images (for quick experiments).")
     color_jitter: float = flag(0.0, "Opt-in colour jitter strength (0 = off; 0.05 is gentle).")
     blur_prob: float = flag(0.0, "Opt-in probability of a weak Gaussian blur per image (0 = off).")
+    color_remap_prob: float = flag(
+        0.0,
+        "Opt-in probability that an image's colours are remapped: each channel's 0 and 1 go to random levels "
+        "(white background -> any colour, sometimes inverted). For VAEs, which otherwise wash out large saturated "
+        "or dark fields they never saw (0.5 is measured in benchmarks/RESULTS.md).",
+    )
     blur_sigma: float = flag(0.5, "Sigma of the weak blur augmentation, in pixels.")
 
 

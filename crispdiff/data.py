@@ -75,6 +75,8 @@ def _check_config(config: Any) -> None:
         raise DataError(f"--color_jitter must be within [0, 1], got {config.color_jitter}")
     if not 0.0 <= float(config.blur_prob) <= 1.0:
         raise DataError(f"--blur_prob must be within [0, 1], got {config.blur_prob}")
+    if not 0.0 <= float(config.color_remap_prob) <= 1.0:
+        raise DataError(f"--color_remap_prob must be within [0, 1], got {config.color_remap_prob}")
     if float(config.blur_sigma) < 0:
         raise DataError(f"--blur_sigma must be >= 0, got {config.blur_sigma}")
 
@@ -171,6 +173,7 @@ def load_images(config: Any, *, for_latents: bool = False, show_progress: bool =
         color_jitter=float(config.color_jitter),
         blur_prob=float(config.blur_prob),
         blur_sigma=float(config.blur_sigma),
+        color_remap_prob=float(config.color_remap_prob),
         captions=[source.captions[i] for i in kept] if source.captions is not None else None,
         metadata=[source.metadata[i] for i in kept] if source.metadata is not None else None,
         source=source.description,

@@ -53,6 +53,7 @@ class ImageData:
         cache_hit: bool,
         class_names: list[str] | None = None,
         class_ids: np.ndarray | None = None,
+        color_remap_prob: float = 0.0,
     ) -> None:
         self._pixels = pixels
         self._index = index
@@ -64,6 +65,7 @@ class ImageData:
         self.color_jitter = float(color_jitter)
         self.blur_prob = float(blur_prob)
         self.blur_sigma = float(blur_sigma)
+        self.color_remap_prob = float(color_remap_prob)
         self.captions = captions
         self.metadata = metadata
         self.source = source
@@ -189,6 +191,9 @@ class ImageData:
         if self.random_flip:
             flip = (draws[:, 2] < 0.5).view(-1, 1, 1, 1)
             x = torch.where(flip, x.flip(3), x)
+        if self.color_remap_prob > 0:  # drawn after the fixed draws, so runs without it keep their stream
+            remap = torch.rand(len(ids), 7, generator=generator, device=generator.device).to(x.device)
+            x = _color_remap(x, remap, self.color_remap_prob)
         if self.color_jitter > 0:
             x = _color_jitter(x, draws[:, 3:6], self.color_jitter)
         if self.blur_prob > 0 and self.blur_sigma > 0:
@@ -220,6 +225,19 @@ def _as_index_list(indices: torch.Tensor | Iterable[int]) -> list[int]:
 def _luma(x: torch.Tensor) -> torch.Tensor:
     """Rec. 601 luma of an NCHW RGB batch in [0, 1], keeping a channel dim."""
     return 0.299 * x[:, 0:1] + 0.587 * x[:, 1:2] + 0.114 * x[:, 2:3]
+
+
+def _color_remap(x: torch.Tensor, uniforms: torch.Tensor, prob: float) -> torch.Tensor:
+    """With probability ``prob`` per image, send each channel's 0 and 1 to random levels (uniforms: [B, 7] in [0, 1)).
+
+    ``low + (high - low) * x`` per channel, so a white background becomes a random colour and, when ``low > high``,
+    the channel is inverted; shapes and edges are untouched. Emoji on white never show a VAE a large saturated or
+    dark field (a flag, a black square), and one trained only on them decodes such fields washed out; with this
+    the reconstruction target is still the (remapped) input, so nothing is taught that is not in the image.
+    """
+    chosen = (uniforms[:, 0] < prob).view(-1, 1, 1, 1)
+    low, high = uniforms[:, 1:4, None, None], uniforms[:, 4:7, None, None]
+    return torch.where(chosen, low + (high - low) * x, x)
 
 
 def _color_jitter(x: torch.Tensor, uniforms: torch.Tensor, strength: float) -> torch.Tensor:

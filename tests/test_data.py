@@ -489,6 +489,27 @@ def test_color_jitter_and_blur_are_gentle(tmp_path, folder):
     assert torch.allclose(blurred.mean(), base[0].mean(), atol=1e-3), "blur keeps the mean"
 
 
+def test_color_remap_sends_black_and_white_to_random_levels(tmp_path, folder):
+    """--color_remap_prob: chosen images get each channel's 0 and 1 moved to random levels (inverted when low > high),
+    others are untouched; the black and white halves stay flat fields, so shapes and edges survive."""
+    _asymmetric().save(folder / "half.png")
+    base = _load(_config(tmp_path, folder)).batch([0] * 32, torch.Generator().manual_seed(0))
+    remapped = _load(_config(tmp_path, folder, color_remap_prob=0.5)).batch([0] * 32, torch.Generator().manual_seed(0))
+    changed = [not torch.equal(r, b) for r, b in zip(remapped, base)]
+    assert 4 < sum(changed) < 28, f"about half should be remapped, got {sum(changed)}/32"
+    black, white = base[0] == -1, base[0] == 1
+    for image in remapped:
+        assert image.min() >= -1 and image.max() <= 1
+        for channel in range(3):
+            assert image[channel][black[channel]].unique().numel() == 1, "the black half stays one flat level"
+            assert image[channel][white[channel]].unique().numel() == 1, "the white half stays one flat level"
+    backgrounds = {tuple(image[:, 0, -1].tolist()) for image in remapped}
+    assert len(backgrounds) > 5, "white goes to many different colours"
+    assert (remapped[:, :, 0, 0] > remapped[:, :, 0, -1]).any(), "some channels are inverted"
+    with pytest.raises(DataError, match="--color_remap_prob"):
+        _load(_config(tmp_path, folder, color_remap_prob=1.5))
+
+
 def test_for_latents_stores_center_crops(tmp_path, folder):
     Image.fromarray(np.full((32, 64, 3), 80, dtype=np.uint8)).save(folder / "wide.png")
     data = _load(_config(tmp_path, folder), for_latents=True)

@@ -336,6 +336,8 @@ def test_unsupported_flags_are_rejected_with_the_alternative():
         parse_config(LatentTrainConfig, ["--vae_trainable", "decoder"])
     with pytest.raises(ValueError, match="pixel augmentations"):
         parse_config(LatentTrainConfig, ["--color_jitter", "0.1"])
+    with pytest.raises(ValueError, match="pixel augmentations"):
+        parse_config(LatentTrainConfig, ["--color_remap_prob", "0.5"])
 
 
 @pytest.mark.slow

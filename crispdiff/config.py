@@ -37,6 +37,10 @@ def without_secrets(values: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in values.items() if not any(marker in k.lower() for marker in SECRET_MARKERS)}
 
 
+#: The per-epoch pixel augmentation flags of DataConfig: each a number in [0, 1], 0 meaning off.
+PIXEL_AUGMENTATIONS = ("color_jitter", "blur_prob", "color_remap_prob")
+
+
 @dataclass
 class DataConfig:
     """Where the images come from and how they are turned into training tensors."""
@@ -60,13 +64,21 @@ class DataConfig:
     max_train_samples: int | None = flag(None, "Use only the first N images (for quick experiments).")
     color_jitter: float = flag(0.0, "Opt-in colour jitter strength (0 = off; 0.05 is gentle).")
     blur_prob: float = flag(0.0, "Opt-in probability of a weak Gaussian blur per image (0 = off).")
+    blur_sigma: float = flag(0.5, "Sigma of the weak blur augmentation, in pixels.")
     color_remap_prob: float = flag(
         0.0,
         "Opt-in probability that an image's colours are remapped: each channel's 0 and 1 go to random levels "
         "(white background -> any colour, sometimes inverted). For VAEs, which otherwise wash out large saturated "
         "or dark fields they never saw (0.5 is measured in benchmarks/RESULTS.md).",
     )
-    blur_sigma: float = flag(0.5, "Sigma of the weak blur augmentation, in pixels.")
+
+    def pixel_augmentations(self) -> list[str]:
+        """The per-epoch pixel augmentations switched on, as flags (e.g. ``["--color_jitter"]``).
+
+        Trainers that encode every image once into a latent cache cannot honour them and refuse this list, so a new
+        augmentation added here is refused by all of them.
+        """
+        return [f"--{name}" for name in PIXEL_AUGMENTATIONS if getattr(self, name) > 0]
 
 
 @dataclass

@@ -26,6 +26,7 @@ from typing import Any
 
 import numpy as np
 
+from crispdiff.config import PIXEL_AUGMENTATIONS
 from crispdiff.data_batches import ImageData, to_device, uint8_to_unit
 from crispdiff.data_cache import (
     SKIPPED_FILE,
@@ -71,12 +72,9 @@ def _check_config(config: Any) -> None:
         raise DataError(f"--resolution must be positive, got {config.resolution}")
     if config.interpolation not in _INTERPOLATIONS:
         raise DataError(f"--interpolation {config.interpolation!r} is not one of {sorted(_INTERPOLATIONS)}")
-    if not 0.0 <= float(config.color_jitter) <= 1.0:
-        raise DataError(f"--color_jitter must be within [0, 1], got {config.color_jitter}")
-    if not 0.0 <= float(config.blur_prob) <= 1.0:
-        raise DataError(f"--blur_prob must be within [0, 1], got {config.blur_prob}")
-    if not 0.0 <= float(config.color_remap_prob) <= 1.0:
-        raise DataError(f"--color_remap_prob must be within [0, 1], got {config.color_remap_prob}")
+    for name in PIXEL_AUGMENTATIONS:
+        if not 0.0 <= float(getattr(config, name)) <= 1.0:
+            raise DataError(f"--{name} must be within [0, 1], got {getattr(config, name)}")
     if float(config.blur_sigma) < 0:
         raise DataError(f"--blur_sigma must be >= 0, got {config.blur_sigma}")
 

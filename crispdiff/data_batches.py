@@ -44,6 +44,7 @@ class ImageData:
         color_jitter: float,
         blur_prob: float,
         blur_sigma: float,
+        color_remap_prob: float,
         captions: list[str] | None,
         metadata: list[dict[str, Any]] | None,
         source: str,
@@ -53,7 +54,6 @@ class ImageData:
         cache_hit: bool,
         class_names: list[str] | None = None,
         class_ids: np.ndarray | None = None,
-        color_remap_prob: float = 0.0,
     ) -> None:
         self._pixels = pixels
         self._index = index

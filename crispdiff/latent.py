@@ -147,11 +147,10 @@ class LatentTrainConfig(TrainConfig):
                 "--pretrained_vae_name_or_path <vae> --train_decoder_only` (the encoder stays frozen, so latents "
                 "stay valid), then train here with --pretrained_vae_name_or_path <output>/vae."
             )
-        if self.color_jitter > 0 or self.blur_prob > 0 or self.color_remap_prob > 0:
+        if augmentations := self.pixel_augmentations():
             raise ValueError(
-                "--color_jitter, --blur_prob and --color_remap_prob are pixel augmentations; the latent cache encodes "
-                "every image once, so they cannot vary per epoch. Drop them (or train in pixel space with "
-                "train_unconditional.py)."
+                f"{', '.join(augmentations)}: pixel augmentations; the latent cache encodes every image once, so they "
+                "cannot vary per epoch. Drop them (or train in pixel space with train_unconditional.py)."
             )
         if self.vae_batch_size < 1:
             raise ValueError(f"--vae_batch_size must be >= 1, got {self.vae_batch_size}")

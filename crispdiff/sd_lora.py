@@ -154,10 +154,8 @@ class SDLoRAConfig(DataConfig, HubConfig, LoopConfig):
             raise SDLoRAError(f"--output_size must be positive, got {self.output_size}")
         if (self.output_size or self.sr_model_name_or_path) and not self.save_pipeline:
             raise SDLoRAError("--output_size and --sr_model_name_or_path apply to --save_pipeline; add it")
-        if self.color_jitter > 0 or self.blur_prob > 0 or self.color_remap_prob > 0:
-            raise SDLoRAError(
-                "--color_jitter / --blur_prob / --color_remap_prob cannot vary per epoch on cached latents; drop them"
-            )
+        if augmentations := self.pixel_augmentations():
+            raise SDLoRAError(f"{', '.join(augmentations)} cannot vary per epoch on cached latents; drop them")
 
     def lora_config(self, targets: list[str]) -> Any:
         from peft import LoraConfig

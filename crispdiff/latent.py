@@ -5,7 +5,7 @@ UNet then does ~16x less work per image, and the decoder — trained on the same
 samples are sharper for the same compute. The pieces:
 
 - ``LatentTrainConfig``: the pixel trainer's flags plus the VAE's, with defaults for the main job (``accelerate
-  launch train_scripts/train_latent.py`` with no arguments: embedded emoji, embedded VAE, ~4.5 minutes on 2 CPU cores);
+  launch train_scripts/train_latent.py`` with no arguments: embedded emoji, embedded VAE, ~3 minutes on 2 CPU cores);
 - ``LatentSpace``: the ``crispdiff.training.TrainingSpace`` whose ``x0`` draws ``z = mean + std * eps`` from the
   cached posterior (``crispdiff.latent_cache``), picks the mirror image's latents half the time with
   ``--random_flip``, and scales them to unit variance;
@@ -57,9 +57,8 @@ class LatentTrainConfig(TrainConfig):
     """Everything `train_scripts/train_latent.py` accepts.
 
     The defaults are the main job: the embedded Noto emoji at 64 px, the embedded f=4 VAE (8x16x16 latents), and a
-    UNet and schedule sized to finish, latent encoding included, in about 4.5 minutes on a 2-core CPU (9 on one half
-    as fast). On a GPU use a
-    bigger model and a longer run; each flag's help says what.
+    UNet and schedule sized to finish, latent encoding included, in about 3 minutes on a 2-core CPU (6-7 on one
+    half as fast). On a GPU use a bigger model and a longer run; each flag's help says what.
     """
 
     pretrained_vae_name_or_path: str | None = flag(
@@ -92,10 +91,12 @@ class LatentTrainConfig(TrainConfig):
     )
 
     # Defaults for the main job: 64 px emoji -> 8x16x16 latents and a 2.8M-parameter UNet, sized so the whole run
-    # (1000 images encoded, 1500 steps of 32, export and sample grid) takes about 4.5 minutes on a 2-core CPU and
-    # at most 10 on one half as fast. `accelerate launch` without a config gives a CPU process one thread; crispdiff
-    # gives it its share of the cores (`--cpu_threads`). Measured in benchmarks/RESULTS.md ("Main job: decoder noise
-    # and sharpening", bench_budget.py).
+    # (1000 images encoded, 700 steps of 64, export and sample grid) takes about 3 minutes on a 2-core CPU, and
+    # README's first command (install included) at most 10 on one half as fast. Batch 64 gives 1.2x the images per
+    # second of batch 32 on a CPU, and attention only at 4x4 saves 10% of a step; against 1,500 steps of 32 with
+    # attention at 8 and 4 this costs about 5% in SWD for 25% less time (benchmarks/RESULTS.md, "Main job in 3
+    # minutes"). `accelerate launch` without a config gives a CPU process one thread; crispdiff gives it its share of
+    # the cores (`--cpu_threads`).
     resolution: int = flag(64, "Training resolution in pixels (square); must be a multiple of the VAE's factor.")
     base_channels: int = flag(
         32, "Channels of the first UNet level (CPU default; on a GPU 128 with --channel_mults 1 2 3 4)."
@@ -104,23 +105,29 @@ class LatentTrainConfig(TrainConfig):
         [1, 2, 4], "Channel multiplier per level; 3 levels suit 16x16 latents (16 -> 8 -> 4)."
     )
     attention_res: list[int] = flag(
-        [8, 4], "LATENT resolutions with self-attention (16x16 latents: levels at 16, 8, 4; 32x32 latents: 16, 8)."
+        [4],
+        "LATENT resolutions with self-attention (16x16 latents: levels at 16, 8, 4; CPU default 4, GPU 8 4; "
+        "32x32 latents: 16 8).",
     )
     layers_per_block: int = flag(1, "ResNet layers per UNet level (CPU default; 2 on a GPU).")
     dropout: float = flag(0.0, "Dropout inside the ResNet blocks (0.1 for long GPU runs on small datasets).")
-    train_batch_size: int = flag(32, "Images per process per micro-batch (CPU default; 128-256 on a GPU).")
+    train_batch_size: int = flag(64, "Images per process per micro-batch (CPU default; 128-256 on a GPU).")
     max_train_steps: int | None = flag(
-        1500, "Optimizer steps (CPU default: about 4.5 minutes on a 2-core CPU; a GPU run: 20000-50000 steps)."
+        700, "Optimizer steps (CPU default: about 2.5 minutes on a 2-core CPU; a GPU run: 20000-50000 steps)."
     )
     learning_rate: float = flag(
-        2e-3,
-        "Peak learning rate. 2e-3 suits the short CPU run on the 8-channel embedded VAE (measured: 5e-4 left SWD "
-        "1.5x higher at 1,500 steps); 2e-4 for long GPU runs with a bigger UNet.",
+        3e-3,
+        "Peak learning rate. 3e-3 suits the short CPU run on the 8-channel embedded VAE (measured: 5e-4 left SWD "
+        "1.5x higher in a run of 1,500 steps of 32); 2e-4 for long GPU runs with a bigger UNet.",
     )
     lr_warmup_steps: int = flag(100, "Linear warmup steps.")
     ema_power: float = flag(2 / 3, "EMA warmup power (2/3 for runs of a few thousand steps, 3/4 for longer ones).")
     checkpointing_steps: int = flag(500, "Save a resumable checkpoint every N optimizer steps.")
-    validation_steps: int = flag(500, "Sample a validation grid every N steps.")
+    validation_steps: int = flag(
+        1000,
+        "Sample a validation grid every N steps (the main job's 700 steps end with the pipeline's own grid only: each "
+        "grid of 90 guided classes costs about 7 s, 4% of the run).",
+    )
     output_dir: str = flag("crispdiff-latent", "Where checkpoints, logs, samples and the pipeline folder go.")
     class_column: str | None = flag(
         None,

@@ -254,13 +254,19 @@ def test_scale_lr_scales_by_the_ratio_to_the_reference_batch():
     assert scaled_learning_rate(config, num_processes=2) == pytest.approx(2e-4)
 
 
-def test_fused_adamw_follows_where_the_parameters_are():
-    """Fused AdamW over parameters still on the CPU is rejected by torch 2.1-2.3; decide from the parameters."""
+def test_fused_adamw_follows_where_the_parameters_are(monkeypatch):
+    """Fused AdamW is chosen from the parameters' device: on the CPU only where torch has the kernel (2.4+)."""
     from crispdiff.training import make_optimizer
 
     cpu_params = [torch.nn.Parameter(torch.zeros(2))]
-    optimizer = make_optimizer(TrainConfig(), cpu_params, torch.device("cuda"))
-    assert not optimizer.defaults.get("fused")
+    optimizer = make_optimizer(TrainConfig(), cpu_params)
+    assert optimizer.defaults.get("fused"), "torch >= 2.4 fuses AdamW over CPU parameters"
+    before = cpu_params[0].detach().clone()
+    cpu_params[0].grad = torch.ones(2)
+    optimizer.step()
+    assert not torch.equal(cpu_params[0].detach(), before), "the fused step must update the parameters"
+    monkeypatch.setattr(torch, "__version__", "2.3.1+cpu")
+    assert not make_optimizer(TrainConfig(), cpu_params).defaults.get("fused"), "torch 2.1-2.3 reject fused on CPU"
 
 
 def test_epoch_order_is_computed_once_per_epoch_and_covers_the_data(monkeypatch):
@@ -353,7 +359,7 @@ def test_8bit_adam_without_bitsandbytes_names_the_extra(monkeypatch):
     monkeypatch.setattr(builtins, "__import__", no_bitsandbytes)
     params = [torch.nn.Parameter(torch.zeros(2))]
     with pytest.raises(ImportError, match=r"--use_8bit_adam.*crispdiff\[bnb\]"):
-        make_optimizer(TrainConfig(use_8bit_adam=True), params, torch.device("cpu"))
+        make_optimizer(TrainConfig(use_8bit_adam=True), params)
 
 
 def test_checkpoint_limit_of_one_keeps_only_the_newest(image_folder, tmp_path):

@@ -3,7 +3,7 @@
     accelerate launch train_scripts/train_latent.py
 
 With no arguments it trains on crispdiff's embedded Noto emoji subset (64 px) with the embedded f=4 VAE, sized to
-finish in about 4 minutes on a 2-core CPU, latent encoding included, and writes crispdiff-latent/pipeline (with
+finish in about 3 minutes on a 2-core CPU, latent encoding included, and writes crispdiff-latent/pipeline (with
 samples.png). Your own data and VAE:
 
     accelerate launch train_scripts/train_latent.py --train_data_dir my_images --resolution 128 \\

@@ -206,9 +206,13 @@ def make_optimizer(config: LoopConfig, parameters: Any, lr: float | None = None)
     return torch.optim.AdamW(parameters, fused=True if fused_adamw_supported(parameters) else None, **kwargs)
 
 
-def fused_adamw_supported(parameters: list[torch.nn.Parameter]) -> bool:
-    """Whether this torch has a fused AdamW kernel for the device all `parameters` are on (CPU: torch >= 2.4)."""
-    devices = {p.device.type for p in parameters}
+def fused_adamw_supported(parameters: list[Any]) -> bool:
+    """Whether this torch has a fused AdamW kernel for the device all `parameters` are on (CPU: torch >= 2.4).
+
+    `parameters` are tensors or param groups (dicts with "params"), as torch optimizers accept either.
+    """
+    tensors = [t for p in parameters for t in (p["params"] if isinstance(p, dict) else [p])]
+    devices = {t.device.type for t in tensors}
     if devices == {"cuda"}:
         return True
     return devices == {"cpu"} and torch_version_at_least(2, 4)

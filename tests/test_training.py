@@ -265,6 +265,8 @@ def test_fused_adamw_follows_where_the_parameters_are(monkeypatch):
     cpu_params[0].grad = torch.ones(2)
     optimizer.step()
     assert not torch.equal(cpu_params[0].detach(), before), "the fused step must update the parameters"
+    groups = [{"params": cpu_params}, {"params": [torch.nn.Parameter(torch.zeros(3))], "lr": 1e-5}]
+    assert make_optimizer(TrainConfig(), groups).defaults.get("fused"), "param groups (the VAE trainer's) too"
     monkeypatch.setattr(torch, "__version__", "2.3.1+cpu")
     assert not make_optimizer(TrainConfig(), cpu_params).defaults.get("fused"), "torch 2.1-2.3 reject fused on CPU"
 

@@ -25,6 +25,7 @@ from accelerate.utils import ProjectConfiguration, is_mps_available, is_xpu_avai
 from diffusers import UNet2DModel
 from diffusers.optimization import get_scheduler
 from diffusers.training_utils import EMAModel
+from torch.torch_version import TorchVersion
 from tqdm.auto import tqdm
 
 from crispdiff.checkpoint import find_checkpoint, load_checkpoint, save_checkpoint
@@ -215,13 +216,7 @@ def fused_adamw_supported(parameters: list[Any]) -> bool:
     devices = {t.device.type for t in tensors}
     if devices == {"cuda"}:
         return True
-    return devices == {"cpu"} and torch_version_at_least(2, 4)
-
-
-def torch_version_at_least(major: int, minor: int) -> bool:
-    """True when the installed torch is at least `major`.`minor` (local tags like +cpu ignored)."""
-    installed = tuple(int(part) for part in torch.__version__.split("+")[0].split(".")[:2])
-    return installed >= (major, minor)
+    return devices == {"cpu"} and TorchVersion(torch.__version__) >= (2, 4)
 
 
 def scaled_learning_rate(config: LoopConfig, num_processes: int) -> float:

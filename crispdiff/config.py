@@ -69,7 +69,7 @@ class DataConfig:
         0.0,
         "Opt-in probability that an image's colours are remapped: each channel's 0 and 1 go to random levels "
         "(white background -> any colour, sometimes inverted). For VAEs, which otherwise wash out large saturated "
-        "or dark fields they never saw (0.5 is measured in benchmarks/RESULTS.md).",
+        "or dark fields they never saw (the embedded VAE's last stage used 0.25; benchmarks/RESULTS.md).",
     )
 
     def pixel_augmentations(self) -> list[str]:

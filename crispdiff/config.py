@@ -94,6 +94,13 @@ class ModelConfig:
     layers_per_block: int = flag(2, "ResNet layers per UNet level.")
     dropout: float = flag(0.1, "Dropout inside the ResNet blocks.")
     attention_head_dim: int = flag(32, "Channels per attention head.")
+    resnet_time_scale_shift: str = flag(
+        "default",
+        "How the time (+ class) embedding enters each ResNet block: added to its features (default) or as a "
+        "scale and shift of its GroupNorm (scale_shift: AdaGN, Dhariwal & Nichol 2021; stronger class conditioning "
+        "for a few more parameters). diffusers' UNet2DModel option of the same name.",
+        choices=["default", "scale_shift"],
+    )
     encoder: str | None = flag(
         None,
         "Use a timm network as the UNet's encoder, e.g. `timm:convnext_atto` or `timm:resnet18` (needs "

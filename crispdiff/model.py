@@ -44,6 +44,7 @@ def build_unet(
     dropout: float = 0.0,
     attention_head_dim: int = 32,
     num_class_embeds: int | None = None,
+    resnet_time_scale_shift: str = "default",
 ) -> UNet2DModel:
     """A UNet2DModel with one level per channel multiplier and self-attention at the listed resolutions.
 
@@ -85,6 +86,7 @@ def build_unet(
         norm_num_groups=group_norm_groups(channels),
         add_attention=True,
         num_class_embeds=num_class_embeds,
+        resnet_time_scale_shift=resnet_time_scale_shift,
     )
 
 
@@ -119,6 +121,7 @@ def unet_from_config(
         dropout=config.dropout,
         attention_head_dim=config.attention_head_dim,
         num_class_embeds=num_class_embeds,
+        resnet_time_scale_shift=config.resnet_time_scale_shift,
     )
 
 

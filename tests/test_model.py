@@ -70,3 +70,20 @@ def test_ddpm_cifar10_reference_config_builds(tmp_path):
         pytest.skip(f"{path} not found")
     unet = unet_from_config(ModelConfig(model_config_name_or_path=str(path)), resolution=32)
     assert tuple(unet.config.block_out_channels) == (128, 256, 256, 256)
+
+
+def test_scale_shift_flag_makes_class_and_time_modulate_the_norms():
+    """--resnet_time_scale_shift scale_shift reaches the UNet: each ResNet's embedding projection doubles (a scale
+    and a shift per channel), and a class label changes the output."""
+    config = ModelConfig(base_channels=8, channel_mults=[1, 2], attention_res=[], layers_per_block=1)
+    plain = unet_from_config(config, 16, in_channels=4, num_class_embeds=3)
+    config.resnet_time_scale_shift = "scale_shift"
+    adagn = unet_from_config(config, 16, in_channels=4, num_class_embeds=3)
+    assert adagn.config.resnet_time_scale_shift == "scale_shift"
+    block = adagn.down_blocks[0].resnets[0]
+    assert block.time_emb_proj.out_features == 2 * plain.down_blocks[0].resnets[0].time_emb_proj.out_features
+    x, t = torch.randn(2, 4, 16, 16), torch.tensor([500, 500])
+    with torch.no_grad():
+        a = adagn(x, t, class_labels=torch.tensor([0, 0])).sample
+        b = adagn(x, t, class_labels=torch.tensor([1, 1])).sample
+    assert not torch.allclose(a, b)

@@ -9,8 +9,8 @@ constant after warmup so that every point is a fair budget (a cosine schedule wo
 points of a run sized for the last one); the main job itself decays its LR over its own steps, which this table
 does not show. The only difference between the recipes:
 
-* ``main``: the main job's noise recipe (its schedule, prediction type and min-SNR gamma);
-* ``diffusers``: diffusers' example defaults — linear betas, epsilon prediction, no min-SNR weighting.
+* ``main``: the main job's noise recipe (its schedule and its log-SNR shift, prediction type and min-SNR gamma);
+* ``diffusers``: diffusers' example defaults — linear betas (unshifted), epsilon prediction, no min-SNR weighting.
 
 Both are, like the main job, class-conditional on its default column (``EMBEDDED_CLASS_COLUMN``; sampled in the
 reference's class mix with the pipeline's guidance scale, as ``crispdiff evaluate`` does) and saved with the embedded
@@ -52,7 +52,7 @@ from crispdiff.vae import load_vae
 #: TrainConfig overrides of each recipe; everything else is the main job's default.
 RECIPES: dict[str, dict[str, Any]] = {
     "main": {},
-    "diffusers": {"beta_schedule": "linear", "prediction_type": "epsilon", "snr_gamma": 0.0},
+    "diffusers": {"beta_schedule": "linear", "prediction_type": "epsilon", "snr_gamma": 0.0, "snr_shift": 0.0},
 }
 
 
@@ -151,7 +151,7 @@ def plot(rows: list[dict[str, Any]], path: Path) -> None:
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
-        print("plot skipped: matplotlib is not installed; the table has the same numbers")
+        print("plot skipped: matplotlib is not installed (pip install 'crispdiff[bench]'); the table has the numbers")
         return
     fig, (ax_swd, ax_sharp) = plt.subplots(1, 2, figsize=(11, 4))
     for recipe in dict.fromkeys(r["recipe"] for r in rows):

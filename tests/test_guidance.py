@@ -428,12 +428,12 @@ def test_train_latent_script_with_a_class_column_writes_a_pipeline_that_samples_
     assert "--guidance_scale needs --class" in capsys.readouterr().err
 
     # evaluate samples the classes in the reference's mix with the saved guidance, or one class against its images
-    assert index["guidance_scale"] == 2.0  # --guidance_scale's default, saved with the classes
+    assert index["guidance_scale"] == 3.0  # the latent trainer's --guidance_scale default, saved with the classes
     evaluate = [str(folder), "--reference", str(class_folder), "--num_images", "6", "--steps", "2", "--no_fid",
                 "--no_memorisation", "--device", "cpu", "--batch_size", "4"]  # fmt: skip
     assert main(["evaluate", *evaluate, "--output_dir", str(tmp_path / "mix")]) == 0
     settings = json.loads((tmp_path / "mix" / "metrics.json").read_text())["settings"]
-    assert settings["conditioning"] == "classes in the reference's 'shape' mix" and settings["guidance_scale"] == 2.0
+    assert settings["conditioning"] == "classes in the reference's 'shape' mix" and settings["guidance_scale"] == 3.0
     assert main(["evaluate", *evaluate, "--output_dir", str(tmp_path / "ring"), "--class", "ring"]) == 0
     settings = json.loads((tmp_path / "ring" / "metrics.json").read_text())["settings"]
     assert settings["conditioning"] == f"class 'ring', against the reference's {PER_CLASS} images of it"

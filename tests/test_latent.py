@@ -21,8 +21,10 @@ from tiny_models import tiny_vae
 
 from crispdiff.config import parse_config
 from crispdiff.data import load_images
+from crispdiff.errors import FlagError
 from crispdiff.latent import (
     EMBEDDED_CLASS_COLUMN,
+    MAIN_JOB_SNR_SHIFT,
     LatentSpace,
     LatentTrainConfig,
     build_latent_space,
@@ -31,6 +33,8 @@ from crispdiff.latent import (
     resolve_scaling,
 )
 from crispdiff.latent_cache import load_or_build_latent_cache
+from crispdiff.model import unet_from_config
+from crispdiff.noise import NoiseSchedule, betas_from_config
 from crispdiff.vae import EMBEDDED_VAE_SHARPEN_AMOUNT, embedded_vae_dir, encode_posterior, load_vae, unscale_latents
 
 NUM_IMAGES = 10
@@ -329,6 +333,25 @@ def test_default_command_uses_embedded_data_and_vae(tmp_path):
     data = load_images(config, for_latents=True, show_progress=False)
     assert "embedded" in data.source and data.resolution == 64
     assert len(data.class_names) >= 2 and len(data.class_ids) == 100
+
+
+def test_main_job_shifts_a_shiftable_schedule_and_conditions_through_the_norms():
+    """The latent trainer's defaults: AdaGN and a -1 nat log-SNR shift on the cosine schedule. The shift is resolved
+    from the schedule, so `--beta_schedule linear` (which cannot be shifted) works without also passing
+    `--snr_shift 0`, while an explicit shift of a linear schedule is still refused."""
+    config = parse_config(LatentTrainConfig, [])
+    assert unet_from_config(config, resolution=16, in_channels=8).config.resnet_time_scale_shift == "scale_shift"
+    assert (config.beta_schedule, config.snr_shift) == ("cosine", MAIN_JOB_SNR_SHIFT) and MAIN_JOB_SNR_SHIFT < 0
+    assert parse_config(LatentTrainConfig, ["--beta_schedule", "sigmoid"]).snr_shift == MAIN_JOB_SNR_SHIFT
+    assert parse_config(LatentTrainConfig, ["--beta_schedule", "linear"]).snr_shift == 0.0
+    assert parse_config(LatentTrainConfig, ["--snr_shift", "0"]).snr_shift == 0.0
+    with pytest.raises(FlagError, match="--snr_shift applies to the cosine and sigmoid schedules"):
+        parse_config(LatentTrainConfig, ["--beta_schedule", "linear", "--snr_shift", "-1"])
+    # the shift reaches the betas the trainer uses: every step away from the capped ends is noisier than unshifted
+    shifted = NoiseSchedule(betas_from_config(config)).snr
+    unshifted = NoiseSchedule(betas_from_config(parse_config(LatentTrainConfig, ["--snr_shift", "0"]))).snr
+    ratio = (shifted / unshifted)[50:-50]
+    assert torch.allclose(ratio, torch.full_like(ratio, math.exp(MAIN_JOB_SNR_SHIFT)), rtol=1e-3)
 
 
 def test_unsupported_flags_are_rejected_with_the_alternative():

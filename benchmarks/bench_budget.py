@@ -154,12 +154,14 @@ def plot(rows: list[dict[str, Any]], path: Path) -> None:
         print("plot skipped: matplotlib is not installed (pip install 'crispdiff[bench]'); the table has the numbers")
         return
     fig, (ax_swd, ax_sharp) = plt.subplots(1, 2, figsize=(11, 4))
-    for recipe in dict.fromkeys(r["recipe"] for r in rows):
+    for index, recipe in enumerate(dict.fromkeys(r["recipe"] for r in rows)):
         mine = [r for r in rows if r["recipe"] == recipe]
         x = [r["budget_cpu_min"] for r in mine]
-        ax_swd.plot(x, [r["swd"] for r in mine], marker="o", label=recipe)
-        ax_sharp.plot(x, [r["hf_energy_ratio"] for r in mine], marker="o", label=f"{recipe}: hf energy")
-        ax_sharp.plot(x, [r["laplacian_var_ratio"] for r in mine], marker="x", ls="--", label=f"{recipe}: Laplacian")
+        color = f"C{index}"  # one colour per recipe in both panels
+        ax_swd.plot(x, [r["swd"] for r in mine], marker="o", color=color, label=recipe)
+        ax_sharp.plot(x, [r["hf_energy_ratio"] for r in mine], marker="o", color=color, label=f"{recipe}: hf energy")
+        laplacian = [r["laplacian_var_ratio"] for r in mine]
+        ax_sharp.plot(x, laplacian, marker="x", ls="--", color=color, label=f"{recipe}: Laplacian")
     ax_swd.axhline(rows[0]["swd_floor"], color="grey", ls=":", label="real vs real")
     ax_swd.axhline(2.5 * rows[0]["swd_floor"], color="grey", ls="--", label="2.5x floor (target)")
     ax_sharp.axhspan(0.85, 1.15, color="green", alpha=0.1, label="target band")

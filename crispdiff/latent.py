@@ -96,7 +96,7 @@ class LatentTrainConfig(TrainConfig):
         "(plus their mean as shift) when the config states none; the value used is saved in the pipeline.",
     )
 
-    # Defaults for the main job: 64 px emoji -> 8x16x16 latents and a 2.8M-parameter UNet, sized so the whole run
+    # Defaults for the main job: 64 px emoji -> 8x16x16 latents and a 2.9M-parameter AdaGN UNet, sized so the whole run
     # (1000 images encoded, 700 steps of 64, export and sample grid) takes about 3 minutes on a 2-core CPU, and
     # README's first command (install included) at most 10 on one half as fast. Batch 64 gives 1.2x the images per
     # second of batch 32 on a CPU, and attention only at 4x4 saves 10% of a step; against 1,500 steps of 32 with

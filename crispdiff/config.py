@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -249,7 +250,13 @@ class TrainConfig(DataConfig, ModelConfig, NoiseConfig, HubConfig, LoopConfig):
     class_column: str | None = flag(
         None,
         "Train a class-conditional model on this metadata.jsonl / dataset column (e.g. the embedded emoji's "
-        "`category`); sample a class with classifier-free guidance (`crispdiff sample --class NAME`).",
+        "`category`); sample a class with classifier-free guidance (`crispdiff sample --class NAME`). `auto`: "
+        "classes made by clustering the images (crispdiff/auto_classes.py); the pipeline then samples their mix "
+        "when called without labels.",
+    )
+    num_auto_classes: int | None = flag(
+        None,
+        "With --class_column auto: how many clusters (default: one per 8 training images, 2 to 256).",
     )
     class_dropout_prob: float = flag(
         0.1,
@@ -261,6 +268,12 @@ class TrainConfig(DataConfig, ModelConfig, NoiseConfig, HubConfig, LoopConfig):
         "With --class_column: the classifier-free guidance scale saved as the pipeline's default and used for the "
         "sample grids (1 = the conditional model alone; 2 made the embedded emoji's classes recognisable at no cost "
         "in SWD, higher trades diversity for typicality).",
+    )
+    guidance_interval: list[float] | None = flag(
+        None,
+        "With --class_column: guide only at noise levels sigma = sqrt((1 - alpha_bar) / alpha_bar) in (MIN, MAX] "
+        "(Kynkaanniemi et al. 2024), saved as the pipeline's default; the other sampling steps run the conditional "
+        "model alone. Two numbers, MIN MAX; default: every step.",
     )
     num_validation_images: int = flag(
         16,
@@ -285,6 +298,12 @@ class TrainConfig(DataConfig, ModelConfig, NoiseConfig, HubConfig, LoopConfig):
         "override it per call (pipe(sharpen_amount=...)). Default: 0, except the latent trainer with the embedded "
         "VAE, which uses the amount measured for that decoder.",
     )
+    time_budget_minutes: float | None = flag(
+        None,
+        "Size the run to end this many minutes after it starts, on this machine (export included), instead of "
+        "--max_train_steps: a short probe times a few steps, and the steps chosen are saved in the training config "
+        "(max_train_steps) so the run can be repeated exactly. The latent trainer's VAE adaptation gets a share.",
+    )
     sharpen_calibration_images: int = flag(
         0,
         "At the end of training, sample this many images without the unsharp mask and save the amount whose "
@@ -302,6 +321,17 @@ class TrainConfig(DataConfig, ModelConfig, NoiseConfig, HubConfig, LoopConfig):
             raise ValueError(f"--sharpen_calibration_images must be >= 0, got {self.sharpen_calibration_images}")
         if self.guidance_scale < 0:
             raise ValueError(f"--guidance_scale must be >= 0, got {self.guidance_scale}")
+        if self.guidance_interval is not None and not (
+            len(self.guidance_interval) == 2 and 0 <= self.guidance_interval[0] < self.guidance_interval[1]
+        ):
+            raise ValueError(f"--guidance_interval needs two numbers 0 <= MIN < MAX, got {self.guidance_interval}")
+        interval = self.guidance_interval
+        if interval is not None and interval[0] <= 0 and math.isinf(interval[1]):
+            self.guidance_interval = None  # every step: stored as no interval
+        if self.time_budget_minutes is not None and not self.time_budget_minutes > 0:
+            raise ValueError(f"--time_budget_minutes must be positive, got {self.time_budget_minutes}")
+        if self.num_auto_classes is not None and self.num_auto_classes < 2:
+            raise ValueError(f"--num_auto_classes must be >= 2, got {self.num_auto_classes}")
 
 
 _TRUE = {"1", "true", "yes", "y", "on"}

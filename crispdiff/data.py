@@ -26,6 +26,7 @@ from typing import Any
 
 import numpy as np
 
+from crispdiff.auto_classes import AUTO_CLASS_COLUMN, cluster_images
 from crispdiff.config import PIXEL_AUGMENTATIONS
 from crispdiff.data_batches import ImageData, to_device, uint8_to_unit
 from crispdiff.data_cache import (
@@ -45,6 +46,7 @@ from crispdiff.data_sources import (
     cache_root,
     embedded_dataset_dir,
     is_saved_dataset,
+    metadata_class_column,
 )
 from crispdiff.errors import DataError
 
@@ -131,7 +133,9 @@ def load_images(config: Any, *, for_latents: bool = False, show_progress: bool =
     """Load the images named by the data flags of ``config`` (a ``DataConfig`` or anything with its attributes).
 
     The first call decodes and caches; later calls with the same files and preprocessing memory-map the cache.
-    ``--class_column`` adds class names and ids, read from the metadata on every load (not part of the cache key).
+    ``--class_column`` adds class names and ids, read from the metadata on every load (not part of the cache key);
+    ``--class_column auto`` makes them from the pixels instead (``crispdiff.auto_classes``: seeded by ``--seed``, the
+    count from ``--num_auto_classes``).
     ``for_latents=True`` stores centre crops only, whatever ``--center_crop`` says: a latent cache encodes each image
     once, so there is no later random crop to keep the full image for.
     """
@@ -144,7 +148,7 @@ def load_images(config: Any, *, for_latents: bool = False, show_progress: bool =
         min_image_size=int(config.min_image_size),
     )
     source = _resolve_source(config)
-    class_column = getattr(config, "class_column", None)
+    class_column = metadata_class_column(config)
     class_values = _class_values(source, class_column)
     key = _cache_key(source, recipe)
     folder = cache_root(config) / "images" / key
@@ -162,7 +166,7 @@ def load_images(config: Any, *, for_latents: bool = False, show_progress: bool =
     kept = contents.kept.tolist()
     class_names, class_ids = _class_labels(class_values, kept, class_column)
     pixels = np.memmap(folder / "pixels.bin", dtype=np.uint8, mode="r")
-    return ImageData(
+    data = ImageData(
         pixels,
         contents.index,
         resolution=recipe.resolution,
@@ -182,3 +186,7 @@ def load_images(config: Any, *, for_latents: bool = False, show_progress: bool =
         class_names=class_names,
         class_ids=class_ids,
     )
+    if getattr(config, "class_column", None) == AUTO_CLASS_COLUMN:
+        num_classes, seed = getattr(config, "num_auto_classes", None), int(getattr(config, "seed", 0))
+        data.set_classes(*cluster_images(data.center_crops, len(data), num_classes, seed))
+    return data

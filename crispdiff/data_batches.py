@@ -73,6 +73,10 @@ class ImageData:
         self.skipped_names = skipped_names
         self.cache_path = cache_path
         self.cache_hit = cache_hit
+        self.set_classes(class_names, class_ids)
+
+    def set_classes(self, class_names: list[str] | None, class_ids: np.ndarray | None) -> None:
+        """Label the images: names in id order and one id per image (both None: unlabelled)."""
         if (class_names is None) != (class_ids is None):
             raise ValueError("class_names and class_ids go together")
         if class_ids is not None and len(class_ids) != self.num_images:

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from crispdiff.auto_classes import AUTO_CLASS_COLUMN
 from crispdiff.errors import DataError
 
 #: File extensions picked up from ``--train_data_dir`` (lower-case).
@@ -92,6 +93,12 @@ def _check_caption_column(column: str | None, available: Sequence[str], where: s
         )
 
 
+def metadata_class_column(config: Any) -> str | None:
+    """The metadata column ``--class_column`` names; None for no flag, ``none``, or ``auto`` (classes from pixels)."""
+    column = getattr(config, "class_column", None)
+    return None if column in (None, "", "none", AUTO_CLASS_COLUMN) else column
+
+
 def _check_class_column(column: str | None, available: Sequence[str] | None, where: str) -> None:
     """--class_column must name a metadata column; say which ones there are (or that there is no metadata)."""
     if column is None:
@@ -134,7 +141,7 @@ def _folder_source(folder: Path, config: Any, flag: str, description: str | None
         raise DataError(
             f"--caption_column {config.caption_column!r} was given but {folder} has no metadata.jsonl / metadata.csv"
         )
-    _check_class_column(getattr(config, "class_column", None), columns, f"the metadata of {folder}")
+    _check_class_column(metadata_class_column(config), columns, f"the metadata of {folder}")
     digest = hashlib.sha256()
     for path, name in zip(files, names):
         stat = path.stat()
@@ -197,7 +204,7 @@ def _dataset_source(config: Any) -> _Source:
             f"available columns: {columns}"
         )
     _check_caption_column(config.caption_column, columns, f"--dataset_name {config.dataset_name}")
-    class_column = getattr(config, "class_column", None)
+    class_column = metadata_class_column(config)
     _check_class_column(
         class_column, [c for c in columns if c != config.image_column], f"--dataset_name {config.dataset_name}"
     )

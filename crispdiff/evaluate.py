@@ -25,6 +25,7 @@ import numpy as np
 import torch
 
 from crispdiff import metrics as M
+from crispdiff.auto_classes import AUTO_CLASS_COLUMN
 from crispdiff.errors import DataError, FlagError, PathError
 from crispdiff.io import write_atomic, write_text_atomic
 
@@ -214,12 +215,16 @@ def conditioning_plan(
 
     ``class_label`` given: every sample is that class, measured against the reference images of that class when the
     reference has the model's class column (else all of it). Not given: labels in the reference's class mix
-    (:func:`reference_class_mix`). A reference without the class column, or an unconditional pipeline: no labels
-    (a conditional model then samples its null class, i.e. unconditionally).
+    (:func:`reference_class_mix`; reference images of classes the model does not know are left out of the mix and
+    the comparison). A reference without the class column, or an unconditional pipeline: no labels
+    (a conditional model then samples its null class, i.e. unconditionally), except for a pipeline that stores its
+    class mix (``--class_column auto``): no labels, so it draws them from that mix as a user's unlabelled call does.
     """
     conditional = getattr(pipeline.unet.config, "num_class_embeds", None) is not None
     column = training_setting(pipeline_dir, "class_column") if conditional else None
     classes = reference_classes(reference_data, column)
+    if class_label is None and conditional and getattr(pipeline, "class_mix", None) is not None:
+        return None, None, "classes drawn from the pipeline's own class mix (auto classes)"
     if class_label is not None:
         class_label = class_label_flag(pipeline, str(class_label), str(pipeline_dir))
         if classes is None or not isinstance(class_label, str):
@@ -232,6 +237,14 @@ def conditioning_plan(
         if conditional:
             return None, None, f"unconditional (null class): the reference has no {column!r} classes"
         return None, None, "unconditional"
+    known = set(getattr(pipeline, "classes", None) or [])
+    if known and not known.issuperset(classes):  # held-out data can have classes the model never saw: compare like
+        subset = torch.tensor([i for i, name in enumerate(classes) if name in known], dtype=torch.long)
+        if len(subset) < 4:
+            raise FlagError(f"the reference has {len(subset)} images of the model's {column!r} classes (need >= 4)")
+        mix = reference_class_mix([classes[i] for i in subset.tolist()], num_images, seed)
+        dropped = len(classes) - len(subset)
+        return mix, subset, f"classes in the reference's {column!r} mix ({dropped} images of other classes left out)"
     return reference_class_mix(classes, num_images, seed), None, f"classes in the reference's {column!r} mix"
 
 
@@ -260,13 +273,14 @@ def generate_samples(
     class_labels: int | str | list[int | str] | None = None,
     guidance_scale: float | None = None,
     postprocess: dict[str, float] | None = None,
+    guidance_interval: tuple[float, float] | None = None,
 ) -> torch.Tensor:
     """``num_images`` samples as float [N, 3, H, W] in [0, 1] on the CPU (``crispdiff sample`` and ``evaluate``).
 
-    ``class_labels`` (one class name or id for every image, or a list with one per image) and ``guidance_scale``
-    (default: the pipeline's own) go to a class-conditional pipeline; they are passed only when set, so pipelines
-    without them keep working. ``postprocess`` overrides the pipeline's post-processing arguments (e.g.
-    ``NO_POSTPROCESS`` for images as they leave the decoder / SR model).
+    ``class_labels`` (one class name or id for every image, or a list with one per image), ``guidance_scale`` and
+    ``guidance_interval`` (default: the pipeline's own) go to a class-conditional pipeline; they are passed only when
+    set, so pipelines without them keep working. ``postprocess`` overrides the pipeline's post-processing arguments
+    (e.g. ``NO_POSTPROCESS`` for images as they leave the decoder / SR model).
 
     Image ``i`` uses its own CPU generator seeded ``seed + i``, as ``crispdiff sample`` does, so the evaluated images
     are the ones that command shows for the same seed, whatever the batch size or device.
@@ -283,6 +297,8 @@ def generate_samples(
             conditioning["class_labels"] = class_labels
         if guidance_scale is not None:
             conditioning["guidance_scale"] = guidance_scale
+        if guidance_interval is not None:
+            conditioning["guidance_interval"] = tuple(guidance_interval)
         conditioning.update(postprocess or {})
         out = pipeline(
             batch_size=count,
@@ -561,6 +577,7 @@ def run_evaluation(
     log: Any = print,
     class_label: int | str | None = None,
     guidance_scale: float | None = None,
+    guidance_interval: tuple[float, float] | None = None,
     sweep_sharpen: bool = False,
     save_best_sharpen: bool = False,
 ) -> dict[str, Any]:
@@ -570,9 +587,9 @@ def run_evaluation(
     the folder's training resolution, else the pipeline's native (pre-SR) size, else the samples' size. ``dtype``
     is the precision the models sample in (fp32 when None); metrics are always computed in fp32. A class-conditional
     pipeline samples its classes in the reference's mix, or ``class_label`` (see :func:`conditioning_plan`), with
-    ``guidance_scale`` (default: the pipeline's own). ``sweep_sharpen`` samples once without the unsharp mask,
-    measures every amount (:func:`sharpen_sweep`) and evaluates the pipeline's own amount as usual;
-    ``save_best_sharpen`` then writes the best amount into the pipeline folder.
+    ``guidance_scale`` and ``guidance_interval`` (default: the pipeline's own). ``sweep_sharpen`` samples once
+    without the unsharp mask, measures every amount (:func:`sharpen_sweep`) and evaluates the pipeline's own amount
+    as usual; ``save_best_sharpen`` then writes the best amount into the pipeline folder.
     """
     if (pipeline_dir is None) == (samples_npz is None):
         raise FlagError("give either a pipeline folder or --samples_npz, not both or neither")
@@ -595,6 +612,8 @@ def run_evaluation(
         resolution = resolution or training_resolution(pipeline_dir) or native_resolution(pipeline)
         log(f"loading the reference images at {resolution}px")
         column = training_setting(pipeline_dir, "class_column")
+        if column == AUTO_CLASS_COLUMN:  # clusters of the training images: no reference image carries one
+            column = None
         try:
             reference_data = load_reference_data(
                 reference, resolution, cache_dir=cache_dir, max_images=max_reference_images, class_column=column
@@ -607,9 +626,9 @@ def run_evaluation(
             pipeline, pipeline_dir, reference_data, num_images, class_label, seed
         )
         ref = reference_data.center_crops(subset)
-        if labels is not None and guidance_scale is None:
+        if guidance_scale is None and (labels is not None or getattr(pipeline, "class_mix", None) is not None):
             guidance_scale = float(pipeline.config.get("guidance_scale", 1.0))
-        guided = f", guidance {guidance_scale:g}" if labels is not None else ""
+        guided = f", guidance {guidance_scale:g}" if guidance_scale is not None else ""
         log(f"sampling {num_images} images with {steps} steps ({pipeline.config.sampler}) on {device}: "
             f"{conditioning}{guided}")  # fmt: skip
         samples = generate_samples(
@@ -621,7 +640,8 @@ def run_evaluation(
             upscale=upscale,
             log=log,
             class_labels=labels,
-            guidance_scale=guidance_scale if labels is not None else None,
+            guidance_scale=guidance_scale,
+            guidance_interval=guidance_interval,
             postprocess=NO_POSTPROCESS if sweep_sharpen else None,
         )
         if sweep_sharpen:
@@ -638,7 +658,8 @@ def run_evaluation(
             "steps": steps,
             "upscale": upscale,
             "conditioning": conditioning,
-            "guidance_scale": guidance_scale if labels is not None else None,
+            "guidance_scale": guidance_scale,
+            "guidance_interval": list(guidance_interval or pipeline.default_guidance_interval or []) or None,
         }
     log(f"measuring {len(samples)} samples against {len(ref)} reference images")
     result = evaluate_samples(

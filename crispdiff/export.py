@@ -68,11 +68,15 @@ def build_pipeline(
     class_names: list[str] | None = None,
     sharpen_amount: float = 0.0,
     guidance_scale: float = 1.0,
+    class_mix: list[float] | None = None,
+    guidance_interval: list[float] | tuple[float, float] | None = None,
 ) -> CrispDiffPipeline:
     """The in-memory pipeline that :func:`save_pipeline` writes (also handy for sampling during training).
 
     ``class_names`` (a class-conditional unet's classes, id order) go into the pipeline config, so
-    ``pipe(class_labels="name")`` works after loading, and ``guidance_scale`` becomes the default of labelled calls.
+    ``pipe(class_labels="name")`` works after loading, and ``guidance_scale`` becomes the default of labelled calls;
+    ``class_mix`` (auto classes) is what calls without labels sample, and ``guidance_interval`` (min, max sigma) where
+    guidance applies.
     """
     if not isinstance(unet, ModelMixin):
         raise TypeError(f"unet must be a diffusers UNet2DModel, got {type(unet).__name__}")
@@ -96,6 +100,9 @@ def build_pipeline(
         class_names=class_names,
         sharpen_amount=sharpen_amount,
         guidance_scale=guidance_scale,
+        class_mix=class_mix,
+        guidance_min_sigma=None if guidance_interval is None else guidance_interval[0],
+        guidance_max_sigma=None if guidance_interval is None else guidance_interval[1],
     )
 
 

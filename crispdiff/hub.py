@@ -150,6 +150,19 @@ def _usage(repo_or_dir: str, has_sr: bool, has_timm: bool = False) -> str:
     )
 
 
+def _conditioning(index: dict[str, Any]) -> str:
+    """The card's first words: what kind of model this is and how it is conditioned."""
+    names = index.get("class_names")
+    if not names:
+        return "An unconditional image diffusion model"
+    if index.get("class_mix"):
+        return (
+            f"An image diffusion model conditioned on {len(names)} auto classes (clusters of its training images; "
+            "called without `class_labels` it samples their mix, with guidance)"
+        )
+    return f"A class-conditional image diffusion model ({len(names)} classes: `pipe(class_labels=name)`)"
+
+
 def render_model_card(
     pipeline_dir: str | os.PathLike,
     training_config: dict[str, Any] | None = None,
@@ -178,7 +191,7 @@ def render_model_card(
     parts = [
         f"---\n{data.to_yaml()}\n---\n",
         f"# {title}\n",
-        "An unconditional image diffusion model trained with crispdiff, "
+        f"{_conditioning(index)} trained with crispdiff, "
         "saved as a self-contained diffusers pipeline" + (" with a super-resolution post-step." if has_sr else "."),
         "",
     ]

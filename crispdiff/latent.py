@@ -24,6 +24,7 @@ from typing import Any
 
 import torch
 
+from crispdiff.auto_classes import AUTO_CLASS_COLUMN
 from crispdiff.config import SHIFTABLE_SCHEDULES, TrainConfig, flag
 from crispdiff.data import to_device
 from crispdiff.latent_cache import DTYPES, LatentCache, load_or_build_latent_cache
@@ -31,7 +32,6 @@ from crispdiff.vae import (
     EMBEDDED_VAE_SHARPEN_AMOUNT,
     AnyVAE,
     embedded_vae_dir,
-    load_vae,
     measure_scaling_factor,
     measure_shift_factor,
     read_scaling,
@@ -58,6 +58,10 @@ EMBEDDED_CLASS_COLUMN = "subcategory"
 MAIN_JOB_SNR_SHIFT = -1.0
 
 
+#: The latent trainer's default guidance interval (min, max sigma): guidance only at the middle noise levels.
+MAIN_JOB_GUIDANCE_INTERVAL = (0.28, 5.42)
+
+
 @dataclass
 class LatentTrainConfig(TrainConfig):
     """Everything `train_scripts/train_latent.py` accepts.
@@ -80,6 +84,20 @@ class LatentTrainConfig(TrainConfig):
         "--pretrained_vae_name_or_path.",
         choices=["none", "decoder"],
     )
+    adapt_vae: str = flag(
+        "auto",
+        "Fit the VAE to your images before training the UNet on its latents: `auto` reconstructs a held-out sample of "
+        "your images and fine-tunes the VAE on them (the embedded VAE's recipe, decoder noise included) when that "
+        "falls below 28 dB PSNR or 0.85 of their high-frequency energy; `always`; `off`. The adapted VAE "
+        "(OUTPUT_DIR/vae-adapted/vae) is the one the saved pipeline carries.",
+        choices=["off", "auto", "always"],
+    )
+    adapt_vae_steps: int = flag(
+        150,
+        "Steps of 16 images for --adapt_vae (about 80 s on a 2-core CPU with the embedded VAE; held-out PSNR on emoji "
+        "of another design family rises from 23 to about 28 dB in that time).",
+    )
+    adapt_vae_learning_rate: float = flag(2e-4, "Learning rate of --adapt_vae (the embedded VAE's own).")
     latent_cache_dir: str | None = flag(
         None, "Where encoded latents are cached (default: <--cache_dir or ~/.cache/crispdiff>/latents)."
     )
@@ -160,7 +178,9 @@ class LatentTrainConfig(TrainConfig):
         None,
         "Train a class-conditional model on this metadata.jsonl / dataset column; sample a class with classifier-free "
         "guidance (`crispdiff sample --class NAME`). Default: `subcategory` on the embedded emoji (the main job: 90 "
-        "classes, one sample-grid tile each, guided), none on your own data; `--class_column none` turns it off.",
+        "classes, one sample-grid tile each, guided); `auto` on your own data: clusters of your images as classes "
+        "(--num_auto_classes), sampled in their mix when the pipeline is called without labels; `--class_column none` "
+        "turns conditioning off.",
     )
 
     guidance_scale: float = flag(
@@ -171,13 +191,20 @@ class LatentTrainConfig(TrainConfig):
         "(hf-energy ratio 0.86).",
     )
 
+    guidance_interval: list[float] | None = flag(
+        list(MAIN_JOB_GUIDANCE_INTERVAL),
+        "With a class column: guide only at noise levels sigma = sqrt((1 - alpha_bar) / alpha_bar) in (MIN, MAX] "
+        "(Kynkaanniemi et al. 2024), saved as the pipeline's default; the noisiest and the cleanest sampling steps run "
+        "the conditional model alone. `0 inf` guides every step.",
+    )
+
     def validate(self) -> None:
         """Refuse flag combinations the latent trainer cannot honour, with the reason and the alternative."""
         # resolved first so the saved training config states the values used
         if self.sharpen_amount is None:
             self.sharpen_amount = 0.0 if self.pretrained_vae_name_or_path else EMBEDDED_VAE_SHARPEN_AMOUNT
-        if self.class_column is None and not (self.train_data_dir or self.dataset_name):
-            self.class_column = EMBEDDED_CLASS_COLUMN
+        if self.class_column is None:
+            self.class_column = AUTO_CLASS_COLUMN if self.train_data_dir or self.dataset_name else EMBEDDED_CLASS_COLUMN
         elif self.class_column in ("", "none"):
             self.class_column = None
         if self.snr_shift is None:
@@ -196,6 +223,8 @@ class LatentTrainConfig(TrainConfig):
                 f"{', '.join(augmentations)}: pixel augmentations; the latent cache encodes every image once, so they "
                 "cannot vary per epoch. Drop them (or train in pixel space with train_unconditional.py)."
             )
+        if self.adapt_vae_steps < 1:
+            raise ValueError(f"--adapt_vae_steps must be >= 1, got {self.adapt_vae_steps}")
         if self.vae_batch_size < 1:
             raise ValueError(f"--vae_batch_size must be >= 1, got {self.vae_batch_size}")
         if self.scaling_factor is not None and not self.scaling_factor > 0:
@@ -324,15 +353,19 @@ class LatentSpace:
         return self.data.center_crops(range(min(count, len(self.data))))
 
 
-def load_latents(view: Any, config: Any, vae: AnyVAE, *, show_progress: bool = True) -> tuple[Any, LatentCache]:
+def load_latents(
+    view: Any, config: Any, vae: AnyVAE, *, data: Any = None, show_progress: bool = True
+) -> tuple[Any, LatentCache]:
     """The images ``view`` describes (centre crops) and their latent cache, encoded once and then reused.
 
     ``view`` holds the data flags (folder, resolution, flips...) and ``config`` the cache flags; they differ when one
-    run trains on several image sets (DreamBooth's instance and class images).
+    run trains on several image sets (DreamBooth's instance and class images). ``data``: those images, when the
+    caller has already loaded them with ``load_images(view, for_latents=True)``.
     """
     from crispdiff.data import load_images
 
-    data = load_images(view, for_latents=True, show_progress=show_progress)
+    if data is None:
+        data = load_images(view, for_latents=True, show_progress=show_progress)
     cache = load_or_build_latent_cache(
         data,
         vae,
@@ -346,9 +379,11 @@ def load_latents(view: Any, config: Any, vae: AnyVAE, *, show_progress: bool = T
     return data, cache
 
 
-def build_latent_space(config: LatentTrainConfig, vae: AnyVAE, *, show_progress: bool = True) -> LatentSpace:
-    """Load the images (centre crops), encode or reuse their latent cache, and resolve the latent scaling."""
-    data, cache = load_latents(config, config, vae, show_progress=show_progress)
+def build_latent_space(
+    config: LatentTrainConfig, vae: AnyVAE, *, data: Any = None, show_progress: bool = True
+) -> LatentSpace:
+    """Load the images (centre crops; or take ``data``), encode or reuse their latent cache, resolve the scaling."""
+    data, cache = load_latents(config, config, vae, data=data, show_progress=show_progress)
     scale, shift, source = resolve_scaling(vae, cache, config.scaling_factor)
     if show_progress:
         state = "reused" if cache.encoded_images == 0 else f"encoded {cache.encoded_images} image(s)"
@@ -360,21 +395,42 @@ def build_latent_space(config: LatentTrainConfig, vae: AnyVAE, *, show_progress:
     return LatentSpace(cache, vae, data, scaling_factor=scale, shift_factor=shift)
 
 
+def auto_classes_note(data: Any) -> str:
+    """What ``--class_column auto`` made, and the metadata columns the user could condition on instead."""
+    columns = sorted({key for row in data.metadata or [] for key in row} - {"file_name", "text"})
+    hint = f"; to condition on your own labels instead pass --class_column with one of {columns}" if columns else ""
+    return (
+        f"crispdiff: {len(data.class_names)} auto classes: clusters of your {len(data)} images (--num_auto_classes), "
+        f"sampled in their mix when the pipeline is called without labels{hint}"
+    )
+
+
 def train_latent(config: LatentTrainConfig) -> Path | None:
-    """The latent trainer: VAE -> latent cache (rank 0 builds it, the others wait and reuse it) -> the training loop.
+    """The latent trainer: images -> VAE (checked on them, adapted if asked) -> latent cache (rank 0 builds it, the
+    others wait and reuse it) -> the training loop.
 
     Returns the pipeline folder on the main process (``None`` elsewhere). The cache is built before the loop
     creates its ``Accelerator``; ``PartialState`` is the same process-group state the loop uses later.
     """
     from accelerate import PartialState
 
-    from crispdiff.training import check_output_dir, has_accelerator_device, train, use_cpu_cores
+    from crispdiff.data import load_images
+    from crispdiff.time_budget import TimeBudget
+    from crispdiff.training import check_output_dir, configure_kernels, has_accelerator_device, train, use_cpu_cores
+    from crispdiff.vae_adapt import prepare_vae
 
+    budget = TimeBudget(config.time_budget_minutes) if config.time_budget_minutes else None
     config.validate()
     check_output_dir(config)  # fail before spending minutes on encoding
+    configure_kernels(config)  # before CUDA is first used (the VAE check / adaptation below use it)
     state = PartialState(cpu=not has_accelerator_device())  # as make_accelerator: CPU processes join one group
     use_cpu_cores(config, state.num_processes)
-    vae = load_vae(config.pretrained_vae_name_or_path).to(state.device)
+    show_progress = state.is_local_main_process
+    with state.main_process_first():  # rank 0 decodes the images (and makes any auto classes) first
+        data = load_images(config, for_latents=True, show_progress=show_progress)
+    if config.class_column == AUTO_CLASS_COLUMN:
+        state.print(auto_classes_note(data))
+    vae = prepare_vae(config, data, state, budget).to(state.device)
     with state.main_process_first():
-        space = build_latent_space(config, vae, show_progress=state.is_local_main_process)
-    return train(config, space)
+        space = build_latent_space(config, vae, data=data, show_progress=show_progress)
+    return train(config, space, budget)

@@ -28,6 +28,7 @@ from diffusers.training_utils import EMAModel
 from torch.torch_version import TorchVersion
 from tqdm.auto import tqdm
 
+from crispdiff.auto_classes import AUTO_CLASS_COLUMN, class_mix
 from crispdiff.checkpoint import find_checkpoint, load_checkpoint, save_checkpoint
 from crispdiff.config import LoopConfig, TrainConfig
 from crispdiff.errors import FlagError, MissingDependencyError, OutputExistsError
@@ -287,6 +288,7 @@ class LoopTrainer:
         self.step = 0
         self.position = DataPosition()
         self.ema: EMAModel | None = None
+        self.deadline: float | None = None  # time.perf_counter() value at which the loop stops early, if any
 
     def setup_optimization(self, model: torch.nn.Module, trainable: list[torch.nn.Parameter]) -> None:
         """EMA of `model` (if --use_ema), the optimizer over `trainable`, and the warmup + decay LR schedule."""
@@ -378,6 +380,12 @@ class LoopTrainer:
         self.step += 1
         return losses
 
+    def past_deadline(self) -> bool:
+        """Whether ``deadline`` has passed on any process (all of them must stop at the same step)."""
+        from crispdiff.time_budget import agreed_seconds
+
+        return agreed_seconds(self.accelerator, time.perf_counter() - (self.deadline or 0.0)) >= 0
+
     def due(self, every: int | None) -> bool:
         """True every `every` steps, except at the last step (the end of training does its own saving)."""
         return bool(every) and self.step % every == 0 and self.step < self.max_steps
@@ -397,7 +405,15 @@ class LoopTrainer:
         self.accelerator.log(logs, step=self.step)
 
     def train(self) -> Path | None:
-        """The loop. Returns what `finish` saved (on the main process; None elsewhere)."""
+        """The loop, then the end of the run (trackers closed, process group torn down). Returns what `finish` saved
+        (on the main process; None elsewhere)."""
+        result = self.run()
+        self.accelerator.end_training()
+        return result
+
+    def run(self) -> Path | None:
+        """The loop and the final save, leaving the process group up for a later stage (e.g. the UNet after an
+        adapted VAE). Returns what `finish` saved (on the main process; None elsewhere)."""
         config, accelerator = self.config, self.accelerator
         global_batch = config.train_batch_size * accelerator.num_processes * config.gradient_accumulation_steps
         accelerator.print(
@@ -423,10 +439,11 @@ class LoopTrainer:
             if self.due(config.validation_steps):
                 self.validate()
             self.periodic()  # no barrier per step: checkpoints synchronise on their own, exports happen on rank 0
+            if self.deadline is not None and self.past_deadline():
+                self.max_steps = self.step  # a time-boxed stage (e.g. the VAE adaptation): stop where it is
         progress.close()
         result = self.finish() if accelerator.is_main_process else None
         accelerator.wait_for_everyone()
-        accelerator.end_training()
         return result
 
 
@@ -543,7 +560,8 @@ class Trainer(LoopTrainer):
             prepare(device)
 
     def describe(self) -> str:
-        classes = f", {len(self.class_names)} classes" if self.class_names else ""
+        auto = " auto" if self.config.class_column == AUTO_CLASS_COLUMN else ""
+        classes = f", {len(self.class_names)}{auto} classes" if self.class_names else ""
         return f"{len(self.space)} training items{classes}, UNet with {describe_parameters(self.num_parameters)}"
 
     def class_labels(self, indices: torch.Tensor, batch_size: int, device: torch.device) -> torch.Tensor | None:
@@ -600,8 +618,17 @@ class Trainer(LoopTrainer):
             sharpen_amount=config.sharpen_amount or 0.0,
             class_names=self.class_names,
             guidance_scale=self.config.guidance_scale if self.class_names else 1.0,
+            class_mix=self.auto_class_mix(),
+            guidance_interval=self.config.guidance_interval if self.class_names else None,
             **self.space.pipeline_components(),
         )
+
+    def auto_class_mix(self) -> list[float] | None:
+        """With ``--class_column auto``: the clusters' shares of the training images, stored in the pipeline so that
+        calls without labels (the user never named a class) sample the data's mix; None otherwise."""
+        if self.config.class_column != AUTO_CLASS_COLUMN or not self.class_names:
+            return None
+        return class_mix(self.space.data.class_ids, len(self.class_names))
 
     def sample_grid(self, pipeline: Any) -> tuple[Any, torch.Tensor]:
         """The validation grid: always the same seed, so grids at different steps are comparable.
@@ -612,15 +639,7 @@ class Trainer(LoopTrainer):
         to look at, so every class gets one tile instead, in class-id order, in a square grid.
         """
         generator = torch.Generator().manual_seed(self.config.seed)
-        count, nrow, labels = self.config.num_validation_images, None, None
-        if self.class_names:
-            num_classes = len(self.class_names)
-            if num_classes > MAX_GRID_CLASS_ROWS:
-                per_class = 1  # make_grid's default layout is the square one
-            else:
-                per_class = nrow = max(4, math.ceil(count / num_classes))
-            labels = [k for k in range(num_classes) for _ in range(per_class)]
-            count = len(labels)
+        count, nrow, labels = self.grid_plan()
         images = pipeline(
             batch_size=count,
             num_inference_steps=self.config.validation_inference_steps,
@@ -630,6 +649,27 @@ class Trainer(LoopTrainer):
             class_labels=labels,
         ).images
         return make_grid(images, nrow=nrow, value_range=(0, 1)), images
+
+    def grid_plan(self) -> tuple[int, int | None, list[int] | None]:
+        """``(images, images per row or None for a square grid, class id of each or None)`` of the sample grid."""
+        count, nrow, labels = self.config.num_validation_images, None, None
+        if self.class_names:
+            num_classes = len(self.class_names)
+            if num_classes > MAX_GRID_CLASS_ROWS:
+                per_class = 1  # make_grid's default layout is the square one
+            else:
+                per_class = nrow = max(4, math.ceil(count / num_classes))
+            labels = [k for k in range(num_classes) for _ in range(per_class)]
+            count = len(labels)
+        return count, nrow, labels
+
+    def grid_seconds(self) -> float:
+        """Estimated seconds to sample one sample grid (and, per image, everything else sampled at the end)."""
+        from crispdiff.time_budget import sampling_seconds
+
+        count, _, labels = self.grid_plan()
+        pipeline = build_pipeline(**self.pipeline_kwargs())
+        return sampling_seconds(pipeline, count, self.config.validation_inference_steps, labels)
 
     def validate(self) -> None:
         """Sample a grid with the fast sampler (main process), save it and log it; optionally log metrics."""
@@ -713,8 +753,16 @@ class Trainer(LoopTrainer):
         return folder
 
 
-def train(config: TrainConfig, space: TrainingSpace | None = None) -> Path | None:
-    """Train a diffusion UNet as `config` says; `space` defaults to pixels of the configured image data."""
+def train(config: TrainConfig, space: TrainingSpace | None = None, budget: Any = None) -> Path | None:
+    """Train a diffusion UNet as `config` says; `space` defaults to pixels of the configured image data.
+
+    ``budget``: a ``crispdiff.time_budget.TimeBudget`` already running (the latent trainer starts it before encoding);
+    by default one starts here when ``--time_budget_minutes`` is set.
+    """
+    from crispdiff.time_budget import TimeBudget
+
+    if budget is None and config.time_budget_minutes:
+        budget = TimeBudget(config.time_budget_minutes)
     check_output_dir(config)
     accelerator = start_run(config)
     if space is None:
@@ -722,4 +770,36 @@ def train(config: TrainConfig, space: TrainingSpace | None = None) -> Path | Non
 
         with accelerator.main_process_first():  # the first process builds the decode cache, the others reuse it
             space = PixelSpace(load_images(config, show_progress=accelerator.is_local_main_process))
+    if budget is not None:
+        config.max_train_steps = budgeted_steps(config, space, accelerator, budget)
+        set_seed(config.seed)  # the real run starts from the seed the probe started from
     return run_trainer(Trainer(config, space, accelerator))
+
+
+def budgeted_steps(config: TrainConfig, space: TrainingSpace, accelerator: Accelerator, budget: Any) -> int:
+    """The UNet steps that end the run by ``budget``'s deadline, export included (``--time_budget_minutes``).
+
+    A throwaway trainer, built like the real one, times a few steps and the sample grid (see
+    ``crispdiff.time_budget``). A resumed run keeps the count its first part chose (saved in the output folder).
+    """
+    from crispdiff.time_budget import EXPORT_MARGIN, affordable_steps, agreed_seconds, seconds_per_step
+
+    saved = Path(config.output_dir) / LoopTrainer.config_file
+    if config.resume_from_checkpoint and saved.is_file() and find_checkpoint(config.output_dir, "latest"):
+        steps = int(json.loads(saved.read_text())["max_train_steps"])
+        accelerator.print(f"crispdiff: resuming a budgeted run of {steps} steps")
+        return steps
+    probe = Trainer(config, space, make_accelerator(config))
+    per_step = seconds_per_step(probe)
+    grid = agreed_seconds(accelerator, probe.grid_seconds())
+    per_image = grid / probe.grid_plan()[0]
+    del probe
+    export = EXPORT_MARGIN * (grid + per_image * config.sharpen_calibration_images)
+    # validation grids along the way cost a grid every --validation_steps steps
+    per_step_with_validation = per_step + (grid / config.validation_steps if config.validation_steps else 0.0)
+    steps = affordable_steps(budget.remaining() - export, per_step_with_validation)
+    accelerator.print(
+        f"crispdiff: time budget of {budget.minutes:g} min: {1000 * per_step:.0f} ms a step here and about "
+        f"{export:.0f} s to export, so {steps} steps (to repeat this run exactly: --max_train_steps {steps})"
+    )
+    return steps

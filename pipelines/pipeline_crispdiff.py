@@ -250,6 +250,32 @@ def class_name_list(class_names: list[str] | dict[str, str] | None) -> list[str]
     return names
 
 
+def class_mix_list(class_mix: list[float] | dict[str, float] | None) -> list[float] | None:
+    """Class shares as a list in id order, from a list or from the ``{"0": share, ...}`` form saved in the config."""
+    if class_mix is None:
+        return None
+    if isinstance(class_mix, dict):
+        class_mix = [class_mix[str(i)] for i in range(len(class_mix))]
+    shares = [float(share) for share in class_mix]
+    if not shares or min(shares) < 0 or sum(shares) <= 0:
+        raise ValueError(f"class_mix must be non-negative shares with a positive sum, got {shares}")
+    return shares
+
+
+def timestep_sigmas(scheduler: Any) -> torch.Tensor:
+    """Noise-to-signal ratio ``sigma_t = sqrt((1 - alpha_bar_t) / alpha_bar_t)`` of every training timestep."""
+    alphas_cumprod = scheduler.alphas_cumprod.double().cpu()
+    return ((1.0 - alphas_cumprod) / alphas_cumprod.clamp_min(1e-20)).sqrt()
+
+
+def in_interval(sigma: torch.Tensor | float, interval: tuple[float, float] | list[float] | None) -> bool:
+    """Whether noise level ``sigma`` lies in ``(low, high]`` (None: every level)."""
+    if interval is None:
+        return True
+    low, high = interval
+    return low < float(sigma) <= high
+
+
 def gaussian_blur(images: torch.Tensor, sigma: float) -> torch.Tensor:
     """Separable Gaussian blur with replicate padding (works for images smaller than the kernel too)."""
     if sigma <= 0:
@@ -357,6 +383,14 @@ class CrispDiffPipeline(DiffusionPipeline):
         class_names: a class-conditional unet's class names in id order (a list; stored in model_index.json as
             ``{"0": name, ...}``, because diffusers reads any list there as a ``[library, class]`` component entry
             and then refuses to download the folder from the Hub). See :attr:`classes`.
+        class_mix: each class's share of the training images, in id order (stored like ``class_names``). When set
+            (models trained on ``--class_column auto`` clusters, which the user never named), a call without
+            ``class_labels`` draws each image's class from this mix and samples it with guidance; without it such a
+            call samples the null class.
+        guidance_min_sigma, guidance_max_sigma: the default guidance interval: classifier-free guidance applies only
+            at noise levels ``sigma_t = sqrt((1 - alpha_bar_t) / alpha_bar_t)`` in ``(min, max]`` (Kynkaanniemi et
+            al. 2024); the other steps run the conditional model alone. Guidance at the noisiest steps pulls every
+            sample of a class towards one layout and at the cleanest ones adds nothing; None = no limit.
     """
 
     model_cpu_offload_seq = "unet->vae->sr_model"
@@ -381,6 +415,9 @@ class CrispDiffPipeline(DiffusionPipeline):
         gamma: float = 1.0,
         class_names: list[str] | dict[str, str] | None = None,
         guidance_scale: float = 1.0,
+        class_mix: list[float] | dict[str, float] | None = None,
+        guidance_min_sigma: float | None = None,
+        guidance_max_sigma: float | None = None,
     ):
         super().__init__()
         names = class_name_list(class_names)
@@ -389,6 +426,12 @@ class CrispDiffPipeline(DiffusionPipeline):
             raise ValueError(
                 f"{len(names)} class_names need a unet with num_class_embeds = {len(names) + 1} (the classes and the "
                 f"null class), but this unet has {num_class_embeds}"
+            )
+        mix = class_mix_list(class_mix)
+        if mix is not None and num_class_embeds != len(mix) + 1:
+            raise ValueError(
+                f"a class_mix of {len(mix)} classes needs a unet with num_class_embeds = {len(mix) + 1}, but this unet "
+                f"has {num_class_embeds}"
             )
         if sampler not in SAMPLERS:
             raise ValueError(f"unknown sampler {sampler!r}; choose one of {', '.join(SAMPLERS)}")
@@ -412,12 +455,28 @@ class CrispDiffPipeline(DiffusionPipeline):
             gamma=float(gamma),
             class_names=None if names is None else {str(i): name for i, name in enumerate(names)},
             guidance_scale=float(guidance_scale),
+            class_mix=None if mix is None else {str(i): share for i, share in enumerate(mix)},
+            guidance_min_sigma=None if guidance_min_sigma is None else float(guidance_min_sigma),
+            guidance_max_sigma=None if guidance_max_sigma is None else float(guidance_max_sigma),
         )
 
     @property
     def classes(self) -> list[str] | None:
         """The class names in id order (``pipe(class_labels=name)`` accepts them), or None."""
         return class_name_list(self.config.get("class_names"))
+
+    @property
+    def default_guidance_interval(self) -> tuple[float, float] | None:
+        """``(min sigma, max sigma)`` saved with the pipeline (None: guidance at every step)."""
+        low, high = self.config.get("guidance_min_sigma"), self.config.get("guidance_max_sigma")
+        if low is None and high is None:
+            return None
+        return (0.0 if low is None else float(low), math.inf if high is None else float(high))
+
+    @property
+    def class_mix(self) -> list[float] | None:
+        """Each class's share in id order, which calls without labels sample from (None: they sample the null class)."""
+        return class_mix_list(self.config.get("class_mix"))
 
     # ---- loading / saving ----------------------------------------------------------------------------------------
 
@@ -510,12 +569,15 @@ class CrispDiffPipeline(DiffusionPipeline):
             raise ValueError(f"latents have shape {tuple(latents.shape)}, expected {shape}")
         return latents.to(device=device, dtype=torch.float32)
 
-    def resolve_class_labels(self, class_labels: Any, batch_size: int, device: torch.device) -> torch.Tensor | None:
+    def resolve_class_labels(
+        self, class_labels: Any, batch_size: int, device: torch.device, generator: Any = None
+    ) -> torch.Tensor | None:
         """``class_labels`` as a LongTensor of ``batch_size`` ids (None for an unconditional unet).
 
         Accepts an id, a class name, or a list / tensor of them (one per image; a single label is used for every
         image). Id N (= ``num_class_embeds - 1``) is the null class. A class-conditional unet called without labels
-        samples the null class, i.e. unconditionally; an unconditional unet refuses labels.
+        samples the stored :attr:`class_mix` (drawn from ``generator``, one draw per image's generator when given a
+        list), or the null class (unconditionally) when there is none; an unconditional unet refuses labels.
         """
         num_class_embeds = getattr(self.unet.config, "num_class_embeds", None)
         if num_class_embeds is None:
@@ -527,6 +589,8 @@ class CrispDiffPipeline(DiffusionPipeline):
             return None
         null_id = int(num_class_embeds) - 1
         if class_labels is None:
+            if self.class_mix is not None:
+                return self.draw_class_labels(batch_size, generator).to(device)
             return torch.full((batch_size,), null_id, dtype=torch.long, device=device)
         if isinstance(class_labels, (torch.Tensor, np.ndarray)):
             items = [int(v) for v in np.asarray(torch.as_tensor(class_labels).cpu()).reshape(-1)]
@@ -539,6 +603,17 @@ class CrispDiffPipeline(DiffusionPipeline):
         if len(items) != batch_size:
             raise ValueError(f"got {len(items)} class_labels for a batch of {batch_size}; give one, or one per image")
         return torch.tensor([self._class_id(item, null_id) for item in items], dtype=torch.long, device=device)
+
+    def draw_class_labels(self, batch_size: int, generator: Any = None) -> torch.Tensor:
+        """``batch_size`` class ids drawn from :attr:`class_mix` (one draw per generator when given a list).
+
+        Drawn after the initial noise, so the noise a seed gives does not depend on whether the model has a mix.
+        """
+        shares = torch.tensor(self.class_mix, dtype=torch.float64)
+        if isinstance(generator, list):
+            return torch.cat([torch.multinomial(shares.to(g.device), 1, generator=g).cpu() for g in generator])
+        device = generator.device if generator is not None else torch.device("cpu")
+        return torch.multinomial(shares.to(device), batch_size, replacement=True, generator=generator).cpu()
 
     def _class_id(self, label: Any, null_id: int) -> int:
         """One label -> its id: a name looked up in :attr:`classes`, or an int in 0..N (N = the null class)."""
@@ -564,6 +639,7 @@ class CrispDiffPipeline(DiffusionPipeline):
         device: torch.device,
         class_labels: torch.Tensor | None = None,
         guidance_scale: float = 1.0,
+        guidance_interval: tuple[float, float] | None = None,
     ) -> torch.Tensor:
         """The sampling loop; the sample stays in float32 whatever the unet's dtype.
 
@@ -574,10 +650,9 @@ class CrispDiffPipeline(DiffusionPipeline):
         """
         null_id = None if class_labels is None else int(self.unet.config.num_class_embeds) - 1
         guided = class_labels is not None and guidance_scale != 1.0 and bool((class_labels != null_id).any())
-        if guided:
-            class_labels = torch.cat([class_labels, torch.full_like(class_labels, null_id)])
-        unet_kwargs = {} if class_labels is None else {"class_labels": class_labels}
+        both = None if not guided else torch.cat([class_labels, torch.full_like(class_labels, null_id)])
         scheduler.set_timesteps(num_inference_steps, device=device)
+        noise_levels = timestep_sigmas(scheduler)
         sample = sample * scheduler.init_noise_sigma
         accepts_generator = "generator" in inspect.signature(scheduler.step).parameters
         step_kwargs = {"generator": generator} if accepts_generator else {}
@@ -586,10 +661,13 @@ class CrispDiffPipeline(DiffusionPipeline):
             step_kwargs["use_clipped_model_output"] = True
         for t in self.progress_bar(scheduler.timesteps):
             model_input = scheduler.scale_model_input(sample, t).to(self.unet.dtype)
-            if guided:
+            guide = guided and in_interval(noise_levels[int(t)], guidance_interval)
+            if guide:
                 model_input = torch.cat([model_input, model_input])
+            labels = both if guide else class_labels
+            unet_kwargs = {} if labels is None else {"class_labels": labels}
             model_output = self.unet(model_input, t, **unet_kwargs).sample.float()
-            if guided:
+            if guide:
                 cond, uncond = model_output.chunk(2)
                 model_output = uncond + guidance_scale * (cond - uncond)
             sample = scheduler.step(model_output, t, sample, **step_kwargs).prev_sample
@@ -655,6 +733,7 @@ class CrispDiffPipeline(DiffusionPipeline):
         gamma: float | None = None,
         class_labels: int | str | list[int | str] | torch.Tensor | None = None,
         guidance_scale: float | None = None,
+        guidance_interval: tuple[float, float] | None = None,
     ) -> ImagePipelineOutput | tuple:
         """Generate ``batch_size`` images.
 
@@ -671,12 +750,15 @@ class CrispDiffPipeline(DiffusionPipeline):
             latents: initial noise of the unet's input shape, instead of drawing it.
             sharpen_amount, sharpen_radius, sharpen_threshold, gamma: override the config's post-processing.
             class_labels: for a class-conditional model: a class name or id, or one per image (names: :attr:`classes`).
-                Without them a conditional model samples its null class, i.e. unconditionally (guidance then has
-                nothing to amplify and is skipped). An unconditional model refuses them.
+                Without them a model with a stored :attr:`class_mix` (auto classes) draws each image's class from it;
+                any other conditional model samples its null class, i.e. unconditionally (guidance then has nothing
+                to amplify and is skipped). An unconditional model refuses them.
+            guidance_interval: ``(min sigma, max sigma)``: guide only at noise levels in that range (default: the
+                pipeline's ``guidance_min_sigma`` / ``guidance_max_sigma``; ``(0, inf)`` guides every step).
             guidance_scale: classifier-free guidance strength s: 1 = the conditional model alone (one unet pass);
                 s > 1 pushes samples towards their class, ``uncond + s * (cond - uncond)`` (two passes in one batch).
                 Default: the scale the model was saved with (``config.guidance_scale``; 1.0 for folders without one),
-                used only when there are class labels.
+                used only when there are class labels (given, or drawn from :attr:`class_mix`).
         """
         if output_type not in OUTPUT_TYPES:
             raise ValueError(f"output_type must be one of {OUTPUT_TYPES}, got {output_type!r}")
@@ -688,16 +770,21 @@ class CrispDiffPipeline(DiffusionPipeline):
             raise ValueError(f"got {len(generator)} generators for a batch of {batch_size}")
         do_upscale = self._resolve_upscale(upscale)
         device = self._execution_device
-        labels = self.resolve_class_labels(class_labels, batch_size, device)
-        if guidance_scale is None:
-            guidance_scale = float(self.config.get("guidance_scale", 1.0)) if class_labels is not None else 1.0
-        if labels is None and guidance_scale != 1.0:
-            raise ValueError(f"guidance_scale={guidance_scale} needs a class-conditional model; this unet is not one")
         scheduler = self.scheduler if sampler is None else self.make_sampler(sampler)
         check_step_count(sampler or self.config.sampler, scheduler.config.num_train_timesteps, num_inference_steps)
 
         sample = self.prepare_latents(batch_size, generator, latents, device)
-        sample = self._denoise(scheduler, sample, num_inference_steps, generator, device, labels, guidance_scale)
+        labels = self.resolve_class_labels(class_labels, batch_size, device, generator)
+        labelled = class_labels is not None or (labels is not None and self.class_mix is not None)
+        if guidance_scale is None:
+            guidance_scale = float(self.config.get("guidance_scale", 1.0)) if labelled else 1.0
+        if labels is None and guidance_scale != 1.0:
+            raise ValueError(f"guidance_scale={guidance_scale} needs a class-conditional model; this unet is not one")
+        if guidance_interval is None:
+            guidance_interval = self.default_guidance_interval
+        sample = self._denoise(
+            scheduler, sample, num_inference_steps, generator, device, labels, guidance_scale, guidance_interval
+        )
         images01 = self.decode(sample)
         if do_upscale:
             strength = self.config.sr_strength if sr_strength is None else sr_strength
@@ -725,6 +812,7 @@ __all__ = [
     "apply_gamma",
     "base_config_from_scheduler",
     "check_step_count",
+    "class_mix_list",
     "class_name_list",
     "dpm_lambda_clip",
     "gaussian_blur",

@@ -28,6 +28,15 @@ def emoji_dir() -> Path:
     return path
 
 
+@pytest.fixture(scope="session")
+def openmoji_dir() -> Path:
+    """OpenMoji 64 px from ../shared (another design family than the embedded Noto emoji); skips when absent."""
+    path = shared_dir() / "data" / "openmoji-64" / "train"
+    if not (path / "metadata.jsonl").exists():
+        pytest.skip(f"OpenMoji data not found at {path} (set CRISPDIFF_SHARED to the shared/ folder)")
+    return path
+
+
 @pytest.fixture(autouse=True)
 def _few_threads():
     """Two cores on CI: keep torch from oversubscribing them."""

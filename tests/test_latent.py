@@ -84,6 +84,8 @@ def make_config(image_dir: Path, vae_dir: Path, tmp_path: Path, **overrides) -> 
         num_validation_images=2,
         validation_inference_steps=2,
         report_to="none",
+        class_column="none",  # these tests are about the latent cache and trainer: no auto classes,
+        adapt_vae="off",  # and the tiny random VAE as it is (tests/test_own_data.py covers both)
     )
     settings.update(overrides)
     return LatentTrainConfig(**settings)
@@ -322,11 +324,12 @@ def test_default_command_uses_embedded_data_and_vae(tmp_path):
     assert config.sharpen_amount == EMBEDDED_VAE_SHARPEN_AMOUNT > 0
     assert parse_config(LatentTrainConfig, ["--pretrained_vae_name_or_path", "x"]).sharpen_amount == 0.0
     assert parse_config(LatentTrainConfig, ["--sharpen_amount", "0"]).sharpen_amount == 0.0
-    # the main job is class-conditional on the embedded emoji's subcategories; other data is not, unless asked
+    # the main job is class-conditional on the embedded emoji's subcategories; other data on auto classes
     assert config.class_column == EMBEDDED_CLASS_COLUMN == "subcategory"
     assert parse_config(LatentTrainConfig, ["--class_column", "none"]).class_column is None
     own_data = ["--train_data_dir", str(tmp_path)]
-    assert parse_config(LatentTrainConfig, own_data).class_column is None
+    assert parse_config(LatentTrainConfig, own_data).class_column == "auto"
+    assert config.adapt_vae == "auto" and config.guidance_interval == [0.28, 5.42]
     assert parse_config(LatentTrainConfig, [*own_data, "--class_column", "x"]).class_column == "x"
     config.cache_dir = str(tmp_path)
     config.max_train_samples = 100
@@ -380,10 +383,13 @@ def test_two_processes_encode_once(image_dir, vae_dir, tmp_path):
         "--base_channels", "8", "--channel_mults", "1", "2", "--attention_res", "4", "--train_batch_size", "2",
         "--max_train_steps", "2", "--validation_steps", "0", "--checkpointing_steps", "0",
         "--num_validation_images", "2", "--validation_inference_steps", "2", "--report_to", "none",
+        "--adapt_vae", "always", "--adapt_vae_steps", "3",
     ]  # fmt: skip
     env = dict(os.environ, OMP_NUM_THREADS="1")
     result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=300)
     output = result.stdout + result.stderr
     assert result.returncode == 0, output[-3000:]
     assert output.count(f"(encoded {NUM_IMAGES} image(s))") == 1 and "2 process(es)" in output
+    # the VAE adaptation ran distributed too (one process group, one saved VAE) before the UNet, on auto classes
+    assert output.count("VAE adapted:") == 1 and "2 auto classes" in output
     assert (tmp_path / "out" / "pipeline" / "model_index.json").is_file()

@@ -276,6 +276,8 @@ def test_train_latent_with_timm_encoder_takes_the_vae_channels(tmp_path):
         num_validation_images=2,
         validation_inference_steps=2,
         report_to="none",
+        class_column="none",
+        adapt_vae="off",
     )
     folder = train_latent(config)
     assert json.loads((folder / "model_index.json").read_text())["unet"] == ["timm_unet", "TimmEncoderUNet"]

@@ -13,7 +13,7 @@ import shlex
 import sys
 from pathlib import Path
 
-from crispdiff.commands.sample import check_guidance_flags
+from crispdiff.commands.sample import add_guidance_flags, check_guidance_flags
 from crispdiff.errors import FlagError, run_entry_point
 from crispdiff.export import DTYPES
 from crispdiff.pipelines.pipeline_crispdiff import SAMPLERS
@@ -72,12 +72,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
         help="A class-conditional model: sample only this class (a name or an id), measured against the reference's "
         "images of it. Default: the classes in the reference's own mix (of the model's --class_column).",
     )
-    parser.add_argument(
-        "--guidance_scale",
-        type=float,
-        default=None,
-        help="Classifier-free guidance for a class-conditional model (default: the scale the pipeline was saved with).",
-    )
+    add_guidance_flags(parser)
     parser.add_argument(
         "--sharpen_sweep",
         action="store_true",
@@ -108,13 +103,17 @@ def _check_args(args: argparse.Namespace) -> None:
         raise FlagError(f"--resolution must be >= 16 (the coarsest SWD level), got {args.resolution}")
     if args.max_reference_images is not None and args.max_reference_images < 4:
         raise FlagError(f"--max_reference_images must be >= 4, got {args.max_reference_images}")
-    if args.samples_npz is not None and (args.class_label is not None or args.guidance_scale is not None):
-        raise FlagError("--class and --guidance_scale choose how a pipeline samples; --samples_npz has no pipeline")
+    if args.samples_npz is not None and (
+        args.class_label is not None or args.guidance_scale is not None or args.guidance_interval is not None
+    ):
+        raise FlagError(
+            "--class, --guidance_scale and --guidance_interval choose how a pipeline samples; --samples_npz has none"
+        )
     if args.samples_npz is not None and args.sharpen_sweep:
         raise FlagError("--sharpen_sweep re-runs a pipeline's post-processing; --samples_npz has no pipeline")
     if args.save_sharpen_amount and not args.sharpen_sweep:
         raise FlagError("--save_sharpen_amount writes what --sharpen_sweep finds; pass both")
-    check_guidance_flags(args, needs_class=False)
+    check_guidance_flags(args)
 
 
 def _command_line(args: argparse.Namespace) -> str:
@@ -168,6 +167,7 @@ def _run(args: argparse.Namespace) -> int:
         log=log,
         class_label=args.class_label,
         guidance_scale=args.guidance_scale,
+        guidance_interval=args.guidance_interval,
         sweep_sharpen=args.sharpen_sweep,
         save_best_sharpen=args.save_sharpen_amount,
     )

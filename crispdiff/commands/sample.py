@@ -5,7 +5,8 @@ Image i is drawn from its own CPU generator seeded ``seed + i``: its starting no
 ``pipe(generator=torch.Generator().manual_seed(seed + i))`` (identical up to float rounding across batch sizes).
 
 A class-conditional pipeline (trained with ``--class_column``) samples one class with ``--class NAME`` (or an id),
-optionally with classifier-free guidance ``--guidance_scale 3``; without ``--class`` it samples unconditionally.
+optionally with classifier-free guidance ``--guidance_scale 3``; without ``--class`` it samples its stored class mix
+(a model trained on ``--class_column auto`` clusters, with guidance) or unconditionally.
 """
 
 from __future__ import annotations
@@ -53,15 +54,10 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
         dest="class_label",
         default=None,
         metavar="NAME",
-        help="A class-conditional model's class (a name, or an id); without it such a model samples unconditionally.",
+        help="A class-conditional model's class (a name, or an id); without it such a model samples its stored class "
+        "mix (auto classes) or unconditionally.",
     )
-    parser.add_argument(
-        "--guidance_scale",
-        type=float,
-        default=None,
-        help="Classifier-free guidance with --class: 1 = the conditional model alone; 2-4 = more typical of the class "
-        "(default: the scale the pipeline was saved with).",
-    )
+    add_guidance_flags(parser)
     parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1, mps ... (default: cuda when available).")
     parser.add_argument(
         "--dtype", choices=list(DTYPES), default="fp32", help="Precision the networks run in (bf16/fp16 on GPUs)."
@@ -87,16 +83,41 @@ def _check_args(args: argparse.Namespace) -> None:
         raise FlagError(f"--nrow must be >= 1, got {args.nrow}")
     if args.sr_strength is not None and not 0.0 <= args.sr_strength <= 1.0:
         raise FlagError(f"--sr_strength must be in [0, 1], got {args.sr_strength}")
-    check_guidance_flags(args, needs_class=True)
+    check_guidance_flags(args)
 
 
-def check_guidance_flags(args: argparse.Namespace, needs_class: bool) -> None:
-    """--guidance_scale must be >= 0; ``sample`` needs --class with it (``evaluate`` can use the reference's mix)."""
-    if args.guidance_scale is None:
-        return
-    if args.guidance_scale < 0:
+def add_guidance_flags(parser: argparse.ArgumentParser) -> None:
+    """``--guidance_scale`` and ``--guidance_interval`` (``sample`` and ``evaluate``)."""
+    parser.add_argument(
+        "--guidance_scale",
+        type=float,
+        default=None,
+        help="Classifier-free guidance of a class-conditional model: 1 = the conditional model alone; 2-4 = more "
+        "typical of the class (default: the scale the pipeline was saved with).",
+    )
+    parser.add_argument(
+        "--guidance_interval",
+        type=float,
+        nargs=2,
+        default=None,
+        metavar=("MIN_SIGMA", "MAX_SIGMA"),
+        help="Guide only at noise levels sigma in (MIN_SIGMA, MAX_SIGMA] (default: the pipeline's own; 0 inf = every "
+        "step).",
+    )
+
+
+def check_guidance_flags(args: argparse.Namespace) -> None:
+    """--guidance_scale must be >= 0 and --guidance_interval an interval."""
+    if args.guidance_scale is not None and args.guidance_scale < 0:
         raise FlagError(f"--guidance_scale must be >= 0, got {args.guidance_scale}")
-    if needs_class and args.guidance_scale != 1.0 and args.class_label is None:
+    if args.guidance_interval is not None and not 0 <= args.guidance_interval[0] < args.guidance_interval[1]:
+        raise FlagError(f"--guidance_interval needs 0 <= MIN_SIGMA < MAX_SIGMA, got {args.guidance_interval}")
+
+
+def check_guidance_target(args: argparse.Namespace, pipeline: object, label: object) -> None:
+    """Guidance pushes samples towards a class: it needs --class, or a pipeline that draws classes from its mix."""
+    guided = args.guidance_scale is not None and args.guidance_scale != 1.0
+    if guided and label is None and getattr(pipeline, "class_mix", None) is None:
         raise FlagError("--guidance_scale needs --class NAME (guidance pushes samples towards a class)")
 
 
@@ -122,6 +143,7 @@ def _run(args: argparse.Namespace) -> int:
     if args.upscale and pipeline.sr_model is None:
         raise FlagError(f"--upscale given but {args.pipeline_dir} has no sr_model")
     label = class_label_flag(pipeline, args.class_label, args.pipeline_dir)
+    check_guidance_target(args, pipeline, label)
 
     def log(message: str) -> None:
         print(f"crispdiff sample: {message}", file=sys.stderr)
@@ -137,6 +159,7 @@ def _run(args: argparse.Namespace) -> int:
         log=log,
         class_labels=label,
         guidance_scale=args.guidance_scale,
+        guidance_interval=args.guidance_interval,
     )
     images = to_pil_list(batch, value_range=(0.0, 1.0))
     grid_file, images_dir = output_paths(args)

@@ -1,0 +1,272 @@
+"""A user's own, unlabelled images: auto classes (k-means clusters), the class mix and guidance interval the pipeline
+samples with, VAE adaptation, and the time budget.
+
+Every model is a real, tiny diffusers model; the pipeline checks compare whole sampling runs bit for bit.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import load_file
+from tiny_models import SIZE, base_config, tiny_vae
+
+from crispdiff.auto_classes import class_names, cluster_images, default_num_classes, kmeans
+from crispdiff.config import TrainConfig
+from crispdiff.data import load_images
+from crispdiff.export import build_pipeline, load_pipeline
+from crispdiff.latent import LatentTrainConfig, train_latent
+from crispdiff.training import train
+from crispdiff.vae import embedded_vae_dir
+from crispdiff.vae_adapt import adapted_vae_dir, misses_bar
+
+COLOURS = [(220, 30, 30), (30, 160, 40), (40, 60, 220)]  # three groups the clustering must find
+PER_COLOUR = 6
+
+
+@pytest.fixture(autouse=True)
+def _fresh_accelerate_state():
+    """accelerate keeps one process-wide state; each run here builds its own Accelerator."""
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+    yield
+
+
+@pytest.fixture(scope="module")
+def colour_folder(tmp_path_factory) -> Path:
+    """18 unlabelled 16 px images (no metadata): a red, green or blue field, a white disc of varied size and place."""
+    folder = tmp_path_factory.mktemp("unlabelled")
+    rng = np.random.default_rng(0)
+    yy, xx = np.mgrid[:SIZE, :SIZE]
+    for i in range(PER_COLOUR * len(COLOURS)):
+        image = np.empty((SIZE, SIZE, 3), np.uint8)
+        image[:] = COLOURS[i % len(COLOURS)]
+        cy, cx, r = rng.integers(5, 11), rng.integers(5, 11), rng.integers(2, 5)
+        image[(yy - cy) ** 2 + (xx - cx) ** 2 <= r * r] = 255
+        Image.fromarray(image).save(folder / f"img_{i:02d}.png")
+    return folder
+
+
+def colour_of(index: int) -> int:
+    return index % len(COLOURS)  # files sort as img_00, img_01, ...: the colour is the index mod 3
+
+
+# ---- clustering ---------------------------------------------------------------------------------------------------
+
+
+def test_kmeans_finds_separated_groups_with_every_id_used_and_is_seeded():
+    generator = torch.Generator().manual_seed(0)
+    centres = torch.tensor([[0.0, 0.0], [10.0, 0.0], [0.0, 10.0], [10.0, 10.0]])
+    truth = torch.arange(4).repeat_interleave(25)
+    points = centres[truth] + 0.5 * torch.randn(100, 2, generator=generator)
+    ids = kmeans(points, 4, seed=0)
+    # the same partition as the truth (ids may be permuted), every id used, largest cluster first
+    pairs = {(int(a), int(b)) for a, b in zip(ids, truth)}
+    assert len(pairs) == 4 and sorted(torch.bincount(ids).tolist()) == [25] * 4
+    assert torch.equal(ids, kmeans(points, 4, seed=0))
+    with pytest.raises(ValueError, match="cannot make 5 clusters of 4 images"):
+        kmeans(points[:4], 5, seed=0)
+
+
+def test_cluster_images_groups_by_what_the_images_show_and_names_sort_in_id_order(colour_folder, tmp_path):
+    config = TrainConfig(train_data_dir=str(colour_folder), resolution=SIZE, cache_dir=str(tmp_path / "cache"))
+    data = load_images(config, show_progress=False)
+    names, ids = cluster_images(data.center_crops, len(data), num_classes=3, seed=0)
+    assert names == ["cluster-0", "cluster-1", "cluster-2"]
+    groups = {colour_of(i): set() for i in range(len(data))}
+    for i, cluster in enumerate(ids):
+        groups[colour_of(i)].add(int(cluster))
+    assert all(len(found) == 1 for found in groups.values()) and len(set.union(*groups.values())) == 3
+    assert class_names(12)[:2] == ["cluster-00", "cluster-01"] and class_names(12) == sorted(class_names(12))
+    assert default_num_classes(1000) == 125 and default_num_classes(10) == 2 and default_num_classes(10**6) == 256
+
+
+def test_class_column_auto_labels_unlabelled_data_deterministically(colour_folder, tmp_path):
+    def load(seed: int, **extra):
+        config = TrainConfig(
+            train_data_dir=str(colour_folder), resolution=SIZE, cache_dir=str(tmp_path / "cache"),
+            class_column="auto", seed=seed, **extra,
+        )  # fmt: skip
+        return load_images(config, show_progress=False)
+
+    data = load(0)
+    assert data.class_names == class_names(2)  # 18 images: one cluster per 8
+    assert np.array_equal(data.class_ids, load(0).class_ids)
+    three = load(0, num_auto_classes=3)
+    assert three.class_names == class_names(3) and len(set(three.class_ids.tolist())) == 3
+    with pytest.raises(ValueError, match="--num_auto_classes must be >= 2"):
+        TrainConfig(class_column="auto", num_auto_classes=1).validate()
+
+
+# ---- the pipeline: class mix and guidance interval -------------------------------------------------------------------
+
+
+def mix_pipeline(class_mix=None, **kwargs):
+    from test_guidance import tiny_class_unet
+
+    pipe = build_pipeline(
+        unet=tiny_class_unet(num_classes=3), scheduler_base_config=base_config(), beta_schedule="cosine",
+        class_names=class_names(3), class_mix=class_mix, guidance_scale=3.0, **kwargs,
+    )  # fmt: skip
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def sample(pipe, **kwargs) -> torch.Tensor:
+    generators = [torch.Generator().manual_seed(seed) for seed in range(3)]
+    return pipe(batch_size=3, num_inference_steps=4, generator=generators, output_type="pt", **kwargs).images
+
+
+def test_a_pipeline_with_a_class_mix_samples_it_with_guidance_when_called_without_labels(tmp_path):
+    only_two = mix_pipeline(class_mix=[0.0, 0.0, 1.0])
+    unlabelled = sample(only_two)
+    assert torch.equal(unlabelled, sample(only_two, class_labels=2))  # drawn from the mix, saved guidance 3
+    assert not torch.equal(unlabelled, sample(only_two, class_labels=2, guidance_scale=1.0))
+    assert not torch.equal(unlabelled, sample(mix_pipeline(class_mix=[1.0, 0.0, 0.0])))
+    # without a mix: the null class, unguided, as before
+    plain = mix_pipeline()
+    assert torch.equal(sample(plain), sample(plain, class_labels=3, guidance_scale=1.0))
+    # one draw per image's generator: image i's class does not depend on the batch it is in
+    even = mix_pipeline(class_mix=[0.5, 0.25, 0.25])
+    drawn = even.draw_class_labels(3, [torch.Generator().manual_seed(seed) for seed in range(3)])
+    assert drawn.tolist() == [even.draw_class_labels(1, [torch.Generator().manual_seed(s)]).item() for s in range(3)]
+    # stored in model_index.json and back
+    even.save_pretrained(tmp_path / "pipe")
+    assert json.loads((tmp_path / "pipe" / "model_index.json").read_text())["class_mix"] == {
+        "0": 0.5, "1": 0.25, "2": 0.25,
+    }  # fmt: skip
+    assert load_pipeline(tmp_path / "pipe").class_mix == [0.5, 0.25, 0.25]
+    with pytest.raises(ValueError, match="class_mix of 2 classes needs a unet with num_class_embeds = 3"):
+        mix_pipeline(class_mix=[0.5, 0.5])
+
+
+def test_guidance_interval_guides_only_the_steps_whose_noise_level_is_inside_it(tmp_path):
+    pipe = mix_pipeline()
+    labels = dict(class_labels=[0, 1, 2])
+    guided = sample(pipe, **labels)
+    assert torch.equal(guided, sample(pipe, guidance_interval=(0.0, float("inf")), **labels))
+    # an interval no step falls in: the conditional model alone
+    assert torch.equal(sample(pipe, guidance_interval=(1e6, 1e7), **labels), sample(pipe, guidance_scale=1.0, **labels))
+    partial = sample(pipe, guidance_interval=(0.28, 5.42), **labels)
+    assert not torch.equal(partial, guided) and not torch.equal(partial, sample(pipe, guidance_scale=1.0, **labels))
+    # saved as the pipeline's default
+    saved = mix_pipeline(guidance_interval=[0.28, 5.42])
+    assert saved.default_guidance_interval == (0.28, 5.42)
+    assert torch.equal(sample(saved, **labels), partial)
+    saved.save_pretrained(tmp_path / "pipe")
+    assert torch.equal(sample(load_pipeline(tmp_path / "pipe"), **labels), partial)
+
+
+# ---- VAE adaptation -------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def vae_dir(tmp_path_factory) -> Path:
+    folder = tmp_path_factory.mktemp("vae")
+    tiny_vae(sample_size=SIZE, scaling_factor=1.0).save_pretrained(folder)
+    return folder
+
+
+def latent_config(folder: Path, vae_dir: Path | None, out: Path, **overrides) -> LatentTrainConfig:
+    settings = dict(
+        train_data_dir=str(folder), pretrained_vae_name_or_path=None if vae_dir is None else str(vae_dir),
+        resolution=SIZE, cache_dir=str(out.parent / "cache"), output_dir=str(out), base_channels=8,
+        channel_mults=[1, 2], attention_res=[4], train_batch_size=4, max_train_steps=2, lr_warmup_steps=1,
+        checkpointing_steps=0, validation_steps=0, num_validation_images=2, validation_inference_steps=2,
+        report_to="none",
+    )  # fmt: skip
+    settings.update(overrides)
+    return LatentTrainConfig(**settings)
+
+
+@pytest.fixture(scope="module")
+def openmoji_sample(openmoji_dir, tmp_path_factory) -> Path:
+    """48 OpenMoji emoji (a design family the embedded VAE never saw) in a folder of their own, without metadata."""
+    folder = tmp_path_factory.mktemp("openmoji")
+    for path in sorted(openmoji_dir.glob("*.png"))[::90][:48]:
+        shutil.copyfile(path, folder / path.name)
+    return folder
+
+
+def test_vae_adaptation_improves_held_out_reconstructions_and_the_pipeline_carries_it(
+    openmoji_sample, colour_folder, vae_dir, tmp_path, capsys
+):
+    """The embedded VAE on emoji of another design family: below the bar, so `auto` adapts it (real data, real VAE)."""
+    out = tmp_path / "out"
+    config = latent_config(openmoji_sample, None, out, resolution=64, adapt_vae_steps=30, num_auto_classes=2)
+    folder = train_latent(config)
+    log = capsys.readouterr().out
+    assert "adapting the VAE" in log and "below the bar" in log
+    summary = json.loads((out / "vae-adapted" / "vae_summary.json").read_text())
+    before = float(log.split("held-out PSNR ")[1].split(" dB")[0])
+    assert summary["steps"] == 30 and summary["held_out"]["psnr"] > before + 1.0, (before, summary["held_out"])
+    weights, name = "diffusion_pytorch_model.safetensors", "decoder.conv_out.weight"
+    adapted = load_file(adapted_vae_dir(config) / weights)
+    saved, original = load_file(folder / "vae" / weights), load_file(embedded_vae_dir() / weights)
+    assert torch.equal(saved[name], adapted[name]) and not torch.equal(saved[name], original[name])
+    assert json.loads((folder / "crispdiff_training.json").read_text())["adapt_vae_steps"] == 30
+
+    # resumed: the finished adaptation is reused, not run again
+    stamp = (adapted_vae_dir(config) / weights).stat().st_mtime_ns
+    train_latent(latent_config(openmoji_sample, None, out, resolution=64, resume_from_checkpoint="latest"))
+    assert "reusing the VAE adapted" in capsys.readouterr().out
+    assert (adapted_vae_dir(config) / weights).stat().st_mtime_ns == stamp
+
+    # off: the given VAE, untouched
+    off = train_latent(latent_config(colour_folder, vae_dir, tmp_path / "off", adapt_vae="off"))
+    assert "adapting" not in capsys.readouterr().out
+    tiny = load_file(vae_dir / weights)
+    assert torch.equal(load_file(off / "vae" / weights)[name], tiny[name])
+
+
+def test_the_bar_adaptation_is_judged_by():
+    assert misses_bar({"psnr": 27.9, "hf_energy_ratio": 0.95}) and misses_bar({"psnr": 33.0, "hf_energy_ratio": 0.8})
+    assert not misses_bar({"psnr": 31.0, "hf_energy_ratio": 0.9})
+
+
+def test_latent_trainer_on_unlabelled_data_trains_on_auto_classes_and_stores_their_mix(
+    colour_folder, vae_dir, tmp_path
+):
+    config = latent_config(colour_folder, vae_dir, tmp_path / "out", adapt_vae="off", num_auto_classes=3)
+    config.validate()
+    assert config.class_column == "auto" and config.guidance_interval == [0.28, 5.42]
+    folder = train_latent(config)
+    pipe = load_pipeline(folder)
+    assert pipe.classes == class_names(3) and sum(pipe.class_mix) == pytest.approx(1.0)
+    assert sorted(pipe.class_mix) == [pytest.approx(1 / 3)] * 3  # three colour groups of 6 images
+    assert pipe.default_guidance_interval == (0.28, 5.42) and pipe.config.guidance_scale == 3.0
+    assert sample(pipe).shape == (3, 3, SIZE, SIZE)
+
+
+# ---- time budget ----------------------------------------------------------------------------------------------------
+
+
+def test_a_time_budget_ends_the_run_on_time_and_saves_the_steps_that_repeat_it(colour_folder, tmp_path):
+    def config(out: str, **extra) -> TrainConfig:
+        return TrainConfig(
+            train_data_dir=str(colour_folder), resolution=SIZE, cache_dir=str(tmp_path / "cache"),
+            output_dir=str(tmp_path / out), base_channels=8, channel_mults=[1, 2], attention_res=[8],
+            layers_per_block=1, train_batch_size=4, learning_rate=1e-3, lr_warmup_steps=5, checkpointing_steps=0,
+            validation_steps=0, num_validation_images=4, validation_inference_steps=2, report_to="none", **extra,
+        )  # fmt: skip
+
+    load_images(config("warm"), show_progress=False)  # the image cache, decoded outside the timed run
+    budget_s = 20.0
+    started = time.perf_counter()
+    folder = train(config("budget", time_budget_minutes=budget_s / 60))
+    elapsed = time.perf_counter() - started
+    assert 0.9 * budget_s <= elapsed <= 1.1 * budget_s, elapsed
+    steps = json.loads((folder / "crispdiff_training.json").read_text())["max_train_steps"]
+    assert steps > 20
+    repeat = train(config("repeat", max_train_steps=steps))
+    weights = "unet/diffusion_pytorch_model.safetensors"
+    budgeted, repeated = load_file(folder / weights), load_file(repeat / weights)
+    assert budgeted.keys() == repeated.keys() and all(torch.equal(budgeted[k], repeated[k]) for k in budgeted)

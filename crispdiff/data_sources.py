@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from crispdiff.auto_classes import AUTO_CLASS_COLUMN
+from crispdiff.auto_classes import AUTO_CLASS_COLUMN, NO_CLASS_COLUMN
 from crispdiff.errors import DataError
 
 #: File extensions picked up from ``--train_data_dir`` (lower-case).
@@ -96,7 +96,7 @@ def _check_caption_column(column: str | None, available: Sequence[str], where: s
 def metadata_class_column(config: Any) -> str | None:
     """The metadata column ``--class_column`` names; None for no flag, ``none``, or ``auto`` (classes from pixels)."""
     column = getattr(config, "class_column", None)
-    return None if column in (None, "", "none", AUTO_CLASS_COLUMN) else column
+    return None if column in (None, "", NO_CLASS_COLUMN, AUTO_CLASS_COLUMN) else column
 
 
 def _check_class_column(column: str | None, available: Sequence[str] | None, where: str) -> None:

@@ -24,7 +24,7 @@ from typing import Any
 
 import torch
 
-from crispdiff.auto_classes import AUTO_CLASS_COLUMN
+from crispdiff.auto_classes import AUTO_CLASS_COLUMN, NO_CLASS_COLUMN
 from crispdiff.config import SHIFTABLE_SCHEDULES, TrainConfig, flag
 from crispdiff.data import to_device
 from crispdiff.latent_cache import DTYPES, LatentCache, load_or_build_latent_cache
@@ -203,10 +203,12 @@ class LatentTrainConfig(TrainConfig):
         # resolved first so the saved training config states the values used
         if self.sharpen_amount is None:
             self.sharpen_amount = 0.0 if self.pretrained_vae_name_or_path else EMBEDDED_VAE_SHARPEN_AMOUNT
+        # "none" is kept (not turned into None), so that validating twice (parse_config, then train_latent) cannot
+        # turn an explicit "off" into the default
         if self.class_column is None:
             self.class_column = AUTO_CLASS_COLUMN if self.train_data_dir or self.dataset_name else EMBEDDED_CLASS_COLUMN
-        elif self.class_column in ("", "none"):
-            self.class_column = None
+        elif self.class_column == "":
+            self.class_column = NO_CLASS_COLUMN
         if self.snr_shift is None:
             self.snr_shift = MAIN_JOB_SNR_SHIFT if self.beta_schedule in SHIFTABLE_SCHEDULES else 0.0
         super().validate()

@@ -326,7 +326,11 @@ def test_default_command_uses_embedded_data_and_vae(tmp_path):
     assert parse_config(LatentTrainConfig, ["--sharpen_amount", "0"]).sharpen_amount == 0.0
     # the main job is class-conditional on the embedded emoji's subcategories; other data on auto classes
     assert config.class_column == EMBEDDED_CLASS_COLUMN == "subcategory"
-    assert parse_config(LatentTrainConfig, ["--class_column", "none"]).class_column is None
+    off = parse_config(LatentTrainConfig, ["--class_column", "none"])
+    off.validate()  # train_latent validates again: "none" must stay off, not become the default
+    assert off.class_column == "none" and off.cache_dir is None
+    off.cache_dir, off.max_train_samples = str(tmp_path), 20
+    assert load_images(off, for_latents=True, show_progress=False).class_names is None
     own_data = ["--train_data_dir", str(tmp_path)]
     assert parse_config(LatentTrainConfig, own_data).class_column == "auto"
     assert config.adapt_vae == "auto" and config.guidance_interval == [0.28, 5.42]

@@ -38,8 +38,11 @@ MIN_AUTO_CLASSES, MAX_AUTO_CLASSES = 2, 256
 
 
 def default_num_classes(num_images: int) -> int:
-    """How many clusters ``--class_column auto`` makes of ``num_images`` images when not told."""
-    return int(min(MAX_AUTO_CLASSES, max(MIN_AUTO_CLASSES, round(num_images / IMAGES_PER_CLASS))))
+    """How many clusters ``--class_column auto`` makes of ``num_images`` images when not told (0: too few to cluster,
+    fewer than two clusters' worth)."""
+    if num_images < MIN_AUTO_CLASSES * IMAGES_PER_CLASS:
+        return 0
+    return int(min(MAX_AUTO_CLASSES, round(num_images / IMAGES_PER_CLASS)))
 
 
 def class_names(num_classes: int) -> list[str]:
@@ -128,14 +131,15 @@ def _relabel_by_size(assignment: torch.Tensor, k: int) -> torch.Tensor:
 
 def cluster_images(
     images: Callable[[list[int]], torch.Tensor], num_images: int, num_classes: int | None = None, seed: int = 0
-) -> tuple[list[str], np.ndarray]:
+) -> tuple[list[str], np.ndarray] | tuple[None, None]:
     """``(class names, class id per image)`` for ``--class_column auto``: k-means on thumbnail principal components.
 
-    ``num_classes`` defaults to :func:`default_num_classes`; it is capped at the number of images.
+    ``num_classes`` defaults to :func:`default_num_classes`; it is capped at the number of images. ``(None, None)``
+    (unlabelled) when there are too few images for two clusters.
     """
     k = min(num_classes or default_num_classes(num_images), num_images)
-    if k < 2:
-        raise ValueError(f"--class_column auto needs at least 2 images to make 2 classes, got {num_images}")
+    if k < MIN_AUTO_CLASSES:
+        return None, None
     features = principal_components(thumbnail_features(images, num_images))
     ids = kmeans(features, k, seed)
     return class_names(k), ids.numpy()

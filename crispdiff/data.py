@@ -189,4 +189,11 @@ def load_images(config: Any, *, for_latents: bool = False, show_progress: bool =
     if getattr(config, "class_column", None) == AUTO_CLASS_COLUMN:
         num_classes, seed = getattr(config, "num_auto_classes", None), int(getattr(config, "seed", 0))
         data.set_classes(*cluster_images(data.center_crops, len(data), num_classes, seed))
+        if data.class_names is None:
+            warnings.warn(
+                f"--class_column auto: {len(data)} image(s) are too few to cluster into classes; training "
+                "unconditionally (--num_auto_classes N asks for N clusters anyway)",
+                UserWarning,
+                stacklevel=2,
+            )
     return data

@@ -138,12 +138,10 @@ def run_adaptation(
     return Path(vae_config.output_dir) / VAE_SUBFOLDER, (trainer.last_metrics if folder else {}), trainer.step
 
 
-def read_adapted_metrics(folder: Path) -> dict[str, float]:
-    """The held-out metrics a finished adaptation run recorded (``vae_summary.json``), or {}."""
+def adapted_steps(folder: Path) -> int | None:
+    """The steps a finished adaptation run took (its ``vae_summary.json``), or None."""
     summary = folder.parent / "vae_summary.json"
-    if not summary.is_file():
-        return {}
-    return dict(json.loads(summary.read_text()).get("held_out", {}))
+    return int(json.loads(summary.read_text())["steps"]) if summary.is_file() else None
 
 
 def prepare_vae(config: Any, data: Any, state: Any, budget: Any = None) -> Any:
@@ -164,6 +162,7 @@ def prepare_vae(config: Any, data: Any, state: Any, budget: Any = None) -> Any:
     adapted = adapted_vae_dir(config)
     if config.resume_from_checkpoint and (adapted / "config.json").is_file():
         state.print(f"crispdiff: reusing the VAE adapted to your images in {adapted}")
+        config.adapt_vae_steps = adapted_steps(adapted) or config.adapt_vae_steps  # what it ran, for the saved config
         return load_vae(str(adapted))
     vae = load_vae(config.pretrained_vae_name_or_path)
     before = reconstruction_metrics(vae.to(state.device), holdout_images(data, config.seed))

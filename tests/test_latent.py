@@ -387,7 +387,7 @@ def test_two_processes_encode_once(image_dir, vae_dir, tmp_path):
         "--base_channels", "8", "--channel_mults", "1", "2", "--attention_res", "4", "--train_batch_size", "2",
         "--max_train_steps", "2", "--validation_steps", "0", "--checkpointing_steps", "0",
         "--num_validation_images", "2", "--validation_inference_steps", "2", "--report_to", "none",
-        "--adapt_vae", "always", "--adapt_vae_steps", "3",
+        "--adapt_vae", "always", "--adapt_vae_steps", "3", "--num_auto_classes", "2",
     ]  # fmt: skip
     env = dict(os.environ, OMP_NUM_THREADS="1")
     result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=300)

@@ -86,7 +86,8 @@ def test_cluster_images_groups_by_what_the_images_show_and_names_sort_in_id_orde
         groups[colour_of(i)].add(int(cluster))
     assert all(len(found) == 1 for found in groups.values()) and len(set.union(*groups.values())) == 3
     assert class_names(12)[:2] == ["cluster-00", "cluster-01"] and class_names(12) == sorted(class_names(12))
-    assert default_num_classes(1000) == 125 and default_num_classes(10) == 2 and default_num_classes(10**6) == 256
+    assert default_num_classes(1000) == 125 and default_num_classes(16) == 2 and default_num_classes(10**6) == 256
+    assert default_num_classes(15) == 0 and cluster_images(data.center_crops, 15) == (None, None)  # too few
 
 
 def test_class_column_auto_labels_unlabelled_data_deterministically(colour_folder, tmp_path):
@@ -104,6 +105,9 @@ def test_class_column_auto_labels_unlabelled_data_deterministically(colour_folde
     assert three.class_names == class_names(3) and len(set(three.class_ids.tolist())) == 3
     with pytest.raises(ValueError, match="--num_auto_classes must be >= 2"):
         TrainConfig(class_column="auto", num_auto_classes=1).validate()
+    with pytest.warns(UserWarning, match="too few to cluster"):
+        few = load(0, max_train_samples=12)
+    assert few.class_names is None and load(0, max_train_samples=12, num_auto_classes=2).class_names == class_names(2)
 
 
 # ---- the pipeline: class mix and guidance interval -------------------------------------------------------------------

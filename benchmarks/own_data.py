@@ -1,0 +1,92 @@
+"""Train/held-out splits of "a user's own data" for benchmarks/bench_own_data.py (and anyone measuring the same way).
+
+A user's folder has no labels and is not the embedded set; its quality is measured against images the model did not
+train on, beside a real-vs-real floor of two other disjoint sets of the same size. Each split is written once as a
+plain folder of copied PNGs without ``metadata.jsonl`` (what a user's own folder looks like), so the training command
+under test is exactly a user's: ``train_latent.py --train_data_dir SPLIT/train``.
+
+* ``openmoji``: 1,000 random OpenMoji emoji (seeded) to train on, the other 3,494 held out (read from ../shared;
+  CC-BY-SA-4.0, credit "OpenMoji").
+* ``noto``: the 1,000 embedded Noto emoji without their metadata, held out: the other 2,786 Noto emoji of ../shared.
+
+Held-out folders keep their ``metadata.jsonl`` (categories, subcategories): ``crispdiff evaluate`` samples a model
+trained on real labels (the embedded main job) in the held-out images' class mix; auto-class models ignore it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+from pathlib import Path
+
+from common import shared_dir
+
+from crispdiff.data import embedded_dataset_dir
+
+FAMILIES = ("openmoji", "noto")
+TRAIN_IMAGES = 1000
+
+
+def _pngs(folder: Path) -> list[str]:
+    return sorted(p.name for p in folder.iterdir() if p.suffix.lower() == ".png")
+
+
+def _write_folder(source: Path, names: list[str], target: Path, metadata: bool) -> None:
+    """Copy ``names`` from ``source`` into ``target`` (built beside it, renamed into place: never half a split), with
+    their rows of the source's ``metadata.jsonl`` if ``metadata``."""
+    staging = target.with_name(target.name + ".partial")
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir(parents=True)
+    for name in names:
+        shutil.copyfile(source / name, staging / name)
+    if metadata:
+        wanted = set(names)
+        rows = [line for line in (source / "metadata.jsonl").read_text().splitlines() if line.strip()]
+        kept = [row for row in rows if json.loads(row)["file_name"] in wanted]
+        (staging / "metadata.jsonl").write_text("\n".join(kept) + "\n")
+    shutil.rmtree(target, ignore_errors=True)
+    os.replace(staging, target)
+
+
+def split_names(family: str, seed: int = 0) -> tuple[Path, list[str], list[str]]:
+    """``(source folder, train names, held-out names)`` of one family."""
+    if family == "openmoji":
+        source = shared_dir() / "data" / "openmoji-64" / "train"
+        names = _pngs(source)
+        rng = random.Random(seed)
+        train = sorted(rng.sample(names, TRAIN_IMAGES))
+        chosen = set(train)
+        return source, train, [n for n in names if n not in chosen]
+    if family == "noto":
+        source = shared_dir() / "data" / "noto-emoji-64" / "train"
+        train = _pngs(embedded_dataset_dir())
+        embedded = set(train)
+        return source, train, [n for n in _pngs(source) if n not in embedded]
+    raise ValueError(f"unknown family {family!r}; choose from {FAMILIES}")
+
+
+def make_split(family: str, root: Path, seed: int = 0) -> dict[str, Path]:
+    """``{"train": folder, "heldout": folder}`` under ``root/family``, written on first use and then reused."""
+    source, train, held = split_names(family, seed)
+    if not source.is_dir():
+        raise FileNotFoundError(f"{source} is missing: bench_own_data needs ../shared (or CRISPDIFF_SHARED)")
+    folders = {"train": root / family / "train", "heldout": root / family / "heldout"}
+    manifest = root / family / "split.json"
+    wanted = {"source": str(source), "seed": seed, "train": train, "heldout": held, "heldout_metadata": True}
+    if manifest.is_file() and json.loads(manifest.read_text()) == wanted and all(f.is_dir() for f in folders.values()):
+        return folders
+    train_source = embedded_dataset_dir() if family == "noto" else source
+    _write_folder(train_source, train, folders["train"], metadata=False)
+    _write_folder(source, held, folders["heldout"], metadata=True)
+    manifest.write_text(json.dumps(wanted))
+    return folders
+
+
+if __name__ == "__main__":
+    import sys
+
+    out = Path(sys.argv[1] if len(sys.argv) > 1 else "bench-own-data")
+    for fam in FAMILIES:
+        print(fam, make_split(fam, out))

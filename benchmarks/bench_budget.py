@@ -35,19 +35,20 @@ from typing import Any
 import torch
 from common import BENCH_DIR, append_results, machine, markdown_table
 
-from crispdiff.evaluate import (
+from crispdiff.core.images import make_grid, save_image_atomic
+from crispdiff.core.io import write_text_atomic
+from crispdiff.evaluate.evaluation import (
     evaluate_samples,
     generate_samples,
     load_reference_data,
     reference_class_mix,
     reference_classes,
 )
-from crispdiff.export import build_pipeline, load_pipeline, save_pipeline
-from crispdiff.images import make_grid, save_image_atomic
-from crispdiff.io import write_text_atomic
-from crispdiff.latent import LatentTrainConfig, build_latent_space
-from crispdiff.training import Trainer, run_trainer, start_run
-from crispdiff.vae import load_vae
+from crispdiff.latent.trainer import LatentTrainConfig, build_latent_space
+from crispdiff.latent.vae import load_vae
+from crispdiff.publish.export import build_pipeline, load_pipeline, save_pipeline
+from crispdiff.train.loop import run_trainer, start_run
+from crispdiff.train.unet_trainer import Trainer
 
 #: TrainConfig overrides of each recipe; everything else is the main job's default.
 RECIPES: dict[str, dict[str, Any]] = {

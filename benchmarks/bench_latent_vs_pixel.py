@@ -29,13 +29,12 @@ import numpy as np
 import torch
 from common import append_results, emoji_dir, machine, markdown_table, timed
 
-from crispdiff.config import TrainConfig
-from crispdiff.data import load_images
-from crispdiff.latent import LatentTrainConfig, build_latent_space
-from crispdiff.model import describe_parameters
-from crispdiff.noise import NoiseSchedule
-from crispdiff.training import PixelSpace, Trainer, make_accelerator
-from crispdiff.vae import (
+from crispdiff.core.config import TrainConfig
+from crispdiff.data.loading import load_images
+from crispdiff.diffusion.schedule import NoiseSchedule
+from crispdiff.diffusion.unets import describe_parameters
+from crispdiff.latent.trainer import LatentTrainConfig, build_latent_space
+from crispdiff.latent.vae import (
     AnyVAE,
     embedded_vae_dir,
     encode_posterior,
@@ -45,6 +44,8 @@ from crispdiff.vae import (
     unscale_latents,
     vae_downsample_factor,
 )
+from crispdiff.train.loop import make_accelerator
+from crispdiff.train.unet_trainer import PixelSpace, Trainer
 
 #: UNet sizes compared: (name, base_channels, channel_mults, layers_per_block). Three levels each, attention at the
 #: lowest level (R/4 pixels for the pixel UNet, R/4f for the latent one).

@@ -21,11 +21,11 @@ from spandrel.architectures.Compact import Compact
 from spandrel.architectures.ESRGAN import ESRGAN
 from spandrel.architectures.SwinIR import SwinIR
 
-from crispdiff.config import NoiseConfig
-from crispdiff.export import build_pipeline
-from crispdiff.model import build_unet
-from crispdiff.noise import scheduler_base_config
+from crispdiff.core.config import NoiseConfig
+from crispdiff.diffusion.schedule import scheduler_base_config
+from crispdiff.diffusion.unets import build_unet
 from crispdiff.pipelines.sr_model import SpandrelSRModel, tile_starts
+from crispdiff.publish.export import build_pipeline
 
 
 def sr_networks(include_rrdb_x4: bool) -> dict[str, torch.nn.Module]:

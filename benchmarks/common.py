@@ -27,7 +27,7 @@ def emoji_dir() -> Path:
     full = shared_dir() / "data" / "noto-emoji-64" / "train"
     if (full / "metadata.jsonl").exists():
         return full
-    from crispdiff.data import embedded_dataset_dir
+    from crispdiff.data.loading import embedded_dataset_dir
 
     return embedded_dataset_dir()
 

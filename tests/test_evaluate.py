@@ -13,11 +13,11 @@ import torch
 import torch.nn.functional as F
 from tiny_models import SIZE, tiny_unet
 
-from crispdiff import evaluate as E
 from crispdiff.cli import main as cli_main
-from crispdiff.config import NoiseConfig
-from crispdiff.export import save_pipeline
-from crispdiff.noise import scheduler_base_config
+from crispdiff.core.config import NoiseConfig
+from crispdiff.diffusion.schedule import scheduler_base_config
+from crispdiff.evaluate import evaluation as E
+from crispdiff.publish.export import save_pipeline
 
 
 def synthetic_images(count: int, size: int, seed: int = 0) -> torch.Tensor:
@@ -157,7 +157,7 @@ def test_load_samples_npz_formats(tmp_path):
 
 
 def test_sharpen_sweep_measures_every_amount_on_the_same_samples_and_saves_the_best(reference_dir, tmp_path, capsys):
-    from crispdiff.export import load_pipeline
+    from crispdiff.publish.export import load_pipeline
 
     folder = save_pipeline(
         tmp_path / "pipeline",

@@ -18,14 +18,14 @@ from PIL import Image
 from safetensors.torch import load_file
 from tiny_models import SIZE, base_config, tiny_vae
 
-from crispdiff.auto_classes import class_names, cluster_images, default_num_classes, kmeans
-from crispdiff.config import TrainConfig
-from crispdiff.data import load_images
-from crispdiff.export import build_pipeline, load_pipeline
-from crispdiff.latent import LatentTrainConfig, train_latent
-from crispdiff.training import train
-from crispdiff.vae import embedded_vae_dir
-from crispdiff.vae_adapt import adapted_vae_dir, misses_bar
+from crispdiff.core.config import TrainConfig
+from crispdiff.data.auto_classes import class_names, cluster_images, default_num_classes, kmeans
+from crispdiff.data.loading import load_images
+from crispdiff.latent.adapt import adapted_vae_dir, misses_bar
+from crispdiff.latent.trainer import LatentTrainConfig, train_latent
+from crispdiff.latent.vae import embedded_vae_dir
+from crispdiff.publish.export import build_pipeline, load_pipeline
+from crispdiff.train.unet_trainer import train
 
 COLOURS = [(220, 30, 30), (30, 160, 40), (40, 60, 220)]  # three groups the clustering must find
 PER_COLOUR = 6

@@ -38,7 +38,6 @@ from spandrel.architectures.SwinIR import SwinIR
 from tiny_models import SIZE, WITHOUT_CRISPDIFF, base_config, tiny_unet
 
 from crispdiff.commands import add_sr
-from crispdiff.export import load_pipeline, save_pipeline
 from crispdiff.pipelines.sr_model import (
     MODULE_FILE,
     WEIGHTS_NAME,
@@ -48,7 +47,8 @@ from crispdiff.pipelines.sr_model import (
     lanczos_resize,
     tile_starts,
 )
-from crispdiff.sr import attach_sr, describe_sr_model, load_sr_model, parse_hub_ref
+from crispdiff.publish.export import load_pipeline, save_pipeline
+from crispdiff.publish.sr import attach_sr, describe_sr_model, load_sr_model, parse_hub_ref
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 

@@ -1,8 +1,8 @@
 """Evaluating a pipeline (or a file of samples) against reference images: metrics.json, a sample grid, a report.
 
 Every number is written beside the same metric measured between two disjoint halves of the reference data (the
-real-vs-real floor, see :func:`crispdiff.metrics.real_vs_real_floor`), because SWD, FID and friends have no absolute
-scale: "SWD 15" is excellent with 1,000 images and impossible with 100.
+real-vs-real floor, see :func:`crispdiff.evaluate.metrics.real_vs_real_floor`), because SWD, FID and friends have no
+absolute scale: "SWD 15" is excellent with 1,000 images and impossible with 100.
 
 Resolution policy: the comparison happens at the *reference* resolution (the model's training resolution unless
 ``--resolution`` says otherwise). Samples larger than that (``--upscale`` with an SR model) are downscaled with an
@@ -24,10 +24,10 @@ from typing import Any
 import numpy as np
 import torch
 
-from crispdiff import metrics as M
-from crispdiff.auto_classes import AUTO_CLASS_COLUMN
-from crispdiff.errors import DataError, FlagError, PathError
-from crispdiff.io import write_atomic, write_text_atomic
+from crispdiff.core.errors import DataError, FlagError, PathError
+from crispdiff.core.io import write_atomic, write_text_atomic
+from crispdiff.data.auto_classes import AUTO_CLASS_COLUMN
+from crispdiff.evaluate import metrics as M
 
 METRICS_NAME = "metrics.json"
 GRID_NAME = "samples.png"
@@ -64,13 +64,14 @@ def load_reference_data(
     background: str = "white",
     class_column: str | None = None,
 ) -> Any:
-    """The reference as ``crispdiff.data.load_images`` reads it (an ``ImageData``; with ``class_column``, its classes).
+    """The reference as ``crispdiff.data.loading.load_images`` reads it (an ``ImageData``; with ``class_column``, its
+    classes).
 
     ``reference`` is an image folder, a folder written by ``datasets``' ``save_to_disk``, a Hub dataset id, or
     ``None`` / ``"default"`` for the embedded emoji subset.
     """
-    from crispdiff.config import DataConfig
-    from crispdiff.data import is_saved_dataset, load_images
+    from crispdiff.core.config import DataConfig
+    from crispdiff.data.loading import is_saved_dataset, load_images
 
     config = DataConfig(
         resolution=int(resolution),
@@ -332,9 +333,10 @@ def evaluate_samples(
 ) -> dict[str, Any]:
     """All metrics for ``samples`` against ``reference``, and the real-vs-real floor, as a JSON-ready dict.
 
-    Layout: ``generated`` and ``real_vs_real_floor`` hold the same keys (see ``crispdiff.metrics.compute_all``);
-    ``output_resolution`` (only when samples are larger than the reference) holds sharpness at the samples' own size
-    against a bicubic upscale of the reference; ``settings`` records counts, sizes and the seed.
+    Layout: ``generated`` and ``real_vs_real_floor`` hold the same keys (see
+    ``crispdiff.evaluate.metrics.compute_all``); ``output_resolution`` (only when samples are larger than the reference)
+    holds sharpness at the samples' own size against a bicubic upscale of the reference; ``settings`` records counts,
+    sizes and the seed.
 
     Both sides compare against the same reference subset A, and the generated side is measured against the whole
     reference for memorisation (the floor against the reference minus its own half), with one shared near-copy
@@ -442,7 +444,7 @@ def sharpen_sweep(
 
 def save_sharpen_amount(pipeline_dir: str | os.PathLike, amount: float) -> Path:
     """Write ``amount`` as the saved pipeline's default unsharp mask (its model_index.json, atomically)."""
-    from crispdiff.export import MODEL_INDEX_NAME, read_model_index
+    from crispdiff.publish.export import MODEL_INDEX_NAME, read_model_index
 
     index = read_model_index(pipeline_dir)  # clear errors for a missing folder or another kind of pipeline
     index["sharpen_amount"] = amount
@@ -532,7 +534,7 @@ def write_outputs(
     command: str | None = None,
 ) -> dict[str, Path]:
     """Write metrics.json, samples.png (the first 64 samples) and report.md into ``out_dir``, each atomically."""
-    from crispdiff.images import make_grid, save_image_atomic
+    from crispdiff.core.images import make_grid, save_image_atomic
 
     folder = Path(out_dir)
     folder.mkdir(parents=True, exist_ok=True)
@@ -606,7 +608,7 @@ def run_evaluation(
         log(f"loading the reference images at {resolution}px")
         ref = load_reference(reference, resolution, cache_dir=cache_dir, max_images=max_reference_images)
     else:
-        from crispdiff.export import load_pipeline
+        from crispdiff.publish.export import load_pipeline
 
         pipeline = load_pipeline(pipeline_dir, sampler=sampler, device=device, dtype=dtype)
         resolution = resolution or training_resolution(pipeline_dir) or native_resolution(pipeline)

@@ -8,7 +8,7 @@ decoder noise; its card has the whole recipe) recovers most of the gap in about 
 weights only need to adapt, not learn.
 
 The check comes first: a seeded held-out sample of the user's images is reconstructed, and ``auto`` adapts only
-when that falls below :data:`MIN_PSNR` or :data:`MIN_HF_RATIO`. The fine-tune is a ``crispdiff.vae_training``
+when that falls below :data:`MIN_PSNR` or :data:`MIN_HF_RATIO`. The fine-tune is a ``crispdiff.latent.vae_trainer``
 run of its own in ``OUTPUT_DIR/vae-adapted`` (checkpointed and resumable like every trainer); its ``vae/`` folder is
 what the latent cache is encoded with and what the saved pipeline carries.
 """
@@ -20,7 +20,13 @@ import time
 from pathlib import Path
 from typing import Any
 
-from crispdiff.vae_training import VAE_SUBFOLDER, VAETrainConfig, VAETrainer, holdout_split, reconstruction_metrics
+from crispdiff.latent.vae_trainer import (
+    VAE_SUBFOLDER,
+    VAETrainConfig,
+    VAETrainer,
+    holdout_split,
+    reconstruction_metrics,
+)
 
 #: ``--adapt_vae`` choices: never, when the VAE misses the bar on the user's images, or always.
 ADAPT_VAE_CHOICES = ("off", "auto", "always")
@@ -153,8 +159,8 @@ def prepare_vae(config: Any, data: Any, state: Any, budget: Any = None) -> Any:
     ``--adapt_vae_steps`` x :data:`BUDGET_MAX_STEPS_FACTOR` steps, and ``config.adapt_vae_steps`` is set to the
     steps it ran (saved with the run, so it can be repeated without the budget).
     """
-    from crispdiff.training import make_accelerator
-    from crispdiff.vae import load_vae
+    from crispdiff.latent.vae import load_vae
+    from crispdiff.train.loop import make_accelerator
 
     source = config.resolved_vae_path()
     if config.adapt_vae == "off":

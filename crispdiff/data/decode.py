@@ -9,7 +9,7 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageColor, ImageOps
 
-from crispdiff.errors import DataError
+from crispdiff.core.errors import DataError
 
 _INTERPOLATIONS = {
     "nearest": Image.Resampling.NEAREST,

@@ -26,10 +26,11 @@ from typing import Any
 
 import numpy as np
 
-from crispdiff.auto_classes import AUTO_CLASS_COLUMN, cluster_images
-from crispdiff.config import PIXEL_AUGMENTATIONS
-from crispdiff.data_batches import ImageData, to_device, uint8_to_unit
-from crispdiff.data_cache import (
+from crispdiff.core.config import PIXEL_AUGMENTATIONS
+from crispdiff.core.errors import DataError
+from crispdiff.data.auto_classes import AUTO_CLASS_COLUMN, cluster_images
+from crispdiff.data.batches import ImageData, to_device, uint8_to_unit
+from crispdiff.data.cache import (
     SKIPPED_FILE,
     SKIPPED_LOG_NAME,
     _build_cache,
@@ -39,8 +40,8 @@ from crispdiff.data_cache import (
     skipped_entries,
     write_skipped_log,
 )
-from crispdiff.data_decode import _INTERPOLATIONS, _parse_background, _Recipe
-from crispdiff.data_sources import (
+from crispdiff.data.decode import _INTERPOLATIONS, _parse_background, _Recipe
+from crispdiff.data.sources import (
     IMAGE_EXTENSIONS,
     _resolve_source,
     cache_root,
@@ -48,7 +49,6 @@ from crispdiff.data_sources import (
     is_saved_dataset,
     metadata_class_column,
 )
-from crispdiff.errors import DataError
 
 __all__ = [
     "DataError",
@@ -134,8 +134,8 @@ def load_images(config: Any, *, for_latents: bool = False, show_progress: bool =
 
     The first call decodes and caches; later calls with the same files and preprocessing memory-map the cache.
     ``--class_column`` adds class names and ids, read from the metadata on every load (not part of the cache key);
-    ``--class_column auto`` makes them from the pixels instead (``crispdiff.auto_classes``: seeded by ``--seed``, the
-    count from ``--num_auto_classes``).
+    ``--class_column auto`` makes them from the pixels instead (``crispdiff.data.auto_classes``: seeded by ``--seed``,
+    the count from ``--num_auto_classes``).
     ``for_latents=True`` stores centre crops only, whatever ``--center_crop`` says: a latent cache encodes each image
     once, so there is no later random crop to keep the full image for.
     """

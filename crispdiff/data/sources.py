@@ -12,8 +12,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from crispdiff.auto_classes import AUTO_CLASS_COLUMN, NO_CLASS_COLUMN
-from crispdiff.errors import DataError
+from crispdiff.core.errors import DataError
+from crispdiff.data.auto_classes import AUTO_CLASS_COLUMN, NO_CLASS_COLUMN
 
 #: File extensions picked up from ``--train_data_dir`` (lower-case).
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff")

@@ -217,7 +217,7 @@ def sliced_wasserstein_distance(
     if real01.shape[-2:] != fake01.shape[-2:]:
         raise ValueError(
             f"SWD needs equal resolutions, got {tuple(real01.shape[-2:])} and {tuple(fake01.shape[-2:])}; "
-            "resize with crispdiff.metrics.resize_images first"
+            "resize with crispdiff.evaluate.metrics.resize_images first"
         )
     pyramids = (laplacian_pyramid(real01, min_resolution), laplacian_pyramid(fake01, min_resolution))
     out: dict[str, float] = {}

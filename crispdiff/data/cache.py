@@ -16,10 +16,10 @@ from typing import Any
 
 import numpy as np
 
-from crispdiff.data_decode import _decode, _Decoded, _Recipe
-from crispdiff.data_sources import _Source
-from crispdiff.errors import DataError
-from crispdiff.io import write_text_atomic
+from crispdiff.core.errors import DataError
+from crispdiff.core.io import write_text_atomic
+from crispdiff.data.decode import _decode, _Decoded, _Recipe
+from crispdiff.data.sources import _Source
 
 #: Bump when the decoding recipe or the cache layout changes, so old caches are never reused.
 CACHE_FORMAT = 1

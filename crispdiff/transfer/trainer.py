@@ -37,33 +37,27 @@ from accelerate import Accelerator
 from diffusers import ModelMixin, UNet2DModel
 from diffusers.training_utils import EMAModel
 
-from crispdiff.config import TrainConfig, flag
-from crispdiff.errors import FlagError, PathError
-from crispdiff.io import write_atomic, write_text_atomic
-from crispdiff.model import count_parameters, describe_parameters
-from crispdiff.noise import make_betas
+from crispdiff.core.config import TrainConfig, flag
+from crispdiff.core.errors import FlagError, PathError
+from crispdiff.core.io import write_atomic, write_text_atomic
+from crispdiff.diffusion.schedule import make_betas
+from crispdiff.diffusion.unets import count_parameters, describe_parameters
 from crispdiff.pipelines.pipeline_crispdiff import class_name_list
-from crispdiff.training import (
-    PixelSpace,
-    Trainer,
-    TrainingSpace,
-    check_output_dir,
+from crispdiff.train.loop import run_trainer, start_run
+from crispdiff.train.lora import (
+    UNET2D_LORA_PRESETS,
+    adapter_config,
+    expand_targets,
     has_adapters,
-    run_trainer,
-    start_run,
+    inject_lora,
+    load_lora_config,
+    lora_state,
 )
+from crispdiff.train.unet_trainer import PixelSpace, Trainer, TrainingSpace, check_output_dir
 
 logger = logging.getLogger("crispdiff")
 
 TRAIN_MODULES = ("all", "decoder", "lora")
-
-#: ``--lora_target_modules`` shorthands for UNet2DModel; any other value is a module name passed to peft as is.
-LORA_PRESETS: dict[str, list[str]] = {
-    "attention": ["to_q", "to_k", "to_v", "to_out.0"],
-    "resnet": ["conv1", "conv2"],
-    "conv": ["conv1", "conv2", "conv_shortcut", "conv"],  # "conv" = the down/up samplers' convolutions
-    "time": ["time_emb_proj"],
-}
 
 #: The adapter files ``--save_lora_adapter`` writes (peft's names), in OUTPUT_DIR/lora_adapter.
 ADAPTER_FOLDER = "lora_adapter"
@@ -158,13 +152,8 @@ class TransferConfig(TrainConfig):
             )
 
     def lora_targets(self) -> list[str]:
-        """The module names peft gets: presets expanded, duplicates dropped, order kept."""
-        names: list[str] = []
-        for entry in self.lora_target_modules:
-            for name in LORA_PRESETS.get(entry, [entry]):
-                if name not in names:
-                    names.append(name)
-        return names
+        """The module names peft gets (presets expanded)."""
+        return expand_targets(self.lora_target_modules, UNET2D_LORA_PRESETS)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -261,7 +250,7 @@ def load_pretrained(name: str, revision: str | None = None) -> Pretrained:
     if library == "diffusers" and class_name == "UNet2DModel":
         unet = UNet2DModel.from_pretrained(name, subfolder="unet", revision=revision)
     elif path.is_dir() and pipeline_class == "CrispDiffPipeline":  # a custom denoiser saved with its module
-        from crispdiff.export import load_pipeline
+        from crispdiff.publish.export import load_pipeline
 
         unet = load_pipeline(path).unet
     else:
@@ -471,9 +460,9 @@ def adapt_unet(
     return with_new_parameters(pretrained, changes)
 
 
-def inject_lora(unet: torch.nn.Module, config: TransferConfig) -> list[str]:
+def add_unet_lora(unet: torch.nn.Module, config: TransferConfig) -> list[str]:
     """Put peft LoRA adapters on ``unet`` in place; returns the names of the modules that got one."""
-    from peft import LoraConfig, inject_adapter_in_model
+    from peft import LoraConfig
     from peft.tuners.tuners_utils import BaseTunerLayer
 
     targets = config.lora_targets()
@@ -481,13 +470,12 @@ def inject_lora(unet: torch.nn.Module, config: TransferConfig) -> list[str]:
         r=config.lora_rank, lora_alpha=config.lora_alpha or config.lora_rank, target_modules=targets
     )
     try:
-        inject_adapter_in_model(lora_config, unet, adapter_name="default")
+        inject_lora(unet, lora_config)
     except ValueError as err:
         raise FlagError(
             f"--lora_target_modules {' '.join(config.lora_target_modules)} matched no module of the UNet; use the "
-            f"presets {sorted(LORA_PRESETS)} or module names such as conv1"
+            f"presets {sorted(UNET2D_LORA_PRESETS)} or module names such as conv1"
         ) from err
-    unet.peft_config = {"default": lora_config}
     return [name for name, module in unet.named_modules() if isinstance(module, BaseTunerLayer)]
 
 
@@ -500,7 +488,7 @@ def select_trainable(unet: torch.nn.Module, config: TransferConfig, new_keys: li
         ):
             raise FlagError(f"--train_modules {config.train_modules}: this UNet has no conv_in/down_blocks/up_blocks")
     if config.train_modules == "lora":
-        adapted = inject_lora(unet, config)
+        adapted = add_unet_lora(unet, config)
         logger.info("LoRA rank %d on %d modules", config.lora_rank, len(adapted))
     new = set(new_keys)
     for name, param in unet.named_parameters():
@@ -524,41 +512,9 @@ def select_trainable(unet: torch.nn.Module, config: TransferConfig, new_keys: li
 # ----------------------------------------------------------------------------------------------------------------------
 
 
-def merge_adapters(model: torch.nn.Module) -> torch.nn.Module:
-    """Merge every peft LoRA layer of ``model`` into its base layer and put the base layer back, in place."""
-    from peft.tuners.tuners_utils import BaseTunerLayer
-
-    for name, module in list(model.named_modules()):
-        if isinstance(module, BaseTunerLayer):
-            module.merge()
-            parent_name, _, child = name.rpartition(".")
-            parent = model.get_submodule(parent_name) if parent_name else model
-            setattr(parent, child, module.get_base_layer())
-    if hasattr(model, "peft_config"):
-        del model.peft_config
-    return model
-
-
-def plain_copy(model: ModelMixin, ema: EMAModel | None = None) -> ModelMixin:
-    """A standalone fp32 copy with the EMA weights and any LoRA merged: plain ``type(model)`` keys, eval mode.
-
-    Rebuilt with ``from_config`` + a strict ``load_state_dict``, so a leftover adapter key would be an error rather
-    than a file that only peft can load.
-    """
-    working = copy.deepcopy(model).float()
-    if ema is not None:
-        ema.copy_to(working.parameters())
-    merge_adapters(working)
-    plain = type(model).from_config(model.config)
-    plain.load_state_dict(working.state_dict())
-    return plain.eval()
-
-
 def adapter_state(model: torch.nn.Module, extra_keys: list[str] = ()) -> dict[str, torch.Tensor]:
     """The LoRA weights (peft keys) plus any fully trained new parameters (their own keys), fp32 on the CPU."""
-    from peft.utils import get_peft_model_state_dict
-
-    state = {k: v.detach().float().cpu().contiguous() for k, v in get_peft_model_state_dict(model).items()}
+    state = lora_state(model)
     own = model.state_dict()
     state.update({k: own[k].detach().float().cpu().contiguous() for k in extra_keys})
     return state
@@ -575,8 +531,7 @@ def save_lora_adapter(
         ema.copy_to(model.parameters())
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    lora_config = model.peft_config["default"].to_dict()
-    lora_config = {k: (sorted(v) if isinstance(v, set) else v) for k, v in lora_config.items()}
+    lora_config = adapter_config(model)
     metadata = {"lora_config": json.dumps(lora_config), "extra_keys": json.dumps(list(extra_keys))}
     weights = save(adapter_state(model, extra_keys), metadata=metadata)
     write_atomic(folder / ADAPTER_WEIGHTS_NAME, lambda handle: handle.write(weights), binary=True)
@@ -586,7 +541,6 @@ def save_lora_adapter(
 
 def load_lora_adapter(model: torch.nn.Module, folder: str | os.PathLike) -> torch.nn.Module:
     """Inject the adapter saved by :func:`save_lora_adapter` into ``model`` (a plain UNet) and load its weights."""
-    from peft import LoraConfig, inject_adapter_in_model
     from peft.utils import set_peft_model_state_dict
     from safetensors import safe_open
     from safetensors.torch import load_file
@@ -596,11 +550,10 @@ def load_lora_adapter(model: torch.nn.Module, folder: str | os.PathLike) -> torc
         raise PathError(f"{path} does not exist")
     with safe_open(str(path), framework="pt") as handle:
         metadata = handle.metadata() or {}
-    lora_config = LoraConfig(**{k: v for k, v in json.loads(metadata["lora_config"]).items() if k != "peft_type"})
+    lora_config = load_lora_config(json.loads(metadata["lora_config"]))
     extra = json.loads(metadata.get("extra_keys", "[]"))
     state = load_file(str(path))
-    inject_adapter_in_model(lora_config, model, adapter_name="default")
-    model.peft_config = {"default": lora_config}
+    inject_lora(model, lora_config)
     own = model.state_dict()  # tensors share storage with the parameters
     with torch.no_grad():
         for key in extra:
@@ -677,7 +630,7 @@ def train_transfer(config: TransferConfig, space: TrainingSpace | None = None) -
         config.num_train_timesteps,
     )
     if space is None:
-        from crispdiff.data import load_images
+        from crispdiff.data.loading import load_images
 
         with accelerator.main_process_first():
             space = PixelSpace(load_images(config, show_progress=accelerator.is_local_main_process))

@@ -15,9 +15,9 @@ import os
 from pathlib import Path
 from typing import Any
 
-from crispdiff.config import without_secrets as public_training_config
-from crispdiff.export import MODEL_INDEX_NAME, SAMPLES_NAME, TRAINING_CONFIG_NAME, read_model_index
-from crispdiff.io import write_text_atomic
+from crispdiff.core.config import without_secrets as public_training_config
+from crispdiff.core.io import write_text_atomic
+from crispdiff.publish.export import MODEL_INDEX_NAME, SAMPLES_NAME, TRAINING_CONFIG_NAME, read_model_index
 
 CARD_NAME = "README.md"
 BASE_TAGS = ["crispdiff", "diffusers", "unconditional-image-generation"]

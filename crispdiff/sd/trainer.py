@@ -7,13 +7,13 @@ the model, and crispdiff's loop already has it. This module plugs Stable Diffusi
 - the UNet (and with ``--train_text_encoder`` the CLIP text encoder) gets peft LoRA (or DoRA) adapters; the base
   weights are frozen in the training precision, the adapter weights stay fp32 so fp16 loss scaling never sees fp16
   gradients (diffusers #6086, #13124);
-- the VAE is frozen, so every image is encoded once into the existing latent cache (``crispdiff.latent_cache``) and
-  trained through ``crispdiff.latent.LatentSpace``; with a frozen text encoder every distinct prompt is encoded once
-  too. Together they are the speed-up over the reference scripts, which run both encoders every step;
-- the noise schedule and prediction type are the base model's (``crispdiff.noise.NoiseSchedule`` over its betas);
-  min-SNR weights come from ``crispdiff.noise.min_snr_weight`` in the form for that prediction type, on the prior
-  (class) half of a DreamBooth batch as well (diffusers #3084, #3459);
-- checkpoints are crispdiff's (``crispdiff.checkpoint``: optimizer, LR schedule, RNG, data position) with the LoRA
+- the VAE is frozen, so every image is encoded once into the existing latent cache (``crispdiff.latent.cache``) and
+  trained through ``crispdiff.latent.trainer.LatentSpace``; with a frozen text encoder every distinct prompt is encoded
+  once too. Together they are the speed-up over the reference scripts, which run both encoders every step;
+- the noise schedule and prediction type are the base model's (``crispdiff.diffusion.schedule.NoiseSchedule`` over its
+  betas); min-SNR weights come from ``crispdiff.diffusion.schedule.min_snr_weight`` in the form for that prediction
+  type, on the prior (class) half of a DreamBooth batch as well (diffusers #3084, #3459);
+- checkpoints are crispdiff's (``crispdiff.train.checkpoint``: optimizer, LR schedule, RNG, data position) with the LoRA
   weights alone in safetensors instead of the whole UNet, so resuming resumes the adapter (#3279, #5412, #5840);
 - captions come per image from ``metadata.jsonl`` (``--caption_column``), for DreamBooth too (#1670, #5605);
 - the output is ``pytorch_lora_weights.safetensors`` in diffusers' format with its adapter config (alpha, DoRA) in
@@ -43,13 +43,21 @@ import numpy as np
 import torch
 from accelerate import Accelerator
 
-from crispdiff.config import DataConfig, HubConfig, LoopConfig, flag
-from crispdiff.errors import FlagError, one_line
-from crispdiff.io import staging_folder, swap_folder_into_place, write_text_atomic
-from crispdiff.latent import LatentSpace, load_latents
-from crispdiff.latent_cache import DTYPES
-from crispdiff.noise import NoiseSchedule, sample_noise
-from crispdiff.training import LoopTrainer, has_accelerator_device, refuse_to_overwrite, run_trainer, start_run
+from crispdiff.core.config import DataConfig, HubConfig, LoopConfig, flag
+from crispdiff.core.errors import FlagError, one_line
+from crispdiff.core.io import staging_folder, swap_folder_into_place, write_text_atomic
+from crispdiff.diffusion.schedule import NoiseSchedule, sample_noise
+from crispdiff.latent.cache import DTYPES
+from crispdiff.latent.trainer import LatentSpace, load_latents
+from crispdiff.train.loop import LoopTrainer, has_accelerator_device, refuse_to_overwrite, run_trainer, start_run
+from crispdiff.train.lora import (
+    SD_UNET_LORA_PRESETS,
+    TEXT_ENCODER_LORA_TARGETS,
+    adapter_config,
+    expand_targets,
+    inject_lora,
+    lora_state,
+)
 
 logger = logging.getLogger("crispdiff")
 
@@ -59,14 +67,6 @@ SAMPLES_NAME = "samples.png"
 CHECKPOINT_LORA_FILES = {"unet": "lora_unet.safetensors", "text_encoder": "lora_text_encoder.safetensors"}
 CLASS_IMAGES_RECORD = ".crispdiff_class_images.json"
 SUPPORTED_PIPELINES = ("StableDiffusionPipeline",)
-
-#: ``--lora_target_modules`` shorthands; any other value is a module name passed to peft as is.
-TARGET_PRESETS: dict[str, list[str]] = {
-    "attention": ["to_q", "to_k", "to_v", "to_out.0"],
-    "ff": ["ff.net.0.proj", "ff.net.2"],
-    "conv": ["conv1", "conv2", "conv_shortcut", "proj_in", "proj_out"],
-}
-TEXT_ENCODER_TARGETS = ["q_proj", "k_proj", "v_proj", "out_proj"]
 
 
 class SDLoRAError(FlagError):
@@ -170,12 +170,7 @@ class SDLoRAConfig(DataConfig, HubConfig, LoopConfig):
         )
 
     def unet_targets(self) -> list[str]:
-        targets: list[str] = []
-        for name in self.lora_target_modules:
-            for module in TARGET_PRESETS.get(name, [name]):
-                if module not in targets:
-                    targets.append(module)
-        return targets
+        return expand_targets(self.lora_target_modules, SD_UNET_LORA_PRESETS)
 
 
 @dataclass
@@ -353,7 +348,7 @@ class PromptBank:
 
 
 def image_view(config: SDLoRAConfig, **changes: Any) -> Any:
-    """The data flags of ``config`` with some replaced (e.g. another folder), for ``crispdiff.data.load_images``."""
+    """The data flags of ``config`` with some replaced (e.g. another folder), for ``load_images``."""
     values = {f.name: getattr(config, f.name) for f in dataclasses.fields(DataConfig)}
     values.update(changes)
     return types.SimpleNamespace(**values)
@@ -376,7 +371,7 @@ def latent_space(view: Any, config: SDLoRAConfig, vae: Any, show_progress: bool)
     The scaling is the VAE config's (SD's 0.18215 when unstated), never measured: Stable Diffusion's own pipeline
     decodes with that value, so the LoRA must train in the same space.
     """
-    from crispdiff.vae import read_scaling
+    from crispdiff.latent.vae import read_scaling
 
     data, cache = load_latents(view, config, vae, show_progress=show_progress)
     scale, shift = read_scaling(vae)
@@ -400,7 +395,7 @@ def captions_for(data: Any, fallback: str | None) -> list[str]:
 
 
 def _list_images(folder: Path) -> list[Path]:
-    from crispdiff.data import IMAGE_EXTENSIONS
+    from crispdiff.data.loading import IMAGE_EXTENSIONS
 
     return sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
 
@@ -413,7 +408,7 @@ def generate_class_images(config: DreamBoothLoRAConfig, parts: SDParts, device: 
     with seed ``--seed + i`` and written atomically, so an interrupted generation resumes where it stopped and gives
     the same images as an uninterrupted one.
     """
-    from crispdiff.images import save_image_atomic
+    from crispdiff.core.images import save_image_atomic
 
     folder = Path(config.class_data_dir or "")
     folder.mkdir(parents=True, exist_ok=True)
@@ -462,13 +457,6 @@ def generate_class_images(config: DreamBoothLoRAConfig, parts: SDParts, device: 
 # ----------------------------------------------------------------------------------------------------------------------
 
 
-def lora_state(model: Any) -> dict[str, torch.Tensor]:
-    """The adapter weights of a peft-wrapped model (peft keys, no adapter name), fp32 on the CPU."""
-    from peft.utils import get_peft_model_state_dict
-
-    return {k: v.detach().float().cpu().contiguous() for k, v in get_peft_model_state_dict(model).items()}
-
-
 def load_lora_state(model: Any, state: dict[str, torch.Tensor]) -> None:
     """Put adapter weights saved by :func:`lora_state` back; refuses a file that does not match the adapter."""
     from peft.utils import set_peft_model_state_dict
@@ -481,25 +469,6 @@ def load_lora_state(model: Any, state: dict[str, torch.Tensor]) -> None:
             "the checkpoint's LoRA weights do not match this run's adapter (different --rank / "
             "--lora_target_modules / --use_dora?); resume with the flags the run started with"
         )
-
-
-def add_text_encoder_lora(text_encoder: Any, lora_config: Any) -> None:
-    """Inject LoRA into the CLIP text encoder with peft itself.
-
-    Why not transformers' ``add_adapter``: it demands a newer peft than diffusers needs (transformers 5.x asks for
-    peft >= 0.22), and peft's injection is all a LoRA needs. ``peft_config`` is kept on the model, as transformers
-    would keep it, for saving the adapter's state and config.
-    """
-    from peft import inject_adapter_in_model
-
-    inject_adapter_in_model(lora_config, text_encoder, adapter_name="default")
-    text_encoder.peft_config = {"default": lora_config}
-
-
-def adapter_metadata(model: Any) -> dict[str, Any]:
-    """The adapter's LoraConfig as a JSON-able dict: diffusers' loader reads alpha and DoRA back from it."""
-    config = model.peft_config["default"].to_dict()
-    return {k: (sorted(v) if isinstance(v, set) else v) for k, v in config.items()}
 
 
 def kohya_state_dict(
@@ -552,8 +521,8 @@ def save_lora_weights(
             staging,
             unet_lora_layers=convert_state_dict_to_diffusers(unet_state),
             text_encoder_lora_layers=convert_state_dict_to_diffusers(text_state) if text_state else None,
-            unet_lora_adapter_metadata=adapter_metadata(unet),
-            text_encoder_lora_adapter_metadata=adapter_metadata(text_encoder) if text_encoder is not None else None,
+            unet_lora_adapter_metadata=adapter_config(unet),
+            text_encoder_lora_adapter_metadata=adapter_config(text_encoder) if text_encoder is not None else None,
             safe_serialization=True,
         )
         _replace_file(staging / LORA_WEIGHTS_NAME, output_dir / LORA_WEIGHTS_NAME)
@@ -628,7 +597,7 @@ def model_card(config: SDLoRAConfig, has_samples: bool, command: list[str]) -> s
 
 def push_lora_to_hub(folder: Path, config: SDLoRAConfig) -> str:
     """Upload the LoRA folder (checkpoints and logs left out) in one commit, with crispdiff's hub checks."""
-    from crispdiff.hub import HubUploadError, _resolve_token, _upload, hub_offline
+    from crispdiff.publish.hub import HubUploadError, _resolve_token, _upload, hub_offline
 
     repo_id = config.hub_model_id or Path(config.output_dir).resolve().name
     token = _resolve_token(config.hub_token)
@@ -678,10 +647,10 @@ class SDLoRATrainer(LoopTrainer):
         except ValueError as err:  # peft: none of the target modules exists in the UNet
             raise SDLoRAError(
                 f"--lora_target_modules {' '.join(config.lora_target_modules)} matched no UNet module "
-                f"({one_line(err)[:200]}); use the presets {sorted(TARGET_PRESETS)} or module names such as to_q"
+                f"({one_line(err)[:200]}); use the presets {sorted(SD_UNET_LORA_PRESETS)} or module names such as to_q"
             ) from err
         if config.train_text_encoder:
-            add_text_encoder_lora(text_encoder, config.lora_config(TEXT_ENCODER_TARGETS))
+            inject_lora(text_encoder, config.lora_config(TEXT_ENCODER_LORA_TARGETS))
         else:
             prompts.precompute(text_encoder.to(device), device)
         # frozen base weights in the training precision, adapter weights in fp32 (the optimizer's master copy)
@@ -836,7 +805,7 @@ class SDLoRATrainer(LoopTrainer):
     def validate(self) -> None:
         if not self.accelerator.is_main_process or not self.config.validation_prompt:
             return
-        from crispdiff.images import make_grid, save_image_atomic
+        from crispdiff.core.images import make_grid, save_image_atomic
 
         grid = make_grid(
             self.sample(self.config.validation_prompt, self.config.num_validation_images), value_range=(0, 1)
@@ -849,7 +818,7 @@ class SDLoRATrainer(LoopTrainer):
 
     def finish(self) -> Path:
         """Save the LoRA (and kohya copy), a sample grid and the model card; optionally the fused pipeline; push."""
-        from crispdiff.images import make_grid, save_image_atomic
+        from crispdiff.core.images import make_grid, save_image_atomic
 
         config = self.config
         models = self._named_models()
@@ -948,7 +917,8 @@ def fuse_text_encoder_lora(text_encoder: Any, state: dict[str, torch.Tensor], al
     """Add ``scale * alpha / r * up @ down`` to each text-encoder Linear that the file's LoRA targets.
 
     The few lines diffusers would otherwise run through transformers' peft integration, which needs a newer peft
-    (see :func:`add_text_encoder_lora`); plain LoRA only (DoRA on the text encoder is refused at training time).
+    (see :func:`crispdiff.train.lora.inject_lora`); plain LoRA only (DoRA on the text encoder is refused at training
+    time).
     """
     suffix_down, suffix_up = ".lora_linear_layer.down.weight", ".lora_linear_layer.up.weight"
     modules = sorted({k[: -len(suffix_down)] for k in state if k.endswith(suffix_down)})
@@ -1021,7 +991,7 @@ def build_sd_pipeline(
         fuse_lora_file(pipeline, Path(lora), lora_scale)
     sr = None
     if sr_model:
-        from crispdiff.sr import load_sr_model
+        from crispdiff.publish.sr import load_sr_model
 
         sr = load_sr_model(sr_model)
     return CrispDiffSDPipeline(

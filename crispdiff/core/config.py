@@ -18,8 +18,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from crispdiff.errors import ArgumentParser, FlagError, UserError, install_user_error_hook
-from crispdiff.io import write_text_atomic
+from crispdiff.core.errors import ArgumentParser, FlagError, UserError, install_user_error_hook
+from crispdiff.core.io import write_text_atomic
 
 
 def flag(default: Any, help: str, choices: list[str] | None = None, **metadata: Any) -> Any:
@@ -251,7 +251,7 @@ class TrainConfig(DataConfig, ModelConfig, NoiseConfig, HubConfig, LoopConfig):
         None,
         "Train a class-conditional model on this metadata.jsonl / dataset column (e.g. the embedded emoji's "
         "`category`); sample a class with classifier-free guidance (`crispdiff sample --class NAME`). `auto`: "
-        "classes made by clustering the images (crispdiff/auto_classes.py); the pipeline then samples their mix "
+        "classes made by clustering the images (crispdiff/data/auto_classes.py); the pipeline then samples their mix "
         "when called without labels.",
     )
     num_auto_classes: int | None = flag(
@@ -383,7 +383,7 @@ def parse_config(config_cls: type, argv: list[str] | None = None, description: s
 
     ``argv=None`` means this is the program's own command line: from then on a user error anywhere in the run (bad
     data, a missing path, an invalid flag combination) ends it with one ``error:`` line and status 2
-    (``crispdiff.errors``). A ``ValueError`` from the config's ``validate()`` is such a user error.
+    (``crispdiff.core.errors``). A ``ValueError`` from the config's ``validate()`` is such a user error.
     """
     parser = ArgumentParser(description=description or config_cls.__doc__)
     add_dataclass_flags(parser, config_cls)

@@ -18,8 +18,6 @@ from typing import Any
 
 import torch
 
-from crispdiff.export import MODEL_INDEX_NAME, read_model_index
-from crispdiff.hub import hub_offline
 from crispdiff.pipelines.sr_model import (
     DEFAULT_TILE_OVERLAP,
     DEFAULT_TILE_SIZE,
@@ -29,6 +27,8 @@ from crispdiff.pipelines.sr_model import (
     describe_config,
     supported_architectures,
 )
+from crispdiff.publish.export import MODEL_INDEX_NAME, read_model_index
+from crispdiff.publish.hub import hub_offline
 
 SR_FOLDER = "sr_model"
 SR_MODULE_NAME = "sr_model"

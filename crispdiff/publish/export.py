@@ -18,9 +18,9 @@ import PIL.Image
 import torch
 from diffusers import ModelMixin
 
-from crispdiff.errors import FlagError, PathError
-from crispdiff.images import save_image_atomic
-from crispdiff.io import staging_folder, swap_folder_into_place
+from crispdiff.core.errors import FlagError, PathError
+from crispdiff.core.images import save_image_atomic
+from crispdiff.core.io import staging_folder, swap_folder_into_place
 from crispdiff.pipelines.pipeline_crispdiff import SAMPLERS, CrispDiffPipeline, make_scheduler
 
 logger = logging.getLogger(__name__)
@@ -117,8 +117,8 @@ def save_pipeline(
 
     ``pipeline_kwargs`` are :func:`build_pipeline`'s: ``unet`` (saved as given: pass the EMA weights),
     ``scheduler_base_config`` (``num_train_timesteps``, ``trained_betas``, ``prediction_type`` and
-    ``rescale_betas_zero_snr``, from ``crispdiff.noise.scheduler_base_config``), ``beta_schedule``, and the optional
-    components and defaults. ``training_config`` goes to ``crispdiff_training.json`` and ``sample_grid`` to
+    ``rescale_betas_zero_snr``, from ``crispdiff.diffusion.schedule.scheduler_base_config``), ``beta_schedule``, and the
+    optional components and defaults. ``training_config`` goes to ``crispdiff_training.json`` and ``sample_grid`` to
     ``samples.png``.
 
     An existing ``output_dir`` is replaced only after the new folder is complete; top-level entries that are not

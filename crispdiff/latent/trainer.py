@@ -6,8 +6,8 @@ samples are sharper for the same compute. The pieces:
 
 - ``LatentTrainConfig``: the pixel trainer's flags plus the VAE's, with defaults for the main job (``accelerate
   launch train_scripts/train_latent.py`` with no arguments: embedded emoji, embedded VAE, ~3 minutes on 2 CPU cores);
-- ``LatentSpace``: the ``crispdiff.training.TrainingSpace`` whose ``x0`` draws ``z = mean + std * eps`` from the
-  cached posterior (``crispdiff.latent_cache``), picks the mirror image's latents half the time with
+- ``LatentSpace``: the ``crispdiff.train.unet_trainer.TrainingSpace`` whose ``x0`` draws ``z = mean + std * eps`` from
+  the cached posterior (``crispdiff.latent.cache``), picks the mirror image's latents half the time with
   ``--random_flip``, and scales them to unit variance;
 - ``train_latent(config)``: loads the VAE, builds or reuses the cache (rank 0 first), then runs the one training loop.
 
@@ -24,11 +24,11 @@ from typing import Any
 
 import torch
 
-from crispdiff.auto_classes import AUTO_CLASS_COLUMN, NO_CLASS_COLUMN
-from crispdiff.config import SHIFTABLE_SCHEDULES, TrainConfig, flag
-from crispdiff.data import to_device
-from crispdiff.latent_cache import DTYPES, LatentCache, load_or_build_latent_cache
-from crispdiff.vae import (
+from crispdiff.core.config import SHIFTABLE_SCHEDULES, TrainConfig, flag
+from crispdiff.data.auto_classes import AUTO_CLASS_COLUMN, NO_CLASS_COLUMN
+from crispdiff.data.loading import to_device
+from crispdiff.latent.cache import DTYPES, LatentCache, load_or_build_latent_cache
+from crispdiff.latent.vae import (
     EMBEDDED_VAE_SHARPEN_AMOUNT,
     AnyVAE,
     embedded_vae_dir,
@@ -104,7 +104,7 @@ class LatentTrainConfig(TrainConfig):
     latent_cache_dtype: str = flag(
         "float16",
         "Storage precision of cached latents; float16 rounding is ~50x smaller than the posterior noise each sample "
-        "carries anyway (see crispdiff/latent_cache.py).",
+        "carries anyway (see crispdiff/latent/cache.py).",
         choices=sorted(DTYPES),
     )
     vae_batch_size: int = flag(32, "Images per VAE encoder batch while building the latent cache (GPU: 128+).")
@@ -252,7 +252,7 @@ def latent_cache_dir(config: Any) -> Path:
     """``--latent_cache_dir``, else ``latents/`` under crispdiff's cache root."""
     if getattr(config, "latent_cache_dir", None):
         return Path(config.latent_cache_dir).expanduser()
-    from crispdiff.data import cache_root
+    from crispdiff.data.loading import cache_root
 
     return cache_root(config) / "latents"
 
@@ -364,7 +364,7 @@ def load_latents(
     run trains on several image sets (DreamBooth's instance and class images). ``data``: those images, when the
     caller has already loaded them with ``load_images(view, for_latents=True)``.
     """
-    from crispdiff.data import load_images
+    from crispdiff.data.loading import load_images
 
     if data is None:
         data = load_images(view, for_latents=True, show_progress=show_progress)
@@ -416,10 +416,11 @@ def train_latent(config: LatentTrainConfig) -> Path | None:
     """
     from accelerate import PartialState
 
-    from crispdiff.data import load_images
-    from crispdiff.time_budget import TimeBudget
-    from crispdiff.training import check_output_dir, configure_kernels, has_accelerator_device, train, use_cpu_cores
-    from crispdiff.vae_adapt import prepare_vae
+    from crispdiff.data.loading import load_images
+    from crispdiff.latent.adapt import prepare_vae
+    from crispdiff.train.loop import configure_kernels, has_accelerator_device, use_cpu_cores
+    from crispdiff.train.time_budget import TimeBudget
+    from crispdiff.train.unet_trainer import check_output_dir, train
 
     budget = TimeBudget(config.time_budget_minutes) if config.time_budget_minutes else None
     config.validate()

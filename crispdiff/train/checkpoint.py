@@ -1,7 +1,7 @@
 """Resumable checkpoints: accelerate's state plus crispdiff's own (EMA weights, generators, data position).
 
-A checkpoint is written into ``checkpoint-<step>.tmp`` and swapped into place (``crispdiff.io``: fsynced first) only
-when every process has finished writing, so a run killed while saving (or a power cut after it) never leaves a
+A checkpoint is written into ``checkpoint-<step>.tmp`` and swapped into place (``crispdiff.core.io``: fsynced first)
+only when every process has finished writing, so a run killed while saving (or a power cut after it) never leaves a
 half-written ``checkpoint-<step>`` for ``--resume_from_checkpoint latest`` to pick up. EMA weights go to safetensors;
 the generator states (one per process) go to safetensors too.
 """
@@ -18,8 +18,8 @@ import torch
 from accelerate import Accelerator
 from safetensors.torch import load_file, save_file
 
-from crispdiff.errors import FlagError, PathError
-from crispdiff.io import swap_folder_into_place
+from crispdiff.core.errors import FlagError, PathError
+from crispdiff.core.io import swap_folder_into_place
 
 CHECKPOINT_PATTERN = re.compile(r"^checkpoint-(\d+)$")
 STATE_FILE = "crispdiff_state.json"

@@ -11,8 +11,8 @@ from pathlib import Path
 import torch
 from diffusers import ModelMixin, UNet2DModel
 
-from crispdiff.config import ModelConfig
-from crispdiff.errors import FlagError, MissingDependencyError, PathError
+from crispdiff.core.config import ModelConfig
+from crispdiff.core.errors import FlagError, MissingDependencyError, PathError
 
 logger = logging.getLogger(__name__)
 

@@ -15,7 +15,7 @@ import numpy as np
 import PIL.Image
 import torch
 
-from crispdiff.io import write_atomic
+from crispdiff.core.io import write_atomic
 
 ValueRange = tuple[float, float]
 _MODES = {1: "L", 3: "RGB", 4: "RGBA"}

@@ -3,8 +3,9 @@
 Why crispdiff trains VAEs at all: latent diffusion on 64-128 px images wants a small, fast autoencoder with a mild
 downsampling (f=4) that keeps hard edges, and Stable Diffusion's f=8 VAE blurs small images. diffusers has no VAE
 training script, so this module provides one in the same shape as the diffusion trainer: accelerate for devices and
-precision, the same deterministic data stream and exact checkpoints (:mod:`crispdiff.checkpoint`), EMA weights, and a
-diffusers folder at the end that :func:`crispdiff.vae.load_vae` and ``AutoencoderKL.from_pretrained`` both read.
+precision, the same deterministic data stream and exact checkpoints (:mod:`crispdiff.train.checkpoint`), EMA weights,
+and a diffusers folder at the end that :func:`crispdiff.latent.vae.load_vae` and ``AutoencoderKL.from_pretrained`` both
+read.
 
 The objective follows Rombach et al. 2022 (LDM, appendix G): an L1 or L2 reconstruction term, a KL term with a tiny
 weight (only enough to keep the latent space smooth), optional LPIPS, and an optional patch-GAN (Isola et al. 2017,
@@ -30,12 +31,11 @@ from accelerate import Accelerator
 from diffusers import AutoencoderKL
 from torch import nn
 
-from crispdiff.config import DataConfig, LoopConfig, flag
-from crispdiff.images import uint8_to_model
-from crispdiff.io import staging_folder, swap_folder_into_place
-from crispdiff.model import group_norm_groups
-from crispdiff.training import LoopTrainer, ema_copy, refuse_to_overwrite, run_trainer, start_run
-from crispdiff.vae import (
+from crispdiff.core.config import DataConfig, LoopConfig, flag
+from crispdiff.core.images import uint8_to_model
+from crispdiff.core.io import staging_folder, swap_folder_into_place
+from crispdiff.diffusion.unets import group_norm_groups
+from crispdiff.latent.vae import (
     load_vae,
     measure_scaling_factor,
     measure_shift_factor,
@@ -43,6 +43,7 @@ from crispdiff.vae import (
     sample_posterior,
     standardize_latent_channels,
 )
+from crispdiff.train.loop import LoopTrainer, ema_copy, refuse_to_overwrite, run_trainer, start_run
 
 logger = logging.getLogger("crispdiff")
 
@@ -535,7 +536,7 @@ def reconstruction_metrics(vae: AutoencoderKL, images_uint8: torch.Tensor) -> di
     PSNR rewards a blurry average; the hf-energy and Laplacian-variance ratios (1 = as sharp as the input) say
     whether the decoder kept the detail, so both kinds are reported together.
     """
-    from crispdiff.metrics import sharpness_ratios
+    from crispdiff.evaluate.metrics import sharpness_ratios
 
     target = images_uint8.float() / 255.0
     recon = (reconstruct(vae, uint8_to_m11(images_uint8)) + 1.0) / 2.0
@@ -550,7 +551,7 @@ def reconstruction_metrics(vae: AutoencoderKL, images_uint8: torch.Tensor) -> di
 
 def save_reconstruction_grid(vae: AutoencoderKL, images_uint8: torch.Tensor, path: Path) -> None:
     """A PNG with originals on the top row and their reconstructions below, written atomically."""
-    from crispdiff.images import make_grid, save_image_atomic
+    from crispdiff.core.images import make_grid, save_image_atomic
 
     originals = uint8_to_m11(images_uint8)
     grid = make_grid(torch.cat([originals, reconstruct(vae, originals)]), nrow=len(images_uint8))
@@ -590,8 +591,8 @@ def measure_latent_scaling(
 def save_vae_folder(vae: AutoencoderKL, folder: Path, model_card: str) -> Path:
     """Write config.json + safetensors + README.md into ``folder`` atomically and durably.
 
-    The folder is built beside the target and swapped in by ``crispdiff.io.swap_folder_into_place`` (fsynced first);
-    the previous VAE is deleted only after the new one is in place, so a crash never leaves neither.
+    The folder is built beside the target and swapped in by ``crispdiff.core.io.swap_folder_into_place`` (fsynced
+    first); the previous VAE is deleted only after the new one is in place, so a crash never leaves neither.
     """
     folder = Path(folder)
     tmp = staging_folder(folder)
@@ -869,7 +870,7 @@ class VAETrainer(LoopTrainer):
 
 def train_vae(config: VAETrainConfig) -> Path | None:
     """Train (or fine-tune) an AutoencoderKL as ``config`` says; returns the saved vae/ folder on the main process."""
-    from crispdiff.data import load_images
+    from crispdiff.data.loading import load_images
 
     check_output_dir(config)
     accelerator = start_run(config)

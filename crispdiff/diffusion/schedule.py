@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from crispdiff.config import SHIFTABLE_SCHEDULES, NoiseConfig
+from crispdiff.core.config import SHIFTABLE_SCHEDULES, NoiseConfig
 
 PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
 MAX_BETA = 0.999  # as in Nichol & Dhariwal 2021: keeps the last steps from dividing by ~0

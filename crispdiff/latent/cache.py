@@ -3,7 +3,7 @@
 Why cache posterior parameters instead of encoding every step: the VAE encoder costs as much as (or more than) a
 small UNet's forward pass, and it never changes while the diffusion model trains. Storing the posterior's mean and
 log-variance (not a single sample) keeps what training through the encoder would have seen: every epoch draws a
-fresh ``z = mean + std * eps`` (see ``crispdiff.latent.LatentSpace``). With ``--random_flip`` the horizontally
+fresh ``z = mean + std * eps`` (see ``crispdiff.latent.trainer.LatentSpace``). With ``--random_flip`` the horizontally
 flipped image is encoded too — a convolutional encoder is not flip-equivariant, so flipping the latent would not be
 the latent of the flipped image.
 
@@ -16,7 +16,7 @@ Layout of one cache folder ``<latent cache dir>/<key>/``:
   chunk that has no checksum yet, and a chunk whose bytes no longer match its checksum is re-encoded rather than
   used. A file whose shape, dtype or size is wrong makes the whole folder rebuild.
 
-The key hashes the data identity (the image cache's key from ``crispdiff.data``, which covers the files and the
+The key hashes the data identity (the image cache's key from ``crispdiff.data.loading``, which covers the files and the
 preprocessing recipe), the preprocessing flags, the VAE's weights fingerprint, the storage dtype and the flip
 setting: changing any of them selects a different folder, so a stale cache is never read.
 
@@ -48,9 +48,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from crispdiff.images import uint8_to_model
-from crispdiff.io import write_text_atomic
-from crispdiff.vae import AnyVAE, encode_posterior, latent_channels, vae_downsample_factor, weights_fingerprint
+from crispdiff.core.images import uint8_to_model
+from crispdiff.core.io import write_text_atomic
+from crispdiff.latent.vae import AnyVAE, encode_posterior, latent_channels, vae_downsample_factor, weights_fingerprint
 
 __all__ = [
     "CACHE_FORMAT",
@@ -110,7 +110,7 @@ class LatentCacheSpec:
 def data_identity(data: Any) -> str:
     """A string that changes whenever the stored images change.
 
-    ``crispdiff.data.ImageData`` keeps its decode cache in a folder named by a key over the source files (names,
+    ``crispdiff.data.loading.ImageData`` keeps its decode cache in a folder named by a key over the source files (names,
     sizes, modification times) and the decoding recipe — exactly the identity we need, for free. Anything else with
     ``center_crops()`` is hashed by its pixels, chunk by chunk so memory stays flat.
     """
@@ -249,7 +249,7 @@ def _chunk_checksum(arrays: dict[str, np.ndarray], start: int, end: int) -> str:
 
 
 def _write_json_atomic(path: Path, payload: dict[str, Any]) -> None:
-    """Write-then-rename (``crispdiff.io``) so a crash never leaves a half-written header behind."""
+    """Write-then-rename (``crispdiff.core.io``) so a crash never leaves a half-written header behind."""
     write_text_atomic(path, json.dumps(payload, indent=1, sort_keys=True))
 
 
@@ -465,8 +465,8 @@ def load_or_build_latent_cache(
     """The verified latent cache of ``data`` under ``vae``: reused when it exists, resumed, repaired or built.
 
     ``data`` needs ``resolution``, ``__len__`` and ``center_crops(indices) -> uint8 [n, 3, R, R]`` (a
-    ``crispdiff.data.ImageData`` loaded with ``for_latents=True``). ``preprocessing`` is the recipe that produced
-    its pixels (resolution, interpolation, background ...); it is part of the key. ``chunk_size`` images are
+    ``crispdiff.data.loading.ImageData`` loaded with ``for_latents=True``). ``preprocessing`` is the recipe that
+    produced its pixels (resolution, interpolation, background ...); it is part of the key. ``chunk_size`` images are
     committed at a time: the resume granularity. Encoding runs in ``batch_size`` batches on the VAE's device.
     """
     if batch_size < 1 or chunk_size < 1:

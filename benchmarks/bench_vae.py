@@ -23,7 +23,7 @@ from common import append_results, emoji_dir, markdown_table
 from crispdiff.core.config import DataConfig
 from crispdiff.data.loading import load_images
 from crispdiff.latent.vae import latent_channels, load_vae, vae_downsample_factor
-from crispdiff.latent.vae_trainer import holdout_split, reconstruction_metrics
+from crispdiff.latent.vae_eval import holdout_split, reconstruction_metrics
 
 
 def parse_args() -> argparse.Namespace:

@@ -22,17 +22,16 @@ from PIL import Image
 from tiny_models import WITHOUT_CRISPDIFF
 
 from crispdiff.core.config import parse_config
-from crispdiff.sd.trainer import (
+from crispdiff.sd.base import load_sd
+from crispdiff.sd.config import (
     KOHYA_WEIGHTS_NAME,
     LORA_WEIGHTS_NAME,
     DreamBoothLoRAConfig,
     SDLoRAError,
     TextToImageLoRAConfig,
-    generate_class_images,
-    load_sd,
-    train_dreambooth_lora,
-    train_text_to_image_lora,
 )
+from crispdiff.sd.prompts import generate_class_images
+from crispdiff.sd.trainer import train_dreambooth_lora, train_text_to_image_lora
 
 REPO = Path(__file__).resolve().parents[1]
 RES = 16
@@ -436,7 +435,7 @@ def test_export_with_an_sr_component_reloads_and_upscales(tiny_sd, tmp_path):
 
 def test_push_to_hub_offline_is_a_clear_error(tiny_sd, tmp_path, monkeypatch):
     from crispdiff.publish.hub import HubUploadError
-    from crispdiff.sd.trainer import push_lora_to_hub
+    from crispdiff.sd.lora_files import push_lora_to_hub
 
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     flags = ["--pretrained_model_name_or_path", str(tiny_sd), "--train_data_dir", str(tmp_path), "--push_to_hub"]
@@ -448,7 +447,7 @@ def test_push_to_hub_offline_is_a_clear_error(tiny_sd, tmp_path, monkeypatch):
 def test_each_image_trains_with_its_own_caption(tiny_sd, subject_dir, tmp_path):
     """Per-image captions from metadata.jsonl (empty ones -> the instance prompt), each encoded once and looked up."""
     from crispdiff.data.loading import load_images
-    from crispdiff.sd.trainer import PromptBank, captions_for, image_view
+    from crispdiff.sd.prompts import PromptBank, captions_for, image_view
 
     config = parse_config(
         DreamBoothLoRAConfig,

@@ -31,19 +31,16 @@ from crispdiff.latent.vae import (
     vae_downsample_factor,
     weights_fingerprint,
 )
-from crispdiff.latent.vae_trainer import (
+from crispdiff.latent.vae_config import VAETrainConfig
+from crispdiff.latent.vae_eval import holdout_split, psnr, ssim
+from crispdiff.latent.vae_losses import (
     AutoencoderStep,
-    VAETrainConfig,
-    VAETrainer,
     add_decoder_noise,
-    deepen,
-    holdout_split,
-    psnr,
     scale_equivariance_loss,
     spectral_amplitude_loss,
-    ssim,
-    widen_latent,
 )
+from crispdiff.latent.vae_models import deepen, widen_latent
+from crispdiff.latent.vae_trainer import VAETrainer
 from crispdiff.train.loop import make_accelerator
 
 #: The embedded VAE must reconstruct 32 emoji it never trained on (half of them from the held-out categories; the split
@@ -441,7 +438,7 @@ def test_holdout_split_keeps_whole_classes_out(tmp_path: Path):
 
 
 def test_existing_vae_folder_is_not_overwritten(image_folder: Path, tmp_path: Path):
-    from crispdiff.latent.vae_trainer import check_output_dir
+    from crispdiff.latent.vae_config import check_output_dir
 
     config = parse_config(VAETrainConfig, trainer_flags(image_folder, tmp_path))
     (tmp_path / "out" / "vae").mkdir(parents=True)
@@ -462,7 +459,7 @@ def test_embedded_vae_reconstructs_held_out_emoji_sharply(emoji_dir: Path, tmp_p
         pytest.skip(f"embedded VAE not found in {embedded_vae_dir()}")
     from crispdiff.core.config import DataConfig
     from crispdiff.data.loading import load_images
-    from crispdiff.latent.vae_trainer import reconstruction_metrics
+    from crispdiff.latent.vae_eval import reconstruction_metrics
 
     vae = AutoencoderKL.from_pretrained(embedded_vae_dir())  # a plain diffusers autoencoder folder
     assert vae_downsample_factor(vae) == 4 and latent_channels(vae) == 8

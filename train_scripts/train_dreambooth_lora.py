@@ -7,7 +7,8 @@
 """
 
 from crispdiff.core.config import parse_config
-from crispdiff.sd.trainer import DreamBoothLoRAConfig, train_dreambooth_lora
+from crispdiff.sd.config import DreamBoothLoRAConfig
+from crispdiff.sd.trainer import train_dreambooth_lora
 
 if __name__ == "__main__":
     train_dreambooth_lora(parse_config(DreamBoothLoRAConfig))

@@ -6,7 +6,8 @@
 """
 
 from crispdiff.core.config import parse_config
-from crispdiff.sd.trainer import TextToImageLoRAConfig, train_text_to_image_lora
+from crispdiff.sd.config import TextToImageLoRAConfig
+from crispdiff.sd.trainer import train_text_to_image_lora
 
 if __name__ == "__main__":
     train_text_to_image_lora(parse_config(TextToImageLoRAConfig))

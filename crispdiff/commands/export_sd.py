@@ -40,7 +40,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _run(args: argparse.Namespace) -> int:
-    from crispdiff.sd.trainer import export_sd
+    from crispdiff.sd.export import export_sd
 
     if args.output_size is not None and args.output_size < 1:
         raise FlagError(f"--output_size must be positive, got {args.output_size}")

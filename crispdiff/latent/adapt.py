@@ -20,13 +20,9 @@ import time
 from pathlib import Path
 from typing import Any
 
-from crispdiff.latent.vae_trainer import (
-    VAE_SUBFOLDER,
-    VAETrainConfig,
-    VAETrainer,
-    holdout_split,
-    reconstruction_metrics,
-)
+from crispdiff.latent.vae_config import VAE_SUBFOLDER, VAETrainConfig
+from crispdiff.latent.vae_eval import holdout_split, reconstruction_metrics
+from crispdiff.latent.vae_trainer import VAETrainer
 
 #: ``--adapt_vae`` choices: never, when the VAE misses the bar on the user's images, or always.
 ADAPT_VAE_CHOICES = ("off", "auto", "always")

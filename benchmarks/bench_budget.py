@@ -37,13 +37,8 @@ from common import BENCH_DIR, append_results, machine, markdown_table
 
 from crispdiff.core.images import make_grid, save_image_atomic
 from crispdiff.core.io import write_text_atomic
-from crispdiff.evaluate.evaluation import (
-    evaluate_samples,
-    generate_samples,
-    load_reference_data,
-    reference_class_mix,
-    reference_classes,
-)
+from crispdiff.evaluate.evaluation import evaluate_samples, load_reference_data
+from crispdiff.evaluate.sampling import generate_samples, reference_class_mix, reference_classes
 from crispdiff.latent.trainer import LatentTrainConfig, build_latent_space
 from crispdiff.latent.vae import load_vae
 from crispdiff.publish.export import build_pipeline, load_pipeline, save_pipeline

@@ -35,7 +35,7 @@ from torch import nn
 
 from crispdiff.core.io import write_text_atomic
 from crispdiff.data.sources import embedded_dataset_dir
-from crispdiff.evaluate.evaluation import generate_samples
+from crispdiff.evaluate.sampling import generate_samples
 from crispdiff.publish.export import load_pipeline
 
 CLASSIFIER_RESOLUTION = 32

@@ -201,13 +201,9 @@ def fine_tune_trainer(mode: str, args: argparse.Namespace, pretrained: Path, dat
     from crispdiff.data.loading import load_images
     from crispdiff.train.loop import make_accelerator
     from crispdiff.train.unet_trainer import PixelSpace, Trainer
-    from crispdiff.transfer.trainer import (
-        TransferConfig,
-        TransferTrainer,
-        load_pretrained,
-        prepare_unet,
-        resolve_schedule,
-    )
+    from crispdiff.transfer.config import TransferConfig
+    from crispdiff.transfer.pretrained import load_pretrained, resolve_schedule
+    from crispdiff.transfer.trainer import TransferTrainer, prepare_unet
 
     AcceleratorState._reset_state(reset_partial_state=True)
     fields = dict(

@@ -312,7 +312,7 @@ def test_the_saved_guidance_scale_is_the_default_for_labelled_calls_only():
 
 
 def test_reference_class_mix_keeps_the_proportions_and_is_seeded():
-    from crispdiff.evaluate.evaluation import reference_class_mix
+    from crispdiff.evaluate.sampling import reference_class_mix
 
     reference = ["a"] * 6 + ["b"] * 3 + ["c"]
     mix = reference_class_mix(reference, 20, seed=0)

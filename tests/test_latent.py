@@ -259,7 +259,7 @@ def test_interrupted_encode_resumes(image_dir, vae_dir, tmp_path):
 
 def test_train_latent_calibrates_the_unsharp_amount_it_saves(image_dir, vae_dir, tmp_path):
     """--sharpen_calibration_images: the saved amount is the sweep's best on the final model, not the flag's."""
-    from crispdiff.evaluate.evaluation import SHARPEN_SWEEP_AMOUNTS
+    from crispdiff.evaluate.sharpen import SHARPEN_SWEEP_AMOUNTS
     from crispdiff.latent.trainer import train_latent
 
     config = make_config(image_dir, vae_dir, tmp_path, sharpen_amount=1.0, sharpen_calibration_images=6)

@@ -25,22 +25,18 @@ from tiny_models import base_config
 from crispdiff.core.config import parse_config
 from crispdiff.core.errors import FlagError
 from crispdiff.train.loop import make_accelerator
+from crispdiff.train.lora import plain_copy
 from crispdiff.train.unet_trainer import PixelSpace
-from crispdiff.transfer.trainer import (
-    ADAPTER_FOLDER,
-    TransferConfig,
-    TransferTrainer,
+from crispdiff.transfer.adapters import add_unet_lora, load_lora_adapter, save_lora_adapter
+from crispdiff.transfer.config import ADAPTER_FOLDER, TransferConfig
+from crispdiff.transfer.pretrained import (
     adapt_unet,
-    add_unet_lora,
-    load_lora_adapter,
     load_pretrained,
-    plain_copy,
-    prepare_unet,
     pretrained_schedule,
     resolve_schedule,
-    save_lora_adapter,
     with_new_parameters,
 )
+from crispdiff.transfer.trainer import TransferTrainer, prepare_unet
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 

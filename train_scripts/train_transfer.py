@@ -11,7 +11,8 @@ merged into the saved UNet; --save_lora_adapter also keeps the adapter). Every f
 from __future__ import annotations
 
 from crispdiff.core.config import parse_config
-from crispdiff.transfer.trainer import TransferConfig, train_transfer
+from crispdiff.transfer.config import TransferConfig
+from crispdiff.transfer.trainer import train_transfer
 
 
 def main(argv: list[str] | None = None) -> None:

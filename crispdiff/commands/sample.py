@@ -19,7 +19,7 @@ import torch
 
 from crispdiff.core.errors import FlagError, run_entry_point
 from crispdiff.core.images import make_grid, save_image_atomic, to_pil_list
-from crispdiff.evaluate.evaluation import class_label_flag, generate_samples
+from crispdiff.evaluate.sampling import class_label_flag, generate_samples
 from crispdiff.pipelines.pipeline_crispdiff import SAMPLERS
 from crispdiff.publish.export import DTYPES, load_pipeline
 

@@ -289,7 +289,8 @@ class Trainer(LoopTrainer):
         ``crispdiff.evaluate.evaluation.sharpen_sweep`` against up to 2,000 training images; the sweep table is kept
         next to the pipeline in ``sharpen_calibration.json``.
         """
-        from crispdiff.evaluate.evaluation import NO_POSTPROCESS, generate_samples, sharpen_sweep
+        from crispdiff.evaluate.sampling import NO_POSTPROCESS, generate_samples
+        from crispdiff.evaluate.sharpen import sharpen_sweep
 
         count = self.config.sharpen_calibration_images
         labels = [k % len(self.class_names) for k in range(count)] if self.class_names else None

@@ -438,13 +438,13 @@ def test_holdout_split_keeps_whole_classes_out(tmp_path: Path):
 
 
 def test_existing_vae_folder_is_not_overwritten(image_folder: Path, tmp_path: Path):
-    from crispdiff.latent.vae_config import check_output_dir
+    from crispdiff.latent.vae_trainer import train_vae
 
     config = parse_config(VAETrainConfig, trainer_flags(image_folder, tmp_path))
     (tmp_path / "out" / "vae").mkdir(parents=True)
     (tmp_path / "out" / "vae" / "config.json").write_text("{}")
     with pytest.raises(FileExistsError, match="--overwrite_output_dir"):
-        check_output_dir(config)
+        train_vae(config)  # refused before any work
     with pytest.raises(ValueError, match="--pretrained_vae_name_or_path"):
         parse_config(VAETrainConfig, trainer_flags(image_folder, tmp_path, "--train_decoder_only"))
 

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import math
 import types
 import typing
@@ -19,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from crispdiff.core.errors import ArgumentParser, FlagError, UserError, install_user_error_hook
-from crispdiff.core.io import write_text_atomic
+from crispdiff.core.io import write_json_atomic
 
 
 def flag(default: Any, help: str, choices: list[str] | None = None, **metadata: Any) -> Any:
@@ -229,7 +228,7 @@ class LoopConfig:
         return without_secrets(dataclasses.asdict(self))
 
     def save_json(self, path: str | Path) -> None:
-        write_text_atomic(path, json.dumps(self.to_dict(), indent=2, sort_keys=True))
+        write_json_atomic(path, self.to_dict(), sort_keys=True)
 
 
 @dataclass

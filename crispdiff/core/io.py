@@ -2,7 +2,8 @@
 
 Two helpers, one per granularity:
 
-- ``write_atomic`` / ``write_text_atomic``: one file through a temp file beside it, fsynced, then ``os.replace``.
+- ``write_atomic`` / ``write_text_atomic`` / ``write_json_atomic``: one file through a temp file beside it, fsynced,
+  then ``os.replace``; ``move_file_into_place`` for a file another library wrote into a staging folder.
 - ``swap_folder_into_place``: a complete staged folder (a checkpoint, a pipeline, a VAE) replaces the target folder.
   Every file of the staged folder and the folder itself are fsynced first, so after a power cut the renamed folder
   holds data, not zero-length files (ext4 / xfs may commit a rename before the data it points to).
@@ -13,6 +14,7 @@ pipeline on a shared machine must be readable by the people it is shared with.
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import tempfile
@@ -93,13 +95,35 @@ def write_text_atomic(path: str | os.PathLike, text: str) -> Path:
     return write_atomic(path, lambda handle: handle.write(text))
 
 
+def write_json_atomic(path: str | os.PathLike, data: Any, *, indent: int | None = 2, sort_keys: bool = False) -> Path:
+    """``write_atomic`` for a JSON file (ending in a newline); ``default=str`` writes paths and such as text."""
+    return write_text_atomic(path, json.dumps(data, indent=indent, sort_keys=sort_keys, default=str) + "\n")
+
+
+def move_file_into_place(staged: str | os.PathLike, target: str | os.PathLike) -> Path:
+    """Move a finished file (e.g. one a library wrote into a staging folder) onto ``target`` durably: fsynced and
+    given the usual permissions before the rename, the folder fsynced after it."""
+    staged, target = Path(staged), Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    os.chmod(staged, default_file_mode())
+    fsync_path(staged)
+    os.replace(staged, target)
+    fsync_path(target.parent)
+    return target
+
+
 def staging_folder(target: str | os.PathLike, label: str = "tmp") -> Path:
     """A fresh hidden sibling path of ``target`` to build a folder in before ``swap_folder_into_place``."""
     target = Path(target)
     return target.parent / f".{target.name}.{label}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
 
 
-def swap_folder_into_place(staging: str | os.PathLike, target: str | os.PathLike, carry: Iterable[str] = ()) -> Path:
+def swap_folder_into_place(
+    staging: str | os.PathLike,
+    target: str | os.PathLike,
+    carry: Iterable[str] = (),
+    commit: Callable[[], object] | None = None,
+) -> Path:
     """Replace ``target`` by the complete folder ``staging``; the old ``target`` survives any crash until the end.
 
     Steps: give the staged files the usual permissions and fsync them (``finalise_tree``); move the entries named
@@ -107,12 +131,20 @@ def swap_folder_into_place(staging: str | os.PathLike, target: str | os.PathLike
     folder; rename the old folder aside; rename the staged one in; fsync the parent; delete the old one. POSIX cannot
     exchange two non-empty folders atomically, so the window where ``target`` is missing is two renames long, and a
     crash in it leaves the old folder complete under its aside name.
-    If the second rename fails, everything is moved back.
+    If the second rename fails, everything is moved back. ``commit`` is a last step that belongs to the same change
+    (e.g. renaming the ``model_index.json`` that names a new component into place): if it raises, the old folder
+    comes back too.
     """
     staging, target = Path(staging), Path(target)
     finalise_tree(staging)
     if not target.exists():
         os.replace(staging, target)
+        try:
+            if commit is not None:
+                commit()
+        except BaseException:
+            os.replace(target, staging)
+            raise
         fsync_path(target.parent)
         return target
     if not target.is_dir():
@@ -128,6 +160,12 @@ def swap_folder_into_place(staging: str | os.PathLike, target: str | os.PathLike
         raise
     try:
         os.replace(staging, target)
+        try:
+            if commit is not None:
+                commit()
+        except BaseException:
+            os.replace(target, staging)
+            raise
     except BaseException:
         os.replace(backup, target)
         _move_back(staging, target, carried)

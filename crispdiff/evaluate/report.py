@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 from typing import Any
@@ -10,7 +9,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from crispdiff.core.io import write_atomic
+from crispdiff.core.io import write_json_atomic, write_text_atomic
 
 METRICS_NAME = "metrics.json"
 
@@ -142,13 +141,12 @@ def write_outputs(
 
     folder = Path(out_dir)
     folder.mkdir(parents=True, exist_ok=True)
-    text = json.dumps(_jsonable(result), indent=2, sort_keys=True) + "\n"
     paths = {
-        "metrics": write_atomic(folder / METRICS_NAME, lambda h: h.write(text)),
+        "metrics": write_json_atomic(folder / METRICS_NAME, _jsonable(result), sort_keys=True),
         "grid": save_image_atomic(
             make_grid(samples01[:_GRID_IMAGES], value_range=(0.0, 1.0), padding=2), folder / GRID_NAME
         ),
     }
     report = format_report(result, title=title, command=command)
-    paths["report"] = write_atomic(folder / REPORT_NAME, lambda h: h.write(report))
+    paths["report"] = write_text_atomic(folder / REPORT_NAME, report)
     return paths

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import math
 import os
 from pathlib import Path
@@ -11,7 +10,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from crispdiff.core.io import write_text_atomic
+from crispdiff.core.io import write_json_atomic
 from crispdiff.evaluate import metrics as M
 
 #: Unsharp-mask amounts ``--sharpen_sweep`` tries (0 = off), with the pipeline's own radius and threshold.
@@ -56,4 +55,4 @@ def save_sharpen_amount(pipeline_dir: str | os.PathLike, amount: float) -> Path:
 
     index = read_model_index(pipeline_dir)  # clear errors for a missing folder or another kind of pipeline
     index["sharpen_amount"] = amount
-    return write_text_atomic(Path(pipeline_dir) / MODEL_INDEX_NAME, json.dumps(index, indent=2, sort_keys=True) + "\n")
+    return write_json_atomic(Path(pipeline_dir) / MODEL_INDEX_NAME, index, sort_keys=True)

@@ -49,7 +49,7 @@ import numpy as np
 import torch
 
 from crispdiff.core.images import uint8_to_model
-from crispdiff.core.io import write_text_atomic
+from crispdiff.core.io import write_json_atomic
 from crispdiff.latent.vae import AnyVAE, encode_posterior, latent_channels, vae_downsample_factor, weights_fingerprint
 
 __all__ = [
@@ -248,11 +248,6 @@ def _chunk_checksum(arrays: dict[str, np.ndarray], start: int, end: int) -> str:
     return digest.hexdigest()
 
 
-def _write_json_atomic(path: Path, payload: dict[str, Any]) -> None:
-    """Write-then-rename (``crispdiff.core.io``) so a crash never leaves a half-written header behind."""
-    write_text_atomic(path, json.dumps(payload, indent=1, sort_keys=True))
-
-
 def _open_array(path: Path, spec: LatentCacheSpec, mode: str) -> np.ndarray | None:
     """Memory-map an existing ``.npy``; ``None`` when it is missing, truncated or of the wrong shape / dtype."""
     try:
@@ -387,7 +382,7 @@ def _fresh_state(folder: Path, spec: LatentCacheSpec, chunk_size: int) -> _State
         "chunks": {},
         "complete": False,
     }
-    _write_json_atomic(folder / "header.json", header)
+    write_json_atomic(folder / "header.json", header, indent=1, sort_keys=True)
     return _State(header=header, arrays=arrays, good={}, bad=[])
 
 
@@ -421,7 +416,7 @@ def _encode_missing(
         end - start for start, end in (_chunk_bounds(c, chunk_size, spec.num_images) for c in todo)
     )
     header = dict(state.header, chunks={str(c): h for c, h in sorted(state.good.items())}, complete=False)
-    _write_json_atomic(folder / "header.json", header)
+    write_json_atomic(folder / "header.json", header, indent=1, sort_keys=True)
     was_training = vae.training
     vae.eval()
     encoded = 0
@@ -441,12 +436,12 @@ def _encode_missing(
                 for array in state.arrays.values():
                     array.flush()  # the bytes are on disk before the header vouches for them
                 header["chunks"][str(chunk)] = _chunk_checksum(state.arrays, start, end)
-                _write_json_atomic(folder / "header.json", header)
+                write_json_atomic(folder / "header.json", header, indent=1, sort_keys=True)
                 encoded += end - start
     finally:
         vae.train(was_training)
     header["complete"] = True
-    _write_json_atomic(folder / "header.json", header)
+    write_json_atomic(folder / "header.json", header, indent=1, sort_keys=True)
     return encoded
 
 

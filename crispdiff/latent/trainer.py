@@ -38,6 +38,7 @@ from crispdiff.latent.vae import (
     sample_posterior,
     scale_latents,
 )
+from crispdiff.train.unet_trainer import ImageDataSpace
 
 __all__ = ["LatentSpace", "LatentTrainConfig", "load_latents", "preprocessing_key", "resolve_scaling", "train_latent"]
 
@@ -287,7 +288,7 @@ def resolve_scaling(vae: AnyVAE, cache: LatentCache, override: float | None = No
     return measure_scaling_factor(sample), shift, "measured on the training latents"
 
 
-class LatentSpace:
+class LatentSpace(ImageDataSpace):
     """Diffusion on a frozen VAE's scaled latents, sampled from the cached posterior of each image."""
 
     def __init__(
@@ -304,23 +305,16 @@ class LatentSpace:
             raise ValueError(f"latents of {height}x{width} are not square; crispdiff trains square images only")
         if len(cache) != len(data):
             raise ValueError(f"the latent cache holds {len(cache)} images but the data has {len(data)}")
+        super().__init__(data)
         self.cache = cache
         self.vae = vae.eval().requires_grad_(False)  # frozen: no gradients, no optimizer state, no dropout
-        self.data = data
         self.channels = channels
         self.sample_size = height
         self.scaling_factor = float(scaling_factor)
         self.shift_factor = None if shift_factor is None else float(shift_factor)
-        # --class_column: labels come from the image data (its metadata), so the latent cache is shared with
-        # unconditional runs on the same images
-        self.class_names: list[str] | None = getattr(data, "class_names", None)
 
     def __len__(self) -> int:
         return len(self.cache)
-
-    def class_labels(self, indices: torch.Tensor, device: torch.device) -> torch.Tensor | None:
-        """Class ids of these images (--class_column), or None when the data has no classes."""
-        return self.data.class_labels(indices, device) if self.class_names else None
 
     def x0(self, indices: torch.Tensor, generator: torch.Generator, device: torch.device) -> torch.Tensor:
         """Scaled latents ``[B, C, h, w]``: variant (flip) and posterior noise drawn from ``generator``.
@@ -418,9 +412,9 @@ def train_latent(config: LatentTrainConfig) -> Path | None:
 
     from crispdiff.data.loading import load_images
     from crispdiff.latent.adapt import prepare_vae
-    from crispdiff.train.loop import configure_kernels, has_accelerator_device, use_cpu_cores
+    from crispdiff.train.loop import check_output_dir, configure_kernels, has_accelerator_device, use_cpu_cores
     from crispdiff.train.time_budget import TimeBudget
-    from crispdiff.train.unet_trainer import check_output_dir, train
+    from crispdiff.train.unet_trainer import train
 
     budget = TimeBudget(config.time_budget_minutes) if config.time_budget_minutes else None
     config.validate()

@@ -4,10 +4,8 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from pathlib import Path
 
 from crispdiff.core.config import DataConfig, LoopConfig, flag
-from crispdiff.train.loop import refuse_to_overwrite
 
 logger = logging.getLogger("crispdiff")
 
@@ -126,7 +124,3 @@ class VAETrainConfig(DataConfig, LoopConfig):
         channels = self.block_out_channels or PRESETS[self.preset][0]
         if self.norm_num_groups and any(c % self.norm_num_groups for c in channels):
             raise ValueError(f"--norm_num_groups {self.norm_num_groups} must divide every level's channels {channels}.")
-
-
-def check_output_dir(config: VAETrainConfig) -> None:
-    refuse_to_overwrite(config, Path(config.output_dir) / VAE_SUBFOLDER, "config.json", "a trained VAE")

@@ -16,7 +16,6 @@ same as in LDM's configs (where both terms are sums).
 
 from __future__ import annotations
 
-import json
 import logging
 import shutil
 import sys
@@ -28,12 +27,12 @@ import torch
 from accelerate import Accelerator
 from diffusers import AutoencoderKL
 
-from crispdiff.core.io import staging_folder, swap_folder_into_place
+from crispdiff.core.io import staging_folder, swap_folder_into_place, write_json_atomic
 from crispdiff.latent.vae import (
     read_scaling,
     standardize_latent_channels,
 )
-from crispdiff.latent.vae_config import VAE_SUBFOLDER, VAETrainConfig, check_output_dir
+from crispdiff.latent.vae_config import VAE_SUBFOLDER, VAETrainConfig
 from crispdiff.latent.vae_eval import (
     holdout_split,
     measure_latent_scaling,
@@ -52,6 +51,7 @@ from crispdiff.latent.vae_losses import (
 )
 from crispdiff.latent.vae_models import PatchDiscriminator, initial_vae, load_lpips
 from crispdiff.train.loop import LoopTrainer, ema_copy, run_trainer, start_run
+from crispdiff.train.loop import check_output_dir as check_output_folder
 
 logger = logging.getLogger("crispdiff")
 
@@ -320,7 +320,7 @@ class VAETrainer(LoopTrainer):
             vae.cpu(), self.output_dir / VAE_SUBFOLDER, model_card(config, vae, summary, self.data.source)
         )
         summary["weights_mb"] = weights_megabytes(folder)
-        (self.output_dir / "vae_summary.json").write_text(json.dumps(summary, indent=2))
+        write_json_atomic(self.output_dir / "vae_summary.json", summary)
         self.accelerator.print(
             f"VAE saved to {folder} ({summary['weights_mb']:.1f} MB, scaling_factor {scale:.5f}, shift {shift:.5f})."
         )
@@ -331,7 +331,7 @@ def train_vae(config: VAETrainConfig) -> Path | None:
     """Train (or fine-tune) an AutoencoderKL as ``config`` says; returns the saved vae/ folder on the main process."""
     from crispdiff.data.loading import load_images
 
-    check_output_dir(config)
+    check_output_folder(config, VAE_SUBFOLDER, "config.json", "a trained VAE")
     accelerator = start_run(config)
     with accelerator.main_process_first():  # the first process builds the decode cache, the others reuse it
         data = load_images(config, show_progress=accelerator.is_local_main_process)

@@ -8,16 +8,15 @@ this module is the crispdiff-side front door: it resolves where the weights come
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
-import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from crispdiff.core.io import move_file_into_place, staging_folder, swap_folder_into_place, write_json_atomic
 from crispdiff.pipelines.sr_model import (
     DEFAULT_TILE_OVERLAP,
     DEFAULT_TILE_SIZE,
@@ -192,43 +191,24 @@ def attach_sr(
     """Add or replace the SR component of a saved pipeline folder; on any error the folder is left unchanged.
 
     The new ``sr_model/`` and ``model_index.json`` are written and verified in hidden staging paths first, then
-    swapped in with renames (the old component is restored if a rename fails). ``model_index.json`` gets
+    swapped in together (``swap_folder_into_place``: fsynced, the old component restored if a step fails).
+    ``model_index.json`` gets
     ``sr_model = ["sr_model", "SpandrelSRModel"]``, ``upscale = default_upscale`` and, if given, ``sr_strength``.
     """
     folder = Path(pipeline_dir).resolve()
     index = read_model_index(folder)
     new_index = _updated_index(index, sr_strength, default_upscale)
     model = load_sr_model(sr_model_path, tile_size=tile_size, tile_overlap=tile_overlap)
-    tag = uuid.uuid4().hex[:8]
-    staging = folder / f".{SR_FOLDER}.tmp-{tag}"
-    index_tmp = folder / f".{MODEL_INDEX_NAME}.tmp-{tag}"
+    staging = staging_folder(folder / SR_FOLDER)
+    index_tmp = staging_folder(folder / MODEL_INDEX_NAME)
     try:
         model.save_pretrained(staging)
         _verify_saved(model, staging)
-        index_tmp.write_text(json.dumps(new_index, indent=2, sort_keys=True) + "\n", encoding="utf-8")
-        _swap_in(folder, staging, index_tmp, tag)
+        write_json_atomic(index_tmp, new_index, sort_keys=True)
+        swap_folder_into_place(
+            staging, folder / SR_FOLDER, commit=lambda: move_file_into_place(index_tmp, folder / MODEL_INDEX_NAME)
+        )
     finally:
         shutil.rmtree(staging, ignore_errors=True)
         index_tmp.unlink(missing_ok=True)
     return model
-
-
-def _swap_in(folder: Path, staging: Path, index_tmp: Path, tag: str) -> None:
-    """Three renames: old ``sr_model/`` aside, staged one in, new index in; undone in reverse if one fails."""
-    current = folder / SR_FOLDER
-    backup = folder / f".{SR_FOLDER}.old-{tag}"
-    had_component = current.exists()
-    if had_component:
-        os.replace(current, backup)
-    try:
-        os.replace(staging, current)
-        try:
-            os.replace(index_tmp, folder / MODEL_INDEX_NAME)
-        except BaseException:
-            os.replace(current, staging)
-            raise
-    except BaseException:
-        if had_component:
-            os.replace(backup, current)
-        raise
-    shutil.rmtree(backup, ignore_errors=True)

@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from crispdiff.core.io import staging_folder, swap_folder_into_place, write_text_atomic
+from crispdiff.core.io import staging_folder, swap_folder_into_place, write_json_atomic
 from crispdiff.sd.base import inference_pipeline, load_sd
 from crispdiff.sd.config import LORA_WEIGHTS_NAME, SDLoRAError
 
@@ -132,7 +132,7 @@ def export_sd(
         pipeline.save_pretrained(staging)
         provenance = {"base": str(base), "lora": None if lora is None else str(lora)}
         provenance.update({k: v for k, v in options.items() if v is not None})
-        write_text_atomic(staging / "crispdiff_export.json", json.dumps(provenance, indent=2, default=str) + "\n")
+        write_json_atomic(staging / "crispdiff_export.json", provenance)
         swap_folder_into_place(staging, target)
     finally:
         shutil.rmtree(staging, ignore_errors=True)

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import shutil
 import uuid
 from pathlib import Path
@@ -13,6 +12,7 @@ from typing import Any
 
 import torch
 
+from crispdiff.core.io import move_file_into_place
 from crispdiff.sd.config import (
     KOHYA_WEIGHTS_NAME,
     LORA_WEIGHTS_NAME,
@@ -66,11 +66,6 @@ def kohya_state_dict(
     return out
 
 
-def _replace_file(staged: Path, target: Path) -> None:
-    target.parent.mkdir(parents=True, exist_ok=True)
-    os.replace(staged, target)
-
-
 def save_lora_weights(
     output_dir: Path, unet: Any, text_encoder: Any | None, *, kohya: bool = False, version: str = "sd_v1"
 ) -> Path:
@@ -97,7 +92,7 @@ def save_lora_weights(
             text_encoder_lora_adapter_metadata=adapter_config(text_encoder) if text_encoder is not None else None,
             safe_serialization=True,
         )
-        _replace_file(staging / LORA_WEIGHTS_NAME, output_dir / LORA_WEIGHTS_NAME)
+        move_file_into_place(staging / LORA_WEIGHTS_NAME, output_dir / LORA_WEIGHTS_NAME)
         if kohya:
             config = unet.peft_config["default"]
             metadata = {
@@ -109,7 +104,7 @@ def save_lora_weights(
             save_file(
                 kohya_state_dict(unet_state, text_state, config.lora_alpha), staging / KOHYA_WEIGHTS_NAME, metadata
             )
-            _replace_file(staging / KOHYA_WEIGHTS_NAME, output_dir / KOHYA_WEIGHTS_NAME)
+            move_file_into_place(staging / KOHYA_WEIGHTS_NAME, output_dir / KOHYA_WEIGHTS_NAME)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return output_dir / LORA_WEIGHTS_NAME

@@ -14,7 +14,7 @@ from typing import Any
 import torch
 
 from crispdiff.core.config import DataConfig
-from crispdiff.core.io import write_text_atomic
+from crispdiff.core.io import write_json_atomic
 from crispdiff.latent.trainer import LatentSpace, load_latents
 from crispdiff.sd.base import SDParts, inference_pipeline
 from crispdiff.sd.config import DreamBoothLoRAConfig, SDLoRAConfig, SDLoRAError
@@ -161,5 +161,5 @@ def generate_class_images(config: DreamBoothLoRAConfig, parts: SDParts, device: 
             save_image_atomic(image, path)
         made += len(batch)
     record = {"class_prompt": config.class_prompt, "base": str(config.pretrained_model_name_or_path)}
-    write_text_atomic(record_path, json.dumps(record, indent=2))
+    write_json_atomic(record_path, record)
     return made

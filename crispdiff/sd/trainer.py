@@ -50,7 +50,7 @@ from crispdiff.sd.config import (
 from crispdiff.sd.export import export_sd
 from crispdiff.sd.lora_files import load_lora_state, model_card, push_lora_to_hub, save_lora_weights
 from crispdiff.sd.prompts import PromptBank, TrainSet, captions_for, generate_class_images, image_view, latent_space
-from crispdiff.train.loop import LoopTrainer, refuse_to_overwrite, run_trainer, start_run
+from crispdiff.train.loop import LoopTrainer, check_output_dir, run_trainer, start_run
 from crispdiff.train.lora import (
     SD_UNET_LORA_PRESETS,
     TEXT_ENCODER_LORA_TARGETS,
@@ -303,7 +303,7 @@ class SDLoRATrainer(LoopTrainer):
 
 def _prepare(config: SDLoRAConfig) -> tuple[Accelerator, SDParts]:
     config.validate()
-    refuse_to_overwrite(config, Path(config.output_dir), LORA_WEIGHTS_NAME, "trained LoRA weights")
+    check_output_dir(config, "", LORA_WEIGHTS_NAME, "trained LoRA weights")
     parts = load_sd(config.pretrained_model_name_or_path or "", config.revision, config.variant)
     base_schedule(parts.scheduler, config.prediction_type)  # refuse a prediction-type switch before any work
     accelerator = start_run(config)

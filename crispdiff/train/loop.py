@@ -175,8 +175,12 @@ def tracker_config(config: LoopConfig) -> dict[str, Any]:
     return {k: (v if isinstance(v, (int, float, str, bool)) else str(v)) for k, v in config.to_dict().items()}
 
 
-def refuse_to_overwrite(config: LoopConfig, folder: Path, marker: str, what: str) -> None:
-    """Refuse to silently replace a finished model unless asked to (--overwrite_output_dir) or resuming."""
+def check_output_dir(
+    config: LoopConfig, subfolder: str = "pipeline", marker: str = "model_index.json", what: str = "a trained pipeline"
+) -> None:
+    """Refuse to silently replace a finished model (``OUTPUT_DIR/subfolder/marker``) unless asked to
+    (--overwrite_output_dir) or resuming; every trainer calls it before spending time on anything else."""
+    folder = Path(config.output_dir) / subfolder
     if (folder / marker).exists() and not (config.overwrite_output_dir or config.resume_from_checkpoint):
         raise OutputExistsError(
             f"{folder} already holds {what}; pass --overwrite_output_dir to replace it, "

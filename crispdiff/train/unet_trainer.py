@@ -21,14 +21,14 @@ from diffusers import UNet2DModel
 from crispdiff.core.config import TrainConfig
 from crispdiff.core.errors import FlagError
 from crispdiff.core.images import make_grid, save_image_atomic
-from crispdiff.core.io import write_text_atomic
+from crispdiff.core.io import write_json_atomic
 from crispdiff.data.auto_classes import AUTO_CLASS_COLUMN, class_mix
 from crispdiff.diffusion.schedule import NoiseSchedule, sample_noise, scheduler_base_config
 from crispdiff.diffusion.unets import count_parameters, describe_parameters, unet_from_config
 from crispdiff.publish.export import build_pipeline, save_pipeline
 from crispdiff.publish.hub import maybe_push_to_hub, write_model_card
 from crispdiff.train.checkpoint import find_checkpoint
-from crispdiff.train.loop import LoopTrainer, ema_copy, make_accelerator, refuse_to_overwrite, run_trainer, start_run
+from crispdiff.train.loop import LoopTrainer, check_output_dir, ema_copy, make_accelerator, run_trainer, start_run
 
 logger = logging.getLogger("crispdiff")
 
@@ -63,25 +63,34 @@ def space_class_names(space: Any) -> list[str] | None:
     return getattr(space, "class_names", None)
 
 
-class PixelSpace:
+class ImageDataSpace:
+    """What every space on crispdiff's image data shares: the images' classes (``--class_column``), read from the
+    data (its metadata or auto classes) rather than stored with pixels or latents, so caches are shared with
+    unconditional runs on the same images."""
+
+    def __init__(self, data: Any):
+        self.data = data
+        self.class_names: list[str] | None = getattr(data, "class_names", None)
+
+    def class_labels(self, indices: torch.Tensor, device: torch.device) -> torch.Tensor | None:
+        """Class ids of these images (--class_column), or None when the data has no classes."""
+        return self.data.class_labels(indices, device) if self.class_names else None
+
+
+class PixelSpace(ImageDataSpace):
     """Diffusion directly on pixels in [-1, 1]."""
 
     channels = 3
 
     def __init__(self, data: Any):
-        self.data = data
+        super().__init__(data)
         self.sample_size = data.resolution
-        self.class_names: list[str] | None = getattr(data, "class_names", None)
 
     def __len__(self) -> int:
         return len(self.data)
 
     def x0(self, indices: torch.Tensor, generator: torch.Generator, device: torch.device) -> torch.Tensor:
         return self.data.batch(indices, generator, device=device)
-
-    def class_labels(self, indices: torch.Tensor, device: torch.device) -> torch.Tensor | None:
-        """Class ids of these images (--class_column), or None when the data has no classes."""
-        return self.data.class_labels(indices, device) if self.class_names else None
 
     def prepare(self, device: torch.device) -> None:
         """On a GPU, keep the uint8 images there when they fit (on the CPU the memory map already is RAM)."""
@@ -93,10 +102,6 @@ class PixelSpace:
 
     def reference_images(self, count: int) -> torch.Tensor:
         return self.data.center_crops(range(min(count, len(self.data))))
-
-
-def check_output_dir(config: TrainConfig) -> None:
-    refuse_to_overwrite(config, Path(config.output_dir) / "pipeline", "model_index.json", "a trained pipeline")
 
 
 class Trainer(LoopTrainer):
@@ -305,7 +310,7 @@ class Trainer(LoopTrainer):
         )
         sweep = sharpen_sweep(pipeline, samples, self.space.reference_images(2000))
         best = next(row for row in sweep["rows"] if row["amount"] == sweep["best_amount"])
-        write_text_atomic(self.output_dir / "sharpen_calibration.json", json.dumps(sweep, indent=2) + "\n")
+        write_json_atomic(self.output_dir / "sharpen_calibration.json", sweep)
         self.accelerator.print(
             f"Unsharp amount calibrated on {count} samples: {sweep['best_amount']} (high-frequency ratio "
             f"{best['hf_energy_ratio']:.2f}, Laplacian ratio {best['laplacian_var_ratio']:.2f}; "

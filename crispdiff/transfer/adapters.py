@@ -12,7 +12,7 @@ import torch
 from diffusers.training_utils import EMAModel
 
 from crispdiff.core.errors import FlagError, PathError
-from crispdiff.core.io import write_atomic, write_text_atomic
+from crispdiff.core.io import write_atomic, write_json_atomic
 from crispdiff.train.lora import (
     UNET2D_LORA_PRESETS,
     adapter_config,
@@ -101,7 +101,7 @@ def save_lora_adapter(
     metadata = {"lora_config": json.dumps(lora_config), "extra_keys": json.dumps(list(extra_keys))}
     weights = save(adapter_state(model, extra_keys), metadata=metadata)
     write_atomic(folder / ADAPTER_WEIGHTS_NAME, lambda handle: handle.write(weights), binary=True)
-    write_text_atomic(folder / ADAPTER_CONFIG_NAME, json.dumps(lora_config, indent=2, sort_keys=True))
+    write_json_atomic(folder / ADAPTER_CONFIG_NAME, lora_config, sort_keys=True)
     return folder
 
 

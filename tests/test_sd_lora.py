@@ -22,7 +22,7 @@ from PIL import Image
 from tiny_models import WITHOUT_CRISPDIFF
 
 from crispdiff.core.config import parse_config
-from crispdiff.sd.base import load_sd
+from crispdiff.sd.base import load_sd, offline_clip_vocab
 from crispdiff.sd.config import (
     KOHYA_WEIGHTS_NAME,
     LORA_WEIGHTS_NAME,
@@ -38,30 +38,12 @@ RES = 16
 PROMPT = "a photo of sks dog"
 
 
-def _byte_vocab(folder: Path) -> tuple[Path, Path]:
-    """CLIP's byte-to-unicode table as a vocabulary (each byte, and each byte ending a word), no merges."""
-    codes = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
-    chars = list(codes)
-    extra = 0
-    for b in range(256):
-        if b not in codes:
-            codes.append(b)
-            chars.append(256 + extra)
-            extra += 1
-    symbols = [chr(c) for c in chars]
-    vocab = {s: i for i, s in enumerate(symbols + [s + "</w>" for s in symbols])}
-    vocab.update({"<|startoftext|>": len(vocab), "<|endoftext|>": len(vocab) + 1})
-    (folder / "vocab.json").write_text(json.dumps(vocab))
-    (folder / "merges.txt").write_text("#version: 0.2\n")
-    return folder / "vocab.json", folder / "merges.txt"
-
-
 def make_tiny_sd(folder: Path, prediction_type: str = "epsilon") -> Path:
     from diffusers import AutoencoderKL, PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
     folder.mkdir(parents=True, exist_ok=True)
-    vocab, merges = _byte_vocab(folder)
+    vocab, merges = offline_clip_vocab(folder)
     tokenizer = CLIPTokenizer(str(vocab), str(merges), model_max_length=16)
     torch.manual_seed(0)
     unet = UNet2DConditionModel(

@@ -199,6 +199,8 @@ class NoiseSchedule(nn.Module):
             "alphas_cumprod": alphas_cumprod,
             "sqrt_alphas_cumprod": alphas_cumprod.sqrt(),
             "sqrt_one_minus_alphas_cumprod": (1.0 - alphas_cumprod).sqrt(),
+            # not diffusers' compute_snr: it derives SNR from the fp32 alpha-bar at every call, which is off by up to
+            # 5e-4 (relative) at the smallest t of the cosine schedule; this table is exact to fp32 (float64 source)
             "snr": alphas_cumprod / (1.0 - alphas_cumprod),
         }
         for name, table in tables.items():

@@ -306,7 +306,24 @@ def push_to_hub(
     if not repo_id or repo_id.count("/") > 1:
         raise ValueError(f"--repo_id must be 'name' or 'owner/name', got {repo_id!r}")
     write_model_card(folder, training_config, repo_id=repo_id, license=license, datasets=datasets)
-    intact = f"nothing was uploaded; the local folder {folder} is intact (its model card README.md was written)"
+    return upload_folder(folder, repo_id, private, token, commit_message, "its model card README.md was written")
+
+
+def upload_folder(
+    folder: str | os.PathLike,
+    repo_id: str,
+    private: bool,
+    token: str | None,
+    commit_message: str,
+    local_note: str = "",
+) -> str:
+    """Upload ``folder`` (minus checkpoints/logs, secrets stripped) to ``repo_id`` in one commit; returns the URL.
+
+    The one upload path of every crispdiff artifact (pipelines and LoRA folders): a missing token or offline mode is
+    refused before any network call, and any failure is a ``HubUploadError`` that says the local folder is intact.
+    """
+    folder = Path(folder)
+    intact = f"nothing was uploaded; the local folder {folder} is intact" + (f" ({local_note})" if local_note else "")
     resolved = _resolve_token(token)
     if not resolved:
         raise HubUploadError(
@@ -316,7 +333,7 @@ def push_to_hub(
     if hub_offline():
         raise HubUploadError(
             f"cannot upload to {repo_id!r}: the Hub is switched off (HF_HUB_OFFLINE=1); unset it on "
-            f"a machine with network access and run `crispdiff push` again; {intact}"
+            f"a machine with network access and upload again; {intact}"
         )
     return _upload(folder, repo_id, private, resolved, commit_message)
 
@@ -373,6 +390,7 @@ __all__ = [
     "public_training_config",
     "push_to_hub",
     "render_model_card",
+    "upload_folder",
     "upload_operations",
     "write_model_card",
 ]

@@ -164,12 +164,7 @@ def model_card(config: SDLoRAConfig, has_samples: bool, command: list[str]) -> s
 
 def push_lora_to_hub(folder: Path, config: SDLoRAConfig) -> str:
     """Upload the LoRA folder (checkpoints and logs left out) in one commit, with crispdiff's hub checks."""
-    from crispdiff.publish.hub import HubUploadError, _resolve_token, _upload, hub_offline
+    from crispdiff.publish.hub import upload_folder
 
     repo_id = config.hub_model_id or Path(config.output_dir).resolve().name
-    token = _resolve_token(config.hub_token)
-    if not token:
-        raise HubUploadError(f"cannot upload to {repo_id!r}: no token (--hub_token, HF_TOKEN or `hf auth login`)")
-    if hub_offline():
-        raise HubUploadError(f"cannot upload to {repo_id!r}: HF_HUB_OFFLINE=1; unset it and upload {folder} again")
-    return _upload(folder, repo_id, config.hub_private_repo, token, "Upload crispdiff LoRA")
+    return upload_folder(folder, repo_id, config.hub_private_repo, config.hub_token, "Upload crispdiff LoRA")

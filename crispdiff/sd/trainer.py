@@ -34,6 +34,7 @@ from typing import Any
 import numpy as np
 import torch
 from accelerate import Accelerator
+from diffusers.training_utils import cast_training_params
 
 from crispdiff.core.errors import one_line
 from crispdiff.core.io import write_text_atomic
@@ -108,11 +109,9 @@ class SDLoRATrainer(LoopTrainer):
         unet.to(device, dtype=self.weight_dtype)
         text_encoder.to(device, dtype=self.weight_dtype)
         parts.vae.to(device)  # fp32: it only decodes validation samples once the latents are cached
-        trainable = [p for p in unet.parameters() if p.requires_grad]
-        if config.train_text_encoder:
-            trainable += [p for p in text_encoder.parameters() if p.requires_grad]
-        for p in trainable:
-            p.data = p.data.float()
+        adapted = [unet, text_encoder] if config.train_text_encoder else [unet]
+        cast_training_params(adapted, dtype=torch.float32)
+        trainable = [p for model in adapted for p in model.parameters() if p.requires_grad]
         if not trainable:
             raise SDLoRAError(f"--lora_target_modules {config.lora_target_modules} matched no module of the UNet")
         self.num_trainable = sum(p.numel() for p in trainable)

@@ -436,3 +436,24 @@ def test_two_process_accelerate_launch_and_exact_resume(image_folder, tmp_path):
     pipe = DiffusionPipeline.from_pretrained(str(out / "pipeline"), trust_remote_code=True)
     images = pipe(batch_size=1, num_inference_steps=2, generator=torch.Generator().manual_seed(0), output_type="np")
     assert images.images.shape == (1, 16, 16, 3)
+
+
+@pytest.mark.parametrize(
+    "config_path",
+    [
+        "crispdiff.core.config.TrainConfig",
+        "crispdiff.latent.trainer.LatentTrainConfig",
+        "crispdiff.latent.vae_config.VAETrainConfig",
+        "crispdiff.transfer.config.TransferConfig",
+        "crispdiff.sd.config.TextToImageLoRAConfig",
+        "crispdiff.sd.config.DreamBoothLoRAConfig",
+    ],
+)
+def test_every_script_prints_its_help(config_path, capsys):
+    """``--help`` of every training script lists its flags (a "%" in a help text once crashed argparse here)."""
+    import importlib
+
+    module, _, name = config_path.rpartition(".")
+    with pytest.raises(SystemExit) as exit_info:
+        parse_config(getattr(importlib.import_module(module), name), ["--help"])
+    assert exit_info.value.code == 0 and "--output_dir" in capsys.readouterr().out

@@ -365,7 +365,8 @@ def add_dataclass_flags(parser: argparse.ArgumentParser, config_cls: type) -> No
         tp = _unwrap_optional(hints[f.name])
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
         help_text = f.metadata.get("help", "")
-        kwargs: dict[str, Any] = {"default": default, "help": f"{help_text} (default: {default})"}
+        # argparse %-formats help strings: a literal "%" in a help text or a default would crash --help
+        kwargs: dict[str, Any] = {"default": default, "help": f"{help_text} (default: {default})".replace("%", "%%")}
         if f.metadata.get("choices"):
             kwargs["choices"] = f.metadata["choices"]
         if tp is bool:

@@ -138,13 +138,7 @@ def swap_folder_into_place(
     staging, target = Path(staging), Path(target)
     finalise_tree(staging)
     if not target.exists():
-        os.replace(staging, target)
-        try:
-            if commit is not None:
-                commit()
-        except BaseException:
-            os.replace(target, staging)
-            raise
+        _rename_and_commit(staging, target, commit)
         fsync_path(target.parent)
         return target
     if not target.is_dir():
@@ -159,13 +153,7 @@ def swap_folder_into_place(
         _move_back(staging, target, carried)
         raise
     try:
-        os.replace(staging, target)
-        try:
-            if commit is not None:
-                commit()
-        except BaseException:
-            os.replace(target, staging)
-            raise
+        _rename_and_commit(staging, target, commit)
     except BaseException:
         os.replace(backup, target)
         _move_back(staging, target, carried)
@@ -173,6 +161,17 @@ def swap_folder_into_place(
     fsync_path(target.parent)
     shutil.rmtree(backup, ignore_errors=True)
     return target
+
+
+def _rename_and_commit(staging: Path, target: Path, commit: Callable[[], object] | None) -> None:
+    """Rename ``staging`` to ``target``, then run ``commit``; if it raises, the staged folder goes back."""
+    os.replace(staging, target)
+    try:
+        if commit is not None:
+            commit()
+    except BaseException:
+        os.replace(target, staging)
+        raise
 
 
 def _move_back(staging: Path, target: Path, names: list[str]) -> None:

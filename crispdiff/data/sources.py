@@ -21,7 +21,7 @@ IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".
 
 def embedded_dataset_dir() -> Path:
     """The folder of the Noto Emoji subset shipped inside the package (used when no data flag is given)."""
-    return Path(__file__).resolve().parent / "assets" / "noto-emoji-64"
+    return Path(__file__).resolve().parents[1] / "assets" / "noto-emoji-64"
 
 
 def cache_root(config: Any = None) -> Path:

@@ -42,7 +42,7 @@ EMBEDDED_VAE_SHARPEN_AMOUNT = 0.3
 
 def embedded_vae_dir() -> Path:
     """The folder of the default VAE shipped inside the package (f=4, trained on Noto emoji)."""
-    return Path(__file__).resolve().parent / "assets" / "vae-noto-f4"
+    return Path(__file__).resolve().parents[1] / "assets" / "vae-noto-f4"
 
 
 def _config_class(config_path: Path) -> type:

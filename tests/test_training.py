@@ -457,3 +457,14 @@ def test_every_script_prints_its_help(config_path, capsys):
     with pytest.raises(SystemExit) as exit_info:
         parse_config(getattr(importlib.import_module(module), name), ["--help"])
     assert exit_info.value.code == 0 and "--output_dir" in capsys.readouterr().out
+
+
+@pytest.mark.skipif(not hasattr(os, "sched_setaffinity"), reason="CPU affinity is Linux-only")
+def test_cores_are_the_ones_this_process_may_run_on():
+    """``taskset -c 0`` (or a container's cpuset) means one core, whatever ``os.cpu_count()`` says."""
+    code = (
+        "import os; os.sched_setaffinity(0, {min(os.sched_getaffinity(0))}); "
+        "from crispdiff.core.cores import available_cores; print(available_cores())"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert result.stdout.strip() == "1"

@@ -16,6 +16,7 @@ from typing import Any
 
 import numpy as np
 
+from crispdiff.core.cores import available_cores
 from crispdiff.core.errors import DataError
 from crispdiff.core.io import write_text_atomic
 from crispdiff.data.decode import _decode, _Decoded, _Recipe
@@ -75,7 +76,7 @@ def _decoded_stream(source: _Source, recipe: _Recipe, show_progress: bool) -> It
     """Decode the source in order, a chunk at a time, on a few threads (PIL releases the GIL while decoding)."""
     from tqdm.auto import tqdm
 
-    workers = max(1, min(8, os.cpu_count() or 1))
+    workers = max(1, min(8, available_cores()))
     with (
         ThreadPoolExecutor(max_workers=workers) as pool,
         tqdm(total=len(source), desc="decoding images", unit="img", disable=not show_progress) as bar,

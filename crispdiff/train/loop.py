@@ -26,6 +26,7 @@ from torch.torch_version import TorchVersion
 from tqdm.auto import tqdm
 
 from crispdiff.core.config import LoopConfig
+from crispdiff.core.cores import available_cores
 from crispdiff.core.errors import FlagError, MissingDependencyError, OutputExistsError
 from crispdiff.train.checkpoint import find_checkpoint, load_checkpoint, save_checkpoint
 from crispdiff.train.lora import has_adapters, plain_copy
@@ -94,7 +95,7 @@ def use_cpu_cores(config: LoopConfig, local_processes: int) -> None:
     """
     if has_accelerator_device():
         return
-    torch.set_num_threads(config.cpu_threads or max(1, (os.cpu_count() or 1) // max(1, local_processes)))
+    torch.set_num_threads(config.cpu_threads or max(1, available_cores() // max(1, local_processes)))
 
 
 def make_accelerator(config: LoopConfig) -> Accelerator:

@@ -226,10 +226,7 @@ def main() -> None:
     write_text_atomic(out_dir / "budget.json", json.dumps(rows, indent=2))
     write_text_atomic(out_dir / "budget.md", table + "\n\n" + notes + "\n")
     plot(rows, out_dir / "budget.png")
-    if args.no_record:
-        print(table + "\n\n" + notes)
-    else:
-        append_results("What more compute buys (bench_budget.py)", table, notes)
+    append_results("What more compute buys (bench_budget.py)", table, notes, record=not args.no_record)
 
 
 if __name__ == "__main__":

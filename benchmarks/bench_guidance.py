@@ -201,10 +201,7 @@ def main() -> None:
     }
     write_text_atomic(out_dir / "guidance.json", json.dumps(result, indent=2))
     write_text_atomic(out_dir / "guidance.md", table + "\n\n" + notes + "\n")
-    if args.no_record:
-        print(table + "\n\n" + notes)
-    else:
-        append_results("Classifier-free guidance per class (bench_guidance.py)", table, notes)
+    append_results("Classifier-free guidance per class (bench_guidance.py)", table, notes, record=not args.no_record)
 
 
 if __name__ == "__main__":

@@ -27,7 +27,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from common import append_results, emoji_dir, machine, markdown_table, timed
+from common import append_results, emoji_dir, markdown_table, timed
 
 from crispdiff.core.config import TrainConfig
 from crispdiff.data.loading import load_images
@@ -275,11 +275,7 @@ def main() -> None:
     else:
         title = "Latent vs pixel training throughput (bench_latent_vs_pixel.py)"
         table, notes = throughput_report(args, vae, vae_name, data_dir, dtype_table)
-    print(f"machine: {machine()}")
-    if args.no_record:
-        print(table + "\n\n" + notes)
-    else:
-        append_results(title, table, notes)
+    append_results(title, table, notes, record=not args.no_record)
 
 
 if __name__ == "__main__":

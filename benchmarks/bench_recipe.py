@@ -291,11 +291,7 @@ def main() -> None:
         )
     notes += f" Sample grids side by side: {display_path(out_dir)}/grids.png."
     table = comparison.table()
-    print(f"machine: {machine()}")
-    if args.no_record:
-        print(table + "\n\n" + notes)
-    else:
-        append_results("Recipe: diffusers example defaults vs crispdiff recipe", table, notes)
+    append_results("Recipe: diffusers example defaults vs crispdiff recipe", table, notes, record=not args.no_record)
 
 
 if __name__ == "__main__":

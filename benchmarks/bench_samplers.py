@@ -426,11 +426,7 @@ def main() -> None:
         "> 1 noisy); colour-blob 0 = like the data. "
         f"Grids and curves: {display_path(out_dir)}/grids.png, samplers.png."
     )
-    print(f"machine: {machine()}")
-    if args.no_record:
-        print(table + "\n\n" + notes)
-    else:
-        append_results("Samplers: quality and time per image vs steps", table, notes)
+    append_results("Samplers: quality and time per image vs steps", table, notes, record=not args.no_record)
 
 
 if __name__ == "__main__":

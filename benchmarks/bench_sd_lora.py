@@ -221,10 +221,9 @@ def main() -> None:
         "crispdiff's one-off latent and prompt caching included. Peak memory is the process's maximum resident set."
     )
     table = markdown_table(header, rows)
-    if args.no_record:
-        print(table + "\n\n" + notes)
-    else:
-        append_results("DreamBooth LoRA on an SD-shaped model: crispdiff vs diffusers' script", table, notes)
+    append_results(
+        "DreamBooth LoRA on an SD-shaped model: crispdiff vs diffusers' script", table, notes, record=not args.no_record
+    )
 
 
 if __name__ == "__main__":

@@ -141,10 +141,7 @@ def main() -> None:
         f"{args.channel_mults}; SR = `SpandrelSRModel.upscale(images, sr_strength=0.5)` (network + Lanczos blend), "
         f"random weights at the named checkpoints' sizes; median of {args.repeats} repeats; device {device}."
     )
-    if args.no_record:
-        print(table + "\n\n" + notes)
-    else:
-        append_results("SR post-step vs 25-step sampling (bench_sr.py)", table, notes)
+    append_results("SR post-step vs 25-step sampling (bench_sr.py)", table, notes, record=not args.no_record)
     assert math.isfinite(sampling)
 
 

@@ -15,7 +15,7 @@ import statistics
 import tempfile
 
 import torch
-from common import append_results, emoji_dir, machine, markdown_table, timed
+from common import append_results, emoji_dir, markdown_table, timed
 from diffusers_baseline import DiffusersStyleLoop
 
 from crispdiff.core.config import TrainConfig
@@ -113,11 +113,7 @@ def main() -> None:
             else "."
         )
     )
-    print(f"machine: {machine()}")
-    if args.no_record:
-        print(table + "\n" + notes)
-    else:
-        append_results("Training throughput: crispdiff vs diffusers-style loop", table, notes)
+    append_results("Training throughput: crispdiff vs diffusers-style loop", table, notes, record=not args.no_record)
 
 
 if __name__ == "__main__":

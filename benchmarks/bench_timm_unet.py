@@ -215,10 +215,9 @@ def main() -> None:
     }
     write_text_atomic(out_dir / "timm_unet.json", json.dumps(summary, indent=2) + "\n")
     write_text_atomic(out_dir / "timm_unet.md", table + "\n\n" + notes + "\n")
-    if args.no_record:
-        print(table + "\n\n" + notes)
-    else:
-        append_results("timm-encoder UNet vs UNet2DModel (random init, equal steps)", table, notes)
+    append_results(
+        "timm-encoder UNet vs UNet2DModel (random init, equal steps)", table, notes, record=not args.no_record
+    )
 
 
 if __name__ == "__main__":

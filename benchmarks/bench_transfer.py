@@ -332,10 +332,12 @@ def main() -> None:
     result = {"args": vars(args), "rows": rows, "pretrain_seconds": pretrain_seconds, "total_seconds": total}
     write_text_atomic(out / "transfer.json", json.dumps(result, indent=2, default=str))
     write_text_atomic(out / "transfer.md", f"# Transfer vs scratch\n\n{table}\n\n{notes}\n")
-    if args.no_record:
-        print(table + "\n\n" + notes)
-    else:
-        append_results("Transfer vs scratch (crispdiff.transfer.trainer, stand-in for ddpm-cifar10-32)", table, notes)
+    append_results(
+        "Transfer vs scratch (crispdiff.transfer.trainer, stand-in for ddpm-cifar10-32)",
+        table,
+        notes,
+        record=not args.no_record,
+    )
 
 
 if __name__ == "__main__":

@@ -70,10 +70,7 @@ def main() -> None:
         f"{args.seed}); posterior mean; SSIM 11x11 Gaussian window."
         + (f" Other design family: {args.other_family} (composited on white)." if args.other_family else "")
     )
-    if args.no_record:
-        print(table + "\n\n" + notes)
-    else:
-        append_results("VAE reconstruction on held-out emoji (bench_vae.py)", table, notes)
+    append_results("VAE reconstruction on held-out emoji (bench_vae.py)", table, notes, record=not args.no_record)
 
 
 if __name__ == "__main__":

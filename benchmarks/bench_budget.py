@@ -35,19 +35,15 @@ from typing import Any
 import torch
 from common import BENCH_DIR, append_results, machine, markdown_table
 
-from crispdiff.evaluate import (
-    evaluate_samples,
-    generate_samples,
-    load_reference_data,
-    reference_class_mix,
-    reference_classes,
-)
-from crispdiff.export import build_pipeline, load_pipeline, save_pipeline
-from crispdiff.images import make_grid, save_image_atomic
-from crispdiff.io import write_text_atomic
-from crispdiff.latent import LatentTrainConfig, build_latent_space
-from crispdiff.training import Trainer, run_trainer, start_run
-from crispdiff.vae import load_vae
+from crispdiff.core.images import make_grid, save_image_atomic
+from crispdiff.core.io import write_text_atomic
+from crispdiff.evaluate.evaluation import evaluate_samples, load_reference_data
+from crispdiff.evaluate.sampling import generate_samples, reference_class_mix, reference_classes
+from crispdiff.latent.trainer import LatentTrainConfig, build_latent_space
+from crispdiff.latent.vae import load_vae
+from crispdiff.publish.export import build_pipeline, load_pipeline, save_pipeline
+from crispdiff.train.loop import run_trainer, start_run
+from crispdiff.train.unet_trainer import Trainer
 
 #: TrainConfig overrides of each recipe; everything else is the main job's default.
 RECIPES: dict[str, dict[str, Any]] = {
@@ -230,10 +226,7 @@ def main() -> None:
     write_text_atomic(out_dir / "budget.json", json.dumps(rows, indent=2))
     write_text_atomic(out_dir / "budget.md", table + "\n\n" + notes + "\n")
     plot(rows, out_dir / "budget.png")
-    if args.no_record:
-        print(table + "\n\n" + notes)
-    else:
-        append_results("What more compute buys (bench_budget.py)", table, notes)
+    append_results("What more compute buys (bench_budget.py)", table, notes, record=not args.no_record)
 
 
 if __name__ == "__main__":

@@ -33,13 +33,13 @@ from typing import Any
 import torch
 from common import BENCH_DIR, append_results, machine, markdown_table
 
-from crispdiff.data import load_images
-from crispdiff.evaluate import generate_samples
-from crispdiff.export import load_pipeline
-from crispdiff.images import make_grid, save_image_atomic
-from crispdiff.io import write_text_atomic
-from crispdiff.latent import LatentTrainConfig, train_latent
-from crispdiff.metrics import sharpness_ratios, sliced_wasserstein_distance
+from crispdiff.core.images import make_grid, save_image_atomic
+from crispdiff.core.io import write_text_atomic
+from crispdiff.data.loading import load_images
+from crispdiff.evaluate.metrics import sharpness_ratios, sliced_wasserstein_distance
+from crispdiff.evaluate.sampling import generate_samples
+from crispdiff.latent.trainer import LatentTrainConfig, train_latent
+from crispdiff.publish.export import load_pipeline
 
 CLASS_COLUMN = "category"
 NULL = "(null class)"
@@ -201,10 +201,7 @@ def main() -> None:
     }
     write_text_atomic(out_dir / "guidance.json", json.dumps(result, indent=2))
     write_text_atomic(out_dir / "guidance.md", table + "\n\n" + notes + "\n")
-    if args.no_record:
-        print(table + "\n\n" + notes)
-    else:
-        append_results("Classifier-free guidance per class (bench_guidance.py)", table, notes)
+    append_results("Classifier-free guidance per class (bench_guidance.py)", table, notes, record=not args.no_record)
 
 
 if __name__ == "__main__":

@@ -27,15 +27,14 @@ from typing import Any
 
 import numpy as np
 import torch
-from common import append_results, emoji_dir, machine, markdown_table, timed
+from common import append_results, emoji_dir, markdown_table, timed
 
-from crispdiff.config import TrainConfig
-from crispdiff.data import load_images
-from crispdiff.latent import LatentTrainConfig, build_latent_space
-from crispdiff.model import describe_parameters
-from crispdiff.noise import NoiseSchedule
-from crispdiff.training import PixelSpace, Trainer, make_accelerator
-from crispdiff.vae import (
+from crispdiff.core.config import TrainConfig
+from crispdiff.data.loading import load_images
+from crispdiff.diffusion.schedule import NoiseSchedule
+from crispdiff.diffusion.unets import describe_parameters
+from crispdiff.latent.trainer import LatentTrainConfig, build_latent_space
+from crispdiff.latent.vae import (
     AnyVAE,
     embedded_vae_dir,
     encode_posterior,
@@ -45,6 +44,8 @@ from crispdiff.vae import (
     unscale_latents,
     vae_downsample_factor,
 )
+from crispdiff.train.loop import make_accelerator
+from crispdiff.train.unet_trainer import PixelSpace, Trainer
 
 #: UNet sizes compared: (name, base_channels, channel_mults, layers_per_block). Three levels each, attention at the
 #: lowest level (R/4 pixels for the pixel UNet, R/4f for the latent one).
@@ -274,11 +275,7 @@ def main() -> None:
     else:
         title = "Latent vs pixel training throughput (bench_latent_vs_pixel.py)"
         table, notes = throughput_report(args, vae, vae_name, data_dir, dtype_table)
-    print(f"machine: {machine()}")
-    if args.no_record:
-        print(table + "\n\n" + notes)
-    else:
-        append_results(title, table, notes)
+    append_results(title, table, notes, record=not args.no_record)
 
 
 if __name__ == "__main__":

@@ -10,7 +10,7 @@ recipe (same UNet, data, decoding, batch, learning rate schedule, EMA, seed and 
 * crispdiff's recipe: cosine (or --schedule sigmoid) betas, v-prediction, min-SNR-5 weighting.
 
 Both are sampled the same way (DPM-Solver++ 25 unless --sampler / --steps say otherwise) from the same seeded noise and
-measured with crispdiff.metrics (multi-scale SWD, sharpness ratios, colour-blob indicator) against half of the
+measured with crispdiff.evaluate.metrics (multi-scale SWD, sharpness ratios, colour-blob indicator) against half of the
 reference data, beside the real-vs-real floor. --diffusers_loop adds a model trained for the same steps by
 benchmarks/diffusers_baseline.py (a loop mirroring diffusers' train_unconditional.py, with its own data pipeline,
 optimizer settings and LR warmup), sampled with diffusers' DDPMPipeline / DDIMPipeline as that script would.
@@ -51,7 +51,7 @@ from bench_samplers import (
 from common import append_results, machine, markdown_table
 from plots import labelled_side_by_side, sampler_label
 
-from crispdiff.io import write_text_atomic
+from crispdiff.core.io import write_text_atomic
 
 
 def recipes(schedule: str) -> list[tuple[str, str, dict[str, Any]]]:
@@ -100,7 +100,7 @@ def train_diffusers_loop(args: argparse.Namespace, data_dir: str) -> tuple[Any, 
     from diffusers import UNet2DModel
     from diffusers_baseline import DiffusersStyleLoop
 
-    from crispdiff.model import build_unet
+    from crispdiff.diffusion.unets import build_unet
 
     torch.manual_seed(args.seed)
     unet = build_unet(
@@ -230,7 +230,7 @@ def main() -> None:
     print(f"reference: {data_dir} at {args.resolution} px; {reference.num_images} samples per row")
     comparison = Comparison(args, reference, data_dir, out_dir)
 
-    from crispdiff.export import load_pipeline
+    from crispdiff.publish.export import load_pipeline
 
     for key, label, recipe in recipes(args.schedule):
         print(f"training '{label}' ({recipe}) for {args.train_steps} steps ...")
@@ -291,11 +291,7 @@ def main() -> None:
         )
     notes += f" Sample grids side by side: {display_path(out_dir)}/grids.png."
     table = comparison.table()
-    print(f"machine: {machine()}")
-    if args.no_record:
-        print(table + "\n\n" + notes)
-    else:
-        append_results("Recipe: diffusers example defaults vs crispdiff recipe", table, notes)
+    append_results("Recipe: diffusers example defaults vs crispdiff recipe", table, notes, record=not args.no_record)
 
 
 if __name__ == "__main__":

@@ -33,10 +33,10 @@ from common import BENCH_DIR, append_results, emoji_dir, machine, markdown_table
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from crispdiff.data_sources import embedded_dataset_dir
-from crispdiff.evaluate import generate_samples
-from crispdiff.export import load_pipeline
-from crispdiff.io import write_text_atomic
+from crispdiff.core.io import write_text_atomic
+from crispdiff.data.sources import embedded_dataset_dir
+from crispdiff.evaluate.sampling import generate_samples
+from crispdiff.publish.export import load_pipeline
 
 CLASSIFIER_RESOLUTION = 32
 CLASSIFIER_EPOCHS = 30

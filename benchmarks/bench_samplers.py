@@ -5,9 +5,9 @@
 
 The default sweep is DPM-Solver++ 10/25/50, DDIM 50, UniPC 25 and DDPM 1000. Every sampler starts from the same
 seeded noise, so the rows differ only in the sampler. Quality is measured without any downloaded network
-(crispdiff.metrics): multi-scale SWD, the generated / real sharpness ratios and the colour-blob indicator, against one
-half of the reference data; the same metrics between the two disjoint halves (the real-vs-real floor) are printed
-beside them, since that is what a perfect generator would read with this many images.
+(crispdiff.evaluate.metrics): multi-scale SWD, the generated / real sharpness ratios and the colour-blob indicator,
+against one half of the reference data; the same metrics between the two disjoint halves (the real-vs-real floor) are
+printed beside them, since that is what a perfect generator would read with this many images.
 
 Writes into --out_dir (default benchmarks/out/samplers): samplers.md (table), samplers.json (all numbers),
 samplers.png (curves; needs matplotlib), grids.png (one sample grid per sampler, side by side), grids/*.png; and
@@ -31,8 +31,8 @@ import torch
 from common import BENCH_DIR, REPO_ROOT, append_results, emoji_dir, machine, markdown_table, synchronize
 from plots import labelled_side_by_side, plot_sampler_sweep, sampler_label
 
-from crispdiff.config import TrainConfig
-from crispdiff.io import write_text_atomic
+from crispdiff.core.config import TrainConfig
+from crispdiff.core.io import write_text_atomic
 
 DEFAULT_SWEEP = "dpmsolver++:10,dpmsolver++:25,dpmsolver++:50,ddim:50,unipc:25,ddpm:1000"
 QUALITY_HEADER = ["SWD avg x1e3", "SWD per level", "HF-energy ratio", "Laplacian-var ratio", "colour-blob"]
@@ -160,8 +160,8 @@ class TrainedModel:
 
 
 def train_model(config: TrainConfig) -> TrainedModel:
-    """Train with crispdiff's own loop (crispdiff.training.train) and time it."""
-    from crispdiff.training import train
+    """Train with crispdiff's own loop (crispdiff.train.unet_trainer.train) and time it."""
+    from crispdiff.train.unet_trainer import train
 
     start = time.perf_counter()
     pipeline_dir = train(config)
@@ -179,7 +179,7 @@ def train_model(config: TrainConfig) -> TrainedModel:
 def load_reference(data_dir: str, resolution: int) -> torch.Tensor:
     """All reference images as uint8 [N, 3, R, R]: crispdiff's own decoding (alpha composited onto white, resized
     like the training data), centre-cropped. Shares the decode cache with training, so it costs nothing twice."""
-    from crispdiff.data import load_images
+    from crispdiff.data.loading import load_images
 
     config = TrainConfig(train_data_dir=data_dir, resolution=resolution)
     return load_images(config, show_progress=False).center_crops()
@@ -202,7 +202,7 @@ def prepare_reference(images: torch.Tensor, num_images: int, seed: int) -> Refer
 
     Generated images are compared with A, and B with A gives the floor, so both read the same sample-size bias.
     """
-    from crispdiff.metrics import real_vs_real_floor, split_reference
+    from crispdiff.evaluate.metrics import real_vs_real_floor, split_reference
 
     count = min(num_images, len(images) // 2)
     if count < num_images:
@@ -272,7 +272,7 @@ def pipeline_sampler(pipeline: Any, sampler: str, steps: int) -> Callable[[list[
 
 def measure(reference: Reference, images01: torch.Tensor, seed: int) -> dict[str, Any]:
     """SWD (per level and mean), the sharpness ratios and the colour-blob indicator against half A."""
-    from crispdiff.metrics import compute_all
+    from crispdiff.evaluate.metrics import compute_all
 
     return compute_all(reference.real, images01, seed=seed)
 
@@ -292,7 +292,7 @@ def quality_cells(metrics: dict[str, Any]) -> list[object]:
 
 def save_grid(images01: torch.Tensor, path: Path) -> Any:
     """The first GRID_IMAGES images as one grid PNG (written atomically); returns the PIL image."""
-    from crispdiff.images import make_grid, save_image_atomic
+    from crispdiff.core.images import make_grid, save_image_atomic
 
     grid = make_grid(images01[:GRID_IMAGES], value_range=(0.0, 1.0))
     save_image_atomic(grid, path)
@@ -345,7 +345,7 @@ def obtain_pipeline(args: argparse.Namespace, out_dir: Path) -> tuple[Path, Trai
 
 def describe_model(pipeline: Any, pipeline_dir: Path) -> str:
     """'UNet 280.8K parameters, 32 px, cosine schedule, v_prediction, min-SNR 5.0, 400 steps of 32 images'."""
-    from crispdiff.model import count_parameters, describe_parameters
+    from crispdiff.diffusion.unets import count_parameters, describe_parameters
 
     training = read_training_config(pipeline_dir)
     return (
@@ -391,7 +391,7 @@ def main() -> None:
     run_device = device()
     pipeline_dir, trained = obtain_pipeline(args, out_dir)
 
-    from crispdiff.export import load_pipeline
+    from crispdiff.publish.export import load_pipeline
 
     pipeline = load_pipeline(pipeline_dir, device=run_device, dtype=SAMPLE_DTYPES[args.sample_dtype])
     pipeline.set_progress_bar_config(disable=True)
@@ -426,11 +426,7 @@ def main() -> None:
         "> 1 noisy); colour-blob 0 = like the data. "
         f"Grids and curves: {display_path(out_dir)}/grids.png, samplers.png."
     )
-    print(f"machine: {machine()}")
-    if args.no_record:
-        print(table + "\n\n" + notes)
-    else:
-        append_results("Samplers: quality and time per image vs steps", table, notes)
+    append_results("Samplers: quality and time per image vs steps", table, notes, record=not args.no_record)
 
 
 if __name__ == "__main__":

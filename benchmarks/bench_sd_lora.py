@@ -67,11 +67,10 @@ def build_base(folder: Path, resolution: int, channels: list[int]) -> Path:
     from diffusers import AutoencoderKL, PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
-    sys.path.insert(0, str(REPO_ROOT / "tests"))
-    from test_sd_lora import _byte_vocab  # the offline CLIP vocabulary the tests use
+    from crispdiff.sd.base import offline_clip_vocab
 
     folder.mkdir(parents=True, exist_ok=True)
-    vocab, merges = _byte_vocab(folder)
+    vocab, merges = offline_clip_vocab(folder)
     tokenizer = CLIPTokenizer(str(vocab), str(merges), model_max_length=77)
     torch.manual_seed(0)
     unet = UNet2DConditionModel(
@@ -222,10 +221,9 @@ def main() -> None:
         "crispdiff's one-off latent and prompt caching included. Peak memory is the process's maximum resident set."
     )
     table = markdown_table(header, rows)
-    if args.no_record:
-        print(table + "\n\n" + notes)
-    else:
-        append_results("DreamBooth LoRA on an SD-shaped model: crispdiff vs diffusers' script", table, notes)
+    append_results(
+        "DreamBooth LoRA on an SD-shaped model: crispdiff vs diffusers' script", table, notes, record=not args.no_record
+    )
 
 
 if __name__ == "__main__":

@@ -21,11 +21,11 @@ from spandrel.architectures.Compact import Compact
 from spandrel.architectures.ESRGAN import ESRGAN
 from spandrel.architectures.SwinIR import SwinIR
 
-from crispdiff.config import NoiseConfig
-from crispdiff.export import build_pipeline
-from crispdiff.model import build_unet
-from crispdiff.noise import scheduler_base_config
+from crispdiff.core.config import NoiseConfig
+from crispdiff.diffusion.schedule import scheduler_base_config
+from crispdiff.diffusion.unets import build_unet
 from crispdiff.pipelines.sr_model import SpandrelSRModel, tile_starts
+from crispdiff.publish.export import build_pipeline
 
 
 def sr_networks(include_rrdb_x4: bool) -> dict[str, torch.nn.Module]:
@@ -141,10 +141,7 @@ def main() -> None:
         f"{args.channel_mults}; SR = `SpandrelSRModel.upscale(images, sr_strength=0.5)` (network + Lanczos blend), "
         f"random weights at the named checkpoints' sizes; median of {args.repeats} repeats; device {device}."
     )
-    if args.no_record:
-        print(table + "\n\n" + notes)
-    else:
-        append_results("SR post-step vs 25-step sampling (bench_sr.py)", table, notes)
+    append_results("SR post-step vs 25-step sampling (bench_sr.py)", table, notes, record=not args.no_record)
     assert math.isfinite(sampling)
 
 

@@ -15,13 +15,14 @@ import statistics
 import tempfile
 
 import torch
-from common import append_results, emoji_dir, machine, markdown_table, timed
+from common import append_results, emoji_dir, markdown_table, timed
 from diffusers_baseline import DiffusersStyleLoop
 
-from crispdiff.config import TrainConfig
-from crispdiff.data import load_images
-from crispdiff.model import build_unet, count_parameters, describe_parameters
-from crispdiff.training import PixelSpace, Trainer, make_accelerator
+from crispdiff.core.config import TrainConfig
+from crispdiff.data.loading import load_images
+from crispdiff.diffusion.unets import build_unet, count_parameters, describe_parameters
+from crispdiff.train.loop import make_accelerator
+from crispdiff.train.unet_trainer import PixelSpace, Trainer
 
 
 def parse_args() -> argparse.Namespace:
@@ -112,11 +113,7 @@ def main() -> None:
             else "."
         )
     )
-    print(f"machine: {machine()}")
-    if args.no_record:
-        print(table + "\n" + notes)
-    else:
-        append_results("Training throughput: crispdiff vs diffusers-style loop", table, notes)
+    append_results("Training throughput: crispdiff vs diffusers-style loop", table, notes, record=not args.no_record)
 
 
 if __name__ == "__main__":

@@ -13,7 +13,7 @@ space at --resolution), batch, steps, learning-rate schedule, EMA and seed; only
 - held-out loss: the training loss (v-prediction, min-SNR 5) of the saved EMA model on 256 reference images with fixed
   noise and timesteps, the same for both;
 - samples: DPM-Solver++ 25 from the same seeded noise, ms per image, multi-scale SWD and the sharpness ratios
-  (crispdiff.metrics) against half of the reference data, beside the real-vs-real floor.
+  (crispdiff.evaluate.metrics) against half of the reference data, beside the real-vs-real floor.
 
 Random init on purpose: a fair architecture comparison at equal steps. With ImageNet weights (--encoder_weights) the
 timm encoder starts from better features; that is a user's option, not measured here (nothing is downloaded).
@@ -49,10 +49,10 @@ from bench_samplers import (
 )
 from common import append_results, machine, markdown_table, timed
 
-from crispdiff.config import TrainConfig
-from crispdiff.io import write_text_atomic
-from crispdiff.model import count_parameters, unet_from_config
-from crispdiff.noise import NoiseSchedule, sample_noise
+from crispdiff.core.config import TrainConfig
+from crispdiff.core.io import write_text_atomic
+from crispdiff.diffusion.schedule import NoiseSchedule, sample_noise
+from crispdiff.diffusion.unets import count_parameters, unet_from_config
 
 EVAL_IMAGES = 256
 EVAL_SEED = 1234
@@ -138,7 +138,7 @@ def held_out_loss(pipeline: Any, config: TrainConfig, reference: torch.Tensor) -
 def main() -> None:
     args = parse_args()
     torch.set_num_threads(args.threads)
-    from crispdiff.export import load_pipeline
+    from crispdiff.publish.export import load_pipeline
 
     out_dir = Path(args.out_dir)
     (out_dir / "grids").mkdir(parents=True, exist_ok=True)
@@ -215,10 +215,9 @@ def main() -> None:
     }
     write_text_atomic(out_dir / "timm_unet.json", json.dumps(summary, indent=2) + "\n")
     write_text_atomic(out_dir / "timm_unet.md", table + "\n\n" + notes + "\n")
-    if args.no_record:
-        print(table + "\n\n" + notes)
-    else:
-        append_results("timm-encoder UNet vs UNet2DModel (random init, equal steps)", table, notes)
+    append_results(
+        "timm-encoder UNet vs UNet2DModel (random init, equal steps)", table, notes, record=not args.no_record
+    )
 
 
 if __name__ == "__main__":

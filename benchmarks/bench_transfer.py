@@ -15,11 +15,12 @@ Then, at 64 px on --num_target images of one held-out category (--target), for t
 
 * scratch: the same architecture, randomly initialised (same schedule, objective, EMA);
 * full: every pretrained weight trains;
-* decoder: up blocks and output layers only (crispdiff.transfer's --train_modules decoder);
+* decoder: up blocks and output layers only (crispdiff.transfer.trainer's --train_modules decoder);
 * lora: LoRA adapters on the attention and convolution layers (--train_modules lora), merged for sampling.
 
-Each model is sampled at --eval_at steps (DPM-Solver++, fixed seeds) and measured with crispdiff.metrics against
-all images of the target category: multi-scale SWD (lower is better) and the two sharpness ratios (1 = as sharp as
+Each model is sampled at --eval_at steps (DPM-Solver++, fixed seeds) and measured with crispdiff.evaluate.metrics
+against all images of the target category: multi-scale SWD (lower is better) and the two sharpness ratios (1 = as sharp
+as
 the real images). The "real (unseen)" row measures the category's images that were not trained on the same way:
 the floor at this sample size. Everything runs in one process, so the rows are comparable with each other only.
 
@@ -39,7 +40,7 @@ from typing import Any
 import torch
 from common import append_results, emoji_dir, machine, markdown_table
 
-from crispdiff.io import write_text_atomic
+from crispdiff.core.io import write_text_atomic
 
 MODES = ("scratch", "full", "decoder", "lora")
 LEARNING_RATES = {"scratch": 5e-4, "full": 2e-4, "decoder": 2e-4, "lora": 1e-3}
@@ -104,8 +105,8 @@ def split_data(args: argparse.Namespace, out: Path) -> tuple[str, str, str, str]
 
 
 def real_images(folder: str, resolution: int) -> torch.Tensor:
-    from crispdiff.config import TrainConfig
-    from crispdiff.data import load_images
+    from crispdiff.core.config import TrainConfig
+    from crispdiff.data.loading import load_images
 
     return load_images(TrainConfig(train_data_dir=folder, resolution=resolution), show_progress=False).center_crops()
 
@@ -158,9 +159,10 @@ def pretrain(args: argparse.Namespace, data: str, out: Path) -> tuple[Path, floa
     from accelerate.state import AcceleratorState
     from diffusers import DDPMPipeline, DDPMScheduler
 
-    from crispdiff.config import TrainConfig
-    from crispdiff.data import load_images
-    from crispdiff.training import PixelSpace, Trainer, make_accelerator
+    from crispdiff.core.config import TrainConfig
+    from crispdiff.data.loading import load_images
+    from crispdiff.train.loop import make_accelerator
+    from crispdiff.train.unet_trainer import PixelSpace, Trainer
 
     folder = out / "pretrained"
     config = loop_config(
@@ -196,9 +198,12 @@ def fine_tune_trainer(mode: str, args: argparse.Namespace, pretrained: Path, dat
     """The Trainer of one mode at 64 px; `scratch` is a fresh model of the same layout and schedule."""
     from accelerate.state import AcceleratorState
 
-    from crispdiff.data import load_images
-    from crispdiff.training import PixelSpace, Trainer, make_accelerator
-    from crispdiff.transfer import TransferConfig, TransferTrainer, load_pretrained, prepare_unet, resolve_schedule
+    from crispdiff.data.loading import load_images
+    from crispdiff.train.loop import make_accelerator
+    from crispdiff.train.unet_trainer import PixelSpace, Trainer
+    from crispdiff.transfer.config import TransferConfig
+    from crispdiff.transfer.pretrained import load_pretrained, resolve_schedule
+    from crispdiff.transfer.trainer import TransferTrainer, prepare_unet
 
     AcceleratorState._reset_state(reset_partial_state=True)
     fields = dict(
@@ -223,7 +228,7 @@ def fine_tune_trainer(mode: str, args: argparse.Namespace, pretrained: Path, dat
 
 
 def sample(trainer: Any, args: argparse.Namespace) -> torch.Tensor:
-    from crispdiff.export import build_pipeline
+    from crispdiff.publish.export import build_pipeline
 
     pipeline = build_pipeline(**trainer.pipeline_kwargs())
     pipeline.set_progress_bar_config(disable=True)
@@ -238,7 +243,7 @@ def sample(trainer: Any, args: argparse.Namespace) -> torch.Tensor:
 
 
 def measure(real: torch.Tensor, images01: torch.Tensor, seed: int) -> dict[str, float]:
-    from crispdiff.metrics import sharpness_ratios, sliced_wasserstein_distance, to_float01
+    from crispdiff.evaluate.metrics import sharpness_ratios, sliced_wasserstein_distance, to_float01
 
     real01 = to_float01(real)
     out = dict(sliced_wasserstein_distance(real01, images01, seed=seed))
@@ -247,7 +252,7 @@ def measure(real: torch.Tensor, images01: torch.Tensor, seed: int) -> dict[str, 
 
 
 def save_grid(images01: torch.Tensor, path: Path) -> None:
-    from crispdiff.images import make_grid, save_image_atomic
+    from crispdiff.core.images import make_grid, save_image_atomic
 
     save_image_atomic(make_grid(images01[:16], value_range=(0.0, 1.0)), path)
 
@@ -327,10 +332,12 @@ def main() -> None:
     result = {"args": vars(args), "rows": rows, "pretrain_seconds": pretrain_seconds, "total_seconds": total}
     write_text_atomic(out / "transfer.json", json.dumps(result, indent=2, default=str))
     write_text_atomic(out / "transfer.md", f"# Transfer vs scratch\n\n{table}\n\n{notes}\n")
-    if args.no_record:
-        print(table + "\n\n" + notes)
-    else:
-        append_results("Transfer vs scratch (crispdiff.transfer, stand-in for ddpm-cifar10-32)", table, notes)
+    append_results(
+        "Transfer vs scratch (crispdiff.transfer.trainer, stand-in for ddpm-cifar10-32)",
+        table,
+        notes,
+        record=not args.no_record,
+    )
 
 
 if __name__ == "__main__":

@@ -4,7 +4,7 @@
     python benchmarks/bench_vae.py --vae old=/tmp/old-vae new=crispdiff/assets/vae-noto-f4
     python benchmarks/bench_vae.py --other_family ~/.cache/crispdiff/twemoji-64   # after fetch_twemoji.py
 
-The held-out sets are the ones the embedded VAE was trained without (``crispdiff.vae_training.holdout_split`` with
+The held-out sets are the ones the embedded VAE was trained without (``crispdiff.latent.vae_trainer.holdout_split`` with
 the card's flags): whole categories (--holdout_values) and a seeded 5 % of the remaining images. Reconstructions use
 the posterior mean; sharpness ratios are reconstruction / original (1 = as sharp as the data). The embedded 1,000
 (the main job's data, mostly seen in training) are reported too, since they bound how sharp the main job can be.
@@ -20,10 +20,10 @@ from pathlib import Path
 import torch
 from common import append_results, emoji_dir, markdown_table
 
-from crispdiff.config import DataConfig
-from crispdiff.data import load_images
-from crispdiff.vae import latent_channels, load_vae, vae_downsample_factor
-from crispdiff.vae_training import holdout_split, reconstruction_metrics
+from crispdiff.core.config import DataConfig
+from crispdiff.data.loading import load_images
+from crispdiff.latent.vae import latent_channels, load_vae, vae_downsample_factor
+from crispdiff.latent.vae_eval import holdout_split, reconstruction_metrics
 
 
 def parse_args() -> argparse.Namespace:
@@ -70,10 +70,7 @@ def main() -> None:
         f"{args.seed}); posterior mean; SSIM 11x11 Gaussian window."
         + (f" Other design family: {args.other_family} (composited on white)." if args.other_family else "")
     )
-    if args.no_record:
-        print(table + "\n\n" + notes)
-    else:
-        append_results("VAE reconstruction on held-out emoji (bench_vae.py)", table, notes)
+    append_results("VAE reconstruction on held-out emoji (bench_vae.py)", table, notes, record=not args.no_record)
 
 
 if __name__ == "__main__":

@@ -27,7 +27,7 @@ def emoji_dir() -> Path:
     full = shared_dir() / "data" / "noto-emoji-64" / "train"
     if (full / "metadata.jsonl").exists():
         return full
-    from crispdiff.data import embedded_dataset_dir
+    from crispdiff.data.loading import embedded_dataset_dir
 
     return embedded_dataset_dir()
 
@@ -63,13 +63,17 @@ def markdown_table(header: list[str], rows: list[list[object]]) -> str:
     return "\n".join(lines)
 
 
-def append_results(title: str, table: str, notes: str = "") -> None:
-    """Append a dated section (machine, exact command, table) to benchmarks/RESULTS.md."""
+def append_results(title: str, table: str, notes: str = "", *, record: bool = True) -> None:
+    """Append a dated section (machine, exact command, table) to benchmarks/RESULTS.md; with ``record=False``
+    (a benchmark's ``--no_record``) only print it."""
     command = "python " + " ".join(shlex.quote(a) for a in [os.path.relpath(sys.argv[0], REPO_ROOT), *sys.argv[1:]])
     stamp = _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     section = f"\n## {title}\n\n- date: {stamp}\n- machine: {machine()}\n- command: `{command}`\n\n{table}\n"
     if notes:
         section += f"\n{notes}\n"
+    if not record:
+        print(section)
+        return
     if not RESULTS.exists():
         RESULTS.write_text(
             "# Benchmark results\n\nEach section is appended by the benchmark script that produced it.\n"

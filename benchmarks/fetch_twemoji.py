@@ -22,7 +22,7 @@ import tarfile
 import urllib.request
 from pathlib import Path
 
-from crispdiff.io import staging_folder, swap_folder_into_place
+from crispdiff.core.io import staging_folder, swap_folder_into_place
 
 PACKAGE = "emoji-datasource-twitter"
 VERSION = "16.0.0"

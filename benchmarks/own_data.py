@@ -23,7 +23,7 @@ from pathlib import Path
 
 from common import shared_dir
 
-from crispdiff.data import embedded_dataset_dir
+from crispdiff.data.loading import embedded_dataset_dir
 
 FAMILIES = ("openmoji", "noto")
 TRAIN_IMAGES = 1000

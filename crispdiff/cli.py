@@ -6,7 +6,7 @@ import argparse
 import importlib
 import sys
 
-from crispdiff.errors import ArgumentParser, run_entry_point
+from crispdiff.core.errors import ArgumentParser, run_entry_point
 
 # subcommand name -> module in crispdiff.commands exposing add_parser(subparsers) and run(args) -> int
 COMMANDS = {

@@ -9,7 +9,7 @@ Selection: stratified by ``category``. The ``--total`` images are apportioned to
 size (largest-remainder rounding), then every category is raised to at least ``min(size, --min_per_category)``
 images, the extra images coming from the largest category. Within a category the files are drawn uniformly without
 replacement with ``random.Random(seed)`` from the file names sorted in code-point order. PNG files are copied
-byte-for-byte (still RGBA; ``crispdiff.data`` composites them onto ``--background`` when loading). The folder's
+byte-for-byte (still RGBA; ``crispdiff.data.loading`` composites them onto ``--background`` when loading). The folder's
 ``LICENSE`` file is kept as it is. The per-category counts are printed as a Markdown table for the data card.
 """
 

@@ -149,7 +149,7 @@ def make_scheduler(
     Args:
         sampler: one of :data:`SAMPLERS`.
         base_config: ``num_train_timesteps``, ``trained_betas``, ``prediction_type`` and optionally
-            ``rescale_betas_zero_snr`` (see ``crispdiff.noise.scheduler_base_config``).
+            ``rescale_betas_zero_snr`` (see ``crispdiff.diffusion.schedule.scheduler_base_config``).
         thresholding: dynamic thresholding of predicted x0 (Saharia et al. 2022), pixel models only.
         latent: whether the model samples VAE latents rather than pixels.
     """

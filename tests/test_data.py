@@ -1,4 +1,4 @@
-"""Tests for crispdiff.data: decoding recipe, sources, the uint8 cache, batching and bad-input errors."""
+"""Tests for crispdiff.data.loading: decoding recipe, sources, the uint8 cache, batching and bad-input errors."""
 
 from __future__ import annotations
 
@@ -14,8 +14,8 @@ import pytest
 import torch
 from PIL import Image
 
-from crispdiff.config import DataConfig
-from crispdiff.data import DataError, embedded_dataset_dir, load_images
+from crispdiff.core.config import DataConfig
+from crispdiff.data.loading import DataError, embedded_dataset_dir, load_images
 
 
 def _config(tmp_path: Path, folder: Path | None = None, **overrides) -> DataConfig:
@@ -185,7 +185,7 @@ def test_missing_folder_error_names_path_and_flag(tmp_path):
 
 def test_too_small_images_are_skipped_and_counted_with_unreadable_ones(tmp_path, folder):
     """One 20x6 icon (and one broken file) among good images must not stop the run: skipped, named, logged."""
-    from crispdiff.config import TrainConfig
+    from crispdiff.core.config import TrainConfig
 
     for i in range(3):
         _solid((i, 2, 3)).save(folder / f"fine{i}.png")

@@ -13,11 +13,13 @@ import torch
 import torch.nn.functional as F
 from tiny_models import SIZE, tiny_unet
 
-from crispdiff import evaluate as E
 from crispdiff.cli import main as cli_main
-from crispdiff.config import NoiseConfig
-from crispdiff.export import save_pipeline
-from crispdiff.noise import scheduler_base_config
+from crispdiff.core.config import NoiseConfig
+from crispdiff.diffusion.schedule import scheduler_base_config
+from crispdiff.evaluate.report import GRID_NAME, METRICS_NAME, REPORT_NAME
+from crispdiff.evaluate.sampling import load_samples_npz
+from crispdiff.evaluate.sharpen import SHARPEN_SWEEP_AMOUNTS
+from crispdiff.publish.export import save_pipeline
 
 
 def synthetic_images(count: int, size: int, seed: int = 0) -> torch.Tensor:
@@ -70,7 +72,7 @@ def evaluate(*argv: str) -> int:
 
 
 def read_metrics(out_dir: Path) -> dict:
-    return json.loads((out_dir / E.METRICS_NAME).read_text())
+    return json.loads((out_dir / METRICS_NAME).read_text())
 
 
 def test_evaluate_a_tiny_pipeline_writes_all_outputs_and_is_deterministic(
@@ -80,7 +82,7 @@ def test_evaluate_a_tiny_pipeline_writes_all_outputs_and_is_deterministic(
     common += ["--cache_dir", str(tmp_path / "cache"), "--no_upscale", "--no_fid", "--device", "cpu"]
     assert evaluate(str(pipeline_dir), *common, "--output_dir", str(tmp_path / "a")) == 0
     report = capsys.readouterr().out
-    for name in (E.METRICS_NAME, E.GRID_NAME, E.REPORT_NAME):
+    for name in (METRICS_NAME, GRID_NAME, REPORT_NAME):
         assert (tmp_path / "a" / name).is_file(), name
     assert "real-vs-real floor" in report and "| SWD x1e3" in report
     metrics = read_metrics(tmp_path / "a")
@@ -93,7 +95,7 @@ def test_evaluate_a_tiny_pipeline_writes_all_outputs_and_is_deterministic(
     # untrained model -> noise: far from the data and much "sharper" than it
     assert metrics["generated"]["swd_avg"] > metrics["real_vs_real_floor"]["swd_avg"]
     assert metrics["generated"]["hf_energy_ratio"] > 1.0
-    grid = PIL.Image.open(tmp_path / "a" / E.GRID_NAME)
+    grid = PIL.Image.open(tmp_path / "a" / GRID_NAME)
     assert grid.size == (3 * SIZE + 4 * 2, 3 * SIZE + 4 * 2)  # 8 images -> 3x3 grid, 2 px padding
 
     # --out_dir is the old name of --output_dir, still accepted
@@ -118,8 +120,8 @@ def test_upscaled_samples_are_compared_at_the_reference_resolution(pipeline_dir,
     assert metrics["generated"]["resolution"] == SIZE and "swd_16" in metrics["generated"]
     at_output = metrics["output_resolution"]
     assert at_output["resolution"] == 2 * SIZE and at_output["hf_energy_ratio"] > 0
-    assert "bicubic" in (out / E.REPORT_NAME).read_text()
-    saved = E.load_samples_npz(out / "samples.npz")
+    assert "bicubic" in (out / REPORT_NAME).read_text()
+    saved = load_samples_npz(out / "samples.npz")
     assert saved.shape == (4, 3, 2 * SIZE, 2 * SIZE)
 
 
@@ -138,7 +140,7 @@ def test_evaluate_a_samples_file_against_a_folder(tmp_path, capsys):
     assert metrics["settings"]["samples_npz"].endswith("samples.npz")
     assert metrics["generated"]["near_copy_fraction"] == 1.0  # every sample is a training image
     assert metrics["real_vs_real_floor"]["near_copy_fraction"] < 0.5
-    assert "FID/KID skipped" not in (out / E.REPORT_NAME).read_text()  # --no_fid: not asked, not mentioned
+    assert "FID/KID skipped" not in (out / REPORT_NAME).read_text()  # --no_fid: not asked, not mentioned
 
 
 def test_load_samples_npz_formats(tmp_path):
@@ -147,17 +149,17 @@ def test_load_samples_npz_formats(tmp_path):
     np.savez(tmp_path / "float.npz", samples=images.float().numpy() / 255)
     np.savez(tmp_path / "two.npz", a=images.numpy(), b=images.numpy())
     expected = images.float() / 255
-    assert torch.equal(E.load_samples_npz(tmp_path / "nchw.npz"), expected)
-    assert torch.allclose(E.load_samples_npz(tmp_path / "float.npz"), expected)
+    assert torch.equal(load_samples_npz(tmp_path / "nchw.npz"), expected)
+    assert torch.allclose(load_samples_npz(tmp_path / "float.npz"), expected)
     with pytest.raises(ValueError, match="'images'"):
-        E.load_samples_npz(tmp_path / "two.npz")
+        load_samples_npz(tmp_path / "two.npz")
     np.savez(tmp_path / "bad.npz", images=images.float().numpy() / 127.5 - 1)
     with pytest.raises(ValueError, match=r"bad.npz.*\[-1, 1\]|bad.npz.*\(x \+ 1\)"):
-        E.load_samples_npz(tmp_path / "bad.npz")
+        load_samples_npz(tmp_path / "bad.npz")
 
 
 def test_sharpen_sweep_measures_every_amount_on_the_same_samples_and_saves_the_best(reference_dir, tmp_path, capsys):
-    from crispdiff.export import load_pipeline
+    from crispdiff.publish.export import load_pipeline
 
     folder = save_pipeline(
         tmp_path / "pipeline",
@@ -177,7 +179,7 @@ def test_sharpen_sweep_measures_every_amount_on_the_same_samples_and_saves_the_b
         assert swept["generated"][key] == pytest.approx(plain["generated"][key], rel=1e-5), key
     sweep = swept["sharpen_sweep"]
     rows = sweep["rows"]
-    assert [row["amount"] for row in rows] == list(E.SHARPEN_SWEEP_AMOUNTS) and sweep["pipeline_amount"] == 1.0
+    assert [row["amount"] for row in rows] == list(SHARPEN_SWEEP_AMOUNTS) and sweep["pipeline_amount"] == 1.0
     own = next(row for row in rows if row["amount"] == 1.0)
     assert own["hf_energy_ratio"] == pytest.approx(swept["generated"]["hf_energy_ratio"], rel=1e-5)
     hf = [row["hf_energy_ratio"] for row in rows]

@@ -23,12 +23,13 @@ from PIL import Image
 from safetensors.torch import load_file
 from tiny_models import SIZE, WITHOUT_CRISPDIFF, base_config, tiny_vae
 
-from crispdiff import training
-from crispdiff.config import TrainConfig
-from crispdiff.data import load_images
-from crispdiff.errors import DataError
-from crispdiff.export import build_pipeline
-from crispdiff.training import PixelSpace, Trainer, make_accelerator, train
+from crispdiff.core.config import TrainConfig
+from crispdiff.core.errors import DataError
+from crispdiff.data.loading import load_images
+from crispdiff.publish.export import build_pipeline
+from crispdiff.train import unet_trainer as training
+from crispdiff.train.loop import make_accelerator
+from crispdiff.train.unet_trainer import PixelSpace, Trainer, train
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 CLASSES = ["disc", "ring", "square"]  # sorted: ids 0, 1, 2; the null class is 3
@@ -311,7 +312,7 @@ def test_the_saved_guidance_scale_is_the_default_for_labelled_calls_only():
 
 
 def test_reference_class_mix_keeps_the_proportions_and_is_seeded():
-    from crispdiff.evaluate import reference_class_mix
+    from crispdiff.evaluate.sampling import reference_class_mix
 
     reference = ["a"] * 6 + ["b"] * 3 + ["c"]
     mix = reference_class_mix(reference, 20, seed=0)

@@ -19,8 +19,8 @@ from spandrel.architectures.Compact import Compact
 from tiny_models import base_config, tiny_unet
 
 from crispdiff.commands import push
-from crispdiff.export import save_pipeline
-from crispdiff.hub import (
+from crispdiff.publish.export import save_pipeline
+from crispdiff.publish.hub import (
     BASE_TAGS,
     UPLOAD_IGNORE_PATTERNS,
     HubUploadError,
@@ -29,7 +29,7 @@ from crispdiff.hub import (
     upload_operations,
     write_model_card,
 )
-from crispdiff.sr import SpandrelSRModel
+from crispdiff.publish.sr import SpandrelSRModel
 
 SECRET = "hf_thisIsNotARealTokenButMustNeverBePublished"
 

@@ -1,4 +1,4 @@
-"""Atomic and durable writes (crispdiff.io): the one folder-swap helper used by checkpoints, pipelines and VAE
+"""Atomic and durable writes (crispdiff.core.io): the one folder-swap helper used by checkpoints, pipelines and VAE
 folders keeps the old folder until the new one is in place, fsyncs what it swaps in, and leaves files readable."""
 
 from __future__ import annotations
@@ -13,9 +13,9 @@ import torch
 from diffusers import AutoencoderKL
 from tiny_models import base_config, tiny_unet
 
-from crispdiff.export import save_pipeline
-from crispdiff.io import swap_folder_into_place, write_text_atomic
-from crispdiff.vae_training import save_vae_folder
+from crispdiff.core.io import swap_folder_into_place, write_text_atomic
+from crispdiff.latent.vae_trainer import save_vae_folder
+from crispdiff.publish.export import save_pipeline
 
 
 @pytest.fixture
@@ -69,7 +69,7 @@ def test_saved_pipeline_is_readable_by_others(tmp_path, umask_022):
 
 def test_pipeline_save_pretrained_model_index_respects_umask(tmp_path, umask_022):
     """The pipeline's own atomic JSON rewrite (used by pipe.save_pretrained outside crispdiff) respects the umask."""
-    from crispdiff.export import build_pipeline
+    from crispdiff.publish.export import build_pipeline
 
     pipe = build_pipeline(unet=tiny_unet(), scheduler_base_config=base_config(), beta_schedule="cosine")
     pipe.save_pretrained(tmp_path / "direct")

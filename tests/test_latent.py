@@ -19,10 +19,13 @@ from PIL import Image
 from safetensors.torch import load_file
 from tiny_models import tiny_vae
 
-from crispdiff.config import parse_config
-from crispdiff.data import load_images
-from crispdiff.errors import FlagError
-from crispdiff.latent import (
+from crispdiff.core.config import parse_config
+from crispdiff.core.errors import FlagError
+from crispdiff.data.loading import load_images
+from crispdiff.diffusion.schedule import NoiseSchedule, betas_from_config
+from crispdiff.diffusion.unets import unet_from_config
+from crispdiff.latent.cache import load_or_build_latent_cache
+from crispdiff.latent.trainer import (
     EMBEDDED_CLASS_COLUMN,
     MAIN_JOB_SNR_SHIFT,
     LatentSpace,
@@ -32,10 +35,13 @@ from crispdiff.latent import (
     preprocessing_key,
     resolve_scaling,
 )
-from crispdiff.latent_cache import load_or_build_latent_cache
-from crispdiff.model import unet_from_config
-from crispdiff.noise import NoiseSchedule, betas_from_config
-from crispdiff.vae import EMBEDDED_VAE_SHARPEN_AMOUNT, embedded_vae_dir, encode_posterior, load_vae, unscale_latents
+from crispdiff.latent.vae import (
+    EMBEDDED_VAE_SHARPEN_AMOUNT,
+    embedded_vae_dir,
+    encode_posterior,
+    load_vae,
+    unscale_latents,
+)
 
 NUM_IMAGES = 10
 RESOLUTION = 16
@@ -253,8 +259,8 @@ def test_interrupted_encode_resumes(image_dir, vae_dir, tmp_path):
 
 def test_train_latent_calibrates_the_unsharp_amount_it_saves(image_dir, vae_dir, tmp_path):
     """--sharpen_calibration_images: the saved amount is the sweep's best on the final model, not the flag's."""
-    from crispdiff.evaluate import SHARPEN_SWEEP_AMOUNTS
-    from crispdiff.latent import train_latent
+    from crispdiff.evaluate.sharpen import SHARPEN_SWEEP_AMOUNTS
+    from crispdiff.latent.trainer import train_latent
 
     config = make_config(image_dir, vae_dir, tmp_path, sharpen_amount=1.0, sharpen_calibration_images=6)
     with warnings.catch_warnings():
@@ -279,7 +285,7 @@ def test_train_latent_calibrates_the_unsharp_amount_it_saves(image_dir, vae_dir,
 def test_train_latent_writes_a_pipeline_that_reloads_with_the_frozen_vae(image_dir, vae_dir, tmp_path):
     from diffusers import DiffusionPipeline
 
-    from crispdiff.latent import train_latent
+    from crispdiff.latent.trainer import train_latent
 
     config = make_config(image_dir, vae_dir, tmp_path, random_flip=True, sharpen_amount=0.25)
     with warnings.catch_warnings():

@@ -1,4 +1,5 @@
-"""crispdiff.metrics: identities, determinism and the direction each metric moves under blur, noise and colour blobs.
+"""crispdiff.evaluate.metrics: identities, determinism and the direction each metric moves under blur, noise and colour
+blobs.
 
 Direction tests run on real Noto emoji from ../shared (skipped when absent); identities run on synthetic images.
 SWD uses fewer random directions where only a direction is checked, to keep the file fast on one core.
@@ -15,7 +16,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from crispdiff import metrics as M
+from crispdiff.evaluate import metrics as M
 
 FAST_SWD = {"num_directions": 32, "num_repeats": 1}
 

@@ -7,8 +7,8 @@ import json
 import pytest
 import torch
 
-from crispdiff.config import ModelConfig
-from crispdiff.model import build_unet, count_parameters, group_norm_groups, unet_from_config
+from crispdiff.core.config import ModelConfig
+from crispdiff.diffusion.unets import build_unet, count_parameters, group_norm_groups, unet_from_config
 
 
 def test_group_norm_groups_accept_48():

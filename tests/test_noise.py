@@ -8,9 +8,9 @@ import pytest
 import torch
 from diffusers import DDPMScheduler
 
-from crispdiff.config import NoiseConfig, TrainConfig, parse_config
-from crispdiff.errors import FlagError
-from crispdiff.noise import (
+from crispdiff.core.config import NoiseConfig, TrainConfig, parse_config
+from crispdiff.core.errors import FlagError
+from crispdiff.diffusion.schedule import (
     NoiseSchedule,
     cosine_alpha_bar,
     make_betas,

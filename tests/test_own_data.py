@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import time
 from pathlib import Path
 
 import numpy as np
@@ -18,14 +17,15 @@ from PIL import Image
 from safetensors.torch import load_file
 from tiny_models import SIZE, base_config, tiny_vae
 
-from crispdiff.auto_classes import class_names, cluster_images, default_num_classes, kmeans
-from crispdiff.config import TrainConfig
-from crispdiff.data import load_images
-from crispdiff.export import build_pipeline, load_pipeline
-from crispdiff.latent import LatentTrainConfig, train_latent
-from crispdiff.training import train
-from crispdiff.vae import embedded_vae_dir
-from crispdiff.vae_adapt import adapted_vae_dir, misses_bar
+from crispdiff.core.config import TrainConfig
+from crispdiff.data.auto_classes import class_names, cluster_images, default_num_classes, kmeans
+from crispdiff.data.loading import load_images
+from crispdiff.latent.adapt import adapted_vae_dir, misses_bar
+from crispdiff.latent.trainer import LatentTrainConfig, train_latent
+from crispdiff.latent.vae import embedded_vae_dir
+from crispdiff.publish.export import build_pipeline, load_pipeline
+from crispdiff.train.time_budget import MIN_STEPS, affordable_steps
+from crispdiff.train.unet_trainer import train
 
 COLOURS = [(220, 30, 30), (30, 160, 40), (40, 60, 220)]  # three groups the clustering must find
 PER_COLOUR = 6
@@ -253,7 +253,15 @@ def test_latent_trainer_on_unlabelled_data_trains_on_auto_classes_and_stores_the
 # ---- time budget ----------------------------------------------------------------------------------------------------
 
 
-def test_a_time_budget_ends_the_run_on_time_and_saves_the_steps_that_repeat_it(colour_folder, tmp_path):
+def test_affordable_steps_fill_the_time_left_and_never_drop_below_the_minimum():
+    assert affordable_steps(60.0, 0.5) == 120 and affordable_steps(59.9, 0.5) == 119
+    assert affordable_steps(1.0, 0.5) == MIN_STEPS and affordable_steps(0.0, 0.0) == MIN_STEPS
+
+
+def test_a_time_budget_sizes_the_run_and_saves_the_steps_that_repeat_it(colour_folder, tmp_path):
+    """The budget sets --max_train_steps from a probe of this machine and saves it; a run given those steps repeats
+    the budgeted one bit for bit. (How close runs end to their budget is measured in benchmarks, not here.)"""
+
     def config(out: str, **extra) -> TrainConfig:
         return TrainConfig(
             train_data_dir=str(colour_folder), resolution=SIZE, cache_dir=str(tmp_path / "cache"),
@@ -263,13 +271,9 @@ def test_a_time_budget_ends_the_run_on_time_and_saves_the_steps_that_repeat_it(c
         )  # fmt: skip
 
     load_images(config("warm"), show_progress=False)  # the image cache, decoded outside the timed run
-    budget_s = 20.0
-    started = time.perf_counter()
-    folder = train(config("budget", time_budget_minutes=budget_s / 60))
-    elapsed = time.perf_counter() - started
-    assert 0.9 * budget_s <= elapsed <= 1.1 * budget_s, elapsed
+    folder = train(config("budget", time_budget_minutes=20 / 60))
     steps = json.loads((folder / "crispdiff_training.json").read_text())["max_train_steps"]
-    assert steps > 20
+    assert isinstance(steps, int) and steps >= MIN_STEPS  # the budget chose it (without one: None, i.e. epochs)
     repeat = train(config("repeat", max_train_steps=steps))
     weights = "unet/diffusion_pytorch_model.safetensors"
     budgeted, repeated = load_file(folder / weights), load_file(repeat / weights)

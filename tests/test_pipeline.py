@@ -27,10 +27,9 @@ from diffusers import (
 )
 from tiny_models import SIZE, base_config, cosine_betas, tiny_unet
 
-from crispdiff.config import NoiseConfig
-from crispdiff.export import load_pipeline, save_pipeline
-from crispdiff.images import make_grid, save_image_atomic, to_pil_list, to_uint8
-from crispdiff.noise import scheduler_base_config
+from crispdiff.core.config import NoiseConfig
+from crispdiff.core.images import make_grid, save_image_atomic, to_pil_list, to_uint8
+from crispdiff.diffusion.schedule import scheduler_base_config
 from crispdiff.pipelines.pipeline_crispdiff import (
     SAMPLERS,
     CrispDiffPipeline,
@@ -41,6 +40,7 @@ from crispdiff.pipelines.pipeline_crispdiff import (
     make_scheduler,
     unsharp_mask,
 )
+from crispdiff.publish.export import load_pipeline, save_pipeline
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 STEPS = 4  # divides T = 1000, as DDIM and PNDM require

@@ -22,10 +22,10 @@ from diffusers import ConfigMixin, ModelMixin
 from diffusers.configuration_utils import register_to_config
 from diffusers.models.unets.unet_2d import UNet2DOutput
 
-from crispdiff.config import NoiseConfig
-from crispdiff.export import build_pipeline
-from crispdiff.noise import scheduler_base_config
+from crispdiff.core.config import NoiseConfig
+from crispdiff.diffusion.schedule import scheduler_base_config
 from crispdiff.pipelines.pipeline_crispdiff import SAMPLERS
+from crispdiff.publish.export import build_pipeline
 
 MU, S = 0.2, 0.3  # well inside [-1, 1], so the pipeline's clipping and its [0, 1] output clamp barely matter
 STEPS = 50  # divides T = 1000, as DDIM and PNDM require

@@ -21,40 +21,21 @@ import torch
 from PIL import Image
 from tiny_models import WITHOUT_CRISPDIFF
 
-from crispdiff.config import parse_config
-from crispdiff.sd_lora import (
+from crispdiff.core.config import parse_config
+from crispdiff.sd.base import load_sd, offline_clip_vocab
+from crispdiff.sd.config import (
     KOHYA_WEIGHTS_NAME,
     LORA_WEIGHTS_NAME,
     DreamBoothLoRAConfig,
     SDLoRAError,
     TextToImageLoRAConfig,
-    generate_class_images,
-    load_sd,
-    train_dreambooth_lora,
-    train_text_to_image_lora,
 )
+from crispdiff.sd.prompts import generate_class_images
+from crispdiff.sd.trainer import train_dreambooth_lora, train_text_to_image_lora
 
 REPO = Path(__file__).resolve().parents[1]
 RES = 16
 PROMPT = "a photo of sks dog"
-
-
-def _byte_vocab(folder: Path) -> tuple[Path, Path]:
-    """CLIP's byte-to-unicode table as a vocabulary (each byte, and each byte ending a word), no merges."""
-    codes = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
-    chars = list(codes)
-    extra = 0
-    for b in range(256):
-        if b not in codes:
-            codes.append(b)
-            chars.append(256 + extra)
-            extra += 1
-    symbols = [chr(c) for c in chars]
-    vocab = {s: i for i, s in enumerate(symbols + [s + "</w>" for s in symbols])}
-    vocab.update({"<|startoftext|>": len(vocab), "<|endoftext|>": len(vocab) + 1})
-    (folder / "vocab.json").write_text(json.dumps(vocab))
-    (folder / "merges.txt").write_text("#version: 0.2\n")
-    return folder / "vocab.json", folder / "merges.txt"
 
 
 def make_tiny_sd(folder: Path, prediction_type: str = "epsilon") -> Path:
@@ -62,7 +43,7 @@ def make_tiny_sd(folder: Path, prediction_type: str = "epsilon") -> Path:
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
     folder.mkdir(parents=True, exist_ok=True)
-    vocab, merges = _byte_vocab(folder)
+    vocab, merges = offline_clip_vocab(folder)
     tokenizer = CLIPTokenizer(str(vocab), str(merges), model_max_length=16)
     torch.manual_seed(0)
     unet = UNet2DConditionModel(
@@ -435,8 +416,8 @@ def test_export_with_an_sr_component_reloads_and_upscales(tiny_sd, tmp_path):
 
 
 def test_push_to_hub_offline_is_a_clear_error(tiny_sd, tmp_path, monkeypatch):
-    from crispdiff.hub import HubUploadError
-    from crispdiff.sd_lora import push_lora_to_hub
+    from crispdiff.publish.hub import HubUploadError
+    from crispdiff.sd.lora_files import push_lora_to_hub
 
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     flags = ["--pretrained_model_name_or_path", str(tiny_sd), "--train_data_dir", str(tmp_path), "--push_to_hub"]
@@ -447,8 +428,8 @@ def test_push_to_hub_offline_is_a_clear_error(tiny_sd, tmp_path, monkeypatch):
 
 def test_each_image_trains_with_its_own_caption(tiny_sd, subject_dir, tmp_path):
     """Per-image captions from metadata.jsonl (empty ones -> the instance prompt), each encoded once and looked up."""
-    from crispdiff.data import load_images
-    from crispdiff.sd_lora import PromptBank, captions_for, image_view
+    from crispdiff.data.loading import load_images
+    from crispdiff.sd.prompts import PromptBank, captions_for, image_view
 
     config = parse_config(
         DreamBoothLoRAConfig,

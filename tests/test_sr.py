@@ -38,7 +38,6 @@ from spandrel.architectures.SwinIR import SwinIR
 from tiny_models import SIZE, WITHOUT_CRISPDIFF, base_config, tiny_unet
 
 from crispdiff.commands import add_sr
-from crispdiff.export import load_pipeline, save_pipeline
 from crispdiff.pipelines.sr_model import (
     MODULE_FILE,
     WEIGHTS_NAME,
@@ -48,7 +47,8 @@ from crispdiff.pipelines.sr_model import (
     lanczos_resize,
     tile_starts,
 )
-from crispdiff.sr import attach_sr, describe_sr_model, load_sr_model, parse_hub_ref
+from crispdiff.publish.export import load_pipeline, save_pipeline
+from crispdiff.publish.sr import attach_sr, describe_sr_model, load_sr_model, parse_hub_ref
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
@@ -482,6 +482,28 @@ def test_add_sr_failure_leaves_the_folder_unchanged(sr_files, plain_dir, tmp_pat
     assert run_add_sr(str(plain_dir), "--sr_model", str(sr_files["esrgan_x4"][1][".pth"]), "--sr_strength", "2") == 2
     assert snapshot(plain_dir) == before
     assert run_add_sr(str(tmp_path / "nowhere"), "--sr_model", str(sr_files["esrgan_x4"][1][".pth"])) == 2
+
+
+def test_add_sr_crash_while_the_new_index_goes_in_restores_the_old_component(sr_files, plain_dir, monkeypatch):
+    """The SR folder and model_index.json change together: if the index rename fails after the new ``sr_model/``
+    is in place, the old component and index come back (the swap's commit step)."""
+    import crispdiff.core.io as io
+
+    attach_sr(plain_dir, sr_files["compact_x4"][1][".pth"])
+    before = snapshot(plain_dir)
+    real_replace = os.replace
+
+    def failing_index_rename(src, dst, *args, **kwargs):
+        if Path(dst).name == "model_index.json":
+            raise OSError("disk full")
+        return real_replace(src, dst, *args, **kwargs)
+
+    monkeypatch.setattr(io.os, "replace", failing_index_rename)
+    with pytest.raises(OSError, match="disk full"):
+        attach_sr(plain_dir, sr_files["esrgan_x2"][1][".pth"])
+    monkeypatch.undo()
+    assert snapshot(plain_dir) == before and load_pipeline(plain_dir).sr_model.config.architecture == "Compact"
+    assert sorted(p.name for p in plain_dir.iterdir() if p.name.startswith(".")) == []  # no staging left behind
 
 
 _NO_CRISPDIFF = WITHOUT_CRISPDIFF + textwrap.dedent(

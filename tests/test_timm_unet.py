@@ -21,9 +21,9 @@ from PIL import Image
 from safetensors.torch import save_file
 from tiny_models import WITHOUT_CRISPDIFF
 
-from crispdiff.config import TrainConfig
-from crispdiff.errors import FlagError, MissingDependencyError, PathError
-from crispdiff.model import unet_from_config
+from crispdiff.core.config import TrainConfig
+from crispdiff.core.errors import FlagError, MissingDependencyError, PathError
+from crispdiff.diffusion.unets import unet_from_config
 
 timm = pytest.importorskip("timm")
 
@@ -182,7 +182,7 @@ def image_folder(tmp_path_factory) -> Path:
 
 
 def test_accelerate_launch_with_timm_encoder_saves_a_folder_that_reloads_without_crispdiff(image_folder, tmp_path):
-    from crispdiff.export import load_pipeline
+    from crispdiff.publish.export import load_pipeline
 
     out = tmp_path / "run"
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
@@ -241,7 +241,7 @@ def test_train_latent_with_timm_encoder_takes_the_vae_channels(tmp_path):
     """train_latent.py's path: the encoder's first conv takes the VAE's 4 latent channels; the folder reloads."""
     from diffusers import AutoencoderKL, DiffusionPipeline
 
-    from crispdiff.latent import LatentTrainConfig, train_latent
+    from crispdiff.latent.trainer import LatentTrainConfig, train_latent
 
     torch.manual_seed(0)
     vae = AutoencoderKL(

@@ -13,8 +13,9 @@ import pytest
 import torch
 from PIL import Image
 
-from crispdiff.config import TrainConfig, parse_config
-from crispdiff.training import PixelSpace, Trainer, make_accelerator, train
+from crispdiff.core.config import TrainConfig, parse_config
+from crispdiff.train.loop import make_accelerator
+from crispdiff.train.unet_trainer import PixelSpace, Trainer, train
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
@@ -93,7 +94,7 @@ def test_flags_parse_into_config(image_folder, tmp_path):
 
 def _fixed_eval_loss(trainer: Trainer) -> float:
     """Loss on a fixed batch, fixed noise and fixed timesteps: comparable before and after training."""
-    from crispdiff.noise import sample_noise
+    from crispdiff.diffusion.schedule import sample_noise
 
     g = torch.Generator().manual_seed(123)
     x0 = trainer.space.x0(torch.arange(4), g, torch.device("cpu"))
@@ -107,7 +108,7 @@ def _fixed_eval_loss(trainer: Trainer) -> float:
 
 
 def test_loss_falls_on_a_fixed_batch(image_folder, tmp_path):
-    from crispdiff.data import load_images
+    from crispdiff.data.loading import load_images
 
     config = tiny_config(
         image_folder, tmp_path / "out", max_train_steps=40, dropout=0.0, checkpointing_steps=0, random_flip="false"
@@ -165,8 +166,8 @@ def test_saved_pipeline_reproduces_in_process_images(image_folder, tmp_path):
     """The folder written at the end samples exactly what the trainer's own in-memory pipeline samples."""
     from diffusers import DiffusionPipeline
 
-    from crispdiff.data import load_images
-    from crispdiff.export import build_pipeline
+    from crispdiff.data.loading import load_images
+    from crispdiff.publish.export import build_pipeline
 
     config = tiny_config(image_folder, tmp_path / "run", max_train_steps=2, checkpointing_steps=0)
     trainer = Trainer(config, PixelSpace(load_images(config, show_progress=False)), make_accelerator(config))
@@ -187,7 +188,7 @@ def test_saved_pipeline_reproduces_in_process_images(image_folder, tmp_path):
 def test_bf16_autocast_trains_in_bf16_and_saves_the_fp32_master_weights(image_folder, tmp_path):
     """bf16 autocast (available on CPU too) changes the arithmetic (weights differ from an fp32 run with the same
     seed, slightly), and the saved pipeline holds the fp32 EMA weights bit for bit, not a bf16 round trip."""
-    from crispdiff.data import load_images
+    from crispdiff.data.loading import load_images
 
     def run(mixed_precision: str, out: Path) -> Trainer:
         from accelerate.state import AcceleratorState
@@ -219,7 +220,7 @@ def test_bf16_autocast_trains_in_bf16_and_saves_the_fp32_master_weights(image_fo
 def _losses(config: TrainConfig, steps: int) -> list[float]:
     from accelerate.state import AcceleratorState
 
-    from crispdiff.data import load_images
+    from crispdiff.data.loading import load_images
 
     AcceleratorState._reset_state(reset_partial_state=True)
     torch.manual_seed(0)
@@ -244,7 +245,7 @@ def test_torch_compile_gives_the_losses_of_eager_mode(image_folder, tmp_path):
 
 
 def test_scale_lr_scales_by_the_ratio_to_the_reference_batch():
-    from crispdiff.training import scaled_learning_rate
+    from crispdiff.train.loop import scaled_learning_rate
 
     config = TrainConfig(learning_rate=2e-4, train_batch_size=64, gradient_accumulation_steps=2)
     assert scaled_learning_rate(config, num_processes=2) == 2e-4, "without --scale_lr the LR is used as given"
@@ -256,7 +257,7 @@ def test_scale_lr_scales_by_the_ratio_to_the_reference_batch():
 
 def test_fused_adamw_follows_where_the_parameters_are(monkeypatch):
     """Fused AdamW is chosen from the parameters' device: on the CPU only where torch has the kernel (2.4+)."""
-    from crispdiff.training import make_optimizer
+    from crispdiff.train.loop import make_optimizer
 
     cpu_params = [torch.nn.Parameter(torch.zeros(2))]
     optimizer = make_optimizer(TrainConfig(), cpu_params)
@@ -272,7 +273,7 @@ def test_fused_adamw_follows_where_the_parameters_are(monkeypatch):
 
 
 def test_epoch_order_is_computed_once_per_epoch_and_covers_the_data(monkeypatch):
-    from crispdiff.training import DataPosition, EpochBatches
+    from crispdiff.train.loop import DataPosition, EpochBatches
 
     calls = []
     real = torch.randperm
@@ -324,7 +325,7 @@ def test_sr_model_flag_and_failed_push_leave_a_complete_folder(image_folder, tmp
     after the folder (with its model card) is complete."""
     from test_sr import make_network, write_checkpoint
 
-    from crispdiff.hub import HubUploadError
+    from crispdiff.publish.hub import HubUploadError
 
     _, checkpoint, _ = make_network("compact_x4")
     sr_file = write_checkpoint(checkpoint, tmp_path / "compact_x4.pth")
@@ -349,7 +350,7 @@ def test_sr_model_flag_and_failed_push_leave_a_complete_folder(image_folder, tmp
 def test_8bit_adam_without_bitsandbytes_names_the_extra(monkeypatch):
     import builtins
 
-    from crispdiff.training import make_optimizer
+    from crispdiff.train.loop import make_optimizer
 
     real_import = builtins.__import__
 
@@ -372,7 +373,7 @@ def test_checkpoint_limit_of_one_keeps_only_the_newest(image_folder, tmp_path):
 
 def test_default_hub_repo_is_named_after_the_run(tmp_path, monkeypatch):
     """--push_to_hub without --hub_model_id uses the output folder's name, not the 'pipeline' subfolder's."""
-    import crispdiff.hub as hub
+    import crispdiff.publish.hub as hub
 
     seen = {}
     monkeypatch.setattr(hub, "push_to_hub", lambda folder, repo_id, **kwargs: seen.setdefault("repo_id", repo_id))
@@ -435,3 +436,35 @@ def test_two_process_accelerate_launch_and_exact_resume(image_folder, tmp_path):
     pipe = DiffusionPipeline.from_pretrained(str(out / "pipeline"), trust_remote_code=True)
     images = pipe(batch_size=1, num_inference_steps=2, generator=torch.Generator().manual_seed(0), output_type="np")
     assert images.images.shape == (1, 16, 16, 3)
+
+
+@pytest.mark.parametrize(
+    "config_path",
+    [
+        "crispdiff.core.config.TrainConfig",
+        "crispdiff.latent.trainer.LatentTrainConfig",
+        "crispdiff.latent.vae_config.VAETrainConfig",
+        "crispdiff.transfer.config.TransferConfig",
+        "crispdiff.sd.config.TextToImageLoRAConfig",
+        "crispdiff.sd.config.DreamBoothLoRAConfig",
+    ],
+)
+def test_every_script_prints_its_help(config_path, capsys):
+    """``--help`` of every training script lists its flags (a "%" in a help text once crashed argparse here)."""
+    import importlib
+
+    module, _, name = config_path.rpartition(".")
+    with pytest.raises(SystemExit) as exit_info:
+        parse_config(getattr(importlib.import_module(module), name), ["--help"])
+    assert exit_info.value.code == 0 and "--output_dir" in capsys.readouterr().out
+
+
+@pytest.mark.skipif(not hasattr(os, "sched_setaffinity"), reason="CPU affinity is Linux-only")
+def test_cores_are_the_ones_this_process_may_run_on():
+    """``taskset -c 0`` (or a container's cpuset) means one core, whatever ``os.cpu_count()`` says."""
+    code = (
+        "import os; os.sched_setaffinity(0, {min(os.sched_getaffinity(0))}); "
+        "from crispdiff.core.cores import available_cores; print(available_cores())"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert result.stdout.strip() == "1"

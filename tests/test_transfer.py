@@ -22,24 +22,21 @@ from diffusers import DDPMPipeline, DDPMScheduler, UNet2DModel
 from PIL import Image
 from tiny_models import base_config
 
-from crispdiff.config import parse_config
-from crispdiff.errors import FlagError
-from crispdiff.training import PixelSpace, make_accelerator
-from crispdiff.transfer import (
-    ADAPTER_FOLDER,
-    TransferConfig,
-    TransferTrainer,
+from crispdiff.core.config import parse_config
+from crispdiff.core.errors import FlagError
+from crispdiff.train.loop import make_accelerator
+from crispdiff.train.lora import plain_copy
+from crispdiff.train.unet_trainer import PixelSpace
+from crispdiff.transfer.adapters import add_unet_lora, load_lora_adapter, save_lora_adapter
+from crispdiff.transfer.config import ADAPTER_FOLDER, TransferConfig
+from crispdiff.transfer.pretrained import (
     adapt_unet,
-    inject_lora,
-    load_lora_adapter,
     load_pretrained,
-    plain_copy,
-    prepare_unet,
     pretrained_schedule,
     resolve_schedule,
-    save_lora_adapter,
     with_new_parameters,
 )
+from crispdiff.transfer.trainer import TransferTrainer, prepare_unet
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
@@ -122,7 +119,7 @@ def transfer_config(pretrained: Path, images: Path, out: Path, **overrides) -> T
 
 def make_trainer(config: TransferConfig) -> TransferTrainer:
     """What train_transfer does, minus the final export: the pretrained model prepared and the Trainer built."""
-    from crispdiff.data import load_images
+    from crispdiff.data.loading import load_images
 
     pretrained = load_pretrained(config.pretrained_model_name_or_path)
     resolve_schedule(config, pretrained)
@@ -262,7 +259,7 @@ def test_class_conditional_fine_tuning_trains_the_new_embedding_even_with_lora(t
 
 
 def test_crispdiff_pipelines_and_bare_unet_folders_load_with_their_schedule(tmp_path):
-    from crispdiff.export import save_pipeline
+    from crispdiff.publish.export import save_pipeline
 
     unet = tiny_attention_unet()
     save_pipeline(tmp_path / "crisp", unet=unet, scheduler_base_config=base_config("v_prediction"),
@@ -286,7 +283,7 @@ def test_crispdiff_pipelines_and_bare_unet_folders_load_with_their_schedule(tmp_
 def test_a_class_conditional_crispdiff_pipeline_brings_its_class_names(tmp_path):
     """model_index.json stores the names as {"0": name, ...}; the transfer must read them back as a list in id order
     (they are compared with the data's classes before fine-tuning)."""
-    from crispdiff.export import save_pipeline
+    from crispdiff.publish.export import save_pipeline
 
     names = ["b", "a", "c"]  # id order, not sorted order
     unet, _ = adapt_unet(tiny_attention_unet(), 16, num_class_embeds=len(names) + 1)
@@ -317,7 +314,7 @@ def test_lora_merge_equals_the_adapter_model_and_the_adapter_file_reloads(tmp_pa
     )
     base, _ = adapt_unet(tiny_attention_unet(), 32, num_class_embeds=3)
     model, new_keys = adapt_unet(tiny_attention_unet(), 32, num_class_embeds=3)
-    adapted = inject_lora(model, config)
+    adapted = add_unet_lora(model, config)
     assert any(".to_q" in n for n in adapted) and any(n.endswith(".conv1") for n in adapted)
     assert any(n.endswith("samplers.0.conv") for n in adapted)  # the presets include the down/up samplers
     random_lora_b(model)
@@ -358,7 +355,7 @@ def test_a_lora_run_resumes_exactly(tiny_ddpm, images32, tmp_path, capsys):
     """Checkpoints hold the injected adapter and its EMA; a run resumed at step 2 ends with the same merged UNet."""
     import shutil
 
-    from crispdiff.transfer import train_transfer
+    from crispdiff.transfer.trainer import train_transfer
 
     flags = dict(train_modules="lora", max_train_steps=4, checkpointing_steps=2)
     first = train_transfer(transfer_config(tiny_ddpm, images32, tmp_path / "a", **flags))
@@ -395,7 +392,7 @@ def test_accelerate_launch_fine_tunes_a_ddpm_pipeline_folder(tiny_ddpm, images32
     assert result.returncode == 0, log[-3000:]
     assert "attention now runs at 16x16 (level 1), 16x16 (middle block)" in log
 
-    from crispdiff.export import load_pipeline
+    from crispdiff.publish.export import load_pipeline
 
     pipeline = load_pipeline(out / "pipeline")
     scheduler = pipeline.scheduler.config

@@ -1,4 +1,4 @@
-"""Tests of crispdiff.vae (loading, posterior, scaling, fingerprints) and the VAE trainer (tiny models, CPU)."""
+"""Tests of crispdiff.latent.vae (loading, posterior, scaling, fingerprints) and the VAE trainer (tiny models, CPU)."""
 
 from __future__ import annotations
 
@@ -13,9 +13,8 @@ from diffusers import AutoencoderKL, AutoencoderTiny
 from PIL import Image
 from safetensors.torch import load_file
 
-from crispdiff.config import parse_config
-from crispdiff.training import make_accelerator
-from crispdiff.vae import (
+from crispdiff.core.config import parse_config
+from crispdiff.latent.vae import (
     TINY_LOGVAR,
     VAE_FLAG,
     embedded_vae_dir,
@@ -32,19 +31,17 @@ from crispdiff.vae import (
     vae_downsample_factor,
     weights_fingerprint,
 )
-from crispdiff.vae_training import (
+from crispdiff.latent.vae_config import VAETrainConfig
+from crispdiff.latent.vae_eval import holdout_split, psnr, ssim
+from crispdiff.latent.vae_losses import (
     AutoencoderStep,
-    VAETrainConfig,
-    VAETrainer,
     add_decoder_noise,
-    deepen,
-    holdout_split,
-    psnr,
     scale_equivariance_loss,
     spectral_amplitude_loss,
-    ssim,
-    widen_latent,
 )
+from crispdiff.latent.vae_models import deepen, widen_latent
+from crispdiff.latent.vae_trainer import VAETrainer
+from crispdiff.train.loop import make_accelerator
 
 #: The embedded VAE must reconstruct 32 emoji it never trained on (half of them from the held-out categories; the split
 #: its card states) above this mean PSNR, with sharpness ratios inside this band, and decode latents carrying noise of
@@ -120,7 +117,7 @@ def load_train_vae_main():
 
 
 def make_trainer(flags: list[str]) -> VAETrainer:
-    from crispdiff.data import load_images
+    from crispdiff.data.loading import load_images
 
     config = parse_config(VAETrainConfig, flags)
     data = load_images(config, show_progress=False)
@@ -128,7 +125,7 @@ def make_trainer(flags: list[str]) -> VAETrainer:
 
 
 # ----------------------------------------------------------------------------------------------------------------------
-# crispdiff.vae
+# crispdiff.latent.vae
 # ----------------------------------------------------------------------------------------------------------------------
 
 
@@ -244,7 +241,7 @@ def test_psnr_and_ssim_reference_values():
 
 
 # ----------------------------------------------------------------------------------------------------------------------
-# crispdiff.vae_training / train_scripts/train_vae.py
+# crispdiff.latent.vae_trainer / train_scripts/train_vae.py
 # ----------------------------------------------------------------------------------------------------------------------
 
 
@@ -441,13 +438,13 @@ def test_holdout_split_keeps_whole_classes_out(tmp_path: Path):
 
 
 def test_existing_vae_folder_is_not_overwritten(image_folder: Path, tmp_path: Path):
-    from crispdiff.vae_training import check_output_dir
+    from crispdiff.latent.vae_trainer import train_vae
 
     config = parse_config(VAETrainConfig, trainer_flags(image_folder, tmp_path))
     (tmp_path / "out" / "vae").mkdir(parents=True)
     (tmp_path / "out" / "vae" / "config.json").write_text("{}")
     with pytest.raises(FileExistsError, match="--overwrite_output_dir"):
-        check_output_dir(config)
+        train_vae(config)  # refused before any work
     with pytest.raises(ValueError, match="--pretrained_vae_name_or_path"):
         parse_config(VAETrainConfig, trainer_flags(image_folder, tmp_path, "--train_decoder_only"))
 
@@ -460,9 +457,9 @@ def test_existing_vae_folder_is_not_overwritten(image_folder: Path, tmp_path: Pa
 def test_embedded_vae_reconstructs_held_out_emoji_sharply(emoji_dir: Path, tmp_path: Path):
     if not (embedded_vae_dir() / "config.json").is_file():
         pytest.skip(f"embedded VAE not found in {embedded_vae_dir()}")
-    from crispdiff.config import DataConfig
-    from crispdiff.data import load_images
-    from crispdiff.vae_training import reconstruction_metrics
+    from crispdiff.core.config import DataConfig
+    from crispdiff.data.loading import load_images
+    from crispdiff.latent.vae_eval import reconstruction_metrics
 
     vae = AutoencoderKL.from_pretrained(embedded_vae_dir())  # a plain diffusers autoencoder folder
     assert vae_downsample_factor(vae) == 4 and latent_channels(vae) == 8

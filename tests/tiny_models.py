@@ -7,8 +7,8 @@ import textwrap
 import torch
 from diffusers import AutoencoderKL, UNet2DModel
 
-from crispdiff.config import NoiseConfig
-from crispdiff.noise import scheduler_base_config
+from crispdiff.core.config import NoiseConfig
+from crispdiff.diffusion.schedule import scheduler_base_config
 
 SIZE = 16  # pixels of the tiny pipelines' samples
 

@@ -14,8 +14,8 @@ Every flag: --help.
 
 from __future__ import annotations
 
-from crispdiff.config import parse_config
-from crispdiff.latent import LatentTrainConfig, train_latent
+from crispdiff.core.config import parse_config
+from crispdiff.latent.trainer import LatentTrainConfig, train_latent
 
 
 def main(argv: list[str] | None = None) -> None:

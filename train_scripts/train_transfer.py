@@ -10,8 +10,9 @@ merged into the saved UNet; --save_lora_adapter also keeps the adapter). Every f
 
 from __future__ import annotations
 
-from crispdiff.config import parse_config
-from crispdiff.transfer import TransferConfig, train_transfer
+from crispdiff.core.config import parse_config
+from crispdiff.transfer.config import TransferConfig
+from crispdiff.transfer.trainer import train_transfer
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -7,8 +7,8 @@ With no data flag it trains on crispdiff's embedded Noto emoji subset. Every fla
 
 from __future__ import annotations
 
-from crispdiff.config import TrainConfig, parse_config
-from crispdiff.training import train
+from crispdiff.core.config import TrainConfig, parse_config
+from crispdiff.train.unet_trainer import train
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -14,9 +14,9 @@ import sys
 from pathlib import Path
 
 from crispdiff.commands.sample import add_guidance_flags, check_guidance_flags
-from crispdiff.errors import FlagError, run_entry_point
-from crispdiff.export import DTYPES
+from crispdiff.core.errors import FlagError, run_entry_point
 from crispdiff.pipelines.pipeline_crispdiff import SAMPLERS
+from crispdiff.publish.export import DTYPES
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
@@ -136,7 +136,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _run(args: argparse.Namespace) -> int:
-    from crispdiff.evaluate import run_evaluation
+    from crispdiff.evaluate.evaluation import run_evaluation
 
     _check_args(args)
 

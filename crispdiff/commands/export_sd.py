@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import argparse
 
-from crispdiff.errors import FlagError, UserError, one_line, run_entry_point
+from crispdiff.core.errors import FlagError, UserError, one_line, run_entry_point
 from crispdiff.pipelines.sr_model import SRModelError
 
 
@@ -40,7 +40,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _run(args: argparse.Namespace) -> int:
-    from crispdiff.sd_lora import export_sd
+    from crispdiff.sd.export import export_sd
 
     if args.output_size is not None and args.output_size < 1:
         raise FlagError(f"--output_size must be positive, got {args.output_size}")

@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import argparse
 
-from crispdiff.errors import FlagError, report_user_error, run_entry_point
-from crispdiff.hub import HubUploadError, push_to_hub
+from crispdiff.core.errors import FlagError, report_user_error, run_entry_point
+from crispdiff.publish.hub import HubUploadError, push_to_hub
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:

@@ -17,11 +17,11 @@ from pathlib import Path
 
 import torch
 
-from crispdiff.errors import FlagError, run_entry_point
-from crispdiff.evaluate import class_label_flag, generate_samples
-from crispdiff.export import DTYPES, load_pipeline
-from crispdiff.images import make_grid, save_image_atomic, to_pil_list
+from crispdiff.core.errors import FlagError, run_entry_point
+from crispdiff.core.images import make_grid, save_image_atomic, to_pil_list
+from crispdiff.evaluate.sampling import class_label_flag, generate_samples
 from crispdiff.pipelines.pipeline_crispdiff import SAMPLERS
+from crispdiff.publish.export import DTYPES, load_pipeline
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:

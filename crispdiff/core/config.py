@@ -1,0 +1,402 @@
+"""Training configuration: one dataclass per script, flags generated from its fields.
+
+Why a dataclass instead of a hand-written argparse block per script: every default lives in exactly one place, the
+library functions take a typed object rather than a ``Namespace``, and a later script (latent, VAE) extends the
+pixel trainer's config by subclassing instead of copying forty ``add_argument`` lines. Flag names follow diffusers'
+example scripts (``--resolution``, ``--train_batch_size``, ``--snr_gamma`` ...) so users' muscle memory works.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import math
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from crispdiff.core.errors import ArgumentParser, FlagError, UserError, install_user_error_hook
+from crispdiff.core.io import write_json_atomic
+
+
+def flag(default: Any, help: str, choices: list[str] | None = None, **metadata: Any) -> Any:
+    """A dataclass field that also describes its command-line flag."""
+    meta = {"help": help, "choices": choices, **metadata}
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda: type(default)(default), metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+SECRET_MARKERS = ("token", "password", "secret", "api_key")
+
+
+def without_secrets(values: dict[str, Any]) -> dict[str, Any]:
+    """A configuration without credentials (``hub_token`` ...), fit to save beside a model or publish in a card."""
+    return {k: v for k, v in values.items() if not any(marker in k.lower() for marker in SECRET_MARKERS)}
+
+
+#: The per-epoch pixel augmentation flags of DataConfig: each a number in [0, 1], 0 meaning off.
+PIXEL_AUGMENTATIONS = ("color_jitter", "blur_prob", "color_remap_prob")
+
+
+@dataclass
+class DataConfig:
+    """Where the images come from and how they are turned into training tensors."""
+
+    dataset_name: str | None = flag(None, "A Hub dataset id or a local `datasets` folder (saved with save_to_disk).")
+    dataset_config_name: str | None = flag(None, "The dataset's config name, if it has several.")
+    train_data_dir: str | None = flag(
+        None, "A folder of images, optionally with metadata.jsonl (datasets' imagefolder layout)."
+    )
+    image_column: str = flag("image", "Column holding the images when --dataset_name is used.")
+    caption_column: str | None = flag(None, "Optional caption column (kept for conditional scripts).")
+    cache_dir: str | None = flag(
+        None, "Where decoded image / latent caches and downloaded datasets go (default: ~/.cache/crispdiff)."
+    )
+    resolution: int = flag(64, "Training resolution in pixels (square).")
+    interpolation: str = flag("lanczos", "Resize filter.", choices=["bicubic", "lanczos", "bilinear", "nearest"])
+    center_crop: bool = flag(False, "Center-crop to --resolution (default: random crop each epoch).")
+    random_flip: bool = flag(False, "Randomly flip images horizontally.")
+    background: str = flag("white", "Colour that transparent pixels (RGBA, LA, palette) are composited onto.")
+    min_image_size: int = flag(16, "Reject images whose shorter side is smaller than this many pixels.")
+    max_train_samples: int | None = flag(None, "Use only the first N images (for quick experiments).")
+    color_jitter: float = flag(0.0, "Opt-in colour jitter strength (0 = off; 0.05 is gentle).")
+    blur_prob: float = flag(0.0, "Opt-in probability of a weak Gaussian blur per image (0 = off).")
+    blur_sigma: float = flag(0.5, "Sigma of the weak blur augmentation, in pixels.")
+    color_remap_prob: float = flag(
+        0.0,
+        "Opt-in probability that an image's colours are remapped: each channel's 0 and 1 go to random levels "
+        "(white background -> any colour, sometimes inverted). For VAEs, which otherwise wash out large saturated "
+        "or dark fields they never saw (the embedded VAE's last stage used 0.25; benchmarks/RESULTS.md).",
+    )
+
+    def pixel_augmentations(self) -> list[str]:
+        """The per-epoch pixel augmentations switched on, as flags (e.g. ``["--color_jitter"]``).
+
+        Trainers that encode every image once into a latent cache cannot honour them and refuse this list, so a new
+        augmentation added here is refused by all of them.
+        """
+        return [f"--{name}" for name in PIXEL_AUGMENTATIONS if getattr(self, name) > 0]
+
+
+@dataclass
+class ModelConfig:
+    """The UNet2DModel architecture."""
+
+    model_config_name_or_path: str | None = flag(
+        None, "A UNet2DModel config (Hub id, folder or config.json) used instead of the builder flags below."
+    )
+    base_channels: int = flag(48, "Channels of the first UNet level.")
+    channel_mults: list[int] = flag([1, 2, 4, 8], "Channel multiplier per level; one level per entry.")
+    attention_res: list[int] = flag([16, 8], "Feature-map resolutions (in pixels of the UNet input) with attention.")
+    layers_per_block: int = flag(2, "ResNet layers per UNet level.")
+    dropout: float = flag(0.1, "Dropout inside the ResNet blocks.")
+    attention_head_dim: int = flag(32, "Channels per attention head.")
+    resnet_time_scale_shift: str = flag(
+        "default",
+        "How the time (+ class) embedding enters each ResNet block: added to its features (default) or as a "
+        "scale and shift of its GroupNorm (scale_shift: AdaGN, Dhariwal & Nichol 2021; stronger class conditioning "
+        "for a few more parameters). diffusers' UNet2DModel option of the same name.",
+        choices=["default", "scale_shift"],
+    )
+    encoder: str | None = flag(
+        None,
+        "Use a timm network as the UNet's encoder, e.g. `timm:convnext_atto` or `timm:resnet18` (needs "
+        "`pip install 'crispdiff[timm]'`). --base_channels is then the stem width, --layers_per_block and --dropout "
+        "shape the decoder; --channel_mults and --attention_res are not used.",
+    )
+    encoder_weights: str | None = flag(
+        None,
+        "A local .safetensors or .pth state dict of the --encoder timm model (e.g. ImageNet weights) to start from; "
+        "nothing is downloaded. Default: random init.",
+    )
+    encoder_norm: str = flag(
+        "group",
+        "Norm layers of a timm --encoder: BatchNorm -> GroupNorm keeping the affine weights (group), BatchNorm frozen "
+        "at its running statistics (frozen_bn; for --encoder_weights), or timm's BatchNorm unchanged (batch).",
+        choices=["group", "frozen_bn", "batch"],
+    )
+
+
+#: The schedules defined by a continuous alpha-bar, the only ones --snr_shift can shift.
+SHIFTABLE_SCHEDULES = ("cosine", "sigmoid")
+
+
+@dataclass
+class NoiseConfig:
+    """The forward process and the training objective."""
+
+    num_train_timesteps: int = flag(1000, "T, the number of training timesteps.")
+    beta_schedule: str = flag("cosine", "Noise schedule.", choices=["linear", "scaled_linear", "cosine", "sigmoid"])
+    beta_start: float = flag(1e-4, "First beta of the linear / scaled_linear schedules.")
+    beta_end: float = flag(0.02, "Last beta of the linear / scaled_linear schedules.")
+    sigmoid_start: float = flag(-3.0, "Chen 2023 sigmoid schedule: start of the sigmoid's input range.")
+    sigmoid_end: float = flag(3.0, "Chen 2023 sigmoid schedule: end of the sigmoid's input range.")
+    sigmoid_tau: float = flag(1.0, "Chen 2023 sigmoid schedule: temperature (larger = noisier middle).")
+    snr_shift: float = flag(
+        0.0,
+        "Shift the cosine / sigmoid schedule's log-SNR by this many nats at every t (Hoogeboom et al. 2023). "
+        "Negative = noisier (large images: -2*ln(resolution/64)); positive = cleaner (small latents). 0 = off.",
+    )
+    rescale_betas_zero_snr: bool = flag(False, "Rescale the schedule to zero terminal SNR (Lin et al. 2023).")
+    prediction_type: str = flag(
+        "v_prediction", "What the UNet predicts.", choices=["epsilon", "v_prediction", "sample"]
+    )
+    snr_gamma: float | None = flag(5.0, "Min-SNR-gamma loss weighting (Hang et al. 2023); pass 0 to disable.")
+    noise_offset: float = flag(0.0, "Offset noise strength (0 = off).")
+
+    def check_snr_shift(self) -> None:
+        """--snr_shift needs a shiftable schedule; a schedule still unknown (None: taken later from a pretrained
+        scheduler) is checked again once it is resolved."""
+        if self.snr_shift and self.beta_schedule is not None and self.beta_schedule not in SHIFTABLE_SCHEDULES:
+            raise FlagError(
+                f"--snr_shift applies to the {' and '.join(SHIFTABLE_SCHEDULES)} schedules, not {self.beta_schedule!r}"
+            )
+
+
+@dataclass
+class HubConfig:
+    """Publishing to the Hugging Face Hub."""
+
+    push_to_hub: bool = flag(False, "Upload the final pipeline folder to the Hub.")
+    hub_model_id: str | None = flag(None, "Repository id on the Hub (default: the output folder's name).")
+    hub_private_repo: bool = flag(False, "Create the Hub repository as private.")
+    hub_token: str | None = flag(None, "Token for the Hub (default: the cached login / HF_TOKEN).")
+
+
+@dataclass
+class LoopConfig:
+    """The optimisation loop every crispdiff trainer shares: steps, optimizer, precision, EMA, checkpoints, logs."""
+
+    output_dir: str = flag("crispdiff-output", "Where checkpoints, logs, samples and the saved model go.")
+    overwrite_output_dir: bool = flag(False, "Allow replacing a finished model in --output_dir.")
+    seed: int = flag(0, "Seed for weights, data order, noise and validation samples.")
+    train_batch_size: int = flag(64, "Images per process per micro-batch.")
+    gradient_accumulation_steps: int = flag(1, "Micro-batches per optimizer step.")
+    max_train_steps: int | None = flag(None, "Optimizer steps to train for (overrides --num_epochs).")
+    num_epochs: int = flag(100, "Epochs to train for when --max_train_steps is not given.")
+    learning_rate: float = flag(2e-4, "Peak learning rate.")
+    scale_lr: bool = flag(
+        False,
+        "Scale --learning_rate linearly with the global batch (batch x accumulation x processes) relative to "
+        "--lr_reference_batch: lr x global_batch / reference. Off: the LR is used as given.",
+    )
+    lr_reference_batch: int = flag(
+        64, "The global batch --learning_rate was tuned for; --scale_lr scales by the ratio to it."
+    )
+    lr_scheduler: str = flag(
+        "cosine",
+        "LR schedule after warmup.",
+        choices=["linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup"],
+    )
+    lr_warmup_steps: int = flag(500, "Linear warmup steps.")
+    adam_beta1: float = flag(0.9, "AdamW beta1.")
+    adam_beta2: float = flag(0.999, "AdamW beta2.")
+    adam_weight_decay: float = flag(0.0, "AdamW weight decay.")
+    adam_epsilon: float = flag(1e-8, "AdamW epsilon.")
+    use_8bit_adam: bool = flag(False, "Use bitsandbytes' 8-bit AdamW (pip install 'crispdiff[bnb]').")
+    max_grad_norm: float = flag(1.0, "Gradient clipping norm (0 = off).")
+    mixed_precision: str | None = flag(
+        None, "Mixed precision (default: what `accelerate config` chose).", choices=["no", "fp16", "bf16"]
+    )
+    allow_tf32: bool = flag(True, "Allow TF32 matmuls on Ampere+ GPUs.")
+    deterministic: bool = flag(
+        False,
+        "Use only deterministic kernels (torch.use_deterministic_algorithms, no cuDNN benchmarking, no TF32), so a "
+        "resumed GPU run ends bit-identical to an uninterrupted one; slower. CPU runs are deterministic without it.",
+    )
+    cpu_threads: int | None = flag(
+        None,
+        "Torch threads per process when training on the CPU (default: the cores divided among this machine's "
+        "processes; `accelerate launch` without a config would otherwise leave one).",
+    )
+    use_ema: bool = flag(True, "Keep an exponential moving average of the weights; it is what gets sampled and saved.")
+    ema_decay: float = flag(0.9999, "Maximum EMA decay.")
+    ema_inv_gamma: float = flag(1.0, "EMA warmup inverse gamma.")
+    ema_power: float = flag(0.75, "EMA warmup power (3/4 suits runs of tens of thousands of steps).")
+    checkpointing_steps: int = flag(500, "Save a resumable checkpoint every N optimizer steps.")
+    checkpoints_total_limit: int | None = flag(3, "Keep at most this many checkpoints.")
+    resume_from_checkpoint: str | None = flag(None, "A checkpoint folder, or 'latest'.")
+    validation_steps: int = flag(500, "Validate (sample grid / held-out metrics) every N steps.")
+    logging_dir: str = flag("logs", "Tensorboard folder, relative to --output_dir.")
+    report_to: str = flag("tensorboard", "Where accelerate logs go.", choices=["tensorboard", "wandb", "all", "none"])
+
+    def to_dict(self) -> dict[str, Any]:
+        """The configuration as saved beside checkpoints and models: without the Hub token."""
+        return without_secrets(dataclasses.asdict(self))
+
+    def save_json(self, path: str | Path) -> None:
+        write_json_atomic(path, self.to_dict(), sort_keys=True)
+
+
+@dataclass
+class TrainConfig(DataConfig, ModelConfig, NoiseConfig, HubConfig, LoopConfig):
+    """Everything `train_scripts/train_unconditional.py` accepts."""
+
+    gradient_checkpointing: bool = flag(False, "Trade compute for memory in the UNet.")
+    enable_xformers_memory_efficient_attention: bool = flag(False, "Use xformers attention (optional extra).")
+    torch_compile: bool = flag(
+        False, "Compile the UNet with torch.compile (the first steps are slow while it compiles; GPU runs gain most)."
+    )
+    torch_compile_backend: str = flag(
+        "inductor", "torch.compile backend for --torch_compile ('aot_eager' compiles in seconds but runs no faster)."
+    )
+    save_model_steps: int | None = flag(
+        None, "Also write the pipeline folder every N steps (default: only at the end)."
+    )
+    class_column: str | None = flag(
+        None,
+        "Train a class-conditional model on this metadata.jsonl / dataset column (e.g. the embedded emoji's "
+        "`category`); sample a class with classifier-free guidance (`crispdiff sample --class NAME`). `auto`: "
+        "classes made by clustering the images (crispdiff/data/auto_classes.py); the pipeline then samples their mix "
+        "when called without labels.",
+    )
+    num_auto_classes: int | None = flag(
+        None,
+        "With --class_column auto: how many clusters (default: one per 8 training images, 2 to 256).",
+    )
+    class_dropout_prob: float = flag(
+        0.1,
+        "With --class_column: probability of training an image as the null class, so that one model is both "
+        "conditional and unconditional (classifier-free guidance needs both).",
+    )
+    guidance_scale: float = flag(
+        2.0,
+        "With --class_column: the classifier-free guidance scale saved as the pipeline's default and used for the "
+        "sample grids (1 = the conditional model alone; 2 made the embedded emoji's classes recognisable at no cost "
+        "in SWD, higher trades diversity for typicality).",
+    )
+    guidance_interval: list[float] | None = flag(
+        None,
+        "With --class_column: guide only at noise levels sigma = sqrt((1 - alpha_bar) / alpha_bar) in (MIN, MAX] "
+        "(Kynkaanniemi et al. 2024), saved as the pipeline's default; the other sampling steps run the conditional "
+        "model alone. Two numbers, MIN MAX; default: every step.",
+    )
+    num_validation_images: int = flag(
+        16,
+        "Images in the validation grid (a class-conditional model: one row per class, at least 4 per row, this many "
+        "in all or more; with more than 16 classes, one image per class).",
+    )
+    validation_inference_steps: int = flag(25, "Sampler steps for validation and the final sample grid.")
+    validation_metrics: bool = flag(False, "Log SWD and sharpness ratios at each validation.")
+    sampler: str = flag(
+        "dpmsolver++",
+        "Default sampler of the saved pipeline.",
+        choices=["dpmsolver++", "ddim", "unipc", "pndm", "ddpm"],
+    )
+    thresholding: bool = flag(False, "Dynamic thresholding of predicted x0 while sampling (pixel models only).")
+    sr_model_name_or_path: str | None = flag(
+        None, "A super-resolution model (.pth / .safetensors, or hub 'repo_id/file') saved into the pipeline."
+    )
+    sr_strength: float = flag(0.5, "Default blend of SR output with a Lanczos upscale (0 = Lanczos only, 1 = SR only).")
+    sharpen_amount: float | None = flag(
+        None,
+        "Default unsharp-mask amount of the saved pipeline (radius 1 px), applied after decoding / SR; callers can "
+        "override it per call (pipe(sharpen_amount=...)). Default: 0, except the latent trainer with the embedded "
+        "VAE, which uses the amount measured for that decoder.",
+    )
+    time_budget_minutes: float | None = flag(
+        None,
+        "Size the run to end this many minutes after it starts, on this machine (export included), instead of "
+        "--max_train_steps: a short probe times a few steps, and the steps chosen are saved in the training config "
+        "(max_train_steps) so the run can be repeated exactly. The latent trainer's VAE adaptation gets a share.",
+    )
+    sharpen_calibration_images: int = flag(
+        0,
+        "At the end of training, sample this many images without the unsharp mask and save the amount whose "
+        "high-frequency and Laplacian ratios best match the training images (the rule of `crispdiff evaluate "
+        "--sharpen_sweep`). 0 = keep --sharpen_amount. Worth it on long runs: the amount a model needs falls as it "
+        "gets sharper (benchmarks/RESULTS.md, 'Unsharp-mask amount vs training length'); 256 is plenty.",
+    )
+
+    def validate(self) -> None:
+        """Refuse flag combinations every diffusion trainer would only fail on later (subclasses extend this)."""
+        self.check_snr_shift()
+        if self.sharpen_amount is not None and self.sharpen_amount < 0:
+            raise ValueError(f"--sharpen_amount must be >= 0, got {self.sharpen_amount}")
+        if self.sharpen_calibration_images < 0:
+            raise ValueError(f"--sharpen_calibration_images must be >= 0, got {self.sharpen_calibration_images}")
+        if self.guidance_scale < 0:
+            raise ValueError(f"--guidance_scale must be >= 0, got {self.guidance_scale}")
+        if self.guidance_interval is not None and not (
+            len(self.guidance_interval) == 2 and 0 <= self.guidance_interval[0] < self.guidance_interval[1]
+        ):
+            raise ValueError(f"--guidance_interval needs two numbers 0 <= MIN < MAX, got {self.guidance_interval}")
+        interval = self.guidance_interval
+        if interval is not None and interval[0] <= 0 and math.isinf(interval[1]):
+            self.guidance_interval = None  # every step: stored as no interval
+        if self.time_budget_minutes is not None and not self.time_budget_minutes > 0:
+            raise ValueError(f"--time_budget_minutes must be positive, got {self.time_budget_minutes}")
+        if self.num_auto_classes is not None and self.num_auto_classes < 2:
+            raise ValueError(f"--num_auto_classes must be >= 2, got {self.num_auto_classes}")
+
+
+_TRUE = {"1", "true", "yes", "y", "on"}
+_FALSE = {"0", "false", "no", "n", "off"}
+
+
+def _parse_bool(text: str) -> bool:
+    lowered = text.lower()
+    if lowered in _TRUE:
+        return True
+    if lowered in _FALSE:
+        return False
+    raise argparse.ArgumentTypeError(f"expected a boolean (true/false), got {text!r}")
+
+
+def _unwrap_optional(tp: Any) -> Any:
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        return args[0]
+    return tp
+
+
+def add_dataclass_flags(parser: argparse.ArgumentParser, config_cls: type) -> None:
+    """Add one ``--name`` flag per dataclass field, typed from the annotation.
+
+    Booleans accept both ``--flag`` (sets True) and ``--flag false`` so that defaults that are on (``--use_ema``)
+    can be turned off; lists take several values (``--channel_mults 1 2 4``).
+    """
+    hints = typing.get_type_hints(config_cls)
+    for f in dataclasses.fields(config_cls):
+        tp = _unwrap_optional(hints[f.name])
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
+        help_text = f.metadata.get("help", "")
+        # argparse %-formats help strings: a literal "%" in a help text or a default would crash --help
+        kwargs: dict[str, Any] = {"default": default, "help": f"{help_text} (default: {default})".replace("%", "%%")}
+        if f.metadata.get("choices"):
+            kwargs["choices"] = f.metadata["choices"]
+        if tp is bool:
+            kwargs.update(type=_parse_bool, nargs="?", const=True)
+        elif typing.get_origin(tp) is list:
+            kwargs.update(type=typing.get_args(tp)[0], nargs="+")
+        else:
+            kwargs["type"] = tp
+        parser.add_argument(f"--{f.name}", **kwargs)
+
+
+def parse_config(config_cls: type, argv: list[str] | None = None, description: str | None = None) -> Any:
+    """Parse command-line flags into an instance of ``config_cls``.
+
+    ``argv=None`` means this is the program's own command line: from then on a user error anywhere in the run (bad
+    data, a missing path, an invalid flag combination) ends it with one ``error:`` line and status 2
+    (``crispdiff.core.errors``). A ``ValueError`` from the config's ``validate()`` is such a user error.
+    """
+    parser = ArgumentParser(description=description or config_cls.__doc__)
+    add_dataclass_flags(parser, config_cls)
+    if argv is None:
+        install_user_error_hook(parser.prog)
+    args = parser.parse_args(argv)
+    config = config_cls(**vars(args))
+    validate = getattr(config, "validate", None)
+    if callable(validate):
+        try:
+            validate()
+        except UserError:
+            raise
+        except ValueError as err:
+            raise FlagError(str(err)) from err
+    return config

@@ -1,0 +1,199 @@
+"""Image sources, decoding, preprocessing, the on-disk uint8 cache and on-the-fly augmentation.
+
+Why this shape: small diffusion models train for many epochs over small images, so decoding PNGs every epoch would
+dominate the step time and a ``DataLoader`` with workers would make the random stream depend on the worker count.
+Instead every image is decoded exactly once (PIL), turned into RGB uint8 with a fixed recipe (transparency composited
+onto ``--background``, 16-bit scaled, short side resized to ``--resolution``) and appended to a flat file on disk.
+Later runs memory-map that file, so a second run decodes nothing and a dataset of a few hundred thousand images does
+not need to fit in RAM. Batches are assembled from the memory map on the fly; every random draw (crop, flip, jitter,
+blur) comes from the caller's ``torch.Generator`` so a resumed run sees exactly the batches it would have seen.
+
+Sources, in order of precedence: ``--train_data_dir`` (a folder, recursive, optional ``metadata.jsonl`` as in
+datasets' imagefolder), ``--dataset_name`` (a Hub id, a ``save_to_disk`` folder or any folder ``datasets`` can load),
+else the embedded Noto Emoji subset shipped in ``crispdiff/assets``.
+
+One module per concern, this one being the entry point (``load_images``) that re-exports their public names:
+``data_decode`` (one image -> uint8 with the recipe), ``data_sources`` (folder / ``datasets`` / embedded),
+``data_cache`` (the memory-mapped cache and the skipped-file list), ``data_batches`` (``ImageData``: crops,
+augmentation, device residency).
+"""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from crispdiff.core.config import PIXEL_AUGMENTATIONS
+from crispdiff.core.errors import DataError
+from crispdiff.data.auto_classes import AUTO_CLASS_COLUMN, cluster_images
+from crispdiff.data.batches import ImageData, to_device, uint8_to_unit
+from crispdiff.data.cache import (
+    SKIPPED_FILE,
+    SKIPPED_LOG_NAME,
+    _build_cache,
+    _cache_key,
+    _read_cache,
+    _warn_about,
+    skipped_entries,
+    write_skipped_log,
+)
+from crispdiff.data.decode import _INTERPOLATIONS, _parse_background, _Recipe
+from crispdiff.data.sources import (
+    IMAGE_EXTENSIONS,
+    _resolve_source,
+    cache_root,
+    embedded_dataset_dir,
+    is_saved_dataset,
+    metadata_class_column,
+)
+
+__all__ = [
+    "DataError",
+    "ImageData",
+    "IMAGE_EXTENSIONS",
+    "SKIPPED_LOG_NAME",
+    "cache_root",
+    "embedded_dataset_dir",
+    "is_saved_dataset",
+    "load_images",
+    "to_device",
+    "uint8_to_unit",
+    "write_skipped_log",
+]
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Entry point
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def _check_config(config: Any) -> None:
+    if int(config.resolution) < 1:
+        raise DataError(f"--resolution must be positive, got {config.resolution}")
+    if config.interpolation not in _INTERPOLATIONS:
+        raise DataError(f"--interpolation {config.interpolation!r} is not one of {sorted(_INTERPOLATIONS)}")
+    for name in PIXEL_AUGMENTATIONS:
+        if not 0.0 <= float(getattr(config, name)) <= 1.0:
+            raise DataError(f"--{name} must be within [0, 1], got {getattr(config, name)}")
+    if float(config.blur_sigma) < 0:
+        raise DataError(f"--blur_sigma must be >= 0, got {config.blur_sigma}")
+
+
+def _skipped_log(entries: list[str], cache_folder: Path, config: Any) -> Path | None:
+    """Where every skipped file is listed: ``OUTPUT_DIR/skipped_images.txt`` for a run, else the cache's own list."""
+    if not entries:
+        return None
+    output_dir = getattr(config, "output_dir", None)
+    if output_dir:
+        return write_skipped_log(entries, output_dir)
+    return cache_folder / SKIPPED_FILE if (cache_folder / SKIPPED_FILE).is_file() else None
+
+
+def _class_values(source: Any, column: str | None) -> list[str] | None:
+    """Each source item's class (``str`` of the ``--class_column`` value), checked before anything is decoded.
+
+    An image without a value is an error naming the file: silently training it as "no class" would teach the null
+    class from a few arbitrary images.
+    """
+    if column is None:
+        return None
+    if source.metadata is None:  # the sources already refuse this; kept as a guard for new sources
+        raise DataError(f"--class_column {column!r} was given but {source.description} has no metadata")
+    values = []
+    for name, row in zip(source.names, source.metadata):
+        value = row.get(column)
+        text = "" if value is None else str(value).strip()
+        if not text:
+            raise DataError(
+                f"--class_column {column!r}: image {name} has no value in that column "
+                "(give every image a class, or drop it from the data)"
+            )
+        values.append(text)
+    return values
+
+
+def _class_labels(values: list[str] | None, kept: list[int], column: str | None) -> tuple[Any, Any]:
+    """``(class_names, class_ids)`` of the kept images: names sorted as strings, ids 0..N-1 (N is the null class)."""
+    if values is None:
+        return None, None
+    kept_values = [values[i] for i in kept]
+    names = sorted(set(kept_values))
+    if len(names) < 2:
+        raise DataError(
+            f"--class_column {column!r} has a single class ({names[0]!r}) in this data; a class-conditional model "
+            "needs at least two (drop --class_column to train unconditionally)"
+        )
+    position = {name: i for i, name in enumerate(names)}
+    return names, np.array([position[v] for v in kept_values], dtype=np.int64)
+
+
+def load_images(config: Any, *, for_latents: bool = False, show_progress: bool = True) -> ImageData:
+    """Load the images named by the data flags of ``config`` (a ``DataConfig`` or anything with its attributes).
+
+    The first call decodes and caches; later calls with the same files and preprocessing memory-map the cache.
+    ``--class_column`` adds class names and ids, read from the metadata on every load (not part of the cache key);
+    ``--class_column auto`` makes them from the pixels instead (``crispdiff.data.auto_classes``: seeded by ``--seed``,
+    the count from ``--num_auto_classes``).
+    ``for_latents=True`` stores centre crops only, whatever ``--center_crop`` says: a latent cache encodes each image
+    once, so there is no later random crop to keep the full image for.
+    """
+    _check_config(config)
+    recipe = _Recipe(
+        resolution=int(config.resolution),
+        interpolation=str(config.interpolation),
+        background=_parse_background(config.background),
+        center=bool(config.center_crop) or for_latents,
+        min_image_size=int(config.min_image_size),
+    )
+    source = _resolve_source(config)
+    class_column = metadata_class_column(config)
+    class_values = _class_values(source, class_column)
+    key = _cache_key(source, recipe)
+    folder = cache_root(config) / "images" / key
+    contents = _read_cache(folder, key)
+    cache_hit = contents is not None
+    if contents is None:
+        if (folder / "header.json").exists():
+            warnings.warn(f"image cache {folder} is damaged or stale; rebuilding it", UserWarning, stacklevel=2)
+        _build_cache(source, recipe, folder, key, show_progress)
+        contents = _read_cache(folder, key)
+        if contents is None:
+            raise RuntimeError(f"the image cache just written to {folder} does not validate; is the disk full?")
+    skipped = skipped_entries(folder, contents.header)
+    _warn_about(contents.header, source, recipe, _skipped_log(skipped, folder, config))
+    kept = contents.kept.tolist()
+    class_names, class_ids = _class_labels(class_values, kept, class_column)
+    pixels = np.memmap(folder / "pixels.bin", dtype=np.uint8, mode="r")
+    data = ImageData(
+        pixels,
+        contents.index,
+        resolution=recipe.resolution,
+        center_crop=recipe.center,
+        random_flip=bool(config.random_flip),
+        color_jitter=float(config.color_jitter),
+        blur_prob=float(config.blur_prob),
+        blur_sigma=float(config.blur_sigma),
+        color_remap_prob=float(config.color_remap_prob),
+        captions=[source.captions[i] for i in kept] if source.captions is not None else None,
+        metadata=[source.metadata[i] for i in kept] if source.metadata is not None else None,
+        source=source.description,
+        num_skipped=int(contents.header.get("num_skipped", 0)),
+        skipped_names=skipped,
+        cache_path=folder,
+        cache_hit=cache_hit,
+        class_names=class_names,
+        class_ids=class_ids,
+    )
+    if getattr(config, "class_column", None) == AUTO_CLASS_COLUMN:
+        num_classes, seed = getattr(config, "num_auto_classes", None), int(getattr(config, "seed", 0))
+        data.set_classes(*cluster_images(data.center_crops, len(data), num_classes, seed))
+        if data.class_names is None:
+            warnings.warn(
+                f"--class_column auto: {len(data)} image(s) are too few to cluster into classes; training "
+                "unconditionally (--num_auto_classes N asks for N clusters anyway)",
+                UserWarning,
+                stacklevel=2,
+            )
+    return data

@@ -1,0 +1,1 @@
+"""The diffusion maths: noise schedules, losses' weights, noising, and the UNet builders."""

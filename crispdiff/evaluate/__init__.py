@@ -1,0 +1,1 @@
+"""Measuring a model: the metrics (SWD, sharpness ratios, FID) and `crispdiff evaluate`."""

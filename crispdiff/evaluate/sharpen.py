@@ -1,0 +1,58 @@
+"""The unsharp-mask sweep (``--sharpen_sweep``): the amount that matches the data's sharpness, saved in the pipeline."""
+
+from __future__ import annotations
+
+import math
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from crispdiff.core.io import write_json_atomic
+from crispdiff.evaluate import metrics as M
+
+#: Unsharp-mask amounts ``--sharpen_sweep`` tries (0 = off), with the pipeline's own radius and threshold.
+SHARPEN_SWEEP_AMOUNTS = tuple(round(0.1 * step, 1) for step in range(16))
+
+
+def sharpen_sweep(
+    pipeline: Any,
+    unsharpened01: torch.Tensor,
+    reference: torch.Tensor | np.ndarray,
+    amounts: tuple[float, ...] = SHARPEN_SWEEP_AMOUNTS,
+) -> dict[str, Any]:
+    """Both sharpness ratios of the same samples under each unsharp amount, and the amount that matches the data best.
+
+    Why: the right amount depends on how sharp the model is before post-processing, and that changes with training
+    length (benchmarks/RESULTS.md, "What more compute buys": the main job's 0.5 gives hf 1.07 after its 4 minutes but
+    1.16 after 20 CPU-minutes). Sharpening is post-processing, so one unsharpened sampling pass serves every amount.
+    ``unsharpened01`` are the pipeline's outputs with ``sharpen_amount=0`` and ``gamma=1``; each amount goes through
+    the pipeline's own ``postprocess`` (unsharp mask, then its gamma), so the figures are what the pipeline would
+    give. The best amount is the one whose worse ratio is nearest 1 on a log scale: neither blurry nor noisy by
+    either measure.
+    """
+    ref01 = M.to_float01(reference)
+    rows = []
+    for amount in amounts:
+        sharpened = pipeline.postprocess(unsharpened01, sharpen_amount=amount)
+        ratios = M.sharpness_ratios(ref01, M.resize_images(sharpened, ref01.shape[-1]))
+        rows.append(
+            {
+                "amount": amount,
+                "hf_energy_ratio": ratios["hf_energy_ratio"],
+                "laplacian_var_ratio": ratios["laplacian_var_ratio"],
+            }
+        )
+    best = min(rows, key=lambda r: max(abs(math.log(r["hf_energy_ratio"])), abs(math.log(r["laplacian_var_ratio"]))))
+    return {"rows": rows, "best_amount": best["amount"], "pipeline_amount": float(pipeline.config.sharpen_amount)}
+
+
+def save_sharpen_amount(pipeline_dir: str | os.PathLike, amount: float) -> Path:
+    """Write ``amount`` as the saved pipeline's default unsharp mask (its model_index.json, atomically)."""
+    from crispdiff.publish.export import MODEL_INDEX_NAME, read_model_index
+
+    index = read_model_index(pipeline_dir)  # clear errors for a missing folder or another kind of pipeline
+    index["sharpen_amount"] = amount
+    return write_json_atomic(Path(pipeline_dir) / MODEL_INDEX_NAME, index, sort_keys=True)

@@ -1,0 +1,1 @@
+"""Latent diffusion: loading VAEs, the latent cache, the latent trainer, the VAE trainer and VAE adaptation."""

@@ -1,0 +1,433 @@
+"""Latent diffusion (Plan C): the UNet trains on a frozen VAE's latents instead of pixels.
+
+Why latents: a 64 px emoji is 3x64x64 = 12,288 numbers; the embedded f=4 VAE turns it into 8x16x16 = 2,048. The same
+UNet then does ~16x less work per image, and the decoder — trained on the same images — draws the fine edges, so
+samples are sharper for the same compute. The pieces:
+
+- ``LatentTrainConfig``: the pixel trainer's flags plus the VAE's, with defaults for the main job (``accelerate
+  launch train_scripts/train_latent.py`` with no arguments: embedded emoji, embedded VAE, ~3 minutes on 2 CPU cores);
+- ``LatentSpace``: the ``crispdiff.train.unet_trainer.TrainingSpace`` whose ``x0`` draws ``z = mean + std * eps`` from
+  the cached posterior (``crispdiff.latent.cache``), picks the mirror image's latents half the time with
+  ``--random_flip``, and scales them to unit variance;
+- ``train_latent(config)``: loads the VAE, builds or reuses the cache (rank 0 first), then runs the one training loop.
+
+The VAE is frozen: ``requires_grad_(False)``, eval mode, and its parameters never reach the optimizer. Decoder
+fine-tuning is not done here — see ``LatentTrainConfig.validate`` for why, and ``train_scripts/train_vae.py
+--train_decoder_only`` for where it lives.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from crispdiff.core.config import SHIFTABLE_SCHEDULES, TrainConfig, flag
+from crispdiff.data.auto_classes import AUTO_CLASS_COLUMN, NO_CLASS_COLUMN
+from crispdiff.data.loading import to_device
+from crispdiff.latent.cache import DTYPES, LatentCache, load_or_build_latent_cache
+from crispdiff.latent.vae import (
+    EMBEDDED_VAE_SHARPEN_AMOUNT,
+    AnyVAE,
+    embedded_vae_dir,
+    measure_scaling_factor,
+    measure_shift_factor,
+    read_scaling,
+    sample_posterior,
+    scale_latents,
+)
+from crispdiff.train.unet_trainer import ImageDataSpace
+
+__all__ = ["LatentSpace", "LatentTrainConfig", "load_latents", "preprocessing_key", "resolve_scaling", "train_latent"]
+
+#: Posterior samples used to measure the scaling factor when the VAE's config states none (evenly spaced images).
+SCALING_SAMPLE_IMAGES = 4096
+
+
+#: The embedded emoji's metadata column the main job conditions on: Unicode's 90 subcategories (``face-smiling``,
+#: ``hand-fingers-open``, ``country-flag``, ...), finer than its 10 categories. Measured on a 2-core CPU, main job,
+#: 1,000 samples in the data's class mix, two seeds: SWD 1.95x / 2.08x the real floor against 2.18x / 2.45x with
+#: ``category`` (benchmarks/RESULTS.md, "Main job: conditioned on subcategories"); unconditional was 2.37x.
+EMBEDDED_CLASS_COLUMN = "subcategory"
+
+#: The latent trainer's default --snr_shift on a cosine / sigmoid schedule: -1 nat (noisier at every t). Measured with
+#: AdaGN on the main job at guidance 2: SWD 1.67x the real floor against 1.71x unshifted, and a subcategory
+#: classifier's top-1 on the samples 0.25 against 0.20; -2 was worse (benchmarks/RESULTS.md, "Main job: AdaGN,
+#: `--snr_shift -1` and guidance 3").
+MAIN_JOB_SNR_SHIFT = -1.0
+
+
+#: The latent trainer's default guidance interval (min, max sigma): guidance only at the middle noise levels.
+MAIN_JOB_GUIDANCE_INTERVAL = (0.28, 5.42)
+
+
+@dataclass
+class LatentTrainConfig(TrainConfig):
+    """Everything `train_scripts/train_latent.py` accepts.
+
+    The defaults are the main job: the embedded Noto emoji at 64 px, the embedded f=4 VAE (8x16x16 latents), and a
+    UNet and schedule sized to finish, latent encoding included, in about 3 minutes on a 2-core CPU (6-7 on one
+    half as fast). On a GPU use a bigger model and a longer run; each flag's help says what.
+    """
+
+    pretrained_vae_name_or_path: str | None = flag(
+        None,
+        "The VAE whose latents the UNet learns: a Hub id (e.g. stabilityai/sd-vae-ft-mse), a local diffusers VAE "
+        "folder, or a pipeline folder with vae/; AutoencoderKL or AutoencoderTiny. Default: the embedded f=4 VAE "
+        "trained on Noto emoji (crispdiff/assets/vae-noto-f4).",
+    )
+    vae_trainable: str = flag(
+        "none",
+        "Which VAE parts train. Only 'none' is supported here: the diffusion loss never reaches the decoder. "
+        "Fine-tune a decoder with train_scripts/train_vae.py --train_decoder_only and pass the result as "
+        "--pretrained_vae_name_or_path.",
+        choices=["none", "decoder"],
+    )
+    adapt_vae: str = flag(
+        "auto",
+        "Fit the VAE to your images before training the UNet on its latents: `auto` reconstructs a held-out sample of "
+        "your images and fine-tunes the VAE on them (the embedded VAE's recipe, decoder noise included) when that "
+        "falls below 28 dB PSNR or 0.85 of their high-frequency energy; `always`; `off`. The adapted VAE "
+        "(OUTPUT_DIR/vae-adapted/vae) is the one the saved pipeline carries.",
+        choices=["off", "auto", "always"],
+    )
+    adapt_vae_steps: int = flag(
+        150,
+        "Steps of 16 images for --adapt_vae (about 80 s on a 2-core CPU with the embedded VAE; held-out PSNR on emoji "
+        "of another design family rises from 23 to about 28 dB in that time).",
+    )
+    adapt_vae_learning_rate: float = flag(2e-4, "Learning rate of --adapt_vae (the embedded VAE's own).")
+    latent_cache_dir: str | None = flag(
+        None, "Where encoded latents are cached (default: <--cache_dir or ~/.cache/crispdiff>/latents)."
+    )
+    latent_cache_dtype: str = flag(
+        "float16",
+        "Storage precision of cached latents; float16 rounding is ~50x smaller than the posterior noise each sample "
+        "carries anyway (see crispdiff/latent/cache.py).",
+        choices=sorted(DTYPES),
+    )
+    vae_batch_size: int = flag(32, "Images per VAE encoder batch while building the latent cache (GPU: 128+).")
+    scaling_factor: float | None = flag(
+        None,
+        "Latent scaling factor override. Default: the VAE config's scaling_factor, or 1/std of the training latents "
+        "(plus their mean as shift) when the config states none; the value used is saved in the pipeline.",
+    )
+
+    # Defaults for the main job: 64 px emoji -> 8x16x16 latents and a 2.9M-parameter AdaGN UNet, sized so the whole run
+    # (1000 images encoded, 700 steps of 64, export and sample grid) takes about 3 minutes on a 2-core CPU, and
+    # README's first command (install included) at most 10 on one half as fast. Batch 64 gives 1.2x the images per
+    # second of batch 32 on a CPU, and attention only at 4x4 saves 10% of a step; against 1,500 steps of 32 with
+    # attention at 8 and 4 this costs about 5% in SWD for 25% less time (benchmarks/RESULTS.md, "Main job in 3
+    # minutes"). `accelerate launch` without a config gives a CPU process one thread; crispdiff gives it its share of
+    # the cores (`--cpu_threads`).
+    resolution: int = flag(64, "Training resolution in pixels (square); must be a multiple of the VAE's factor.")
+    base_channels: int = flag(
+        32, "Channels of the first UNet level (CPU default; on a GPU 128 with --channel_mults 1 2 3 4)."
+    )
+    channel_mults: list[int] = flag(
+        [1, 2, 4], "Channel multiplier per level; 3 levels suit 16x16 latents (16 -> 8 -> 4)."
+    )
+    attention_res: list[int] = flag(
+        [4],
+        "LATENT resolutions with self-attention (16x16 latents: levels at 16, 8, 4; CPU default 4, GPU 8 4; "
+        "32x32 latents: 16 8).",
+    )
+    layers_per_block: int = flag(1, "ResNet layers per UNet level (CPU default; 2 on a GPU).")
+    resnet_time_scale_shift: str = flag(
+        "scale_shift",
+        "How the time + class embedding enters each ResNet block: as a scale and shift of its GroupNorm (scale_shift, "
+        "AdaGN; the main job's default: SWD 1.71x the real floor against 2.03x at guidance 2, and a subcategory "
+        "classifier names nearly twice as many of the samples) or added to its features (default).",
+        choices=["default", "scale_shift"],
+    )
+    dropout: float = flag(0.0, "Dropout inside the ResNet blocks (0.1 for long GPU runs on small datasets).")
+    train_batch_size: int = flag(64, "Images per process per micro-batch (CPU default; 128-256 on a GPU).")
+    snr_shift: float | None = flag(
+        None,
+        "Shift the cosine / sigmoid schedule's log-SNR by this many nats at every t (0 = off). Default: -1 (noisier) "
+        "with those schedules, 0 with the others: on the 8x16x16 latents of the embedded VAE, -1 spends more of the "
+        "training on the noisy steps that decide a sample's layout (benchmarks/RESULTS.md, \"Main job: AdaGN, "
+        '`--snr_shift -1` and guidance 3").',
+    )
+    max_train_steps: int | None = flag(
+        700, "Optimizer steps (CPU default: about 2.5 minutes on a 2-core CPU; a GPU run: 20000-50000 steps)."
+    )
+    learning_rate: float = flag(
+        3e-3,
+        "Peak learning rate. 3e-3 suits the short CPU run on the 8-channel embedded VAE (measured: 5e-4 left SWD "
+        "1.5x higher in a run of 1,500 steps of 32); 2e-4 for long GPU runs with a bigger UNet.",
+    )
+    lr_warmup_steps: int = flag(100, "Linear warmup steps.")
+    adam_beta2: float = flag(
+        0.99,
+        "AdamW beta2. 0.99 (not 0.999) because the AdaGN UNet at the main job's learning rate is prone to loss spikes "
+        "when the LR stays high: at a constant 3e-3 the loss jumped from 0.14 to 0.30 at step 480 and the samples "
+        "turned to confetti with 0.999, and stayed at 0.12 through 1,000 steps with 0.99 (a second-moment estimate "
+        "that follows the gradients' growth faster keeps Adam's steps from overshooting).",
+    )
+    ema_power: float = flag(2 / 3, "EMA warmup power (2/3 for runs of a few thousand steps, 3/4 for longer ones).")
+    checkpointing_steps: int = flag(500, "Save a resumable checkpoint every N optimizer steps.")
+    validation_steps: int = flag(
+        1000,
+        "Sample a validation grid every N steps (the main job's 700 steps end with the pipeline's own grid only: "
+        "sampling a grid of 90 guided classes takes about 5 s, 3% of the run).",
+    )
+    output_dir: str = flag("crispdiff-latent", "Where checkpoints, logs, samples and the pipeline folder go.")
+    class_column: str | None = flag(
+        None,
+        "Train a class-conditional model on this metadata.jsonl / dataset column; sample a class with classifier-free "
+        "guidance (`crispdiff sample --class NAME`). Default: `subcategory` on the embedded emoji (the main job: 90 "
+        "classes, one sample-grid tile each, guided); `auto` on your own data: clusters of your images as classes "
+        "(--num_auto_classes), sampled in their mix when the pipeline is called without labels; `--class_column none` "
+        "turns conditioning off.",
+    )
+
+    guidance_scale: float = flag(
+        3.0,
+        "With a class column: the classifier-free guidance scale saved as the pipeline's default and used for the "
+        "sample grids (1 = the conditional model alone). 3 for the main job: 1,000 samples 1.59x / 1.57x the real "
+        "floor in SWD at seeds 0 / 1 against 1.67x / 1.68x at 2, and fewer colour blobs; 4 dulls the fine detail "
+        "(hf-energy ratio 0.86).",
+    )
+
+    guidance_interval: list[float] | None = flag(
+        list(MAIN_JOB_GUIDANCE_INTERVAL),
+        "With a class column: guide only at noise levels sigma = sqrt((1 - alpha_bar) / alpha_bar) in (MIN, MAX] "
+        "(Kynkaanniemi et al. 2024), saved as the pipeline's default; the noisiest and the cleanest sampling steps run "
+        "the conditional model alone. `0 inf` guides every step.",
+    )
+
+    def validate(self) -> None:
+        """Refuse flag combinations the latent trainer cannot honour, with the reason and the alternative."""
+        # resolved first so the saved training config states the values used
+        if self.sharpen_amount is None:
+            self.sharpen_amount = 0.0 if self.pretrained_vae_name_or_path else EMBEDDED_VAE_SHARPEN_AMOUNT
+        # "none" is kept (not turned into None), so that validating twice (parse_config, then train_latent) cannot
+        # turn an explicit "off" into the default
+        if self.class_column is None:
+            self.class_column = AUTO_CLASS_COLUMN if self.train_data_dir or self.dataset_name else EMBEDDED_CLASS_COLUMN
+        elif self.class_column == "":
+            self.class_column = NO_CLASS_COLUMN
+        if self.snr_shift is None:
+            self.snr_shift = MAIN_JOB_SNR_SHIFT if self.beta_schedule in SHIFTABLE_SCHEDULES else 0.0
+        super().validate()
+        if self.vae_trainable == "decoder":
+            raise ValueError(
+                "--vae_trainable decoder is not supported by train_latent.py: the UNet learns from cached latents, so "
+                "the diffusion loss never reaches the VAE decoder and unfreezing it would change nothing but memory "
+                "use. Fine-tune the decoder on your images with `train_scripts/train_vae.py "
+                "--pretrained_vae_name_or_path <vae> --train_decoder_only` (the encoder stays frozen, so latents "
+                "stay valid), then train here with --pretrained_vae_name_or_path <output>/vae."
+            )
+        if augmentations := self.pixel_augmentations():
+            raise ValueError(
+                f"{', '.join(augmentations)}: pixel augmentations; the latent cache encodes every image once, so they "
+                "cannot vary per epoch. Drop them (or train in pixel space with train_unconditional.py)."
+            )
+        if self.adapt_vae_steps < 1:
+            raise ValueError(f"--adapt_vae_steps must be >= 1, got {self.adapt_vae_steps}")
+        if self.vae_batch_size < 1:
+            raise ValueError(f"--vae_batch_size must be >= 1, got {self.vae_batch_size}")
+        if self.scaling_factor is not None and not self.scaling_factor > 0:
+            raise ValueError(f"--scaling_factor must be positive, got {self.scaling_factor}")
+
+    def resolved_vae_path(self) -> Path | str:
+        """The VAE this config loads: the flag's value, or the embedded default's folder."""
+        return self.pretrained_vae_name_or_path or embedded_vae_dir()
+
+
+def preprocessing_key(config: Any) -> dict[str, Any]:
+    """The preprocessing flags that decide a cached latent (with the image cache's own key, part of the cache key)."""
+    return {
+        "resolution": int(config.resolution),
+        "interpolation": str(config.interpolation),
+        "background": str(config.background),
+        "min_image_size": int(config.min_image_size),
+        "crop": "center",
+    }
+
+
+def latent_cache_dir(config: Any) -> Path:
+    """``--latent_cache_dir``, else ``latents/`` under crispdiff's cache root."""
+    if getattr(config, "latent_cache_dir", None):
+        return Path(config.latent_cache_dir).expanduser()
+    from crispdiff.data.loading import cache_root
+
+    return cache_root(config) / "latents"
+
+
+def _statistics_sample(cache: LatentCache, seed: int = 0) -> torch.Tensor:
+    """Posterior samples of up to SCALING_SAMPLE_IMAGES evenly spaced images (every variant), with a fixed seed."""
+    count = len(cache)
+    take = min(count, SCALING_SAMPLE_IMAGES)
+    indices = torch.linspace(0, count - 1, take).round().long().unique()
+    generator = torch.Generator().manual_seed(seed)
+    samples = []
+    for variant in range(cache.num_variants):
+        mean, logvar = cache.posterior(indices, torch.full_like(indices, variant))
+        samples.append(sample_posterior(mean, logvar, generator))
+    return torch.cat(samples)
+
+
+def resolve_scaling(vae: AnyVAE, cache: LatentCache, override: float | None = None) -> tuple[float, float | None, str]:
+    """``(scaling_factor, shift_factor, where_from)`` for the diffusion space ``(z - shift) * scale``.
+
+    An explicit ``--scaling_factor`` wins (with the config's shift, if any); then the VAE config's stated values;
+    otherwise both are measured on the training latents so they have zero mean and unit variance — the LDM recipe,
+    without which the noise schedule's signal-to-noise ratios would be off by the latents' scale.
+    """
+    stated_scale, stated_shift = read_scaling(vae)
+    if override is not None:
+        return float(override), stated_shift, "--scaling_factor"
+    if stated_scale is not None:
+        return stated_scale, stated_shift, "the VAE config"
+    sample = _statistics_sample(cache)
+    shift = stated_shift if stated_shift is not None else measure_shift_factor(sample)
+    return measure_scaling_factor(sample), shift, "measured on the training latents"
+
+
+class LatentSpace(ImageDataSpace):
+    """Diffusion on a frozen VAE's scaled latents, sampled from the cached posterior of each image."""
+
+    def __init__(
+        self,
+        cache: LatentCache,
+        vae: AnyVAE,
+        data: Any,
+        *,
+        scaling_factor: float,
+        shift_factor: float | None = None,
+    ):
+        channels, height, width = cache.latent_shape
+        if height != width:
+            raise ValueError(f"latents of {height}x{width} are not square; crispdiff trains square images only")
+        if len(cache) != len(data):
+            raise ValueError(f"the latent cache holds {len(cache)} images but the data has {len(data)}")
+        super().__init__(data)
+        self.cache = cache
+        self.vae = vae.eval().requires_grad_(False)  # frozen: no gradients, no optimizer state, no dropout
+        self.channels = channels
+        self.sample_size = height
+        self.scaling_factor = float(scaling_factor)
+        self.shift_factor = None if shift_factor is None else float(shift_factor)
+
+    def __len__(self) -> int:
+        return len(self.cache)
+
+    def x0(self, indices: torch.Tensor, generator: torch.Generator, device: torch.device) -> torch.Tensor:
+        """Scaled latents ``[B, C, h, w]``: variant (flip) and posterior noise drawn from ``generator``.
+
+        One flip draw per image is taken even without flips, so the stream of random numbers does not depend on
+        ``--random_flip`` and a resumed run (generator restored) reproduces the same samples bit for bit.
+        """
+        indices = torch.as_tensor(indices).reshape(-1).cpu()
+        coin = torch.rand(indices.numel(), generator=generator, device=generator.device).cpu()
+        variants = (coin < 0.5).long() if self.cache.num_variants == 2 else torch.zeros_like(indices)
+        mean, logvar = self.cache.posterior(indices, variants)
+        if mean.device != generator.device:  # latents kept on the GPU (prepare): only the drawn noise travels
+            eps = torch.randn(mean.shape, generator=generator, device=generator.device)
+            z = mean + torch.exp(0.5 * logvar) * to_device(eps, mean.device)  # = sample_posterior with that noise
+        else:
+            z = sample_posterior(mean, logvar, generator)
+        return scale_latents(z, self.scaling_factor, self.shift_factor).to(device)
+
+    def prepare(self, device: torch.device) -> None:
+        """On a GPU, keep the cached posteriors there when they fit (the trainer calls this once)."""
+        if device.type != "cpu":
+            self.cache.keep_on_device(device)
+
+    def pipeline_components(self) -> dict[str, Any]:
+        return {
+            "vae": self.vae,
+            "latent_scaling_factor": self.scaling_factor,
+            "latent_shift_factor": self.shift_factor,
+        }
+
+    def reference_images(self, count: int) -> torch.Tensor:
+        return self.data.center_crops(range(min(count, len(self.data))))
+
+
+def load_latents(
+    view: Any, config: Any, vae: AnyVAE, *, data: Any = None, show_progress: bool = True
+) -> tuple[Any, LatentCache]:
+    """The images ``view`` describes (centre crops) and their latent cache, encoded once and then reused.
+
+    ``view`` holds the data flags (folder, resolution, flips...) and ``config`` the cache flags; they differ when one
+    run trains on several image sets (DreamBooth's instance and class images). ``data``: those images, when the
+    caller has already loaded them with ``load_images(view, for_latents=True)``.
+    """
+    from crispdiff.data.loading import load_images
+
+    if data is None:
+        data = load_images(view, for_latents=True, show_progress=show_progress)
+    cache = load_or_build_latent_cache(
+        data,
+        vae,
+        latent_cache_dir(config),
+        preprocessing=preprocessing_key(view),
+        random_flip=bool(view.random_flip),
+        dtype=config.latent_cache_dtype,
+        batch_size=config.vae_batch_size,
+        show_progress=show_progress,
+    )
+    return data, cache
+
+
+def build_latent_space(
+    config: LatentTrainConfig, vae: AnyVAE, *, data: Any = None, show_progress: bool = True
+) -> LatentSpace:
+    """Load the images (centre crops; or take ``data``), encode or reuse their latent cache, resolve the scaling."""
+    data, cache = load_latents(config, config, vae, data=data, show_progress=show_progress)
+    scale, shift, source = resolve_scaling(vae, cache, config.scaling_factor)
+    if show_progress:
+        state = "reused" if cache.encoded_images == 0 else f"encoded {cache.encoded_images} image(s)"
+        shift_text = "" if shift is None else f", shift {shift:.4g}"
+        print(  # before train() sets up logging, so print like accelerator.print does
+            f"crispdiff: latent cache {cache.folder} ({state}): {len(cache)} x "
+            f"{'x'.join(map(str, cache.latent_shape))} latents; scaling factor {scale:.4g}{shift_text} ({source})"
+        )
+    return LatentSpace(cache, vae, data, scaling_factor=scale, shift_factor=shift)
+
+
+def auto_classes_note(data: Any) -> str:
+    """What ``--class_column auto`` made, and the metadata columns the user could condition on instead."""
+    columns = sorted({key for row in data.metadata or [] for key in row} - {"file_name", "text"})
+    hint = f"; to condition on your own labels instead pass --class_column with one of {columns}" if columns else ""
+    return (
+        f"crispdiff: {len(data.class_names)} auto classes: clusters of your {len(data)} images (--num_auto_classes), "
+        f"sampled in their mix when the pipeline is called without labels{hint}"
+    )
+
+
+def train_latent(config: LatentTrainConfig) -> Path | None:
+    """The latent trainer: images -> VAE (checked on them, adapted if asked) -> latent cache (rank 0 builds it, the
+    others wait and reuse it) -> the training loop.
+
+    Returns the pipeline folder on the main process (``None`` elsewhere). The cache is built before the loop
+    creates its ``Accelerator``; ``PartialState`` is the same process-group state the loop uses later.
+    """
+    from accelerate import PartialState
+
+    from crispdiff.data.loading import load_images
+    from crispdiff.latent.adapt import prepare_vae
+    from crispdiff.train.loop import check_output_dir, configure_kernels, has_accelerator_device, use_cpu_cores
+    from crispdiff.train.time_budget import TimeBudget
+    from crispdiff.train.unet_trainer import train
+
+    budget = TimeBudget(config.time_budget_minutes) if config.time_budget_minutes else None
+    config.validate()
+    check_output_dir(config)  # fail before spending minutes on encoding
+    configure_kernels(config)  # before CUDA is first used (the VAE check / adaptation below use it)
+    state = PartialState(cpu=not has_accelerator_device())  # as make_accelerator: CPU processes join one group
+    use_cpu_cores(config, state.num_processes)
+    show_progress = state.is_local_main_process
+    with state.main_process_first():  # rank 0 decodes the images (and makes any auto classes) first
+        data = load_images(config, for_latents=True, show_progress=show_progress)
+    if config.class_column == AUTO_CLASS_COLUMN:
+        state.print(auto_classes_note(data))
+    vae = prepare_vae(config, data, state, budget).to(state.device)
+    with state.main_process_first():
+        space = build_latent_space(config, vae, data=data, show_progress=show_progress)
+    return train(config, space, budget)

@@ -1,0 +1,1 @@
+"""LoRA and DreamBooth on Stable Diffusion, their files, and the fused export."""

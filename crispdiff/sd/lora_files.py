@@ -1,0 +1,170 @@
+"""The files a Stable Diffusion LoRA run writes: diffusers-format weights with their adapter config, the kohya copy
+(A1111 / ComfyUI), the model card, and the Hub upload."""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+import uuid
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from crispdiff.core.io import move_file_into_place
+from crispdiff.sd.config import (
+    KOHYA_WEIGHTS_NAME,
+    LORA_WEIGHTS_NAME,
+    SAMPLES_NAME,
+    DreamBoothLoRAConfig,
+    SDLoRAConfig,
+    SDLoRAError,
+)
+from crispdiff.train.lora import (
+    adapter_config,
+    lora_state,
+)
+
+logger = logging.getLogger("crispdiff")
+
+
+def load_lora_state(model: Any, state: dict[str, torch.Tensor]) -> None:
+    """Put adapter weights saved by :func:`lora_state` back; refuses a file that does not match the adapter."""
+    from peft.utils import set_peft_model_state_dict
+
+    result = set_peft_model_state_dict(model, state)
+    unexpected = getattr(result, "unexpected_keys", None) or []
+    own = set(lora_state(model))
+    if unexpected or own - set(state):
+        raise SDLoRAError(
+            "the checkpoint's LoRA weights do not match this run's adapter (different --rank / "
+            "--lora_target_modules / --use_dora?); resume with the flags the run started with"
+        )
+
+
+def kohya_state_dict(
+    unet_state: dict[str, torch.Tensor], text_state: dict[str, torch.Tensor] | None, alpha: float
+) -> dict[str, torch.Tensor]:
+    """peft LoRA weights -> kohya's sd-scripts layout (what A1111, ComfyUI and kohya load).
+
+    kohya names a module by its diffusers path with dots as underscores, prefixed ``lora_unet_`` or ``lora_te_``;
+    ``lora_A`` / ``lora_B`` are ``lora_down`` / ``lora_up``, and every module carries its ``alpha`` (the real one:
+    diffusers' generic converter writes the rank instead, which rescales a LoRA trained with another alpha).
+    """
+    out: dict[str, torch.Tensor] = {}
+    for prefix, state in (("lora_unet", unet_state), ("lora_te", text_state or {})):
+        for key, tensor in state.items():
+            module, _, rest = key.partition(".lora_")
+            if rest not in ("A.weight", "B.weight"):
+                raise SDLoRAError(
+                    f"cannot write {key!r} in kohya format (only plain LoRA weights); drop --export_kohya"
+                )
+            name = f"{prefix}_{module.replace('.', '_')}"
+            out[f"{name}.{'lora_down' if rest[0] == 'A' else 'lora_up'}.weight"] = tensor
+            out[f"{name}.alpha"] = torch.tensor(float(alpha))
+    return out
+
+
+def save_lora_weights(
+    output_dir: Path, unet: Any, text_encoder: Any | None, *, kohya: bool = False, version: str = "sd_v1"
+) -> Path:
+    """Write ``pytorch_lora_weights.safetensors`` (diffusers format + adapter metadata) atomically, and the kohya copy.
+
+    diffusers' own ``save_lora_weights`` writes the file; it is written into a hidden folder and renamed into place,
+    so a reader never sees half a file.
+    """
+    from diffusers import StableDiffusionPipeline
+    from diffusers.utils import convert_state_dict_to_diffusers
+    from safetensors.torch import save_file
+
+    output_dir = Path(output_dir)
+    staging = output_dir / f".lora-{uuid.uuid4().hex[:8]}.tmp"
+    staging.mkdir(parents=True)
+    try:
+        unet_state = lora_state(unet)
+        text_state = lora_state(text_encoder) if text_encoder is not None else None
+        StableDiffusionPipeline.save_lora_weights(
+            staging,
+            unet_lora_layers=convert_state_dict_to_diffusers(unet_state),
+            text_encoder_lora_layers=convert_state_dict_to_diffusers(text_state) if text_state else None,
+            unet_lora_adapter_metadata=adapter_config(unet),
+            text_encoder_lora_adapter_metadata=adapter_config(text_encoder) if text_encoder is not None else None,
+            safe_serialization=True,
+        )
+        move_file_into_place(staging / LORA_WEIGHTS_NAME, output_dir / LORA_WEIGHTS_NAME)
+        if kohya:
+            config = unet.peft_config["default"]
+            metadata = {
+                "ss_network_module": "networks.lora",
+                "ss_network_dim": str(config.r),
+                "ss_network_alpha": str(config.lora_alpha),
+                "ss_base_model_version": version,
+            }
+            save_file(
+                kohya_state_dict(unet_state, text_state, config.lora_alpha), staging / KOHYA_WEIGHTS_NAME, metadata
+            )
+            move_file_into_place(staging / KOHYA_WEIGHTS_NAME, output_dir / KOHYA_WEIGHTS_NAME)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return output_dir / LORA_WEIGHTS_NAME
+
+
+def model_card(config: SDLoRAConfig, has_samples: bool, command: list[str]) -> str:
+    """README.md for the LoRA folder: base model, prompt, tags, samples and how to load it with plain diffusers."""
+    dreambooth = isinstance(config, DreamBoothLoRAConfig)
+    tags = ["text-to-image", "stable-diffusion", "lora", "diffusers", "crispdiff"] + (
+        ["dreambooth"] if dreambooth else []
+    )
+    prompt = config.instance_prompt if dreambooth else config.validation_prompt
+    header = [
+        "---",
+        f"base_model: {config.pretrained_model_name_or_path}",
+        "library_name: diffusers",
+        "license: creativeml-openrail-m",
+        "tags:",
+        *[f"- {tag}" for tag in tags],
+    ]
+    if prompt:
+        header.append(f"instance_prompt: {json.dumps(prompt)}")
+    header.append("---")
+    kind = "DreamBooth LoRA" if dreambooth else "text-to-image LoRA"
+    alpha = config.lora_alpha if config.lora_alpha is not None else config.rank
+    body = [
+        "",
+        f"# {Path(config.output_dir).name}",
+        "",
+        f"A {kind} ({'DoRA, ' if config.use_dora else ''}rank {config.rank}, alpha {alpha}) for "
+        f"`{config.pretrained_model_name_or_path}`, trained with crispdiff for {config.max_train_steps} steps of "
+        f"{config.train_batch_size} image(s) at {config.resolution} px"
+        + (" with the text encoder" if config.train_text_encoder else "")
+        + (f", prompt `{prompt}`" if prompt else "")
+        + ".",
+        "",
+    ]
+    if has_samples:
+        body += [f"![samples]({SAMPLES_NAME})", ""]
+    body += [
+        "```python",
+        "import torch",
+        "from diffusers import StableDiffusionPipeline",
+        "",
+        f'pipe = StableDiffusionPipeline.from_pretrained("{config.pretrained_model_name_or_path}")',
+        'pipe.load_lora_weights("path/to/this/folder")',
+        f"image = pipe({json.dumps(prompt or 'a prompt')}, num_inference_steps=25).images[0]",
+        "```",
+        "",
+        f"Kohya / A1111 / ComfyUI: `{KOHYA_WEIGHTS_NAME}`." if config.export_kohya else "",
+        "",
+        f"Command: `{' '.join(command)}`",
+        "",
+    ]
+    return "\n".join(header + body)
+
+
+def push_lora_to_hub(folder: Path, config: SDLoRAConfig) -> str:
+    """Upload the LoRA folder (checkpoints and logs left out) in one commit, with crispdiff's hub checks."""
+    from crispdiff.publish.hub import upload_folder
+
+    repo_id = config.hub_model_id or Path(config.output_dir).resolve().name
+    return upload_folder(folder, repo_id, config.hub_private_repo, config.hub_token, "Upload crispdiff LoRA")

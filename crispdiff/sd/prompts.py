@@ -1,0 +1,165 @@
+"""What the Stable Diffusion LoRA trainer trains on: the prompt bank (each prompt encoded once), captions, the
+cached latents of the images, and DreamBooth's class images (generated once, reused)."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import types
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from crispdiff.core.config import DataConfig
+from crispdiff.core.io import write_json_atomic
+from crispdiff.latent.trainer import LatentSpace, load_latents
+from crispdiff.sd.base import SDParts, inference_pipeline
+from crispdiff.sd.config import DreamBoothLoRAConfig, SDLoRAConfig, SDLoRAError
+
+logger = logging.getLogger("crispdiff")
+
+
+CLASS_IMAGES_RECORD = ".crispdiff_class_images.json"
+
+
+class PromptBank:
+    """Every distinct prompt of a run, tokenized once and, with a frozen text encoder, encoded once.
+
+    Why: the CLIP text encoder costs about as much as a small UNet step and its output for a given prompt never
+    changes while it is frozen; DreamBooth has one or two prompts for the whole run.
+    """
+
+    def __init__(self, tokenizer: Any, prompts: list[str]):
+        self.prompts = list(dict.fromkeys(prompts))
+        self.position = {p: i for i, p in enumerate(self.prompts)}
+        self.input_ids = tokenizer(
+            self.prompts,
+            padding="max_length",
+            max_length=tokenizer.model_max_length,
+            truncation=True,
+            return_tensors="pt",
+        ).input_ids
+        self.embeddings: torch.Tensor | None = None
+
+    def ids(self, prompts: list[str]) -> torch.Tensor:
+        return torch.tensor([self.position[p] for p in prompts], dtype=torch.long)
+
+    @torch.no_grad()
+    def precompute(self, text_encoder: Any, device: torch.device, batch_size: int = 64) -> None:
+        """Encode every prompt once (as the pipeline does: last hidden state, no attention mask)."""
+        outputs = [text_encoder(chunk.to(device))[0].float().cpu() for chunk in self.input_ids.split(batch_size)]
+        self.embeddings = torch.cat(outputs)
+
+    def encode(self, ids: torch.Tensor, text_encoder: Any | None, device: torch.device) -> torch.Tensor:
+        """Hidden states for these prompt ids: cached, or through the (trained) text encoder."""
+        if self.embeddings is not None and text_encoder is None:
+            return self.embeddings[ids.cpu()].to(device)
+        return text_encoder(self.input_ids[ids.cpu()].to(device))[0]
+
+
+def image_view(config: SDLoRAConfig, **changes: Any) -> Any:
+    """The data flags of ``config`` with some replaced (e.g. another folder), for ``load_images``."""
+    values = {f.name: getattr(config, f.name) for f in dataclasses.fields(DataConfig)}
+    values.update(changes)
+    return types.SimpleNamespace(**values)
+
+
+@dataclass
+class TrainSet:
+    """Images as cached latents, and the prompt id of each."""
+
+    space: LatentSpace
+    prompt_ids: torch.Tensor
+
+    def __len__(self) -> int:
+        return len(self.space)
+
+
+def latent_space(view: Any, config: SDLoRAConfig, vae: Any, show_progress: bool) -> tuple[LatentSpace, Any]:
+    """Load the images of ``view`` and their latents (encoded once, then reused from the cache).
+
+    The scaling is the VAE config's (SD's 0.18215 when unstated), never measured: Stable Diffusion's own pipeline
+    decodes with that value, so the LoRA must train in the same space.
+    """
+    from crispdiff.latent.vae import read_scaling
+
+    data, cache = load_latents(view, config, vae, show_progress=show_progress)
+    scale, shift = read_scaling(vae)
+    scale = float(vae.config.scaling_factor) if scale is None else scale
+    return LatentSpace(cache, vae, data, scaling_factor=scale, shift_factor=shift), data
+
+
+def captions_for(data: Any, fallback: str | None) -> list[str]:
+    """Each image's caption, empty ones replaced by ``fallback`` (DreamBooth's instance prompt)."""
+    captions = data.captions or [""] * len(data)
+    if fallback is None:
+        empty = [i for i, c in enumerate(captions) if not c.strip()]
+        if empty:
+            rows = getattr(data, "metadata", None) or []
+            first = rows[empty[0]].get("file_name", empty[0]) if len(rows) > empty[0] else empty[0]
+            raise SDLoRAError(
+                f"{len(empty)} image(s) have an empty --caption_column caption (first: {first}); fill them"
+            )
+        return list(captions)
+    return [c if c.strip() else fallback for c in captions]
+
+
+def _list_images(folder: Path) -> list[Path]:
+    from crispdiff.data.loading import IMAGE_EXTENSIONS
+
+    return sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
+
+
+@torch.no_grad()
+def generate_class_images(config: DreamBoothLoRAConfig, parts: SDParts, device: torch.device) -> int:
+    """Top up ``--class_data_dir`` to ``--num_class_images`` with the base model (DPM-Solver++); returns how many.
+
+    Existing images are kept, so the class set is generated once and reused by every later run. Image ``i`` is drawn
+    with seed ``--seed + i`` and written atomically, so an interrupted generation resumes where it stopped and gives
+    the same images as an uninterrupted one.
+    """
+    from crispdiff.core.images import save_image_atomic
+
+    folder = Path(config.class_data_dir or "")
+    folder.mkdir(parents=True, exist_ok=True)
+    record_path = folder / CLASS_IMAGES_RECORD
+    if record_path.is_file():
+        record = json.loads(record_path.read_text())
+        if record.get("class_prompt") != config.class_prompt:
+            logger.warning(
+                "%s holds images generated for %r, not --class_prompt %r; reusing them (empty the folder to redo)",
+                folder,
+                record.get("class_prompt"),
+                config.class_prompt,
+            )
+    existing = len(_list_images(folder))
+    missing = config.num_class_images - existing
+    if missing <= 0:
+        return 0
+    pipeline = inference_pipeline(parts).to(device)
+    made = 0
+    index = 0
+    while made < missing:
+        batch = []
+        while len(batch) < min(config.sample_batch_size, missing - made):
+            path = folder / f"class_{index:05d}.png"
+            if not path.exists():
+                batch.append((index, path))
+            index += 1
+        generators = [torch.Generator().manual_seed(config.seed + i) for i, _ in batch]
+        images = pipeline(
+            [config.class_prompt] * len(batch),
+            num_inference_steps=config.class_inference_steps,
+            height=config.resolution,
+            width=config.resolution,
+            generator=generators,
+        ).images
+        for (_, path), image in zip(batch, images):
+            save_image_atomic(image, path)
+        made += len(batch)
+    record = {"class_prompt": config.class_prompt, "base": str(config.pretrained_model_name_or_path)}
+    write_json_atomic(record_path, record)
+    return made

@@ -1,0 +1,353 @@
+"""LoRA and DreamBooth fine-tuning of Stable Diffusion 1.x / 2.x: the trainer.
+
+Why crispdiff has its own rather than pointing at diffusers' ``train_dreambooth_lora.py`` and
+``train_text_to_image_lora.py``: what their users keep asking for is a property of the loop and of the files, not of
+the model, and crispdiff's loop already has it. This module plugs Stable Diffusion into that loop:
+
+- the UNet (and with ``--train_text_encoder`` the CLIP text encoder) gets peft LoRA (or DoRA) adapters; the base
+  weights are frozen in the training precision, the adapter weights stay fp32 so fp16 loss scaling never sees fp16
+  gradients (diffusers #6086, #13124);
+- the VAE is frozen, so every image is encoded once into the existing latent cache (``crispdiff.latent.cache``) and
+  trained through ``crispdiff.latent.trainer.LatentSpace``; with a frozen text encoder every distinct prompt is encoded
+  once too. Together they are the speed-up over the reference scripts, which run both encoders every step;
+- the noise schedule and prediction type are the base model's (``crispdiff.diffusion.schedule.NoiseSchedule`` over its
+  betas); min-SNR weights come from ``crispdiff.diffusion.schedule.min_snr_weight`` in the form for that prediction
+  type, on the prior (class) half of a DreamBooth batch as well (diffusers #3084, #3459);
+- checkpoints are crispdiff's (``crispdiff.train.checkpoint``: optimizer, LR schedule, RNG, data position) with the LoRA
+  weights alone in safetensors instead of the whole UNet, so resuming resumes the adapter (#3279, #5412, #5840);
+- captions come per image from ``metadata.jsonl`` (``--caption_column``), for DreamBooth too (#1670, #5605);
+- the output is ``pytorch_lora_weights.safetensors`` in diffusers' format with its adapter config (alpha, DoRA) in
+  the file's metadata, so ``StableDiffusionPipeline.load_lora_weights(output_dir)`` reproduces the trained model, plus
+  an optional kohya copy (``lora_unet_...`` / ``lora_te_...`` keys, with the real alpha) for A1111 / ComfyUI (#6399).
+
+The configs are in :mod:`crispdiff.sd.config`, the LoRA files in :mod:`crispdiff.sd.lora_files`, the fused export
+in :mod:`crispdiff.sd.export`.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from accelerate import Accelerator
+from diffusers.training_utils import cast_training_params
+
+from crispdiff.core.errors import one_line
+from crispdiff.core.io import write_text_atomic
+from crispdiff.diffusion.schedule import sample_noise
+from crispdiff.sd.base import SDParts, base_schedule, inference_pipeline, load_sd
+from crispdiff.sd.config import (
+    LORA_WEIGHTS_NAME,
+    SAMPLES_NAME,
+    DreamBoothLoRAConfig,
+    SDLoRAConfig,
+    SDLoRAError,
+    TextToImageLoRAConfig,
+)
+from crispdiff.sd.export import export_sd
+from crispdiff.sd.lora_files import load_lora_state, model_card, push_lora_to_hub, save_lora_weights
+from crispdiff.sd.prompts import PromptBank, TrainSet, captions_for, generate_class_images, image_view, latent_space
+from crispdiff.train.loop import LoopTrainer, check_output_dir, run_trainer, start_run
+from crispdiff.train.lora import (
+    SD_UNET_LORA_PRESETS,
+    TEXT_ENCODER_LORA_TARGETS,
+    inject_lora,
+    lora_state,
+)
+
+logger = logging.getLogger("crispdiff")
+
+
+CHECKPOINT_LORA_FILES = {"unet": "lora_unet.safetensors", "text_encoder": "lora_text_encoder.safetensors"}
+
+
+class SDLoRATrainer(LoopTrainer):
+    """LoRA on a Stable Diffusion UNet (and text encoder), trained on cached latents in crispdiff's loop."""
+
+    config_file = "crispdiff_lora_training.json"
+    tracker_name = "crispdiff-lora"
+    progress_label = "train lora"
+
+    def __init__(
+        self,
+        config: SDLoRAConfig,
+        accelerator: Accelerator,
+        parts: SDParts,
+        prompts: PromptBank,
+        instance: TrainSet,
+        prior: TrainSet | None = None,
+    ):
+        super().__init__(config, accelerator, max(len(instance), len(prior) if prior else 0))
+        self.parts, self.prompts, self.instance, self.prior = parts, prompts, instance, prior
+        device = accelerator.device
+        self.weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(
+            accelerator.mixed_precision, torch.float32
+        )
+        self.schedule = base_schedule(parts.scheduler, config.prediction_type).to(device)
+
+        for part in [instance] + ([prior] if prior is not None else []):
+            prepare = getattr(part.space, "prepare", None)  # keeps cached latents on a GPU when they fit
+            if prepare is not None:
+                prepare(device)
+        unet, text_encoder = parts.unet, parts.text_encoder
+        try:
+            unet.add_adapter(config.lora_config(config.unet_targets()))
+        except ValueError as err:  # peft: none of the target modules exists in the UNet
+            raise SDLoRAError(
+                f"--lora_target_modules {' '.join(config.lora_target_modules)} matched no UNet module "
+                f"({one_line(err)[:200]}); use the presets {sorted(SD_UNET_LORA_PRESETS)} or module names such as to_q"
+            ) from err
+        if config.train_text_encoder:
+            inject_lora(text_encoder, config.lora_config(TEXT_ENCODER_LORA_TARGETS))
+        else:
+            prompts.precompute(text_encoder.to(device), device)
+        # frozen base weights in the training precision, adapter weights in fp32 (the optimizer's master copy)
+        unet.to(device, dtype=self.weight_dtype)
+        text_encoder.to(device, dtype=self.weight_dtype)
+        parts.vae.to(device)  # fp32: it only decodes validation samples once the latents are cached
+        adapted = [unet, text_encoder] if config.train_text_encoder else [unet]
+        cast_training_params(adapted, dtype=torch.float32)
+        trainable = [p for model in adapted for p in model.parameters() if p.requires_grad]
+        if not trainable:
+            raise SDLoRAError(f"--lora_target_modules {config.lora_target_modules} matched no module of the UNet")
+        self.num_trainable = sum(p.numel() for p in trainable)
+        if config.gradient_checkpointing:
+            unet.enable_gradient_checkpointing()
+            if config.train_text_encoder:
+                text_encoder.gradient_checkpointing_enable()
+        if config.enable_xformers_memory_efficient_attention:
+            unet.enable_xformers_memory_efficient_attention()
+        unet.train()
+        text_encoder.train(config.train_text_encoder)
+
+        self.setup_optimization(unet, trainable)
+        if config.train_text_encoder:
+            self.unet, self.text_encoder, self.optimizer = accelerator.prepare(unet, text_encoder, self.optimizer)
+        else:
+            self.unet, self.optimizer = accelerator.prepare(unet, self.optimizer)
+            self.text_encoder = None
+        accelerator.register_save_state_pre_hook(self._save_lora_checkpoint)
+        accelerator.register_load_state_pre_hook(self._load_lora_checkpoint)
+        self.last_grid: Any = None
+
+    # -- checkpoints hold the adapters only (safetensors), not the frozen base ------------------------------------
+    def _named_models(self) -> dict[str, Any]:
+        named = {"unet": self.accelerator.unwrap_model(self.unet)}
+        if self.text_encoder is not None:
+            named["text_encoder"] = self.accelerator.unwrap_model(self.text_encoder)
+        return named
+
+    def _role(self, model: Any) -> str:
+        bare = self.accelerator.unwrap_model(model)
+        for role, candidate in self._named_models().items():
+            if bare is candidate:
+                return role
+        raise SDLoRAError(f"unexpected model {type(bare).__name__} in the checkpoint")
+
+    def _save_lora_checkpoint(self, models: list[Any], weights: list[Any], output_dir: str) -> None:
+        """accelerate's save hook (called on every process): the main process writes the adapters, once."""
+        from safetensors.torch import save_file
+
+        if self.accelerator.is_main_process:
+            for model in models:
+                path = Path(output_dir) / CHECKPOINT_LORA_FILES[self._role(model)]
+                save_file(lora_state(self.accelerator.unwrap_model(model)), str(path))
+        weights.clear()  # accelerate would otherwise save every frozen base weight too
+
+    def _load_lora_checkpoint(self, models: list[Any], input_dir: str) -> None:
+        from safetensors.torch import load_file
+
+        while models:
+            model = models.pop()
+            path = Path(input_dir) / CHECKPOINT_LORA_FILES[self._role(model)]
+            if not path.is_file():
+                raise SDLoRAError(f"{path} is missing: this checkpoint was not written by a LoRA run with these flags")
+            load_lora_state(self.accelerator.unwrap_model(model), load_file(str(path)))
+
+    # -- the loop ------------------------------------------------------------------------------------------------
+    def describe(self) -> str:
+        what = f"{len(self.instance)} images"
+        if self.prior is not None:
+            what += f" + {len(self.prior)} class images"
+        text = (
+            "text encoder trained" if self.text_encoder is not None else f"{len(self.prompts.prompts)} prompt(s) cached"
+        )
+        return f"LoRA ({self.num_trainable:,} weights, {self.schedule.prediction_type}) on {what}, {text}"
+
+    def ema_parameters(self) -> Any:
+        return iter(())
+
+    def micro_step(self) -> dict[str, torch.Tensor]:
+        config, device = self.config, self.accelerator.device
+        index = self.batches.indices(self.position)
+        sets = [self.instance] + ([self.prior] if self.prior is not None else [])
+        latents, prompt_ids, sizes = [], [], []
+        for part in sets:
+            rows = index % len(part)
+            latents.append(part.space.x0(rows, self.data_generator, device))
+            prompt_ids.append(part.prompt_ids[rows])
+            sizes.append(len(rows))
+        x0, ids = torch.cat(latents), torch.cat(prompt_ids)
+        noise = sample_noise(tuple(x0.shape), self.noise_generator, device, config.noise_offset)
+        t = self.schedule.sample_timesteps(x0.shape[0], self.noise_generator, device)
+        x_t = self.schedule.add_noise(x0, noise, t)
+        models = [self.unet] + ([self.text_encoder] if self.text_encoder is not None else [])
+        with self.accelerator.accumulate(*models):
+            hidden = self.prompts.encode(ids, self.text_encoder, device)
+            prediction = self.unet(x_t.to(self.weight_dtype), t, hidden.to(self.weight_dtype)).sample
+            target = self.schedule.target(x0, noise, t)
+            per_sample = (prediction.float() - target).pow(2).flatten(1).mean(dim=1)
+            per_sample = per_sample * self.schedule.loss_weights(t, config.snr_gamma)
+            terms = {"loss": per_sample[: sizes[0]].mean()}
+            if self.prior is not None:
+                terms["prior"] = per_sample[sizes[0] :].mean()
+                terms["loss"] = terms["loss"] + config.prior_loss_weight * terms["prior"]
+            self.accelerator.backward(terms["loss"])
+            if self.accelerator.sync_gradients and config.max_grad_norm > 0:
+                params = [p for group in self.optimizer.param_groups for p in group["params"]]
+                self.accelerator.clip_grad_norm_(params, config.max_grad_norm)
+            self.optimizer.step()
+            self.optimizer.zero_grad(set_to_none=True)
+        self.position = self.batches.advance(self.position)
+        return {k: v.detach() for k, v in terms.items()}
+
+    # -- validation: the in-training model, sampled without touching the training state ---------------------------
+    @torch.no_grad()
+    def sample(self, prompt: str, count: int) -> torch.Tensor:
+        """``count`` images of ``prompt`` from the model as it is now (DPM-Solver++, fixed seed), NCHW in [0, 1].
+
+        Nothing the loop depends on changes: the adapters stay fp32 and in place, train/eval modes and the global
+        RNG states (dropout draws from them) are restored afterwards.
+        """
+        models = self._named_models()
+        modes = {name: m.training for name, m in models.items()}
+        cpu_rng = torch.get_rng_state()
+        cuda_rng = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None
+        try:
+            for model in models.values():
+                model.eval()
+            pipeline = inference_pipeline(self.parts, models["unet"], models.get("text_encoder"))
+            generator = torch.Generator().manual_seed(self.config.seed)
+            with self.accelerator.autocast():
+                images = pipeline(
+                    [prompt] * count,
+                    num_inference_steps=self.config.validation_inference_steps,
+                    height=self.config.resolution,
+                    width=self.config.resolution,
+                    generator=generator,
+                    output_type="pt",
+                ).images
+        finally:
+            for name, model in models.items():
+                model.train(modes[name])
+            torch.set_rng_state(cpu_rng)
+            if cuda_rng is not None:
+                torch.cuda.set_rng_state_all(cuda_rng)
+        return images.float().cpu()
+
+    def sample_prompt(self) -> str:
+        return self.config.validation_prompt or self.prompts.prompts[int(self.instance.prompt_ids[0])]
+
+    def validate(self) -> None:
+        if not self.accelerator.is_main_process or not self.config.validation_prompt:
+            return
+        from crispdiff.core.images import make_grid, save_image_atomic
+
+        grid = make_grid(
+            self.sample(self.config.validation_prompt, self.config.num_validation_images), value_range=(0, 1)
+        )
+        save_image_atomic(grid, self.output_dir / "samples" / f"step_{self.step:07d}.png")
+        for tracker in self.accelerator.trackers:
+            if tracker.name == "tensorboard":
+                tracker.writer.add_image("validation", np.asarray(grid), self.step, dataformats="HWC")
+        self.last_grid = grid
+
+    def finish(self) -> Path:
+        """Save the LoRA (and kohya copy), a sample grid and the model card; optionally the fused pipeline; push."""
+        from crispdiff.core.images import make_grid, save_image_atomic
+
+        config = self.config
+        models = self._named_models()
+        path = save_lora_weights(
+            self.output_dir,
+            models["unet"],
+            models.get("text_encoder"),
+            kohya=config.export_kohya,
+            version=self.parts.version,
+        )
+        images = self.sample(self.sample_prompt(), config.num_validation_images)
+        save_image_atomic(make_grid(images, value_range=(0, 1)), self.output_dir / SAMPLES_NAME)
+        command = [Path(sys.argv[0]).name if sys.argv else "train", *sys.argv[1:]]
+        write_text_atomic(self.output_dir / "README.md", model_card(config, True, command))
+        self.accelerator.print(f"LoRA saved to {path}.")
+        if config.save_pipeline:
+            folder = export_sd(
+                config.pretrained_model_name_or_path or "",
+                self.output_dir,
+                self.output_dir / "pipeline",
+                sr_model=config.sr_model_name_or_path,
+                output_size=config.output_size,
+                revision=config.revision,
+                variant=config.variant,
+            )
+            self.accelerator.print(f"Pipeline with the LoRA fused saved to {folder}.")
+        if config.push_to_hub:
+            self.accelerator.print(f"Uploaded to {push_lora_to_hub(self.output_dir, config)}")
+        return path
+
+
+def _prepare(config: SDLoRAConfig) -> tuple[Accelerator, SDParts]:
+    config.validate()
+    check_output_dir(config, "", LORA_WEIGHTS_NAME, "trained LoRA weights")
+    parts = load_sd(config.pretrained_model_name_or_path or "", config.revision, config.variant)
+    base_schedule(parts.scheduler, config.prediction_type)  # refuse a prediction-type switch before any work
+    accelerator = start_run(config)
+    parts.vae.to(accelerator.device)
+    return accelerator, parts
+
+
+def train_text_to_image_lora(config: TextToImageLoRAConfig) -> Path | None:
+    """LoRA on a captioned folder or dataset; returns the LoRA file on the main process."""
+    accelerator, parts = _prepare(config)
+    show = accelerator.is_local_main_process
+    with accelerator.main_process_first():
+        space, data = latent_space(image_view(config), config, parts.vae, show)
+    captions = captions_for(data, None)
+    prompts = PromptBank(parts.tokenizer, captions + ([config.validation_prompt] if config.validation_prompt else []))
+    instance = TrainSet(space, prompts.ids(captions))
+    return run_trainer(SDLoRATrainer(config, accelerator, parts, prompts, instance))
+
+
+def train_dreambooth_lora(config: DreamBoothLoRAConfig) -> Path | None:
+    """DreamBooth LoRA on a subject folder, with optional prior preservation; returns the LoRA file (main process)."""
+    accelerator, parts = _prepare(config)
+    show = accelerator.is_local_main_process
+    with accelerator.main_process_first():
+        view = image_view(config, train_data_dir=config.instance_data_dir, dataset_name=None)
+        space, data = latent_space(view, config, parts.vae, show)
+        prior_space = None
+        if config.with_prior_preservation:
+            if accelerator.is_main_process:
+                made = generate_class_images(config, parts, accelerator.device)
+                accelerator.print(f"crispdiff: class images in {config.class_data_dir}: {made} generated.")
+            class_view = image_view(
+                config,
+                train_data_dir=config.class_data_dir,
+                dataset_name=None,
+                caption_column=None,
+                max_train_samples=config.num_class_images,
+            )
+            prior_space, _ = latent_space(class_view, config, parts.vae, show)
+    captions = captions_for(data, config.instance_prompt)
+    extra = [config.class_prompt] if prior_space is not None else []
+    extra += [config.validation_prompt] if config.validation_prompt else []
+    prompts = PromptBank(parts.tokenizer, captions + [p for p in extra if p])
+    instance = TrainSet(space, prompts.ids(captions))
+    prior = None
+    if prior_space is not None:
+        prior = TrainSet(prior_space, prompts.ids([config.class_prompt or ""] * len(prior_space)))
+    return run_trainer(SDLoRATrainer(config, accelerator, parts, prompts, instance, prior))

@@ -1,0 +1,1 @@
+"""The one training loop (accelerate), its checkpoints, the pixel trainer and the time budget."""

@@ -1,0 +1,402 @@
+"""The diffusion trainer: a UNet on a ``TrainingSpace`` (pixels here, latents in :mod:`crispdiff.latent.trainer`).
+
+Pixel and latent training differ only in where x0 comes from and which extra components the saved pipeline needs;
+both are a ``TrainingSpace``, and both run the one loop of :mod:`crispdiff.train.loop`.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+import torch
+from accelerate import Accelerator
+from accelerate.utils import set_seed
+from diffusers import UNet2DModel
+
+from crispdiff.core.config import TrainConfig
+from crispdiff.core.errors import FlagError
+from crispdiff.core.images import make_grid, save_image_atomic
+from crispdiff.core.io import write_json_atomic
+from crispdiff.data.auto_classes import AUTO_CLASS_COLUMN, class_mix
+from crispdiff.diffusion.schedule import NoiseSchedule, sample_noise, scheduler_base_config
+from crispdiff.diffusion.unets import count_parameters, describe_parameters, unet_from_config
+from crispdiff.publish.export import build_pipeline, save_pipeline
+from crispdiff.publish.hub import maybe_push_to_hub, write_model_card
+from crispdiff.train.checkpoint import find_checkpoint
+from crispdiff.train.loop import LoopTrainer, check_output_dir, ema_copy, make_accelerator, run_trainer, start_run
+
+logger = logging.getLogger("crispdiff")
+
+# A class-conditional validation grid has one row per class up to this many classes, one tile per class beyond.
+MAX_GRID_CLASS_ROWS = 16
+
+
+class TrainingSpace(Protocol):
+    """Where the diffusion happens: pixels, or a VAE's latents."""
+
+    channels: int
+    sample_size: int
+
+    def __len__(self) -> int: ...
+
+    def x0(self, indices: torch.Tensor, generator: torch.Generator, device: torch.device) -> torch.Tensor:
+        """Clean training samples for these dataset indices, randomness (crop, flip, posterior) from `generator`."""
+
+    def pipeline_components(self) -> dict[str, Any]:
+        """Extra keyword arguments for the saved pipeline (vae, latent scaling ...)."""
+
+    def reference_images(self, count: int) -> torch.Tensor:
+        """Up to `count` real images, uint8 [N, 3, H, W], for validation metrics."""
+
+    # Class-conditional spaces (--class_column) also have ``class_names: list[str] | None`` and
+    # ``class_labels(indices, device) -> LongTensor | None``; the Trainer reads both with getattr, so a space without
+    # them is unconditional.
+
+
+def space_class_names(space: Any) -> list[str] | None:
+    """The space's class names (--class_column), or None for an unconditional space."""
+    return getattr(space, "class_names", None)
+
+
+class ImageDataSpace:
+    """What every space on crispdiff's image data shares: the images' classes (``--class_column``), read from the
+    data (its metadata or auto classes) rather than stored with pixels or latents, so caches are shared with
+    unconditional runs on the same images."""
+
+    def __init__(self, data: Any):
+        self.data = data
+        self.class_names: list[str] | None = getattr(data, "class_names", None)
+
+    def class_labels(self, indices: torch.Tensor, device: torch.device) -> torch.Tensor | None:
+        """Class ids of these images (--class_column), or None when the data has no classes."""
+        return self.data.class_labels(indices, device) if self.class_names else None
+
+
+class PixelSpace(ImageDataSpace):
+    """Diffusion directly on pixels in [-1, 1]."""
+
+    channels = 3
+
+    def __init__(self, data: Any):
+        super().__init__(data)
+        self.sample_size = data.resolution
+
+    def __len__(self) -> int:
+        return len(self.data)
+
+    def x0(self, indices: torch.Tensor, generator: torch.Generator, device: torch.device) -> torch.Tensor:
+        return self.data.batch(indices, generator, device=device)
+
+    def prepare(self, device: torch.device) -> None:
+        """On a GPU, keep the uint8 images there when they fit (on the CPU the memory map already is RAM)."""
+        if device.type != "cpu" and self.data.keep_on_device(device):
+            logger.info("keeping the %d training images on %s", len(self.data), device)
+
+    def pipeline_components(self) -> dict[str, Any]:
+        return {}
+
+    def reference_images(self, count: int) -> torch.Tensor:
+        return self.data.center_crops(range(min(count, len(self.data))))
+
+
+class Trainer(LoopTrainer):
+    """A diffusion UNet on a `TrainingSpace` (pixels or latents), saved as a crispdiff pipeline."""
+
+    def __init__(
+        self,
+        config: TrainConfig,
+        space: TrainingSpace,
+        accelerator: Accelerator,
+        unet: Any = None,
+        trainable: list[torch.nn.Parameter] | None = None,
+    ):
+        """``unet``: a prebuilt denoiser (e.g. a pretrained one, crispdiff.transfer.trainer) instead of one built from
+        the config; ``trainable``: the parameters the optimizer gets (default: all of them; frozen ones stay as
+        given)."""
+        super().__init__(config, accelerator, len(space))
+        self.space = space
+        device = accelerator.device
+        self.class_names = space_class_names(space)
+        if self.class_names and not 0.0 <= config.class_dropout_prob < 1.0:
+            raise FlagError(f"--class_dropout_prob must be within [0, 1), got {config.class_dropout_prob}")
+        num_class_embeds = len(self.class_names) + 1 if self.class_names else None  # + the null class, id N
+        if unet is None:
+            unet = unet_from_config(
+                config, resolution=space.sample_size, in_channels=space.channels, num_class_embeds=num_class_embeds
+            )
+        elif getattr(unet.config, "num_class_embeds", None) != num_class_embeds:
+            raise FlagError(
+                f"the given UNet has num_class_embeds={getattr(unet.config, 'num_class_embeds', None)} but the data "
+                f"has {len(self.class_names or [])} classes (--class_column), which need "
+                f"{num_class_embeds} (the classes + the null class)"
+            )
+        if config.gradient_checkpointing:
+            unet.enable_gradient_checkpointing()
+        if config.enable_xformers_memory_efficient_attention:
+            unet.enable_xformers_memory_efficient_attention()
+        unet = unet.to(device)  # before the optimizer: fused AdamW must see its parameters on the device
+        if device.type == "cuda":
+            unet = unet.to(memory_format=torch.channels_last)
+        self.num_parameters = count_parameters(unet)
+        # .to() above kept the Parameter objects, so a `trainable` list made before it still names them
+        self.setup_optimization(unet, list(unet.parameters()) if trainable is None else list(trainable))
+        self.unet, self.optimizer = accelerator.prepare(unet, self.optimizer)
+        if config.torch_compile:
+            # in place (nn.Module.compile): state-dict keys, EMA, checkpoints and the saved pipeline are unchanged
+            accelerator.unwrap_model(self.unet).compile(backend=config.torch_compile_backend)
+        self.schedule = NoiseSchedule.from_config(config).to(device)
+        prepare = getattr(space, "prepare", None)
+        if callable(prepare):  # e.g. keep the uint8 images on the GPU when they fit
+            prepare(device)
+
+    def describe(self) -> str:
+        auto = " auto" if self.config.class_column == AUTO_CLASS_COLUMN else ""
+        classes = f", {len(self.class_names)}{auto} classes" if self.class_names else ""
+        return f"{len(self.space)} training items{classes}, UNet with {describe_parameters(self.num_parameters)}"
+
+    def class_labels(self, indices: torch.Tensor, batch_size: int, device: torch.device) -> torch.Tensor | None:
+        """The micro-batch's class ids, each replaced by the null id N with probability --class_dropout_prob.
+
+        The dropout coin comes from the noise generator (checkpointed), so a resumed run drops the same labels.
+        None for an unconditional space.
+        """
+        if not self.class_names:
+            return None
+        labels = self.space.class_labels(indices, device)
+        drop = torch.rand(batch_size, generator=self.noise_generator, device=self.noise_generator.device).to(device)
+        return torch.where(drop < self.config.class_dropout_prob, len(self.class_names), labels)
+
+    def ema_parameters(self) -> Any:
+        return self.accelerator.unwrap_model(self.unet).parameters()
+
+    def micro_step(self) -> dict[str, torch.Tensor]:
+        """One forward/backward on this process's micro-batch; returns the (unscaled) loss."""
+        config, device = self.config, self.accelerator.device
+        indices = self.batches.indices(self.position)
+        x0 = self.space.x0(indices, self.data_generator, device)
+        noise = sample_noise(tuple(x0.shape), self.noise_generator, device, config.noise_offset)
+        t = self.schedule.sample_timesteps(x0.shape[0], self.noise_generator, device)
+        x_t = self.schedule.add_noise(x0, noise, t)
+        labels = self.class_labels(indices, x0.shape[0], device)
+        if device.type == "cuda":
+            x_t = x_t.contiguous(memory_format=torch.channels_last)
+        with self.accelerator.accumulate(self.unet):
+            model_output = self.unet(x_t, t, class_labels=labels).sample
+            loss = self.schedule.loss(model_output, x0, noise, t, config.snr_gamma)
+            self.accelerator.backward(loss)
+            if self.accelerator.sync_gradients and config.max_grad_norm > 0:
+                self.accelerator.clip_grad_norm_(self.unet.parameters(), config.max_grad_norm)
+            self.optimizer.step()
+            self.optimizer.zero_grad(set_to_none=True)
+        self.position = self.batches.advance(self.position)
+        return {"loss": loss.detach()}
+
+    def sampling_unet(self) -> UNet2DModel:
+        """A standalone copy of the UNet carrying the EMA weights (or the raw ones without EMA), in fp32."""
+        return ema_copy(self.accelerator.unwrap_model(self.unet), self.ema).to(self.accelerator.device)
+
+    def pipeline_kwargs(self) -> dict[str, Any]:
+        """What `crispdiff.publish.export` needs to build or save this run's pipeline (EMA weights, sampler,
+        schedule)."""
+        config = self.config
+        return dict(
+            unet=self.sampling_unet(),
+            scheduler_base_config=scheduler_base_config(config),
+            beta_schedule=config.beta_schedule,
+            sampler=config.sampler,
+            thresholding=config.thresholding,
+            sr_strength=config.sr_strength,
+            sharpen_amount=config.sharpen_amount or 0.0,
+            class_names=self.class_names,
+            guidance_scale=self.config.guidance_scale if self.class_names else 1.0,
+            class_mix=self.auto_class_mix(),
+            guidance_interval=self.config.guidance_interval if self.class_names else None,
+            **self.space.pipeline_components(),
+        )
+
+    def auto_class_mix(self) -> list[float] | None:
+        """With ``--class_column auto``: the clusters' shares of the training images, stored in the pipeline so that
+        calls without labels (the user never named a class) sample the data's mix; None otherwise."""
+        if self.config.class_column != AUTO_CLASS_COLUMN or not self.class_names:
+            return None
+        return class_mix(self.space.data.class_ids, len(self.class_names))
+
+    def sample_grid(self, pipeline: Any) -> tuple[Any, torch.Tensor]:
+        """The validation grid: always the same seed, so grids at different steps are comparable.
+
+        A class-conditional model gets one row per class (in class-id order, ceil(images / classes) images each but at
+        least 4, sampled with the pipeline's guidance scale), so every class can be seen to learn. With more than
+        ``MAX_GRID_CLASS_ROWS`` classes (e.g. the emoji's 90 Unicode subcategories) rows of 4 would make a grid too tall
+        to look at, so every class gets one tile instead, in class-id order, in a square grid.
+        """
+        generator = torch.Generator().manual_seed(self.config.seed)
+        count, nrow, labels = self.grid_plan()
+        images = pipeline(
+            batch_size=count,
+            num_inference_steps=self.config.validation_inference_steps,
+            generator=generator,
+            upscale=False,
+            output_type="pt",
+            class_labels=labels,
+        ).images
+        return make_grid(images, nrow=nrow, value_range=(0, 1)), images
+
+    def grid_plan(self) -> tuple[int, int | None, list[int] | None]:
+        """``(images, images per row or None for a square grid, class id of each or None)`` of the sample grid."""
+        count, nrow, labels = self.config.num_validation_images, None, None
+        if self.class_names:
+            num_classes = len(self.class_names)
+            if num_classes > MAX_GRID_CLASS_ROWS:
+                per_class = 1  # make_grid's default layout is the square one
+            else:
+                per_class = nrow = max(4, math.ceil(count / num_classes))
+            labels = [k for k in range(num_classes) for _ in range(per_class)]
+            count = len(labels)
+        return count, nrow, labels
+
+    def grid_seconds(self) -> float:
+        """Estimated seconds to sample one sample grid (and, per image, everything else sampled at the end)."""
+        from crispdiff.train.time_budget import sampling_seconds
+
+        count, _, labels = self.grid_plan()
+        pipeline = build_pipeline(**self.pipeline_kwargs())
+        return sampling_seconds(pipeline, count, self.config.validation_inference_steps, labels)
+
+    def validate(self) -> None:
+        """Sample a grid with the fast sampler (main process), save it and log it; optionally log metrics."""
+        if not self.accelerator.is_main_process:
+            return
+        grid, images = self.sample_grid(build_pipeline(**self.pipeline_kwargs()))
+        path = self.output_dir / "samples" / f"step_{self.step:07d}.png"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        save_image_atomic(grid, path)
+        logs: dict[str, float] = {}
+        if self.config.validation_metrics:
+            from crispdiff.evaluate.metrics import compute_validation_metrics
+
+            reference = self.space.reference_images(max(256, len(images)))
+            logs.update({f"val/{k}": v for k, v in compute_validation_metrics(reference, images).items()})
+        for tracker in self.accelerator.trackers:
+            if tracker.name == "tensorboard":
+                tracker.writer.add_image("validation", np.asarray(grid), self.step, dataformats="HWC")
+        if logs:
+            self.accelerator.log(logs, step=self.step)
+
+    def calibrated_sharpen_amount(self, pipeline: Any) -> float:
+        """The unsharp amount that brings this model's samples to the training images' sharpness (and a log line).
+
+        ``--sharpen_calibration_images`` samples, unsharpened, classes taken in turn, go through
+        ``crispdiff.evaluate.evaluation.sharpen_sweep`` against up to 2,000 training images; the sweep table is kept
+        next to the pipeline in ``sharpen_calibration.json``.
+        """
+        from crispdiff.evaluate.sampling import NO_POSTPROCESS, generate_samples
+        from crispdiff.evaluate.sharpen import sharpen_sweep
+
+        count = self.config.sharpen_calibration_images
+        labels = [k % len(self.class_names) for k in range(count)] if self.class_names else None
+        samples = generate_samples(
+            pipeline,
+            count,
+            steps=self.config.validation_inference_steps,
+            seed=self.config.seed,
+            upscale=False,
+            class_labels=labels,
+            postprocess=NO_POSTPROCESS,
+        )
+        sweep = sharpen_sweep(pipeline, samples, self.space.reference_images(2000))
+        best = next(row for row in sweep["rows"] if row["amount"] == sweep["best_amount"])
+        write_json_atomic(self.output_dir / "sharpen_calibration.json", sweep)
+        self.accelerator.print(
+            f"Unsharp amount calibrated on {count} samples: {sweep['best_amount']} (high-frequency ratio "
+            f"{best['hf_energy_ratio']:.2f}, Laplacian ratio {best['laplacian_var_ratio']:.2f}; "
+            f"--sharpen_amount was {sweep['pipeline_amount']})."
+        )
+        return float(sweep["best_amount"])
+
+    def export(self, calibrate_sharpening: bool = False) -> Path:
+        """Write the pipeline folder (EMA weights, DPM-Solver++ default, sample grid, training config).
+
+        With ``calibrate_sharpening`` (the final export) and ``--sharpen_calibration_images``, the saved unsharp amount
+        is the calibrated one, and the grid shows it.
+        """
+        kwargs = self.pipeline_kwargs()
+        if calibrate_sharpening and self.config.sharpen_calibration_images:
+            kwargs["sharpen_amount"] = self.calibrated_sharpen_amount(build_pipeline(**kwargs))
+        grid, _ = self.sample_grid(build_pipeline(**kwargs))
+        if self.config.sr_model_name_or_path:
+            from crispdiff.publish.sr import load_sr_model
+
+            kwargs["sr_model"] = load_sr_model(self.config.sr_model_name_or_path)
+        folder = save_pipeline(
+            self.output_dir / "pipeline", training_config=self.config.to_dict(), sample_grid=grid, **kwargs
+        )
+        write_model_card(folder, self.config.to_dict())
+        return folder
+
+    def periodic(self) -> None:
+        if self.due(self.config.save_model_steps) and self.accelerator.is_main_process:
+            self.export()
+
+    def finish(self) -> Path:
+        folder = self.export(calibrate_sharpening=True)
+        self.accelerator.print(f"Pipeline saved to {folder} (sample grid: {folder / 'samples.png'}).")
+        if self.config.push_to_hub:
+            self.accelerator.print(f"Uploaded to {maybe_push_to_hub(folder, self.config)}")
+        return folder
+
+
+def train(config: TrainConfig, space: TrainingSpace | None = None, budget: Any = None) -> Path | None:
+    """Train a diffusion UNet as `config` says; `space` defaults to pixels of the configured image data.
+
+    ``budget``: a ``crispdiff.train.time_budget.TimeBudget`` already running (the latent trainer starts it before
+    encoding); by default one starts here when ``--time_budget_minutes`` is set.
+    """
+    from crispdiff.train.time_budget import TimeBudget
+
+    if budget is None and config.time_budget_minutes:
+        budget = TimeBudget(config.time_budget_minutes)
+    check_output_dir(config)
+    accelerator = start_run(config)
+    if space is None:
+        from crispdiff.data.loading import load_images
+
+        with accelerator.main_process_first():  # the first process builds the decode cache, the others reuse it
+            space = PixelSpace(load_images(config, show_progress=accelerator.is_local_main_process))
+    if budget is not None:
+        config.max_train_steps = budgeted_steps(config, space, accelerator, budget)
+        set_seed(config.seed)  # the real run starts from the seed the probe started from
+    return run_trainer(Trainer(config, space, accelerator))
+
+
+def budgeted_steps(config: TrainConfig, space: TrainingSpace, accelerator: Accelerator, budget: Any) -> int:
+    """The UNet steps that end the run by ``budget``'s deadline, export included (``--time_budget_minutes``).
+
+    A throwaway trainer, built like the real one, times a few steps and the sample grid (see
+    ``crispdiff.train.time_budget``). A resumed run keeps the count its first part chose (saved in the output folder).
+    """
+    from crispdiff.train.time_budget import EXPORT_MARGIN, affordable_steps, agreed_seconds, seconds_per_step
+
+    saved = Path(config.output_dir) / LoopTrainer.config_file
+    if config.resume_from_checkpoint and saved.is_file() and find_checkpoint(config.output_dir, "latest"):
+        steps = int(json.loads(saved.read_text())["max_train_steps"])
+        accelerator.print(f"crispdiff: resuming a budgeted run of {steps} steps")
+        return steps
+    probe = Trainer(config, space, make_accelerator(config))
+    per_step = seconds_per_step(probe)
+    grid = agreed_seconds(accelerator, probe.grid_seconds())
+    per_image = grid / probe.grid_plan()[0]
+    del probe
+    export = EXPORT_MARGIN * (grid + per_image * config.sharpen_calibration_images)
+    # validation grids along the way cost a grid every --validation_steps steps
+    per_step_with_validation = per_step + (grid / config.validation_steps if config.validation_steps else 0.0)
+    steps = affordable_steps(budget.remaining() - export, per_step_with_validation)
+    accelerator.print(
+        f"crispdiff: time budget of {budget.minutes:g} min: {1000 * per_step:.0f} ms a step here and about "
+        f"{export:.0f} s to export, so {steps} steps (to repeat this run exactly: --max_train_steps {steps})"
+    )
+    return steps

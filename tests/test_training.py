@@ -128,15 +128,22 @@ def _pipeline_weights(folder: Path) -> dict[str, torch.Tensor]:
     return load_file(str(folder / "unet" / "diffusion_pytorch_model.safetensors"))
 
 
-def test_resume_gives_the_same_weights_as_an_uninterrupted_run(image_folder, tmp_path):
+@pytest.mark.parametrize(
+    "extra",
+    [{}, {"validation_steps": 3, "save_model_steps": 3}],
+    ids=["checkpoints-only", "validation-and-export-on-the-checkpoint-step"],
+)
+def test_resume_gives_the_same_weights_as_an_uninterrupted_run(image_folder, tmp_path, extra):
     """Run 6 steps with a checkpoint at 3; a second run resumed from that checkpoint must end bit-identical.
 
-    Dropout, random flips, gradient accumulation and EMA are all on, so every RNG and counter must be restored.
+    Dropout, random flips, gradient accumulation and EMA are all on, so every RNG and counter must be restored; with
+    a validation grid and an export on the checkpoint's step, the uninterrupted run samples and builds modules after
+    the checkpoint was written, which must not move the RNG dropout draws from.
     """
     import shutil
 
     full = tmp_path / "full"
-    overrides = dict(gradient_accumulation_steps=2, max_train_steps=6, checkpointing_steps=3)
+    overrides = dict(gradient_accumulation_steps=2, max_train_steps=6, checkpointing_steps=3, **extra)
     train(tiny_config(image_folder, full, **overrides))
     assert (full / "checkpoint-3").is_dir() and (full / "pipeline" / "model_index.json").is_file()
 

@@ -51,7 +51,7 @@ from crispdiff.sd.config import (
 from crispdiff.sd.export import export_sd
 from crispdiff.sd.lora_files import load_lora_state, model_card, push_lora_to_hub, save_lora_weights
 from crispdiff.sd.prompts import PromptBank, TrainSet, captions_for, generate_class_images, image_view, latent_space
-from crispdiff.train.loop import LoopTrainer, check_output_dir, run_trainer, start_run
+from crispdiff.train.loop import LoopTrainer, check_output_dir, run_trainer, start_run, untouched_rng
 from crispdiff.train.lora import (
     SD_UNET_LORA_PRESETS,
     TEXT_ENCODER_LORA_TARGETS,
@@ -225,14 +225,12 @@ class SDLoRATrainer(LoopTrainer):
         """
         models = self._named_models()
         modes = {name: m.training for name, m in models.items()}
-        cpu_rng = torch.get_rng_state()
-        cuda_rng = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None
         try:
             for model in models.values():
                 model.eval()
             pipeline = inference_pipeline(self.parts, models["unet"], models.get("text_encoder"))
             generator = torch.Generator().manual_seed(self.config.seed)
-            with self.accelerator.autocast():
+            with untouched_rng(), self.accelerator.autocast():
                 images = pipeline(
                     [prompt] * count,
                     num_inference_steps=self.config.validation_inference_steps,
@@ -244,9 +242,6 @@ class SDLoRATrainer(LoopTrainer):
         finally:
             for name, model in models.items():
                 model.train(modes[name])
-            torch.set_rng_state(cpu_rng)
-            if cuda_rng is not None:
-                torch.cuda.set_rng_state_all(cuda_rng)
         return images.float().cpu()
 
     def sample_prompt(self) -> str:

@@ -9,10 +9,12 @@ saved pipeline that samples with DPM-Solver++ out of the box. Subclasses fill in
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import os
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -366,15 +368,30 @@ class LoopTrainer:
                 window_start, window_images = time.perf_counter(), 0
             if self.due(config.checkpointing_steps):
                 self.save_checkpoint()
-            if self.due(config.validation_steps):
-                self.validate()
-            self.periodic()  # no barrier per step: checkpoints synchronise on their own, exports happen on rank 0
+            with untouched_rng():  # sampling and building modules here must not move dropout's RNG (exact resume)
+                if self.due(config.validation_steps):
+                    self.validate()
+                self.periodic()  # no barrier per step: checkpoints synchronise on their own, exports on rank 0
             if self.deadline is not None and self.past_deadline():
                 self.max_steps = self.step  # a time-boxed stage (e.g. the VAE adaptation): stop where it is
         progress.close()
         result = self.finish() if accelerator.is_main_process else None
         accelerator.wait_for_everyone()
         return result
+
+
+@contextlib.contextmanager
+def untouched_rng() -> Iterator[None]:
+    """Leave torch's global RNGs (CPU and every CUDA device) as they were found.
+
+    Training's own draws come from seeded generators, but dropout draws from the global RNG, which checkpoints save.
+    Validation grids and exports sample and build modules (``from_config`` initialises weights from that RNG); a
+    checkpoint written just before them would hold the RNG state from before, so a run resumed from it would diverge
+    from one that ran on. Work inside this block leaves no trace.
+    """
+    devices = list(range(torch.cuda.device_count())) if torch.cuda.is_available() else []
+    with torch.random.fork_rng(devices=devices):
+        yield
 
 
 def configure_kernels(config: LoopConfig) -> None:

@@ -377,15 +377,24 @@ def test_cache_rebuilt_when_preprocessing_or_files_change(tmp_path, folder):
     assert changed.center_crops()[1, 0, 0, 0] == 7
 
 
-@pytest.mark.parametrize("damage", ["truncate_pixels", "bad_header", "bad_index"])
+@pytest.mark.parametrize("damage", ["truncate_pixels", "zero_pixels", "flip_a_bit", "bad_header", "bad_index"])
 def test_damaged_cache_is_detected_and_rebuilt(tmp_path, folder, damage):
+    """Truncated, zero-filled (what a power cut can leave: the right size, no data) or bit-flipped pixels, a broken
+    header or index: each is detected, warned about once and rebuilt to the same images."""
     _three_images(folder)
     config = _config(tmp_path, folder)
     original = _load(config).center_crops()
     cache = _load(config).cache_path
+    pixels = cache / "pixels.bin"
     if damage == "truncate_pixels":
-        with (cache / "pixels.bin").open("r+b") as handle:
+        with pixels.open("r+b") as handle:
             handle.truncate(100)
+    elif damage == "zero_pixels":
+        pixels.write_bytes(bytes(pixels.stat().st_size))
+    elif damage == "flip_a_bit":
+        data = bytearray(pixels.read_bytes())
+        data[len(data) // 2] ^= 1
+        pixels.write_bytes(bytes(data))
     elif damage == "bad_header":
         (cache / "header.json").write_text("{not json")
     else:

@@ -112,3 +112,24 @@ def test_every_crispdiff_command_returns_2_with_one_line(tmp_path, capsys, argv,
     assert status == 2, err
     lines = [line for line in err.splitlines() if "error:" in line]
     assert len(lines) == 1 and lines[0].startswith(f"crispdiff {argv[0]}: error: ") and expected in lines[0], err
+
+
+_HOOKED = """
+import atexit, sys
+from crispdiff.core.errors import PathError, install_user_error_hook
+install_user_error_hook("prog")
+atexit.register(lambda: print("atexit ran", flush=True))
+if sys.argv[1] == "user":
+    raise PathError("--train_data_dir /nowhere does not exist")
+open("/no/such/file/crispdiff-bug")  # a bug's FileNotFoundError, not a path the user gave
+"""
+
+
+def test_only_user_errors_become_one_line_and_atexit_still_runs(tmp_path):
+    """A user error: one line, status 2, and the atexit handlers (trackers, process group) still run. A builtin
+    FileNotFoundError from a bug keeps its traceback."""
+    user = _run(["-c", _HOOKED, "user"], tmp_path)
+    _assert_one_line_user_error(user, "prog", "--train_data_dir /nowhere")
+    assert "atexit ran" in user.stdout
+    bug = _run(["-c", _HOOKED, "bug"], tmp_path)
+    assert bug.returncode == 1 and "Traceback" in bug.stderr and "FileNotFoundError" in bug.stderr

@@ -12,6 +12,7 @@ The classes also derive from the builtin a caller would naturally catch (``Value
 from __future__ import annotations
 
 import argparse
+import atexit
 import os
 import sys
 from collections.abc import Callable
@@ -46,9 +47,9 @@ class MissingDependencyError(UserError, ImportError):
     """An optional package a flag needs is not installed; the message names the extra to install."""
 
 
-#: Builtin exceptions that, when they reach an entry point, are about a user's path rather than a bug.
-PATH_ERRORS: tuple[type[BaseException], ...] = (FileNotFoundError, FileExistsError, NotADirectoryError)
-USER_ERRORS: tuple[type[BaseException], ...] = (UserError, *PATH_ERRORS)
+#: What an entry point reports as one line. Only crispdiff's own user errors: a builtin ``FileNotFoundError`` may
+#: come from a bug as well as from a user's path, and a bug must keep its traceback.
+USER_ERRORS: tuple[type[BaseException], ...] = (UserError,)
 
 
 def one_line(error: BaseException) -> str:
@@ -78,8 +79,9 @@ def install_user_error_hook(prog: str) -> None:
     """Make an uncaught user error end the process with one line and status 2 instead of a traceback.
 
     Used by ``parse_config`` when it parses the real command line, so every training script (including ones that
-    only call ``main()``) gets the behaviour. ``os._exit`` is the only way to choose the status from an excepthook;
-    the streams are flushed first, and nothing else is pending at a user error.
+    only call ``main()``) gets the behaviour. ``os._exit`` is the only way to choose the status from an excepthook,
+    and it skips the interpreter's shutdown: the atexit handlers (trackers, accelerate's process group) and the
+    streams are run and flushed first.
     """
     previous = sys.excepthook
     if getattr(previous, "_crispdiff_prog", None) is not None:
@@ -88,7 +90,9 @@ def install_user_error_hook(prog: str) -> None:
     def hook(kind: type[BaseException], error: BaseException, traceback: TracebackType | None) -> None:
         if issubclass(kind, USER_ERRORS):
             status = report_user_error(prog, error)
+            atexit._run_exitfuncs()  # what a normal exit would run; os._exit below would skip it
             sys.stdout.flush()
+            sys.stderr.flush()
             os._exit(status)
         previous(kind, error, traceback)
 

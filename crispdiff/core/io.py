@@ -23,6 +23,8 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import IO, Any
 
+from crispdiff.core.errors import OutputExistsError
+
 
 def _umask() -> int:
     mask = os.umask(0)
@@ -142,7 +144,7 @@ def swap_folder_into_place(
         fsync_path(target.parent)
         return target
     if not target.is_dir():
-        raise FileExistsError(f"{target} exists and is not a folder; cannot save a folder there")
+        raise OutputExistsError(f"{target} exists and is not a folder; cannot save a folder there")
     carried = [name for name in carry if (target / name).exists() and not (staging / name).exists()]
     for name in carried:
         os.replace(target / name, staging / name)

@@ -220,14 +220,14 @@ def load_unet_config(name_or_path: str) -> dict:
         if candidate.is_file():
             return json.loads(candidate.read_text())
     if path.exists():
-        raise FileNotFoundError(f"--model_config_name_or_path {path} holds no config.json (nor unet/config.json)")
+        raise PathError(f"--model_config_name_or_path {path} holds no config.json (nor unet/config.json)")
     try:
         return dict(UNet2DModel.load_config(name_or_path, subfolder="unet"))
     except OSError:
         try:
             return dict(UNet2DModel.load_config(name_or_path))
         except OSError as err:
-            raise FileNotFoundError(
+            raise PathError(
                 f"--model_config_name_or_path {name_or_path!r} is not a local config nor a reachable Hub model: {err}"
             ) from err
 

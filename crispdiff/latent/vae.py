@@ -19,6 +19,8 @@ from pathlib import Path
 import torch
 from diffusers import AutoencoderKL, AutoencoderTiny
 
+from crispdiff.core.errors import PathError
+
 #: The command-line flag every loading error names, so users know what to change.
 VAE_FLAG = "--pretrained_vae_name_or_path"
 
@@ -65,12 +67,12 @@ def _local_vae_folder(path: Path) -> Path:
     for candidate in (path, path / "vae"):
         if (candidate / "config.json").is_file():
             if not any(candidate.glob("*.safetensors")):
-                raise FileNotFoundError(
+                raise PathError(
                     f"{candidate} has a config.json but no .safetensors weights; {VAE_FLAG} loads safetensors only "
                     "(convert .bin/.ckpt weights with diffusers' save_pretrained first)."
                 )
             return candidate
-    raise FileNotFoundError(
+    raise PathError(
         f"{path} is neither a diffusers VAE folder (config.json + .safetensors) nor a pipeline folder with a vae/ "
         f"subfolder; check {VAE_FLAG}."
     )
@@ -93,7 +95,7 @@ def _hub_vae(repo_id: str) -> tuple[type, str | None]:
             errors.append(f"{subfolder or '.'}: {type(error).__name__}")
             continue
         return _config_class(Path(config_path)), subfolder
-    raise FileNotFoundError(
+    raise PathError(
         f"Could not find a VAE for {VAE_FLAG}={repo_id!r}: it is not a local folder, and the Hub repository has no "
         f"config.json at its root or in vae/ ({'; '.join(errors)}). Pass a local diffusers VAE folder, a pipeline "
         "folder, or a reachable Hub id (e.g. stabilityai/sd-vae-ft-mse); omit the flag for the embedded default."
@@ -110,9 +112,7 @@ def load_vae(name_or_path: str | os.PathLike | None, *, torch_dtype: torch.dtype
     if name_or_path is None:
         folder = embedded_vae_dir()
         if not (folder / "config.json").is_file():
-            raise FileNotFoundError(
-                f"The embedded default VAE is missing from {folder} (a broken install?); pass {VAE_FLAG}."
-            )
+            raise PathError(f"The embedded default VAE is missing from {folder} (a broken install?); pass {VAE_FLAG}.")
         name_or_path = folder
     path = Path(name_or_path).expanduser()
     if path.exists():
@@ -120,7 +120,7 @@ def load_vae(name_or_path: str | os.PathLike | None, *, torch_dtype: torch.dtype
         cls = _config_class(folder / "config.json")
         vae = cls.from_pretrained(folder, torch_dtype=torch_dtype, use_safetensors=True)
     elif _looks_like_path(str(name_or_path)):
-        raise FileNotFoundError(f"{VAE_FLAG}={str(name_or_path)!r}: no such file or folder.")
+        raise PathError(f"{VAE_FLAG}={str(name_or_path)!r}: no such file or folder.")
     else:
         cls, subfolder = _hub_vae(str(name_or_path))
         vae = cls.from_pretrained(str(name_or_path), subfolder=subfolder, torch_dtype=torch_dtype, use_safetensors=True)

@@ -18,7 +18,7 @@ import PIL.Image
 import torch
 from diffusers import ModelMixin
 
-from crispdiff.core.errors import FlagError, PathError
+from crispdiff.core.errors import FlagError, OutputExistsError, PathError
 from crispdiff.core.images import save_image_atomic
 from crispdiff.core.io import staging_folder, swap_folder_into_place
 from crispdiff.pipelines.pipeline_crispdiff import SAMPLERS, CrispDiffPipeline, make_scheduler
@@ -138,7 +138,7 @@ def save_pipeline(
         if sample_grid is not None:
             save_image_atomic(sample_grid, staging / SAMPLES_NAME)
         if target.exists() and not target.is_dir():
-            raise FileExistsError(f"{target} exists and is not a folder; cannot save a pipeline there")
+            raise OutputExistsError(f"{target} exists and is not a folder; cannot save a pipeline there")
         swap_folder_into_place(staging, target, carry=_foreign_entries(target))
     finally:
         if staging.exists():

@@ -137,7 +137,7 @@ def load_checkpoint(
     if generators:
         gen_file = path / f"generators_{accelerator.process_index}.safetensors"
         if not gen_file.is_file():
-            raise FileNotFoundError(
+            raise PathError(
                 f"{gen_file} is missing: the checkpoint was written by a run with fewer processes than this one"
             )
         states = load_file(str(gen_file))

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import subprocess
 import sys
@@ -24,6 +25,7 @@ from tiny_models import base_config
 
 from crispdiff.core.config import parse_config
 from crispdiff.core.errors import FlagError
+from crispdiff.diffusion.schedule import make_betas
 from crispdiff.train.loop import make_accelerator
 from crispdiff.train.lora import plain_copy
 from crispdiff.train.unet_trainer import PixelSpace
@@ -195,7 +197,8 @@ def test_schedule_and_prediction_type_come_from_the_pretrained_scheduler(tiny_dd
     with caplog.at_level(logging.WARNING, logger="crispdiff"):
         resolve_schedule(switched, load_pretrained(str(tiny_ddpm)))
     assert switched.prediction_type == "v_prediction" and switched.beta_schedule == "linear"
-    assert "experimental" in caplog.text and "1/alpha_T = 1" in caplog.text  # ~157 for these betas
+    alpha_bar_T = torch.cumprod(1.0 - make_betas("linear", 1000), 0)[-1]
+    assert "experimental" in caplog.text and f"1/alpha_T = {1.0 / math.sqrt(float(alpha_bar_T)):.0f} " in caplog.text
 
     for architecture in (dict(encoder="timm:resnet18"), dict(model_config_name_or_path=str(tiny_ddpm))):
         with pytest.raises(FlagError, match="architecture is the pretrained model's"):
@@ -205,6 +208,26 @@ def test_schedule_and_prediction_type_come_from_the_pretrained_scheduler(tiny_dd
         refused = transfer_config(tiny_ddpm, images32, tmp_path / "out", prediction_type="v_prediction", **modules)
         with pytest.raises(FlagError, match="cannot retarget"):
             resolve_schedule(refused, load_pretrained(str(tiny_ddpm)))
+
+
+def test_schedule_flags_given_on_the_command_line_win_over_the_pretrained_pipelines(tmp_path, images32, caplog):
+    """A crispdiff pipeline trained with ``--snr_shift -1`` passes its shift on to a transfer run, unless the user
+    gives ``--snr_shift`` (or another schedule flag): then the flag wins, with a warning that the schedule changed."""
+    from crispdiff.publish.export import save_pipeline
+
+    shifted = make_betas("cosine", 1000, snr_shift=-1.0).tolist()
+    save_pipeline(tmp_path / "crisp", unet=tiny_attention_unet(),
+                  scheduler_base_config={**base_config("v_prediction"), "trained_betas": shifted},
+                  beta_schedule="cosine", training_config={"beta_schedule": "cosine", "snr_shift": -1.0})  # fmt: skip
+    pretrained = load_pretrained(str(tmp_path / "crisp"))
+    inherited = transfer_config(tmp_path / "crisp", images32, tmp_path / "a")
+    resolve_schedule(inherited, pretrained)
+    assert (inherited.beta_schedule, inherited.snr_shift) == ("cosine", -1.0)
+    given = transfer_config(tmp_path / "crisp", images32, tmp_path / "b", snr_shift=0.5)
+    with caplog.at_level(logging.WARNING, logger="crispdiff"):
+        resolve_schedule(given, pretrained)
+    assert (given.beta_schedule, given.snr_shift) == ("cosine", 0.5)
+    assert "snr_shift=0.5" in caplog.text and "re-learn its noise levels" in caplog.text
 
 
 def test_crispdiff_pipelines_trained_betas_map_back_to_their_schedule():

@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import math
+import sys
 import types
 import typing
 from dataclasses import dataclass, field
@@ -378,6 +379,13 @@ def add_dataclass_flags(parser: argparse.ArgumentParser, config_cls: type) -> No
         parser.add_argument(f"--{f.name}", **kwargs)
 
 
+def given_flags(parser: argparse.ArgumentParser, argv: list[str]) -> frozenset[str]:
+    """The config fields the user set on the command line (``--name value`` or ``--name=value``), as opposed to
+    defaults: a trainer that takes settings from elsewhere (a pretrained model's schedule) must not override these."""
+    names = {option: action.dest for action in parser._actions for option in action.option_strings}
+    return frozenset(names[token.split("=", 1)[0]] for token in argv if token.split("=", 1)[0] in names)
+
+
 def parse_config(config_cls: type, argv: list[str] | None = None, description: str | None = None) -> Any:
     """Parse command-line flags into an instance of ``config_cls``.
 
@@ -391,6 +399,7 @@ def parse_config(config_cls: type, argv: list[str] | None = None, description: s
         install_user_error_hook(parser.prog)
     args = parser.parse_args(argv)
     config = config_cls(**vars(args))
+    config.explicit_flags = given_flags(parser, sys.argv[1:] if argv is None else argv)
     validate = getattr(config, "validate", None)
     if callable(validate):
         try:

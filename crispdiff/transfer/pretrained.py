@@ -204,12 +204,13 @@ def resolve_schedule(config: TransferConfig, pretrained: Pretrained) -> None:
     layer means, so a prediction-type switch is refused there; with full fine-tuning it is allowed but experimental.
     """
     base = pretrained_schedule(pretrained.scheduler_config, pretrained.training_config)
-    explicit = {k: getattr(config, k) for k in SCHEDULE_FIELDS if getattr(config, k) is not None}
+    given = getattr(config, "explicit_flags", frozenset())  # flags on the command line win over the pretrained ones
+    explicit = {k: getattr(config, k) for k in base if hasattr(config, k) and (k in given or k in SCHEDULE_FIELDS)}
+    explicit = {k: v for k, v in explicit.items() if v is not None}
     for key, value in base.items():
-        if key in SCHEDULE_FIELDS and getattr(config, key) is not None:
+        if key in explicit or not hasattr(config, key):
             continue
-        if hasattr(config, key):
-            setattr(config, key, value)
+        setattr(config, key, value)
     if config.prediction_type != base["prediction_type"]:
         if config.train_modules != "all" or config.freeze_encoder:
             what = "LoRA" if config.train_modules == "lora" else "a partly frozen UNet"

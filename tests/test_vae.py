@@ -484,3 +484,20 @@ def test_embedded_vae_reconstructs_held_out_emoji_sharply(emoji_dir: Path, tmp_p
         noisy = (vae.decode(clean_latents + 0.3 * noise).sample.clamp(-1, 1) + 1) / 2
     noisy_psnr = float(psnr(noisy, target).mean())
     assert metrics["psnr"] - noisy_psnr < EMBEDDED_MAX_NOISY_DROP, (metrics["psnr"], noisy_psnr)
+
+
+def test_adaptive_gan_weight_survives_fp16_gradients_with_the_loss_scale():
+    """A mean over many pixels hands each one a gradient of 1/N, which underflows to 0 in fp16 for N = 2^25, and the
+    adaptive weight with it; taken of the scaled losses (as fp16 training takes them) it is the fp32 weight."""
+    from crispdiff.latent.vae_losses import adaptive_gan_weight
+
+    def weight(dtype: torch.dtype, scale: float) -> float:
+        layer = torch.ones(1, dtype=dtype, requires_grad=True)
+        pixels = layer.expand(2**25)
+        recon, gan = (pixels * 0.5).mean(), pixels.mean()
+        return float(adaptive_gan_weight(recon, gan, layer, loss_scale=scale))
+
+    exact = weight(torch.float32, 1.0)
+    assert exact == pytest.approx(0.5, rel=1e-3)
+    assert weight(torch.float16, 1.0) == 0.0  # what an unscaled fp16 run computed
+    assert weight(torch.float16, 2.0**14) == pytest.approx(exact, rel=1e-2)

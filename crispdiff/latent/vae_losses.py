@@ -112,13 +112,20 @@ def hinge_discriminator_loss(logits_real: torch.Tensor, logits_fake: torch.Tenso
 
 
 def adaptive_gan_weight(
-    recon_term: torch.Tensor, gan_term: torch.Tensor, last_layer: torch.Tensor, max_weight: float = 1e4
+    recon_term: torch.Tensor,
+    gan_term: torch.Tensor,
+    last_layer: torch.Tensor,
+    max_weight: float = 1e4,
+    loss_scale: float = 1.0,
 ) -> torch.Tensor:
     """Scale the GAN loss so its gradient at the decoder's last layer matches the reconstruction gradient's norm.
 
     Esser et al. 2021 (VQGAN): without it the GAN term either does nothing or dominates, depending on the dataset.
+    Under fp16 the two gradients are taken of the losses times ``loss_scale`` (the grad scaler's), as the training
+    gradients are: unscaled, small gradients underflow to 0 in fp16 and the weight collapses to 0. The ratio does not
+    depend on the scale.
     """
-    recon_grad = torch.autograd.grad(recon_term, last_layer, retain_graph=True)[0]
-    gan_grad = torch.autograd.grad(gan_term, last_layer, retain_graph=True)[0]
-    weight = recon_grad.norm() / (gan_grad.norm() + 1e-4)
+    recon_grad = torch.autograd.grad(recon_term * loss_scale, last_layer, retain_graph=True)[0]
+    gan_grad = torch.autograd.grad(gan_term * loss_scale, last_layer, retain_graph=True)[0]
+    weight = recon_grad.float().norm() / (gan_grad.float().norm() + 1e-4 * loss_scale)
     return weight.clamp(0.0, max_weight).detach()

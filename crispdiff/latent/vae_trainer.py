@@ -138,7 +138,7 @@ class VAETrainer(LoopTrainer):
         self.train_indices, self.held_out, self.held_classes = train_indices, held_out, held_classes
         device = accelerator.device
 
-        vae = initial_vae(config)
+        vae = initial_vae(config).to(device)  # on its device before the optimizer and EMA are built over it
         self.num_parameters = sum(p.numel() for p in vae.parameters())
         self.initial_scaling = read_scaling(vae) if config.pretrained_vae_name_or_path else (None, None)
         groups: list[dict[str, Any]] = [{"params": [p for p in vae.parameters() if p.requires_grad]}]
@@ -147,7 +147,7 @@ class VAETrainer(LoopTrainer):
             # One optimizer for both models (the discriminator as its own parameter group): with fp16, accelerate's
             # loss scaler is updated inside every optimizer's step(), so a second optimizer would see gradients
             # already divided by the scale, then divide them again.
-            disc = PatchDiscriminator(config.disc_channels, config.disc_layers)
+            disc = PatchDiscriminator(config.disc_channels, config.disc_layers).to(device)
             groups.append(
                 {
                     "params": list(disc.parameters()),
@@ -228,7 +228,9 @@ class VAETrainer(LoopTrainer):
             generator_term = -torch.func.functional_call(disc, frozen, (reconstruction,)).float().mean()
         weight = torch.tensor(1.0, device=images.device)
         if config.adaptive_disc_weight:
-            weight = adaptive_gan_weight(recon_term, generator_term, self.vae.decoder.conv_out.weight)
+            scaler = self.accelerator.scaler  # fp16 only
+            scale = float(scaler.get_scale()) if scaler is not None and scaler.is_enabled() else 1.0
+            weight = adaptive_gan_weight(recon_term, generator_term, self.vae.decoder.conv_out.weight, loss_scale=scale)
         logits = self.disc(torch.cat([images, reconstruction.detach()]))
         real, fake = logits.chunk(2)
         terms["gan_g"] = generator_term.detach()

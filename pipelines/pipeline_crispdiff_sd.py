@@ -48,10 +48,19 @@ def lanczos_downsample(images01: torch.Tensor, size: int | tuple[int, int]) -> t
 
 
 def _write_json_atomic(path: Path, data: dict[str, Any]) -> None:
+    """A temp file, fsynced, given the permissions ``open()`` would give (mkstemp's are 0600), renamed into place.
+
+    crispdiff's own ``core.io`` does this for everything else; this file must load without crispdiff installed.
+    """
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as handle:
             handle.write(json.dumps(data, indent=2, sort_keys=True) + "\n")
+            handle.flush()
+            os.fsync(handle.fileno())
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):

@@ -176,13 +176,14 @@ def test_trainer_builds_a_class_embedding_with_a_null_row_and_drops_labels_from_
 
 
 def test_conditional_resume_gives_the_same_weights_as_an_uninterrupted_run(class_folder, tmp_path):
-    """Class dropout on: the coin is in the checkpointed noise generator, so a resumed run ends bit-identical."""
+    """Class dropout on: the coin is in the checkpointed noise generator, so a resumed run ends bit-identical, also
+    with a guided validation grid on the checkpoint's step."""
     full = tmp_path / "full"
-    train(tiny_config(class_folder, full))
+    train(tiny_config(class_folder, full, validation_steps=2))
     resumed = tmp_path / "resumed"
     resumed.mkdir()
     shutil.copytree(full / "checkpoint-2", resumed / "checkpoint-2")
-    train(tiny_config(class_folder, resumed, resume_from_checkpoint="latest"))
+    train(tiny_config(class_folder, resumed, resume_from_checkpoint="latest", validation_steps=2))
     a = load_file(str(full / "pipeline" / "unet" / "diffusion_pytorch_model.safetensors"))
     b = load_file(str(resumed / "pipeline" / "unet" / "diffusion_pytorch_model.safetensors"))
     assert "class_embedding.weight" in a and a.keys() == b.keys()

@@ -450,3 +450,19 @@ def test_each_image_trains_with_its_own_caption(tiny_sd, subject_dir, tmp_path):
         direct = parts.text_encoder(tokens.input_ids)[0]
     torch.testing.assert_close(looked_up, direct)
     assert not torch.equal(looked_up[0], looked_up[2])
+
+
+def test_sd_pipeline_saved_directly_is_readable_by_others(tiny_sd, tmp_path):
+    """``CrispDiffSDPipeline.save_pretrained`` rewrites model_index.json through a temp file: it must get the usual
+    permissions (0644 under umask 022), not mkstemp's 0600, or nobody else on a shared machine can load it."""
+    import stat
+
+    from crispdiff.pipelines.pipeline_crispdiff_sd import CrispDiffSDPipeline
+
+    pipe = CrispDiffSDPipeline.from_pretrained(str(tiny_sd))
+    previous = os.umask(0o022)
+    try:
+        pipe.save_pretrained(tmp_path / "saved")
+    finally:
+        os.umask(previous)
+    assert stat.S_IMODE((tmp_path / "saved" / "model_index.json").stat().st_mode) == 0o644

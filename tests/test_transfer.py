@@ -375,12 +375,13 @@ def test_lora_training_keeps_the_base_frozen_and_samples_a_merged_unet(tiny_ddpm
 
 
 def test_a_lora_run_resumes_exactly(tiny_ddpm, images32, tmp_path, capsys):
-    """Checkpoints hold the injected adapter and its EMA; a run resumed at step 2 ends with the same merged UNet."""
+    """Checkpoints hold the injected adapter and its EMA; a run resumed at step 2 ends with the same merged UNet,
+    also with a validation grid on the checkpoint's step (it merges the adapter into a fresh UNet built there)."""
     import shutil
 
     from crispdiff.transfer.trainer import train_transfer
 
-    flags = dict(train_modules="lora", max_train_steps=4, checkpointing_steps=2)
+    flags = dict(train_modules="lora", max_train_steps=4, checkpointing_steps=2, validation_steps=2)
     first = train_transfer(transfer_config(tiny_ddpm, images32, tmp_path / "a", **flags))
     (tmp_path / "b").mkdir()
     shutil.copytree(tmp_path / "a" / "checkpoint-2", tmp_path / "b" / "checkpoint-2")

@@ -273,8 +273,13 @@ def test_gan_and_decoder_only_training_move_the_right_weights(image_folder: Path
 
 
 def test_train_vae_script_saves_a_loadable_folder_and_resumes_exactly(image_folder: Path, tmp_path: Path):
+    """With the GAN on from the start and a validation pass on the checkpoint's step, a run resumed from that
+    checkpoint ends bit-identical to the uninterrupted one."""
     main = load_train_vae_main()
-    flags = trainer_flags(image_folder, tmp_path, "--max_train_steps", "4", "--checkpointing_steps", "2")
+    flags = trainer_flags(
+        image_folder, tmp_path, "--max_train_steps", "4", "--checkpointing_steps", "2", "--validation_steps", "2",
+        "--disc_start", "0", "--disc_channels", "8", "--disc_layers", "1",
+    )  # fmt: skip
     folder = main(flags)
     vae = AutoencoderKL.from_pretrained(folder)
     summary = json.loads((folder.parent / "vae_summary.json").read_text())

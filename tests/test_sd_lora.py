@@ -353,9 +353,40 @@ def test_bf16_dora_with_gradient_checkpointing_keeps_fp32_adapters(tiny_sd, subj
 
     state = load_file(str(path))
     assert any("lora_magnitude_vector" in k for k in state)
-    assert all(v.dtype == torch.float32 and torch.isfinite(v).all() for v in state.values())
+    assert all(torch.isfinite(v).all() for v in state.values())  # (the file is written in fp32 whatever trained)
     images = plain_diffusers_images(tiny_sd, out, PROMPT)  # DoRA loads in plain diffusers too
     assert torch.isfinite(images).all()
+
+
+def test_bf16_training_keeps_base_weights_bf16_and_trains_fp32_adapters(tiny_sd, captioned_dir, tmp_path):
+    """What the trainer holds while it trains (the saved file is always fp32, so it cannot tell): under bf16 the
+    frozen UNet and text-encoder weights are bf16, every adapter weight is fp32 and is what the optimizer moves."""
+    from crispdiff.sd.prompts import PromptBank, TrainSet, captions_for, image_view, latent_space
+    from crispdiff.sd.trainer import SDLoRATrainer, _prepare
+
+    flags = common_flags(tiny_sd, tmp_path / "out", tmp_path / "cache") + [
+        "--train_data_dir", str(captioned_dir), "--train_text_encoder", "--mixed_precision", "bf16",
+        "--max_train_steps", "2", "--checkpointing_steps", "0", "--validation_steps", "0",
+    ]  # fmt: skip
+    config = parse_config(TextToImageLoRAConfig, flags)
+    accelerator, parts = _prepare(config)
+    space, data = latent_space(image_view(config), config, parts.vae, False)
+    captions = captions_for(data, None)
+    prompts = PromptBank(parts.tokenizer, captions)
+    trainer = SDLoRATrainer(config, accelerator, parts, prompts, TrainSet(space, prompts.ids(captions)))
+    models = trainer._named_models()
+    assert set(models) == {"unet", "text_encoder"}
+    before = {}
+    for name, model in models.items():
+        adapters = {k: p for k, p in model.named_parameters() if "lora_" in k}
+        frozen = [p for k, p in model.named_parameters() if "lora_" not in k]
+        assert adapters and all(p.dtype == torch.float32 and p.requires_grad for p in adapters.values()), name
+        assert all(p.dtype == torch.bfloat16 and not p.requires_grad for p in frozen), name
+        before.update({f"{name}.{k}": p.detach().clone() for k, p in adapters.items()})
+    trainer.optimizer_step()
+    after = {f"{n}.{k}": p for n, m in models.items() for k, p in m.named_parameters() if "lora_" in k}
+    assert all(after[k].dtype == torch.float32 for k in before)
+    assert any(not torch.equal(after[k], before[k]) for k in before if k.startswith("text_encoder."))
 
 
 def test_refusals_are_one_line(tiny_sd, subject_dir, tmp_path, capsys):

@@ -183,10 +183,11 @@ class ImageData:
     ) -> torch.Tensor:
         """A float32 [B, 3, R, R] batch in [-1, 1] with crop / flip / jitter / blur drawn from ``generator``.
 
-        Exactly ``7 * B`` uniform numbers are drawn from ``generator`` per call whatever the options, so the data
-        stream of a resumed run (generator state restored from a checkpoint) is identical bit for bit. Nothing here
-        waits for the device: crops are gathered on it (``keep_on_device``) or copied from pinned memory without
-        blocking, and the blur is applied with a mask rather than by asking the device which images drew it.
+        Exactly ``7 * B`` uniform numbers are drawn from ``generator`` per call whatever the crop / flip / jitter /
+        blur options, and ``7 * B`` more with ``--color_remap_prob`` (never a number that depends on what was drawn),
+        so the data stream of a resumed run (generator state restored from a checkpoint) is identical bit for bit.
+        Nothing here waits for the device: crops are gathered on it (``keep_on_device``) or copied from pinned memory
+        without blocking, and the blur is applied with a mask rather than by asking the device which images drew it.
         """
         ids = _as_index_list(indices)
         draws = torch.rand(len(ids), _DRAWS_PER_IMAGE, generator=generator, device=generator.device).cpu().double()

@@ -52,7 +52,11 @@ def test_forward_shapes_and_rebuild_from_config(encoder, size, in_channels):
     with torch.no_grad():
         out = model(x, torch.tensor([3, 900]), class_labels=torch.tensor([0, 2])).sample
         same_t = model(x, 17, class_labels=torch.tensor([1, 1])).sample
+        swapped_t = model(x, torch.tensor([900, 3]), class_labels=torch.tensor([0, 2])).sample
+        swapped_class = model(x, torch.tensor([3, 900]), class_labels=torch.tensor([2, 0])).sample
     assert out.shape == x.shape and same_t.shape == x.shape
+    for other in (swapped_t, swapped_class):  # the timestep and the class each change every sample's output
+        assert all((out[i] - other[i]).abs().max() > 1e-4 for i in range(2))
     assert model.config.num_class_embeds == 3 and model.config.sample_size == size
 
     copy = TimmEncoderUNet.from_config(model.config)  # what EMA copies and checkpoints do

@@ -163,6 +163,50 @@ def test_resume_gives_the_same_weights_as_an_uninterrupted_run(image_folder, tmp
     assert len(ckpt) == len(a) and norm(ckpt.values()) != norm(a.values())
 
 
+_KILLED_WHILE_SAVING = """
+import os, runpy, signal, sys
+import crispdiff.train.checkpoint as checkpoint
+
+real_save_ema = checkpoint._save_ema
+
+
+def save_ema_then_die(ema, directory):  # checkpoint-6: the weights and EMA are written, the state file is not
+    real_save_ema(ema, directory)
+    if directory.name.startswith("checkpoint-6"):
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+checkpoint._save_ema = save_ema_then_die
+script = sys.argv[1]
+sys.argv = sys.argv[1:]
+runpy.run_path(script, run_name="__main__")
+"""
+
+
+def test_a_run_killed_while_writing_a_checkpoint_resumes_from_the_last_whole_one(image_folder, tmp_path):
+    """SIGKILL in the middle of writing checkpoint-6 (a real, separate process): what is left is checkpoint-3 and
+    a half-written ``checkpoint-6.tmp``; ``--resume_from_checkpoint latest`` takes checkpoint-3 and the run ends
+    bit-identical to one that was never killed."""
+    overrides = dict(max_train_steps=9, checkpointing_steps=3, gradient_accumulation_steps=2, cpu_threads=1)
+    full = tmp_path / "full"
+    train(tiny_config(image_folder, full, **overrides))
+
+    killed = tmp_path / "killed"
+    script = str(REPO_ROOT / "train_scripts" / "train_unconditional.py")
+    flags = tiny_flags(image_folder, killed, **overrides)
+    env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
+    done = subprocess.run([sys.executable, "-c", _KILLED_WHILE_SAVING, script, *flags], env=env, capture_output=True,
+                          text=True, timeout=300)  # fmt: skip
+    assert done.returncode == -9, done.stderr[-2000:]
+    assert (killed / "checkpoint-3").is_dir() and (killed / "checkpoint-6.tmp").is_dir()
+    assert not (killed / "checkpoint-6").exists() and not (killed / "pipeline").exists()
+
+    train(tiny_config(image_folder, killed, resume_from_checkpoint="latest", **overrides))
+    a, b = _pipeline_weights(full / "pipeline"), _pipeline_weights(killed / "pipeline")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert not (killed / "checkpoint-6.tmp").exists() and (killed / "checkpoint-6").is_dir()
+
+
 def _sample(pipe, seed: int = 7) -> np.ndarray:
     pipe.set_progress_bar_config(disable=True)
     generator = torch.Generator().manual_seed(seed)

@@ -292,7 +292,7 @@ def test_text_encoder_lora_script_and_exported_pipeline(tiny_sd, captioned_dir, 
         *common_flags(tiny_sd, out, tmp_path / "cache"),
         "--train_data_dir", str(captioned_dir), "--train_text_encoder", "--rank", "2", "--lora_alpha", "3",
         "--max_train_steps", "3", "--checkpointing_steps", "0", "--validation_prompt", "sks dog",
-        "--validation_steps", "0", "--save_pipeline", "--output_size", "8",
+        "--validation_steps", "0", "--save_pipeline", "--output_size", "8", "--export_kohya",
     ]  # fmt: skip
     env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
     done = subprocess.run(command, capture_output=True, text=True, env=env, timeout=300)
@@ -301,6 +301,10 @@ def test_text_encoder_lora_script_and_exported_pipeline(tiny_sd, captioned_dir, 
 
     with safe_open(str(out / LORA_WEIGHTS_NAME), "pt") as handle:
         assert any(k.startswith("text_encoder.") for k in handle.keys())  # noqa: SIM118
+    with safe_open(str(out / KOHYA_WEIGHTS_NAME), "pt") as handle:  # the kohya copy carries the text encoder too
+        te_alphas = [handle.get_tensor(k) for k in handle.keys() if k.startswith("lora_te_") and k.endswith(".alpha")]  # noqa: SIM118
+        assert any(k.startswith("lora_te_") and k.endswith(".lora_down.weight") for k in handle.keys())  # noqa: SIM118
+    assert te_alphas and all(float(a) == 3.0 for a in te_alphas)  # the real --lora_alpha, not the rank
 
     folder = out / "pipeline"
     index = json.loads((folder / "model_index.json").read_text())

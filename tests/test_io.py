@@ -138,3 +138,32 @@ def test_swap_fsyncs_files_and_folders_before_the_rename(tmp_path, monkeypatch):
     for path in ("sub/weights.bin", "config.json", "sub", ""):
         assert str((staging / path) if path else staging) in synced, (path, synced)
     assert str(tmp_path) in synced, "the parent folder (the rename itself) must be synced too"
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="maps fds to paths through /proc")
+def test_every_single_file_writer_fsyncs_the_file_before_the_rename_and_then_its_folder(tmp_path, monkeypatch):
+    """write_atomic's family (text, JSON, and files another library wrote, e.g. LoRA weights): the data reaches the
+    disk before the rename, the rename before the call returns."""
+    from crispdiff.core.io import move_file_into_place, write_json_atomic
+
+    synced: list[str] = []
+    real_fsync = os.fsync
+
+    def fsync(fd):
+        synced.append(os.readlink(f"/proc/self/fd/{fd}"))
+        return real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    staged = tmp_path / "staging" / "weights.safetensors"
+    staged.parent.mkdir()
+    staged.write_bytes(b"w" * 10)
+    for write, target in (
+        (lambda path: write_text_atomic(path, "text"), tmp_path / "a.txt"),
+        (lambda path: write_json_atomic(path, {"x": 1}), tmp_path / "b.json"),
+        (lambda path: move_file_into_place(staged, path), tmp_path / "out" / "weights.safetensors"),
+    ):
+        synced.clear()
+        write(target)
+        data_file = synced[0]  # the temp file beside the target, or the staged file that is moved
+        assert target.is_file() and synced[-1] == str(target.parent) and len(synced) >= 2, (target, synced)
+        assert data_file.endswith((".tmp", staged.name)) and not Path(data_file).is_dir(), synced

@@ -207,6 +207,54 @@ def test_a_run_killed_while_writing_a_checkpoint_resumes_from_the_last_whole_one
     assert not (killed / "checkpoint-6.tmp").exists() and (killed / "checkpoint-6").is_dir()
 
 
+_KILLED_WHILE_EXPORTING = """
+import os, runpy, signal, sys
+import crispdiff.publish.export as export
+
+
+def die(*args, **kwargs):  # the new pipeline's weights and config are staged, its samples.png is not yet written
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+export.save_image_atomic = die
+script = sys.argv[1]
+sys.argv = sys.argv[1:]
+runpy.run_path(script, run_name="__main__")
+"""
+
+
+def test_a_run_killed_while_exporting_leaves_the_previous_pipeline_whole(image_folder, tmp_path):
+    """A second run over a finished one (--overwrite_output_dir) is SIGKILLed half-way through writing its pipeline:
+    the previous pipeline folder is still there, byte for byte, and loads."""
+    import hashlib
+
+    from crispdiff.publish.export import load_pipeline
+
+    out = tmp_path / "run"
+    overrides = dict(max_train_steps=2, checkpointing_steps=0)
+    train(tiny_config(image_folder, out, **overrides))
+    pipeline = out / "pipeline"
+
+    def snapshot() -> dict[str, str]:
+        return {
+            p.relative_to(pipeline).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(pipeline.rglob("*"))
+            if p.is_file()
+        }
+
+    before = snapshot()
+    script = str(REPO_ROOT / "train_scripts" / "train_unconditional.py")
+    flags = tiny_flags(image_folder, out, seed=1, overwrite_output_dir="true", **overrides)
+    env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
+    done = subprocess.run([sys.executable, "-c", _KILLED_WHILE_EXPORTING, script, *flags], env=env,
+                          capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert done.returncode == -9, done.stderr[-2000:]
+    assert snapshot() == before
+    staged = [p for p in out.iterdir() if p.name.startswith(".pipeline.")]
+    assert staged and (staged[0] / "unet" / "diffusion_pytorch_model.safetensors").is_file()  # it was half-way
+    assert load_pipeline(pipeline) is not None
+
+
 def _sample(pipe, seed: int = 7) -> np.ndarray:
     pipe.set_progress_bar_config(disable=True)
     generator = torch.Generator().manual_seed(seed)

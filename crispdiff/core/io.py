@@ -18,6 +18,7 @@ import json
 import os
 import shutil
 import tempfile
+import time
 import uuid
 from collections.abc import Callable, Iterable
 from pathlib import Path
@@ -142,6 +143,7 @@ def swap_folder_into_place(
     if not target.exists():
         _rename_and_commit(staging, target, commit)
         fsync_path(target.parent)
+        remove_abandoned_staging(target)
         return target
     if not target.is_dir():
         raise OutputExistsError(f"{target} exists and is not a folder; cannot save a folder there")
@@ -162,7 +164,39 @@ def swap_folder_into_place(
         raise
     fsync_path(target.parent)
     shutil.rmtree(backup, ignore_errors=True)
+    remove_abandoned_staging(target)
     return target
+
+
+#: A staging folder left by a process that died is removed once it is this old (a slow writer elsewhere is not).
+ABANDONED_AFTER_S = 600.0
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # alive, another user's
+        return True
+    return True
+
+
+def remove_abandoned_staging(target: str | os.PathLike) -> list[Path]:
+    """Delete ``target``'s hidden staging siblings (``staging_folder`` names) whose writer is dead and which are
+    older than :data:`ABANDONED_AFTER_S`: what a run killed while saving leaves behind. Backups of the old folder
+    (``.NAME.old-*``) go only while ``target`` itself exists. Returns what was removed."""
+    target = Path(target)
+    removed = []
+    for entry in target.parent.glob(f".{target.name}.*-*-*"):
+        label, _, rest = entry.name[len(target.name) + 2 :].partition("-")
+        pid = rest.partition("-")[0]
+        if label not in ("tmp", "old") or not pid.isdigit() or (label == "old" and not target.exists()):
+            continue
+        if not _process_alive(int(pid)) and time.time() - entry.stat().st_mtime > ABANDONED_AFTER_S:
+            shutil.rmtree(entry, ignore_errors=True) if entry.is_dir() else entry.unlink(missing_ok=True)
+            removed.append(entry)
+    return removed
 
 
 def _rename_and_commit(staging: Path, target: Path, commit: Callable[[], object] | None) -> None:

@@ -541,6 +541,53 @@ def test_two_process_accelerate_launch_and_exact_resume(image_folder, tmp_path):
     assert images.images.shape == (1, 16, 16, 3)
 
 
+_KILL_ALL_RANKS_WHILE_SAVING = """
+import os, runpy, signal, sys
+import crispdiff.train.checkpoint as checkpoint
+
+real_save_ema = checkpoint._save_ema
+
+
+def save_ema_then_kill_everything(ema, directory):  # rank 0, checkpoint-6 half-written: kill launcher and ranks
+    real_save_ema(ema, directory)
+    if directory.name.startswith("checkpoint-6"):
+        os.killpg(os.getpgid(0), signal.SIGKILL)
+
+
+checkpoint._save_ema = save_ema_then_kill_everything
+sys.argv = [sys.argv[1], *sys.argv[2:]]
+runpy.run_path(sys.argv[0], run_name="__main__")
+"""
+
+
+def test_a_two_process_run_killed_while_saving_resumes_exactly(image_folder, tmp_path):
+    """Two gloo ranks and their launcher SIGKILLed together while checkpoint-6 is being written; a new
+    ``accelerate launch`` with ``--resume_from_checkpoint latest`` takes checkpoint-3 and ends with the weights of a
+    run that was never killed."""
+    flags = dict(max_train_steps=9, checkpointing_steps=3, train_batch_size=2, gradient_accumulation_steps=2)
+    full = tmp_path / "full"
+    _launch_two_processes(image_folder, full, **flags)
+
+    killed = tmp_path / "killed"
+    wrapper = tmp_path / "kill_all_ranks.py"
+    wrapper.write_text(_KILL_ALL_RANKS_WHILE_SAVING)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    cmd = [
+        sys.executable, "-m", "accelerate.commands.launch",
+        "--config_file", str(REPO_ROOT / "accelerate_configs" / "cpu_2proc.yaml"),
+        "--main_process_port", str(_free_port()), str(wrapper),
+        str(REPO_ROOT / "train_scripts" / "train_unconditional.py"), *tiny_flags(image_folder, killed, **flags),
+    ]  # fmt: skip
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600, start_new_session=True)
+    assert done.returncode != 0 and not (killed / "pipeline").exists(), done.stderr[-2000:]
+    assert (killed / "checkpoint-3").is_dir() and not (killed / "checkpoint-6").exists()
+
+    log = _launch_two_processes(image_folder, killed, resume_from_checkpoint="latest", **flags)
+    assert "Resumed from" in log
+    a, b = _pipeline_weights(full / "pipeline"), _pipeline_weights(killed / "pipeline")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
 @pytest.mark.parametrize(
     "config_path",
     [

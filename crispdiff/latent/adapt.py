@@ -23,6 +23,7 @@ from typing import Any
 from crispdiff.latent.vae_config import VAE_SUBFOLDER, VAETrainConfig
 from crispdiff.latent.vae_eval import holdout_split, reconstruction_metrics
 from crispdiff.latent.vae_trainer import VAETrainer
+from crispdiff.train.loop import make_accelerator, run_trainer
 
 #: ``--adapt_vae`` choices: never, when the VAE misses the bar on the user's images, or always.
 ADAPT_VAE_CHOICES = ("off", "auto", "always")
@@ -131,12 +132,7 @@ def run_adaptation(
     vae_config.validate()
     trainer = VAETrainer(vae_config, data, accelerator)
     trainer.deadline = deadline
-    if accelerator.is_main_process:
-        trainer.output_dir.mkdir(parents=True, exist_ok=True)
-        vae_config.save_json(trainer.output_dir / trainer.config_file)
-    trainer.resume()
-    folder = trainer.run()
-    accelerator.wait_for_everyone()
+    folder = run_trainer(trainer, end_run=False)
     return Path(vae_config.output_dir) / VAE_SUBFOLDER, (trainer.last_metrics if folder else {}), trainer.step
 
 
@@ -156,9 +152,7 @@ def prepare_vae(config: Any, data: Any, state: Any, budget: Any = None) -> Any:
     steps it ran (saved with the run, so it can be repeated without the budget).
     """
     from crispdiff.latent.vae import load_vae
-    from crispdiff.train.loop import make_accelerator
 
-    source = config.resolved_vae_path()
     if config.adapt_vae == "off":
         return load_vae(config.pretrained_vae_name_or_path)
     adapted = adapted_vae_dir(config)
@@ -171,6 +165,7 @@ def prepare_vae(config: Any, data: Any, state: Any, budget: Any = None) -> Any:
     if config.adapt_vae == "auto" and not misses_bar(before):
         state.print(f"crispdiff: the VAE fits your images ({describe_fit(before)} on held-out images); not adapting it")
         return vae
+    source = config.resolved_vae_path()
     length = f"{BUDGET_SHARE:.0%} of the time budget" if budget is not None else f"{config.adapt_vae_steps} steps"
     state.print(
         f"crispdiff: adapting the VAE ({source}) to your images for {length}: held-out {describe_fit(before)}"

@@ -438,8 +438,9 @@ def start_run(config: LoopConfig) -> Accelerator:
     return accelerator
 
 
-def run_trainer(trainer: LoopTrainer) -> Path | None:
-    """Save the config, start the trackers, resume if asked, and train."""
+def run_trainer(trainer: LoopTrainer, *, end_run: bool = True) -> Path | None:
+    """Save the config, start the trackers, resume if asked, and train. ``end_run=False`` leaves the process group
+    up for a later stage (``LoopTrainer.run`` instead of ``train``)."""
     config, accelerator = trainer.config, trainer.accelerator
     if accelerator.is_main_process:
         trainer.output_dir.mkdir(parents=True, exist_ok=True)
@@ -447,4 +448,4 @@ def run_trainer(trainer: LoopTrainer) -> Path | None:
     if config.report_to != "none":
         accelerator.init_trackers(trainer.tracker_name, config=tracker_config(config))
     trainer.resume()
-    return trainer.train()
+    return trainer.train() if end_run else trainer.run()

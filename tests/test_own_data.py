@@ -250,6 +250,15 @@ def test_latent_trainer_on_unlabelled_data_trains_on_auto_classes_and_stores_the
     assert sample(pipe).shape == (3, 3, SIZE, SIZE)
 
 
+def test_latent_trainer_on_too_few_images_for_auto_classes_trains_unconditionally(colour_folder, vae_dir, tmp_path):
+    config = latent_config(colour_folder, vae_dir, tmp_path / "out", adapt_vae="off", max_train_samples=12)
+    with pytest.warns(UserWarning, match="too few to cluster"):
+        folder = train_latent(config)
+    pipe = load_pipeline(folder)
+    assert pipe.classes is None and pipe.class_mix is None and pipe.unet.config.num_class_embeds is None
+    assert sample(pipe).shape[1:] == (3, SIZE, SIZE)
+
+
 # ---- time budget ----------------------------------------------------------------------------------------------------
 
 

@@ -425,7 +425,7 @@ def train_latent(config: LatentTrainConfig) -> Path | None:
     show_progress = state.is_local_main_process
     with state.main_process_first():  # rank 0 decodes the images (and makes any auto classes) first
         data = load_images(config, for_latents=True, show_progress=show_progress)
-    if config.class_column == AUTO_CLASS_COLUMN:
+    if config.class_column == AUTO_CLASS_COLUMN and data.class_names:  # too few images: unlabelled, with a warning
         state.print(auto_classes_note(data))
     vae = prepare_vae(config, data, state, budget).to(state.device)
     with state.main_process_first():

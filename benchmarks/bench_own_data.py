@@ -56,29 +56,50 @@ def run(command: list[str], log: Path) -> float:
     return seconds
 
 
+#: ``accelerate launch`` of one CPU process, as README's command runs it.
+LAUNCH = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "1", "--num_machines", "1",
+          "--mixed_precision", "no", "--dynamo_backend", "no"]  # fmt: skip
+
+
+def fresh_run_folder(out: Path, rerun: bool = False) -> dict[str, Any] | None:
+    """The figures of a finished run in ``out`` (its ``result.json``), or None after emptying ``out`` for a new one."""
+    if (out / "result.json").is_file() and not rerun:
+        return json.loads((out / "result.json").read_text())
+    shutil.rmtree(out, ignore_errors=True)
+    out.mkdir(parents=True)
+    return None
+
+
+def latent_job(
+    out: Path, train_flags: list[str], heldout: Path, num_images: int, seed: int | None = None, prefix: list[str] = ()
+) -> tuple[float, dict[str, Any], dict[str, Any]]:
+    """Train with ``train_latent.py`` (``prefix``: e.g. ``taskset``), then ``crispdiff evaluate`` against ``heldout``.
+
+    Returns the training wall seconds, evaluate's ``metrics.json`` and the pipeline's training config.
+    """
+    wall = run([*prefix, *LAUNCH, "train_scripts/train_latent.py", *train_flags, "--output_dir", str(out / "run")],
+               out / "train.log")  # fmt: skip
+    pipeline = out / "run" / "pipeline"
+    evaluate = [sys.executable, "-m", "crispdiff.cli", "evaluate", str(pipeline), "--reference", str(heldout),
+                "--num_images", str(num_images), "--no_fid", "--no_memorisation", "--output_dir", str(out / "eval"),
+                *([] if seed is None else ["--seed", str(seed)])]  # fmt: skip
+    run(evaluate, out / "evaluate.log")
+    metrics = json.loads((out / "eval" / "metrics.json").read_text())
+    return wall, metrics, json.loads((pipeline / "crispdiff_training.json").read_text())
+
+
 def train_and_evaluate(row: str, recipe: str, seed: int, args: argparse.Namespace) -> dict[str, Any]:
     """One run's figures; a run whose ``result.json`` exists is read back (an interrupted benchmark goes on)."""
     split = make_split("noto" if row == "embedded" else row, Path(args.splits_dir))
     out = Path(args.out_dir) / f"{row}-{recipe}-seed{seed}"
-    if (out / "result.json").is_file() and not args.rerun:
-        return json.loads((out / "result.json").read_text())
-    shutil.rmtree(out, ignore_errors=True)
-    out.mkdir(parents=True)
+    if (done := fresh_run_folder(out, args.rerun)) is not None:
+        return done
     data = [] if row == "embedded" else ["--train_data_dir", str(split["train"])]
-    launch = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "1", "--num_machines", "1",
-              "--mixed_precision", "no", "--dynamo_backend", "no"]  # fmt: skip
-    train = [*launch, "train_scripts/train_latent.py", *data, "--output_dir", str(out / "run"), "--seed", str(seed)]
-    wall = run(train + RECIPES[recipe][row] + args.extra, out / "train.log")
-    pipeline = out / "run" / "pipeline"
-    evaluate = [sys.executable, "-m", "crispdiff.cli", "evaluate", str(pipeline), "--reference", str(split["heldout"]),
-                "--num_images", str(args.num_images), "--no_fid", "--no_memorisation", "--seed", str(seed),
-                "--output_dir", str(out / "eval")]  # fmt: skip
-    run(evaluate, out / "evaluate.log")
-    metrics = json.loads((out / "eval" / "metrics.json").read_text())
+    flags = [*data, "--seed", str(seed), *RECIPES[recipe][row], *args.extra]
+    wall, metrics, training = latent_job(out, flags, split["heldout"], args.num_images, seed)
     generated, floor = metrics["generated"], metrics["real_vs_real_floor"]
-    training = json.loads((pipeline / "crispdiff_training.json").read_text())
     vae = out / "run" / "vae-adapted" / "vae_summary.json"
-    shutil.copyfile(pipeline / "samples.png", out / "samples.png")
+    shutil.copyfile(out / "run" / "pipeline" / "samples.png", out / "samples.png")
     result = {
         "row": row,
         "recipe": recipe,

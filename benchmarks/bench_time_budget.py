@@ -13,35 +13,21 @@ from __future__ import annotations
 
 import argparse
 import json
-import shutil
-import sys
 from pathlib import Path
 
-from bench_own_data import run
+from bench_own_data import fresh_run_folder, latent_job
 from common import BENCH_DIR, append_results, markdown_table
 from own_data import make_split
-
-LAUNCH = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "1", "--num_machines", "1",
-          "--mixed_precision", "no", "--dynamo_backend", "no", "train_scripts/train_latent.py"]  # fmt: skip
 
 
 def train_and_evaluate(name: str, cpus: str | None, flags: list[str], args: argparse.Namespace) -> dict:
     split = make_split("openmoji", Path(args.splits_dir))
     out = Path(args.out_dir) / name
-    if (out / "result.json").is_file():
-        return json.loads((out / "result.json").read_text())
-    shutil.rmtree(out, ignore_errors=True)
-    out.mkdir(parents=True)
+    if (done := fresh_run_folder(out)) is not None:
+        return done
     pin = ["taskset", "-c", cpus] if cpus else []
-    command = [*pin, *LAUNCH, "--train_data_dir", str(split["train"]), "--output_dir", str(out / "run"), *flags]
-    wall = run(command, out / "train.log")
-    pipeline = out / "run" / "pipeline"
-    evaluate = [sys.executable, "-m", "crispdiff.cli", "evaluate", str(pipeline), "--reference", str(split["heldout"]),
-                "--num_images", str(args.num_images), "--no_fid", "--no_memorisation",
-                "--output_dir", str(out / "eval")]  # fmt: skip
-    run(evaluate, out / "evaluate.log")
-    metrics = json.loads((out / "eval" / "metrics.json").read_text())
-    training = json.loads((pipeline / "crispdiff_training.json").read_text())
+    train_flags = ["--train_data_dir", str(split["train"]), *flags]
+    wall, metrics, training = latent_job(out, train_flags, split["heldout"], args.num_images, prefix=pin)
     result = {
         "run": name,
         "wall_s": wall,

@@ -84,6 +84,42 @@ def make_split(family: str, root: Path, seed: int = 0) -> dict[str, Path]:
     return folders
 
 
+def make_128_split(root: Path, seed: int = 0) -> dict[str, Path]:
+    """The 128 px Noto split of the super-resolution and 64-vs-128 benchmarks, written once under ``root/noto-128``.
+
+    * ``heldout``: 1,000 seeded Noto emoji at 128 px that are not embedded (with metadata): what every 128 px result
+      is measured against; ``floor``: 1,000 other non-embedded ones, the real-vs-real floor's second set.
+    * ``sr_train``: every 128 px Noto emoji not held out (the SR model's training set: it never sees ``heldout``).
+    * ``diffusion_train``: the embedded emoji that Noto draws at 128 px (no flags), without metadata: what the 64 px
+      and 128 px diffusion models of the comparison train on (the 64 px ones at ``--resolution 64``, resized by the
+      data pipeline).
+    """
+    source = shared_dir() / "data" / "noto-emoji-128" / "train"
+    if not source.is_dir():
+        raise FileNotFoundError(f"{source} is missing: the 128 px benchmarks need ../shared (or CRISPDIFF_SHARED)")
+    names = _pngs(source)
+    embedded = set(_pngs(embedded_dataset_dir()))
+    others = [n for n in names if n not in embedded]
+    rng = random.Random(seed)
+    held = sorted(rng.sample(others, TRAIN_IMAGES))
+    rest = [n for n in others if n not in set(held)]
+    parts = {
+        "heldout": (held, True),
+        "floor": (sorted(rng.sample(rest, TRAIN_IMAGES)), False),
+        "sr_train": ([n for n in names if n not in set(held)], False),
+        "diffusion_train": ([n for n in names if n in embedded], False),
+    }
+    folders = {name: root / "noto-128" / name for name in parts}
+    manifest = root / "noto-128" / "split.json"
+    wanted = {"source": str(source), "seed": seed, **{name: files for name, (files, _) in parts.items()}}
+    if manifest.is_file() and json.loads(manifest.read_text()) == wanted and all(f.is_dir() for f in folders.values()):
+        return folders
+    for name, (files, metadata) in parts.items():
+        _write_folder(source, files, folders[name], metadata=metadata)
+    manifest.write_text(json.dumps(wanted))
+    return folders
+
+
 if __name__ == "__main__":
     import sys
 

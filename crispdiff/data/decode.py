@@ -92,6 +92,15 @@ def _to_rgb_array(img: Image.Image, background: tuple[int, int, int]) -> np.ndar
     return np.asarray(img)
 
 
+def resize_rgb(rgb: np.ndarray, size: tuple[int, int], interpolation: str) -> np.ndarray:
+    """Resize an HxWx3 uint8 image to ``size`` (width, height) with PIL's antialiased ``interpolation`` filter.
+
+    The one resize of the data pipeline: super-resolution training makes its low-resolution inputs with it, so an
+    SR model learns to undo exactly the downscaling that the diffusion model's training images went through.
+    """
+    return np.asarray(Image.fromarray(rgb).resize(size, _INTERPOLATIONS[interpolation]))
+
+
 def _resize_short_side(rgb: np.ndarray, recipe: _Recipe) -> np.ndarray:
     """Resize so the shorter side equals ``resolution``; optionally keep only the centre square."""
     height, width = rgb.shape[:2]
@@ -100,8 +109,7 @@ def _resize_short_side(rgb: np.ndarray, recipe: _Recipe) -> np.ndarray:
         scale = res / min(height, width)
         new_w = res if width <= height else max(res, round(width * scale))
         new_h = res if height <= width else max(res, round(height * scale))
-        img = Image.fromarray(rgb).resize((new_w, new_h), _INTERPOLATIONS[recipe.interpolation])
-        rgb = np.asarray(img)
+        rgb = resize_rgb(rgb, (new_w, new_h), recipe.interpolation)
         height, width = new_h, new_w
     if recipe.center:
         top, left = (height - res) // 2, (width - res) // 2

@@ -8,10 +8,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from diffusers import AutoencoderKL
 
 from crispdiff.core.images import uint8_to_model
+from crispdiff.evaluate.metrics import psnr, ssim
 from crispdiff.latent.vae import (
     measure_scaling_factor,
     measure_shift_factor,
@@ -19,37 +19,6 @@ from crispdiff.latent.vae import (
 )
 
 logger = logging.getLogger("crispdiff")
-
-
-def psnr(reconstruction: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """Per-image PSNR in dB of images in [0, 1] (peak 1)."""
-    mse = (reconstruction.float() - target.float()).square().flatten(1).mean(dim=1)
-    return 10.0 * torch.log10(1.0 / mse.clamp_min(1e-10))
-
-
-def ssim(reconstruction: torch.Tensor, target: torch.Tensor, window: int = 11, sigma: float = 1.5) -> torch.Tensor:
-    """Per-image SSIM (Wang et al. 2004: 11x11 Gaussian window, sigma 1.5, K1=0.01, K2=0.03) of images in [0, 1].
-
-    Computed per channel over the valid region (no padding) and averaged, like scikit-image with
-    ``gaussian_weights=True``.
-    """
-    x, y = reconstruction.double(), target.double()
-    channels = x.shape[1]
-    taps = torch.arange(window, dtype=torch.float64) - (window - 1) / 2
-    g = torch.exp(-0.5 * (taps / sigma) ** 2)
-    g = g / g.sum()
-    kernel = (g[:, None] * g[None, :]).expand(channels, 1, window, window).to(x.device)
-
-    def blur(t: torch.Tensor) -> torch.Tensor:
-        return F.conv2d(t, kernel, groups=channels)
-
-    c1, c2 = 0.01**2, 0.03**2
-    mu_x, mu_y = blur(x), blur(y)
-    var_x = blur(x * x) - mu_x.square()
-    var_y = blur(y * y) - mu_y.square()
-    cov = blur(x * y) - mu_x * mu_y
-    ssim_map = ((2 * mu_x * mu_y + c1) * (2 * cov + c2)) / ((mu_x.square() + mu_y.square() + c1) * (var_x + var_y + c2))
-    return ssim_map.flatten(1).mean(dim=1).float()
 
 
 def split_indices(num_images: int, fraction: float, seed: int) -> tuple[torch.Tensor, torch.Tensor]:

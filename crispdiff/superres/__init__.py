@@ -1,0 +1,7 @@
+"""Training super-resolution models on the user's own images (Plan B made real).
+
+Pretrained Real-ESRGAN / SwinIR weights are trained on camera photos and must be downloaded; flat art (emoji,
+icons, sprites) wants an SR model trained on its own kind. This package trains a small spandrel-native network
+(Compact / SRVGGNet by default) on pairs made by crispdiff's own downscaling, so the result loads anywhere spandrel
+does and drops into a pipeline with ``crispdiff add-sr`` or ``--sr_model_name_or_path``.
+"""

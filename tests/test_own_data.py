@@ -15,7 +15,7 @@ import pytest
 import torch
 from PIL import Image
 from safetensors.torch import load_file
-from tiny_models import SIZE, base_config, tiny_vae
+from tiny_models import KILL_AFTER_CHECKPOINT, SIZE, base_config, tiny_vae
 
 from crispdiff.core.config import TrainConfig
 from crispdiff.data.auto_classes import class_names, cluster_images, default_num_classes, kmeans
@@ -291,28 +291,6 @@ def test_a_time_budget_sizes_the_run_and_saves_the_steps_that_repeat_it(colour_f
 
 # ---- exact resume through both stages of an adapting run ------------------------------------------------------------
 
-_KILLED_AFTER_CHECKPOINT = """
-import os, runpy, signal, sys
-from pathlib import Path
-import crispdiff.train.loop as loop
-
-real_save_checkpoint = loop.save_checkpoint
-stage, step = sys.argv[1], int(sys.argv[2])
-
-
-def save_then_die(accelerator, output_dir, at, *args, **kwargs):  # the checkpoint is whole, nothing after it ran
-    path = real_save_checkpoint(accelerator, output_dir, at, *args, **kwargs)
-    if Path(output_dir).name == stage and at == step:
-        os.kill(os.getpid(), signal.SIGKILL)
-    return path
-
-
-loop.save_checkpoint = save_then_die
-script = sys.argv[3]
-sys.argv = sys.argv[3:]
-runpy.run_path(script, run_name="__main__")
-"""
-
 
 def adapting_flags(folder: Path, vae_dir: Path, out: Path) -> list[str]:
     """A tiny latent run that adapts its VAE first (4 steps, checkpoint at 2) and then trains the UNet (4 steps,
@@ -365,7 +343,7 @@ def test_an_adapting_run_killed_after_a_checkpoint_of_either_stage_resumes_exact
     out = tmp_path / "out"
     script = str(Path(__file__).resolve().parents[1] / "train_scripts" / "train_latent.py")
     env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
-    command = [sys.executable, "-c", _KILLED_AFTER_CHECKPOINT, stage, "2", script]
+    command = [sys.executable, "-c", KILL_AFTER_CHECKPOINT, stage, "2", script]
     done = subprocess.run(command + adapting_flags(colour_folder, vae_dir, out), env=env, capture_output=True,
                           text=True, timeout=300)  # fmt: skip
     assert done.returncode == -9, (done.stdout + done.stderr)[-3000:]

@@ -1,6 +1,6 @@
 """What does verifying the image cache's checksum cost at start-up?
 
-    nice -n 10 python benchmarks/bench_cache_checksum.py --no_record      # ~1.5 minutes on 2 cores, ~2 GB of temporary disk
+    nice -n 10 python benchmarks/bench_cache_checksum.py --no_record    # ~1.5 min on 2 cores, ~2 GB of temp disk
 
 Every ``load_images`` call on a cache hit reads the whole ``pixels.bin`` once to compare its blake2b with the header
 (``crispdiff.data.cache._read_cache``): a power cut can leave a file of the right size full of zeros. Measured here:

@@ -321,19 +321,35 @@ def _resize(images01: torch.Tensor, output_size: int | tuple[int, int]) -> torch
 
 
 def _write_json_atomic(path: Path, data: dict[str, Any]) -> None:
-    """Rewrite a JSON file via a temp file + os.replace so a crash never leaves it half-written."""
+    """A temp file, fsynced, given the permissions ``open()`` would give (mkstemp's are 0600), renamed into place,
+    then the folder fsynced (the rename itself): a crash or power cut leaves the old index or the new one, whole.
+
+    crispdiff's own ``core.io`` does this for everything else; this file must load without crispdiff installed.
+    """
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as handle:
             handle.write(json.dumps(data, indent=2, sort_keys=True) + "\n")
+            handle.flush()
+            os.fsync(handle.fileno())
         umask = os.umask(0)
         os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600 files; others must be able to load a shared pipeline
+        os.chmod(tmp, 0o666 & ~umask)
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
+    try:  # some filesystems (and Windows) cannot open or fsync a folder; the file itself is synced
+        folder = os.open(path.parent, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    except OSError:
+        return
+    try:
+        os.fsync(folder)
+    except OSError:
+        pass
+    finally:
+        os.close(folder)
 
 
 def _save_component_module(folder: Path, component: str, model: Any, module_name: str | None = None) -> list[str]:

@@ -48,7 +48,8 @@ def lanczos_downsample(images01: torch.Tensor, size: int | tuple[int, int]) -> t
 
 
 def _write_json_atomic(path: Path, data: dict[str, Any]) -> None:
-    """A temp file, fsynced, given the permissions ``open()`` would give (mkstemp's are 0600), renamed into place.
+    """A temp file, fsynced, given the permissions ``open()`` would give (mkstemp's are 0600), renamed into place,
+    then the folder fsynced (the rename itself): a crash or power cut leaves the old index or the new one, whole.
 
     crispdiff's own ``core.io`` does this for everything else; this file must load without crispdiff installed.
     """
@@ -66,6 +67,16 @@ def _write_json_atomic(path: Path, data: dict[str, Any]) -> None:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
+    try:  # some filesystems (and Windows) cannot open or fsync a folder; the file itself is synced
+        folder = os.open(path.parent, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    except OSError:
+        return
+    try:
+        os.fsync(folder)
+    except OSError:
+        pass
+    finally:
+        os.close(folder)
 
 
 class CrispDiffSDPipeline(StableDiffusionPipeline):

@@ -167,3 +167,151 @@ def test_every_single_file_writer_fsyncs_the_file_before_the_rename_and_then_its
         data_file = synced[0]  # the temp file beside the target, or the staged file that is moved
         assert target.is_file() and synced[-1] == str(target.parent) and len(synced) >= 2, (target, synced)
         assert data_file.endswith((".tmp", staged.name)) and not Path(data_file).is_dir(), synced
+
+
+class DiskLog:
+    """What reaches the disk, in order: every ``os.fsync`` (by the path behind the descriptor) and every rename.
+
+    The real calls run; they are only recorded. Paths are compared resolved, as /proc reports them.
+    """
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch):
+        self.events: list[tuple[str, str, str]] = []
+        real_fsync, real_replace, real_rename = os.fsync, os.replace, os.rename
+
+        def fsync(fd):
+            self.events.append(("fsync", os.readlink(f"/proc/self/fd/{fd}"), ""))
+            return real_fsync(fd)
+
+        def rename_with(real):
+            def rename(src, dst, **kwargs):
+                self.events.append(("rename", os.path.realpath(src), os.path.realpath(dst)))
+                return real(src, dst, **kwargs)
+
+            return rename
+
+        monkeypatch.setattr(os, "fsync", fsync)
+        monkeypatch.setattr(os, "replace", rename_with(real_replace))
+        monkeypatch.setattr(os, "rename", rename_with(real_rename))
+
+    def clear(self) -> None:
+        self.events.clear()
+
+    def _last_rename_onto(self, target: Path) -> tuple[int, str]:
+        target_path = os.path.realpath(target)
+        hits = [(i, src) for i, (kind, src, dst) in enumerate(self.events) if kind == "rename" and dst == target_path]
+        assert hits, f"{target} was never renamed into place: {self.events}"
+        return hits[-1]
+
+    def synced(self, start: int = 0, stop: int | None = None) -> set[str]:
+        return {path for kind, path, _ in self.events[start:stop] if kind == "fsync"}
+
+    def assert_durable_file(self, target: Path) -> None:
+        """The data was fsynced before the rename that put it at ``target``, its folder after it."""
+        at, source = self._last_rename_onto(target)
+        assert source in self.synced(stop=at), f"{target}: {source} not fsynced before its rename; {self.events}"
+        assert str(Path(target).resolve().parent) in self.synced(start=at), f"{target}: folder not fsynced after"
+
+    def assert_durable_folder(self, target: Path) -> None:
+        """Every file now in ``target`` and every folder of it were fsynced (under the staging name) before the
+        rename that put the folder in place; the folder holding ``target`` after it."""
+        at, staging = self._last_rename_onto(target)
+        before = self.synced(stop=at)
+        entries = [Path(target)] + sorted(Path(target).rglob("*"))
+        for entry in entries:
+            staged = os.path.join(staging, os.path.relpath(entry, target)) if entry != Path(target) else staging
+            assert os.path.normpath(staged) in before, f"{entry} (staged as {staged}) not fsynced before the rename"
+        assert len(entries) > 1, f"{target} is empty"
+        assert str(Path(target).resolve().parent) in self.synced(start=at), f"{target}: parent not fsynced after"
+
+
+@pytest.fixture
+def disk_log(monkeypatch) -> DiskLog:
+    if not sys.platform.startswith("linux"):
+        pytest.skip("maps fds to paths through /proc")
+    return DiskLog(monkeypatch)
+
+
+def test_pipeline_vae_and_sr_folders_are_fsynced_whole_before_they_are_renamed_in(tmp_path, disk_log):
+    """Without these fsyncs a power cut just after the rename can leave a pipeline of zero-length files (ext4, xfs
+    commit a rename before the data it points to)."""
+    from PIL import Image
+    from spandrel.architectures.Compact import Compact
+
+    from crispdiff.publish.sr import attach_sr
+
+    grid = Image.new("RGB", (4, 4))
+    pipeline = save_pipeline(
+        tmp_path / "pipe", unet=tiny_unet(), scheduler_base_config=base_config(), beta_schedule="cosine",
+        training_config={"seed": 0}, sample_grid=grid,
+    )  # fmt: skip
+    disk_log.assert_durable_folder(pipeline)
+    assert {"model_index.json", "samples.png", "unet"} <= {p.name for p in pipeline.iterdir()}
+
+    disk_log.clear()
+    vae = save_vae_folder(_tiny_vae(), tmp_path / "vae", "card")
+    disk_log.assert_durable_folder(vae)
+
+    disk_log.clear()
+    torch.manual_seed(0)
+    net = Compact(num_in_ch=3, num_out_ch=3, num_feat=8, num_conv=2, upscale=4, act_type="prelu")
+    torch.save({"params": dict(net.state_dict())}, tmp_path / "compact_x4.pth")
+    attach_sr(pipeline, tmp_path / "compact_x4.pth")
+    disk_log.assert_durable_folder(pipeline / "sr_model")
+    disk_log.assert_durable_file(pipeline / "model_index.json")  # the index naming the new component
+
+
+def test_sd_pipeline_and_lora_files_are_fsynced_before_they_are_renamed_in(tmp_path, disk_log):
+    from test_sd_lora import make_tiny_sd
+
+    from crispdiff.pipelines.pipeline_crispdiff_sd import CrispDiffSDPipeline
+    from crispdiff.sd.base import load_sd
+    from crispdiff.sd.config import KOHYA_WEIGHTS_NAME, LORA_WEIGHTS_NAME, DreamBoothLoRAConfig
+    from crispdiff.sd.export import export_sd
+    from crispdiff.sd.lora_files import save_lora_weights
+
+    base = make_tiny_sd(tmp_path / "base")
+    disk_log.clear()
+    disk_log.assert_durable_folder(export_sd(str(base), None, tmp_path / "exported"))
+
+    disk_log.clear()  # saved directly (outside crispdiff): the model_index.json it rewrites is durable too
+    CrispDiffSDPipeline.from_pretrained(str(base)).save_pretrained(tmp_path / "direct")
+    disk_log.assert_durable_file(tmp_path / "direct" / "model_index.json")
+
+    parts = load_sd(str(base))
+    config = DreamBoothLoRAConfig(rank=2, lora_target_modules=["attention"])
+    parts.unet.add_adapter(config.lora_config(config.unet_targets()))
+    disk_log.clear()
+    save_lora_weights(tmp_path / "lora", parts.unet, None, kohya=True)
+    for name in (LORA_WEIGHTS_NAME, KOHYA_WEIGHTS_NAME):
+        disk_log.assert_durable_file(tmp_path / "lora" / name)
+
+
+def test_a_crispdiff_pipeline_saved_directly_rewrites_its_model_index_durably(tmp_path, disk_log):
+    from crispdiff.publish.export import build_pipeline
+
+    pipe = build_pipeline(unet=tiny_unet(), scheduler_base_config=base_config(), beta_schedule="cosine")
+    disk_log.clear()
+    pipe.save_pretrained(tmp_path / "direct")
+    disk_log.assert_durable_file(tmp_path / "direct" / "model_index.json")
+
+
+def test_checkpoints_are_fsynced_whole_before_they_are_renamed_in(tmp_path, disk_log):
+    """accelerate's files (weights, optimizer, RNG states) and crispdiff's (EMA, generators, state) alike."""
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
+    from diffusers.training_utils import EMAModel
+
+    from crispdiff.train.checkpoint import save_checkpoint
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+    accelerator = Accelerator(cpu=True)
+    unet = tiny_unet()
+    ema = EMAModel(unet.parameters())
+    model, optimizer = accelerator.prepare(unet, torch.optim.AdamW(unet.parameters()))
+    disk_log.clear()
+    generators = {"data": torch.Generator().manual_seed(0)}
+    folder = save_checkpoint(accelerator, tmp_path / "run", 3, {"epoch": 0}, ema=ema, generators=generators)
+    names = {p.name for p in folder.iterdir()}
+    assert {"crispdiff_state.json", "ema.safetensors", "generators_0.safetensors", "random_states_0.pkl"} <= names
+    disk_log.assert_durable_folder(folder)

@@ -15,12 +15,12 @@ import pytest
 import torch
 from PIL import Image
 from safetensors.torch import load_file
-from tiny_models import SIZE, base_config, tiny_vae
+from tiny_models import KILL_AFTER_CHECKPOINT, SIZE, base_config, tiny_vae
 
 from crispdiff.core.config import TrainConfig
 from crispdiff.data.auto_classes import class_names, cluster_images, default_num_classes, kmeans
 from crispdiff.data.loading import load_images
-from crispdiff.latent.adapt import adapted_vae_dir, misses_bar
+from crispdiff.latent.adapt import ADAPTED_VAE_DIR, adapted_vae_dir, misses_bar
 from crispdiff.latent.trainer import LatentTrainConfig, train_latent
 from crispdiff.latent.vae import embedded_vae_dir
 from crispdiff.publish.export import build_pipeline, load_pipeline
@@ -287,3 +287,82 @@ def test_a_time_budget_sizes_the_run_and_saves_the_steps_that_repeat_it(colour_f
     weights = "unet/diffusion_pytorch_model.safetensors"
     budgeted, repeated = load_file(folder / weights), load_file(repeat / weights)
     assert budgeted.keys() == repeated.keys() and all(torch.equal(budgeted[k], repeated[k]) for k in budgeted)
+
+
+# ---- exact resume through both stages of an adapting run ------------------------------------------------------------
+
+
+def adapting_flags(folder: Path, vae_dir: Path, out: Path) -> list[str]:
+    """A tiny latent run that adapts its VAE first (4 steps, checkpoint at 2) and then trains the UNet (4 steps,
+    accumulation 2, dropout, flips; checkpoint, validation grid and export all on step 2)."""
+    return [
+        "--train_data_dir", str(folder), "--pretrained_vae_name_or_path", str(vae_dir), "--resolution", str(SIZE),
+        "--cache_dir", str(out.parent / f"{out.name}-cache"), "--output_dir", str(out), "--base_channels", "8",
+        "--channel_mults", "1", "2", "--attention_res", "4", "--train_batch_size", "4", "--max_train_steps", "4",
+        "--gradient_accumulation_steps", "2", "--dropout", "0.1", "--random_flip", "true", "--lr_warmup_steps", "1",
+        "--checkpointing_steps", "2", "--validation_steps", "2", "--save_model_steps", "2",
+        "--num_validation_images", "2", "--validation_inference_steps", "2", "--report_to", "none",
+        "--adapt_vae", "always", "--adapt_vae_steps", "4", "--cpu_threads", "1",
+    ]  # fmt: skip
+
+
+def run_adapting(folder: Path, vae_dir: Path, out: Path, *extra: str) -> Path | None:
+    from crispdiff.core.config import parse_config
+
+    return train_latent(parse_config(LatentTrainConfig, adapting_flags(folder, vae_dir, out) + list(extra)))
+
+
+def _weights(folder: Path, component: str) -> dict[str, torch.Tensor]:
+    return load_file(folder / component / "diffusion_pytorch_model.safetensors")
+
+
+@pytest.fixture(scope="module")
+def uninterrupted_adapting_run(colour_folder, vae_dir, tmp_path_factory) -> Path:
+    """The adapting run never killed: its pipeline folder."""
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+    out = tmp_path_factory.mktemp("uninterrupted") / "out"
+    folder = run_adapting(colour_folder, vae_dir, out)
+    assert (out / ADAPTED_VAE_DIR / "checkpoint-2").is_dir() and (out / "checkpoint-2").is_dir()
+    assert (out / "samples" / "step_0000002.png").is_file()  # the grid on the checkpoint's step was made
+    return folder
+
+
+@pytest.mark.parametrize("stage", [ADAPTED_VAE_DIR, "out"], ids=["killed-adapting-the-vae", "killed-training-the-unet"])
+def test_an_adapting_run_killed_after_a_checkpoint_of_either_stage_resumes_exactly(
+    uninterrupted_adapting_run, colour_folder, vae_dir, tmp_path, capsys, stage
+):
+    """SIGKILL right after checkpoint-2 of the VAE adaptation, or of the UNet (before that step's validation grid and
+    export): ``--resume_from_checkpoint latest`` continues that stage and ends with the UNet and the VAE bit-identical
+    to the run never killed."""
+    import os
+    import subprocess
+    import sys
+
+    out = tmp_path / "out"
+    script = str(Path(__file__).resolve().parents[1] / "train_scripts" / "train_latent.py")
+    env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
+    command = [sys.executable, "-c", KILL_AFTER_CHECKPOINT, stage, "2", script]
+    done = subprocess.run(command + adapting_flags(colour_folder, vae_dir, out), env=env, capture_output=True,
+                          text=True, timeout=300)  # fmt: skip
+    assert done.returncode == -9, (done.stdout + done.stderr)[-3000:]
+    assert (out / ADAPTED_VAE_DIR / "checkpoint-2").is_dir() and not (out / "pipeline").exists()
+    assert (out / ADAPTED_VAE_DIR / "vae" / "config.json").is_file() == (stage == "out")  # killed where asked
+    assert (out / "checkpoint-2").is_dir() == (stage == "out")
+
+    capsys.readouterr()
+    folder = run_adapting(colour_folder, vae_dir, out, "--resume_from_checkpoint", "latest")
+    log = capsys.readouterr().out
+    stage_dir = out / stage if stage == ADAPTED_VAE_DIR else out
+    assert f"Resumed from {stage_dir / 'checkpoint-2'} at step 2" in log, log[-2000:]  # not restarted from scratch
+    assert ("reusing the VAE adapted" in log) == (stage == "out")
+    for component in ("vae", "unet"):
+        a, b = _weights(uninterrupted_adapting_run, component), _weights(folder, component)
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), f"the {component} diverged"
+    # the comparison can fail: each stage's weights moved on after its checkpoint-2
+    norm = lambda tensors: sum(t.double().pow(2).sum().item() for t in tensors)  # noqa: E731
+    for checkpoint, component in ((out / ADAPTED_VAE_DIR / "checkpoint-2", "vae"), (out / "checkpoint-2", "unet")):
+        at_two = load_file(checkpoint / "ema.safetensors")
+        assert len(at_two) == len(_weights(folder, component))
+        assert norm(at_two.values()) != norm(_weights(folder, component).values()), component

@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from tiny_models import WITHOUT_CRISPDIFF
+from tiny_models import KILL_AFTER_CHECKPOINT, WITHOUT_CRISPDIFF
 
 from crispdiff.core.config import parse_config
 from crispdiff.sd.base import load_sd, offline_clip_vocab
@@ -257,6 +257,48 @@ def test_text_to_image_resume_is_exact_and_validation_changes_nothing(tiny_sd, c
     a, b = load_file(str(straight)), load_file(str(resumed))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     at_two = load_file(str(checkpoint / "lora_unet.safetensors"))  # peft keys; training moved on after step 2
+    ups = [k for k in at_two if "lora_B" in k]
+    assert ups and any(not torch.equal(at_two[k], a["unet." + k.replace("lora_B", "lora.up")]) for k in ups)
+
+
+def test_dreambooth_killed_after_a_checkpoint_resumes_exactly(tiny_sd, subject_dir, tmp_path, capsys):
+    """DreamBooth with prior preservation, LoRA dropout on the UNet and the text encoder, accumulation 2, and a
+    validation grid on the checkpoint's step: a run SIGKILLed right after writing checkpoint-2 (a real process, before
+    that grid) resumes with ``--resume_from_checkpoint latest`` to the LoRA of a run never killed, bit for bit.
+    (Validation here draws nothing from the global RNG today; a sampler that did would break this test without
+    ``untouched_rng``: checked by hand.)"""
+    from safetensors.torch import load_file
+
+    def flags(out: Path) -> list[str]:
+        return common_flags(tiny_sd, out, tmp_path / "cache") + [
+            "--instance_data_dir", str(subject_dir), "--instance_prompt", PROMPT, "--caption_column", "text",
+            "--with_prior_preservation", "--class_data_dir", str(tmp_path / "class"), "--class_prompt", "a dog",
+            "--num_class_images", "2", "--sample_batch_size", "2", "--class_inference_steps", "2",
+            "--train_text_encoder", "--lora_dropout", "0.1", "--gradient_accumulation_steps", "2",
+            "--noise_offset", "0.05", "--snr_gamma", "5", "--max_train_steps", "4", "--checkpointing_steps", "2",
+            "--validation_steps", "2", "--validation_prompt", PROMPT, "--num_validation_images", "1",
+        ]  # fmt: skip
+
+    straight = train_dreambooth_lora(parse_config(DreamBoothLoRAConfig, flags(tmp_path / "straight")))
+    assert (tmp_path / "straight" / "samples" / "step_0000002.png").is_file()  # validated on the checkpoint's step
+
+    out = tmp_path / "out"
+    script = str(REPO / "train_scripts" / "train_dreambooth_lora.py")
+    command = [sys.executable, "-c", KILL_AFTER_CHECKPOINT, out.name, "2", script]
+    env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
+    done = subprocess.run(command + flags(out), capture_output=True, text=True, env=env, timeout=300)
+    assert done.returncode == -9, (done.stdout + done.stderr)[-3000:]
+    assert (out / "checkpoint-2").is_dir() and not (out / "samples").exists() and not (out / LORA_WEIGHTS_NAME).exists()
+
+    capsys.readouterr()
+    resumed = train_dreambooth_lora(
+        parse_config(DreamBoothLoRAConfig, flags(out) + ["--resume_from_checkpoint", "latest"])
+    )
+    assert f"Resumed from {out / 'checkpoint-2'} at step 2" in capsys.readouterr().out
+    a, b = load_file(str(straight)), load_file(str(resumed))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), "the resumed LoRA diverged"
+    assert any(k.startswith("text_encoder.") for k in a)
+    at_two = load_file(str(out / "checkpoint-2" / "lora_unet.safetensors"))  # training moved on after step 2
     ups = [k for k in at_two if "lora_B" in k]
     assert ups and any(not torch.equal(at_two[k], a["unet." + k.replace("lora_B", "lora.up")]) for k in ups)
 

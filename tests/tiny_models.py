@@ -76,3 +76,31 @@ WITHOUT_CRISPDIFF = textwrap.dedent(
         pass
     """
 )
+
+
+#: ``python -c KILL_AFTER_CHECKPOINT FOLDER_NAME STEP SCRIPT FLAGS...`` runs a train script and SIGKILLs it right after
+#: it has written checkpoint-STEP into an output folder named FOLDER_NAME (a real crash: nothing after the checkpoint
+#: runs, no atexit, no flush), so a test can resume what a killed run really leaves.
+KILL_AFTER_CHECKPOINT = textwrap.dedent(
+    """
+    import os, runpy, signal, sys
+    from pathlib import Path
+    import crispdiff.train.loop as loop
+
+    real_save_checkpoint = loop.save_checkpoint
+    stage, step = sys.argv[1], int(sys.argv[2])
+
+
+    def save_then_die(accelerator, output_dir, at, *args, **kwargs):
+        path = real_save_checkpoint(accelerator, output_dir, at, *args, **kwargs)
+        if Path(output_dir).name == stage and at == step:
+            os.kill(os.getpid(), signal.SIGKILL)
+        return path
+
+
+    loop.save_checkpoint = save_then_die
+    script = sys.argv[3]
+    sys.argv = sys.argv[3:]
+    runpy.run_path(script, run_name="__main__")
+    """
+)

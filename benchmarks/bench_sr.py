@@ -1,9 +1,16 @@
-"""Cost of the SR post-step per image against the 25-step sampling it follows, with and without tiling.
+"""The SR post-step: its quality against Lanczos and bicubic on held-out emoji, and its cost.
 
-    python benchmarks/bench_sr.py --resolution 64 --batch_size 2 --threads 1
+    python benchmarks/bench_sr.py quality --sr_model embedded --threads 2
+    python benchmarks/bench_sr.py cost --resolution 64 --batch_size 2 --threads 1
 
-The diffusion side is a CrispDiffPipeline around a UNet of the given size sampling with DPM-Solver++ (25 steps,
-``upscale=False``); the SR side is the pipeline's real SR component (``SpandrelSRModel.upscale`` with
+``quality``: SR x2 of 64 px inputs (made from the 128 px originals by crispdiff's data-pipeline resize, as the
+diffusion side's training images are) against those originals: mean per-image PSNR, SSIM, and the hf / Laplacian
+ratios of ``crispdiff evaluate``, beside Lanczos (what the pipeline returns without SR) and bicubic, and CPU ms per
+image; on 1,000 held-out Noto emoji (``own_data.make_128_split``, never seen by the embedded SR) and 1,000 OpenMoji
+(a design family it never saw; CC-BY-SA-4.0, credit "OpenMoji").
+
+``cost``: the diffusion side is a CrispDiffPipeline around a UNet of the given size sampling with DPM-Solver++
+(25 steps, ``upscale=False``); the SR side is the pipeline's real SR component (``SpandrelSRModel.upscale`` with
 ``sr_strength=0.5``: network + Lanczos blend) around networks built at the published sizes of common checkpoints
 (random weights: only the cost is measured). Each SR model runs untiled and with ``--tile_size`` / ``--tile_overlap``
 (tiles in input pixels), timed in alternation so machine noise hits both.
@@ -13,19 +20,24 @@ from __future__ import annotations
 
 import argparse
 import math
+import random
 import statistics
+from pathlib import Path
 
 import torch
-from common import append_results, markdown_table, timed
+from common import append_results, markdown_table, shared_dir, timed
 from spandrel.architectures.Compact import Compact
 from spandrel.architectures.ESRGAN import ESRGAN
 from spandrel.architectures.SwinIR import SwinIR
 
-from crispdiff.core.config import NoiseConfig
+from crispdiff.core.config import DataConfig, NoiseConfig
 from crispdiff.diffusion.schedule import scheduler_base_config
 from crispdiff.diffusion.unets import build_unet
 from crispdiff.pipelines.sr_model import SpandrelSRModel, tile_starts
 from crispdiff.publish.export import build_pipeline
+from crispdiff.publish.sr import load_sr_model
+from crispdiff.superres.data import downscale
+from crispdiff.superres.metrics import compare_upscalers, lanczos_upscale
 
 
 def sr_networks(include_rrdb_x4: bool) -> dict[str, torch.nn.Module]:
@@ -53,20 +65,76 @@ def sr_networks(include_rrdb_x4: bool) -> dict[str, torch.nn.Module]:
 
 def parse_args() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--resolution", type=int, default=64, help="sampled image size (the SR input)")
-    p.add_argument("--base_channels", type=int, default=32)
-    p.add_argument("--channel_mults", type=int, nargs="+", default=[1, 2, 2, 4])
-    p.add_argument("--attention_res", type=int, nargs="+", default=[16])
-    p.add_argument("--layers_per_block", type=int, default=1)
-    p.add_argument("--batch_size", type=int, default=2)
-    p.add_argument("--steps", type=int, default=25, help="sampler steps")
-    p.add_argument("--tile_size", type=int, default=32, help="tile side in input pixels for the tiled runs")
-    p.add_argument("--tile_overlap", type=int, default=8)
-    p.add_argument("--repeats", type=int, default=2)
-    p.add_argument("--threads", type=int, default=1, help="torch CPU threads")
-    p.add_argument("--include_rrdb_x4", action="store_true", help="also time the heavy RealESRGAN_x4plus-size net")
     p.add_argument("--no_record", action="store_true", help="print only; do not append to RESULTS.md")
+    p.add_argument("--threads", type=int, default=1, help="torch CPU threads")
+    sub = p.add_subparsers(dest="mode", required=True)
+    q = sub.add_parser("quality", help="SR x2 vs Lanczos / bicubic on held-out Noto and OpenMoji at 128 px")
+    q.add_argument("--sr_model", default="embedded", help="SR folder / file, or 'embedded'")
+    q.add_argument("--splits", type=Path, default=Path("bench-own-data"), help="where own_data writes its splits")
+    q.add_argument("--num_images", type=int, default=1000)
+    q.add_argument("--timing_batch", type=int, default=16, help="64 px images per timed SR call")
+    q.add_argument("--repeats", type=int, default=3)
+    q.add_argument("--cache_dir", default=None, help="crispdiff's decode cache (default ~/.cache/crispdiff)")
+    c = sub.add_parser("cost", help="the SR step's cost against 25-step sampling, random weights")
+    c.add_argument("--resolution", type=int, default=64, help="sampled image size (the SR input)")
+    c.add_argument("--base_channels", type=int, default=32)
+    c.add_argument("--channel_mults", type=int, nargs="+", default=[1, 2, 2, 4])
+    c.add_argument("--attention_res", type=int, nargs="+", default=[16])
+    c.add_argument("--layers_per_block", type=int, default=1)
+    c.add_argument("--batch_size", type=int, default=2)
+    c.add_argument("--steps", type=int, default=25, help="sampler steps")
+    c.add_argument("--tile_size", type=int, default=32, help="tile side in input pixels for the tiled runs")
+    c.add_argument("--tile_overlap", type=int, default=8)
+    c.add_argument("--repeats", type=int, default=2)
+    c.add_argument("--include_rrdb_x4", action="store_true", help="also time the heavy RealESRGAN_x4plus-size net")
     return p.parse_args()
+
+
+def originals_128(folder: Path, cache_dir: str | None, count: int) -> torch.Tensor:
+    """uint8 [N, 3, 128, 128]: ``count`` seeded images of ``folder`` decoded by crispdiff's data pipeline."""
+    from crispdiff.data.loading import load_images
+
+    config = DataConfig(train_data_dir=str(folder), resolution=128, center_crop=True, cache_dir=cache_dir)
+    images = load_images(config, show_progress=False).center_crops()
+    keep = sorted(random.Random(0).sample(range(len(images)), min(count, len(images))))
+    return images[keep]
+
+
+def quality(args: argparse.Namespace) -> None:
+    from own_data import make_128_split
+
+    model = load_sr_model(args.sr_model)
+    sets = {
+        "Noto, held out": make_128_split(args.splits)["heldout"],
+        "OpenMoji (never seen)": shared_dir() / "data" / "openmoji-128" / "train",
+    }
+    rows = []
+    for label, folder in sets.items():
+        high = originals_128(folder, args.cache_dir, args.num_images)
+        low = downscale(high, 2, "lanczos")
+        metrics = compare_upscalers(lambda x: model.upscale(x, sr_strength=1.0), low, high)
+        batch = low[: args.timing_batch].float() / 255.0
+        calls = {"sr": lambda b=batch: model.upscale(b, 1.0), "lanczos": lambda b=batch: lanczos_upscale(b, 128)}
+        cost = {name: statistics.median(timed(call, 1) for _ in range(args.repeats)) for name, call in calls.items()}
+        for name, m in metrics.items():
+            ms = cost[name] / len(batch) * 1000 if name in cost else float("nan")
+            rows.append(
+                [label, name, len(high), m["psnr"], m["ssim"], m["hf_energy_ratio"], m["laplacian_var_ratio"], ms]
+            )
+            print(rows[-1])
+    header = ["images", "upscaler", "n", "PSNR dB", "SSIM", "hf ratio", "Laplacian ratio", "ms / 64 px image"]
+    notes = (
+        f"SR = `{args.sr_model}` (`SpandrelSRModel.upscale(x, sr_strength=1.0)`); inputs are the 128 px originals "
+        "downscaled by crispdiff's data-pipeline resize (Lanczos), so the 64 px side is what the diffusion models "
+        "train on; PSNR is the mean of per-image PSNR; ratios as `crispdiff evaluate` computes them (1 = as sharp "
+        f"as the originals); ms: median of {args.repeats} calls on {args.timing_batch} images. OpenMoji: CC-BY-SA-4.0."
+    )
+    append_results(
+        "SR x2 quality on held-out emoji (bench_sr.py quality)",
+        markdown_table(header, rows),
+        notes,
+        record=not args.no_record,
+    )
 
 
 def tile_count(size: int, tile: int, overlap: int, align: int) -> int:
@@ -79,6 +147,13 @@ def tile_count(size: int, tile: int, overlap: int, align: int) -> int:
 def main() -> None:
     args = parse_args()
     torch.set_num_threads(args.threads)
+    if args.mode == "quality":
+        quality(args)
+    else:
+        cost(args)
+
+
+def cost(args: argparse.Namespace) -> None:
     device = "cuda" if torch.cuda.is_available() else "cpu"
     torch.manual_seed(0)
     unet = build_unet(

@@ -3,7 +3,8 @@
 Why this file exists on its own: a saved pipeline folder carries a copy of it in ``sr_model/sr_model.py`` and names it
 in ``model_index.json`` as ``["sr_model", "SpandrelSRModel"]``, so ``DiffusionPipeline.from_pretrained(dir,
 trust_remote_code=True)`` can rebuild the component on a machine where crispdiff is not installed. It therefore imports
-only torch, diffusers, spandrel and safetensors.
+only torch, diffusers, spandrel and safetensors, and loads without spandrel too: the component then has no network,
+the pipeline samples at its native size, and asking it to upscale says what to install.
 
 Why spandrel: the original Real-ESRGAN / BasicSR packages no longer import with current torchvision, while spandrel
 recognises dozens of SR architectures (RRDBNet, SRVGGNetCompact, SwinIR, HAT, ...) from a plain state dict. The
@@ -27,7 +28,6 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-import spandrel
 import torch
 import torch.nn.functional as F
 from diffusers.configuration_utils import ConfigMixin, register_to_config
@@ -37,12 +37,18 @@ from safetensors.torch import load_file, save_file
 
 logger = logging.get_logger(__name__)
 
+try:
+    import spandrel
+except ImportError:  # a machine with only diffusers: the pipeline still loads, upscaling says what to install
+    spandrel = None
+
 WEIGHTS_NAME = "diffusion_pytorch_model.safetensors"
 MODULE_FILE = "sr_model.py"
 DEFAULT_TILE_SIZE = 256
 DEFAULT_TILE_OVERLAP = 32
 STATE_DICT_SUFFIXES = (".pth", ".pt", ".ckpt", ".safetensors")
 USABLE_PURPOSES = ("SR", "Restoration")
+SPANDREL_MISSING = "pip install spandrel, or sample with upscale=False"
 _HUB_KWARGS = ("cache_dir", "force_download", "proxies", "local_files_only", "token", "revision")
 
 
@@ -402,6 +408,9 @@ class SpandrelSRModel(ModelMixin, ConfigMixin):
         """
         hub = {k: kwargs[k] for k in _HUB_KWARGS if k in kwargs}
         where = f"{pretrained_model_name_or_path}" + (f"/{subfolder}" if subfolder else "")
+        if spandrel is None:
+            logger.warning(f"{where}: spandrel is not installed, so this pipeline cannot upscale ({SPANDREL_MISSING})")
+            return cls.from_config(cls.load_config(pretrained_model_name_or_path, subfolder=subfolder, **hub))
         try:
             config = cls.load_config(pretrained_model_name_or_path, subfolder=subfolder, **hub)
             weights = _get_model_file(
@@ -457,6 +466,15 @@ class SpandrelSRModel(ModelMixin, ConfigMixin):
         return dtype in (torch.float32, torch.float64)
 
     # ---- running ------------------------------------------------------------------------------------------------
+
+    @property
+    def device(self) -> torch.device:
+        """The network's device; an empty shell (no spandrel here) reports the CPU so the pipeline still works."""
+        return super().device if self.net is not None else torch.device("cpu")
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return super().dtype if self.net is not None else torch.float32
 
     @property
     def descriptor(self) -> spandrel.ImageModelDescriptor:
@@ -515,6 +533,8 @@ class SpandrelSRModel(ModelMixin, ConfigMixin):
         return torch.lerp(base, sr, float(sr_strength)).clamp_(0.0, 1.0)
 
     def _require_net(self) -> None:
+        if spandrel is None:
+            raise SRModelError(f"the SR component needs spandrel: {SPANDREL_MISSING}")
         if self.net is None or self._descriptor is None:
             raise SRModelError("this SpandrelSRModel has no network; build it with from_single_file / from_pretrained")
 

@@ -65,6 +65,7 @@ def build_pipeline(
     latent_shift_factor: float | None = None,
     sr_model: ModelMixin | None = None,
     sr_strength: float = 0.5,
+    upscale: bool | None = None,
     class_names: list[str] | None = None,
     sharpen_amount: float = 0.0,
     guidance_scale: float = 1.0,
@@ -76,7 +77,7 @@ def build_pipeline(
     ``class_names`` (a class-conditional unet's classes, id order) go into the pipeline config, so
     ``pipe(class_labels="name")`` works after loading, and ``guidance_scale`` becomes the default of labelled calls;
     ``class_mix`` (auto classes) is what calls without labels sample, and ``guidance_interval`` (min, max sigma) where
-    guidance applies.
+    guidance applies. ``upscale`` is whether calls upscale by default (None: whenever there is an ``sr_model``).
     """
     if not isinstance(unet, ModelMixin):
         raise TypeError(f"unet must be a diffusers UNet2DModel, got {type(unet).__name__}")
@@ -97,6 +98,7 @@ def build_pipeline(
         latent_scaling_factor=latent_scaling_factor,
         latent_shift_factor=latent_shift_factor,
         sr_strength=sr_strength,
+        upscale=upscale,
         class_names=class_names,
         sharpen_amount=sharpen_amount,
         guidance_scale=guidance_scale,

@@ -126,3 +126,4 @@ if __name__ == "__main__":
     out = Path(sys.argv[1] if len(sys.argv) > 1 else "bench-own-data")
     for fam in FAMILIES:
         print(fam, make_split(fam, out))
+    print("noto-128", make_128_split(out))

@@ -187,3 +187,89 @@ def test_x4_through_accelerate_launch_into_a_pipeline(image_folder, tmp_path):
 def test_bad_flags_are_refused_naming_the_flag(flags, named):
     with pytest.raises(FlagError, match=named):
         parse_config(SRTrainConfig, ["--train_data_dir", "x", *flags])
+
+
+BLOCK_SPANDREL = """
+import importlib.abc, json, sys, torch
+class Block(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] in ("spandrel", "crispdiff", "pipelines"):
+            raise ModuleNotFoundError(f"{name} is blocked here")
+sys.meta_path[:] = [Block()] + [f for f in sys.meta_path if "editable" not in repr(f).lower()]
+from diffusers import DiffusionPipeline
+pipe = DiffusionPipeline.from_pretrained(sys.argv[1], trust_remote_code=True)
+images = pipe(batch_size=1, num_inference_steps=2, generator=torch.Generator().manual_seed(0), output_type="pt").images
+try:
+    pipe(batch_size=1, num_inference_steps=2, upscale=True)
+    error = ""
+except Exception as err:
+    error = str(err)
+print(json.dumps({"shape": list(images.shape), "error": error}))
+"""
+
+
+def test_the_main_job_pipeline_carries_the_embedded_sr_and_upscales_when_asked(tmp_path):
+    """A 64 px latent run with the defaults saves the embedded SR x2: pipe() stays 64 px, pipe(upscale=True) and
+    `crispdiff sample --upscale` give 128 px (exactly the SR of the 64 px images), and the folder still loads and
+    samples where spandrel (and crispdiff) are missing, with upscaling refused by a message that says what to do."""
+    from tiny_models import tiny_vae as make_vae
+
+    from crispdiff.cli import main as cli_main
+    from crispdiff.latent.trainer import LatentTrainConfig, train_latent
+    from crispdiff.publish.export import load_pipeline
+    from crispdiff.publish.sr import embedded_sr_dir
+
+    folder = tmp_path / "images"
+    folder.mkdir()
+    for i, image in enumerate(flat_art(6, 64, seed=3)):
+        PIL.Image.fromarray(image).save(folder / f"{i}.png")
+    vae_dir = tmp_path / "vae"
+    make_vae(sample_size=64).save_pretrained(vae_dir)
+    config = LatentTrainConfig(
+        train_data_dir=str(folder), pretrained_vae_name_or_path=str(vae_dir), cache_dir=str(tmp_path / "cache"),
+        output_dir=str(tmp_path / "out"), base_channels=8, channel_mults=[1, 2], attention_res=[4],
+        train_batch_size=2, max_train_steps=1, checkpointing_steps=0, validation_steps=0, num_validation_images=1,
+        validation_inference_steps=1, report_to="none", adapt_vae="off", class_column="none",
+    )  # fmt: skip
+    assert config.sr_model_name_or_path == "embedded"
+    pipeline_dir = train_latent(config)
+    index = json.loads((pipeline_dir / "model_index.json").read_text())
+    assert index["sr_model"] == ["sr_model", "SpandrelSRModel"] and index["upscale"] is False
+    assert index["sr_strength"] == 1.0
+    shipped = load_file(embedded_sr_dir() / WEIGHTS_NAME)
+    saved = load_file(pipeline_dir / "sr_model" / WEIGHTS_NAME)
+    assert shipped.keys() == saved.keys() and all(torch.equal(shipped[k], saved[k]) for k in shipped)
+
+    pipe = load_pipeline(pipeline_dir)
+    pipe.set_progress_bar_config(disable=True)
+
+    def sample(**kwargs):
+        generator = torch.Generator().manual_seed(0)
+        return pipe(batch_size=2, num_inference_steps=2, generator=generator, output_type="pt", **kwargs).images
+
+    plain, upscaled = sample(), sample(upscale=True)
+    assert plain.shape == (2, 3, 64, 64) and upscaled.shape == (2, 3, 128, 128)
+    assert torch.equal(upscaled, pipe.sr_model.upscale(plain, sr_strength=1.0))
+
+    out = tmp_path / "sampled"
+    argv = ["sample", str(pipeline_dir), "--num_images", "2", "--steps", "2", "--upscale", "--output_dir", str(out)]
+    assert cli_main(argv) == 0
+    assert PIL.Image.open(out / "grid.png").size == (256, 128)
+
+    done = subprocess.run(
+        [sys.executable, "-c", BLOCK_SPANDREL, str(pipeline_dir)], capture_output=True, text=True, timeout=300
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    assert result["shape"] == [1, 3, 64, 64] and "pip install spandrel" in result["error"]
+
+
+def test_the_embedded_sr_is_a_small_x2_spandrel_model_with_its_card():
+    from crispdiff.publish.sr import embedded_sr_dir
+
+    folder = embedded_sr_dir()
+    assert (folder / WEIGHTS_NAME).stat().st_size <= 5_000_000
+    descriptor = spandrel.ModelLoader().load_from_state_dict(load_file(folder / WEIGHTS_NAME))
+    assert descriptor.scale == 2 and descriptor.architecture.id == "Compact"
+    card = (folder / "README.md").read_text()
+    assert "train_scripts/train_sr.py" in card and "Lanczos" in card

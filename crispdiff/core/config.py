@@ -289,7 +289,10 @@ class TrainConfig(DataConfig, ModelConfig, NoiseConfig, HubConfig, LoopConfig):
     )
     thresholding: bool = flag(False, "Dynamic thresholding of predicted x0 while sampling (pixel models only).")
     sr_model_name_or_path: str | None = flag(
-        None, "A super-resolution model (.pth / .safetensors, or hub 'repo_id/file') saved into the pipeline."
+        None,
+        "A super-resolution model saved into the pipeline (.pth / .safetensors, a crispdiff SR folder from "
+        "train_sr.py, or hub 'repo_id/file'); it upscales every call by default. 'embedded': the package's emoji SR x2 "
+        "(64 px models only), used when asked (pipe(upscale=True)); 'none': no SR.",
     )
     sr_strength: float = flag(0.5, "Default blend of SR output with a Lanczos upscale (0 = Lanczos only, 1 = SR only).")
     sharpen_amount: float | None = flag(

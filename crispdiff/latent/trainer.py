@@ -175,6 +175,12 @@ class LatentTrainConfig(TrainConfig):
         "sampling a grid of 90 guided classes takes about 5 s, 3% of the run).",
     )
     output_dir: str = flag("crispdiff-latent", "Where checkpoints, logs, samples and the pipeline folder go.")
+    sr_model_name_or_path: str | None = flag(
+        "embedded",
+        "A super-resolution model saved into the pipeline: 'embedded' (default) is the package's emoji SR x2, carried "
+        "by 64 px models and used when asked (pipe(upscale=True), crispdiff sample --upscale); a .pth / "
+        ".safetensors file, train_sr.py folder or hub 'repo_id/file' upscales every call; 'none': no SR.",
+    )
     class_column: str | None = flag(
         None,
         "Train a class-conditional model on this metadata.jsonl / dataset column; sample a class with classifier-free "

@@ -30,6 +30,9 @@ from crispdiff.publish.export import MODEL_INDEX_NAME, read_model_index
 from crispdiff.publish.hub import hub_offline
 
 SR_FOLDER = "sr_model"
+#: ``--sr_model_name_or_path embedded``: the emoji SR x2 shipped in the package (64 -> 128 px, trained on Noto emoji).
+EMBEDDED_SR = "embedded"
+EMBEDDED_SR_RESOLUTION = 64
 SR_MODULE_NAME = "sr_model"
 SR_CLASS_NAME = "SpandrelSRModel"
 HUB_PREFIX = "hf://"
@@ -41,6 +44,8 @@ __all__ = [
     "SpandrelSRModel",
     "HubFileRef",
     "parse_hub_ref",
+    "EMBEDDED_SR",
+    "embedded_sr_dir",
     "load_sr_model",
     "describe_sr_model",
     "attach_sr",
@@ -94,6 +99,11 @@ def download_hub_file(ref: HubFileRef, original: str) -> Path:
         ) from err
 
 
+def embedded_sr_dir() -> Path:
+    """The folder of the SR x2 model shipped inside the package (``crispdiff/assets/sr-noto-x2``)."""
+    return Path(__file__).resolve().parents[1] / "assets" / "sr-noto-x2"
+
+
 def load_sr_model(
     path_or_hub_ref: str | os.PathLike,
     *,
@@ -107,9 +117,12 @@ def load_sr_model(
     Accepts a ``.pth`` / ``.pt`` / ``.ckpt`` / ``.safetensors`` state dict (original project key names such as
     Real-ESRGAN's ``params_ema`` / ``conv_first`` / ``body.N.rdb1``, or spandrel's), a folder written by
     ``SpandrelSRModel.save_pretrained`` (or a pipeline folder holding one in ``sr_model/``), or a Hub file
-    ``hf://owner/repo/file.pth`` / ``owner/repo/file.pth``. Raises ``SRModelError`` naming the file otherwise.
+    ``hf://owner/repo/file.pth`` / ``owner/repo/file.pth``, or ``"embedded"`` (the package's emoji SR x2).
+    Raises ``SRModelError`` naming the file otherwise.
     """
     ref = os.fspath(path_or_hub_ref)
+    if ref == EMBEDDED_SR:
+        ref = os.fspath(embedded_sr_dir())
     local = Path(ref).expanduser()
     if local.is_dir():
         model = _load_folder(local, tile_size, tile_overlap)

@@ -34,7 +34,7 @@ class SRTrainConfig(DataConfig, LoopConfig):
     crop_size: int = flag(32, "Side of the low-resolution training crops, in input pixels (the targets are x --scale).")
     loss: str = flag("charbonnier", "Pixel loss.", ["charbonnier", "l1"])
     fft_weight: float = flag(
-        0.05,
+        0.2,
         "Weight of the Fourier-amplitude L1 term (0 = off): it charges missing high-frequency energy even where the "
         "network cannot place an edge exactly, which a pixel loss alone averages into blur.",
     )
@@ -53,8 +53,8 @@ class SRTrainConfig(DataConfig, LoopConfig):
     max_validation_images: int = flag(256, "At most this many held-out images.")
     num_validation_images: int = flag(8, "Held-out images shown in the comparison grid (input, Lanczos, SR, original).")
     train_batch_size: int = flag(32, "Image pairs per process per micro-batch.")
-    max_train_steps: int | None = flag(3000, "Optimizer steps to train for (overrides --num_epochs).")
-    learning_rate: float = flag(1e-3, "Peak learning rate.")
+    max_train_steps: int | None = flag(2500, "Optimizer steps to train for (overrides --num_epochs).")
+    learning_rate: float = flag(2e-3, "Peak learning rate.")
     lr_scheduler: str = flag(
         "cosine",
         "LR schedule after warmup.",

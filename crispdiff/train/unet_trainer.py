@@ -328,15 +328,34 @@ class Trainer(LoopTrainer):
         if calibrate_sharpening and self.config.sharpen_calibration_images:
             kwargs["sharpen_amount"] = self.calibrated_sharpen_amount(build_pipeline(**kwargs))
         grid, _ = self.sample_grid(build_pipeline(**kwargs))
-        if self.config.sr_model_name_or_path:
-            from crispdiff.publish.sr import load_sr_model
-
-            kwargs["sr_model"] = load_sr_model(self.config.sr_model_name_or_path)
+        kwargs.update(self.sr_kwargs())
         folder = save_pipeline(
             self.output_dir / "pipeline", training_config=self.config.to_dict(), sample_grid=grid, **kwargs
         )
         write_model_card(folder, self.config.to_dict())
         return folder
+
+    def sr_kwargs(self) -> dict[str, Any]:
+        """The saved pipeline's SR component and defaults (``--sr_model_name_or_path``).
+
+        A model the user names upscales every call by default. The embedded emoji SR x2 (the latent trainer's
+        default) is carried only by 64 px models and upscales only when asked (``pipe(upscale=True)``,
+        ``crispdiff sample --upscale``), at full strength unless ``--sr_strength`` is given: it was trained on flat
+        art downscaled the way the training images were, so it needs no Lanczos blend to stay faithful.
+        """
+        from crispdiff.publish.sr import EMBEDDED_SR, EMBEDDED_SR_RESOLUTION, load_sr_model
+
+        config = self.config
+        name = config.sr_model_name_or_path
+        if not name or name.lower() == "none":
+            return {}
+        if name != EMBEDDED_SR:
+            return {"sr_model": load_sr_model(name)}
+        if config.resolution != EMBEDDED_SR_RESOLUTION:
+            logger.info(f"the embedded SR x2 is for 64 px models; this {config.resolution} px pipeline has none")
+            return {}
+        given = "sr_strength" in getattr(config, "explicit_flags", ())
+        return {"sr_model": load_sr_model(name), "upscale": False, "sr_strength": config.sr_strength if given else 1.0}
 
     def periodic(self) -> None:
         if self.due(self.config.save_model_steps) and self.accelerator.is_main_process:

@@ -1,7 +1,8 @@
 """The SR post-step: its quality against Lanczos and bicubic on held-out emoji, and its cost.
 
-    python benchmarks/bench_sr.py quality --sr_model embedded --threads 2
-    python benchmarks/bench_sr.py cost --resolution 64 --batch_size 2 --threads 1
+    python benchmarks/bench_sr.py --threads 2 quality --sr_model embedded
+    python benchmarks/bench_sr.py --threads 2 speed --sr_model embedded
+    python benchmarks/bench_sr.py --threads 1 cost --resolution 64 --batch_size 2
 
 ``quality``: SR x2 of 64 px inputs (made from the 128 px originals by crispdiff's data-pipeline resize, as the
 diffusion side's training images are) against those originals: mean per-image PSNR, SSIM, and the hf / Laplacian
@@ -75,6 +76,11 @@ def parse_args() -> argparse.Namespace:
     q.add_argument("--timing_batch", type=int, default=16, help="64 px images per timed SR call")
     q.add_argument("--repeats", type=int, default=3)
     q.add_argument("--cache_dir", default=None, help="crispdiff's decode cache (default ~/.cache/crispdiff)")
+    v = sub.add_parser("speed", help="CPU/GPU ms per 64 px image of an SR x2 model beside Lanczos, by batch size")
+    v.add_argument("--sr_model", default="embedded", help="SR folder / file, or 'embedded'")
+    v.add_argument("--batch_sizes", type=int, nargs="+", default=[1, 8, 16])
+    v.add_argument("--rounds", type=int, default=2, help="alternating rounds; each times every batch size")
+    v.add_argument("--repeats", type=int, default=5, help="calls per timing (the median is kept)")
     c = sub.add_parser("cost", help="the SR step's cost against 25-step sampling, random weights")
     c.add_argument("--resolution", type=int, default=64, help="sampled image size (the SR input)")
     c.add_argument("--base_channels", type=int, default=32)
@@ -137,6 +143,34 @@ def quality(args: argparse.Namespace) -> None:
     )
 
 
+def speed(args: argparse.Namespace) -> None:
+    """ms per 64 px image of ``upscale(x, 1.0)`` and of Lanczos, rounds alternating so machine noise hits both."""
+    model = load_sr_model(args.sr_model)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    model.to(device)
+    times: dict[tuple[int, str], list[float]] = {}
+    with torch.inference_mode():
+        for _ in range(args.rounds):
+            for batch in args.batch_sizes:
+                images = torch.rand(batch, 3, 64, 64, generator=torch.Generator().manual_seed(batch)).to(device)
+                calls = {
+                    "SR x2": lambda x=images: model.upscale(x, 1.0),
+                    "Lanczos": lambda x=images: lanczos_upscale(x, 128),
+                }
+                for name, call in calls.items():
+                    call()  # warm-up
+                    per_call = statistics.median(timed(call, 1) for _ in range(args.repeats))
+                    times.setdefault((batch, name), []).append(per_call / batch * 1000)
+    rows = [[batch, name, min(v), max(v)] for (batch, name), v in times.items()]
+    notes = (
+        f"SR = `{args.sr_model}` (`SpandrelSRModel.upscale(x, sr_strength=1.0)`, channels-last convolutions), 64 px "
+        f"inputs -> 128 px; each cell: the range over {args.rounds} alternating rounds of the median of "
+        f"{args.repeats} calls; device {device}."
+    )
+    header = ["batch", "upscaler", "ms / image (best round)", "ms / image (worst round)"]
+    append_results("SR x2 speed (bench_sr.py speed)", markdown_table(header, rows), notes, record=not args.no_record)
+
+
 def tile_count(size: int, tile: int, overlap: int, align: int) -> int:
     """How many tiles an image of ``size`` x ``size`` is cut into."""
     if size <= tile:
@@ -149,6 +183,8 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     if args.mode == "quality":
         quality(args)
+    elif args.mode == "speed":
+        speed(args)
     else:
         cost(args)
 

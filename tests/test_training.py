@@ -352,7 +352,7 @@ def test_scale_lr_scales_by_the_ratio_to_the_reference_batch():
 
     config = TrainConfig(learning_rate=2e-4, train_batch_size=64, gradient_accumulation_steps=2)
     assert scaled_learning_rate(config, num_processes=2) == 2e-4, "without --scale_lr the LR is used as given"
-    config.scale_lr = True
+    config.scale_lr, config.lr_reference_batch = True, 64
     assert scaled_learning_rate(config, num_processes=2) == pytest.approx(8e-4)  # 256 images vs the reference 64
     config.lr_reference_batch = 256
     assert scaled_learning_rate(config, num_processes=2) == pytest.approx(2e-4)

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 
@@ -71,6 +71,8 @@ class LatentTrainConfig(TrainConfig):
     UNet and schedule sized to finish, latent encoding included, in about 3 minutes on a 2-core CPU (6-7 on one
     half as fast). On a GPU use a bigger model and a longer run; each flag's help says what.
     """
+
+    diffusers_script: ClassVar[str | None] = None  # crispdiff's own script: no diffusers defaults to compare with
 
     pretrained_vae_name_or_path: str | None = flag(
         None,

@@ -298,11 +298,19 @@ class SDLoRATrainer(LoopTrainer):
 def _prepare(config: SDLoRAConfig) -> tuple[Accelerator, SDParts]:
     config.validate()
     check_output_dir(config, "", LORA_WEIGHTS_NAME, "trained LoRA weights")
-    parts = load_sd(config.pretrained_model_name_or_path or "", config.revision, config.variant)
+    parts = load_sd(config.pretrained_model_name_or_path or "", config.revision, config.variant, config.tokenizer_name)
     base_schedule(parts.scheduler, config.prediction_type)  # refuse a prediction-type switch before any work
     accelerator = start_run(config)
     parts.vae.to(accelerator.device)
     return accelerator, parts
+
+
+def prompt_bank(config: SDLoRAConfig, parts: SDParts, prompts: list[str]) -> PromptBank:
+    """The run's prompts, tokenized with --tokenizer_max_length and --text_encoder_use_attention_mask."""
+    limit = parts.text_encoder.config.max_position_embeddings
+    if config.tokenizer_max_length is not None and config.tokenizer_max_length > limit:
+        raise SDLoRAError(f"--tokenizer_max_length {config.tokenizer_max_length} exceeds the text encoder's {limit}")
+    return PromptBank(parts.tokenizer, prompts, config.tokenizer_max_length, config.text_encoder_use_attention_mask)
 
 
 def train_text_to_image_lora(config: TextToImageLoRAConfig) -> Path | None:
@@ -312,7 +320,7 @@ def train_text_to_image_lora(config: TextToImageLoRAConfig) -> Path | None:
     with accelerator.main_process_first():
         space, data = latent_space(image_view(config), config, parts.vae, show)
     captions = captions_for(data, None)
-    prompts = PromptBank(parts.tokenizer, captions + ([config.validation_prompt] if config.validation_prompt else []))
+    prompts = prompt_bank(config, parts, captions + ([config.validation_prompt] if config.validation_prompt else []))
     instance = TrainSet(space, prompts.ids(captions))
     return run_trainer(SDLoRATrainer(config, accelerator, parts, prompts, instance))
 
@@ -340,7 +348,7 @@ def train_dreambooth_lora(config: DreamBoothLoRAConfig) -> Path | None:
     captions = captions_for(data, config.instance_prompt)
     extra = [config.class_prompt] if prior_space is not None else []
     extra += [config.validation_prompt] if config.validation_prompt else []
-    prompts = PromptBank(parts.tokenizer, captions + [p for p in extra if p])
+    prompts = prompt_bank(config, parts, captions + [p for p in extra if p])
     instance = TrainSet(space, prompts.ids(captions))
     prior = None
     if prior_space is not None:

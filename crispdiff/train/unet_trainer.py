@@ -339,7 +339,8 @@ class Trainer(LoopTrainer):
         return folder
 
     def periodic(self) -> None:
-        if self.due(self.config.save_model_steps) and self.accelerator.is_main_process:
+        every = self.every(self.config.save_model_steps, self.config.save_model_epochs)
+        if self.due(every) and self.accelerator.is_main_process:
             self.export()
 
     def finish(self) -> Path:
@@ -390,10 +391,11 @@ def budgeted_steps(config: TrainConfig, space: TrainingSpace, accelerator: Accel
     per_step = seconds_per_step(probe)
     grid = agreed_seconds(accelerator, probe.grid_seconds())
     per_image = grid / probe.grid_plan()[0]
+    validation_every = probe.every(config.validation_steps, config.validation_epochs)
     del probe
     export = EXPORT_MARGIN * (grid + per_image * config.sharpen_calibration_images)
-    # validation grids along the way cost a grid every --validation_steps steps
-    per_step_with_validation = per_step + (grid / config.validation_steps if config.validation_steps else 0.0)
+    # validation grids along the way cost a grid every --validation_steps (or --validation_epochs) steps
+    per_step_with_validation = per_step + (grid / validation_every if validation_every else 0.0)
     steps = affordable_steps(budget.remaining() - export, per_step_with_validation)
     accelerator.print(
         f"crispdiff: time budget of {budget.minutes:g} min: {1000 * per_step:.0f} ms a step here and about "

@@ -181,3 +181,60 @@ def test_defaults_note_names_only_flags_not_passed():
     assert "--beta_schedule cosine (diffusers: linear)" in note and "--snr_gamma 5.0 (diffusers: none)" in note
     assert "--prediction_type" not in note and "--use_ema" not in note
     assert defaults_note(TrainConfig()) is None  # not parsed from a command line: nothing to say
+
+
+def test_lora_latents_are_random_crops_unless_center_crop(tmp_path):
+    """Without --center_crop the LoRA trainer's latents are crops at several positions of each image (diffusers'
+    random crop, discretised), each the VAE's encoding of those pixels; with it, the centre crop alone."""
+    import numpy as np
+    from PIL import Image
+    from test_sd_lora import make_tiny_sd
+
+    from crispdiff.core.images import uint8_to_model
+    from crispdiff.latent.vae import encode_posterior
+    from crispdiff.sd.base import load_sd
+    from crispdiff.sd.prompts import image_view, latent_space
+
+    base = make_tiny_sd(tmp_path / "sd")
+    folder = tmp_path / "wide"
+    folder.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(3):  # 16 x 40 pictures: 24 columns of slack
+        Image.fromarray(rng.integers(0, 255, (16, 40, 3), dtype=np.uint8)).save(folder / f"{i}.png")
+    (folder / "metadata.jsonl").write_text("".join(f'{{"file_name": "{i}.png", "text": "x"}}\n' for i in range(3)))
+    vae = load_sd(str(base)).vae
+    for center, positions in ((False, [0.0, 0.5, 1.0]), (True, [0.5])):
+        flags = [
+            "--pretrained_model_name_or_path", str(base), "--train_data_dir", str(folder), "--resolution", "16",
+            "--cache_dir", str(tmp_path / "cache"), "--random_crop_positions", "3", "--latent_cache_dtype", "float32",
+        ] + (["--center_crop"] if center else [])  # fmt: skip
+        config = parse_config(TextToImageLoRAConfig, flags)
+        space, data = latent_space(image_view(config), config, vae, False)
+        assert space.cache.num_variants == len(positions)
+        rows = torch.arange(3)
+        for variant, position in enumerate(positions):
+            expected, _ = encode_posterior(vae, uint8_to_model(data.crops_at(position)))
+            cached, _ = space.cache.posterior(rows, torch.full_like(rows, variant))
+            torch.testing.assert_close(cached, expected, atol=1e-5, rtol=0)
+        if not center:  # the crops differ, and training draws every one of them
+            assert not torch.allclose(
+                space.cache.posterior(rows, rows * 0)[0], space.cache.posterior(rows, rows * 0 + 2)[0]
+            )
+        assert sorted(drawn_variants(space, rows).unique().tolist()) == list(range(len(positions)))
+
+
+def drawn_variants(space, rows: torch.Tensor, draws: int = 20) -> torch.Tensor:
+    """The cached variants (crop positions) that ``draws`` calls of the real ``x0`` read, recorded on their way."""
+    drawn: list[torch.Tensor] = []
+    real_posterior = space.cache.posterior
+
+    def recording(indices: torch.Tensor, variants: torch.Tensor):
+        drawn.append(variants.clone())
+        return real_posterior(indices, variants)
+
+    space.cache.posterior = recording
+    generator = torch.Generator().manual_seed(0)
+    for _ in range(draws):
+        space.x0(rows, generator, torch.device("cpu"))
+    space.cache.posterior = real_posterior
+    return torch.cat(drawn)

@@ -74,6 +74,12 @@ class DataConfig:
         "Center-crop to --resolution (default: a random crop, drawn anew each time an image is used; on cached "
         "latents one of --random_crop_positions crops encoded once per image).",
     )
+    random_crop_positions: int = flag(
+        4,
+        "Trainers on cached latents (latent, LoRA), without --center_crop: crops at this many evenly spaced positions "
+        "along each image's longer side are encoded once (this many times the encoding), and each step draws one. "
+        "Square images need none.",
+    )
     random_flip: bool = flag(False, "Randomly flip images horizontally.")
     background: str = flag("white", "Colour that transparent pixels (RGBA, LA, palette) are composited onto.")
     min_image_size: int = flag(16, "Reject images whose shorter side is smaller than this many pixels.")

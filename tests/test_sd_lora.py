@@ -501,3 +501,22 @@ def test_sd_pipeline_saved_directly_is_readable_by_others(tiny_sd, tmp_path):
     finally:
         os.umask(previous)
     assert stat.S_IMODE((tmp_path / "saved" / "model_index.json").stat().st_mode) == 0o644
+
+
+def test_a_lora_checkpoint_loads_with_load_lora_weights(tiny_sd, captioned_dir, tmp_path):
+    """``pipe.load_lora_weights(OUTPUT_DIR/checkpoint-2)`` works as on diffusers' checkpoints, and gives the model of
+    step 2: the images of a run that stopped there (constant LR, so the first two steps are the same)."""
+
+    def run(out: Path, steps: int) -> None:
+        flags = common_flags(tiny_sd, out, tmp_path / "cache") + [
+            "--train_data_dir", str(captioned_dir), "--max_train_steps", str(steps), "--checkpointing_steps", "2",
+            "--validation_steps", "0", "--num_validation_images", "1",
+        ]  # fmt: skip
+        train_text_to_image_lora(parse_config(TextToImageLoRAConfig, flags))
+
+    run(tmp_path / "three", 3)
+    run(tmp_path / "two", 2)
+    checkpoint = tmp_path / "three" / "checkpoint-2"
+    from_checkpoint = plain_diffusers_images(tiny_sd, checkpoint, "sks dog")
+    torch.testing.assert_close(from_checkpoint, plain_diffusers_images(tiny_sd, tmp_path / "two", "sks dog"))
+    assert (from_checkpoint - plain_diffusers_images(tiny_sd, None, "sks dog")).abs().max() > 0.02

@@ -149,13 +149,20 @@ class SDLoRATrainer(LoopTrainer):
         raise SDLoRAError(f"unexpected model {type(bare).__name__} in the checkpoint")
 
     def _save_lora_checkpoint(self, models: list[Any], weights: list[Any], output_dir: str) -> None:
-        """accelerate's save hook (called on every process): the main process writes the adapters, once."""
+        """accelerate's save hook (called on every process): the main process writes the adapters, once.
+
+        Twice, as they are small: peft's keys for an exact resume, and diffusers' ``pytorch_lora_weights.safetensors``
+        (``unet.`` / ``text_encoder.`` keys, alpha in the metadata) so that ``load_lora_weights(checkpoint-N)`` works
+        as it does on diffusers' own checkpoints.
+        """
         from safetensors.torch import save_file
 
         if self.accelerator.is_main_process:
             for model in models:
                 path = Path(output_dir) / CHECKPOINT_LORA_FILES[self._role(model)]
                 save_file(lora_state(self.accelerator.unwrap_model(model)), str(path))
+            named = self._named_models()
+            save_lora_weights(Path(output_dir), named["unet"], named.get("text_encoder"), version=self.parts.version)
         weights.clear()  # accelerate would otherwise save every frozen base weight too
 
     def _load_lora_checkpoint(self, models: list[Any], input_dir: str) -> None:

@@ -334,6 +334,20 @@ def test_text_encoder_lora_script_and_exported_pipeline(tiny_sd, captioned_dir, 
     small = images(None, "np")
     assert small.shape == (2, 8, 8, 3)  # the configured output_size: a Lanczos downsample of the 16 px images
 
+    # the kohya copy, text-encoder part included, fuses into the same model (export-sd --output_dir, diffusers' name)
+    from crispdiff.cli import main
+
+    kohya_folder = tmp_path / "kohya_pipeline"
+    assert main(["export-sd", "--base", str(tiny_sd), "--lora", str(out / KOHYA_WEIGHTS_NAME),
+                 "--output_dir", str(kohya_folder)]) == 0  # fmt: skip
+    kohya_pipe = DiffusionPipeline.from_pretrained(kohya_folder, trust_remote_code=True)
+    kohya_pipe.set_progress_bar_config(disable=True)
+    from_kohya = kohya_pipe(
+        ["sks dog"] * 2, num_inference_steps=3, height=RES, width=RES,
+        generator=torch.Generator().manual_seed(0), output_type="pt",
+    ).images  # fmt: skip
+    torch.testing.assert_close(from_kohya, native, atol=1e-4, rtol=0)
+
     env = {k: v for k, v in os.environ.items() if not k.startswith("PYTHON")}
     env.update(HF_MODULES_CACHE=str(tmp_path / "modules"), HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
     threads = str(torch.get_num_threads())

@@ -534,3 +534,25 @@ def test_a_lora_checkpoint_loads_with_load_lora_weights(tiny_sd, captioned_dir, 
     from_checkpoint = plain_diffusers_images(tiny_sd, checkpoint, "sks dog")
     torch.testing.assert_close(from_checkpoint, plain_diffusers_images(tiny_sd, tmp_path / "two", "sks dog"))
     assert (from_checkpoint - plain_diffusers_images(tiny_sd, None, "sks dog")).abs().max() > 0.02
+
+
+def test_push_to_hub_is_checked_before_training_and_uploads_only_the_lora(tiny_sd, captioned_dir, tmp_path):
+    """diffusers creates the Hub repo before step 1: offline or without a token, the run stops before any work. The
+    upload leaves out checkpoints, logs, the fused pipeline and the intermediate grids."""
+    from crispdiff.publish.hub import HubAccessError, files_to_upload
+    from crispdiff.sd.lora_files import LORA_UPLOAD_IGNORE_PATTERNS
+
+    out = tmp_path / "out"
+    flags = common_flags(tiny_sd, out, tmp_path / "cache") + ["--train_data_dir", str(captioned_dir), "--push_to_hub"]
+    with pytest.raises(HubAccessError, match="HF_HUB_OFFLINE"):
+        train_text_to_image_lora(parse_config(TextToImageLoRAConfig, [*flags, "--hub_token", "hf_x"]))
+    assert not out.exists() and not (tmp_path / "cache").exists()
+
+    for name in ["pytorch_lora_weights.safetensors", "README.md", "samples.png", "crispdiff_lora_training.json",
+                 "samples/step_0000100.png", "pipeline/unet/diffusion_pytorch_model.safetensors",
+                 "checkpoint-100/lora_unet.safetensors", "logs/events"]:  # fmt: skip
+        (out / name).parent.mkdir(parents=True, exist_ok=True)
+        (out / name).write_bytes(b"x")
+    assert files_to_upload(out, LORA_UPLOAD_IGNORE_PATTERNS) == [
+        "README.md", "crispdiff_lora_training.json", "pytorch_lora_weights.safetensors", "samples.png",
+    ]  # fmt: skip

@@ -162,9 +162,20 @@ def model_card(config: SDLoRAConfig, has_samples: bool, command: list[str]) -> s
     return "\n".join(header + body)
 
 
-def push_lora_to_hub(folder: Path, config: SDLoRAConfig) -> str:
-    """Upload the LoRA folder (checkpoints and logs left out) in one commit, with crispdiff's hub checks."""
-    from crispdiff.publish.hub import upload_folder
+#: What a LoRA upload leaves out besides checkpoints and logs: the fused pipeline (``--save_pipeline``: a whole
+#: Stable Diffusion, publish it with ``crispdiff push`` if that is meant) and the intermediate validation grids.
+LORA_UPLOAD_IGNORE_PATTERNS = ["pipeline/**", "samples/**"]
 
-    repo_id = config.hub_model_id or Path(config.output_dir).resolve().name
-    return upload_folder(folder, repo_id, config.hub_private_repo, config.hub_token, "Upload crispdiff LoRA")
+
+def push_lora_to_hub(folder: Path, config: SDLoRAConfig) -> str:
+    """Upload the LoRA folder in one commit: weights, card, final sample grid, the redacted training config."""
+    from crispdiff.publish.hub import hub_repo_id, upload_folder
+
+    return upload_folder(
+        folder,
+        hub_repo_id(config),
+        config.hub_private_repo,
+        config.hub_token,
+        "Upload crispdiff LoRA",
+        ignore=LORA_UPLOAD_IGNORE_PATTERNS,
+    )

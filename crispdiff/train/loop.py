@@ -207,13 +207,18 @@ def check_output_dir(
     config: LoopConfig, subfolder: str = "pipeline", marker: str = "model_index.json", what: str = "a trained pipeline"
 ) -> None:
     """Refuse to silently replace a finished model (``OUTPUT_DIR/subfolder/marker``) unless asked to
-    (--overwrite_output_dir) or resuming; every trainer calls it before spending time on anything else."""
+    (--overwrite_output_dir) or resuming, and with --push_to_hub make sure the Hub repo can be written; every trainer
+    calls it before spending time on anything else."""
     folder = Path(config.output_dir) / subfolder
     if (folder / marker).exists() and not (config.overwrite_output_dir or config.resume_from_checkpoint):
         raise OutputExistsError(
             f"{folder} already holds {what}; pass --overwrite_output_dir to replace it, "
             "--resume_from_checkpoint latest to continue, or choose another --output_dir"
         )
+    if getattr(config, "push_to_hub", False) and int(os.environ.get("RANK", "0")) == 0:
+        from crispdiff.publish.hub import check_hub_access, hub_repo_id
+
+        check_hub_access(hub_repo_id(config), bool(config.hub_private_repo), config.hub_token)
 
 
 class LoopTrainer:

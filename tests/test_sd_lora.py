@@ -556,3 +556,29 @@ def test_push_to_hub_is_checked_before_training_and_uploads_only_the_lora(tiny_s
     assert files_to_upload(out, LORA_UPLOAD_IGNORE_PATTERNS) == [
         "README.md", "crispdiff_lora_training.json", "pytorch_lora_weights.safetensors", "samples.png",
     ]  # fmt: skip
+
+
+def test_model_card_takes_the_base_models_licence_and_names_prompts_rightly(tmp_path):
+    """The licence is the base model's (SD 2.x is not creativeml-openrail-m); the widget shows the sample grid with its
+    prompt; only DreamBooth has an instance_prompt."""
+    from huggingface_hub.repocard import metadata_load
+
+    from crispdiff.sd.lora_files import model_card
+
+    base = tmp_path / "sd2"
+    base.mkdir()
+    (base / "README.md").write_text("---\nlicense: openrail++\ntags:\n- stable-diffusion\n---\n# SD 2\n")
+    common = ["--pretrained_model_name_or_path", str(base), "--validation_prompt", "cute dragon creature"]
+    t2i = parse_config(TextToImageLoRAConfig, [*common, "--num_train_epochs", "3"])
+    card = tmp_path / "t2i.md"
+    card.write_text(model_card(t2i, True, ["train"], steps=12, samples_prompt="cute dragon creature"))
+    meta = metadata_load(card)
+    assert meta["license"] == "openrail++" and "instance_prompt" not in meta
+    assert meta["widget"] == [{"text": "cute dragon creature", "output": {"url": "samples.png"}}]
+    assert "for 12 steps" in card.read_text()
+    dreambooth = parse_config(DreamBoothLoRAConfig, [*common, "--instance_data_dir", "d", "--instance_prompt", PROMPT])
+    card.write_text(model_card(dreambooth, True, ["train"]))
+    assert metadata_load(card)["instance_prompt"] == PROMPT
+    unknown = parse_config(TextToImageLoRAConfig, ["--pretrained_model_name_or_path", str(tmp_path / "none")])
+    card.write_text(model_card(unknown, False, ["train"]))
+    assert "license" not in metadata_load(card) and "widget" not in metadata_load(card)

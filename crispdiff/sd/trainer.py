@@ -284,7 +284,8 @@ class SDLoRATrainer(LoopTrainer):
         images = self.sample(self.sample_prompt(), config.num_validation_images)
         save_image_atomic(make_grid(images, value_range=(0, 1)), self.output_dir / SAMPLES_NAME)
         command = [Path(sys.argv[0]).name if sys.argv else "train", *sys.argv[1:]]
-        write_text_atomic(self.output_dir / "README.md", model_card(config, True, command))
+        card = model_card(config, True, command, steps=self.max_steps, samples_prompt=self.sample_prompt())
+        write_text_atomic(self.output_dir / "README.md", card)
         self.accelerator.print(f"LoRA saved to {path}.")
         if config.save_pipeline:
             folder = export_sd(

@@ -582,3 +582,15 @@ def test_model_card_takes_the_base_models_licence_and_names_prompts_rightly(tmp_
     unknown = parse_config(TextToImageLoRAConfig, ["--pretrained_model_name_or_path", str(tmp_path / "none")])
     card.write_text(model_card(unknown, False, ["train"]))
     assert "license" not in metadata_load(card) and "widget" not in metadata_load(card)
+
+
+def test_no_validation_images_means_no_grids(tiny_sd, captioned_dir, tmp_path):
+    """--num_validation_images 0 turns the grids off (validation and final), as in diffusers; the LoRA is saved."""
+    out = tmp_path / "out"
+    flags = common_flags(tiny_sd, out, tmp_path / "cache") + [
+        "--train_data_dir", str(captioned_dir), "--max_train_steps", "2", "--num_validation_images", "0",
+        "--validation_prompt", "sks dog", "--validation_steps", "1", "--checkpointing_steps", "0",
+    ]  # fmt: skip
+    assert train_text_to_image_lora(parse_config(TextToImageLoRAConfig, flags)) == out / LORA_WEIGHTS_NAME
+    assert not (out / "samples").exists() and not (out / "samples.png").exists()
+    assert "samples.png" not in (out / "README.md").read_text()

@@ -71,7 +71,9 @@ class SDLoRAConfig(DataConfig, HubConfig, LoopConfig):
     gradient_checkpointing: bool = flag(False, "Trade compute for memory in the UNet (and a trained text encoder).")
     enable_xformers_memory_efficient_attention: bool = flag(False, "Use xformers attention (default: PyTorch SDPA).")
     validation_prompt: str | None = flag(None, "Sample this prompt every --validation_steps (DPM-Solver++).")
-    num_validation_images: int = flag(4, "Images per validation grid.")
+    num_validation_images: int = flag(
+        4, "Images per validation grid and in the final samples.png (0: no grids at all, as in diffusers)."
+    )
     validation_inference_steps: int = flag(25, "DPM-Solver++ steps for validation and the final samples.")
     export_kohya: bool = flag(False, f"Also write {KOHYA_WEIGHTS_NAME} (kohya / A1111 / ComfyUI keys).")
     save_pipeline: bool = flag(False, "Also write OUTPUT_DIR/pipeline: the base with the LoRA fused (export-sd).")
@@ -106,6 +108,8 @@ class SDLoRAConfig(DataConfig, HubConfig, LoopConfig):
             raise SDLoRAError("--pretrained_model_name_or_path is required (a Stable Diffusion 1.x/2.x folder or id)")
         if self.tokenizer_max_length is not None and self.tokenizer_max_length < 1:
             raise SDLoRAError(f"--tokenizer_max_length must be >= 1, got {self.tokenizer_max_length}")
+        if self.num_validation_images < 0:
+            raise SDLoRAError(f"--num_validation_images must be >= 0, got {self.num_validation_images}")
         if self.validation_epochs is not None and self.validation_epochs < 1:
             raise SDLoRAError(f"--validation_epochs must be >= 1, got {self.validation_epochs}")
         if self.rank < 1:

@@ -31,7 +31,6 @@ import sys
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from accelerate import Accelerator
 from diffusers.training_utils import cast_training_params
@@ -255,7 +254,8 @@ class SDLoRATrainer(LoopTrainer):
         return self.config.validation_prompt or self.prompts.prompts[int(self.instance.prompt_ids[0])]
 
     def validate(self) -> None:
-        if not self.accelerator.is_main_process or not self.config.validation_prompt:
+        config = self.config
+        if not self.accelerator.is_main_process or not config.validation_prompt or not config.num_validation_images:
             return
         from crispdiff.core.images import make_grid, save_image_atomic
 
@@ -263,9 +263,7 @@ class SDLoRATrainer(LoopTrainer):
             self.sample(self.config.validation_prompt, self.config.num_validation_images), value_range=(0, 1)
         )
         save_image_atomic(grid, self.output_dir / "samples" / f"step_{self.step:07d}.png")
-        for tracker in self.accelerator.trackers:
-            if tracker.name == "tensorboard":
-                tracker.writer.add_image("validation", np.asarray(grid), self.step, dataformats="HWC")
+        self.log_grid("validation", grid)
         self.last_grid = grid
 
     def finish(self) -> Path:
@@ -281,10 +279,17 @@ class SDLoRATrainer(LoopTrainer):
             kohya=config.export_kohya,
             version=self.parts.version,
         )
-        images = self.sample(self.sample_prompt(), config.num_validation_images)
-        save_image_atomic(make_grid(images, value_range=(0, 1)), self.output_dir / SAMPLES_NAME)
+        has_samples = config.num_validation_images > 0  # --num_validation_images 0: no grids at all, as in diffusers
+        if has_samples:
+            self.accelerator.print(
+                f"crispdiff: final sample grid: {config.num_validation_images} image(s) of {self.sample_prompt()!r}, "
+                f"{config.validation_inference_steps} steps (--num_validation_images, --validation_inference_steps)"
+            )
+            grid = make_grid(self.sample(self.sample_prompt(), config.num_validation_images), value_range=(0, 1))
+            save_image_atomic(grid, self.output_dir / SAMPLES_NAME)
+            self.log_grid("final", grid)
         command = [Path(sys.argv[0]).name if sys.argv else "train", *sys.argv[1:]]
-        card = model_card(config, True, command, steps=self.max_steps, samples_prompt=self.sample_prompt())
+        card = model_card(config, has_samples, command, steps=self.max_steps, samples_prompt=self.sample_prompt())
         write_text_atomic(self.output_dir / "README.md", card)
         self.accelerator.print(f"LoRA saved to {path}.")
         if config.save_pipeline:

@@ -356,6 +356,17 @@ class LoopTrainer:
             return epochs_to_steps(self.config, epochs, self.batches.batches_per_epoch)
         return steps
 
+    def log_grid(self, name: str, grid: Any) -> None:
+        """A sample grid (PIL image) to every tracker that takes images: tensorboard and wandb, whichever is set."""
+        import numpy as np
+
+        array = np.asarray(grid)
+        for tracker in self.accelerator.trackers:
+            if tracker.name == "tensorboard":
+                tracker.writer.add_image(name, array, self.step, dataformats="HWC")
+            elif tracker.name == "wandb":
+                tracker.log_images({name: [array]}, step=self.step)
+
     def due(self, every: int | None) -> bool:
         """True every `every` steps, except at the last step (the end of training does its own saving)."""
         return bool(every) and self.step % every == 0 and self.step < self.max_steps

@@ -12,7 +12,6 @@ import math
 from pathlib import Path
 from typing import Any, Protocol
 
-import numpy as np
 import torch
 from accelerate import Accelerator
 from accelerate.utils import set_seed
@@ -281,9 +280,7 @@ class Trainer(LoopTrainer):
 
             reference = self.space.reference_images(max(256, len(images)))
             logs.update({f"val/{k}": v for k, v in compute_validation_metrics(reference, images).items()})
-        for tracker in self.accelerator.trackers:
-            if tracker.name == "tensorboard":
-                tracker.writer.add_image("validation", np.asarray(grid), self.step, dataformats="HWC")
+        self.log_grid("validation", grid)
         if logs:
             self.accelerator.log(logs, step=self.step)
 

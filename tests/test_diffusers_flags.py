@@ -116,6 +116,10 @@ def test_diffusers_names_set_crispdiff_flags():
     )  # fmt: skip
     assert (lora.num_epochs, lora.max_train_steps, lora.interpolation, lora.rank) == (2, None, "bicubic", 8)
     assert (lora.validation_epochs, lora.tokenizer_max_length, lora.text_encoder_use_attention_mask) == (5, 12, True)
+    from crispdiff.transfer.config import TransferConfig
+
+    transfer = parse_config(TransferConfig, ["--pretrained_model_name_or_path", "unet", "--rank", "3"])
+    assert transfer.lora_rank == 3  # one LoRA-rank flag name for every trainer
     with pytest.raises(FlagError, match="--validation_steps or --validation_epochs"):
         parse_config(TextToImageLoRAConfig, ["--pretrained_model_name_or_path", "sd", "--validation_steps", "5",
                                              "--validation_epochs", "1"])  # fmt: skip

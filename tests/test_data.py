@@ -528,11 +528,17 @@ def test_color_remap_sends_black_and_white_to_random_levels(tmp_path, folder):
         _load(_config(tmp_path, folder, color_remap_prob=1.5))
 
 
-def test_for_latents_stores_center_crops(tmp_path, folder):
-    Image.fromarray(np.full((32, 64, 3), 80, dtype=np.uint8)).save(folder / "wide.png")
-    data = _load(_config(tmp_path, folder), for_latents=True)
-    assert data.stored_image(0).shape == (32, 32, 3)
+def test_for_latents_stores_center_crops_only_with_center_crop(tmp_path, folder):
+    wide = np.zeros((32, 64, 3), dtype=np.uint8)
+    wide[:, :, 0] = np.arange(64, dtype=np.uint8)  # red = column
+    Image.fromarray(wide).save(folder / "wide.png")
+    data = _load(_config(tmp_path, folder, center_crop=True), for_latents=True)
+    assert data.stored_image(0).shape == (32, 32, 3) and not data.has_crop_slack()
     assert data.center_crops(torch.tensor([0, 0])).shape == (2, 3, 32, 32)
+    full = _load(_config(tmp_path, folder), for_latents=True)  # random crops: the whole short-side-resized image
+    assert full.stored_image(0).shape == (32, 64, 3) and full.has_crop_slack()
+    assert full.crops_at(0.0)[0, 0, 0, 0] == 0 and full.crops_at(1.0)[0, 0, 0, 0] == 32  # left and right edges
+    assert torch.equal(full.crops_at(0.5), data.center_crops())
 
 
 # ----------------------------------------------------------------------------------------------------------------------

@@ -376,6 +376,20 @@ def test_text_encoder_lora_script_and_exported_pipeline(tiny_sd, captioned_dir, 
     small = images(None, "np")
     assert small.shape == (2, 8, 8, 3)  # the configured output_size: a Lanczos downsample of the 16 px images
 
+    # the kohya copy, text-encoder part included, fuses into the same model (export-sd --output_dir, diffusers' name)
+    from crispdiff.cli import main
+
+    kohya_folder = tmp_path / "kohya_pipeline"
+    assert main(["export-sd", "--base", str(tiny_sd), "--lora", str(out / KOHYA_WEIGHTS_NAME),
+                 "--output_dir", str(kohya_folder)]) == 0  # fmt: skip
+    kohya_pipe = DiffusionPipeline.from_pretrained(kohya_folder, trust_remote_code=True)
+    kohya_pipe.set_progress_bar_config(disable=True)
+    from_kohya = kohya_pipe(
+        ["sks dog"] * 2, num_inference_steps=3, height=RES, width=RES,
+        generator=torch.Generator().manual_seed(0), output_type="pt",
+    ).images  # fmt: skip
+    torch.testing.assert_close(from_kohya, native, atol=1e-4, rtol=0)
+
     env = {k: v for k, v in os.environ.items() if not k.startswith("PYTHON")}
     env.update(HF_MODULES_CACHE=str(tmp_path / "modules"), HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
     threads = str(torch.get_num_threads())
@@ -543,3 +557,82 @@ def test_sd_pipeline_saved_directly_is_readable_by_others(tiny_sd, tmp_path):
     finally:
         os.umask(previous)
     assert stat.S_IMODE((tmp_path / "saved" / "model_index.json").stat().st_mode) == 0o644
+
+
+def test_a_lora_checkpoint_loads_with_load_lora_weights(tiny_sd, captioned_dir, tmp_path):
+    """``pipe.load_lora_weights(OUTPUT_DIR/checkpoint-2)`` works as on diffusers' checkpoints, and gives the model of
+    step 2: the images of a run that stopped there (constant LR, so the first two steps are the same)."""
+
+    def run(out: Path, steps: int) -> None:
+        flags = common_flags(tiny_sd, out, tmp_path / "cache") + [
+            "--train_data_dir", str(captioned_dir), "--max_train_steps", str(steps), "--checkpointing_steps", "2",
+            "--validation_steps", "0", "--num_validation_images", "1",
+        ]  # fmt: skip
+        train_text_to_image_lora(parse_config(TextToImageLoRAConfig, flags))
+
+    run(tmp_path / "three", 3)
+    run(tmp_path / "two", 2)
+    checkpoint = tmp_path / "three" / "checkpoint-2"
+    from_checkpoint = plain_diffusers_images(tiny_sd, checkpoint, "sks dog")
+    torch.testing.assert_close(from_checkpoint, plain_diffusers_images(tiny_sd, tmp_path / "two", "sks dog"))
+    assert (from_checkpoint - plain_diffusers_images(tiny_sd, None, "sks dog")).abs().max() > 0.02
+
+
+def test_push_to_hub_is_checked_before_training_and_uploads_only_the_lora(tiny_sd, captioned_dir, tmp_path):
+    """diffusers creates the Hub repo before step 1: offline or without a token, the run stops before any work. The
+    upload leaves out checkpoints, logs, the fused pipeline and the intermediate grids."""
+    from crispdiff.publish.hub import HubAccessError, files_to_upload
+    from crispdiff.sd.lora_files import LORA_UPLOAD_IGNORE_PATTERNS
+
+    out = tmp_path / "out"
+    flags = common_flags(tiny_sd, out, tmp_path / "cache") + ["--train_data_dir", str(captioned_dir), "--push_to_hub"]
+    with pytest.raises(HubAccessError, match="HF_HUB_OFFLINE"):
+        train_text_to_image_lora(parse_config(TextToImageLoRAConfig, [*flags, "--hub_token", "hf_x"]))
+    assert not out.exists() and not (tmp_path / "cache").exists()
+
+    for name in ["pytorch_lora_weights.safetensors", "README.md", "samples.png", "crispdiff_lora_training.json",
+                 "samples/step_0000100.png", "pipeline/unet/diffusion_pytorch_model.safetensors",
+                 "checkpoint-100/lora_unet.safetensors", "logs/events"]:  # fmt: skip
+        (out / name).parent.mkdir(parents=True, exist_ok=True)
+        (out / name).write_bytes(b"x")
+    assert files_to_upload(out, LORA_UPLOAD_IGNORE_PATTERNS) == [
+        "README.md", "crispdiff_lora_training.json", "pytorch_lora_weights.safetensors", "samples.png",
+    ]  # fmt: skip
+
+
+def test_model_card_takes_the_base_models_licence_and_names_prompts_rightly(tmp_path):
+    """The licence is the base model's (SD 2.x is not creativeml-openrail-m); the widget shows the sample grid with its
+    prompt; only DreamBooth has an instance_prompt."""
+    from huggingface_hub.repocard import metadata_load
+
+    from crispdiff.sd.lora_files import model_card
+
+    base = tmp_path / "sd2"
+    base.mkdir()
+    (base / "README.md").write_text("---\nlicense: openrail++\ntags:\n- stable-diffusion\n---\n# SD 2\n")
+    common = ["--pretrained_model_name_or_path", str(base), "--validation_prompt", "cute dragon creature"]
+    t2i = parse_config(TextToImageLoRAConfig, [*common, "--num_train_epochs", "3"])
+    card = tmp_path / "t2i.md"
+    card.write_text(model_card(t2i, True, ["train"], steps=12, samples_prompt="cute dragon creature"))
+    meta = metadata_load(card)
+    assert meta["license"] == "openrail++" and "instance_prompt" not in meta
+    assert meta["widget"] == [{"text": "cute dragon creature", "output": {"url": "samples.png"}}]
+    assert "for 12 steps" in card.read_text()
+    dreambooth = parse_config(DreamBoothLoRAConfig, [*common, "--instance_data_dir", "d", "--instance_prompt", PROMPT])
+    card.write_text(model_card(dreambooth, True, ["train"]))
+    assert metadata_load(card)["instance_prompt"] == PROMPT
+    unknown = parse_config(TextToImageLoRAConfig, ["--pretrained_model_name_or_path", str(tmp_path / "none")])
+    card.write_text(model_card(unknown, False, ["train"]))
+    assert "license" not in metadata_load(card) and "widget" not in metadata_load(card)
+
+
+def test_no_validation_images_means_no_grids(tiny_sd, captioned_dir, tmp_path):
+    """--num_validation_images 0 turns the grids off (validation and final), as in diffusers; the LoRA is saved."""
+    out = tmp_path / "out"
+    flags = common_flags(tiny_sd, out, tmp_path / "cache") + [
+        "--train_data_dir", str(captioned_dir), "--max_train_steps", "2", "--num_validation_images", "0",
+        "--validation_prompt", "sks dog", "--validation_steps", "1", "--checkpointing_steps", "0",
+    ]  # fmt: skip
+    assert train_text_to_image_lora(parse_config(TextToImageLoRAConfig, flags)) == out / LORA_WEIGHTS_NAME
+    assert not (out / "samples").exists() and not (out / "samples.png").exists()
+    assert "samples.png" not in (out / "README.md").read_text()

@@ -352,7 +352,7 @@ def test_scale_lr_scales_by_the_ratio_to_the_reference_batch():
 
     config = TrainConfig(learning_rate=2e-4, train_batch_size=64, gradient_accumulation_steps=2)
     assert scaled_learning_rate(config, num_processes=2) == 2e-4, "without --scale_lr the LR is used as given"
-    config.scale_lr = True
+    config.scale_lr, config.lr_reference_batch = True, 64
     assert scaled_learning_rate(config, num_processes=2) == pytest.approx(8e-4)  # 256 images vs the reference 64
     config.lr_reference_batch = 256
     assert scaled_learning_rate(config, num_processes=2) == pytest.approx(2e-4)
@@ -424,19 +424,25 @@ def test_validation_grid_and_metrics_are_logged(image_folder, tmp_path):
 
 
 def test_sr_model_flag_and_failed_push_leave_a_complete_folder(image_folder, tmp_path):
-    """--sr_model_name_or_path puts the SR component into the saved pipeline; --push_to_hub offline fails clearly
-    after the folder (with its model card) is complete."""
+    """--sr_model_name_or_path puts the SR component into the saved pipeline; a push that fails offline (the Hub
+    went away after the pre-training check) fails clearly and leaves the folder, with its model card, complete."""
     from test_sr import make_network, write_checkpoint
 
-    from crispdiff.publish.hub import HubUploadError
+    from crispdiff.publish.hub import HubAccessError, HubUploadError, maybe_push_to_hub
 
     _, checkpoint, _ = make_network("compact_x4")
     sr_file = write_checkpoint(checkpoint, tmp_path / "compact_x4.pth")
     out = tmp_path / "run"
     config = tiny_config(image_folder, out, max_train_steps=2, checkpointing_steps=0, sr_model_name_or_path=sr_file)
     config.push_to_hub, config.hub_model_id, config.hub_token = True, "someone/tiny", "hf_secret_token"
-    with pytest.raises(HubUploadError):
+    with pytest.raises(HubAccessError, match="HF_HUB_OFFLINE"):  # checked before training: nothing was trained
         train(config)
+    assert not out.exists()
+    config.push_to_hub = False
+    train(config)
+    config.push_to_hub = True
+    with pytest.raises(HubUploadError):
+        maybe_push_to_hub(out / "pipeline", config)
     folder = out / "pipeline"
     card = (folder / "README.md").read_text()
     assert "library_name: diffusers" in card and "hf_secret_token" not in card

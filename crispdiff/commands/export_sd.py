@@ -1,4 +1,4 @@
-"""`crispdiff export-sd --base SD --lora DIR [--sr_model FILE] [--output_size 64] --out DIR`.
+"""`crispdiff export-sd --base SD --lora DIR [--sr_model FILE] [--output_size 64] --output_dir DIR`.
 
 Writes a pipeline folder: the Stable Diffusion base with the LoRA fused into its weights, DPM-Solver++ as the sampler,
 an optional SR component, and an output size the 512 px images are downsampled to with an antialiased Lanczos filter.
@@ -22,8 +22,19 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     parser.add_argument("--base", required=True, help="The Stable Diffusion 1.x/2.x base (folder or Hub id).")
-    parser.add_argument("--lora", default=None, help="A LoRA output folder (pytorch_lora_weights.safetensors).")
-    parser.add_argument("--out", required=True, help="Where to write the pipeline folder (replaced atomically).")
+    parser.add_argument(
+        "--lora",
+        default=None,
+        help="A LoRA output folder or checkpoint-N (pytorch_lora_weights.safetensors), or a LoRA .safetensors file "
+        "(diffusers' or kohya's keys; a kohya text-encoder part is fused too).",
+    )
+    parser.add_argument(
+        "--output_dir",
+        "--out",
+        dest="out",
+        required=True,
+        help="Where to write the pipeline folder (replaced atomically); --out is the older name.",
+    )
     parser.add_argument("--sr_model", default=None, help="SR weights (.pth/.safetensors, folder or hf:// file).")
     parser.add_argument("--sr_strength", type=float, default=0.5, help="Default SR blend with Lanczos, 0..1.")
     parser.add_argument("--output_size", type=int, default=None, help="Side the images are resized to (pixels).")

@@ -16,8 +16,15 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
+from crispdiff.core.diffusers_flags import (
+    PRESERVE_INPUT_PRECISION,
+    accepted_values,
+    add_refused_flags,
+    canonical_values,
+    option_names,
+)
 from crispdiff.core.errors import ArgumentParser, FlagError, UserError, install_user_error_hook
 from crispdiff.core.io import write_json_atomic
 
@@ -57,8 +64,22 @@ class DataConfig:
         None, "Where decoded image / latent caches and downloaded datasets go (default: ~/.cache/crispdiff)."
     )
     resolution: int = flag(64, "Training resolution in pixels (square).")
-    interpolation: str = flag("lanczos", "Resize filter.", choices=["bicubic", "lanczos", "bilinear", "nearest"])
-    center_crop: bool = flag(False, "Center-crop to --resolution (default: random crop each epoch).")
+    interpolation: str = flag(
+        "lanczos",
+        "Resize filter (PIL's; diffusers' --image_interpolation_mode names).",
+        choices=["bicubic", "lanczos", "bilinear", "nearest", "nearest_exact", "box", "hamming"],
+    )
+    center_crop: bool = flag(
+        False,
+        "Center-crop to --resolution (default: a random crop, drawn anew each time an image is used; on cached "
+        "latents one of --random_crop_positions crops encoded once per image).",
+    )
+    random_crop_positions: int = flag(
+        4,
+        "Trainers on cached latents (latent, LoRA), without --center_crop: crops at this many evenly spaced positions "
+        "along each image's longer side are encoded once (this many times the encoding), and each step draws one. "
+        "Square images need none.",
+    )
     random_flip: bool = flag(False, "Randomly flip images horizontally.")
     background: str = flag("white", "Colour that transparent pixels (RGBA, LA, palette) are composited onto.")
     min_image_size: int = flag(16, "Reject images whose shorter side is smaller than this many pixels.")
@@ -177,22 +198,33 @@ class LoopConfig:
     train_batch_size: int = flag(64, "Images per process per micro-batch.")
     gradient_accumulation_steps: int = flag(1, "Micro-batches per optimizer step.")
     max_train_steps: int | None = flag(None, "Optimizer steps to train for (overrides --num_epochs).")
-    num_epochs: int = flag(100, "Epochs to train for when --max_train_steps is not given.")
+    num_epochs: int = flag(
+        100,
+        "Epochs (passes over the data) to train for when --max_train_steps is not given; passing it without "
+        "--max_train_steps also overrides a script's default step count, as in diffusers.",
+    )
     learning_rate: float = flag(2e-4, "Peak learning rate.")
     scale_lr: bool = flag(
         False,
-        "Scale --learning_rate linearly with the global batch (batch x accumulation x processes) relative to "
-        "--lr_reference_batch: lr x global_batch / reference. Off: the LR is used as given.",
+        "Scale --learning_rate by the global batch (batch x accumulation x processes) divided by "
+        "--lr_reference_batch; with its default of 1 that is diffusers' rule. Off: the LR is used as given.",
     )
     lr_reference_batch: int = flag(
-        64, "The global batch --learning_rate was tuned for; --scale_lr scales by the ratio to it."
+        1,
+        "With --scale_lr: the global batch --learning_rate was tuned for (e.g. 64 for crispdiff's 2e-4 defaults); the "
+        "LR is scaled by the ratio to it.",
     )
     lr_scheduler: str = flag(
         "cosine",
         "LR schedule after warmup.",
         choices=["linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup"],
     )
-    lr_warmup_steps: int = flag(500, "Linear warmup steps.")
+    lr_warmup_steps: int = flag(
+        500,
+        "Linear warmup steps. A script's default is capped at half the run (logged); a value you pass is used as is.",
+    )
+    lr_num_cycles: int = flag(1, "Hard restarts of --lr_scheduler cosine_with_restarts (diffusers' get_scheduler).")
+    lr_power: float = flag(1.0, "Power of --lr_scheduler polynomial (diffusers' get_scheduler).")
     adam_beta1: float = flag(0.9, "AdamW beta1.")
     adam_beta2: float = flag(0.999, "AdamW beta2.")
     adam_weight_decay: float = flag(0.0, "AdamW weight decay.")
@@ -218,11 +250,26 @@ class LoopConfig:
     ema_inv_gamma: float = flag(1.0, "EMA warmup inverse gamma.")
     ema_power: float = flag(0.75, "EMA warmup power (3/4 suits runs of tens of thousands of steps).")
     checkpointing_steps: int = flag(500, "Save a resumable checkpoint every N optimizer steps.")
-    checkpoints_total_limit: int | None = flag(3, "Keep at most this many checkpoints.")
+    checkpoints_total_limit: int | None = flag(None, "Keep at most this many checkpoints (default: all).")
     resume_from_checkpoint: str | None = flag(None, "A checkpoint folder, or 'latest'.")
     validation_steps: int = flag(500, "Validate (sample grid / held-out metrics) every N steps.")
+    validation_epochs: int | None = flag(
+        None, "Validate every N epochs instead of every --validation_steps (diffusers' flag; pass one of the two)."
+    )
+    dataloader_num_workers: int = flag(
+        0, "Accepted for diffusers' command lines; no effect: images are decoded once and batches need no workers."
+    )
+    local_rank: int = flag(-1, "Accepted for diffusers' command lines; no effect: accelerate sets each process's rank.")
     logging_dir: str = flag("logs", "Tensorboard folder, relative to --output_dir.")
     report_to: str = flag("tensorboard", "Where accelerate logs go.", choices=["tensorboard", "wandb", "all", "none"])
+
+    def resolve_given_flags(self) -> None:
+        """What the flags a user passed mean together, as in diffusers' scripts (``explicit_flags`` is set)."""
+        given = getattr(self, "explicit_flags", frozenset())
+        if "num_epochs" in given and "max_train_steps" not in given:
+            self.max_train_steps = None  # epochs asked for: a script's default step count must not override them
+        if "validation_epochs" in given and "validation_steps" in given:
+            raise FlagError("pass --validation_steps or --validation_epochs, not both")
 
     def to_dict(self) -> dict[str, Any]:
         """The configuration as saved beside checkpoints and models: without the Hub token."""
@@ -236,6 +283,24 @@ class LoopConfig:
 class TrainConfig(DataConfig, ModelConfig, NoiseConfig, HubConfig, LoopConfig):
     """Everything `train_scripts/train_unconditional.py` accepts."""
 
+    #: diffusers' flags that cannot make sense here (flag -> why, and what to do instead).
+    refused_flags: ClassVar[dict[str, str]] = {"preserve_input_precision": PRESERVE_INPUT_PRECISION}
+    #: The diffusers script this config stands in for, and its defaults where crispdiff's differ on purpose.
+    diffusers_script: ClassVar[str | None] = "train_unconditional.py"
+    diffusers_defaults: ClassVar[dict[str, Any]] = {
+        "prediction_type": "epsilon",
+        "beta_schedule": "linear",
+        "snr_gamma": None,
+        "use_ema": False,
+        "learning_rate": 1e-4,
+        "train_batch_size": 16,
+        "adam_beta1": 0.95,
+        "adam_weight_decay": 1e-6,
+        "sampler": "ddpm",
+        "validation_inference_steps": 1000,
+        "dropout": 0.0,
+    }
+
     gradient_checkpointing: bool = flag(False, "Trade compute for memory in the UNet.")
     enable_xformers_memory_efficient_attention: bool = flag(False, "Use xformers attention (optional extra).")
     torch_compile: bool = flag(
@@ -246,6 +311,9 @@ class TrainConfig(DataConfig, ModelConfig, NoiseConfig, HubConfig, LoopConfig):
     )
     save_model_steps: int | None = flag(
         None, "Also write the pipeline folder every N steps (default: only at the end)."
+    )
+    save_model_epochs: int | None = flag(
+        None, "Also write the pipeline folder every N epochs (diffusers' flag; pass it or --save_model_steps)."
     )
     class_column: str | None = flag(
         None,
@@ -318,6 +386,8 @@ class TrainConfig(DataConfig, ModelConfig, NoiseConfig, HubConfig, LoopConfig):
     def validate(self) -> None:
         """Refuse flag combinations every diffusion trainer would only fail on later (subclasses extend this)."""
         self.check_snr_shift()
+        if {"save_model_steps", "save_model_epochs"} <= getattr(self, "explicit_flags", frozenset()):
+            raise ValueError("pass --save_model_steps or --save_model_epochs, not both")
         if self.sharpen_amount is not None and self.sharpen_amount < 0:
             raise ValueError(f"--sharpen_amount must be >= 0, got {self.sharpen_amount}")
         if self.sharpen_calibration_images < 0:
@@ -365,6 +435,7 @@ def add_dataclass_flags(parser: argparse.ArgumentParser, config_cls: type) -> No
     can be turned off; lists take several values (``--channel_mults 1 2 4``).
     """
     hints = typing.get_type_hints(config_cls)
+    names = {f.name for f in dataclasses.fields(config_cls)}
     for f in dataclasses.fields(config_cls):
         tp = _unwrap_optional(hints[f.name])
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
@@ -372,14 +443,15 @@ def add_dataclass_flags(parser: argparse.ArgumentParser, config_cls: type) -> No
         # argparse %-formats help strings: a literal "%" in a help text or a default would crash --help
         kwargs: dict[str, Any] = {"default": default, "help": f"{help_text} (default: {default})".replace("%", "%%")}
         if f.metadata.get("choices"):
-            kwargs["choices"] = f.metadata["choices"]
+            kwargs["choices"] = accepted_values(f.name, f.metadata["choices"])
         if tp is bool:
             kwargs.update(type=_parse_bool, nargs="?", const=True)
         elif typing.get_origin(tp) is list:
             kwargs.update(type=typing.get_args(tp)[0], nargs="+")
         else:
             kwargs["type"] = tp
-        parser.add_argument(f"--{f.name}", **kwargs)
+        parser.add_argument(*option_names(f.name, names), dest=f.name, **kwargs)
+    add_refused_flags(parser, getattr(config_cls, "refused_flags", {}))
 
 
 def given_flags(parser: argparse.ArgumentParser, argv: list[str]) -> frozenset[str]:
@@ -403,10 +475,14 @@ def parse_config(config_cls: type, argv: list[str] | None = None, description: s
     args = parser.parse_args(argv)
     config = config_cls(**vars(args))
     config.explicit_flags = given_flags(parser, sys.argv[1:] if argv is None else argv)
+    canonical_values(config)
+    resolve = getattr(config, "resolve_given_flags", None)
     validate = getattr(config, "validate", None)
-    if callable(validate):
+    for check in (resolve, validate):
+        if not callable(check):
+            continue
         try:
-            validate()
+            check()
         except UserError:
             raise
         except ValueError as err:

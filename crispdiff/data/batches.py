@@ -122,6 +122,22 @@ class ImageData:
             crops[j] = self._crop(i, 0.0, 0.0, center=True)
         return torch.from_numpy(crops).permute(0, 3, 1, 2).contiguous()
 
+    def crops_at(self, position: float, indices: Sequence[int] | torch.Tensor | None = None) -> torch.Tensor:
+        """uint8 [N, 3, R, R] crops at ``position`` in [0, 1] of each image's slack (0: top / left edge, 1: bottom /
+        right edge; the short side has none), the crops a latent cache encodes for random crops."""
+        ids = list(range(self.num_images)) if indices is None else _as_index_list(indices)
+        crops = np.empty((len(ids), self.resolution, self.resolution, 3), dtype=np.uint8)
+        for j, i in enumerate(ids):
+            height, width = self.stored_image(i).shape[:2]
+            top = round(position * (height - self.resolution))
+            left = round(position * (width - self.resolution))
+            crops[j] = self.stored_image(i)[top : top + self.resolution, left : left + self.resolution]
+        return torch.from_numpy(crops).permute(0, 3, 1, 2).contiguous()
+
+    def has_crop_slack(self) -> bool:
+        """Whether any stored image is larger than its RxR crop (so that random crops differ from centre crops)."""
+        return bool((self._index[:, 1:] != self.resolution).any()) if self.num_images else False
+
     def keep_on_device(self, device: torch.device | str, max_bytes: int | None = None) -> bool:
         """Copy all stored images to ``device`` as one uint8 tensor, so batches never leave it; True if done.
 

@@ -13,9 +13,12 @@ from crispdiff.core.errors import DataError
 
 _INTERPOLATIONS = {
     "nearest": Image.Resampling.NEAREST,
+    "nearest_exact": Image.Resampling.NEAREST,  # torchvision's name; on PIL images it is PIL's NEAREST
     "bilinear": Image.Resampling.BILINEAR,
     "bicubic": Image.Resampling.BICUBIC,
     "lanczos": Image.Resampling.LANCZOS,
+    "box": Image.Resampling.BOX,
+    "hamming": Image.Resampling.HAMMING,
 }
 
 

@@ -136,15 +136,16 @@ def load_images(config: Any, *, for_latents: bool = False, show_progress: bool =
     ``--class_column`` adds class names and ids, read from the metadata on every load (not part of the cache key);
     ``--class_column auto`` makes them from the pixels instead (``crispdiff.data.auto_classes``: seeded by ``--seed``,
     the count from ``--num_auto_classes``).
-    ``for_latents=True`` stores centre crops only, whatever ``--center_crop`` says: a latent cache encodes each image
-    once, so there is no later random crop to keep the full image for.
+    ``for_latents=True`` with ``--center_crop`` stores centre crops only: a latent cache encodes each image once, so
+    there is no later crop to keep the full image for. Without it the images keep their short-side-resized shape, and
+    the latent cache encodes several crop positions of each (``--random_crop_positions``).
     """
     _check_config(config)
     recipe = _Recipe(
         resolution=int(config.resolution),
         interpolation=str(config.interpolation),
         background=_parse_background(config.background),
-        center=bool(config.center_crop) or for_latents,
+        center=bool(config.center_crop),
         min_image_size=int(config.min_image_size),
     )
     source = _resolve_source(config)

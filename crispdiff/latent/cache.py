@@ -88,10 +88,20 @@ class LatentCacheSpec:
     vae_class: str
     latent_shape: tuple[int, int, int]  # C, h, w
     dtype: str
+    crop_positions: int = 1  # random crops: crops at this many positions of each image (1: the centre crop)
+
+    @property
+    def num_flips(self) -> int:
+        return 2 if self.random_flip else 1
 
     @property
     def num_variants(self) -> int:
-        return 2 if self.random_flip else 1
+        """Latents per image: crop positions x flips, variant ``crop * num_flips + flipped``."""
+        return self.crop_positions * self.num_flips
+
+    def crop_position(self, crop: int) -> float:
+        """Where crop ``crop`` lies in each image's slack, 0 .. 1 (the centre, 0.5, for a single crop)."""
+        return 0.5 if self.crop_positions == 1 else crop / (self.crop_positions - 1)
 
     @property
     def array_shape(self) -> tuple[int, ...]:
@@ -100,6 +110,8 @@ class LatentCacheSpec:
     def as_json(self) -> dict[str, Any]:
         payload = asdict(self)
         payload["latent_shape"] = list(self.latent_shape)
+        if self.crop_positions == 1:
+            del payload["crop_positions"]  # centre-crop caches keep the key they had before random crops existed
         return payload
 
     def key(self) -> str:
@@ -125,9 +137,17 @@ def data_identity(data: Any) -> str:
 
 
 def make_cache_spec(
-    data: Any, vae: AnyVAE, *, preprocessing: dict[str, Any], random_flip: bool, dtype: str = "float16"
+    data: Any,
+    vae: AnyVAE,
+    *,
+    preprocessing: dict[str, Any],
+    random_flip: bool,
+    dtype: str = "float16",
+    crop_positions: int = 1,
 ) -> LatentCacheSpec:
     """The spec of the cache for this data, preprocessing, VAE and storage dtype (checks the shapes fit)."""
+    if crop_positions < 1:
+        raise ValueError(f"--random_crop_positions must be >= 1, got {crop_positions}")
     if dtype not in DTYPES:
         raise ValueError(f"--latent_cache_dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
     resolution = int(data.resolution)
@@ -148,6 +168,7 @@ def make_cache_spec(
         vae_class=type(vae).__name__,
         latent_shape=(latent_channels(vae), side, side),
         dtype=dtype,
+        crop_positions=int(crop_positions),
     )
 
 
@@ -334,9 +355,15 @@ def _encode_images(
     means, logvars = [], []
     for batch_start in range(start, end, batch_size):
         batch_end = min(end, batch_start + batch_size)
-        crops = data.center_crops(range(batch_start, batch_end))
-        images = uint8_to_model(crops)
-        variants = [images, images.flip(3)] if spec.random_flip else [images]
+        variants = []
+        for crop in range(spec.crop_positions):
+            rows = range(batch_start, batch_end)
+            if spec.crop_positions == 1:
+                pixels = data.center_crops(rows)
+            else:
+                pixels = data.crops_at(spec.crop_position(crop), rows)
+            images = uint8_to_model(pixels)
+            variants += [images, images.flip(3)] if spec.random_flip else [images]
         mean_v, logvar_v = zip(*(encode_posterior(vae, v) for v in variants))
         mean, logvar = torch.stack(mean_v, dim=1).cpu(), torch.stack(logvar_v, dim=1).cpu()
         if tuple(mean.shape[2:]) != spec.latent_shape:
@@ -456,6 +483,7 @@ def load_or_build_latent_cache(
     batch_size: int = 32,
     chunk_size: int = 256,
     show_progress: bool = True,
+    crop_positions: int = 1,
 ) -> LatentCache:
     """The verified latent cache of ``data`` under ``vae``: reused when it exists, resumed, repaired or built.
 
@@ -463,10 +491,13 @@ def load_or_build_latent_cache(
     ``crispdiff.data.loading.ImageData`` loaded with ``for_latents=True``). ``preprocessing`` is the recipe that
     produced its pixels (resolution, interpolation, background ...); it is part of the key. ``chunk_size`` images are
     committed at a time: the resume granularity. Encoding runs in ``batch_size`` batches on the VAE's device.
+    ``crop_positions`` > 1 (random crops): ``data.crops_at`` that many evenly spaced positions, each encoded.
     """
     if batch_size < 1 or chunk_size < 1:
         raise ValueError("the latent cache needs batch_size >= 1 and chunk_size >= 1 (--vae_batch_size)")
-    spec = make_cache_spec(data, vae, preprocessing=preprocessing, random_flip=random_flip, dtype=dtype)
+    spec = make_cache_spec(
+        data, vae, preprocessing=preprocessing, random_flip=random_flip, dtype=dtype, crop_positions=crop_positions
+    )
     root = Path(cache_dir).expanduser()
     folder = root / spec.key()
     encoded = 0

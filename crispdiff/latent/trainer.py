@@ -20,7 +20,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 
@@ -71,6 +71,8 @@ class LatentTrainConfig(TrainConfig):
     UNet and schedule sized to finish, latent encoding included, in about 3 minutes on a 2-core CPU (6-7 on one
     half as fast). On a GPU use a bigger model and a longer run; each flag's help says what.
     """
+
+    diffusers_script: ClassVar[str | None] = None  # crispdiff's own script: no diffusers defaults to compare with
 
     pretrained_vae_name_or_path: str | None = flag(
         None,
@@ -251,8 +253,16 @@ def preprocessing_key(config: Any) -> dict[str, Any]:
         "interpolation": str(config.interpolation),
         "background": str(config.background),
         "min_image_size": int(config.min_image_size),
-        "crop": "center",
+        "crop": "center" if config.center_crop else "random",
     }
+
+
+def crop_positions(view: Any, data: Any) -> int:
+    """Crop positions the latent cache encodes per image: 1 (the centre) with --center_crop or when no image is
+    larger than its crop, else --random_crop_positions."""
+    if view.center_crop or not data.has_crop_slack():
+        return 1
+    return int(view.random_crop_positions)
 
 
 def latent_cache_dir(config: Any) -> Path:
@@ -326,11 +336,17 @@ class LatentSpace(ImageDataSpace):
         """Scaled latents ``[B, C, h, w]``: variant (flip) and posterior noise drawn from ``generator``.
 
         One flip draw per image is taken even without flips, so the stream of random numbers does not depend on
-        ``--random_flip`` and a resumed run (generator restored) reproduces the same samples bit for bit.
+        ``--random_flip`` and a resumed run (generator restored) reproduces the same samples bit for bit; with random
+        crops (several cached crop positions) one more draw per image picks the crop.
         """
         indices = torch.as_tensor(indices).reshape(-1).cpu()
         coin = torch.rand(indices.numel(), generator=generator, device=generator.device).cpu()
-        variants = (coin < 0.5).long() if self.cache.num_variants == 2 else torch.zeros_like(indices)
+        spec = self.cache.spec
+        variants = (coin < 0.5).long() if spec.num_flips == 2 else torch.zeros_like(indices)
+        if spec.crop_positions > 1:  # random crops: one of the cached crop positions per image
+            pick = torch.rand(indices.numel(), generator=generator, device=generator.device).cpu()
+            crops = (pick * spec.crop_positions).long().clamp_(max=spec.crop_positions - 1)
+            variants = crops * spec.num_flips + variants
         mean, logvar = self.cache.posterior(indices, variants)
         if mean.device != generator.device:  # latents kept on the GPU (prepare): only the drawn noise travels
             eps = torch.randn(mean.shape, generator=generator, device=generator.device)
@@ -377,6 +393,7 @@ def load_latents(
         dtype=config.latent_cache_dtype,
         batch_size=config.vae_batch_size,
         show_progress=show_progress,
+        crop_positions=crop_positions(view, data),
     )
     return data, cache
 

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from crispdiff.core.config import without_secrets as public_training_config
+from crispdiff.core.errors import UserError
 from crispdiff.core.io import write_text_atomic
 from crispdiff.publish.export import MODEL_INDEX_NAME, SAMPLES_NAME, TRAINING_CONFIG_NAME, read_model_index
 
@@ -36,6 +37,10 @@ UPLOAD_IGNORE_PATTERNS = [
 
 class HubUploadError(RuntimeError):
     """The upload did not happen or did not finish; the message says why and that the local folder is intact."""
+
+
+class HubAccessError(UserError):
+    """``--push_to_hub`` cannot work (no token, offline, no write access), found before training rather than after."""
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -237,16 +242,17 @@ def write_model_card(
 # --------------------------------------------------------------------------------------------------------------------
 
 
-def files_to_upload(pipeline_dir: str | os.PathLike) -> list[str]:
-    """Relative paths ``push_to_hub`` would upload (checkpoints, logs and hidden staging files left out)."""
+def files_to_upload(pipeline_dir: str | os.PathLike, ignore: list[str] | tuple[str, ...] = ()) -> list[str]:
+    """Relative paths ``push_to_hub`` would upload (checkpoints, logs and hidden staging files left out, and the
+    ``ignore`` patterns)."""
     from huggingface_hub.utils import filter_repo_objects
 
     folder = Path(pipeline_dir)
     paths = sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file())
-    return list(filter_repo_objects(paths, ignore_patterns=UPLOAD_IGNORE_PATTERNS))
+    return list(filter_repo_objects(paths, ignore_patterns=[*UPLOAD_IGNORE_PATTERNS, *ignore]))
 
 
-def upload_operations(pipeline_dir: str | os.PathLike) -> list[Any]:
+def upload_operations(pipeline_dir: str | os.PathLike, ignore: list[str] | tuple[str, ...] = ()) -> list[Any]:
     """One ``CommitOperationAdd`` per file to upload; the training configuration goes up with its secrets removed.
 
     Why not ``upload_folder``: ``crispdiff_training.json`` may hold ``hub_token`` (it is the config the run was given),
@@ -256,7 +262,7 @@ def upload_operations(pipeline_dir: str | os.PathLike) -> list[Any]:
 
     folder = Path(pipeline_dir)
     operations = []
-    for relative in files_to_upload(folder):
+    for relative in files_to_upload(folder, ignore):
         source: Path | bytes = folder / relative
         if relative == TRAINING_CONFIG_NAME:
             config = json.loads((folder / relative).read_text(encoding="utf-8"))
@@ -309,6 +315,37 @@ def push_to_hub(
     return upload_folder(folder, repo_id, private, token, commit_message, "its model card README.md was written")
 
 
+def hub_repo_id(config: Any) -> str:
+    """The repo a training run uploads to: --hub_model_id, else the name of --output_dir."""
+    return getattr(config, "hub_model_id", None) or Path(config.output_dir).resolve().name
+
+
+def check_hub_access(repo_id: str, private: bool, token: str | None) -> str:
+    """Make sure the repo exists and can be written before any training, as diffusers' scripts create it before step
+    1: a missing token, offline mode or a refused ``create_repo`` then costs seconds, not the run. Returns the URL."""
+    resolved = _resolve_token(token)
+    if not resolved:
+        raise HubAccessError(
+            "--push_to_hub needs a Hugging Face token: pass --hub_token, set HF_TOKEN or run `hf auth login` "
+            "(checked before training; nothing was trained)"
+        )
+    if hub_offline():
+        raise HubAccessError(
+            "--push_to_hub cannot work with HF_HUB_OFFLINE=1: unset it, or drop --push_to_hub and upload later with "
+            "`crispdiff push` (checked before training; nothing was trained)"
+        )
+    from huggingface_hub import HfApi
+
+    try:
+        return str(HfApi(token=resolved).create_repo(repo_id, private=private, exist_ok=True, repo_type="model"))
+    except Exception as err:  # network, HTTP (401/403): the upload at the end would fail the same way
+        raise HubAccessError(
+            f"--push_to_hub: cannot create or reach the Hub repo {repo_id!r} ({type(err).__name__}: "
+            f"{' '.join(str(err).split())[:200]}); check the network, the token's write permission and "
+            "--hub_model_id (checked before training; nothing was trained)"
+        ) from err
+
+
 def upload_folder(
     folder: str | os.PathLike,
     repo_id: str,
@@ -316,6 +353,7 @@ def upload_folder(
     token: str | None,
     commit_message: str,
     local_note: str = "",
+    ignore: list[str] | tuple[str, ...] = (),
 ) -> str:
     """Upload ``folder`` (minus checkpoints/logs, secrets stripped) to ``repo_id`` in one commit; returns the URL.
 
@@ -335,16 +373,18 @@ def upload_folder(
             f"cannot upload to {repo_id!r}: the Hub is switched off (HF_HUB_OFFLINE=1); unset it on "
             f"a machine with network access and upload again; {intact}"
         )
-    return _upload(folder, repo_id, private, resolved, commit_message)
+    return _upload(folder, repo_id, private, resolved, commit_message, ignore)
 
 
-def _upload(folder: Path, repo_id: str, private: bool, token: str, commit_message: str) -> str:
+def _upload(
+    folder: Path, repo_id: str, private: bool, token: str, commit_message: str, ignore: list[str] | tuple[str, ...]
+) -> str:
     """create_repo + one commit of every file; any failure becomes a HubUploadError that says what happened."""
     from huggingface_hub import HfApi
 
     api = HfApi(token=token)
     try:
-        operations = upload_operations(folder)
+        operations = upload_operations(folder, ignore)
         url = api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")
         api.create_commit(url.repo_id, operations, commit_message=commit_message, repo_type="model")
     except Exception as err:  # network, HTTP (401/403/404), offline mode: all mean "not uploaded"
@@ -382,10 +422,13 @@ def maybe_push_to_hub(pipeline_dir: str | os.PathLike, config: Any) -> str | Non
 __all__ = [
     "BASE_TAGS",
     "CARD_NAME",
+    "HubAccessError",
     "HubUploadError",
     "MODEL_INDEX_NAME",
     "UPLOAD_IGNORE_PATTERNS",
+    "check_hub_access",
     "files_to_upload",
+    "hub_repo_id",
     "maybe_push_to_hub",
     "public_training_config",
     "push_to_hub",

@@ -46,14 +46,28 @@ def check_base_model(name_or_path: str, revision: str | None = None) -> str:
     return str(name)
 
 
-def load_sd(name_or_path: str, revision: str | None = None, variant: str | None = None) -> SDParts:
-    """Load tokenizer, text encoder, VAE, UNet and scheduler of an SD 1.x / 2.x base in float32."""
+def load_sd(
+    name_or_path: str, revision: str | None = None, variant: str | None = None, tokenizer_name: str | None = None
+) -> SDParts:
+    """Load tokenizer, text encoder, VAE, UNet and scheduler of an SD 1.x / 2.x base in float32.
+
+    ``tokenizer_name`` (``--tokenizer_name``): a tokenizer folder or id used instead of the base's ``tokenizer/``.
+    """
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
-    from transformers import CLIPTextModel, CLIPTokenizer
+    from transformers import CLIPTokenizer
 
     check_base_model(name_or_path, revision)
     common = {"revision": revision}
-    tokenizer = CLIPTokenizer.from_pretrained(name_or_path, subfolder="tokenizer", **common)
+    if tokenizer_name:
+        try:
+            tokenizer = CLIPTokenizer.from_pretrained(tokenizer_name, revision=revision)
+        except (OSError, ValueError) as err:
+            what = type(err).__name__
+            raise SDLoRAError(f"--tokenizer_name {tokenizer_name!r}: no CLIP tokenizer there ({what})") from err
+    else:
+        tokenizer = CLIPTokenizer.from_pretrained(name_or_path, subfolder="tokenizer", **common)
+    from transformers import CLIPTextModel
+
     text_encoder = CLIPTextModel.from_pretrained(name_or_path, subfolder="text_encoder", variant=variant, **common)
     vae = AutoencoderKL.from_pretrained(name_or_path, subfolder="vae", variant=variant, **common)
     unet = UNet2DConditionModel.from_pretrained(name_or_path, subfolder="unet", variant=variant, **common)

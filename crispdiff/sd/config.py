@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 from crispdiff.core.config import DataConfig, HubConfig, LoopConfig, flag
+from crispdiff.core.diffusers_flags import CLASS_LABELS_CONDITIONING, VALIDATION_IMAGES
 from crispdiff.core.errors import FlagError
 from crispdiff.latent.cache import DTYPES
 from crispdiff.train.loop import has_accelerator_device
@@ -43,6 +44,15 @@ class SDLoRAConfig(DataConfig, HubConfig, LoopConfig):
     )
     revision: str | None = flag(None, "Revision (branch, tag or commit) of the base model on the Hub.")
     variant: str | None = flag(None, "Weights variant of the base model (e.g. fp16).")
+    tokenizer_name: str | None = flag(
+        None, "A tokenizer (folder or Hub id) to use instead of the base model's tokenizer/ subfolder."
+    )
+    tokenizer_max_length: int | None = flag(
+        None, "Tokens per prompt in training (default: the tokenizer's model_max_length; at most the text encoder's)."
+    )
+    text_encoder_use_attention_mask: bool = flag(
+        False, "Pass the prompts' attention mask to the text encoder in training (SD's pipeline passes none)."
+    )
     rank: int = flag(4, "LoRA rank.")
     lora_alpha: float | None = flag(None, "LoRA alpha (scale = alpha / rank; default: the rank, i.e. scale 1).")
     lora_dropout: float = flag(0.0, "Dropout on the LoRA branch.")
@@ -61,7 +71,9 @@ class SDLoRAConfig(DataConfig, HubConfig, LoopConfig):
     gradient_checkpointing: bool = flag(False, "Trade compute for memory in the UNet (and a trained text encoder).")
     enable_xformers_memory_efficient_attention: bool = flag(False, "Use xformers attention (default: PyTorch SDPA).")
     validation_prompt: str | None = flag(None, "Sample this prompt every --validation_steps (DPM-Solver++).")
-    num_validation_images: int = flag(4, "Images per validation grid.")
+    num_validation_images: int = flag(
+        4, "Images per validation grid and in the final samples.png (0: no grids at all, as in diffusers)."
+    )
     validation_inference_steps: int = flag(25, "DPM-Solver++ steps for validation and the final samples.")
     export_kohya: bool = flag(False, f"Also write {KOHYA_WEIGHTS_NAME} (kohya / A1111 / ComfyUI keys).")
     save_pipeline: bool = flag(False, "Also write OUTPUT_DIR/pipeline: the base with the LoRA fused (export-sd).")
@@ -94,6 +106,12 @@ class SDLoRAConfig(DataConfig, HubConfig, LoopConfig):
         """Refuse flag combinations that would silently do something else than asked, one line each."""
         if not self.pretrained_model_name_or_path:
             raise SDLoRAError("--pretrained_model_name_or_path is required (a Stable Diffusion 1.x/2.x folder or id)")
+        if self.tokenizer_max_length is not None and self.tokenizer_max_length < 1:
+            raise SDLoRAError(f"--tokenizer_max_length must be >= 1, got {self.tokenizer_max_length}")
+        if self.num_validation_images < 0:
+            raise SDLoRAError(f"--num_validation_images must be >= 0, got {self.num_validation_images}")
+        if self.validation_epochs is not None and self.validation_epochs < 1:
+            raise SDLoRAError(f"--validation_epochs must be >= 1, got {self.validation_epochs}")
         if self.rank < 1:
             raise SDLoRAError(f"--rank must be >= 1, got {self.rank}")
         if not 0.0 <= self.lora_dropout < 1.0:
@@ -133,6 +151,13 @@ class SDLoRAConfig(DataConfig, HubConfig, LoopConfig):
 class TextToImageLoRAConfig(SDLoRAConfig):
     """Everything `train_scripts/train_text_to_image_lora.py` accepts: a captioned folder or dataset."""
 
+    diffusers_script: ClassVar[str | None] = "train_text_to_image_lora.py"
+    diffusers_defaults: ClassVar[dict[str, Any]] = {
+        "train_batch_size": 16,
+        "max_train_steps": None,  # diffusers: --num_train_epochs 100
+        "lr_warmup_steps": 500,
+    }
+
     caption_column: str | None = flag("text", "Column holding each image's caption (metadata.jsonl or dataset).")
 
     def validate(self) -> None:
@@ -144,6 +169,18 @@ class TextToImageLoRAConfig(SDLoRAConfig):
 @dataclass
 class DreamBoothLoRAConfig(SDLoRAConfig):
     """Everything `train_scripts/train_dreambooth_lora.py` accepts: a few subject images and a prompt."""
+
+    refused_flags: ClassVar[dict[str, str]] = {
+        "class_labels_conditioning": CLASS_LABELS_CONDITIONING,
+        "validation_images": VALIDATION_IMAGES,
+    }
+    diffusers_script: ClassVar[str | None] = "train_dreambooth_lora.py"
+    diffusers_defaults: ClassVar[dict[str, Any]] = {
+        "learning_rate": 5e-4,
+        "train_batch_size": 4,
+        "max_train_steps": None,  # diffusers: --num_train_epochs 1
+        "lr_warmup_steps": 500,
+    }
 
     instance_data_dir: str | None = flag(None, "Folder of the subject's images (required).")
     instance_prompt: str | None = flag(None, "Prompt naming the subject, e.g. 'a photo of sks dog' (required).")
@@ -157,6 +194,16 @@ class DreamBoothLoRAConfig(SDLoRAConfig):
     prior_loss_weight: float = flag(1.0, "Weight of the prior-preservation loss.")
     sample_batch_size: int = flag(4, "Batch size when generating class images.")
     class_inference_steps: int = flag(25, "DPM-Solver++ steps per generated class image.")
+    prior_generation_precision: str | None = flag(
+        None,
+        "Precision of the base model generating class images (default: fp32; fp16 needs a GPU).",
+        choices=["no", "fp32", "fp16", "bf16"],
+    )
+    pre_compute_text_embeddings: bool = flag(
+        False,
+        "Encode every prompt once before training. crispdiff always does so with a frozen text encoder; the flag "
+        "is accepted for diffusers' command lines and, as there, refused with --train_text_encoder.",
+    )
     train_batch_size: int = flag(1, "Instance images per process per micro-batch (plus as many class images).")
     max_train_steps: int | None = flag(400, "Optimizer steps to train for.")
 
@@ -168,6 +215,10 @@ class DreamBoothLoRAConfig(SDLoRAConfig):
             raise SDLoRAError("--instance_prompt is required (e.g. 'a photo of sks dog')")
         if self.train_data_dir or self.dataset_name:
             raise SDLoRAError("DreamBooth reads --instance_data_dir; drop --train_data_dir / --dataset_name")
+        if self.pre_compute_text_embeddings and self.train_text_encoder:
+            raise SDLoRAError("--pre_compute_text_embeddings cannot go with --train_text_encoder; drop one")
+        if self.prior_generation_precision == "fp16" and not has_accelerator_device():
+            raise SDLoRAError("--prior_generation_precision fp16 needs a GPU; on the CPU use fp32 or bf16")
         if self.with_prior_preservation:
             if not self.class_data_dir or not self.class_prompt:
                 raise SDLoRAError("--with_prior_preservation needs --class_data_dir and --class_prompt")

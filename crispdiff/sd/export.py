@@ -35,20 +35,51 @@ def fuse_text_encoder_lora(text_encoder: Any, state: dict[str, torch.Tensor], al
     modules = sorted({k[: -len(suffix_down)] for k in state if k.endswith(suffix_down)})
     if len(modules) * 2 != len(state):
         raise SDLoRAError("the LoRA file's text-encoder part is not plain LoRA (down/up pairs); cannot fuse it")
+    _fuse_pairs(text_encoder, {m: (state[m + suffix_down], state[m + suffix_up], alpha) for m in modules}, scale)
+
+
+def _fuse_pairs(model: Any, pairs: dict[str, tuple[torch.Tensor, torch.Tensor, float]], scale: float) -> None:
+    """``weight += scale * alpha / r * up @ down`` for each ``module name -> (down, up, alpha)``."""
     with torch.no_grad():
-        for name in modules:
-            down, up = state[name + suffix_down].float(), state[name + suffix_up].float()
-            layer = text_encoder.get_submodule(name)
-            delta = (up @ down) * (scale * alpha / down.shape[0])
+        for name, (down, up, alpha) in pairs.items():
+            layer = model.get_submodule(name)
+            delta = (up.float() @ down.float()) * (scale * alpha / down.shape[0])
             layer.weight.add_(delta.to(layer.weight.dtype))
+
+
+KOHYA_TEXT_PREFIX = "lora_te_"
+
+
+def fuse_kohya_text_encoder_lora(text_encoder: Any, state: dict[str, torch.Tensor], scale: float) -> None:
+    """Fuse the ``lora_te_...`` part of a kohya file (A1111 / ComfyUI layout: ``lora_down`` / ``lora_up`` and a
+    per-module ``alpha``) into ``text_encoder``.
+
+    kohya names a module by its path with dots as underscores, which cannot be undone by string replacement
+    (``self_attn``, ``q_proj``); the text encoder's own module names give the mapping.
+    """
+    names = {KOHYA_TEXT_PREFIX + name.replace(".", "_"): name for name, _ in text_encoder.named_modules() if name}
+    pairs = {}
+    for key in state:
+        if not key.endswith(".lora_down.weight"):
+            continue
+        stem = key[: -len(".lora_down.weight")]
+        if stem not in names:
+            raise SDLoRAError(f"the kohya file's {stem} names no module of this base's text encoder; wrong base?")
+        down, up = state[key], state.get(f"{stem}.lora_up.weight")
+        if up is None:
+            raise SDLoRAError(f"the kohya file has {key} without its lora_up; cannot fuse it")
+        alpha = state.get(f"{stem}.alpha")
+        pairs[names[stem]] = (down, up, float(alpha) if alpha is not None else float(down.shape[0]))
+    _fuse_pairs(text_encoder, pairs, scale)
 
 
 def fuse_lora_file(pipeline: Any, folder: Path, scale: float = 1.0) -> None:
     """Fuse ``folder``'s LoRA into ``pipeline`` (a StableDiffusionPipeline) and drop the adapter layers.
 
-    The UNet part goes through diffusers' own loader and ``fuse_lora`` (any target, DoRA included); a text-encoder
-    part is fused by :func:`fuse_text_encoder_lora` after the UNet part is split off into a file of its own, with the
-    adapter metadata (alpha) kept.
+    The UNet part goes through diffusers' own loader and ``fuse_lora`` (any target, DoRA included, diffusers' or
+    kohya's keys); a text-encoder part is fused by :func:`fuse_text_encoder_lora` (diffusers' keys) or
+    :func:`fuse_kohya_text_encoder_lora` (``lora_te_`` keys) after the UNet part is split off into a file of its own,
+    with the adapter metadata kept.
     """
     from safetensors import safe_open
     from safetensors.torch import save_file
@@ -59,13 +90,14 @@ def fuse_lora_file(pipeline: Any, folder: Path, scale: float = 1.0) -> None:
     with safe_open(str(path), "pt") as handle:
         state = {k: handle.get_tensor(k) for k in handle.keys()}  # noqa: SIM118 - safe_open has no items()
         metadata = handle.metadata() or {}
+    kohya_text = {k: v for k, v in state.items() if k.startswith(KOHYA_TEXT_PREFIX)}
     text = {k[len("text_encoder.") :]: v for k, v in state.items() if k.startswith("text_encoder.")}
-    unet = {k: v for k, v in state.items() if not k.startswith("text_encoder.")}
+    unet = {k: v for k, v in state.items() if not k.startswith(("text_encoder.", KOHYA_TEXT_PREFIX))}
     staging = path.parent / f".{path.stem}.fuse-{uuid.uuid4().hex[:8]}"
     try:
         if unet:
             source = path
-            if text:
+            if text or kohya_text:
                 staging.mkdir()
                 source = staging / LORA_WEIGHTS_NAME
                 save_file(unet, str(source), metadata)
@@ -78,6 +110,8 @@ def fuse_lora_file(pipeline: Any, folder: Path, scale: float = 1.0) -> None:
             if alpha is None:
                 raise SDLoRAError(f"{path} has a text-encoder LoRA but no adapter metadata (lora_alpha); cannot fuse")
             fuse_text_encoder_lora(pipeline.text_encoder, text, float(alpha), scale)
+        if kohya_text:
+            fuse_kohya_text_encoder_lora(pipeline.text_encoder, kohya_text, scale)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
 

@@ -110,23 +110,56 @@ def save_lora_weights(
     return output_dir / LORA_WEIGHTS_NAME
 
 
-def model_card(config: SDLoRAConfig, has_samples: bool, command: list[str]) -> str:
-    """README.md for the LoRA folder: base model, prompt, tags, samples and how to load it with plain diffusers."""
+def base_model_license(name_or_path: str | None, revision: str | None = None) -> str | None:
+    """The base model's licence as its model card states it (a local folder's README.md, or the Hub's card); None
+    when unknown. Why not a fixed one: SD 1.x is creativeml-openrail-m, SD 2.x openrail++, fine-tunes vary."""
+    if not name_or_path:
+        return None
+    from huggingface_hub.repocard import metadata_load
+
+    folder = Path(name_or_path)
+    try:
+        if folder.is_dir():
+            card = folder / "README.md"
+            return (metadata_load(card) or {}).get("license") if card.is_file() else None
+        from huggingface_hub import ModelCard
+
+        return ModelCard.load(name_or_path, revision=revision).data.to_dict().get("license")
+    except Exception:  # noqa: BLE001 - offline, no card, unreadable front matter: the licence is unknown
+        return None
+
+
+def model_card(
+    config: SDLoRAConfig,
+    has_samples: bool,
+    command: list[str],
+    *,
+    steps: int | None = None,
+    samples_prompt: str | None = None,
+) -> str:
+    """README.md for the LoRA folder: base model and its licence, prompt, tags, a widget with the sample grid (of
+    ``samples_prompt``), and how to load it with plain diffusers. ``steps``: the steps trained (default
+    --max_train_steps; a run sized by epochs has none)."""
     dreambooth = isinstance(config, DreamBoothLoRAConfig)
     tags = ["text-to-image", "stable-diffusion", "lora", "diffusers", "crispdiff"] + (
         ["dreambooth"] if dreambooth else []
     )
-    prompt = config.instance_prompt if dreambooth else config.validation_prompt
+    instance_prompt = config.instance_prompt if dreambooth else None
+    prompt = config.validation_prompt or instance_prompt
+    license_name = base_model_license(config.pretrained_model_name_or_path, config.revision)
     header = [
         "---",
         f"base_model: {config.pretrained_model_name_or_path}",
         "library_name: diffusers",
-        "license: creativeml-openrail-m",
+        *([f"license: {license_name}"] if license_name else []),
         "tags:",
         *[f"- {tag}" for tag in tags],
     ]
-    if prompt:
-        header.append(f"instance_prompt: {json.dumps(prompt)}")
+    if instance_prompt:
+        header.append(f"instance_prompt: {json.dumps(instance_prompt)}")
+    shown = samples_prompt or prompt
+    if has_samples and shown:
+        header += ["widget:", f"- text: {json.dumps(shown)}", "  output:", f"    url: {SAMPLES_NAME}"]
     header.append("---")
     kind = "DreamBooth LoRA" if dreambooth else "text-to-image LoRA"
     alpha = config.lora_alpha if config.lora_alpha is not None else config.rank
@@ -135,8 +168,8 @@ def model_card(config: SDLoRAConfig, has_samples: bool, command: list[str]) -> s
         f"# {Path(config.output_dir).name}",
         "",
         f"A {kind} ({'DoRA, ' if config.use_dora else ''}rank {config.rank}, alpha {alpha}) for "
-        f"`{config.pretrained_model_name_or_path}`, trained with crispdiff for {config.max_train_steps} steps of "
-        f"{config.train_batch_size} image(s) at {config.resolution} px"
+        f"`{config.pretrained_model_name_or_path}`, trained with crispdiff for {steps or config.max_train_steps} "
+        f"steps of {config.train_batch_size} image(s) at {config.resolution} px"
         + (" with the text encoder" if config.train_text_encoder else "")
         + (f", prompt `{prompt}`" if prompt else "")
         + ".",
@@ -162,9 +195,20 @@ def model_card(config: SDLoRAConfig, has_samples: bool, command: list[str]) -> s
     return "\n".join(header + body)
 
 
-def push_lora_to_hub(folder: Path, config: SDLoRAConfig) -> str:
-    """Upload the LoRA folder (checkpoints and logs left out) in one commit, with crispdiff's hub checks."""
-    from crispdiff.publish.hub import upload_folder
+#: What a LoRA upload leaves out besides checkpoints and logs: the fused pipeline (``--save_pipeline``: a whole
+#: Stable Diffusion, publish it with ``crispdiff push`` if that is meant) and the intermediate validation grids.
+LORA_UPLOAD_IGNORE_PATTERNS = ["pipeline/**", "samples/**"]
 
-    repo_id = config.hub_model_id or Path(config.output_dir).resolve().name
-    return upload_folder(folder, repo_id, config.hub_private_repo, config.hub_token, "Upload crispdiff LoRA")
+
+def push_lora_to_hub(folder: Path, config: SDLoRAConfig) -> str:
+    """Upload the LoRA folder in one commit: weights, card, final sample grid, the redacted training config."""
+    from crispdiff.publish.hub import hub_repo_id, upload_folder
+
+    return upload_folder(
+        folder,
+        hub_repo_id(config),
+        config.hub_private_repo,
+        config.hub_token,
+        "Upload crispdiff LoRA",
+        ignore=LORA_UPLOAD_IGNORE_PATTERNS,
+    )

@@ -16,7 +16,7 @@ import torch
 from crispdiff.core.config import DataConfig
 from crispdiff.core.io import write_json_atomic
 from crispdiff.latent.trainer import LatentSpace, load_latents
-from crispdiff.sd.base import SDParts, inference_pipeline
+from crispdiff.sd.base import SDParts, inference_pipeline, load_sd
 from crispdiff.sd.config import DreamBoothLoRAConfig, SDLoRAConfig, SDLoRAError
 
 logger = logging.getLogger("crispdiff")
@@ -32,17 +32,27 @@ class PromptBank:
     changes while it is frozen; DreamBooth has one or two prompts for the whole run.
     """
 
-    def __init__(self, tokenizer: Any, prompts: list[str]):
+    def __init__(
+        self, tokenizer: Any, prompts: list[str], max_length: int | None = None, use_attention_mask: bool = False
+    ):
+        """``max_length``: tokens per prompt (--tokenizer_max_length; default the tokenizer's model_max_length);
+        ``use_attention_mask``: give the text encoder the padding mask (--text_encoder_use_attention_mask)."""
         self.prompts = list(dict.fromkeys(prompts))
         self.position = {p: i for i, p in enumerate(self.prompts)}
-        self.input_ids = tokenizer(
+        tokens = tokenizer(
             self.prompts,
             padding="max_length",
-            max_length=tokenizer.model_max_length,
+            max_length=max_length or tokenizer.model_max_length,
             truncation=True,
             return_tensors="pt",
-        ).input_ids
+        )
+        self.input_ids = tokens.input_ids
+        self.attention_mask = tokens.attention_mask if use_attention_mask else None
         self.embeddings: torch.Tensor | None = None
+
+    def _encode(self, text_encoder: Any, rows: torch.Tensor, device: torch.device) -> torch.Tensor:
+        mask = None if self.attention_mask is None else self.attention_mask[rows].to(device)
+        return text_encoder(self.input_ids[rows].to(device), attention_mask=mask)[0]
 
     def ids(self, prompts: list[str]) -> torch.Tensor:
         return torch.tensor([self.position[p] for p in prompts], dtype=torch.long)
@@ -50,14 +60,14 @@ class PromptBank:
     @torch.no_grad()
     def precompute(self, text_encoder: Any, device: torch.device, batch_size: int = 64) -> None:
         """Encode every prompt once (as the pipeline does: last hidden state, no attention mask)."""
-        outputs = [text_encoder(chunk.to(device))[0].float().cpu() for chunk in self.input_ids.split(batch_size)]
-        self.embeddings = torch.cat(outputs)
+        rows = torch.arange(len(self.prompts)).split(batch_size)
+        self.embeddings = torch.cat([self._encode(text_encoder, chunk, device).float().cpu() for chunk in rows])
 
     def encode(self, ids: torch.Tensor, text_encoder: Any | None, device: torch.device) -> torch.Tensor:
         """Hidden states for these prompt ids: cached, or through the (trained) text encoder."""
         if self.embeddings is not None and text_encoder is None:
             return self.embeddings[ids.cpu()].to(device)
-        return text_encoder(self.input_ids[ids.cpu()].to(device))[0]
+        return self._encode(text_encoder, ids.cpu(), device)
 
 
 def image_view(config: SDLoRAConfig, **changes: Any) -> Any:
@@ -139,6 +149,11 @@ def generate_class_images(config: DreamBoothLoRAConfig, parts: SDParts, device: 
     missing = config.num_class_images - existing
     if missing <= 0:
         return 0
+    dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(config.prior_generation_precision or "fp32")
+    if dtype is not None:  # a copy in that precision: the training base keeps its fp32 weights
+        parts = load_sd(str(config.pretrained_model_name_or_path), config.revision, config.variant)
+        for model in (parts.unet, parts.text_encoder, parts.vae):
+            model.to(dtype=dtype)
     pipeline = inference_pipeline(parts).to(device)
     made = 0
     index = 0

@@ -31,7 +31,6 @@ import sys
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from accelerate import Accelerator
 from diffusers.training_utils import cast_training_params
@@ -149,13 +148,20 @@ class SDLoRATrainer(LoopTrainer):
         raise SDLoRAError(f"unexpected model {type(bare).__name__} in the checkpoint")
 
     def _save_lora_checkpoint(self, models: list[Any], weights: list[Any], output_dir: str) -> None:
-        """accelerate's save hook (called on every process): the main process writes the adapters, once."""
+        """accelerate's save hook (called on every process): the main process writes the adapters, once.
+
+        Twice, as they are small: peft's keys for an exact resume, and diffusers' ``pytorch_lora_weights.safetensors``
+        (``unet.`` / ``text_encoder.`` keys, alpha in the metadata) so that ``load_lora_weights(checkpoint-N)`` works
+        as it does on diffusers' own checkpoints.
+        """
         from safetensors.torch import save_file
 
         if self.accelerator.is_main_process:
             for model in models:
                 path = Path(output_dir) / CHECKPOINT_LORA_FILES[self._role(model)]
                 save_file(lora_state(self.accelerator.unwrap_model(model)), str(path))
+            named = self._named_models()
+            save_lora_weights(Path(output_dir), named["unet"], named.get("text_encoder"), version=self.parts.version)
         weights.clear()  # accelerate would otherwise save every frozen base weight too
 
     def _load_lora_checkpoint(self, models: list[Any], input_dir: str) -> None:
@@ -248,7 +254,8 @@ class SDLoRATrainer(LoopTrainer):
         return self.config.validation_prompt or self.prompts.prompts[int(self.instance.prompt_ids[0])]
 
     def validate(self) -> None:
-        if not self.accelerator.is_main_process or not self.config.validation_prompt:
+        config = self.config
+        if not self.accelerator.is_main_process or not config.validation_prompt or not config.num_validation_images:
             return
         from crispdiff.core.images import make_grid, save_image_atomic
 
@@ -256,9 +263,7 @@ class SDLoRATrainer(LoopTrainer):
             self.sample(self.config.validation_prompt, self.config.num_validation_images), value_range=(0, 1)
         )
         save_image_atomic(grid, self.output_dir / "samples" / f"step_{self.step:07d}.png")
-        for tracker in self.accelerator.trackers:
-            if tracker.name == "tensorboard":
-                tracker.writer.add_image("validation", np.asarray(grid), self.step, dataformats="HWC")
+        self.log_grid("validation", grid)
         self.last_grid = grid
 
     def finish(self) -> Path:
@@ -274,10 +279,18 @@ class SDLoRATrainer(LoopTrainer):
             kohya=config.export_kohya,
             version=self.parts.version,
         )
-        images = self.sample(self.sample_prompt(), config.num_validation_images)
-        save_image_atomic(make_grid(images, value_range=(0, 1)), self.output_dir / SAMPLES_NAME)
+        has_samples = config.num_validation_images > 0  # --num_validation_images 0: no grids at all, as in diffusers
+        if has_samples:
+            self.accelerator.print(
+                f"crispdiff: final sample grid: {config.num_validation_images} image(s) of {self.sample_prompt()!r}, "
+                f"{config.validation_inference_steps} steps (--num_validation_images, --validation_inference_steps)"
+            )
+            grid = make_grid(self.sample(self.sample_prompt(), config.num_validation_images), value_range=(0, 1))
+            save_image_atomic(grid, self.output_dir / SAMPLES_NAME)
+            self.log_grid("final", grid)
         command = [Path(sys.argv[0]).name if sys.argv else "train", *sys.argv[1:]]
-        write_text_atomic(self.output_dir / "README.md", model_card(config, True, command))
+        card = model_card(config, has_samples, command, steps=self.max_steps, samples_prompt=self.sample_prompt())
+        write_text_atomic(self.output_dir / "README.md", card)
         self.accelerator.print(f"LoRA saved to {path}.")
         if config.save_pipeline:
             folder = export_sd(
@@ -298,11 +311,19 @@ class SDLoRATrainer(LoopTrainer):
 def _prepare(config: SDLoRAConfig) -> tuple[Accelerator, SDParts]:
     config.validate()
     check_output_dir(config, "", LORA_WEIGHTS_NAME, "trained LoRA weights")
-    parts = load_sd(config.pretrained_model_name_or_path or "", config.revision, config.variant)
+    parts = load_sd(config.pretrained_model_name_or_path or "", config.revision, config.variant, config.tokenizer_name)
     base_schedule(parts.scheduler, config.prediction_type)  # refuse a prediction-type switch before any work
     accelerator = start_run(config)
     parts.vae.to(accelerator.device)
     return accelerator, parts
+
+
+def prompt_bank(config: SDLoRAConfig, parts: SDParts, prompts: list[str]) -> PromptBank:
+    """The run's prompts, tokenized with --tokenizer_max_length and --text_encoder_use_attention_mask."""
+    limit = parts.text_encoder.config.max_position_embeddings
+    if config.tokenizer_max_length is not None and config.tokenizer_max_length > limit:
+        raise SDLoRAError(f"--tokenizer_max_length {config.tokenizer_max_length} exceeds the text encoder's {limit}")
+    return PromptBank(parts.tokenizer, prompts, config.tokenizer_max_length, config.text_encoder_use_attention_mask)
 
 
 def train_text_to_image_lora(config: TextToImageLoRAConfig) -> Path | None:
@@ -312,7 +333,7 @@ def train_text_to_image_lora(config: TextToImageLoRAConfig) -> Path | None:
     with accelerator.main_process_first():
         space, data = latent_space(image_view(config), config, parts.vae, show)
     captions = captions_for(data, None)
-    prompts = PromptBank(parts.tokenizer, captions + ([config.validation_prompt] if config.validation_prompt else []))
+    prompts = prompt_bank(config, parts, captions + ([config.validation_prompt] if config.validation_prompt else []))
     instance = TrainSet(space, prompts.ids(captions))
     return run_trainer(SDLoRATrainer(config, accelerator, parts, prompts, instance))
 
@@ -340,7 +361,7 @@ def train_dreambooth_lora(config: DreamBoothLoRAConfig) -> Path | None:
     captions = captions_for(data, config.instance_prompt)
     extra = [config.class_prompt] if prior_space is not None else []
     extra += [config.validation_prompt] if config.validation_prompt else []
-    prompts = PromptBank(parts.tokenizer, captions + [p for p in extra if p])
+    prompts = prompt_bank(config, parts, captions + [p for p in extra if p])
     instance = TrainSet(space, prompts.ids(captions))
     prior = None
     if prior_space is not None:

@@ -29,6 +29,7 @@ from tqdm.auto import tqdm
 
 from crispdiff.core.config import LoopConfig
 from crispdiff.core.cores import available_cores
+from crispdiff.core.diffusers_flags import defaults_note
 from crispdiff.core.errors import FlagError, MissingDependencyError, OutputExistsError
 from crispdiff.train.checkpoint import find_checkpoint, load_checkpoint, save_checkpoint
 from crispdiff.train.lora import has_adapters, plain_copy
@@ -153,10 +154,11 @@ def fused_adamw_supported(parameters: list[Any]) -> bool:
 
 
 def scaled_learning_rate(config: LoopConfig, num_processes: int) -> float:
-    """--learning_rate, or with --scale_lr the linear scaling rule (Goyal et al. 2017) from --lr_reference_batch.
+    """--learning_rate, or with --scale_lr the linear scaling rule (Goyal et al. 2017): lr x global batch / reference.
 
-    Why a reference batch: the default LRs are already tuned for a batch (2e-4 at 64 images); multiplying them by
-    the batch itself, as diffusers' example scripts do, turns 2e-4 into 1.3e-2 and diverges.
+    The default reference batch is 1, which is diffusers' rule (lr x accumulation x batch x processes), so their
+    command lines get their learning rate. ``--lr_reference_batch 64`` scales crispdiff's own defaults (2e-4 tuned at
+    64 images) instead: multiplying those by the batch itself turns 2e-4 into 1.3e-2 and diverges.
     """
     if not config.scale_lr:
         return config.learning_rate
@@ -170,7 +172,30 @@ def total_train_steps(config: LoopConfig, batches_per_epoch: int) -> int:
     """Optimizer steps: --max_train_steps, else --num_epochs worth of accumulated batches."""
     if config.max_train_steps:
         return config.max_train_steps
-    return max(1, config.num_epochs * batches_per_epoch // config.gradient_accumulation_steps)
+    return epochs_to_steps(config, config.num_epochs, batches_per_epoch)
+
+
+def epochs_to_steps(config: LoopConfig, epochs: int, batches_per_epoch: int) -> int:
+    """Optimizer steps in ``epochs`` passes over the data (at least one)."""
+    return max(1, epochs * batches_per_epoch // config.gradient_accumulation_steps)
+
+
+def warmup_steps(config: LoopConfig, max_steps: int) -> int:
+    """--lr_warmup_steps as passed; a script's default (not passed) is capped at half the run, with a log line.
+
+    Why the cap on defaults only: crispdiff's defaults (500 warm-up steps) would otherwise never reach the peak LR in
+    a short run, while a diffusers command line that asks for a warm-up longer than the run gets exactly that.
+    """
+    steps = config.lr_warmup_steps
+    if "lr_warmup_steps" in getattr(config, "explicit_flags", frozenset()) or steps <= max_steps // 2:
+        return steps
+    logger.info(
+        "crispdiff: the default --lr_warmup_steps %d is capped at %d, half of the %d steps (pass it to choose)",
+        steps,
+        max_steps // 2,
+        max_steps,
+    )
+    return max_steps // 2
 
 
 def tracker_config(config: LoopConfig) -> dict[str, Any]:
@@ -182,13 +207,18 @@ def check_output_dir(
     config: LoopConfig, subfolder: str = "pipeline", marker: str = "model_index.json", what: str = "a trained pipeline"
 ) -> None:
     """Refuse to silently replace a finished model (``OUTPUT_DIR/subfolder/marker``) unless asked to
-    (--overwrite_output_dir) or resuming; every trainer calls it before spending time on anything else."""
+    (--overwrite_output_dir) or resuming, and with --push_to_hub make sure the Hub repo can be written; every trainer
+    calls it before spending time on anything else."""
     folder = Path(config.output_dir) / subfolder
     if (folder / marker).exists() and not (config.overwrite_output_dir or config.resume_from_checkpoint):
         raise OutputExistsError(
             f"{folder} already holds {what}; pass --overwrite_output_dir to replace it, "
             "--resume_from_checkpoint latest to continue, or choose another --output_dir"
         )
+    if getattr(config, "push_to_hub", False) and int(os.environ.get("RANK", "0")) == 0:
+        from crispdiff.publish.hub import check_hub_access, hub_repo_id
+
+        check_hub_access(hub_repo_id(config), bool(config.hub_private_repo), config.hub_token)
 
 
 class LoopTrainer:
@@ -245,8 +275,10 @@ class LoopTrainer:
         self.lr_scheduler = get_scheduler(
             config.lr_scheduler,
             optimizer=self.optimizer,
-            num_warmup_steps=min(config.lr_warmup_steps, self.max_steps // 2),
+            num_warmup_steps=warmup_steps(config, self.max_steps),
             num_training_steps=self.max_steps,
+            num_cycles=config.lr_num_cycles,
+            power=config.lr_power,
         )
         self.accelerator.register_for_checkpointing(self.lr_scheduler)
 
@@ -318,6 +350,23 @@ class LoopTrainer:
 
         return agreed_seconds(self.accelerator, time.perf_counter() - (self.deadline or 0.0)) >= 0
 
+    def every(self, steps: int | None, epochs: int | None) -> int | None:
+        """A period in optimizer steps: ``epochs`` (diffusers' per-epoch flags) when given, else ``steps``."""
+        if epochs:
+            return epochs_to_steps(self.config, epochs, self.batches.batches_per_epoch)
+        return steps
+
+    def log_grid(self, name: str, grid: Any) -> None:
+        """A sample grid (PIL image) to every tracker that takes images: tensorboard and wandb, whichever is set."""
+        import numpy as np
+
+        array = np.asarray(grid)
+        for tracker in self.accelerator.trackers:
+            if tracker.name == "tensorboard":
+                tracker.writer.add_image(name, array, self.step, dataformats="HWC")
+            elif tracker.name == "wandb":
+                tracker.log_images({name: [array]}, step=self.step)
+
     def due(self, every: int | None) -> bool:
         """True every `every` steps, except at the last step (the end of training does its own saving)."""
         return bool(every) and self.step % every == 0 and self.step < self.max_steps
@@ -369,7 +418,7 @@ class LoopTrainer:
             if self.due(config.checkpointing_steps):
                 self.save_checkpoint()
             with untouched_rng():  # sampling and building modules here must not move dropout's RNG (exact resume)
-                if self.due(config.validation_steps):
+                if self.due(self.every(config.validation_steps, config.validation_epochs)):
                     self.validate()
                 self.periodic()  # no barrier per step: checkpoints synchronise on their own, exports on rank 0
             if self.deadline is not None and self.past_deadline():
@@ -442,6 +491,9 @@ def run_trainer(trainer: LoopTrainer, *, end_run: bool = True) -> Path | None:
     """Save the config, start the trackers, resume if asked, and train. ``end_run=False`` leaves the process group
     up for a later stage (``LoopTrainer.run`` instead of ``train``)."""
     config, accelerator = trainer.config, trainer.accelerator
+    note = defaults_note(config)
+    if note:
+        accelerator.print(note)
     if accelerator.is_main_process:
         trainer.output_dir.mkdir(parents=True, exist_ok=True)
         config.save_json(trainer.output_dir / trainer.config_file)

@@ -12,7 +12,6 @@ import math
 from pathlib import Path
 from typing import Any, Protocol
 
-import numpy as np
 import torch
 from accelerate import Accelerator
 from accelerate.utils import set_seed
@@ -281,9 +280,7 @@ class Trainer(LoopTrainer):
 
             reference = self.space.reference_images(max(256, len(images)))
             logs.update({f"val/{k}": v for k, v in compute_validation_metrics(reference, images).items()})
-        for tracker in self.accelerator.trackers:
-            if tracker.name == "tensorboard":
-                tracker.writer.add_image("validation", np.asarray(grid), self.step, dataformats="HWC")
+        self.log_grid("validation", grid)
         if logs:
             self.accelerator.log(logs, step=self.step)
 
@@ -358,7 +355,8 @@ class Trainer(LoopTrainer):
         return {"sr_model": load_sr_model(name), "upscale": False, "sr_strength": config.sr_strength if given else 1.0}
 
     def periodic(self) -> None:
-        if self.due(self.config.save_model_steps) and self.accelerator.is_main_process:
+        every = self.every(self.config.save_model_steps, self.config.save_model_epochs)
+        if self.due(every) and self.accelerator.is_main_process:
             self.export()
 
     def finish(self) -> Path:
@@ -409,10 +407,11 @@ def budgeted_steps(config: TrainConfig, space: TrainingSpace, accelerator: Accel
     per_step = seconds_per_step(probe)
     grid = agreed_seconds(accelerator, probe.grid_seconds())
     per_image = grid / probe.grid_plan()[0]
+    validation_every = probe.every(config.validation_steps, config.validation_epochs)
     del probe
     export = EXPORT_MARGIN * (grid + per_image * config.sharpen_calibration_images)
-    # validation grids along the way cost a grid every --validation_steps steps
-    per_step_with_validation = per_step + (grid / config.validation_steps if config.validation_steps else 0.0)
+    # validation grids along the way cost a grid every --validation_steps (or --validation_epochs) steps
+    per_step_with_validation = per_step + (grid / validation_every if validation_every else 0.0)
     steps = affordable_steps(budget.remaining() - export, per_step_with_validation)
     accelerator.print(
         f"crispdiff: time budget of {budget.minutes:g} min: {1000 * per_step:.0f} ms a step here and about "

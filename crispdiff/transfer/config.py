@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+from typing import ClassVar
 
 from crispdiff.core.config import TrainConfig, flag
 from crispdiff.core.errors import FlagError
@@ -43,6 +44,8 @@ SCHEDULE_FIELDS = (
 @dataclass
 class TransferConfig(TrainConfig):
     """Everything `train_scripts/train_transfer.py` accepts: the training flags plus the pretrained model's."""
+
+    diffusers_script: ClassVar[str | None] = None  # crispdiff's own script: no diffusers defaults to compare with
 
     pretrained_model_name_or_path: str | None = flag(
         None,

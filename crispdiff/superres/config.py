@@ -55,11 +55,6 @@ class SRTrainConfig(DataConfig, LoopConfig):
     train_batch_size: int = flag(32, "Image pairs per process per micro-batch.")
     max_train_steps: int | None = flag(2500, "Optimizer steps to train for (overrides --num_epochs).")
     learning_rate: float = flag(2e-3, "Peak learning rate.")
-    lr_scheduler: str = flag(
-        "cosine",
-        "LR schedule after warmup.",
-        ["linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup"],
-    )
     lr_warmup_steps: int = flag(100, "Linear warmup steps.")
     ema_decay: float = flag(0.999, "Maximum EMA decay.")
     max_grad_norm: float = flag(0.0, "Gradient clipping norm (0 = off).")

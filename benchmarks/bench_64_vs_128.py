@@ -6,7 +6,8 @@
 Rows, all trained on ``diffusion_train`` of ``own_data.make_128_split`` (932 Noto emoji at 128 px, no metadata):
 
 * ``a``: ``train_latent.py`` (the main job's defaults) at ``--resolution 64`` (the data pipeline resizes), its raw
-  64 px samples upscaled x2 by an SR model (``--sr_model``; Lanczos when none), then the pipeline's own
+  64 px samples upscaled x2 by an SR model (``--sr_model``; default: the embedded
+  ``crispdiff/assets/sr-noto-x2`` once it ships, else Lanczos), then the pipeline's own
   post-processing, exactly what ``pipe(upscale=True)`` does after ``crispdiff add-sr``;
 * ``b``: ``train_latent.py --resolution 128``: the embedded f=4 VAE gives 8x32x32 latents; the UNet keeps the main
   job's widths with self-attention at its lowest level (8x8, as the main job's is at 4x4 for 16x16 latents);
@@ -59,9 +60,15 @@ from bench_own_data import LAUNCH, run  # noqa: E402
 from common import BENCH_DIR, append_results, machine, markdown_table  # noqa: E402
 from own_data import make_128_split  # noqa: E402
 
-#: The SR model row (a) uses when ``--sr_model`` is not given and it exists (Noto 128 px, train_sr.py experiment B).
-DEFAULT_SR = "/work/bench/sr/expB/sr_model"
+#: The SR model row (a) uses when ``--sr_model`` is not given: the embedded emoji SR x2 once it ships, else Lanczos.
+DEFAULT_SR = Path(__file__).resolve().parent.parent / "crispdiff" / "assets" / "sr-noto-x2"
 LANCZOS = "lanczos"
+
+
+def sr_tag(sr_model: str) -> str:
+    """A short name of an SR model for file names and captions (a component folder ``X/sr_model`` is ``X``)."""
+    path = Path(sr_model)
+    return path.parent.name if path.name == "sr_model" else path.stem
 
 
 @dataclass(frozen=True)
@@ -342,7 +349,7 @@ def evaluate_row(
         timing_path.write_text(json.dumps(timing))
     result: dict[str, Any] = {"sampling_cpu_ms": timing["cpu_ms"], "sampling_wall_ms": timing["wall_ms"]}
     if row.sr:
-        sr_model = args.sr_model or (DEFAULT_SR if Path(DEFAULT_SR).is_dir() else LANCZOS)
+        sr_model = args.sr_model or (str(DEFAULT_SR) if DEFAULT_SR.is_dir() else LANCZOS)
         images, sr_timing = upscale(images, pipeline_dir, sr_model, args.sr_strength)
         torch.save(images, out / "samples128.pt")
         result.update(
@@ -367,6 +374,12 @@ def evaluate_row(
     return result
 
 
+def row_label(result: dict[str, Any]) -> str:
+    """The row's label, naming row (a)'s upscaler."""
+    sr_model = result.get("sr_model")
+    return result["label"] if sr_model is None else f"latent 64 px + {sr_tag(sr_model)} x2"
+
+
 def write_picture(rows: list[tuple[str, Path]], path: Path, count: int = 16) -> None:
     """The first ``count`` 128 px samples of every row as 4x4 grids side by side, captioned."""
     from plots import labelled_side_by_side
@@ -388,7 +401,7 @@ def parse_args() -> argparse.Namespace:
     p.add_argument(
         "--sr_model",
         default=None,
-        help=f"row (a)'s SR model (file or folder; 'lanczos'); default {DEFAULT_SR} if it exists",
+        help="row (a)'s SR model (file or folder; 'lanczos'); default crispdiff/assets/sr-noto-x2 if it exists",
     )
     p.add_argument("--sr_strength", type=float, default=1.0, help="SR blend with Lanczos (1 = the network alone)")
     p.add_argument(
@@ -438,6 +451,8 @@ def main() -> None:
                 }
                 done.update(evaluate_row(row, out, refs, floor, args))
             (out / "result.json").write_text(json.dumps(done, indent=2))
+            if done.get("sr_model"):  # kept per SR model, so that re-applying another one loses nothing
+                (out / f"result-{sr_tag(done['sr_model'])}.json").write_text(json.dumps(done, indent=2))
             print(json.dumps(done), flush=True)
             results.append(done)
     header = [
@@ -457,7 +472,7 @@ def main() -> None:
         header,
         [
             [
-                f"({r['row']}) {r['label']}",
+                f"({r['row']}) {row_label(r)}",
                 f"{r['minutes']:g}",
                 r["steps"],
                 f"{r['cpu_min_used']:.1f}",
@@ -485,12 +500,14 @@ def main() -> None:
         record=not args.no_record,
     )
     last = max(args.minutes)  # every row of the largest budget that has samples, this run's or an earlier one's
-    grids = [
-        (f"({row.key}) {row.label}, {last:g} CPU-min", row_dir(args, row, last) / "samples128.pt")
-        for row in ROWS.values()
-    ]
-    if any(path.is_file() for _, path in grids):
-        write_picture([(label, path) for label, path in grids if path.is_file()], Path(args.picture))
+    grids = []
+    for row in ROWS.values():
+        out = row_dir(args, row, last)
+        if (out / "result.json").is_file() and (out / "samples128.pt").is_file():
+            label = row_label(json.loads((out / "result.json").read_text()))
+            grids.append((f"({row.key}) {label}, {last:g} CPU-min", out / "samples128.pt"))
+    if grids:
+        write_picture(grids, Path(args.picture))
 
 
 if __name__ == "__main__":

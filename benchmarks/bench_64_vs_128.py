@@ -24,7 +24,9 @@ by the trainers), else threads spinning for a descheduled partner would bill the
 UNet optimizer steps (EMA included), validation grids and the export; VAE adaptation is off in both latent rows
 (``--adapt_vae off``); image decoding and latent encoding (cached, done once per dataset) and the SR model's own
 training are outside it. Every row also reports the CPU-minutes its training process really used, launch to saved
-pipeline (``getrusage`` of the children).
+pipeline (``getrusage`` of the children): a probe taken on a heavily loaded machine overestimated the 128 px rows'
+step cost (first run: they used 7.5-7.9 of 10 CPU-minutes, row a 9.9), so probe on a quiet machine when you can,
+and read that column before the others.
 
 Evaluation at 128 px against the split's ``heldout`` folder: the same ``--num_images`` for every row and the floor
 (the ``floor`` folder vs ``heldout``), ``crispdiff.evaluate.metrics.compute_all`` (multi-scale SWD, sharpness ratios,
@@ -341,8 +343,9 @@ def evaluate_row(
     pipeline_dir = out / "run" / "pipeline"
     native = out / ("samples64.pt" if row.sr else "samples128.pt")
     timing_path = out / "sampling.json"
-    if native.is_file() and timing_path.is_file() and len(torch.load(native)) == args.num_images:
-        images, timing = torch.load(native), json.loads(timing_path.read_text())
+    saved = torch.load(native) if native.is_file() and timing_path.is_file() else None
+    if saved is not None and len(saved) >= args.num_images:  # image i is seeded seed + i: the first N are a run of N
+        images, timing = saved[: args.num_images], json.loads(timing_path.read_text())
     else:
         images, timing = sample(pipeline_dir, args.num_images, raw=row.sr, batch_size=args.batch_size)
         torch.save(images, native)

@@ -173,6 +173,20 @@ def test_x4_through_accelerate_launch_into_a_pipeline(image_folder, tmp_path):
     assert model.config.scale == 4
     assert model.upscale(torch.rand(2, 3, 8, 8)).shape == (2, 3, 32, 32)
 
+    from tiny_models import SIZE, base_config, tiny_unet
+
+    from crispdiff.publish.export import load_pipeline, save_pipeline
+    from crispdiff.publish.sr import attach_sr
+
+    pipeline_dir = save_pipeline(
+        tmp_path / "pipe", unet=tiny_unet(), scheduler_base_config=base_config(), beta_schedule="cosine"
+    )
+    attach_sr(pipeline_dir, out / "sr_model")
+    pipe = load_pipeline(pipeline_dir)
+    pipe.set_progress_bar_config(disable=True)
+    images = pipe(batch_size=1, num_inference_steps=2, generator=torch.Generator().manual_seed(0), output_type="pt")
+    assert images.images.shape == (1, 3, 4 * SIZE, 4 * SIZE)
+
 
 @pytest.mark.parametrize(
     ("flags", "named"),

@@ -121,9 +121,9 @@ def quality(args: argparse.Namespace) -> None:
         metrics = compare_upscalers(lambda x: model.upscale(x, sr_strength=1.0), low, high)
         batch = low[: args.timing_batch].float() / 255.0
         calls = {"sr": lambda b=batch: model.upscale(b, 1.0), "lanczos": lambda b=batch: lanczos_upscale(b, 128)}
-        cost = {name: statistics.median(timed(call, 1) for _ in range(args.repeats)) for name, call in calls.items()}
+        seconds = {name: statistics.median(timed(call, 1) for _ in range(args.repeats)) for name, call in calls.items()}
         for name, m in metrics.items():
-            ms = cost[name] / len(batch) * 1000 if name in cost else float("nan")
+            ms = seconds[name] / len(batch) * 1000 if name in seconds else float("nan")
             rows.append(
                 [label, name, len(high), m["psnr"], m["ssim"], m["hf_energy_ratio"], m["laplacian_var_ratio"], ms]
             )

@@ -137,7 +137,8 @@ class SRTrainer(LoopTrainer):
         config = self.config
         network = self.eval_network()
         metrics = self.validate(network)
-        self.save_comparison(network, self.output_dir / "comparison.png") if len(self.held_out) else None
+        if len(self.held_out):
+            self.save_comparison(network, self.output_dir / "comparison.png")
         component = as_sr_component(network.cpu(), source=f"crispdiff train_sr.py ({Path(config.output_dir).name})")
         summary = {
             "steps": self.step,

@@ -119,21 +119,27 @@ def test_swap_keeps_carried_entries_when_it_fails(tmp_path, monkeypatch):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["target"]
 
 
+@pytest.fixture
+def synced(monkeypatch) -> list[str]:
+    """The path of every file or folder ``os.fsync`` is called on, in order (the real fsync still runs)."""
+    paths: list[str] = []
+    real_fsync = os.fsync
+
+    def fsync(fd):
+        paths.append(os.readlink(f"/proc/self/fd/{fd}"))
+        return real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    return paths
+
+
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="maps fds to paths through /proc")
-def test_swap_fsyncs_files_and_folders_before_the_rename(tmp_path, monkeypatch):
+def test_swap_fsyncs_files_and_folders_before_the_rename(tmp_path, synced):
     """Without an fsync a power cut after the rename can leave zero-length files in the new folder (ext4, xfs)."""
     staging, target = tmp_path / "staging", tmp_path / "target"
     (staging / "sub").mkdir(parents=True)
     (staging / "sub" / "weights.bin").write_bytes(b"w" * 10)
     (staging / "config.json").write_text("{}")
-    synced: list[str] = []
-    real_fsync = os.fsync
-
-    def fsync(fd):
-        synced.append(os.readlink(f"/proc/self/fd/{fd}"))
-        return real_fsync(fd)
-
-    monkeypatch.setattr(os, "fsync", fsync)
     swap_folder_into_place(staging, target)
     for path in ("sub/weights.bin", "config.json", "sub", ""):
         assert str((staging / path) if path else staging) in synced, (path, synced)
@@ -141,19 +147,11 @@ def test_swap_fsyncs_files_and_folders_before_the_rename(tmp_path, monkeypatch):
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="maps fds to paths through /proc")
-def test_every_single_file_writer_fsyncs_the_file_before_the_rename_and_then_its_folder(tmp_path, monkeypatch):
+def test_every_single_file_writer_fsyncs_the_file_before_the_rename_and_then_its_folder(tmp_path, synced):
     """write_atomic's family (text, JSON, and files another library wrote, e.g. LoRA weights): the data reaches the
     disk before the rename, the rename before the call returns."""
     from crispdiff.core.io import move_file_into_place, write_json_atomic
 
-    synced: list[str] = []
-    real_fsync = os.fsync
-
-    def fsync(fd):
-        synced.append(os.readlink(f"/proc/self/fd/{fd}"))
-        return real_fsync(fd)
-
-    monkeypatch.setattr(os, "fsync", fsync)
     staged = tmp_path / "staging" / "weights.safetensors"
     staged.parent.mkdir()
     staged.write_bytes(b"w" * 10)

@@ -8,6 +8,7 @@ The commands are diffusers' READMEs for ``examples/unconditional_image_generatio
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import re
@@ -22,6 +23,8 @@ import torch
 from conftest import shared_dir
 from PIL import Image
 from test_sd_lora import make_tiny_sd
+
+from crispdiff.core.images import make_grid
 
 REPO = Path(__file__).resolve().parents[1]
 NOTE = "defaults that differ from diffusers'"
@@ -51,6 +54,18 @@ def launch(script: str, command: str, **replacements: str) -> str:
     log = done.stdout + done.stderr
     assert done.returncode == 0, log[-4000:]
     return log
+
+
+def tracked_image(out: Path, tag: str) -> np.ndarray:
+    """The last image logged under ``tag`` to the run's tensorboard events (int16 HWC)."""
+    from tensorboard.backend.event_processing.event_accumulator import IMAGES, EventAccumulator
+
+    events = sorted((out / "logs").rglob("events.out.tfevents.*"))
+    assert events, f"no tensorboard events under {out / 'logs'}"
+    accumulator = EventAccumulator(str(events[-1].parent), size_guidance={IMAGES: 0})
+    accumulator.Reload()
+    encoded = accumulator.Images(tag)[-1].encoded_image_string
+    return np.asarray(Image.open(io.BytesIO(encoded)).convert("RGB"), dtype=np.int16)
 
 
 def disc_images(count: int, size: tuple[int, int], seed: int = 0) -> list[Image.Image]:
@@ -223,6 +238,16 @@ def test_naruto_text_to_image_lora_readme_command(tmp_path):
     assert NOTE not in log
     loaded = plain_diffusers_images(base, out, "cute dragon creature")
     assert (loaded - plain_diffusers_images(base, None, "cute dragon creature")).abs().max() > 1e-4  # lr 1e-4, 6 steps
+
+    # diffusers' final validation: the saved LoRA reloaded into the base and sampled (4 images, 25 steps by default,
+    # the command's seed); samples.png is what load_lora_weights gives a user, and the grid reached the tracker
+    assert "final samples from the saved LoRA" in log
+    prompt = "cute dragon creature"
+    expected = make_grid(plain_diffusers_images(base, out, prompt, count=4, steps=25, seed=42), value_range=(0, 1))
+    saved = np.asarray(Image.open(out / "samples.png").convert("RGB"), dtype=np.int16)
+    assert saved.shape == (2 * RES, 2 * RES, 3)
+    assert np.abs(saved - np.asarray(expected, dtype=np.int16)).max() <= 1
+    assert np.array_equal(tracked_image(out, "final"), saved)
 
 
 @pytest.mark.parametrize("epochs", [3])

@@ -151,7 +151,15 @@ def common_flags(base: Path, out: Path, cache: Path) -> list[str]:
     ]  # fmt: skip
 
 
-def plain_diffusers_images(base: Path, lora: Path | None, prompt: str, weight_name: str | None = None) -> torch.Tensor:
+def plain_diffusers_images(
+    base: Path,
+    lora: Path | None,
+    prompt: str,
+    weight_name: str | None = None,
+    count: int = 2,
+    steps: int = 3,
+    seed: int = 0,
+) -> torch.Tensor:
     """What a user gets with diffusers alone: the base, load_lora_weights, DPM-Solver++ (as crispdiff samples)."""
     from diffusers import DPMSolverMultistepScheduler, StableDiffusionPipeline
 
@@ -161,11 +169,11 @@ def plain_diffusers_images(base: Path, lora: Path | None, prompt: str, weight_na
     if lora is not None:
         pipe.load_lora_weights(str(lora), **({"weight_name": weight_name} if weight_name else {}))
     return pipe(
-        [prompt] * 2,
-        num_inference_steps=3,
+        [prompt] * count,
+        num_inference_steps=steps,
         height=RES,
         width=RES,
-        generator=torch.Generator().manual_seed(0),
+        generator=torch.Generator().manual_seed(seed),
         output_type="pt",
     ).images
 

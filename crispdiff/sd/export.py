@@ -126,11 +126,13 @@ def build_sd_pipeline(
     lora_scale: float = 1.0,
     revision: str | None = None,
     variant: str | None = None,
+    tokenizer_name: str | None = None,
 ) -> Any:
-    """The in-memory ``CrispDiffSDPipeline``: base + fused LoRA, DPM-Solver++, optional SR, output size."""
+    """The in-memory ``CrispDiffSDPipeline``: base + fused LoRA, DPM-Solver++, optional SR, output size
+    (``tokenizer_name``: the training run's ``--tokenizer_name``, used instead of the base's tokenizer)."""
     from crispdiff.pipelines.pipeline_crispdiff_sd import CrispDiffSDPipeline
 
-    parts = load_sd(base, revision, variant)
+    parts = load_sd(base, revision, variant, tokenizer_name)
     pipeline = inference_pipeline(parts)
     if lora is not None:
         fuse_lora_file(pipeline, Path(lora), lora_scale)

@@ -235,20 +235,46 @@ class SDLoRATrainer(LoopTrainer):
             for model in models.values():
                 model.eval()
             pipeline = inference_pipeline(self.parts, models["unet"], models.get("text_encoder"))
-            generator = torch.Generator().manual_seed(self.config.seed)
-            with untouched_rng(), self.accelerator.autocast():
-                images = pipeline(
-                    [prompt] * count,
-                    num_inference_steps=self.config.validation_inference_steps,
-                    height=self.config.resolution,
-                    width=self.config.resolution,
-                    generator=generator,
-                    output_type="pt",
-                ).images
+            with untouched_rng():
+                return self.run_pipeline(pipeline, prompt, count)
         finally:
             for name, model in models.items():
                 model.train(modes[name])
+
+    @torch.no_grad()
+    def run_pipeline(self, pipeline: Any, prompt: str, count: int) -> torch.Tensor:
+        """``count`` images of ``prompt`` with the validation settings (seed, steps, resolution), NCHW in [0, 1]."""
+        with self.accelerator.autocast():
+            images = pipeline(
+                [prompt] * count,
+                num_inference_steps=self.config.validation_inference_steps,
+                height=self.config.resolution,
+                width=self.config.resolution,
+                generator=torch.Generator().manual_seed(self.config.seed),
+                output_type="pt",
+            ).images
         return images.float().cpu()
+
+    def final_samples(self, lora_path: Path) -> torch.Tensor:
+        """The final validation, as diffusers' scripts end: the saved LoRA file loaded into a fresh copy of the base
+        model and sampled, so the grid shows what users of the file get rather than the adapters still in memory."""
+        from crispdiff.sd.export import build_sd_pipeline
+
+        config = self.config
+        pipeline = build_sd_pipeline(
+            config.pretrained_model_name_or_path or "",
+            lora_path,
+            revision=config.revision,
+            variant=config.variant,
+            tokenizer_name=config.tokenizer_name,
+        ).to(self.accelerator.device)
+        pipeline.set_progress_bar_config(desc="final samples", disable=not self.accelerator.is_local_main_process)
+        try:
+            return self.run_pipeline(pipeline, self.sample_prompt(), config.num_validation_images)
+        finally:
+            del pipeline
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
 
     def sample_prompt(self) -> str:
         return self.config.validation_prompt or self.prompts.prompts[int(self.instance.prompt_ids[0])]
@@ -259,9 +285,11 @@ class SDLoRATrainer(LoopTrainer):
             return
         from crispdiff.core.images import make_grid, save_image_atomic
 
-        grid = make_grid(
-            self.sample(self.config.validation_prompt, self.config.num_validation_images), value_range=(0, 1)
+        self.accelerator.print(
+            f"crispdiff: validation at step {self.step}: {config.num_validation_images} image(s) of "
+            f"{config.validation_prompt!r}, {config.validation_inference_steps} steps"
         )
+        grid = make_grid(self.sample(config.validation_prompt, config.num_validation_images), value_range=(0, 1))
         save_image_atomic(grid, self.output_dir / "samples" / f"step_{self.step:07d}.png")
         self.log_grid("validation", grid)
         self.last_grid = grid
@@ -282,10 +310,12 @@ class SDLoRATrainer(LoopTrainer):
         has_samples = config.num_validation_images > 0  # --num_validation_images 0: no grids at all, as in diffusers
         if has_samples:
             self.accelerator.print(
-                f"crispdiff: final sample grid: {config.num_validation_images} image(s) of {self.sample_prompt()!r}, "
-                f"{config.validation_inference_steps} steps (--num_validation_images, --validation_inference_steps)"
+                f"crispdiff: final samples from the saved LoRA ({path.name} loaded into the base model): "
+                f"{config.num_validation_images} image(s) of {self.sample_prompt()!r}, "
+                f"{config.validation_inference_steps} steps (--num_validation_images, --validation_inference_steps; "
+                "0 images skips this)"
             )
-            grid = make_grid(self.sample(self.sample_prompt(), config.num_validation_images), value_range=(0, 1))
+            grid = make_grid(self.final_samples(path), value_range=(0, 1))
             save_image_atomic(grid, self.output_dir / SAMPLES_NAME)
             self.log_grid("final", grid)
         command = [Path(sys.argv[0]).name if sys.argv else "train", *sys.argv[1:]]
@@ -301,6 +331,7 @@ class SDLoRATrainer(LoopTrainer):
                 output_size=config.output_size,
                 revision=config.revision,
                 variant=config.variant,
+                tokenizer_name=config.tokenizer_name,
             )
             self.accelerator.print(f"Pipeline with the LoRA fused saved to {folder}.")
         if config.push_to_hub:

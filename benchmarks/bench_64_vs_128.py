@@ -17,7 +17,7 @@ Rows, all trained on ``diffusion_train`` of ``own_data.make_128_split`` (932 Not
 
 Equal budget, whatever else the machine is doing: wall clock is unfair on shared cores, so a probe first times each
 config's real ``Trainer.optimizer_step`` in *process CPU time* (all three back to back, ``--probe_rounds`` rounds,
-median) and the export (the final 25-step sample grid: the library's ``grid_seconds`` estimate x its
+median) and the export (the final sample grid: the library's ``sampling_seconds`` estimate x its
 ``EXPORT_MARGIN``), then each row trains a fixed ``--max_train_steps`` = (budget - export - validation grids) /
 CPU-s per step. CPU time is measured with OpenMP's passive waits (``OMP_WAIT_POLICY=PASSIVE``, set here and inherited
 by the trainers), else threads spinning for a descheduled partner would bill the load to the row. The budget covers
@@ -194,7 +194,7 @@ def probe(rows: list[Row], data_dir: Path, args: argparse.Namespace) -> dict[str
                 wall[key].append((time.perf_counter() - w0) / args.probe_steps)
         for key, trainer in trainers.items():
             c0, w0 = time.process_time(), time.perf_counter()
-            grid_wall = trainer.grid_seconds()  # wall-clock estimate of the 25-step grid from 1- and 2-step calls
+            grid_wall, _ = trainer.sampling_seconds()  # wall-clock estimate of the grid from 1- and 2-step calls
             cpu_per_wall = (time.process_time() - c0) / max(time.perf_counter() - w0, 1e-9)
             grid_cpu = grid_wall * cpu_per_wall
             saved[key] = {

@@ -70,7 +70,7 @@ class BudgetTrainer(Trainer):
             budget = self.budgets_s.pop(0)
             folder = self.output_dir / f"budget_{budget / 60:g}min"
             kwargs = self.pipeline_kwargs()
-            grid, _ = self.sample_grid(build_pipeline(**kwargs))
+            grid, _ = self.sample_grid(build_pipeline(**kwargs), f"sample grid at {budget / 60:g} CPU-min")
             save_pipeline(folder, training_config=self.config.to_dict(), sample_grid=grid, **kwargs)
             self.saved.append(
                 {"budget_cpu_min": budget / 60, "steps": self.step, "wall_min": self.wall_spent / 60, "folder": folder}

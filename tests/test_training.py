@@ -70,6 +70,8 @@ def tiny_flags(image_folder: Path, output_dir: Path, **overrides) -> list[str]:
     flags.update(overrides)
     argv = []
     for key, value in flags.items():
+        if value is None:  # an override of None leaves the flag out: the script's default applies
+            continue
         argv.append(f"--{key}")
         argv.extend(str(value).split(" ") if key in ("channel_mults", "attention_res") else [str(value)])
     return argv
@@ -421,6 +423,7 @@ def test_validation_grid_and_metrics_are_logged(image_folder, tmp_path):
     acc.Reload()
     tags = acc.Tags()["scalars"]
     assert "train/loss" in tags and any(tag.startswith("val/swd") for tag in tags), tags
+    assert set(acc.Tags()["images"]) == {"validation", "final"}  # the final grid reaches the trackers too
 
 
 def test_sr_model_flag_and_failed_push_leave_a_complete_folder(image_folder, tmp_path):

@@ -345,10 +345,12 @@ class TrainConfig(DataConfig, ModelConfig, NoiseConfig, HubConfig, LoopConfig):
     )
     num_validation_images: int = flag(
         16,
-        "Images in the validation grid (a class-conditional model: one row per class, at least 4 per row, this many "
-        "in all or more; with more than 16 classes, one image per class).",
+        "Images in the validation and final sample grids (a class-conditional model: one row per class, at least 4 per "
+        "row; with more than 16 classes, one image per class). 0: no grids. Left at its default, with "
+        "--validation_inference_steps, a grid is shrunk (to no fewer than 4 images x 10 steps) when it would cost more "
+        "than a tenth of the training steps it follows; the log says so.",
     )
-    validation_inference_steps: int = flag(25, "Sampler steps for validation and the final sample grid.")
+    validation_inference_steps: int = flag(25, "Sampler steps of the validation and final sample grids.")
     validation_metrics: bool = flag(False, "Log SWD and sharpness ratios at each validation.")
     sampler: str = flag(
         "dpmsolver++",
@@ -392,6 +394,12 @@ class TrainConfig(DataConfig, ModelConfig, NoiseConfig, HubConfig, LoopConfig):
             raise ValueError(f"--sharpen_amount must be >= 0, got {self.sharpen_amount}")
         if self.sharpen_calibration_images < 0:
             raise ValueError(f"--sharpen_calibration_images must be >= 0, got {self.sharpen_calibration_images}")
+        if self.num_validation_images < 0:
+            raise ValueError(
+                f"--num_validation_images must be >= 0 (0: no sample grids), got {self.num_validation_images}"
+            )
+        if self.validation_inference_steps < 1:
+            raise ValueError(f"--validation_inference_steps must be >= 1, got {self.validation_inference_steps}")
         if self.guidance_scale < 0:
             raise ValueError(f"--guidance_scale must be >= 0, got {self.guidance_scale}")
         if self.guidance_interval is not None and not (

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -24,15 +23,13 @@ from crispdiff.core.io import write_json_atomic
 from crispdiff.data.auto_classes import AUTO_CLASS_COLUMN, class_mix
 from crispdiff.diffusion.schedule import NoiseSchedule, sample_noise, scheduler_base_config
 from crispdiff.diffusion.unets import count_parameters, describe_parameters, unet_from_config
-from crispdiff.publish.export import build_pipeline, save_pipeline
+from crispdiff.publish.export import SAMPLES_NAME, build_pipeline, save_pipeline
 from crispdiff.publish.hub import maybe_push_to_hub, write_model_card
 from crispdiff.train.checkpoint import find_checkpoint
+from crispdiff.train.grids import TRAIN_PASSES_PER_IMAGE, GridPlan, plan_grid
 from crispdiff.train.loop import LoopTrainer, check_output_dir, ema_copy, make_accelerator, run_trainer, start_run
 
 logger = logging.getLogger("crispdiff")
-
-# A class-conditional validation grid has one row per class up to this many classes, one tile per class beyond.
-MAX_GRID_CLASS_ROWS = 16
 
 
 class TrainingSpace(Protocol):
@@ -225,52 +222,57 @@ class Trainer(LoopTrainer):
             return None
         return class_mix(self.space.data.class_ids, len(self.class_names))
 
-    def sample_grid(self, pipeline: Any) -> tuple[Any, torch.Tensor]:
-        """The validation grid: always the same seed, so grids at different steps are comparable.
+    def grid_plan(self) -> GridPlan:
+        """The run's sample grid (``crispdiff.train.grids``): ``--num_validation_images`` laid out by class, bounded
+        by the training between two grids (the validation period, or the whole run), so grids stay comparable."""
+        period = self.every(self.config.validation_steps, self.config.validation_epochs) or self.max_steps
+        global_batch = (
+            self.config.train_batch_size * self.accelerator.num_processes * self.config.gradient_accumulation_steps
+        )
+        span = min(period, self.max_steps) * global_batch * TRAIN_PASSES_PER_IMAGE
+        return plan_grid(self.config, self.class_names, span)
 
-        A class-conditional model gets one row per class (in class-id order, ceil(images / classes) images each but at
-        least 4, sampled with the pipeline's guidance scale), so every class can be seen to learn. With more than
-        ``MAX_GRID_CLASS_ROWS`` classes (e.g. the emoji's 90 Unicode subcategories) rows of 4 would make a grid too tall
-        to look at, so every class gets one tile instead, in class-id order, in a square grid.
+    def sample_grid(self, pipeline: Any, what: str) -> tuple[Any, torch.Tensor] | tuple[None, None]:
+        """The sample grid (``what``: "validation grid at step N", "final sample grid"), said before it starts; always
+        the same seed, so grids at different steps are comparable. ``(None, None)`` with ``--num_validation_images 0``.
         """
-        generator = torch.Generator().manual_seed(self.config.seed)
-        count, nrow, labels = self.grid_plan()
+        plan = self.grid_plan()
+        if not plan.count:
+            return None, None
+        self.accelerator.print(
+            f"crispdiff: {what}: {plan.describe()} (--num_validation_images, --validation_inference_steps; 0 images: "
+            "no grids)"
+        )
+        pipeline.set_progress_bar_config(desc=what, leave=False, disable=not self.accelerator.is_local_main_process)
         images = pipeline(
-            batch_size=count,
-            num_inference_steps=self.config.validation_inference_steps,
-            generator=generator,
+            batch_size=plan.count,
+            num_inference_steps=plan.steps,
+            generator=torch.Generator().manual_seed(self.config.seed),
             upscale=False,
             output_type="pt",
-            class_labels=labels,
+            class_labels=plan.labels,
         ).images
-        return make_grid(images, nrow=nrow, value_range=(0, 1)), images
+        return make_grid(images, nrow=plan.nrow, value_range=(0, 1)), images
 
-    def grid_plan(self) -> tuple[int, int | None, list[int] | None]:
-        """``(images, images per row or None for a square grid, class id of each or None)`` of the sample grid."""
-        count, nrow, labels = self.config.num_validation_images, None, None
-        if self.class_names:
-            num_classes = len(self.class_names)
-            if num_classes > MAX_GRID_CLASS_ROWS:
-                per_class = 1  # make_grid's default layout is the square one
-            else:
-                per_class = nrow = max(4, math.ceil(count / num_classes))
-            labels = [k for k in range(num_classes) for _ in range(per_class)]
-            count = len(labels)
-        return count, nrow, labels
-
-    def grid_seconds(self) -> float:
-        """Estimated seconds to sample one sample grid (and, per image, everything else sampled at the end)."""
+    def sampling_seconds(self) -> tuple[float, float]:
+        """Estimated seconds to sample the sample grid, and per image of everything else sampled at the end (the
+        sharpening calibration), with this machine's timings (``--time_budget_minutes``)."""
         from crispdiff.train.time_budget import sampling_seconds
 
-        count, _, labels = self.grid_plan()
-        pipeline = build_pipeline(**self.pipeline_kwargs())
-        return sampling_seconds(pipeline, count, self.config.validation_inference_steps, labels)
+        plan = self.grid_plan()
+        count = plan.count or 1  # no grid: one image still times the calibration samples
+        seconds = sampling_seconds(build_pipeline(**self.pipeline_kwargs()), count, plan.steps, plan.labels)
+        return (seconds if plan.count else 0.0), seconds / count
 
     def validate(self) -> None:
         """Sample a grid with the fast sampler (main process), save it and log it; optionally log metrics."""
         if not self.accelerator.is_main_process:
             return
-        grid, images = self.sample_grid(build_pipeline(**self.pipeline_kwargs()))
+        grid, images = self.sample_grid(
+            build_pipeline(**self.pipeline_kwargs()), f"validation grid at step {self.step}"
+        )
+        if grid is None:
+            return
         path = self.output_dir / "samples" / f"step_{self.step:07d}.png"
         path.parent.mkdir(parents=True, exist_ok=True)
         save_image_atomic(grid, path)
@@ -315,16 +317,18 @@ class Trainer(LoopTrainer):
         )
         return float(sweep["best_amount"])
 
-    def export(self, calibrate_sharpening: bool = False) -> Path:
+    def export(self, final: bool = False) -> Path:
         """Write the pipeline folder (EMA weights, DPM-Solver++ default, sample grid, training config).
 
-        With ``calibrate_sharpening`` (the final export) and ``--sharpen_calibration_images``, the saved unsharp amount
-        is the calibrated one, and the grid shows it.
+        The ``final`` export (the end of the run) logs its grid to the trackers, and with
+        ``--sharpen_calibration_images`` saves the calibrated unsharp amount, which the grid shows.
         """
         kwargs = self.pipeline_kwargs()
-        if calibrate_sharpening and self.config.sharpen_calibration_images:
+        if final and self.config.sharpen_calibration_images:
             kwargs["sharpen_amount"] = self.calibrated_sharpen_amount(build_pipeline(**kwargs))
-        grid, _ = self.sample_grid(build_pipeline(**kwargs))
+        grid, _ = self.sample_grid(build_pipeline(**kwargs), "final sample grid" if final else "sample grid")
+        if grid is not None and final:
+            self.log_grid("final", grid)
         kwargs.update(self.sr_kwargs())
         folder = save_pipeline(
             self.output_dir / "pipeline", training_config=self.config.to_dict(), sample_grid=grid, **kwargs
@@ -360,8 +364,9 @@ class Trainer(LoopTrainer):
             self.export()
 
     def finish(self) -> Path:
-        folder = self.export(calibrate_sharpening=True)
-        self.accelerator.print(f"Pipeline saved to {folder} (sample grid: {folder / 'samples.png'}).")
+        folder = self.export(final=True)
+        grid = folder / SAMPLES_NAME
+        self.accelerator.print(f"Pipeline saved to {folder}" + (f" (sample grid: {grid})." if grid.is_file() else "."))
         if self.config.push_to_hub:
             self.accelerator.print(f"Uploaded to {maybe_push_to_hub(folder, self.config)}")
         return folder
@@ -405,8 +410,7 @@ def budgeted_steps(config: TrainConfig, space: TrainingSpace, accelerator: Accel
         return steps
     probe = Trainer(config, space, make_accelerator(config))
     per_step = seconds_per_step(probe)
-    grid = agreed_seconds(accelerator, probe.grid_seconds())
-    per_image = grid / probe.grid_plan()[0]
+    grid, per_image = (agreed_seconds(accelerator, seconds) for seconds in probe.sampling_seconds())
     validation_every = probe.every(config.validation_steps, config.validation_epochs)
     del probe
     export = EXPORT_MARGIN * (grid + per_image * config.sharpen_calibration_images)

@@ -69,8 +69,8 @@ class TransferTrainer(Trainer):
             f"({describe_parameters(self.num_trainable)} trainable: --train_modules {self.config.train_modules})"
         )
 
-    def export(self, calibrate_sharpening: bool = False) -> Path:
-        folder = super().export(calibrate_sharpening)
+    def export(self, final: bool = False) -> Path:
+        folder = super().export(final)
         unet = self.accelerator.unwrap_model(self.unet)
         if self.config.save_lora_adapter and has_adapters(unet):
             saved = save_lora_adapter(unet, self.output_dir / ADAPTER_FOLDER, self.new_keys, self.ema)

@@ -15,7 +15,7 @@ import pytest
 import torch
 from PIL import Image
 from safetensors.torch import load_file
-from tiny_models import KILL_AFTER_CHECKPOINT, SIZE, base_config, tiny_vae
+from tiny_models import SIZE, base_config, kill_after_checkpoint, tiny_vae
 
 from crispdiff.core.config import TrainConfig
 from crispdiff.data.auto_classes import class_names, cluster_images, default_num_classes, kmeans
@@ -343,7 +343,7 @@ def test_an_adapting_run_killed_after_a_checkpoint_of_either_stage_resumes_exact
     out = tmp_path / "out"
     script = str(Path(__file__).resolve().parents[1] / "train_scripts" / "train_latent.py")
     env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
-    command = [sys.executable, "-c", KILL_AFTER_CHECKPOINT, stage, "2", script]
+    command = [sys.executable, "-c", kill_after_checkpoint(stage, 2), script]
     done = subprocess.run(command + adapting_flags(colour_folder, vae_dir, out), env=env, capture_output=True,
                           text=True, timeout=300)  # fmt: skip
     assert done.returncode == -9, (done.stdout + done.stderr)[-3000:]

@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from tiny_models import KILL_AFTER_CHECKPOINT, WITHOUT_CRISPDIFF
+from tiny_models import WITHOUT_CRISPDIFF, kill_after_checkpoint
 
 from crispdiff.core.config import parse_config
 from crispdiff.sd.base import load_sd, offline_clip_vocab
@@ -292,7 +292,7 @@ def test_dreambooth_killed_after_a_checkpoint_resumes_exactly(tiny_sd, subject_d
 
     out = tmp_path / "out"
     script = str(REPO / "train_scripts" / "train_dreambooth_lora.py")
-    command = [sys.executable, "-c", KILL_AFTER_CHECKPOINT, out.name, "2", script]
+    command = [sys.executable, "-c", kill_after_checkpoint(out.name, 2), script]
     env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
     done = subprocess.run(command + flags(out), capture_output=True, text=True, env=env, timeout=300)
     assert done.returncode == -9, (done.stdout + done.stderr)[-3000:]

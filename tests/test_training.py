@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from tiny_models import kill_launcher
 
 from crispdiff.core.config import TrainConfig, parse_config
 from crispdiff.train.loop import make_accelerator
@@ -165,24 +166,8 @@ def test_resume_gives_the_same_weights_as_an_uninterrupted_run(image_folder, tmp
     assert len(ckpt) == len(a) and norm(ckpt.values()) != norm(a.values())
 
 
-_KILLED_WHILE_SAVING = """
-import os, runpy, signal, sys
-import crispdiff.train.checkpoint as checkpoint
-
-real_save_ema = checkpoint._save_ema
-
-
-def save_ema_then_die(ema, directory):  # checkpoint-6: the weights and EMA are written, the state file is not
-    real_save_ema(ema, directory)
-    if directory.name.startswith("checkpoint-6"):
-        os.kill(os.getpid(), signal.SIGKILL)
-
-
-checkpoint._save_ema = save_ema_then_die
-script = sys.argv[1]
-sys.argv = sys.argv[1:]
-runpy.run_path(script, run_name="__main__")
-"""
+# checkpoint-6 half-written: its weights and EMA are there, its state file is not
+_KILLED_WHILE_SAVING = kill_launcher("crispdiff.train.checkpoint:_save_ema", "args[1].name.startswith('checkpoint-6')")
 
 
 def test_a_run_killed_while_writing_a_checkpoint_resumes_from_the_last_whole_one(image_folder, tmp_path):
@@ -209,20 +194,8 @@ def test_a_run_killed_while_writing_a_checkpoint_resumes_from_the_last_whole_one
     assert not (killed / "checkpoint-6.tmp").exists() and (killed / "checkpoint-6").is_dir()
 
 
-_KILLED_WHILE_EXPORTING = """
-import os, runpy, signal, sys
-import crispdiff.publish.export as export
-
-
-def die(*args, **kwargs):  # the new pipeline's weights and config are staged, its samples.png is not yet written
-    os.kill(os.getpid(), signal.SIGKILL)
-
-
-export.save_image_atomic = die
-script = sys.argv[1]
-sys.argv = sys.argv[1:]
-runpy.run_path(script, run_name="__main__")
-"""
+# the new pipeline's weights and config are staged, its samples.png is not yet written
+_KILLED_WHILE_EXPORTING = kill_launcher("crispdiff.publish.export:save_image_atomic", before=True)
 
 
 def test_a_run_killed_while_exporting_leaves_the_previous_pipeline_whole(image_folder, tmp_path):
@@ -550,23 +523,10 @@ def test_two_process_accelerate_launch_and_exact_resume(image_folder, tmp_path):
     assert images.images.shape == (1, 16, 16, 3)
 
 
-_KILL_ALL_RANKS_WHILE_SAVING = """
-import os, runpy, signal, sys
-import crispdiff.train.checkpoint as checkpoint
-
-real_save_ema = checkpoint._save_ema
-
-
-def save_ema_then_kill_everything(ema, directory):  # rank 0, checkpoint-6 half-written: kill launcher and ranks
-    real_save_ema(ema, directory)
-    if directory.name.startswith("checkpoint-6"):
-        os.killpg(os.getpgid(0), signal.SIGKILL)
-
-
-checkpoint._save_ema = save_ema_then_kill_everything
-sys.argv = [sys.argv[1], *sys.argv[2:]]
-runpy.run_path(sys.argv[0], run_name="__main__")
-"""
+# rank 0 with checkpoint-6 half-written kills the launcher and every rank
+_KILL_ALL_RANKS_WHILE_SAVING = kill_launcher(
+    "crispdiff.train.checkpoint:_save_ema", "args[1].name.startswith('checkpoint-6')", group=True
+)
 
 
 def test_a_two_process_run_killed_while_saving_resumes_exactly(image_folder, tmp_path):

@@ -78,29 +78,42 @@ WITHOUT_CRISPDIFF = textwrap.dedent(
 )
 
 
-#: ``python -c KILL_AFTER_CHECKPOINT FOLDER_NAME STEP SCRIPT FLAGS...`` runs a train script and SIGKILLs it right after
-#: it has written checkpoint-STEP into an output folder named FOLDER_NAME (a real crash: nothing after the checkpoint
-#: runs, no atexit, no flush), so a test can resume what a killed run really leaves.
-KILL_AFTER_CHECKPOINT = textwrap.dedent(
-    """
-    import os, runpy, signal, sys
-    from pathlib import Path
-    import crispdiff.train.loop as loop
+def kill_launcher(target: str, when: str = "True", *, before: bool = False, group: bool = False) -> str:
+    """Source for ``python -c SOURCE SCRIPT FLAGS...`` (or a wrapper file for ``accelerate launch``) that runs a train
+    script with the function ``target`` (``"module:name"``) wrapped: right after a call for which ``when`` holds (a
+    Python expression over the call's ``args``), or instead of it with ``before``, the process is SIGKILLed, with
+    ``group`` its whole process group (the launcher and every rank). A real crash: nothing after it runs, no atexit,
+    no flush, so a test resumes from what a killed run really leaves."""
+    module, name = target.split(":")
+    kill = "os.killpg(os.getpgid(0), signal.SIGKILL)" if group else "os.kill(os.getpid(), signal.SIGKILL)"
+    return textwrap.dedent(
+        f"""
+        import importlib, os, runpy, signal, sys
+        from pathlib import Path
 
-    real_save_checkpoint = loop.save_checkpoint
-    stage, step = sys.argv[1], int(sys.argv[2])
-
-
-    def save_then_die(accelerator, output_dir, at, *args, **kwargs):
-        path = real_save_checkpoint(accelerator, output_dir, at, *args, **kwargs)
-        if Path(output_dir).name == stage and at == step:
-            os.kill(os.getpid(), signal.SIGKILL)
-        return path
+        owner = importlib.import_module({module!r})
+        real = getattr(owner, {name!r})
 
 
-    loop.save_checkpoint = save_then_die
-    script = sys.argv[3]
-    sys.argv = sys.argv[3:]
-    runpy.run_path(script, run_name="__main__")
-    """
-)
+        def wrapped(*args, **kwargs):
+            if {before!r} and ({when}):
+                {kill}
+            result = real(*args, **kwargs)
+            if {when}:
+                {kill}
+            return result
+
+
+        setattr(owner, {name!r}, wrapped)
+        sys.argv = sys.argv[1:]
+        runpy.run_path(sys.argv[0], run_name="__main__")
+        """
+    )
+
+
+def kill_after_checkpoint(folder_name: str, step: int) -> str:
+    """:func:`kill_launcher` source that SIGKILLs a train script right after it has written checkpoint-``step`` into
+    an output folder named ``folder_name`` (so a two-stage run can be killed in either stage)."""
+    return kill_launcher(
+        "crispdiff.train.loop:save_checkpoint", f"Path(args[1]).name == {folder_name!r} and args[2] == {step}"
+    )

@@ -121,7 +121,8 @@ def test_a_tiny_run_saves_a_spandrel_model_that_beats_bicubic_on_its_training_im
     assert summary["steps"] == 600 and summary["num_held_out"] == 5 and summary["num_train"] == 19
     assert set(summary["held_out"]) == {"sr", "lanczos", "bicubic"}
     assert "| sr |" in (folder / "README.md").read_text()
-    assert (out / "comparison.png").is_file()
+    # comparison.png is the final network's held-out grid, drawn once (as validation at the last step)
+    assert (out / "comparison.png").read_bytes() == (out / "validation" / "step_0000600.png").read_bytes()
 
 
 def test_resume_is_exact(image_folder, tmp_path):

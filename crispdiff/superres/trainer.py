@@ -18,7 +18,7 @@ import torch
 from accelerate import Accelerator
 
 from crispdiff.core.images import make_grid, save_image_atomic
-from crispdiff.core.io import staging_folder, swap_folder_into_place, write_json_atomic
+from crispdiff.core.io import staging_folder, swap_folder_into_place, write_atomic, write_json_atomic
 from crispdiff.latent.vae_eval import split_indices
 from crispdiff.latent.vae_losses import spectral_amplitude_loss
 from crispdiff.pipelines.sr_model import WEIGHTS_NAME
@@ -104,7 +104,9 @@ class SRTrainer(LoopTrainer):
         self.accelerator.log(
             {f"val/{name}/{k}": v for name, values in metrics.items() for k, v in values.items()}, step=self.step
         )
-        grid = self.save_comparison(network, self.output_dir / "validation" / f"step_{self.step:07d}.png")
+        grid = self.last_grid = self.save_comparison(
+            network, self.output_dir / "validation" / f"step_{self.step:07d}.png"
+        )
         sr, lanczos = metrics["sr"], metrics["lanczos"]
         self.accelerator.print(
             f"step {self.step}: held-out PSNR {sr['psnr']:.2f} dB (Lanczos {lanczos['psnr']:.2f}), SSIM "
@@ -137,8 +139,9 @@ class SRTrainer(LoopTrainer):
         config = self.config
         network = self.eval_network()
         metrics = self.validate(network)
-        if len(self.held_out):
-            self.save_comparison(network, self.output_dir / "comparison.png")
+        if metrics:  # the final network's comparison grid, also kept where users look for it
+            grid = self.last_grid.read_bytes()
+            write_atomic(self.output_dir / "comparison.png", lambda handle: handle.write(grid), binary=True)
         component = as_sr_component(network.cpu(), source=f"crispdiff train_sr.py ({Path(config.output_dir).name})")
         summary = {
             "steps": self.step,

@@ -153,6 +153,11 @@ def fused_adamw_supported(parameters: list[Any]) -> bool:
     return devices == {"cpu"} and TorchVersion(torch.__version__) >= (2, 4)
 
 
+def images_per_optimizer_step(config: LoopConfig, num_processes: int) -> int:
+    """Images per optimizer step: the micro-batch x gradient accumulation x processes."""
+    return config.train_batch_size * config.gradient_accumulation_steps * num_processes
+
+
 def scaled_learning_rate(config: LoopConfig, num_processes: int) -> float:
     """--learning_rate, or with --scale_lr the linear scaling rule (Goyal et al. 2017): lr x global batch / reference.
 
@@ -164,8 +169,7 @@ def scaled_learning_rate(config: LoopConfig, num_processes: int) -> float:
         return config.learning_rate
     if config.lr_reference_batch < 1:
         raise FlagError(f"--lr_reference_batch must be >= 1, got {config.lr_reference_batch}")
-    global_batch = config.train_batch_size * config.gradient_accumulation_steps * num_processes
-    return config.learning_rate * global_batch / config.lr_reference_batch
+    return config.learning_rate * images_per_optimizer_step(config, num_processes) / config.lr_reference_batch
 
 
 def total_train_steps(config: LoopConfig, batches_per_epoch: int) -> int:
@@ -396,9 +400,9 @@ class LoopTrainer:
         """The loop and the final save, leaving the process group up for a later stage (e.g. the UNet after an
         adapted VAE). Returns what `finish` saved (on the main process; None elsewhere)."""
         config, accelerator = self.config, self.accelerator
-        global_batch = config.train_batch_size * accelerator.num_processes * config.gradient_accumulation_steps
+        images_per_step = images_per_optimizer_step(config, accelerator.num_processes)
         accelerator.print(
-            f"crispdiff: {self.describe()}, {self.max_steps} steps of {global_batch} images "
+            f"crispdiff: {self.describe()}, {self.max_steps} steps of {images_per_step} images "
             f"({accelerator.num_processes} process(es), precision {accelerator.mixed_precision})."
         )
         progress = tqdm(
@@ -410,7 +414,7 @@ class LoopTrainer:
         window_start, window_images = time.perf_counter(), 0
         while self.step < self.max_steps:
             losses = self.optimizer_step()
-            window_images += global_batch
+            window_images += images_per_step
             progress.update(1)
             if self.step % 10 == 0 or self.step == self.max_steps:
                 self._log(losses, window_images / max(time.perf_counter() - window_start, 1e-9), progress)

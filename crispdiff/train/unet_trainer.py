@@ -27,7 +27,15 @@ from crispdiff.publish.export import SAMPLES_NAME, build_pipeline, save_pipeline
 from crispdiff.publish.hub import maybe_push_to_hub, write_model_card
 from crispdiff.train.checkpoint import find_checkpoint
 from crispdiff.train.grids import TRAIN_PASSES_PER_IMAGE, GridPlan, plan_grid
-from crispdiff.train.loop import LoopTrainer, check_output_dir, ema_copy, make_accelerator, run_trainer, start_run
+from crispdiff.train.loop import (
+    LoopTrainer,
+    check_output_dir,
+    ema_copy,
+    images_per_optimizer_step,
+    make_accelerator,
+    run_trainer,
+    start_run,
+)
 
 logger = logging.getLogger("crispdiff")
 
@@ -226,10 +234,8 @@ class Trainer(LoopTrainer):
         """The run's sample grid (``crispdiff.train.grids``): ``--num_validation_images`` laid out by class, bounded
         by the training between two grids (the validation period, or the whole run), so grids stay comparable."""
         period = self.every(self.config.validation_steps, self.config.validation_epochs) or self.max_steps
-        global_batch = (
-            self.config.train_batch_size * self.accelerator.num_processes * self.config.gradient_accumulation_steps
-        )
-        span = min(period, self.max_steps) * global_batch * TRAIN_PASSES_PER_IMAGE
+        images_per_step = images_per_optimizer_step(self.config, self.accelerator.num_processes)
+        span = min(period, self.max_steps) * images_per_step * TRAIN_PASSES_PER_IMAGE
         return plan_grid(self.config, self.class_names, span)
 
     def sample_grid(self, pipeline: Any, what: str) -> tuple[Any, torch.Tensor] | tuple[None, None]:

@@ -38,6 +38,16 @@ def openmoji_dir() -> Path:
 
 
 @pytest.fixture(autouse=True)
+def _fresh_accelerate_state():
+    """accelerate keeps one process-wide state; each test's runs build their own Accelerator (with their own
+    precision), as a real training process does once."""
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+    yield
+
+
+@pytest.fixture(autouse=True)
 def _few_threads():
     """Two cores on CI: keep torch from oversubscribing them."""
     import torch

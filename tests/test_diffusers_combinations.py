@@ -20,14 +20,6 @@ from crispdiff.sd.trainer import train_dreambooth_lora, train_text_to_image_lora
 from crispdiff.train.unet_trainer import train
 
 
-@pytest.fixture(autouse=True)
-def _fresh_accelerate_state():
-    from accelerate.state import AcceleratorState
-
-    AcceleratorState._reset_state(reset_partial_state=True)
-    yield
-
-
 @pytest.fixture(scope="module")
 def inputs(tmp_path_factory) -> dict[str, Path]:
     """A tiny SD base, four pictures of a subject, and a captioned ``datasets`` dataset of four."""

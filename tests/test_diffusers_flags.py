@@ -30,14 +30,6 @@ SCRIPTS = {
 }
 
 
-@pytest.fixture(autouse=True)
-def _fresh_accelerate_state():
-    from accelerate.state import AcceleratorState
-
-    AcceleratorState._reset_state(reset_partial_state=True)
-    yield
-
-
 def reference_flags(script: str) -> set[str]:
     """The ``--flags`` a reference script's argparse defines, read from its source."""
     path = shared_dir() / "reference" / "diffusers-examples" / script

@@ -8,7 +8,7 @@ import dataclasses
 import pytest
 from PIL import Image
 from test_latent import image_dir, make_config, vae_dir  # noqa: F401 - fixtures
-from test_training import _fresh_accelerate_state, image_folder, tiny_config  # noqa: F401 - fixtures
+from test_training import image_folder, tiny_config  # noqa: F401 - fixture
 
 from crispdiff.core.config import TrainConfig
 from crispdiff.latent.trainer import train_latent

@@ -36,15 +36,6 @@ CLASSES = ["disc", "ring", "square"]  # sorted: ids 0, 1, 2; the null class is 3
 PER_CLASS = 4
 
 
-@pytest.fixture(autouse=True)
-def _fresh_accelerate_state():
-    """accelerate keeps one process-wide state; each run here builds its own Accelerator."""
-    from accelerate.state import AcceleratorState
-
-    AcceleratorState._reset_state(reset_partial_state=True)
-    yield
-
-
 def _shape_image(kind: str, rng: np.random.Generator) -> np.ndarray:
     yy, xx = np.mgrid[:SIZE, :SIZE]
     cy, cx, r = rng.integers(6, 10), rng.integers(6, 10), rng.integers(4, 6)

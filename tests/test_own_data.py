@@ -31,15 +31,6 @@ COLOURS = [(220, 30, 30), (30, 160, 40), (40, 60, 220)]  # three groups the clus
 PER_COLOUR = 6
 
 
-@pytest.fixture(autouse=True)
-def _fresh_accelerate_state():
-    """accelerate keeps one process-wide state; each run here builds its own Accelerator."""
-    from accelerate.state import AcceleratorState
-
-    AcceleratorState._reset_state(reset_partial_state=True)
-    yield
-
-
 @pytest.fixture(scope="module")
 def colour_folder(tmp_path_factory) -> Path:
     """18 unlabelled 16 px images (no metadata): a red, green or blue field, a white disc of varied size and place."""

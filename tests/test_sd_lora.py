@@ -99,15 +99,6 @@ def make_tiny_sd(folder: Path, prediction_type: str = "epsilon") -> Path:
     return folder / "sd"
 
 
-@pytest.fixture(autouse=True)
-def _fresh_accelerate_state():
-    """accelerate keeps one process-wide state; a run with another precision needs a fresh one."""
-    from accelerate.state import AcceleratorState
-
-    AcceleratorState._reset_state(reset_partial_state=True)
-    yield
-
-
 @pytest.fixture(scope="module")
 def tiny_sd(tmp_path_factory) -> Path:
     return make_tiny_sd(tmp_path_factory.mktemp("tiny_sd"))

@@ -21,16 +21,6 @@ from crispdiff.train.unet_trainer import PixelSpace, Trainer, train
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture(autouse=True)
-def _fresh_accelerate_state():
-    """accelerate keeps one process-wide state; a run with other precision settings needs a fresh one (a real
-    training process only ever creates one)."""
-    from accelerate.state import AcceleratorState
-
-    AcceleratorState._reset_state(reset_partial_state=True)
-    yield
-
-
 @pytest.fixture(scope="module")
 def image_folder(tmp_path_factory) -> Path:
     """Eight 16 px images: coloured discs on white, so there is structure to learn."""

@@ -43,14 +43,6 @@ from crispdiff.transfer.trainer import TransferTrainer, prepare_unet
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture(autouse=True)
-def _fresh_accelerate_state():
-    from accelerate.state import AcceleratorState
-
-    AcceleratorState._reset_state(reset_partial_state=True)
-    yield
-
-
 def tiny_attention_unet(seed: int = 0, sample_size: int = 16) -> UNet2DModel:
     """Two levels (8, 16 channels), attention on the second level and in the middle: ddpm-cifar10's layout in small."""
     torch.manual_seed(seed)

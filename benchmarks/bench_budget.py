@@ -41,7 +41,7 @@ from crispdiff.evaluate.evaluation import evaluate_samples, load_reference_data
 from crispdiff.evaluate.sampling import generate_samples, reference_class_mix, reference_classes
 from crispdiff.latent.trainer import LatentTrainConfig, build_latent_space
 from crispdiff.latent.vae import load_vae
-from crispdiff.publish.export import build_pipeline, load_pipeline, save_pipeline
+from crispdiff.publish.export import load_pipeline, save_pipeline
 from crispdiff.train.loop import run_trainer, start_run
 from crispdiff.train.unet_trainer import Trainer
 
@@ -70,7 +70,7 @@ class BudgetTrainer(Trainer):
             budget = self.budgets_s.pop(0)
             folder = self.output_dir / f"budget_{budget / 60:g}min"
             kwargs = self.pipeline_kwargs()
-            grid, _ = self.sample_grid(build_pipeline(**kwargs), f"sample grid at {budget / 60:g} CPU-min")
+            grid, _ = self.sample_grid(f"sample grid at {budget / 60:g} CPU-min", kwargs)
             save_pipeline(folder, training_config=self.config.to_dict(), sample_grid=grid, **kwargs)
             self.saved.append(
                 {"budget_cpu_min": budget / 60, "steps": self.step, "wall_min": self.wall_spent / 60, "folder": folder}

@@ -157,12 +157,12 @@ def test_trainer_builds_a_class_embedding_with_a_null_row_and_drops_labels_from_
     assert torch.equal(trainer.noise_generator.get_state(), replay.get_state()), "draws beyond the dropout coin"
 
     # the validation grid has one row per class: ceil(4 images / 3 classes) = 2, but at least 4 columns; 3 rows
-    grid, images = trainer.sample_grid(build_pipeline(**trainer.pipeline_kwargs()), "validation grid")
+    grid, images = trainer.sample_grid("validation grid")
     assert images.shape[0] == 12 and grid.size == (4 * SIZE, 3 * SIZE)
 
     # more classes than MAX_GRID_CLASS_ROWS (90 emoji subcategories would be 360 tiles): one tile per class, square
     monkeypatch.setattr(grids, "MAX_GRID_CLASS_ROWS", 2)
-    grid, images = trainer.sample_grid(build_pipeline(**trainer.pipeline_kwargs()), "validation grid")
+    grid, images = trainer.sample_grid("validation grid")
     assert images.shape[0] == len(CLASSES) and grid.size == (2 * SIZE, 2 * SIZE)
 
 

@@ -238,13 +238,17 @@ class Trainer(LoopTrainer):
         span = min(period, self.max_steps) * images_per_step * TRAIN_PASSES_PER_IMAGE
         return plan_grid(self.config, self.class_names, span)
 
-    def sample_grid(self, pipeline: Any, what: str) -> tuple[Any, torch.Tensor] | tuple[None, None]:
+    def sample_grid(
+        self, what: str, pipeline_kwargs: dict[str, Any] | None = None
+    ) -> tuple[Any, torch.Tensor] | tuple[None, None]:
         """The sample grid (``what``: "validation grid at step N", "final sample grid"), said before it starts; always
-        the same seed, so grids at different steps are comparable. ``(None, None)`` with ``--num_validation_images 0``.
+        the same seed, so grids at different steps are comparable. The pipeline is built from ``pipeline_kwargs``
+        (default: this run's) only when there is a grid to draw: ``(None, None)`` with ``--num_validation_images 0``.
         """
         plan = self.grid_plan()
         if not plan.count:
             return None, None
+        pipeline = build_pipeline(**(pipeline_kwargs or self.pipeline_kwargs()))
         self.accelerator.print(
             f"crispdiff: {what}: {plan.describe()} (--num_validation_images, --validation_inference_steps; 0 images: "
             "no grids)"
@@ -274,9 +278,7 @@ class Trainer(LoopTrainer):
         """Sample a grid with the fast sampler (main process), save it and log it; optionally log metrics."""
         if not self.accelerator.is_main_process:
             return
-        grid, images = self.sample_grid(
-            build_pipeline(**self.pipeline_kwargs()), f"validation grid at step {self.step}"
-        )
+        grid, images = self.sample_grid(f"validation grid at step {self.step}")
         if grid is None:
             return
         path = self.output_dir / "samples" / f"step_{self.step:07d}.png"
@@ -332,7 +334,7 @@ class Trainer(LoopTrainer):
         kwargs = self.pipeline_kwargs()
         if final and self.config.sharpen_calibration_images:
             kwargs["sharpen_amount"] = self.calibrated_sharpen_amount(build_pipeline(**kwargs))
-        grid, _ = self.sample_grid(build_pipeline(**kwargs), "final sample grid" if final else "sample grid")
+        grid, _ = self.sample_grid("final sample grid" if final else "sample grid", kwargs)
         if grid is not None and final:
             self.log_grid("final", grid)
         kwargs.update(self.sr_kwargs())

@@ -407,10 +407,11 @@ class CrispDiffPipeline(DiffusionPipeline):
             at noise levels ``sigma_t = sqrt((1 - alpha_bar_t) / alpha_bar_t)`` in ``(min, max]`` (Kynkaanniemi et
             al. 2024); the other steps run the conditional model alone. Guidance at the noisiest steps pulls every
             sample of a class towards one layout and at the cleanest ones adds nothing; None = no limit.
+        autoguidance_scale: the default strength of autoguidance with ``guide_unet`` (1 = off), see ``__call__``.
     """
 
-    model_cpu_offload_seq = "unet->vae->sr_model"
-    _optional_components = ["vae", "sr_model"]
+    model_cpu_offload_seq = "unet->guide_unet->vae->sr_model"
+    _optional_components = ["vae", "sr_model", "guide_unet"]
 
     def __init__(
         self,
@@ -434,6 +435,8 @@ class CrispDiffPipeline(DiffusionPipeline):
         class_mix: list[float] | dict[str, float] | None = None,
         guidance_min_sigma: float | None = None,
         guidance_max_sigma: float | None = None,
+        guide_unet: ModelMixin | None = None,
+        autoguidance_scale: float = 1.0,
     ):
         super().__init__()
         names = class_name_list(class_names)
@@ -456,7 +459,9 @@ class CrispDiffPipeline(DiffusionPipeline):
                 "thresholding clips pixels to [-1, 1] and does not apply to a latent (vae) model; ignoring it"
             )
             thresholding = False
-        self.register_modules(unet=unet, scheduler=scheduler, vae=vae, sr_model=sr_model)
+        if guide_unet is not None and getattr(guide_unet.config, "num_class_embeds", None) != num_class_embeds:
+            raise ValueError("guide_unet must take the same class labels as unet (num_class_embeds differs)")
+        self.register_modules(unet=unet, scheduler=scheduler, vae=vae, sr_model=sr_model, guide_unet=guide_unet)
         self.register_to_config(
             sampler=sampler,
             beta_schedule=beta_schedule,
@@ -474,6 +479,7 @@ class CrispDiffPipeline(DiffusionPipeline):
             class_mix=None if mix is None else {str(i): share for i, share in enumerate(mix)},
             guidance_min_sigma=None if guidance_min_sigma is None else float(guidance_min_sigma),
             guidance_max_sigma=None if guidance_max_sigma is None else float(guidance_max_sigma),
+            autoguidance_scale=float(autoguidance_scale),
         )
 
     @property
@@ -656,17 +662,24 @@ class CrispDiffPipeline(DiffusionPipeline):
         class_labels: torch.Tensor | None = None,
         guidance_scale: float = 1.0,
         guidance_interval: tuple[float, float] | None = None,
+        autoguidance_scale: float = 1.0,
     ) -> torch.Tensor:
         """The sampling loop; the sample stays in float32 whatever the unet's dtype.
 
-        With ``guidance_scale != 1`` each step is one unet call on the batch twice over (conditional, then null
-        labels) combined as ``uncond + s * (cond - uncond)`` (Ho & Salimans 2022): one call of twice the batch costs
-        less than two calls. Labels are passed only when there are any, so unconditional unets keep their plain
-        ``unet(x, t)`` call.
+        With ``guidance_scale != 1`` each step in the guidance interval is one unet call on the batch twice over
+        (conditional, then null labels) combined as ``uncond + s * (cond - uncond)`` (Ho & Salimans 2022): one
+        call of twice the batch costs less than two calls. With ``autoguidance_scale != 1`` every step also asks
+        ``guide_unet`` (a weaker version of the model) for its prediction under the same labels and adds
+        ``(w - 1) * (cond - guide)`` (Karras et al. 2024): the difference points away from the mistakes a weaker
+        model makes, and needs no labels. Labels are passed only when there are any, so unconditional unets keep
+        their plain ``unet(x, t)`` call.
         """
         null_id = None if class_labels is None else int(self.unet.config.num_class_embeds) - 1
         guided = class_labels is not None and guidance_scale != 1.0 and bool((class_labels != null_id).any())
         both = None if not guided else torch.cat([class_labels, torch.full_like(class_labels, null_id)])
+        autoguided = autoguidance_scale != 1.0
+        if autoguided and self.guide_unet is None:
+            raise ValueError(f"autoguidance_scale={autoguidance_scale} needs a guide_unet; this pipeline has none")
         scheduler.set_timesteps(num_inference_steps, device=device)
         noise_levels = timestep_sigmas(scheduler)
         sample = sample * scheduler.init_noise_sigma
@@ -675,17 +688,22 @@ class CrispDiffPipeline(DiffusionPipeline):
         if isinstance(scheduler, DDIMScheduler) and scheduler.config.clip_sample:
             # keep the noise estimate consistent with the clipped x0, or every step re-injects the clipped excess
             step_kwargs["use_clipped_model_output"] = True
+        label_kwargs = {} if class_labels is None else {"class_labels": class_labels}
         for t in self.progress_bar(scheduler.timesteps):
             model_input = scheduler.scale_model_input(sample, t).to(self.unet.dtype)
             guide = guided and in_interval(noise_levels[int(t)], guidance_interval)
-            if guide:
-                model_input = torch.cat([model_input, model_input])
             labels = both if guide else class_labels
             unet_kwargs = {} if labels is None else {"class_labels": labels}
-            model_output = self.unet(model_input, t, **unet_kwargs).sample.float()
+            batch = torch.cat([model_input, model_input]) if guide else model_input
+            model_output = self.unet(batch, t, **unet_kwargs).sample.float()
             if guide:
                 cond, uncond = model_output.chunk(2)
                 model_output = uncond + guidance_scale * (cond - uncond)
+            else:
+                cond = model_output
+            if autoguided:
+                weak = self.guide_unet(model_input.to(self.guide_unet.dtype), t, **label_kwargs).sample.float()
+                model_output = model_output + (autoguidance_scale - 1.0) * (cond - weak)
             sample = scheduler.step(model_output, t, sample, **step_kwargs).prev_sample
         return sample
 
@@ -750,6 +768,7 @@ class CrispDiffPipeline(DiffusionPipeline):
         class_labels: int | str | list[int | str] | torch.Tensor | None = None,
         guidance_scale: float | None = None,
         guidance_interval: tuple[float, float] | None = None,
+        autoguidance_scale: float | None = None,
     ) -> ImagePipelineOutput | tuple:
         """Generate ``batch_size`` images.
 
@@ -775,6 +794,9 @@ class CrispDiffPipeline(DiffusionPipeline):
                 s > 1 pushes samples towards their class, ``uncond + s * (cond - uncond)`` (two passes in one batch).
                 Default: the scale the model was saved with (``config.guidance_scale``; 1.0 for folders without one),
                 used only when there are class labels (given, or drawn from :attr:`class_mix`).
+            autoguidance_scale: autoguidance strength w with ``guide_unet``, a weaker version of the model: every step
+                adds ``(w - 1) * (cond - guide)``; 1 = off. Works with or without class labels, on top of
+                classifier-free guidance. Default: the scale the model was saved with (``config.autoguidance_scale``).
         """
         if output_type not in OUTPUT_TYPES:
             raise ValueError(f"output_type must be one of {OUTPUT_TYPES}, got {output_type!r}")
@@ -798,8 +820,19 @@ class CrispDiffPipeline(DiffusionPipeline):
             raise ValueError(f"guidance_scale={guidance_scale} needs a class-conditional model; this unet is not one")
         if guidance_interval is None:
             guidance_interval = self.default_guidance_interval
+        if autoguidance_scale is None:
+            saved = float(self.config.get("autoguidance_scale", 1.0))
+            autoguidance_scale = saved if self.guide_unet is not None else 1.0
         sample = self._denoise(
-            scheduler, sample, num_inference_steps, generator, device, labels, guidance_scale, guidance_interval
+            scheduler,
+            sample,
+            num_inference_steps,
+            generator,
+            device,
+            labels,
+            guidance_scale,
+            guidance_interval,
+            autoguidance_scale,
         )
         images01 = self.decode(sample)
         if do_upscale:

@@ -156,6 +156,47 @@ def test_resume_gives_the_same_weights_as_an_uninterrupted_run(image_folder, tmp
     assert len(ckpt) == len(a) and norm(ckpt.values()) != norm(a.values())
 
 
+def test_autoguidance_guide_is_the_ema_at_its_snapshot_and_survives_a_resume(image_folder, tmp_path):
+    """--autoguidance_scale 2 --autoguidance_snapshot 0.5 over 6 steps: the guide is the EMA after step 3 (taken
+    before that step's checkpoint is written), it is saved in the pipeline with the scale, a run resumed from the
+    checkpoint ends with the same guide and UNet, and a plain diffusers load samples with it by default."""
+    import shutil
+
+    from diffusers import DiffusionPipeline, UNet2DModel
+    from safetensors.torch import load_file
+
+    overrides = dict(max_train_steps=6, checkpointing_steps=3, autoguidance_scale=2, autoguidance_snapshot=0.5)
+    full = tmp_path / "full"
+    train(tiny_config(image_folder, full, **overrides))
+    guide = load_file(str(full / "pipeline" / "guide_unet" / "diffusion_pytorch_model.safetensors"))
+    ema_at_3 = load_file(str(full / "checkpoint-3" / "ema.safetensors"))
+    in_order = list(UNet2DModel.from_pretrained(full / "pipeline" / "guide_unet").parameters())
+    assert len(in_order) == len(ema_at_3) and len(guide) == len(ema_at_3)
+    assert all(torch.equal(ema_at_3[f"shadow.{i}"], p.detach()) for i, p in enumerate(in_order))
+    final = _pipeline_weights(full / "pipeline")
+    assert any(not torch.equal(final[k], guide[k]) for k in final), "the guide must be a less trained model"
+
+    resumed = tmp_path / "resumed"
+    resumed.mkdir()
+    shutil.copytree(full / "checkpoint-3", resumed / "checkpoint-3")
+    train(tiny_config(image_folder, resumed, resume_from_checkpoint="latest", **overrides))
+    again = load_file(str(resumed / "pipeline" / "guide_unet" / "diffusion_pytorch_model.safetensors"))
+    assert all(torch.equal(guide[k], again[k]) for k in guide)
+    assert all(torch.equal(final[k], v) for k, v in _pipeline_weights(resumed / "pipeline").items())
+
+    pipe = DiffusionPipeline.from_pretrained(str(full / "pipeline"), trust_remote_code=True)
+    assert pipe.config.autoguidance_scale == 2.0 and pipe.guide_unet is not None
+    guided, repeated = _sample(pipe), _sample(pipe)
+    np.testing.assert_array_equal(guided, repeated)
+    assert not np.array_equal(guided, _sample_with(pipe, autoguidance_scale=1.0))
+
+
+def _sample_with(pipe, seed: int = 7, **kwargs) -> np.ndarray:
+    pipe.set_progress_bar_config(disable=True)
+    generator = torch.Generator().manual_seed(seed)
+    return pipe(batch_size=2, num_inference_steps=3, generator=generator, output_type="np", **kwargs).images
+
+
 # checkpoint-6 half-written: its weights and EMA are there, its state file is not
 _KILLED_WHILE_SAVING = kill_launcher("crispdiff.train.checkpoint:_save_ema", "args[1].name.startswith('checkpoint-6')")
 

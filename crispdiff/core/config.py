@@ -343,6 +343,17 @@ class TrainConfig(DataConfig, ModelConfig, NoiseConfig, HubConfig, LoopConfig):
         "(Kynkaanniemi et al. 2024), saved as the pipeline's default; the other sampling steps run the conditional "
         "model alone. Two numbers, MIN MAX; default: every step.",
     )
+    autoguidance_scale: float = flag(
+        1.0,
+        "Autoguidance (Karras et al. 2024) strength saved as the pipeline's default: every sampling step adds "
+        "(w - 1) x (model - guide), where the guide is a weaker version of the same model (--autoguidance_snapshot); "
+        "no labels needed, and it combines with classifier-free guidance. 1 = off.",
+    )
+    autoguidance_snapshot: float = flag(
+        0.25,
+        "With --autoguidance_scale: the guide model is the EMA weights after this fraction of the training steps "
+        "(a less trained model whose mistakes the guidance steers away from), saved in the pipeline as guide_unet.",
+    )
     num_validation_images: int = flag(
         16,
         "Images in the validation and final sample grids (a class-conditional model: one row per class, at least 4 per "
@@ -409,6 +420,12 @@ class TrainConfig(DataConfig, ModelConfig, NoiseConfig, HubConfig, LoopConfig):
         interval = self.guidance_interval
         if interval is not None and interval[0] <= 0 and math.isinf(interval[1]):
             self.guidance_interval = None  # every step: stored as no interval
+        if self.autoguidance_scale < 1:
+            raise ValueError(f"--autoguidance_scale must be >= 1 (1 = off), got {self.autoguidance_scale}")
+        if not 0 < self.autoguidance_snapshot < 1:
+            raise ValueError(f"--autoguidance_snapshot must be a fraction in (0, 1), got {self.autoguidance_snapshot}")
+        if self.autoguidance_scale == 1 and "autoguidance_snapshot" in getattr(self, "explicit_flags", frozenset()):
+            raise ValueError("--autoguidance_snapshot needs --autoguidance_scale above 1 (autoguidance is off at 1)")
         if self.time_budget_minutes is not None and not self.time_budget_minutes > 0:
             raise ValueError(f"--time_budget_minutes must be positive, got {self.time_budget_minutes}")
         if self.num_auto_classes is not None and self.num_auto_classes < 2:

@@ -71,13 +71,16 @@ def build_pipeline(
     guidance_scale: float = 1.0,
     class_mix: list[float] | None = None,
     guidance_interval: list[float] | tuple[float, float] | None = None,
+    guide_unet: ModelMixin | None = None,
+    autoguidance_scale: float = 1.0,
 ) -> CrispDiffPipeline:
     """The in-memory pipeline that :func:`save_pipeline` writes (also handy for sampling during training).
 
     ``class_names`` (a class-conditional unet's classes, id order) go into the pipeline config, so
     ``pipe(class_labels="name")`` works after loading, and ``guidance_scale`` becomes the default of labelled calls;
     ``class_mix`` (auto classes) is what calls without labels sample, and ``guidance_interval`` (min, max sigma) where
-    guidance applies. ``upscale`` is whether calls upscale by default (None: whenever there is an ``sr_model``).
+    guidance applies; ``guide_unet`` (a weaker version of ``unet``) and ``autoguidance_scale`` are autoguidance's.
+    ``upscale`` is whether calls upscale by default (None: whenever there is an ``sr_model``).
     """
     if not isinstance(unet, ModelMixin):
         raise TypeError(f"unet must be a diffusers UNet2DModel, got {type(unet).__name__}")
@@ -105,6 +108,8 @@ def build_pipeline(
         class_mix=class_mix,
         guidance_min_sigma=None if guidance_interval is None else guidance_interval[0],
         guidance_max_sigma=None if guidance_interval is None else guidance_interval[1],
+        guide_unet=guide_unet,
+        autoguidance_scale=autoguidance_scale,
     )
 
 

@@ -15,6 +15,7 @@ import torch
 from accelerate import Accelerator
 from accelerate.utils import set_seed
 from diffusers import UNet2DModel
+from safetensors.torch import load_file, save_file
 
 from crispdiff.core.config import TrainConfig
 from crispdiff.core.errors import FlagError
@@ -35,9 +36,13 @@ from crispdiff.train.loop import (
     make_accelerator,
     run_trainer,
     start_run,
+    untouched_rng,
 )
 
 logger = logging.getLogger("crispdiff")
+
+#: The autoguidance guide model's weights inside a checkpoint folder.
+GUIDE_FILE = "guide_unet.safetensors"
 
 
 class TrainingSpace(Protocol):
@@ -154,6 +159,11 @@ class Trainer(LoopTrainer):
             # in place (nn.Module.compile): state-dict keys, EMA, checkpoints and the saved pipeline are unchanged
             accelerator.unwrap_model(self.unet).compile(backend=config.torch_compile_backend)
         self.schedule = NoiseSchedule.from_config(config).to(device)
+        self.guide_unet: UNet2DModel | None = None
+        self.guide_step = autoguidance_guide_step(config, self.max_steps)
+        if self.guide_step is not None:
+            accelerator.register_save_state_pre_hook(self._save_guide)
+            accelerator.register_load_state_pre_hook(self._load_guide)
         prepare = getattr(space, "prepare", None)
         if callable(prepare):  # e.g. keep the uint8 images on the GPU when they fit
             prepare(device)
@@ -200,6 +210,29 @@ class Trainer(LoopTrainer):
         self.position = self.batches.advance(self.position)
         return {"loss": loss.detach()}
 
+    def optimizer_step(self) -> dict[str, torch.Tensor]:
+        """One optimizer step; at ``--autoguidance_snapshot`` of the run, keep the EMA weights as the guide model
+        (before any checkpoint of this step is written, so a resumed run has it)."""
+        losses = super().optimizer_step()
+        if self.step == self.guide_step:
+            with untouched_rng():  # building the copy initialises weights from the global RNG (dropout's)
+                self.guide_unet = self.sampling_unet()
+        return losses
+
+    def _save_guide(self, models: Any, weights: Any, folder: str) -> None:
+        """accelerate's save-state hook: the guide model, once taken, goes into the checkpoint (safetensors)."""
+        if self.guide_unet is not None and self.accelerator.is_main_process:
+            save_file(self.guide_unet.state_dict(), str(Path(folder) / GUIDE_FILE))
+
+    def _load_guide(self, models: Any, folder: str) -> None:
+        """accelerate's load-state hook: restore the guide model of a checkpoint taken after the snapshot."""
+        path = Path(folder) / GUIDE_FILE
+        if path.is_file():
+            with untouched_rng():
+                guide = self.sampling_unet()
+            guide.load_state_dict(load_file(str(path)))
+            self.guide_unet = guide
+
     def sampling_unet(self) -> UNet2DModel:
         """A standalone copy of the UNet carrying the EMA weights (or the raw ones without EMA), in fp32."""
         return ema_copy(self.accelerator.unwrap_model(self.unet), self.ema).to(self.accelerator.device)
@@ -220,6 +253,8 @@ class Trainer(LoopTrainer):
             guidance_scale=self.config.guidance_scale if self.class_names else 1.0,
             class_mix=self.auto_class_mix(),
             guidance_interval=self.config.guidance_interval if self.class_names else None,
+            guide_unet=self.guide_unet,
+            autoguidance_scale=self.config.autoguidance_scale if self.guide_unet is not None else 1.0,
             **self.space.pipeline_components(),
         )
 
@@ -378,6 +413,13 @@ class Trainer(LoopTrainer):
         if self.config.push_to_hub:
             self.accelerator.print(f"Uploaded to {maybe_push_to_hub(folder, self.config)}")
         return folder
+
+
+def autoguidance_guide_step(config: TrainConfig, max_steps: int) -> int | None:
+    """The step after which the EMA weights become the autoguidance guide (None: autoguidance off)."""
+    if config.autoguidance_scale == 1:
+        return None
+    return max(1, round(config.autoguidance_snapshot * max_steps))
 
 
 def train(config: TrainConfig, space: TrainingSpace | None = None, budget: Any = None) -> Path | None:

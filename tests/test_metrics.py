@@ -297,3 +297,27 @@ def test_validation_metrics_are_cheap_flat_and_deterministic():
     assert first == M.compute_validation_metrics(real, fake, seed=0)
     assert {"swd_avg", "swd_32", "swd_16", "hf_energy_ratio", "laplacian_var_ratio", "colour_blob"} <= set(first)
     assert all(isinstance(v, float) and np.isfinite(v) for v in first.values())
+
+
+def test_feature_precision_recall_tell_fidelity_from_coverage():
+    """Same distribution: all four near their real-vs-real values; far away: zero; a collapse onto a fifth of the
+    real vectors: precise but not covering; spread too wide: covering the data but imprecise."""
+    from crispdiff.evaluate.feature_metrics import feature_precision_recall, kth_neighbour_radii
+
+    generator = torch.Generator().manual_seed(0)
+    real = torch.randn(600, 8, generator=generator)
+    same = feature_precision_recall(real, torch.randn(600, 8, generator=generator))
+    assert same["precision"] > 0.8 and same["recall"] > 0.8 and same["coverage"] > 0.8
+    assert 0.8 < same["density"] < 1.2
+    far = feature_precision_recall(real, torch.randn(600, 8, generator=generator) + 20)
+    assert far == {"precision": 0.0, "recall": 0.0, "density": 0.0, "coverage": 0.0}
+    collapsed = real[:120].repeat(5, 1) + 0.01 * torch.randn(600, 8, generator=generator)
+    mode = feature_precision_recall(real, collapsed)
+    assert mode["precision"] > 0.95 and mode["recall"] < 0.3 and mode["coverage"] < same["coverage"] - 0.2
+    wide = feature_precision_recall(real, 3 * torch.randn(600, 8, generator=generator))
+    assert wide["precision"] < 0.5 and wide["recall"] > same["recall"] - 0.1 and wide["density"] < 0.3
+    # the radius of each ball is the distance to the k-th other vector, never to itself
+    line = torch.tensor([[0.0], [1.0], [3.0], [6.0]])
+    assert kth_neighbour_radii(line, 1).tolist() == [1.0, 1.0, 2.0, 3.0]
+    with pytest.raises(ValueError, match="k=3"):
+        kth_neighbour_radii(line[:3], 3)

@@ -142,13 +142,16 @@ def measure(args: argparse.Namespace) -> None:
     for guide in args.guide or [None]:
         for ag in args.ag:
             for cfg in args.cfg or [None]:
-                settings.append({"guide": guide, "ag": ag, "cfg": cfg})
+                for sharpen in args.sharpen or [None]:
+                    settings.append({"guide": guide, "ag": ag, "cfg": cfg, "sharpen": sharpen})
+    own_sharpen = pipeline.config.sharpen_amount
     for setting in settings:
         guide = None
-        if setting["guide"] is not None:
+        if setting["guide"]:  # 0 / None: no guide
             guide = UNet2DModel.from_pretrained(run / f"snapshot-{setting['guide']:06d}").eval()
         pipeline.register_modules(guide_unet=guide)
         pipeline.register_to_config(autoguidance_scale=setting["ag"] if guide is not None else 1.0)
+        pipeline.register_to_config(sharpen_amount=own_sharpen if setting["sharpen"] is None else setting["sharpen"])
         row = measure_pipeline(run / "pipeline", args.family, seed=args.seed, guidance_scale=setting["cfg"],
                                pipeline=pipeline, num_images=args.num_images, per_class=args.per_class)  # fmt: skip
         row.update(setting, run=run.name, seed=args.seed, num_images=args.num_images)
@@ -245,6 +248,7 @@ def main() -> None:
     m.add_argument("--guide", type=int, nargs="*", default=None, help="snapshot steps to guide with")
     m.add_argument("--ag", type=float, nargs="+", default=[1.0], help="autoguidance scales")
     m.add_argument("--cfg", type=float, nargs="*", default=None, help="classifier-free guidance scales")
+    m.add_argument("--sharpen", type=float, nargs="*", default=None, help="unsharp amounts (default: the pipeline's)")
     m.add_argument("--num_images", type=int, default=1000, help="500 for a quick screen")
     m.add_argument("--per_class", type=int, default=8, help="4 for a quick screen")
     args, extra = p.parse_known_args()

@@ -104,10 +104,14 @@ def _check_args(args: argparse.Namespace) -> None:
     if args.max_reference_images is not None and args.max_reference_images < 4:
         raise FlagError(f"--max_reference_images must be >= 4, got {args.max_reference_images}")
     if args.samples_npz is not None and (
-        args.class_label is not None or args.guidance_scale is not None or args.guidance_interval is not None
+        args.class_label is not None
+        or args.guidance_scale is not None
+        or args.guidance_interval is not None
+        or args.autoguidance_scale is not None
     ):
         raise FlagError(
-            "--class, --guidance_scale and --guidance_interval choose how a pipeline samples; --samples_npz has none"
+            "--class, --guidance_scale, --guidance_interval and --autoguidance_scale choose how a pipeline samples; "
+            "--samples_npz has none"
         )
     if args.samples_npz is not None and args.sharpen_sweep:
         raise FlagError("--sharpen_sweep re-runs a pipeline's post-processing; --samples_npz has no pipeline")
@@ -168,6 +172,7 @@ def _run(args: argparse.Namespace) -> int:
         class_label=args.class_label,
         guidance_scale=args.guidance_scale,
         guidance_interval=args.guidance_interval,
+        autoguidance_scale=args.autoguidance_scale,
         sweep_sharpen=args.sharpen_sweep,
         save_best_sharpen=args.save_sharpen_amount,
     )

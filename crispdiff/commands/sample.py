@@ -104,6 +104,13 @@ def add_guidance_flags(parser: argparse.ArgumentParser) -> None:
         help="Guide only at noise levels sigma in (MIN_SIGMA, MAX_SIGMA] (default: the pipeline's own; 0 inf = every "
         "step).",
     )
+    parser.add_argument(
+        "--autoguidance_scale",
+        type=float,
+        default=None,
+        help="Autoguidance with the pipeline's guide_unet (a weaker version of the model): 1 = off (default: the "
+        "scale the pipeline was saved with).",
+    )
 
 
 def check_guidance_flags(args: argparse.Namespace) -> None:
@@ -112,6 +119,16 @@ def check_guidance_flags(args: argparse.Namespace) -> None:
         raise FlagError(f"--guidance_scale must be >= 0, got {args.guidance_scale}")
     if args.guidance_interval is not None and not 0 <= args.guidance_interval[0] < args.guidance_interval[1]:
         raise FlagError(f"--guidance_interval needs 0 <= MIN_SIGMA < MAX_SIGMA, got {args.guidance_interval}")
+    if args.autoguidance_scale is not None and args.autoguidance_scale < 1:
+        raise FlagError(f"--autoguidance_scale must be >= 1 (1 = off), got {args.autoguidance_scale}")
+
+
+def check_autoguidance_target(args: argparse.Namespace, pipeline: object, where: object) -> None:
+    """Autoguidance above 1 needs the pipeline's guide model."""
+    scale = args.autoguidance_scale
+    if scale is not None and scale != 1.0 and getattr(pipeline, "guide_unet", None) is None:
+        raise FlagError(f"--autoguidance_scale {scale:g} needs a guide model; {where} has no guide_unet (train with "
+                        "--autoguidance_scale to save one)")  # fmt: skip
 
 
 def check_guidance_target(args: argparse.Namespace, pipeline: object, label: object) -> None:
@@ -144,6 +161,7 @@ def _run(args: argparse.Namespace) -> int:
         raise FlagError(f"--upscale given but {args.pipeline_dir} has no sr_model")
     label = class_label_flag(pipeline, args.class_label, args.pipeline_dir)
     check_guidance_target(args, pipeline, label)
+    check_autoguidance_target(args, pipeline, args.pipeline_dir)
 
     def log(message: str) -> None:
         print(f"crispdiff sample: {message}", file=sys.stderr)
@@ -160,6 +178,7 @@ def _run(args: argparse.Namespace) -> int:
         class_labels=label,
         guidance_scale=args.guidance_scale,
         guidance_interval=args.guidance_interval,
+        autoguidance_scale=args.autoguidance_scale,
     )
     images = to_pil_list(batch, value_range=(0.0, 1.0))
     grid_file, images_dir = output_paths(args)

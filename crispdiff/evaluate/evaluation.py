@@ -180,6 +180,7 @@ def run_evaluation(
     class_label: int | str | None = None,
     guidance_scale: float | None = None,
     guidance_interval: tuple[float, float] | None = None,
+    autoguidance_scale: float | None = None,
     sweep_sharpen: bool = False,
     save_best_sharpen: bool = False,
 ) -> dict[str, Any]:
@@ -189,9 +190,10 @@ def run_evaluation(
     the folder's training resolution, else the pipeline's native (pre-SR) size, else the samples' size. ``dtype``
     is the precision the models sample in (fp32 when None); metrics are always computed in fp32. A class-conditional
     pipeline samples its classes in the reference's mix, or ``class_label`` (see :func:`conditioning_plan`), with
-    ``guidance_scale`` and ``guidance_interval`` (default: the pipeline's own). ``sweep_sharpen`` samples once
-    without the unsharp mask, measures every amount (:func:`sharpen_sweep`) and evaluates the pipeline's own amount
-    as usual; ``save_best_sharpen`` then writes the best amount into the pipeline folder.
+    ``guidance_scale``, ``guidance_interval`` and ``autoguidance_scale`` (default: the pipeline's own).
+    ``sweep_sharpen`` samples once without the unsharp mask, measures every amount (:func:`sharpen_sweep`) and
+    evaluates the pipeline's own amount as usual; ``save_best_sharpen`` then writes the best amount into the pipeline
+    folder.
     """
     if (pipeline_dir is None) == (samples_npz is None):
         raise FlagError("give either a pipeline folder or --samples_npz, not both or neither")
@@ -244,6 +246,7 @@ def run_evaluation(
             class_labels=labels,
             guidance_scale=guidance_scale,
             guidance_interval=guidance_interval,
+            autoguidance_scale=autoguidance_scale,
             postprocess=NO_POSTPROCESS if sweep_sharpen else None,
         )
         if sweep_sharpen:
@@ -262,6 +265,7 @@ def run_evaluation(
             "conditioning": conditioning,
             "guidance_scale": guidance_scale,
             "guidance_interval": list(guidance_interval or pipeline.default_guidance_interval or []) or None,
+            "autoguidance_scale": autoguidance_scale,
         }
     log(f"measuring {len(samples)} samples against {len(ref)} reference images")
     result = evaluate_samples(

@@ -187,11 +187,13 @@ def generate_samples(
     guidance_scale: float | None = None,
     postprocess: dict[str, float] | None = None,
     guidance_interval: tuple[float, float] | None = None,
+    autoguidance_scale: float | None = None,
 ) -> torch.Tensor:
     """``num_images`` samples as float [N, 3, H, W] in [0, 1] on the CPU (``crispdiff sample`` and ``evaluate``).
 
     ``class_labels`` (one class name or id for every image, or a list with one per image), ``guidance_scale`` and
-    ``guidance_interval`` (default: the pipeline's own) go to a class-conditional pipeline; they are passed only when
+    ``guidance_interval`` (default: the pipeline's own) go to a class-conditional pipeline, ``autoguidance_scale``
+    (default: the pipeline's own) to one with a guide model; they are passed only when
     set, so pipelines without them keep working. ``postprocess`` overrides the pipeline's post-processing arguments
     (e.g. ``NO_POSTPROCESS`` for images as they leave the decoder / SR model).
 
@@ -212,6 +214,8 @@ def generate_samples(
             conditioning["guidance_scale"] = guidance_scale
         if guidance_interval is not None:
             conditioning["guidance_interval"] = tuple(guidance_interval)
+        if autoguidance_scale is not None:
+            conditioning["autoguidance_scale"] = autoguidance_scale
         conditioning.update(postprocess or {})
         out = pipeline(
             batch_size=count,

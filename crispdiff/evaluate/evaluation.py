@@ -213,6 +213,8 @@ def run_evaluation(
         from crispdiff.publish.export import load_pipeline
 
         pipeline = load_pipeline(pipeline_dir, sampler=sampler, device=device, dtype=dtype)
+        if autoguidance_scale not in (None, 1.0) and getattr(pipeline, "guide_unet", None) is None:
+            raise FlagError(f"--autoguidance_scale {autoguidance_scale:g} needs a guide model; {pipeline_dir} has none")
         resolution = resolution or training_resolution(pipeline_dir) or native_resolution(pipeline)
         log(f"loading the reference images at {resolution}px")
         column = training_setting(pipeline_dir, "class_column")

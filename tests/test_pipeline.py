@@ -126,7 +126,8 @@ def sr_dir(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def latent_dir(tmp_path_factory) -> Path:
-    """A saved latent pipeline: UNet on 4-channel latents + a tiny AutoencoderKL with measured-style scaling."""
+    """A saved latent pipeline: UNet on 4-channel latents + a tiny AutoencoderKL with measured-style scaling, and a
+    guide model that calls autoguide by default."""
     out = tmp_path_factory.mktemp("latent") / "pipeline"
     return save_pipeline(
         out,
@@ -136,6 +137,8 @@ def latent_dir(tmp_path_factory) -> Path:
         vae=tiny_vae(),
         latent_scaling_factor=0.7,
         latent_shift_factor=-0.2,
+        guide_unet=tiny_unet(seed=4, in_channels=4, sample_size=SIZE // 2),
+        autoguidance_scale=1.5,
     )
 
 
@@ -371,6 +374,26 @@ def test_loads_without_crispdiff_bit_identical(tmp_path, pixel_dir, sr_dir, late
     assert expected["latent"].shape == (2, SIZE, SIZE, 3), "the latent pipeline decodes to pixels"
     for name in ("pixel", "sr", "latent"):
         np.testing.assert_array_equal(np.load(tmp_path / f"{name}.npy"), expected[name])
+
+
+def test_autoguidance_steers_away_from_the_guide_model(latent_dir):
+    """The saved scale is the default; 1 turns it off (the same images as a pipeline without a guide); the change is
+    (w - 1) x (model - guide) at every step, so a guide equal to the model changes nothing; it needs a guide model."""
+    pipe = load_pipeline(latent_dir)
+    assert pipe.config.autoguidance_scale == 1.5 and pipe.guide_unet is not None
+    guided, off = generate(pipe, seed=1), generate(pipe, seed=1, autoguidance_scale=1.0)
+    assert not torch.equal(guided, off)
+    torch.testing.assert_close(generate(pipe, seed=1, autoguidance_scale=1.5), guided, rtol=0, atol=0)
+    plain = load_pipeline(latent_dir)
+    plain.guide_unet = None
+    torch.testing.assert_close(generate(plain, seed=1), off, rtol=0, atol=0)
+    with pytest.raises(ValueError, match="guide_unet"):
+        generate(plain, seed=1, autoguidance_scale=2.0)
+    pipe.guide_unet = pipe.unet  # a guide as good as the model: nothing to steer away from
+    torch.testing.assert_close(generate(pipe, seed=1, autoguidance_scale=3.0), off, rtol=0, atol=1e-5)
+    with pytest.raises(ValueError, match="num_class_embeds"):
+        conditional = UNet2DModel.from_config(tiny_unet().config, num_class_embeds=3)
+        CrispDiffPipeline(unet=tiny_unet(), scheduler=pipe.scheduler, guide_unet=conditional)
 
 
 def test_sr_component_upscales_and_blends(sr_dir):

@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import json
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
+from typing import ClassVar
 
 import numpy as np
 import pytest
@@ -24,8 +26,8 @@ from crispdiff.latent.adapt import ADAPTED_VAE_DIR, adapted_vae_dir, misses_bar
 from crispdiff.latent.trainer import LatentTrainConfig, train_latent
 from crispdiff.latent.vae import embedded_vae_dir
 from crispdiff.publish.export import build_pipeline, load_pipeline
-from crispdiff.train.time_budget import MIN_STEPS, affordable_steps
-from crispdiff.train.unet_trainer import train
+from crispdiff.train.time_budget import MIN_STEPS, ModelRung, RungCost, affordable_steps, climb_ladder
+from crispdiff.train.unet_trainer import model_ladder, train
 
 COLOURS = [(220, 30, 30), (30, 160, 40), (40, 60, 220)]  # three groups the clustering must find
 PER_COLOUR = 6
@@ -278,6 +280,49 @@ def test_a_time_budget_sizes_the_run_and_saves_the_steps_that_repeat_it(colour_f
     weights = "unet/diffusion_pytorch_model.safetensors"
     budgeted, repeated = load_file(folder / weights), load_file(repeat / weights)
     assert budgeted.keys() == repeated.keys() and all(torch.equal(budgeted[k], repeated[k]) for k in budgeted)
+
+
+@dataclass
+class LadderConfig(TrainConfig):
+    """A tiny two-rung ladder: a base-8 UNet, and a base-16 one worth it from 50 of its steps (a third rung never)."""
+
+    model_ladder: ClassVar[tuple[ModelRung, ...]] = (
+        ModelRung("small", {"base_channels": 8}),
+        ModelRung("bigger", {"base_channels": 16}, min_steps=50),
+        ModelRung("never", {"base_channels": 32}, min_steps=10**9),
+    )
+
+
+def test_the_ladder_climbs_while_the_budget_affords_each_rungs_steps():
+    """Probed costs (faked here: the timing itself is the time budget's own test) decide: each rung is taken while
+    the seconds left buy at least its min_steps of its own steps; the climb stops at the first that does not."""
+    rungs = list(LadderConfig.model_ladder)
+    per_step = {"small": 0.01, "bigger": 0.1, "never": 1.0}
+    probed = []
+
+    def cost_of(rung):
+        probed.append(rung.name)
+        return RungCost(per_step[rung.name], 1.0, 0)
+
+    assert climb_ladder(rungs, lambda: 4.0, cost_of)[:2] == (rungs[0], 300)  # bigger: 30 steps < 50
+    assert probed == ["small", "bigger"]  # "never" is not probed once "bigger" failed
+    rung, steps, cost = climb_ladder(rungs, lambda: 61.0, cost_of)
+    assert (rung.name, steps, cost.per_step) == ("bigger", 600, 0.1)  # never: 60 steps < 10**9
+    assert climb_ladder([], lambda: 11.0, lambda rung: RungCost(0.5, 1.0, 0))[:2] == (None, 20)
+
+
+def test_a_tight_budget_keeps_the_small_unet_and_a_chosen_size_switches_the_ladder_off(colour_folder, tmp_path):
+    config = LadderConfig(
+        train_data_dir=str(colour_folder), resolution=SIZE, cache_dir=str(tmp_path / "cache"),
+        output_dir=str(tmp_path / "tight"), channel_mults=[1, 2], attention_res=[8], layers_per_block=1,
+        train_batch_size=4, checkpointing_steps=0, validation_steps=0, num_validation_images=0,
+        report_to="none", time_budget_minutes=0.001,
+    )  # fmt: skip
+    saved = json.loads((train(config) / "crispdiff_training.json").read_text())
+    assert saved["base_channels"] == 8 and saved["max_train_steps"] == MIN_STEPS
+    chosen = LadderConfig(base_channels=24)
+    chosen.explicit_flags = frozenset({"base_channels"})
+    assert model_ladder(chosen) == [] and len(model_ladder(LadderConfig())) == 3
 
 
 # ---- exact resume through both stages of an adapting run ------------------------------------------------------------

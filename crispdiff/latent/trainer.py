@@ -38,6 +38,7 @@ from crispdiff.latent.vae import (
     sample_posterior,
     scale_latents,
 )
+from crispdiff.train.time_budget import ModelRung
 from crispdiff.train.unet_trainer import ImageDataSpace
 
 __all__ = ["LatentSpace", "LatentTrainConfig", "load_latents", "preprocessing_key", "resolve_scaling", "train_latent"]
@@ -62,6 +63,22 @@ MAIN_JOB_SNR_SHIFT = -1.0
 #: The latent trainer's default guidance interval (min, max sigma): guidance only at the middle noise levels.
 MAIN_JOB_GUIDANCE_INTERVAL = (0.28, 5.42)
 
+#: The UNets ``--time_budget_minutes`` chooses from on the main job's latents, smallest first: each is taken when the
+#: budget affords at least its ``min_steps`` (benchmarks/RESULTS.md, "What makes samples recognisable?").
+MAIN_JOB_LADDER = (
+    ModelRung("small", {"base_channels": 32, "channel_mults": [1, 2, 4], "layers_per_block": 1, "attention_res": [4]}),
+    ModelRung(
+        "medium",
+        {"base_channels": 48, "channel_mults": [1, 2, 4], "layers_per_block": 1, "attention_res": [4]},
+        min_steps=1200,
+    ),
+    ModelRung(
+        "large",
+        {"base_channels": 64, "channel_mults": [1, 2, 4], "layers_per_block": 2, "attention_res": [8, 4]},
+        min_steps=2000,
+    ),
+)
+
 
 @dataclass
 class LatentTrainConfig(TrainConfig):
@@ -73,6 +90,7 @@ class LatentTrainConfig(TrainConfig):
     """
 
     diffusers_script: ClassVar[str | None] = None  # crispdiff's own script: no diffusers defaults to compare with
+    model_ladder: ClassVar[tuple[ModelRung, ...]] = MAIN_JOB_LADDER  # what --time_budget_minutes can buy
 
     pretrained_vae_name_or_path: str | None = flag(
         None,

@@ -94,3 +94,51 @@ def sampling_seconds(pipeline: Any, batch_size: int, steps: int, class_labels: A
 def affordable_steps(seconds: float, per_step: float) -> int:
     """How many steps of ``per_step`` seconds fit in ``seconds`` (at least :data:`MIN_STEPS`)."""
     return max(MIN_STEPS, int(seconds / max(per_step, 1e-9)))
+
+
+@dataclass(frozen=True)
+class ModelRung:
+    """One UNet size a time budget can buy: its builder flags, and the fewest of its own optimizer steps the budget
+    must afford before it is chosen over the rung below (a bigger model trained for too few steps is worse than a
+    smaller one trained for many)."""
+
+    name: str
+    flags: dict[str, Any]
+    min_steps: int = 0
+
+
+def describe_rung_flags(flags: dict[str, Any]) -> str:
+    """The rung's builder flags as a command line fragment (``--base_channels 48 --channel_mults 1 2 4``)."""
+    parts = []
+    for name, value in flags.items():
+        parts.append(f"--{name} " + (" ".join(map(str, value)) if isinstance(value, (list, tuple)) else str(value)))
+    return " ".join(parts)
+
+
+@dataclass(frozen=True)
+class RungCost:
+    """What a probe measured for one rung: seconds per optimizer step, seconds to export, parameters."""
+
+    per_step: float
+    export: float
+    parameters: int
+
+
+def climb_ladder(
+    rungs: list[ModelRung], remaining: Any, cost_of: Any
+) -> tuple[ModelRung | None, int, RungCost]:
+    """The biggest rung whose affordable steps reach its ``min_steps``, with those steps and its cost.
+
+    ``rungs`` smallest first (the first is always taken; ``[]`` stands for the config's own UNet, passed to
+    ``cost_of`` as None); ``remaining()`` gives the seconds left, ``cost_of(rung)`` probes a rung. Rungs are
+    probed upwards and the climb stops at the first that does not qualify: bigger ones cost more per step.
+    """
+    chosen: tuple[ModelRung | None, int, RungCost] | None = None
+    for rung in rungs or [None]:
+        cost = cost_of(rung)
+        steps = affordable_steps(remaining() - cost.export, cost.per_step)
+        if chosen is not None and steps < rung.min_steps:
+            break
+        chosen = (rung, steps, cost)
+    assert chosen is not None
+    return chosen

@@ -38,6 +38,7 @@ from crispdiff.train.loop import (
     start_run,
     untouched_rng,
 )
+from crispdiff.train.time_budget import RungCost, agreed_seconds
 
 logger = logging.getLogger("crispdiff")
 
@@ -306,7 +307,10 @@ class Trainer(LoopTrainer):
 
         plan = self.grid_plan()
         count = plan.count or 1  # no grid: one image still times the calibration samples
-        seconds = sampling_seconds(build_pipeline(**self.pipeline_kwargs()), count, plan.steps, plan.labels)
+        kwargs = self.pipeline_kwargs()
+        if self.guide_step is not None:  # the guide does not exist yet; one of the same size costs the same
+            kwargs.update(guide_unet=kwargs["unet"], autoguidance_scale=self.config.autoguidance_scale)
+        seconds = sampling_seconds(build_pipeline(**kwargs), count, plan.steps, plan.labels)
         return (seconds if plan.count else 0.0), seconds / count
 
     def validate(self) -> None:
@@ -446,29 +450,66 @@ def train(config: TrainConfig, space: TrainingSpace | None = None, budget: Any =
 
 
 def budgeted_steps(config: TrainConfig, space: TrainingSpace, accelerator: Accelerator, budget: Any) -> int:
-    """The UNet steps that end the run by ``budget``'s deadline, export included (``--time_budget_minutes``).
+    """The UNet steps that end the run by ``budget``'s deadline, export included (``--time_budget_minutes``); with a
+    model ladder (the config's ``model_ladder``, unless the user chose the UNet's size), also the UNet's size.
 
     A throwaway trainer, built like the real one, times a few steps and the sample grid (see
-    ``crispdiff.train.time_budget``). A resumed run keeps the count its first part chose (saved in the output folder).
+    ``crispdiff.train.time_budget``). The rungs are tried from the smallest up: a rung is taken while the budget
+    affords at least its ``min_steps`` of its own steps, and its builder flags are written into ``config`` (saved with
+    the run). A resumed run keeps the steps and UNet its first part chose (saved in the output folder).
     """
-    from crispdiff.train.time_budget import EXPORT_MARGIN, affordable_steps, agreed_seconds, seconds_per_step
+    from crispdiff.train.time_budget import climb_ladder, describe_rung_flags
 
     saved = Path(config.output_dir) / LoopTrainer.config_file
     if config.resume_from_checkpoint and saved.is_file() and find_checkpoint(config.output_dir, "latest"):
-        steps = int(json.loads(saved.read_text())["max_train_steps"])
+        first_part = json.loads(saved.read_text())
+        apply_flags(config, {name: first_part[name] for rung in model_ladder(config) for name in rung.flags})
+        steps = int(first_part["max_train_steps"])
         accelerator.print(f"crispdiff: resuming a budgeted run of {steps} steps")
         return steps
+
+    def cost_of(rung: Any) -> RungCost:
+        if rung is not None:
+            apply_flags(config, rung.flags)
+        return probe_costs(config, space)
+
+    rung, steps, cost = climb_ladder(model_ladder(config), budget.remaining, cost_of)
+    model = ""
+    if rung is not None:
+        apply_flags(config, rung.flags)
+        model = f"the {rung.name} UNet ({describe_parameters(cost.parameters)}; {describe_rung_flags(rung.flags)}), "
+    repeat = (describe_rung_flags(rung.flags) + " " if rung is not None else "") + f"--max_train_steps {steps}"
+    accelerator.print(
+        f"crispdiff: time budget of {budget.minutes:g} min: {model}{1000 * cost.per_step:.0f} ms a step here and "
+        f"about {cost.export:.0f} s to export, so {steps} steps (to repeat this run exactly: {repeat})"
+    )
+    return steps
+
+
+def model_ladder(config: TrainConfig) -> list[Any]:
+    """The config's model ladder (``model_ladder``, smallest first), or none when the user set the UNet's size or
+    architecture themselves (then the budget sizes the steps only)."""
+    rungs = list(getattr(config, "model_ladder", ()))
+    given = getattr(config, "explicit_flags", frozenset())
+    fixed = {name for rung in rungs for name in rung.flags} | {"model_config_name_or_path", "encoder"}
+    return [] if given & fixed else rungs
+
+
+def apply_flags(config: TrainConfig, flags: dict[str, Any]) -> None:
+    for name, value in flags.items():
+        setattr(config, name, list(value) if isinstance(value, (list, tuple)) else value)
+
+
+def probe_costs(config: TrainConfig, space: TrainingSpace) -> RungCost:
+    """What the UNet ``config`` builds costs here: seconds per step (validation grids included), to export."""
+    from crispdiff.train.time_budget import EXPORT_MARGIN, seconds_per_step
+
     probe = Trainer(config, space, make_accelerator(config))
     per_step = seconds_per_step(probe)
-    grid, per_image = (agreed_seconds(accelerator, seconds) for seconds in probe.sampling_seconds())
+    grid, per_image = (agreed_seconds(probe.accelerator, seconds) for seconds in probe.sampling_seconds())
     validation_every = probe.every(config.validation_steps, config.validation_epochs)
+    params = probe.num_parameters
     del probe
     export = EXPORT_MARGIN * (grid + per_image * config.sharpen_calibration_images)
     # validation grids along the way cost a grid every --validation_steps (or --validation_epochs) steps
-    per_step_with_validation = per_step + (grid / validation_every if validation_every else 0.0)
-    steps = affordable_steps(budget.remaining() - export, per_step_with_validation)
-    accelerator.print(
-        f"crispdiff: time budget of {budget.minutes:g} min: {1000 * per_step:.0f} ms a step here and about "
-        f"{export:.0f} s to export, so {steps} steps (to repeat this run exactly: --max_train_steps {steps})"
-    )
-    return steps
+    return RungCost(per_step + (grid / validation_every if validation_every else 0.0), export, params)

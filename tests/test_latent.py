@@ -37,6 +37,7 @@ from crispdiff.latent.trainer import (
 )
 from crispdiff.latent.vae import (
     EMBEDDED_VAE_SHARPEN_AMOUNT,
+    EMBEDDED_VAE_SHARPEN_AMOUNT_AUTOGUIDED,
     embedded_vae_dir,
     encode_posterior,
     load_vae,
@@ -326,8 +327,11 @@ def test_default_command_uses_embedded_data_and_vae(tmp_path):
     assert Path(config.resolved_vae_path()) == embedded_vae_dir()
     assert config.train_data_dir is None and config.dataset_name is None
     assert (config.resolution, config.vae_trainable) == (64, "none")
-    # the embedded decoder's measured post-sharpening is the default only for the embedded VAE
-    assert config.sharpen_amount == EMBEDDED_VAE_SHARPEN_AMOUNT > 0
+    # the embedded decoder's measured post-sharpening is the default only for the embedded VAE; the main job
+    # autoguides, which sharpens by itself, so it gets the amount measured with autoguidance
+    assert config.autoguidance_scale > 1 and config.sharpen_amount == EMBEDDED_VAE_SHARPEN_AMOUNT_AUTOGUIDED > 0
+    unguided = parse_config(LatentTrainConfig, ["--autoguidance_scale", "1"])
+    assert unguided.sharpen_amount == EMBEDDED_VAE_SHARPEN_AMOUNT > EMBEDDED_VAE_SHARPEN_AMOUNT_AUTOGUIDED
     assert parse_config(LatentTrainConfig, ["--pretrained_vae_name_or_path", "x"]).sharpen_amount == 0.0
     assert parse_config(LatentTrainConfig, ["--sharpen_amount", "0"]).sharpen_amount == 0.0
     # the main job is class-conditional on the embedded emoji's subcategories; other data on auto classes

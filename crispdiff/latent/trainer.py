@@ -30,6 +30,7 @@ from crispdiff.data.loading import to_device
 from crispdiff.latent.cache import DTYPES, LatentCache, load_or_build_latent_cache
 from crispdiff.latent.vae import (
     EMBEDDED_VAE_SHARPEN_AMOUNT,
+    EMBEDDED_VAE_SHARPEN_AMOUNT_AUTOGUIDED,
     AnyVAE,
     embedded_vae_dir,
     measure_scaling_factor,
@@ -218,6 +219,13 @@ class LatentTrainConfig(TrainConfig):
         "(hf-energy ratio 0.86).",
     )
 
+    autoguidance_scale: float = flag(
+        1.5,
+        "Autoguidance (Karras et al. 2024) strength saved as the pipeline's default: every sampling step adds "
+        "(w - 1) x (model - guide), where the guide is the same UNet earlier in training (--autoguidance_snapshot); "
+        "it needs no labels, works with auto classes and with classifier-free guidance, and makes samples more like "
+        "the data. 1 = off.",
+    )
     guidance_interval: list[float] | None = flag(
         list(MAIN_JOB_GUIDANCE_INTERVAL),
         "With a class column: guide only at noise levels sigma = sqrt((1 - alpha_bar) / alpha_bar) in (MIN, MAX] "
@@ -229,7 +237,9 @@ class LatentTrainConfig(TrainConfig):
         """Refuse flag combinations the latent trainer cannot honour, with the reason and the alternative."""
         # resolved first so the saved training config states the values used
         if self.sharpen_amount is None:
-            self.sharpen_amount = 0.0 if self.pretrained_vae_name_or_path else EMBEDDED_VAE_SHARPEN_AMOUNT
+            autoguided = self.autoguidance_scale != 1
+            embedded = EMBEDDED_VAE_SHARPEN_AMOUNT_AUTOGUIDED if autoguided else EMBEDDED_VAE_SHARPEN_AMOUNT
+            self.sharpen_amount = 0.0 if self.pretrained_vae_name_or_path else embedded
         # "none" is kept (not turned into None), so that validating twice (parse_config, then train_latent) cannot
         # turn an explicit "off" into the default
         if self.class_column is None:

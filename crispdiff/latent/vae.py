@@ -41,6 +41,9 @@ AnyVAE = AutoencoderKL | AutoencoderTiny
 #: ratios 1.00 / 1.03; the earlier decoder needed 0.5). Longer runs need less (``--sharpen_calibration_images``).
 EMBEDDED_VAE_SHARPEN_AMOUNT = 0.3
 
+#: The same with autoguidance, which sharpens the samples itself (measured as above on the autoguided main job).
+EMBEDDED_VAE_SHARPEN_AMOUNT_AUTOGUIDED = 0.15
+
 
 def embedded_vae_dir() -> Path:
     """The folder of the default VAE shipped inside the package (f=4, trained on Noto emoji)."""

@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
 
+from crispdiff.core.cores import native_bf16
 from crispdiff.core.diffusers_flags import (
     PRESERVE_INPUT_PRECISION,
     accepted_values,
@@ -38,6 +39,13 @@ def flag(default: Any, help: str, choices: list[str] | None = None, **metadata: 
 
 
 SECRET_MARKERS = ("token", "password", "secret", "api_key")
+
+
+def resolve_mixed_precision(value: str | None) -> str | None:
+    """``--mixed_precision auto``: bf16 where the machine runs it natively, else None (accelerate's own choice)."""
+    if value != "auto":
+        return value
+    return "bf16" if native_bf16() else None
 
 
 def without_secrets(values: dict[str, Any]) -> dict[str, Any]:
@@ -232,7 +240,10 @@ class LoopConfig:
     use_8bit_adam: bool = flag(False, "Use bitsandbytes' 8-bit AdamW (pip install 'crispdiff[bnb]').")
     max_grad_norm: float = flag(1.0, "Gradient clipping norm (0 = off).")
     mixed_precision: str | None = flag(
-        None, "Mixed precision (default: what `accelerate config` chose).", choices=["no", "fp16", "bf16"]
+        None,
+        "Mixed precision (default: what `accelerate config` chose). `auto`: bf16 where this machine runs it natively "
+        "(a GPU that supports it, a CPU with AVX512-BF16 or AMX), else what `accelerate config` chose.",
+        choices=["no", "fp16", "bf16", "auto"],
     )
     allow_tf32: bool = flag(True, "Allow TF32 matmuls on Ampere+ GPUs.")
     deterministic: bool = flag(
@@ -270,6 +281,7 @@ class LoopConfig:
             self.max_train_steps = None  # epochs asked for: a script's default step count must not override them
         if "validation_epochs" in given and "validation_steps" in given:
             raise FlagError("pass --validation_steps or --validation_epochs, not both")
+        self.mixed_precision = resolve_mixed_precision(self.mixed_precision)
 
     def to_dict(self) -> dict[str, Any]:
         """The configuration as saved beside checkpoints and models: without the Hub token."""

@@ -27,7 +27,7 @@ from diffusers.training_utils import EMAModel
 from torch.torch_version import TorchVersion
 from tqdm.auto import tqdm
 
-from crispdiff.core.config import LoopConfig
+from crispdiff.core.config import LoopConfig, resolve_mixed_precision
 from crispdiff.core.cores import available_cores
 from crispdiff.core.diffusers_flags import defaults_note
 from crispdiff.core.errors import FlagError, MissingDependencyError, OutputExistsError
@@ -108,7 +108,7 @@ def make_accelerator(config: LoopConfig) -> Accelerator:
     project = ProjectConfiguration(project_dir=str(output_dir), logging_dir=str(output_dir / config.logging_dir))
     return Accelerator(
         gradient_accumulation_steps=config.gradient_accumulation_steps,
-        mixed_precision=config.mixed_precision,
+        mixed_precision=resolve_mixed_precision(config.mixed_precision),
         log_with=None if config.report_to == "none" else config.report_to,
         project_config=project,
         cpu=not has_accelerator_device(),

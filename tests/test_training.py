@@ -618,3 +618,15 @@ def test_cores_are_the_ones_this_process_may_run_on():
     )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert result.stdout.strip() == "1"
+
+
+def test_a_diverged_run_stops_with_an_error_that_names_the_learning_rate(image_folder, tmp_path):
+    """A loss that is no longer finite ends the run at the next log line, with what to change, instead of training
+    (and saving) garbage for the rest of the steps."""
+    from crispdiff.core.errors import TrainingDivergedError
+
+    config = tiny_config(image_folder, tmp_path / "run", learning_rate=1e30, max_grad_norm=0, max_train_steps=40,
+                         checkpointing_steps=0)  # fmt: skip
+    with pytest.raises(TrainingDivergedError, match="--learning_rate"):
+        train(config)
+    assert not (tmp_path / "run" / "pipeline").exists()

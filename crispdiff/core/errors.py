@@ -43,6 +43,10 @@ class OutputExistsError(UserError, FileExistsError):
     """The output folder already holds a finished result that the run would replace."""
 
 
+class TrainingDivergedError(UserError, FloatingPointError):
+    """The loss stopped being a finite number: the run diverged (usually a learning rate too high for it)."""
+
+
 class MissingDependencyError(UserError, ImportError):
     """An optional package a flag needs is not installed; the message names the extra to install."""
 

@@ -30,7 +30,7 @@ from tqdm.auto import tqdm
 from crispdiff.core.config import LoopConfig, resolve_mixed_precision
 from crispdiff.core.cores import available_cores
 from crispdiff.core.diffusers_flags import defaults_note
-from crispdiff.core.errors import FlagError, MissingDependencyError, OutputExistsError
+from crispdiff.core.errors import FlagError, MissingDependencyError, OutputExistsError, TrainingDivergedError
 from crispdiff.train.checkpoint import find_checkpoint, load_checkpoint, save_checkpoint
 from crispdiff.train.lora import has_adapters, plain_copy
 
@@ -377,6 +377,12 @@ class LoopTrainer:
 
     def _log(self, losses: dict[str, torch.Tensor], images_per_second: float, progress: tqdm) -> None:
         logs = {f"train/{k}": self.accelerator.gather(v).mean().item() for k, v in losses.items()}
+        if not all(math.isfinite(value) for value in logs.values()):
+            raise TrainingDivergedError(
+                f"the loss became {', '.join(f'{v:g}' for v in logs.values())} by step {self.step}: the run diverged "
+                f"and training on would only waste time. Start again with a lower --learning_rate (this run's peak: "
+                f"{self.config.learning_rate:g})"
+            )
         logs["train/lr"] = self.lr_scheduler.get_last_lr()[0]
         logs["train/img_per_s"] = images_per_second
         first = next(iter(losses))

@@ -18,6 +18,7 @@ fine-tuning is not done here — see ``LatentTrainConfig.validate`` for why, and
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
@@ -65,6 +66,19 @@ MAIN_JOB_SNR_SHIFT = -1.0
 #: the same minutes of training on a 2-core CPU either way.
 MAIN_JOB_STEPS = 700
 MAIN_JOB_BF16_STEPS = 900
+
+#: The default peak learning rate: MAIN_JOB_LR for runs of up to MAIN_JOB_LR_STEPS steps of a UNet of
+#: MAIN_JOB_LR_CHANNELS base channels, scaled down by sqrt(steps) beyond that and by the width above it.
+MAIN_JOB_LR = 3e-3
+MAIN_JOB_LR_STEPS = 1000
+MAIN_JOB_LR_CHANNELS = 32
+
+
+def main_job_learning_rate(steps: int, base_channels: int) -> float:
+    """The latent trainer's default peak learning rate for a run of ``steps`` on a UNet of ``base_channels``."""
+    length = min(1.0, math.sqrt(MAIN_JOB_LR_STEPS / max(steps, 1)))
+    return MAIN_JOB_LR * length * min(1.0, MAIN_JOB_LR_CHANNELS / base_channels)
+
 
 #: The latent trainer's default guidance interval (min, max sigma): guidance only at the middle noise levels.
 MAIN_JOB_GUIDANCE_INTERVAL = (0.28, 5.42)
@@ -189,10 +203,12 @@ class LatentTrainConfig(TrainConfig):
         "or no / fp16 / bf16.",
         choices=["no", "fp16", "bf16", "auto"],
     )
-    learning_rate: float = flag(
-        3e-3,
-        "Peak learning rate. 3e-3 suits the short CPU run on the 8-channel embedded VAE (measured: 5e-4 left SWD "
-        "1.5x higher in a run of 1,500 steps of 32); 2e-4 for long GPU runs with a bigger UNet.",
+    learning_rate: float | None = flag(
+        None,
+        f"Peak learning rate. Default: {MAIN_JOB_LR:g} for runs of up to {MAIN_JOB_LR_STEPS} steps of the "
+        f"{MAIN_JOB_LR_CHANNELS}-channel UNet, lower for longer runs and wider UNets ({MAIN_JOB_LR:g} x min(1, "
+        f"sqrt({MAIN_JOB_LR_STEPS} / steps)) x min(1, {MAIN_JOB_LR_CHANNELS} / base channels)): at a high rate the "
+        "AdaGN UNet's gradients grow until they explode on long runs.",
     )
     lr_warmup_steps: int = flag(100, "Linear warmup steps.")
     adam_beta2: float = flag(
@@ -269,6 +285,8 @@ class LatentTrainConfig(TrainConfig):
             "num_epochs",
         }:
             self.max_train_steps = MAIN_JOB_BF16_STEPS
+        if self.max_train_steps:
+            self.resolve_learning_rate(self.max_train_steps)
         super().validate()
         if self.vae_trainable == "decoder":
             raise ValueError(
@@ -289,6 +307,13 @@ class LatentTrainConfig(TrainConfig):
             raise ValueError(f"--vae_batch_size must be >= 1, got {self.vae_batch_size}")
         if self.scaling_factor is not None and not self.scaling_factor > 0:
             raise ValueError(f"--scaling_factor must be positive, got {self.scaling_factor}")
+
+    def resolve_learning_rate(self, steps: int) -> None:
+        """Set the default peak learning rate for a run of ``steps`` (:func:`main_job_learning_rate`), unless the user
+        chose one; called again once a time budget or the epochs have decided the steps."""
+        if self.learning_rate is None or getattr(self, "_default_learning_rate", False):
+            self.learning_rate = main_job_learning_rate(steps, self.base_channels)
+            self._default_learning_rate = True
 
     def resolved_vae_path(self) -> Path | str:
         """The VAE this config loads: the flag's value, or the embedded default's folder."""
@@ -484,7 +509,13 @@ def train_latent(config: LatentTrainConfig) -> Path | None:
 
     from crispdiff.data.loading import load_images
     from crispdiff.latent.adapt import prepare_vae
-    from crispdiff.train.loop import check_output_dir, configure_kernels, has_accelerator_device, use_cpu_cores
+    from crispdiff.train.loop import (
+        check_output_dir,
+        configure_kernels,
+        epochs_to_steps,
+        has_accelerator_device,
+        use_cpu_cores,
+    )
     from crispdiff.train.time_budget import TimeBudget
     from crispdiff.train.unet_trainer import train
 
@@ -502,4 +533,7 @@ def train_latent(config: LatentTrainConfig) -> Path | None:
     vae = prepare_vae(config, data, state, budget).to(state.device)
     with state.main_process_first():
         space = build_latent_space(config, vae, data=data, show_progress=show_progress)
+    if not config.max_train_steps:  # --num_epochs: the default learning rate follows the steps they make
+        batches = max(1, len(space) // (config.train_batch_size * state.num_processes))
+        config.resolve_learning_rate(epochs_to_steps(config, config.num_epochs, batches))
     return train(config, space, budget)

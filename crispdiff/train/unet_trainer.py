@@ -477,6 +477,10 @@ def budgeted_steps(config: TrainConfig, space: TrainingSpace, accelerator: Accel
     model = ""
     if rung is not None:
         apply_flags(config, rung.flags)
+    resolve_learning_rate = getattr(config, "resolve_learning_rate", None)
+    if callable(resolve_learning_rate):  # a default that depends on the run's length and width
+        resolve_learning_rate(steps)
+    if rung is not None:
         model = f"the {rung.name} UNet ({describe_parameters(cost.parameters)}; {describe_rung_flags(rung.flags)}), "
     repeat = (describe_rung_flags(rung.flags) + " " if rung is not None else "") + f"--max_train_steps {steps}"
     accelerator.print(

@@ -668,9 +668,9 @@ class CrispDiffPipeline(DiffusionPipeline):
 
         With ``guidance_scale != 1`` each step in the guidance interval is one unet call on the batch twice over
         (conditional, then null labels) combined as ``uncond + s * (cond - uncond)`` (Ho & Salimans 2022): one
-        call of twice the batch costs less than two calls. With ``autoguidance_scale != 1`` every step also asks
-        ``guide_unet`` (a weaker version of the model) for its prediction under the same labels and adds
-        ``(w - 1) * (cond - guide)`` (Karras et al. 2024): the difference points away from the mistakes a weaker
+        call of twice the batch costs less than two calls. With ``autoguidance_scale != 1`` each step in the same
+        interval also asks ``guide_unet`` (a weaker version of the model) for its prediction under the same labels and
+        adds ``(w - 1) * (cond - guide)`` (Karras et al. 2024): the difference points away from the mistakes a weaker
         model makes, and needs no labels. Labels are passed only when there are any, so unconditional unets keep
         their plain ``unet(x, t)`` call.
         """
@@ -701,7 +701,7 @@ class CrispDiffPipeline(DiffusionPipeline):
                 model_output = uncond + guidance_scale * (cond - uncond)
             else:
                 cond = model_output
-            if autoguided:
+            if autoguided and in_interval(noise_levels[int(t)], guidance_interval):
                 weak = self.guide_unet(model_input.to(self.guide_unet.dtype), t, **label_kwargs).sample.float()
                 model_output = model_output + (autoguidance_scale - 1.0) * (cond - weak)
             sample = scheduler.step(model_output, t, sample, **step_kwargs).prev_sample
@@ -788,15 +788,17 @@ class CrispDiffPipeline(DiffusionPipeline):
                 Without them a model with a stored :attr:`class_mix` (auto classes) draws each image's class from it;
                 any other conditional model samples its null class, i.e. unconditionally (guidance then has nothing
                 to amplify and is skipped). An unconditional model refuses them.
-            guidance_interval: ``(min sigma, max sigma)``: guide only at noise levels in that range (default: the
-                pipeline's ``guidance_min_sigma`` / ``guidance_max_sigma``; ``(0, inf)`` guides every step).
+            guidance_interval: ``(min sigma, max sigma)``: guide (classifier-free and autoguidance) only at noise levels
+                in that range (default: the pipeline's ``guidance_min_sigma`` / ``guidance_max_sigma``; ``(0, inf)``
+                guides every step).
             guidance_scale: classifier-free guidance strength s: 1 = the conditional model alone (one unet pass);
                 s > 1 pushes samples towards their class, ``uncond + s * (cond - uncond)`` (two passes in one batch).
                 Default: the scale the model was saved with (``config.guidance_scale``; 1.0 for folders without one),
                 used only when there are class labels (given, or drawn from :attr:`class_mix`).
-            autoguidance_scale: autoguidance strength w with ``guide_unet``, a weaker version of the model: every step
-                adds ``(w - 1) * (cond - guide)``; 1 = off. Works with or without class labels, on top of
-                classifier-free guidance. Default: the scale the model was saved with (``config.autoguidance_scale``).
+            autoguidance_scale: autoguidance strength w with ``guide_unet``, a weaker version of the model: each step
+                in the guidance interval adds ``(w - 1) * (cond - guide)``; 1 = off. Works with or without class
+                labels, on top of classifier-free guidance. Default: the scale the model was saved with
+                (``config.autoguidance_scale``).
         """
         if output_type not in OUTPUT_TYPES:
             raise ValueError(f"output_type must be one of {OUTPUT_TYPES}, got {output_type!r}")

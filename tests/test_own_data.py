@@ -239,7 +239,9 @@ def test_latent_trainer_on_unlabelled_data_trains_on_auto_classes_and_stores_the
     pipe = load_pipeline(folder)
     assert pipe.classes == class_names(3) and sum(pipe.class_mix) == pytest.approx(1.0)
     assert sorted(pipe.class_mix) == [pytest.approx(1 / 3)] * 3  # three colour groups of 6 images
-    assert pipe.default_guidance_interval == (0.28, 5.42) and pipe.config.guidance_scale == 3.0
+    # clusters get autoguidance alone (no classifier-free guidance) by default; both in the interval
+    assert pipe.default_guidance_interval == (0.28, 5.42) and pipe.config.guidance_scale == 1.0
+    assert pipe.config.autoguidance_scale == 1.5 and pipe.guide_unet is not None
     assert sample(pipe).shape == (3, 3, SIZE, SIZE)
 
 

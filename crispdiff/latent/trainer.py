@@ -80,6 +80,9 @@ def main_job_learning_rate(steps: int, base_channels: int) -> float:
     return MAIN_JOB_LR * length * min(1.0, MAIN_JOB_LR_CHANNELS / base_channels)
 
 
+#: The latent trainer's default classifier-free guidance scale with labels.
+MAIN_JOB_GUIDANCE_SCALE = 3.0
+
 #: The latent trainer's default guidance interval (min, max sigma): guidance only at the middle noise levels.
 MAIN_JOB_GUIDANCE_INTERVAL = (0.28, 5.42)
 
@@ -241,12 +244,12 @@ class LatentTrainConfig(TrainConfig):
         "turns conditioning off.",
     )
 
-    guidance_scale: float = flag(
-        3.0,
+    guidance_scale: float | None = flag(
+        None,
         "With a class column: the classifier-free guidance scale saved as the pipeline's default and used for the "
-        "sample grids (1 = the conditional model alone). 3 for the main job: 1,000 samples 1.59x / 1.57x the real "
-        "floor in SWD at seeds 0 / 1 against 1.67x / 1.68x at 2, and fewer colour blobs; 4 dulls the fine detail "
-        "(hf-energy ratio 0.86).",
+        f"sample grids (1 = the conditional model alone). Default: {MAIN_JOB_GUIDANCE_SCALE:g} with labels; 1 with "
+        "auto classes when autoguidance is on (clusters are no names to push samples towards, and autoguidance does "
+        f"better alone there), else {MAIN_JOB_GUIDANCE_SCALE:g}.",
     )
 
     autoguidance_scale: float = flag(
@@ -278,6 +281,9 @@ class LatentTrainConfig(TrainConfig):
             self.class_column = NO_CLASS_COLUMN
         if self.snr_shift is None:
             self.snr_shift = MAIN_JOB_SNR_SHIFT if self.beta_schedule in SHIFTABLE_SCHEDULES else 0.0
+        if self.guidance_scale is None:
+            auto_and_autoguided = self.class_column == AUTO_CLASS_COLUMN and self.autoguidance_scale != 1
+            self.guidance_scale = 1.0 if auto_and_autoguided else MAIN_JOB_GUIDANCE_SCALE
         self.mixed_precision = resolve_mixed_precision(self.mixed_precision)
         given = getattr(self, "explicit_flags", frozenset())
         if self.mixed_precision == "bf16" and self.max_train_steps == MAIN_JOB_STEPS and not given & {

@@ -253,7 +253,7 @@ class Trainer(LoopTrainer):
             class_names=self.class_names,
             guidance_scale=self.config.guidance_scale if self.class_names else 1.0,
             class_mix=self.auto_class_mix(),
-            guidance_interval=self.config.guidance_interval if self.class_names else None,
+            guidance_interval=self.config.guidance_interval if self.class_names or self.guide_unet else None,
             guide_unet=self.guide_unet,
             autoguidance_scale=self.config.autoguidance_scale if self.guide_unet is not None else 1.0,
             **self.space.pipeline_components(),

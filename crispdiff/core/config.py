@@ -11,7 +11,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import math
-import sys
 import types
 import typing
 from dataclasses import dataclass, field
@@ -103,12 +102,34 @@ class DataConfig:
         return [f"--{name}" for name in PIXEL_AUGMENTATIONS if getattr(self, name) > 0]
 
 
+#: The flags crispdiff's UNet builder shapes a UNet2DModel from; a --model_config_name_or_path config replaces them all.
+UNET_BUILDER_FLAGS = (
+    "base_channels",
+    "channel_mults",
+    "attention_res",
+    "layers_per_block",
+    "dropout",
+    "attention_head_dim",
+    "resnet_time_scale_shift",
+)
+#: The builder flags the timm-encoder UNet (--encoder) has no use for.
+NOT_TIMM_UNET_FLAGS = ("channel_mults", "attention_res", "attention_head_dim", "resnet_time_scale_shift")
+#: The flags only the timm-encoder UNet uses.
+TIMM_UNET_FLAGS = ("encoder_weights", "encoder_norm")
+
+
+def _flag_list(names: list[str]) -> str:
+    return ", ".join(f"--{name}" for name in names)
+
+
 @dataclass
 class ModelConfig:
     """The UNet2DModel architecture."""
 
     model_config_name_or_path: str | None = flag(
-        None, "A UNet2DModel config (Hub id, folder or config.json) used instead of the builder flags below."
+        None,
+        "A UNet2DModel config (Hub id, folder or config.json) used instead of the builder flags below (giving one of "
+        "those too is refused: the config decides them).",
     )
     base_channels: int = flag(48, "Channels of the first UNet level.")
     channel_mults: list[int] = flag([1, 2, 4, 8], "Channel multiplier per level; one level per entry.")
@@ -127,19 +148,40 @@ class ModelConfig:
         None,
         "Use a timm network as the UNet's encoder, e.g. `timm:convnext_atto` or `timm:resnet18` (needs "
         "`pip install 'crispdiff[timm]'`). --base_channels is then the stem width, --layers_per_block and --dropout "
-        "shape the decoder; --channel_mults and --attention_res are not used.",
+        "shape the decoder; --channel_mults, --attention_res, --attention_head_dim and --resnet_time_scale_shift are "
+        "refused (not used).",
     )
     encoder_weights: str | None = flag(
         None,
-        "A local .safetensors or .pth state dict of the --encoder timm model (e.g. ImageNet weights) to start from; "
-        "nothing is downloaded. Default: random init.",
+        "With --encoder: a local .safetensors or .pth state dict of the timm model (e.g. ImageNet weights) to start "
+        "from; nothing is downloaded. Default: random init.",
     )
     encoder_norm: str = flag(
         "group",
-        "Norm layers of a timm --encoder: BatchNorm -> GroupNorm keeping the affine weights (group), BatchNorm frozen "
+        "With --encoder: its norm layers: BatchNorm -> GroupNorm keeping the affine weights (group), BatchNorm frozen "
         "at its running statistics (frozen_bn; for --encoder_weights), or timm's BatchNorm unchanged (batch).",
         choices=["group", "frozen_bn", "batch"],
     )
+
+    def check_architecture_flags(self) -> None:
+        """Refuse architecture flags the UNet being built would not use (a config file or a timm encoder decides
+        them), rather than accept them and build something else; defaults left alone are not refused."""
+        given = getattr(self, "explicit_flags", frozenset())
+        if self.model_config_name_or_path:
+            ignored = [name for name in (*UNET_BUILDER_FLAGS, "encoder", *TIMM_UNET_FLAGS) if name in given]
+            if ignored:
+                raise FlagError(
+                    f"--model_config_name_or_path {self.model_config_name_or_path} describes the whole UNet, so "
+                    f"{_flag_list(ignored)} would be ignored: drop them, or change those values in the config file"
+                )
+        elif self.encoder:
+            ignored = [name for name in NOT_TIMM_UNET_FLAGS if name in given]
+            if ignored:
+                raise FlagError(f"{_flag_list(ignored)}: not used by the timm-encoder UNet (--encoder); drop them")
+        else:
+            ignored = [name for name in TIMM_UNET_FLAGS if name in given]
+            if ignored:
+                raise FlagError(f"{_flag_list(ignored)}: for a timm encoder only; add --encoder timm:<name> or drop it")
 
 
 #: The schedules defined by a continuous alpha-bar, the only ones --snr_shift can shift.
@@ -388,6 +430,7 @@ class TrainConfig(DataConfig, ModelConfig, NoiseConfig, HubConfig, LoopConfig):
     def validate(self) -> None:
         """Refuse flag combinations every diffusion trainer would only fail on later (subclasses extend this)."""
         self.check_snr_shift()
+        self.check_architecture_flags()
         if {"save_model_steps", "save_model_epochs"} <= getattr(self, "explicit_flags", frozenset()):
             raise ValueError("pass --save_model_steps or --save_model_epochs, not both")
         if self.sharpen_amount is not None and self.sharpen_amount < 0:
@@ -444,7 +487,10 @@ def add_dataclass_flags(parser: argparse.ArgumentParser, config_cls: type) -> No
     """
     hints = typing.get_type_hints(config_cls)
     names = {f.name for f in dataclasses.fields(config_cls)}
+    refused = getattr(config_cls, "refused_flags", {})
     for f in dataclasses.fields(config_cls):
+        if f.name in refused:  # a field this script refuses as a flag: it keeps its default
+            continue
         tp = _unwrap_optional(hints[f.name])
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
         help_text = f.metadata.get("help", "")
@@ -459,14 +505,37 @@ def add_dataclass_flags(parser: argparse.ArgumentParser, config_cls: type) -> No
         else:
             kwargs["type"] = tp
         parser.add_argument(*option_names(f.name, names), dest=f.name, **kwargs)
-    add_refused_flags(parser, getattr(config_cls, "refused_flags", {}))
+    add_refused_flags(parser, refused, own_flags=names)
 
 
-def given_flags(parser: argparse.ArgumentParser, argv: list[str]) -> frozenset[str]:
-    """The config fields the user set on the command line (``--name value`` or ``--name=value``), as opposed to
-    defaults: a trainer that takes settings from elsewhere (a pretrained model's schedule) must not override these."""
-    names = {option: action.dest for action in parser._actions for option in action.option_strings}
-    return frozenset(names[token.split("=", 1)[0]] for token in argv if token.split("=", 1)[0] in names)
+class _Unset:
+    """The value every field starts with in the parse that finds the flags the user gave."""
+
+    def __repr__(self) -> str:
+        return "<unset>"
+
+
+UNSET = _Unset()
+
+
+def given_flags(parser: argparse.ArgumentParser, argv: list[str] | None) -> frozenset[str]:
+    """The config fields the user set on the command line, as opposed to defaults: a trainer that takes settings from
+    elsewhere (a pretrained model's schedule) must not override these, and a flag that does not apply is refused.
+
+    Read from argparse's own result rather than from the tokens: the command line is parsed again with every field
+    starting out unset (argparse fills in a default only where a field has no value yet), so whatever spelling set a
+    field (an alias, ``--name=value``, a flag given twice) counts, and nothing the parser accepted can slip past.
+    """
+    fields = {a.dest for a in parser._actions if a.option_strings and a.default is not argparse.SUPPRESS}
+    marked = parser.parse_args(argv, namespace=argparse.Namespace(**dict.fromkeys(fields, UNSET)))
+    return frozenset(name for name in fields if getattr(marked, name) is not UNSET)
+
+
+def build_parser(config_cls: type, description: str | None = None) -> argparse.ArgumentParser:
+    """The command-line parser of ``config_cls``: one flag per field (no abbreviations) plus its refused flags."""
+    parser = ArgumentParser(description=description or config_cls.__doc__)
+    add_dataclass_flags(parser, config_cls)
+    return parser
 
 
 def parse_config(config_cls: type, argv: list[str] | None = None, description: str | None = None) -> Any:
@@ -476,13 +545,12 @@ def parse_config(config_cls: type, argv: list[str] | None = None, description: s
     data, a missing path, an invalid flag combination) ends it with one ``error:`` line and status 2
     (``crispdiff.core.errors``). A ``ValueError`` from the config's ``validate()`` is such a user error.
     """
-    parser = ArgumentParser(description=description or config_cls.__doc__)
-    add_dataclass_flags(parser, config_cls)
+    parser = build_parser(config_cls, description)
     if argv is None:
         install_user_error_hook(parser.prog)
     args = parser.parse_args(argv)
     config = config_cls(**vars(args))
-    config.explicit_flags = given_flags(parser, sys.argv[1:] if argv is None else argv)
+    config.explicit_flags = given_flags(parser, argv)
     canonical_values(config)
     resolve = getattr(config, "resolve_given_flags", None)
     validate = getattr(config, "validate", None)

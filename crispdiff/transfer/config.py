@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from dataclasses import dataclass
 from typing import ClassVar
 
-from crispdiff.core.config import TrainConfig, flag
+from crispdiff.core.config import ModelConfig, TrainConfig, flag
 from crispdiff.core.errors import FlagError
 from crispdiff.train.lora import (
     UNET2D_LORA_PRESETS,
@@ -41,11 +42,22 @@ SCHEDULE_FIELDS = (
 )
 
 
+#: Why train_transfer.py refuses the UNet architecture flags (all of ModelConfig's but --dropout, which it applies).
+ARCHITECTURE_IS_PRETRAINED = (
+    "the architecture is the pretrained model's (--pretrained_model_name_or_path); drop the flag, or train a new "
+    "UNet with train_unconditional.py or train_latent.py"
+)
+
+
 @dataclass
 class TransferConfig(TrainConfig):
     """Everything `train_scripts/train_transfer.py` accepts: the training flags plus the pretrained model's."""
 
     diffusers_script: ClassVar[str | None] = None  # crispdiff's own script: no diffusers defaults to compare with
+    refused_flags: ClassVar[dict[str, str]] = {
+        **TrainConfig.refused_flags,
+        **{f.name: ARCHITECTURE_IS_PRETRAINED for f in dataclasses.fields(ModelConfig) if f.name != "dropout"},
+    }
 
     pretrained_model_name_or_path: str | None = flag(
         None,
@@ -90,6 +102,9 @@ class TransferConfig(TrainConfig):
         "is experimental and needs --train_modules all without --freeze_encoder.",
         choices=["epsilon", "v_prediction", "sample"],
     )
+    dropout: float | None = flag(
+        None, "Dropout inside the pretrained UNet's ResNet blocks (default: the pretrained model's own, often 0)."
+    )
     # fine-tuning defaults
     output_dir: str = flag("crispdiff-transfer", "Where checkpoints, logs, samples and the saved model go.")
     learning_rate: float = flag(1e-4, "Peak learning rate (fine-tuning wants less than training from scratch).")
@@ -106,11 +121,8 @@ class TransferConfig(TrainConfig):
             raise FlagError(f"--freeze_encoder goes with --train_modules all, not {self.train_modules}")
         if self.save_lora_adapter and self.train_modules != "lora":
             raise FlagError("--save_lora_adapter needs --train_modules lora")
-        if self.model_config_name_or_path or self.encoder or self.encoder_weights:
-            raise FlagError(
-                "--model_config_name_or_path / --encoder / --encoder_weights do not apply: the architecture is the "
-                "pretrained model's (train a timm-encoder UNet with train_unconditional.py or train_latent.py)"
-            )
+        if self.dropout is not None and not 0.0 <= self.dropout < 1.0:
+            raise FlagError(f"--dropout must be in [0, 1), got {self.dropout}")
 
     def lora_targets(self) -> list[str]:
         """The module names peft gets (presets expanded)."""

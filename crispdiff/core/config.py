@@ -55,7 +55,9 @@ class DataConfig:
     dataset_name: str | None = flag(None, "A Hub dataset id or a local `datasets` folder (saved with save_to_disk).")
     dataset_config_name: str | None = flag(None, "The dataset's config name, if it has several.")
     train_data_dir: str | None = flag(
-        None, "A folder of images, optionally with metadata.jsonl (datasets' imagefolder layout)."
+        None,
+        "A folder of images, optionally with metadata.jsonl (datasets' imagefolder layout). With --dataset_name the "
+        "dataset is used, as in diffusers, and this names the folder inside it to load (datasets' data_dir).",
     )
     image_column: str = flag("image", "Column holding the images when --dataset_name is used.")
     caption_column: str | None = flag(None, "Optional caption column (kept for conditional scripts).")
@@ -82,7 +84,9 @@ class DataConfig:
     random_flip: bool = flag(False, "Randomly flip images horizontally.")
     background: str = flag("white", "Colour that transparent pixels (RGBA, LA, palette) are composited onto.")
     min_image_size: int = flag(16, "Reject images whose shorter side is smaller than this many pixels.")
-    max_train_samples: int | None = flag(None, "Use only the first N images (for quick experiments).")
+    max_train_samples: int | None = flag(
+        None, "Use only N images, a random subset drawn with --seed as in diffusers (for quick experiments)."
+    )
     color_jitter: float = flag(0.0, "Opt-in colour jitter strength (0 = off; 0.05 is gentle).")
     blur_prob: float = flag(0.0, "Opt-in probability of a weak Gaussian blur per image (0 = off).")
     blur_sigma: float = flag(0.5, "Sigma of the weak blur augmentation, in pixels.")

@@ -272,6 +272,18 @@ def test_gan_and_decoder_only_training_move_the_right_weights(image_folder: Path
     assert any(not torch.equal(a, b) for a, b in zip(disc_before, trainer.disc.parameters()))
 
 
+def test_scale_lr_scales_the_discriminators_learning_rate_too(image_folder: Path, tmp_path: Path):
+    """--scale_lr multiplies both parameter groups' LR by the images per step (8 here); the discriminator's group
+    used to keep its unscaled LR."""
+    gan = ("--disc_start", "0", "--disc_layers", "1", "--disc_channels", "8", "--learning_rate", "1e-4")
+    plain = make_trainer(trainer_flags(image_folder, tmp_path, *gan, "--disc_learning_rate", "3e-4"))
+    scaled = make_trainer(trainer_flags(image_folder, tmp_path, *gan, "--disc_learning_rate", "3e-4", "--scale_lr"))
+    default = make_trainer(trainer_flags(image_folder, tmp_path, *gan, "--scale_lr"))
+    assert [g["initial_lr"] for g in plain.optimizer.param_groups] == pytest.approx([1e-4, 3e-4])
+    assert [g["initial_lr"] for g in scaled.optimizer.param_groups] == pytest.approx([8e-4, 24e-4])
+    assert [g["initial_lr"] for g in default.optimizer.param_groups] == pytest.approx([8e-4, 8e-4])
+
+
 def test_train_vae_script_saves_a_loadable_folder_and_resumes_exactly(image_folder: Path, tmp_path: Path):
     """With the GAN on from the start and a validation pass on the checkpoint's step, a run resumed from that
     checkpoint ends bit-identical to the uninterrupted one."""

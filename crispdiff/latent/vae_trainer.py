@@ -16,6 +16,7 @@ same as in LDM's configs (where both terms are sums).
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import shutil
 import sys
@@ -50,7 +51,7 @@ from crispdiff.latent.vae_losses import (
     spectral_amplitude_loss,
 )
 from crispdiff.latent.vae_models import PatchDiscriminator, initial_vae, load_lpips
-from crispdiff.train.loop import LoopTrainer, ema_copy, run_trainer, start_run
+from crispdiff.train.loop import LoopTrainer, ema_copy, run_trainer, scaled_learning_rate, start_run
 from crispdiff.train.loop import check_output_dir as check_output_folder
 
 logger = logging.getLogger("crispdiff")
@@ -122,6 +123,13 @@ vae = AutoencoderKL.from_pretrained("path/to/this/folder")
 """
 
 
+def discriminator_learning_rate(config: VAETrainConfig, num_processes: int) -> float:
+    """--disc_learning_rate (default: --learning_rate), scaled by --scale_lr's rule as the autoencoder's LR is: the
+    two models see the same batches, so a larger batch scales both."""
+    own = config.disc_learning_rate if config.disc_learning_rate is not None else config.learning_rate
+    return scaled_learning_rate(dataclasses.replace(config, learning_rate=own), num_processes)
+
+
 class VAETrainer(LoopTrainer):
     """An AutoencoderKL (and optionally a patch discriminator) on held-in images; saves a diffusers VAE folder."""
 
@@ -151,7 +159,7 @@ class VAETrainer(LoopTrainer):
             groups.append(
                 {
                     "params": list(disc.parameters()),
-                    "lr": config.disc_learning_rate or config.learning_rate,
+                    "lr": discriminator_learning_rate(config, accelerator.num_processes),
                     "betas": (0.5, 0.9),
                 }
             )

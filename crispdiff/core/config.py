@@ -10,9 +10,11 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import math
 import types
 import typing
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
@@ -47,10 +49,48 @@ def without_secrets(values: dict[str, Any]) -> dict[str, Any]:
 #: The per-epoch pixel augmentation flags of DataConfig: each a number in [0, 1], 0 meaning off.
 PIXEL_AUGMENTATIONS = ("color_jitter", "blur_prob", "color_remap_prob")
 
+#: The ``--class_column`` value that asks for clusters instead of a metadata column, and the one that turns classes off.
+AUTO_CLASS_COLUMN = "auto"
+NO_CLASS_COLUMN = "none"
+
+#: A flag that acts only in some settings: a test of the resolved config, and what settles it (``--push_to_hub``).
+Condition = tuple[Callable[[Any], bool], str]
+
+
+def conditional_flags(config_cls: type) -> dict[str, Condition]:
+    """The ``conditional_flags`` of a config class and its bases (a class's own entries win)."""
+    merged: dict[str, Condition] = {}
+    for cls in reversed(config_cls.__mro__):
+        merged.update(vars(cls).get("conditional_flags", {}))
+    return merged
+
+
+def check_conditional_flags(config: Any) -> None:
+    """Refuse flags given on the command line that would have no effect in this run's settings (``--hub_model_id``
+    without ``--push_to_hub``): accepted, they would look as if they had changed something. Defaults are not refused."""
+    given = getattr(config, "explicit_flags", frozenset())
+    conditions = conditional_flags(type(config))
+    unmet = [name for name, (met, _) in conditions.items() if name in given and not met(config)]
+    if unmet:
+        needed = conditions[unmet[0]][1]
+        names = [name for name in unmet if conditions[name][1] == needed]
+        it = "it" if len(names) == 1 else "them"
+        raise FlagError(f"{_flag_list(names)}: no effect without {needed}; add that or drop {it}")
+
+
+def _flag_list(names: list[str]) -> str:
+    return ", ".join(f"--{name}" for name in names)
+
 
 @dataclass
 class DataConfig:
     """Where the images come from and how they are turned into training tensors."""
+
+    conditional_flags: ClassVar[dict[str, Condition]] = {
+        "dataset_config_name": (lambda c: bool(c.dataset_name), "--dataset_name"),
+        "image_column": (lambda c: bool(c.dataset_name), "--dataset_name (a folder's images need no column)"),
+        "random_crop_positions": (lambda c: not c.center_crop, "random crops (drop --center_crop)"),
+    }
 
     dataset_name: str | None = flag(None, "A Hub dataset id or a local `datasets` folder (saved with save_to_disk).")
     dataset_config_name: str | None = flag(None, "The dataset's config name, if it has several.")
@@ -120,10 +160,6 @@ UNET_BUILDER_FLAGS = (
 NOT_TIMM_UNET_FLAGS = ("channel_mults", "attention_res", "attention_head_dim", "resnet_time_scale_shift")
 #: The flags only the timm-encoder UNet uses.
 TIMM_UNET_FLAGS = ("encoder_weights", "encoder_norm")
-
-
-def _flag_list(names: list[str]) -> str:
-    return ", ".join(f"--{name}" for name in names)
 
 
 @dataclass
@@ -228,15 +264,28 @@ class NoiseConfig:
 class HubConfig:
     """Publishing to the Hugging Face Hub."""
 
+    conditional_flags: ClassVar[dict[str, Condition]] = {
+        name: (lambda c: c.push_to_hub, "--push_to_hub") for name in ("hub_model_id", "hub_private_repo", "hub_token")
+    }
+
     push_to_hub: bool = flag(False, "Upload the final pipeline folder to the Hub.")
-    hub_model_id: str | None = flag(None, "Repository id on the Hub (default: the output folder's name).")
-    hub_private_repo: bool = flag(False, "Create the Hub repository as private.")
-    hub_token: str | None = flag(None, "Token for the Hub (default: the cached login / HF_TOKEN).")
+    hub_model_id: str | None = flag(
+        None, "With --push_to_hub: the repository id on the Hub (default: the output folder's name)."
+    )
+    hub_private_repo: bool = flag(False, "With --push_to_hub: create the Hub repository as private.")
+    hub_token: str | None = flag(
+        None, "With --push_to_hub: the token for the Hub (default: the cached login / HF_TOKEN)."
+    )
 
 
 @dataclass
 class LoopConfig:
     """The optimisation loop every crispdiff trainer shares: steps, optimizer, precision, EMA, checkpoints, logs."""
+
+    conditional_flags: ClassVar[dict[str, Condition]] = {
+        "lr_reference_batch": (lambda c: c.scale_lr, "--scale_lr"),
+        **{name: (lambda c: c.use_ema, "--use_ema") for name in ("ema_decay", "ema_inv_gamma", "ema_power")},
+    }
 
     output_dir: str = flag("crispdiff-output", "Where checkpoints, logs, samples and the saved model go.")
     overwrite_output_dir: bool = flag(False, "Allow replacing a finished model in --output_dir.")
@@ -312,7 +361,9 @@ class LoopConfig:
     def resolve_given_flags(self) -> None:
         """What the flags a user passed mean together, as in diffusers' scripts (``explicit_flags`` is set)."""
         given = getattr(self, "explicit_flags", frozenset())
-        if "num_epochs" in given and "max_train_steps" not in given:
+        if {"num_epochs", "max_train_steps"} <= given:
+            raise FlagError("pass --max_train_steps or --num_epochs, not both (the step count would decide alone)")
+        if "num_epochs" in given:
             self.max_train_steps = None  # epochs asked for: a script's default step count must not override them
         if "validation_epochs" in given and "validation_steps" in given:
             raise FlagError("pass --validation_steps or --validation_epochs, not both")
@@ -325,12 +376,36 @@ class LoopConfig:
         write_json_atomic(path, self.to_dict(), sort_keys=True)
 
 
+#: Why the scripts that train without captions refuse --caption_column.
+NO_CAPTIONS = (
+    "this script trains without captions (train_text_to_image_lora.py and train_dreambooth_lora.py use them); "
+    "drop it (--class_column conditions a UNet on a metadata column)"
+)
+#: Why the scripts that crop images anew each time refuse --random_crop_positions.
+CROPS_DRAWN_ANEW = (
+    "this script draws a new random crop each time an image is used; fixed crop positions are for the trainers on "
+    "cached latents (train_latent.py, the LoRA scripts); drop it"
+)
+
+
 @dataclass
 class TrainConfig(DataConfig, ModelConfig, NoiseConfig, HubConfig, LoopConfig):
     """Everything `train_scripts/train_unconditional.py` accepts."""
 
-    #: diffusers' flags that cannot make sense here (flag -> why, and what to do instead).
-    refused_flags: ClassVar[dict[str, str]] = {"preserve_input_precision": PRESERVE_INPUT_PRECISION}
+    #: Flags that cannot make sense here (flag -> why, and what to do instead): diffusers' and crispdiff's own.
+    refused_flags: ClassVar[dict[str, str]] = {
+        "preserve_input_precision": PRESERVE_INPUT_PRECISION,
+        "caption_column": NO_CAPTIONS,
+        "random_crop_positions": CROPS_DRAWN_ANEW,
+    }
+    conditional_flags: ClassVar[dict[str, Condition]] = {
+        "torch_compile_backend": (lambda c: c.torch_compile, "--torch_compile"),
+        "num_auto_classes": (lambda c: c.class_column == AUTO_CLASS_COLUMN, f"--class_column {AUTO_CLASS_COLUMN}"),
+        **{
+            name: (lambda c: c.class_column not in (None, "", NO_CLASS_COLUMN), "--class_column")
+            for name in ("class_dropout_prob", "guidance_scale", "guidance_interval")
+        },
+    }
     #: The diffusers script this config stands in for, and its defaults where crispdiff's differ on purpose.
     diffusers_script: ClassVar[str | None] = "train_unconditional.py"
     diffusers_defaults: ClassVar[dict[str, Any]] = {
@@ -458,6 +533,9 @@ class TrainConfig(DataConfig, ModelConfig, NoiseConfig, HubConfig, LoopConfig):
             self.guidance_interval = None  # every step: stored as no interval
         if self.time_budget_minutes is not None and not self.time_budget_minutes > 0:
             raise ValueError(f"--time_budget_minutes must be positive, got {self.time_budget_minutes}")
+        length = [name for name in ("max_train_steps", "num_epochs") if name in getattr(self, "explicit_flags", ())]
+        if self.time_budget_minutes is not None and length:
+            raise ValueError(f"pass --time_budget_minutes or --{length[0]}, not both (the budget sets the steps)")
         if self.num_auto_classes is not None and self.num_auto_classes < 2:
             raise ValueError(f"--num_auto_classes must be >= 2, got {self.num_auto_classes}")
 
@@ -492,12 +570,15 @@ def add_dataclass_flags(parser: argparse.ArgumentParser, config_cls: type) -> No
     hints = typing.get_type_hints(config_cls)
     names = {f.name for f in dataclasses.fields(config_cls)}
     refused = getattr(config_cls, "refused_flags", {})
+    conditions = conditional_flags(config_cls)
     for f in dataclasses.fields(config_cls):
         if f.name in refused:  # a field this script refuses as a flag: it keeps its default
             continue
         tp = _unwrap_optional(hints[f.name])
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
         help_text = f.metadata.get("help", "")
+        if f.name in conditions and conditions[f.name][1].split()[0] not in help_text:
+            help_text = f"{help_text} Only with {conditions[f.name][1]}."
         # argparse %-formats help strings: a literal "%" in a help text or a default would crash --help
         kwargs: dict[str, Any] = {"default": default, "help": f"{help_text} (default: {default})".replace("%", "%%")}
         if f.metadata.get("choices"):
@@ -535,8 +616,12 @@ def given_flags(parser: argparse.ArgumentParser, argv: list[str] | None) -> froz
     return frozenset(name for name in fields if getattr(marked, name) is not UNSET)
 
 
+@functools.cache
 def build_parser(config_cls: type, description: str | None = None) -> argparse.ArgumentParser:
-    """The command-line parser of ``config_cls``: one flag per field (no abbreviations) plus its refused flags."""
+    """The command-line parser of ``config_cls``: one flag per field (no abbreviations) plus its refused flags.
+
+    Built once per class: it depends on the class alone, parsing leaves it unchanged, and building one costs far more
+    than a parse (the tests parse thousands of command lines)."""
     parser = ArgumentParser(description=description or config_cls.__doc__)
     add_dataclass_flags(parser, config_cls)
     return parser
@@ -558,7 +643,7 @@ def parse_config(config_cls: type, argv: list[str] | None = None, description: s
     canonical_values(config)
     resolve = getattr(config, "resolve_given_flags", None)
     validate = getattr(config, "validate", None)
-    for check in (resolve, validate):
+    for check in (resolve, validate, lambda: check_conditional_flags(config)):
         if not callable(check):
             continue
         try:

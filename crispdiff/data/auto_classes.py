@@ -22,10 +22,6 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-#: The ``--class_column`` value that asks for clusters instead of a metadata column, and the one that turns classes off.
-AUTO_CLASS_COLUMN = "auto"
-NO_CLASS_COLUMN = "none"
-
 #: Thumbnail side the images are reduced to before clustering, and the principal components kept.
 THUMBNAIL_SIZE = 16
 FEATURE_DIMS = 32

@@ -27,9 +27,9 @@ from typing import Any
 
 import numpy as np
 
-from crispdiff.core.config import PIXEL_AUGMENTATIONS
+from crispdiff.core.config import AUTO_CLASS_COLUMN, PIXEL_AUGMENTATIONS
 from crispdiff.core.errors import DataError
-from crispdiff.data.auto_classes import AUTO_CLASS_COLUMN, cluster_images
+from crispdiff.data.auto_classes import cluster_images
 from crispdiff.data.batches import ImageData, to_device, uint8_to_unit
 from crispdiff.data.cache import (
     SKIPPED_FILE,

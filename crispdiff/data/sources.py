@@ -14,8 +14,8 @@ from typing import Any
 
 import numpy as np
 
+from crispdiff.core.config import AUTO_CLASS_COLUMN, NO_CLASS_COLUMN
 from crispdiff.core.errors import DataError
-from crispdiff.data.auto_classes import AUTO_CLASS_COLUMN, NO_CLASS_COLUMN
 
 #: File extensions picked up from ``--train_data_dir`` (lower-case).
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff")

@@ -24,8 +24,14 @@ from typing import Any, ClassVar
 
 import torch
 
-from crispdiff.core.config import SHIFTABLE_SCHEDULES, TrainConfig, flag
-from crispdiff.data.auto_classes import AUTO_CLASS_COLUMN, NO_CLASS_COLUMN
+from crispdiff.core.config import (
+    AUTO_CLASS_COLUMN,
+    NO_CLASS_COLUMN,
+    SHIFTABLE_SCHEDULES,
+    Condition,
+    TrainConfig,
+    flag,
+)
 from crispdiff.data.loading import to_device
 from crispdiff.latent.cache import DTYPES, LatentCache, load_or_build_latent_cache
 from crispdiff.latent.vae import (
@@ -73,6 +79,14 @@ class LatentTrainConfig(TrainConfig):
     """
 
     diffusers_script: ClassVar[str | None] = None  # crispdiff's own script: no diffusers defaults to compare with
+    # the latent cache encodes crops at fixed positions: --random_crop_positions is this trainer's flag
+    refused_flags: ClassVar[dict[str, str]] = {
+        name: why for name, why in TrainConfig.refused_flags.items() if name != "random_crop_positions"
+    }
+    conditional_flags: ClassVar[dict[str, Condition]] = {
+        name: (lambda c: c.adapt_vae != "off", "--adapt_vae auto or always")
+        for name in ("adapt_vae_steps", "adapt_vae_learning_rate")
+    }
 
     pretrained_vae_name_or_path: str | None = flag(
         None,

@@ -16,11 +16,11 @@ from accelerate import Accelerator
 from accelerate.utils import set_seed
 from diffusers import UNet2DModel
 
-from crispdiff.core.config import TrainConfig
+from crispdiff.core.config import AUTO_CLASS_COLUMN, TrainConfig
 from crispdiff.core.errors import FlagError
 from crispdiff.core.images import make_grid, save_image_atomic
 from crispdiff.core.io import write_json_atomic
-from crispdiff.data.auto_classes import AUTO_CLASS_COLUMN, class_mix
+from crispdiff.data.auto_classes import class_mix
 from crispdiff.diffusion.schedule import NoiseSchedule, sample_noise, scheduler_base_config
 from crispdiff.diffusion.unets import count_parameters, describe_parameters, unet_from_config
 from crispdiff.publish.export import SAMPLES_NAME, build_pipeline, save_pipeline

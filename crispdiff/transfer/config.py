@@ -7,7 +7,7 @@ import logging
 from dataclasses import dataclass
 from typing import ClassVar
 
-from crispdiff.core.config import ModelConfig, TrainConfig, flag
+from crispdiff.core.config import Condition, ModelConfig, TrainConfig, flag
 from crispdiff.core.errors import FlagError
 from crispdiff.train.lora import (
     UNET2D_LORA_PRESETS,
@@ -57,6 +57,11 @@ class TransferConfig(TrainConfig):
     refused_flags: ClassVar[dict[str, str]] = {
         **TrainConfig.refused_flags,
         **{f.name: ARCHITECTURE_IS_PRETRAINED for f in dataclasses.fields(ModelConfig) if f.name != "dropout"},
+        "time_budget_minutes": "train_transfer.py runs --max_train_steps (or --num_epochs); drop it",
+    }
+    conditional_flags: ClassVar[dict[str, Condition]] = {
+        name: (lambda c: c.train_modules == "lora", "--train_modules lora")
+        for name in ("lora_rank", "lora_alpha", "lora_target_modules")
     }
 
     pretrained_model_name_or_path: str | None = flag(
@@ -72,14 +77,16 @@ class TransferConfig(TrainConfig):
         choices=list(TRAIN_MODULES),
     )
     freeze_encoder: bool = flag(False, "With --train_modules all: keep conv_in and the down blocks as pretrained.")
-    lora_rank: int = flag(8, "LoRA rank.")
-    lora_alpha: float | None = flag(None, "LoRA alpha (scale = alpha / rank; default: the rank, i.e. scale 1).")
+    lora_rank: int = flag(8, "With --train_modules lora: the LoRA rank.")
+    lora_alpha: float | None = flag(
+        None, "With --train_modules lora: LoRA alpha (scale = alpha / rank; default: the rank, i.e. scale 1)."
+    )
     lora_target_modules: list[str] = flag(
         ["attention", "conv"],
-        "Modules that get LoRA: presets 'attention' (to_q/k/v/out; in ddpm-cifar10 that hits just 3 places: one "
-        "down level, one up level and the middle block), 'resnet' (the 3x3 convolutions of every ResNet block), "
-        "'conv' (those, the 1x1 shortcuts and the down/up samplers), 'time' (each block's time projection), or "
-        "module names.",
+        "With --train_modules lora: the modules that get LoRA: presets 'attention' (to_q/k/v/out; in ddpm-cifar10 "
+        "that hits just 3 places: one down level, one up level and the middle block), 'resnet' (the 3x3 convolutions "
+        "of every ResNet block), 'conv' (those, the 1x1 shortcuts and the down/up samplers), 'time' (each block's "
+        "time projection), or module names.",
     )
     save_lora_adapter: bool = flag(
         False, f"With --train_modules lora: also write OUTPUT_DIR/{ADAPTER_FOLDER} (the EMA adapter, safetensors)."

@@ -221,7 +221,7 @@ class ModelConfig:
         else:
             ignored = [name for name in TIMM_UNET_FLAGS if name in given]
             if ignored:
-                raise FlagError(f"{_flag_list(ignored)}: for a timm encoder only; add --encoder timm:<name> or drop it")
+                raise FlagError(f"{_flag_list(ignored)}: for a timm encoder only; add --encoder timm:NAME or drop them")
 
 
 #: The schedules defined by a continuous alpha-bar, the only ones --snr_shift can shift.

@@ -9,6 +9,7 @@ import ast
 import dataclasses
 import importlib.util
 import json
+import re
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -99,6 +100,42 @@ def test_timm_encoder_flags_go_with_the_encoder_only(script):
         parse_config(config_cls, ["--encoder_norm", "batch"])
     config = parse_config(config_cls, ["--encoder", "timm:resnet18", "--encoder_norm", "batch", "--dropout", "0.2"])
     assert (config.encoder_norm, config.dropout) == ("batch", 0.2)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Flags that would change nothing, and pairs in which one flag would win
+# ----------------------------------------------------------------------------------------------------------------------
+
+SD = ["--pretrained_model_name_or_path", "sd"]
+DREAMBOOTH = [*SD, "--instance_data_dir", "dog", "--instance_prompt", "a photo of sks dog"]
+
+
+@pytest.mark.parametrize(
+    "script, argv, refusal",
+    [
+        ("train_unconditional.py", ["--hub_model_id", "me/model"], "--hub_model_id: no effect without --push_to_hub"),
+        ("train_unconditional.py", ["--use_ema", "false", "--ema_power", "0.5"], "--ema_power: no effect without"),
+        ("train_unconditional.py", ["--guidance_scale", "3"], "--guidance_scale: no effect without --class_column"),
+        ("train_unconditional.py", ["--max_train_steps", "9", "--num_epochs", "2"], "not both"),
+        ("train_latent.py", ["--time_budget_minutes", "5", "--max_train_steps", "9"], "not both"),
+        ("train_latent.py", ["--adapt_vae", "off", "--adapt_vae_steps", "9"], "--adapt_vae_steps: no effect without"),
+        ("train_latent.py", ["--center_crop", "--random_crop_positions", "2"], "--random_crop_positions: no effect"),
+        ("train_unconditional.py", ["--random_crop_positions", "2"], "--random_crop_positions is not supported here"),
+        ("train_vae.py", ["--caption_column", "text"], "--caption_column is not supported here"),
+        ("train_vae.py", ["--disc_weight", "0.1"], "--disc_weight: no effect without --disc_start"),
+        ("train_sr.py", ["--vae_latent_noise", "0.3"], "--vae_latent_noise: no effect without --vae_roundtrip_prob"),
+        ("train_transfer.py", ["--pretrained_model_name_or_path", "m", "--rank", "4"], "--lora_rank: no effect"),
+        ("train_transfer.py", ["--pretrained_model_name_or_path", "m", "--time_budget_minutes", "5"], "not supported"),
+        ("train_text_to_image_lora.py", [*SD, "--scale_lr", "false", "--lr_reference_batch", "64"], "--scale_lr"),
+        ("train_text_to_image_lora.py", [*SD, "--image_column", "img"], "--image_column: no effect without"),
+        ("train_dreambooth_lora.py", [*DREAMBOOTH, "--class_data_dir", "dogs"], "without --with_prior_preservation"),
+    ],
+)
+def test_flags_that_would_change_nothing_are_refused_by_name(script, argv, refusal):
+    """Each was accepted and then ignored (or silently overridden by the other flag of the pair)."""
+    config_cls, _ = script_entry(script)
+    with pytest.raises(FlagError, match=re.escape(refusal)):
+        parse_config(config_cls, argv)
 
 
 # ----------------------------------------------------------------------------------------------------------------------

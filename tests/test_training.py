@@ -73,7 +73,7 @@ def tiny_config(image_folder: Path, output_dir: Path, **overrides) -> TrainConfi
 
 
 def test_flags_parse_into_config(image_folder, tmp_path):
-    config = tiny_config(image_folder, tmp_path / "out", use_ema="false", snr_gamma=0)
+    config = tiny_config(image_folder, tmp_path / "out", use_ema="false", ema_decay=None, snr_gamma=0)
     assert config.channel_mults == [1, 2] and config.attention_res == [8]
     assert config.use_ema is False and config.random_flip is True and not config.snr_gamma
     defaults = parse_config(TrainConfig, [])

@@ -54,7 +54,12 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
         default=None,
         help="Compare at this size (default: the training resolution in DIR, else the samples' size).",
     )
-    parser.add_argument("--max_reference_images", type=int, default=None, help="Use at most N reference images.")
+    parser.add_argument(
+        "--max_reference_images",
+        type=int,
+        default=None,
+        help="Use at most N reference images: a fixed random subset (seed 0, drawn as --max_train_samples draws it).",
+    )
     parser.add_argument("--cache_dir", default=None, help="Cache folder for decoded reference images.")
     parser.add_argument(
         "--inception_weights",

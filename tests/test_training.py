@@ -369,6 +369,33 @@ def test_deterministic_flag_turns_on_deterministic_algorithms(image_folder, tmp_
         torch.backends.cudnn.deterministic = False
 
 
+@pytest.mark.parametrize(
+    "flags, tf32",
+    [
+        ([], True),
+        (["--allow_tf32", "false"], False),
+        (["--deterministic"], False),
+        (["--deterministic", "--allow_tf32"], False),
+    ],
+    ids=["default", "allow_tf32-false", "deterministic", "deterministic-over-allow_tf32"],
+)
+def test_tf32_follows_allow_tf32_and_deterministic_turns_it_off(flags, tf32):
+    """--deterministic must turn TF32 off (cuDNN's TF32 is on by torch's default), and --allow_tf32 false must hold
+    without it. The flags are torch's process-wide switches, settable on a CPU-only build too; each starts at the
+    opposite of what the run must leave."""
+    from crispdiff.train.loop import configure_kernels
+
+    cuda_matmul, cudnn = torch.backends.cuda.matmul, torch.backends.cudnn
+    saved = (cuda_matmul.allow_tf32, cudnn.allow_tf32, cudnn.benchmark, cudnn.deterministic)
+    try:
+        cuda_matmul.allow_tf32 = cudnn.allow_tf32 = not tf32
+        configure_kernels(parse_config(TrainConfig, flags))
+        assert (cuda_matmul.allow_tf32, cudnn.allow_tf32) == (tf32, tf32)
+    finally:
+        torch.use_deterministic_algorithms(False)
+        cuda_matmul.allow_tf32, cudnn.allow_tf32, cudnn.benchmark, cudnn.deterministic = saved
+
+
 def test_validation_grid_and_metrics_are_logged(image_folder, tmp_path):
     out = tmp_path / "run"
     config = tiny_config(

@@ -259,9 +259,6 @@ class LoopTrainer:
     def setup_optimization(self, model: torch.nn.Module, trainable: list[torch.nn.Parameter]) -> None:
         """EMA of `model` (if --use_ema), the optimizer over `trainable`, and the warmup + decay LR schedule."""
         config, accelerator, device = self.config, self.accelerator, self.accelerator.device
-        if device.type == "cuda" and not config.deterministic:
-            torch.backends.cuda.matmul.allow_tf32 = config.allow_tf32
-            torch.backends.cudnn.allow_tf32 = config.allow_tf32
         lr = scaled_learning_rate(config, accelerator.num_processes)
         if config.use_ema:
             self.ema = EMAModel(
@@ -455,7 +452,12 @@ def configure_kernels(config: LoopConfig) -> None:
     non-deterministic, so a resumed GPU run drifts from an uninterrupted one in the last bits. --deterministic asks
     torch for deterministic algorithms everywhere (an error names any op that has none), turns benchmarking and TF32
     off and sets the cuBLAS workspace that deterministic matmuls need; it must run before CUDA is first used.
+    TF32 is set both ways, for matmuls and cuDNN alike: torch's own default leaves cuDNN's on, which neither
+    --allow_tf32 false nor --deterministic may.
     """
+    tf32 = config.allow_tf32 and not config.deterministic
+    torch.backends.cuda.matmul.allow_tf32 = tf32
+    torch.backends.cudnn.allow_tf32 = tf32
     if config.deterministic:
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
         torch.use_deterministic_algorithms(True)

@@ -202,6 +202,24 @@ def warmup_steps(config: LoopConfig, max_steps: int) -> int:
     return max_steps // 2
 
 
+def loss_scale(accelerator: Accelerator) -> float | None:
+    """The fp16 loss scaler's current scale (None without one: fp32 and bf16 runs)."""
+    return accelerator.scaler.get_scale() if accelerator.scaler is not None else None
+
+
+def step_was_skipped(accelerator: Accelerator, scale_before: float | None) -> bool:
+    """Whether the fp16 loss scaler skipped the optimizer step just taken (its gradients overflowed).
+
+    accelerate's ``optimizer_step_was_skipped`` alone misses it for a fused AdamW (crispdiff's default wherever torch
+    has the kernel): torch hands the overflow check to the fused kernel, so the step is "called" and skipped inside
+    it. A skipped step always lowers the scale (``GradScaler.update`` backs off on an overflow and never otherwise),
+    so that is checked too.
+    """
+    if scale_before is None:
+        return False
+    return accelerator.optimizer_step_was_skipped or loss_scale(accelerator) < scale_before
+
+
 def tracker_config(config: LoopConfig) -> dict[str, Any]:
     """Tensorboard's hparams accept only scalars and strings."""
     return {k: (v if isinstance(v, (int, float, str, bool)) else str(v)) for k, v in config.to_dict().items()}
@@ -238,6 +256,8 @@ class LoopTrainer:
     progress_label = "train"
 
     def __init__(self, config: LoopConfig, accelerator: Accelerator, num_items: int):
+        if config.logging_steps < 1:
+            raise FlagError(f"--logging_steps must be >= 1 (log every N optimizer steps), got {config.logging_steps}")
         self.config = config
         self.accelerator = accelerator
         self.output_dir = Path(config.output_dir)
@@ -334,16 +354,26 @@ class LoopTrainer:
         )
 
     def optimizer_step(self) -> dict[str, torch.Tensor]:
-        """Micro-steps until the accumulated gradients are applied, then the LR schedule and the EMA follow."""
+        """Micro-steps until the accumulated gradients are applied, then the LR schedule and the EMA follow; returns
+        each loss averaged over the accumulation window (the gradient applied is that window's mean too).
+
+        A step the fp16 loss scaler skipped (an overflow: the weights did not change) counts as a step of the run but
+        moves neither the LR schedule nor the EMA, as accelerate's own prepared schedulers do: otherwise every early
+        overflow would shorten the warm-up and pull the EMA towards weights that did not change.
+        """
+        window: dict[str, list[torch.Tensor]] = {}
+        scale_before = loss_scale(self.accelerator)
         while True:
-            losses = self.micro_step()
+            for name, value in self.micro_step().items():
+                window.setdefault(name, []).append(value.detach().float())
             if self.accelerator.sync_gradients:
                 break
-        self.lr_scheduler.step()
-        if self.ema is not None:
-            self.ema.step(self.ema_parameters())
+        if not step_was_skipped(self.accelerator, scale_before):
+            self.lr_scheduler.step()
+            if self.ema is not None:
+                self.ema.step(self.ema_parameters())
         self.step += 1
-        return losses
+        return {name: torch.stack(values).mean() for name, values in window.items()}
 
     def past_deadline(self) -> bool:
         """Whether ``deadline`` has passed on any process (all of them must stop at the same step)."""
@@ -413,7 +443,7 @@ class LoopTrainer:
             losses = self.optimizer_step()
             window_images += images_per_step
             progress.update(1)
-            if self.step % 10 == 0 or self.step == self.max_steps:
+            if self.step % config.logging_steps == 0 or self.step == self.max_steps:
                 self._log(losses, window_images / max(time.perf_counter() - window_start, 1e-9), progress)
                 window_start, window_images = time.perf_counter(), 0
             if self.due(config.checkpointing_steps):

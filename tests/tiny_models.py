@@ -176,11 +176,14 @@ def read_records(record_dir, kind: str) -> dict[int, list]:
     return records
 
 
-def assert_ranks_saw_different_data_and_noise(record_dir) -> None:
-    """Two ranks, micro-step by micro-step: disjoint slices of the data and different noise."""
+def assert_ranks_saw_different_data_and_noise(record_dir, last_micro_steps: int | None = None) -> None:
+    """Two ranks, micro-step by micro-step: disjoint slices of the data and different noise. ``last_micro_steps``:
+    check only the data of the last ones (a stage before them may have fewer images than its global batch, which
+    then repeats them)."""
     indices, noise = read_records(record_dir, "indices"), read_records(record_dir, "noise")
     assert sorted(indices) == [0, 1] and len(indices[0]) == len(indices[1]) > 0, indices
-    for step, (a, b) in enumerate(zip(indices[0], indices[1], strict=True)):
+    checked = slice(-last_micro_steps if last_micro_steps else None, None)
+    for step, (a, b) in enumerate(zip(indices[0][checked], indices[1][checked], strict=True)):
         assert a and b and not set(a) & set(b), f"micro-step {step}: both ranks trained on {set(a) & set(b)}"
     assert len(noise[0]) == len(noise[1]) > 0
     assert all(a != b for a, b in zip(noise[0], noise[1], strict=True)), "the ranks drew the same noise"

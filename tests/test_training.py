@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from tiny_models import kill_launcher
+from tiny_models import assert_ranks_saw_different_data_and_noise, kill_launcher, read_records, record_launcher
 
 from crispdiff.core.config import TrainConfig, parse_config
 from crispdiff.train.loop import make_accelerator
@@ -369,6 +369,33 @@ def test_deterministic_flag_turns_on_deterministic_algorithms(image_folder, tmp_
         torch.backends.cudnn.deterministic = False
 
 
+@pytest.mark.parametrize(
+    "flags, tf32",
+    [
+        ([], True),
+        (["--allow_tf32", "false"], False),
+        (["--deterministic"], False),
+        (["--deterministic", "--allow_tf32"], False),
+    ],
+    ids=["default", "allow_tf32-false", "deterministic", "deterministic-over-allow_tf32"],
+)
+def test_tf32_follows_allow_tf32_and_deterministic_turns_it_off(flags, tf32):
+    """--deterministic must turn TF32 off (cuDNN's TF32 is on by torch's default), and --allow_tf32 false must hold
+    without it. The flags are torch's process-wide switches, settable on a CPU-only build too; each starts at the
+    opposite of what the run must leave."""
+    from crispdiff.train.loop import configure_kernels
+
+    cuda_matmul, cudnn = torch.backends.cuda.matmul, torch.backends.cudnn
+    saved = (cuda_matmul.allow_tf32, cudnn.allow_tf32, cudnn.benchmark, cudnn.deterministic)
+    try:
+        cuda_matmul.allow_tf32 = cudnn.allow_tf32 = not tf32
+        configure_kernels(parse_config(TrainConfig, flags))
+        assert (cuda_matmul.allow_tf32, cudnn.allow_tf32) == (tf32, tf32)
+    finally:
+        torch.use_deterministic_algorithms(False)
+        cuda_matmul.allow_tf32, cudnn.allow_tf32, cudnn.benchmark, cudnn.deterministic = saved
+
+
 def test_validation_grid_and_metrics_are_logged(image_folder, tmp_path):
     out = tmp_path / "run"
     config = tiny_config(
@@ -472,12 +499,19 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _launch_two_processes(image_folder: Path, out: Path, **overrides) -> str:
+def _launch_two_processes(image_folder: Path, out: Path, record: Path | None = None, **overrides) -> str:
+    """``accelerate launch`` of the pixel trainer on two gloo processes; with ``record``, what each rank trained on is
+    written there (``tiny_models.record_launcher``)."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    wrapper = []
+    if record is not None:
+        wrapper_file = record.parent / f"{record.name}_launcher.py"
+        wrapper_file.write_text(record_launcher(str(record)))
+        wrapper = [str(wrapper_file)]
     cmd = [
         sys.executable, "-m", "accelerate.commands.launch",
         "--config_file", str(REPO_ROOT / "accelerate_configs" / "cpu_2proc.yaml"),
-        "--main_process_port", str(_free_port()),
+        "--main_process_port", str(_free_port()), *wrapper,
         str(REPO_ROOT / "train_scripts" / "train_unconditional.py"),
         *tiny_flags(image_folder, out, **overrides),
     ]  # fmt: skip
@@ -494,9 +528,10 @@ def test_two_process_accelerate_launch_and_exact_resume(image_folder, tmp_path):
 
     flags = dict(max_train_steps=4, train_batch_size=2, gradient_accumulation_steps=2)
     out = tmp_path / "ddp"
-    log = _launch_two_processes(image_folder, out, **flags)
+    log = _launch_two_processes(image_folder, out, record=tmp_path / "ddp_records", **flags)
     assert "2 process(es)" in log
     assert (out / "checkpoint-3" / "generators_1.safetensors").is_file()  # each rank saved its generators
+    assert_ranks_saw_different_data_and_noise(tmp_path / "ddp_records")
 
     resumed = tmp_path / "ddp_resumed"
     resumed.mkdir()
@@ -513,6 +548,35 @@ def test_two_process_accelerate_launch_and_exact_resume(image_folder, tmp_path):
     assert images.images.shape == (1, 16, 16, 3)
 
 
+def test_a_checkpoint_resumes_on_another_number_of_processes_with_a_warning(image_folder, tmp_path, caplog):
+    """One process -> two (real ``accelerate launch``) -> one. Resuming used to be refused; now it continues, says
+    that it is no longer bit-exact, and maps the data position by images seen: the one-process checkpoint at step 3
+    had seen 6 of the 8 images of epoch 0 (batches of 2); two processes take 4 images a micro-batch, so the epoch's
+    last one is not a whole batch any more and they start epoch 1, each on its own slice of that epoch's order."""
+    import logging
+    import shutil
+
+    from crispdiff.train.loop import EpochBatches
+
+    out = tmp_path / "run"
+    flags = dict(max_train_steps=7, train_batch_size=2, checkpointing_steps=3, seed=4)
+    train(tiny_config(image_folder, out, **flags))
+    records = tmp_path / "records"
+    log = _launch_two_processes(image_folder, out, record=records, resume_from_checkpoint="checkpoint-3", **flags)
+    assert "written by 1 process(es) and this run has 2" in log and "no longer bit-exact" in log, log[-3000:]
+    epoch_1 = EpochBatches(8, 2, 2, 0, seed=4).epoch_order(1).tolist()
+    first = read_records(records, "indices")
+    assert (first[0][0], first[1][0]) == (epoch_1[0:2], epoch_1[2:4]), (first, epoch_1)
+    assert_ranks_saw_different_data_and_noise(records)
+    assert (out / "checkpoint-6" / "generators_1.safetensors").is_file()  # rewritten by the two processes
+
+    shutil.rmtree(out / "pipeline")  # and back to one process, from the two-process checkpoint-6
+    with caplog.at_level(logging.WARNING, logger="crispdiff"):
+        train(tiny_config(image_folder, out, resume_from_checkpoint="latest", **flags))
+    assert "written by 2 process(es) and this run has 1" in caplog.text
+    assert (out / "pipeline" / "model_index.json").is_file()
+
+
 # rank 0 with checkpoint-6 half-written kills the launcher and every rank
 _KILL_ALL_RANKS_WHILE_SAVING = kill_launcher(
     "crispdiff.train.checkpoint:_save_ema", "args[1].name.startswith('checkpoint-6')", group=True
@@ -525,7 +589,8 @@ def test_a_two_process_run_killed_while_saving_resumes_exactly(image_folder, tmp
     run that was never killed."""
     flags = dict(max_train_steps=9, checkpointing_steps=3, train_batch_size=2, gradient_accumulation_steps=2)
     full = tmp_path / "full"
-    _launch_two_processes(image_folder, full, **flags)
+    _launch_two_processes(image_folder, full, record=tmp_path / "full_records", **flags)
+    assert_ranks_saw_different_data_and_noise(tmp_path / "full_records")
 
     killed = tmp_path / "killed"
     wrapper = tmp_path / "kill_all_ranks.py"

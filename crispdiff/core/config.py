@@ -356,6 +356,7 @@ class LoopConfig:
     )
     local_rank: int = flag(-1, "Accepted for diffusers' command lines; no effect: accelerate sets each process's rank.")
     logging_dir: str = flag("logs", "Tensorboard folder, relative to --output_dir.")
+    logging_steps: int = flag(10, "Log the loss, learning rate and speed every N optimizer steps (and at the last).")
     report_to: str = flag("tensorboard", "Where accelerate logs go.", choices=["tensorboard", "wandb", "all", "none"])
 
     def resolve_given_flags(self) -> None:

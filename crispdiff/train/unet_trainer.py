@@ -21,7 +21,7 @@ from crispdiff.core.errors import FlagError
 from crispdiff.core.images import make_grid, save_image_atomic
 from crispdiff.core.io import write_json_atomic
 from crispdiff.data.auto_classes import AUTO_CLASS_COLUMN, class_mix
-from crispdiff.diffusion.schedule import NoiseSchedule, sample_noise, scheduler_base_config
+from crispdiff.diffusion.schedule import NoiseSchedule, sample_noise, schedule_label, scheduler_base_config
 from crispdiff.diffusion.unets import count_parameters, describe_parameters, unet_from_config
 from crispdiff.publish.export import SAMPLES_NAME, build_pipeline, save_pipeline
 from crispdiff.publish.hub import maybe_push_to_hub, write_model_card
@@ -211,7 +211,7 @@ class Trainer(LoopTrainer):
         return dict(
             unet=self.sampling_unet(),
             scheduler_base_config=scheduler_base_config(config),
-            beta_schedule=config.beta_schedule,
+            beta_schedule=schedule_label(config),
             sampler=config.sampler,
             thresholding=config.thresholding,
             sr_strength=config.sr_strength,

@@ -21,6 +21,7 @@ from diffusers import ModelMixin
 from crispdiff.core.errors import FlagError, OutputExistsError, PathError
 from crispdiff.core.images import save_image_atomic
 from crispdiff.core.io import staging_folder, swap_folder_into_place
+from crispdiff.core.provenance import PROVENANCE_NAME, write_provenance
 from crispdiff.pipelines.pipeline_crispdiff import SAMPLERS, CrispDiffPipeline, make_scheduler
 
 logger = logging.getLogger(__name__)
@@ -42,6 +43,7 @@ _PIPELINE_ENTRIES = frozenset(
         "sr_model",
         TRAINING_CONFIG_NAME,
         SAMPLES_NAME,
+        PROVENANCE_NAME,
     }
 )
 
@@ -121,7 +123,7 @@ def save_pipeline(
     ``scheduler_base_config`` (``num_train_timesteps``, ``trained_betas``, ``prediction_type`` and
     ``rescale_betas_zero_snr``, from ``crispdiff.diffusion.schedule.scheduler_base_config``), ``beta_schedule``, and the
     optional components and defaults. ``training_config`` goes to ``crispdiff_training.json`` and ``sample_grid`` to
-    ``samples.png``.
+    ``samples.png``; ``crispdiff_provenance.json`` records the crispdiff version and the command that saved it.
 
     An existing ``output_dir`` is replaced only after the new folder is complete; top-level entries that are not
     part of a pipeline (``checkpoint-*``, ``logs``, ``README.md`` ...) are moved into the new folder, so the training
@@ -134,6 +136,7 @@ def save_pipeline(
     try:
         staging.mkdir()
         pipeline.save_pretrained(staging)
+        write_provenance(staging)
         if training_config is not None:
             text = json.dumps(training_config, indent=2, sort_keys=True, default=_json_default)
             (staging / TRAINING_CONFIG_NAME).write_text(text + "\n", encoding="utf-8")

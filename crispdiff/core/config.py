@@ -186,6 +186,11 @@ class HubConfig:
     hub_model_id: str | None = flag(None, "Repository id on the Hub (default: the output folder's name).")
     hub_private_repo: bool = flag(False, "Create the Hub repository as private.")
     hub_token: str | None = flag(None, "Token for the Hub (default: the cached login / HF_TOKEN).")
+    license: str | None = flag(
+        None,
+        "Licence id written into the model card's metadata (e.g. apache-2.0, mit, openrail++). Default: 'other' "
+        "(unspecified) for a crispdiff model; a LoRA states its base model's licence when its card names one.",
+    )
 
 
 @dataclass

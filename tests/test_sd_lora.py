@@ -630,6 +630,9 @@ def test_model_card_takes_the_base_models_licence_and_names_prompts_rightly(tmp_
     unknown = parse_config(TextToImageLoRAConfig, ["--pretrained_model_name_or_path", str(tmp_path / "none")])
     card.write_text(model_card(unknown, False, ["train"]))
     assert "license" not in metadata_load(card) and "widget" not in metadata_load(card)
+    chosen = parse_config(TextToImageLoRAConfig, [*common, "--license", "cc-by-4.0"])  # --license wins over the base's
+    card.write_text(model_card(chosen, True, ["train"]))
+    assert metadata_load(card)["license"] == "cc-by-4.0"
 
 
 def test_no_validation_images_means_no_grids(tiny_sd, captioned_dir, tmp_path):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 import subprocess
@@ -387,6 +388,11 @@ def test_validation_grid_and_metrics_are_logged(image_folder, tmp_path):
     tags = acc.Tags()["scalars"]
     assert "train/loss" in tags and any(tag.startswith("val/swd") for tag in tags), tags
     assert set(acc.Tags()["images"]) == {"validation", "final"}  # the final grid reaches the trackers too
+    # the final grid is measured as the validations were, and the model card shows the figures
+    quality = json.loads((out / "pipeline" / "crispdiff_quality.json").read_text())
+    assert quality["step"] == 4 and quality["num_samples"] == 2 and quality["metrics"]["swd_avg"] > 0
+    card = (out / "pipeline" / "README.md").read_text()
+    assert "## Quality" in card and f"| swd_avg | {quality['metrics']['swd_avg']:.4g} |" in card
 
 
 def test_sr_model_flag_and_failed_push_leave_a_complete_folder(image_folder, tmp_path):
@@ -399,7 +405,9 @@ def test_sr_model_flag_and_failed_push_leave_a_complete_folder(image_folder, tmp
     _, checkpoint, _ = make_network("compact_x4")
     sr_file = write_checkpoint(checkpoint, tmp_path / "compact_x4.pth")
     out = tmp_path / "run"
-    config = tiny_config(image_folder, out, max_train_steps=2, checkpointing_steps=0, sr_model_name_or_path=sr_file)
+    config = tiny_config(
+        image_folder, out, max_train_steps=2, checkpointing_steps=0, sr_model_name_or_path=sr_file, license="mit"
+    )
     config.push_to_hub, config.hub_model_id, config.hub_token = True, "someone/tiny", "hf_secret_token"
     with pytest.raises(HubAccessError, match="HF_HUB_OFFLINE"):  # checked before training: nothing was trained
         train(config)
@@ -412,6 +420,10 @@ def test_sr_model_flag_and_failed_push_leave_a_complete_folder(image_folder, tmp
     folder = out / "pipeline"
     card = (folder / "README.md").read_text()
     assert "library_name: diffusers" in card and "hf_secret_token" not in card
+    assert "license: mit" in card  # --license reaches the card, through the export and the push's rewrite alike
+    # without --validation_metrics the final grid still gets the cheap figures (sharpness, colour blobs), no SWD
+    metrics = json.loads((folder / "crispdiff_quality.json").read_text())["metrics"]
+    assert "hf_energy_ratio" in metrics and "colour_blob" in metrics and "swd_avg" not in metrics
     assert "hf_secret_token" not in (folder / "crispdiff_training.json").read_text()
     assert "hf_secret_token" not in (out / "crispdiff_training.json").read_text()
 

@@ -838,8 +838,9 @@ class CrispDiffPipeline(DiffusionPipeline):
             sharpen_amount, sharpen_radius, sharpen_threshold, gamma: override the config's post-processing.
             class_labels: for a class-conditional model: a class name or id, or one per image (names: :attr:`classes`).
                 Without them a model with a stored :attr:`class_mix` (auto classes) draws each image's class from it;
-                any other conditional model samples its null class, i.e. unconditionally (guidance then has nothing
-                to amplify and is skipped). An unconditional model refuses them.
+                any other conditional model samples its null class, i.e. unconditionally (the saved guidance scale
+                does not apply, and an explicit ``guidance_scale`` other than 1 is refused: there is no class to
+                guide towards). An unconditional model refuses them.
             guidance_interval: ``(min sigma, max sigma)``: guide only at noise levels in that range (default: the
                 pipeline's ``guidance_min_sigma`` / ``guidance_max_sigma``; ``(0, inf)`` guides every step).
             guidance_scale: classifier-free guidance strength s: 1 = the conditional model alone (one unet pass);
@@ -867,6 +868,12 @@ class CrispDiffPipeline(DiffusionPipeline):
             guidance_scale = float(self.config.get("guidance_scale", 1.0)) if labelled else 1.0
         if labels is None and guidance_scale != 1.0:
             raise ValueError(f"guidance_scale={guidance_scale} needs a class-conditional model; this unet is not one")
+        if not labelled and guidance_scale != 1.0:
+            raise ValueError(
+                f"guidance_scale={guidance_scale} needs class_labels: this model stores no class_mix to draw them "
+                "from, so a call without labels samples its null class and guidance would change nothing; pass "
+                f"class_labels (a class name or id, or one per image; names: {self.classes})"
+            )
         if guidance_interval is None:
             guidance_interval = self.default_guidance_interval
         sample = self._denoise(

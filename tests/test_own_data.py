@@ -67,6 +67,16 @@ def test_kmeans_finds_separated_groups_with_every_id_used_and_is_seeded():
         kmeans(points[:4], 5, seed=0)
 
 
+@pytest.mark.parametrize("seed", range(4))
+def test_kmeans_gives_each_empty_cluster_its_own_point(seed):
+    """Duplicate images (three distinct thumbnails, four copies each) with more clusters than distinct points: k-means++
+    seeds twin centres, so several clusters empty at once; each must be re-seeded at a point of its own, or twins
+    re-form and an id is never used."""
+    points = torch.tensor([[0.0, 0.0], [10.0, 0.0], [0.0, 10.0]]).repeat_interleave(4, dim=0)
+    ids = kmeans(points, 5, seed=seed)
+    assert torch.bincount(ids, minlength=5).min() >= 1, torch.bincount(ids, minlength=5).tolist()
+
+
 def test_cluster_images_groups_by_what_the_images_show_and_names_sort_in_id_order(colour_folder, tmp_path):
     config = TrainConfig(train_data_dir=str(colour_folder), resolution=SIZE, cache_dir=str(tmp_path / "cache"))
     data = load_images(config, show_progress=False)

@@ -395,6 +395,26 @@ def test_validation_grid_and_metrics_are_logged(image_folder, tmp_path):
     assert "## Quality" in card and f"| swd_avg | {quality['metrics']['swd_avg']:.4g} |" in card
 
 
+def test_validation_reference_is_a_seeded_random_subset_not_the_first_files(image_folder, tmp_path):
+    """The images validation metrics compare against are drawn over the whole data with the run's seed: the first
+    files in name order are neighbours (codepoints, a class-sorted folder), not a sample."""
+    from crispdiff.data.loading import load_images
+
+    config = tiny_config(image_folder, tmp_path / "run")
+    space = PixelSpace(load_images(config, show_progress=False))
+    every = space.data.center_crops()
+
+    def chosen(count: int, seed: int) -> list[int]:
+        reference = space.reference_images(count, seed)
+        assert reference.dtype == torch.uint8 and len(reference) == min(count, len(every))
+        return [next(i for i, image in enumerate(every) if torch.equal(image, crop)) for crop in reference]
+
+    draws = {tuple(chosen(4, seed)) for seed in range(5)}
+    assert (0, 1, 2, 3) not in draws and len(draws) > 1, draws  # not the first files; the seed decides
+    assert all(len(set(draw)) == 4 for draw in draws)  # distinct images
+    assert chosen(4, 3) == chosen(4, 3) and chosen(50, 0) == list(range(len(every)))  # seeded; all when they fit
+
+
 def test_sr_model_flag_and_failed_push_leave_a_complete_folder(image_folder, tmp_path):
     """--sr_model_name_or_path puts the SR component into the saved pipeline; a push that fails offline (the Hub
     went away after the pre-training check) fails clearly and leaves the folder, with its model card, complete."""

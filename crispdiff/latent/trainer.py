@@ -367,9 +367,6 @@ class LatentSpace(ImageDataSpace):
             "latent_shift_factor": self.shift_factor,
         }
 
-    def reference_images(self, count: int) -> torch.Tensor:
-        return self.data.center_crops(range(min(count, len(self.data))))
-
 
 def load_latents(
     view: Any, config: Any, vae: AnyVAE, *, data: Any = None, show_progress: bool = True

@@ -54,8 +54,8 @@ class TrainingSpace(Protocol):
     def pipeline_components(self) -> dict[str, Any]:
         """Extra keyword arguments for the saved pipeline (vae, latent scaling ...)."""
 
-    def reference_images(self, count: int) -> torch.Tensor:
-        """Up to `count` real images, uint8 [N, 3, H, W], for validation metrics."""
+    def reference_images(self, count: int, seed: int = 0) -> torch.Tensor:
+        """Up to `count` real images, uint8 [N, 3, H, W], for validation metrics: a `seed`ed random subset."""
 
     # Class-conditional spaces (--class_column) also have ``class_names: list[str] | None`` and
     # ``class_labels(indices, device) -> LongTensor | None``; the Trainer reads both with getattr, so a space without
@@ -80,6 +80,23 @@ class ImageDataSpace:
         """Class ids of these images (--class_column), or None when the data has no classes."""
         return self.data.class_labels(indices, device) if self.class_names else None
 
+    def reference_images(self, count: int, seed: int = 0) -> torch.Tensor:
+        """Up to ``count`` training images (uint8 centre crops) for validation metrics: a ``seed``ed random subset.
+
+        Why not the first ``count``: files sort by name, and neighbouring names are alike (the emoji's neighbouring
+        codepoints, a folder sorted by class), so the first files are a poor sample of the data.
+        """
+        return self.data.center_crops(reference_indices(len(self.data), count, seed))
+
+
+def reference_indices(num_items: int, count: int, seed: int) -> list[int]:
+    """``count`` distinct indices of ``num_items`` drawn with ``seed`` (all of them when ``count`` covers them), in
+    ascending order so that a memory-mapped read walks forward."""
+    if count >= num_items:
+        return list(range(num_items))
+    chosen = torch.randperm(num_items, generator=torch.Generator().manual_seed(seed))[:count]
+    return sorted(chosen.tolist())
+
 
 class PixelSpace(ImageDataSpace):
     """Diffusion directly on pixels in [-1, 1]."""
@@ -103,9 +120,6 @@ class PixelSpace(ImageDataSpace):
 
     def pipeline_components(self) -> dict[str, Any]:
         return {}
-
-    def reference_images(self, count: int) -> torch.Tensor:
-        return self.data.center_crops(range(min(count, len(self.data))))
 
 
 class Trainer(LoopTrainer):
@@ -288,7 +302,7 @@ class Trainer(LoopTrainer):
         if self.config.validation_metrics:
             from crispdiff.evaluate.metrics import compute_validation_metrics
 
-            reference = self.space.reference_images(max(256, len(images)))
+            reference = self.space.reference_images(max(256, len(images)), self.config.seed)
             logs.update({f"val/{k}": v for k, v in compute_validation_metrics(reference, images).items()})
         self.log_grid("validation", grid)
         if logs:
@@ -315,7 +329,7 @@ class Trainer(LoopTrainer):
             class_labels=labels,
             postprocess=NO_POSTPROCESS,
         )
-        sweep = sharpen_sweep(pipeline, samples, self.space.reference_images(2000))
+        sweep = sharpen_sweep(pipeline, samples, self.space.reference_images(2000, self.config.seed))
         best = next(row for row in sweep["rows"] if row["amount"] == sweep["best_amount"])
         write_json_atomic(self.output_dir / "sharpen_calibration.json", sweep)
         self.accelerator.print(
@@ -361,7 +375,7 @@ class Trainer(LoopTrainer):
             return None
         from crispdiff.evaluate.metrics import compute_sharpness_metrics, compute_validation_metrics
 
-        reference = self.space.reference_images(max(256, len(images)))
+        reference = self.space.reference_images(max(256, len(images)), self.config.seed)
         measure = compute_validation_metrics if self.config.validation_metrics else compute_sharpness_metrics
         metrics = measure(reference, images)
         plan = self.grid_plan()

@@ -261,7 +261,7 @@ def run_reads(script: str, inputs: dict[str, Path], out: Path) -> set[str]:
 UNREAD_ALLOWED = {
     "allow_tf32": (
         "sets TF32 for CUDA matmuls only, so a CPU run never reads it",
-        "the TF32 / --deterministic test of issue 35's loop work (needs a GPU)",
+        "tests/test_training.py::test_tf32_follows_allow_tf32_and_deterministic_turns_it_off",
     ),
     "overwrite_output_dir": (
         "read only when --output_dir already holds a finished result",

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 import subprocess
@@ -414,6 +415,31 @@ def test_validation_grid_and_metrics_are_logged(image_folder, tmp_path):
     tags = acc.Tags()["scalars"]
     assert "train/loss" in tags and any(tag.startswith("val/swd") for tag in tags), tags
     assert set(acc.Tags()["images"]) == {"validation", "final"}  # the final grid reaches the trackers too
+    # the final grid is measured as the validations were, and the model card shows the figures
+    quality = json.loads((out / "pipeline" / "crispdiff_quality.json").read_text())
+    assert quality["step"] == 4 and quality["num_samples"] == 2 and quality["metrics"]["swd_avg"] > 0
+    card = (out / "pipeline" / "README.md").read_text()
+    assert "## Quality" in card and f"| swd_avg | {quality['metrics']['swd_avg']:.4g} |" in card
+
+
+def test_validation_reference_is_a_seeded_random_subset_not_the_first_files(image_folder, tmp_path):
+    """The images validation metrics compare against are drawn over the whole data with the run's seed: the first
+    files in name order are neighbours (codepoints, a class-sorted folder), not a sample."""
+    from crispdiff.data.loading import load_images
+
+    config = tiny_config(image_folder, tmp_path / "run")
+    space = PixelSpace(load_images(config, show_progress=False))
+    every = space.data.center_crops()
+
+    def chosen(count: int, seed: int) -> list[int]:
+        reference = space.reference_images(count, seed)
+        assert reference.dtype == torch.uint8 and len(reference) == min(count, len(every))
+        return [next(i for i, image in enumerate(every) if torch.equal(image, crop)) for crop in reference]
+
+    draws = {tuple(chosen(4, seed)) for seed in range(5)}
+    assert (0, 1, 2, 3) not in draws and len(draws) > 1, draws  # not the first files; the seed decides
+    assert all(len(set(draw)) == 4 for draw in draws)  # distinct images
+    assert chosen(4, 3) == chosen(4, 3) and chosen(50, 0) == list(range(len(every)))  # seeded; all when they fit
 
 
 def test_sr_model_flag_and_failed_push_leave_a_complete_folder(image_folder, tmp_path):
@@ -426,7 +452,9 @@ def test_sr_model_flag_and_failed_push_leave_a_complete_folder(image_folder, tmp
     _, checkpoint, _ = make_network("compact_x4")
     sr_file = write_checkpoint(checkpoint, tmp_path / "compact_x4.pth")
     out = tmp_path / "run"
-    config = tiny_config(image_folder, out, max_train_steps=2, checkpointing_steps=0, sr_model_name_or_path=sr_file)
+    config = tiny_config(
+        image_folder, out, max_train_steps=2, checkpointing_steps=0, sr_model_name_or_path=sr_file, license="mit"
+    )
     config.push_to_hub, config.hub_model_id, config.hub_token = True, "someone/tiny", "hf_secret_token"
     with pytest.raises(HubAccessError, match="HF_HUB_OFFLINE"):  # checked before training: nothing was trained
         train(config)
@@ -439,6 +467,10 @@ def test_sr_model_flag_and_failed_push_leave_a_complete_folder(image_folder, tmp
     folder = out / "pipeline"
     card = (folder / "README.md").read_text()
     assert "library_name: diffusers" in card and "hf_secret_token" not in card
+    assert "license: mit" in card  # --license reaches the card, through the export and the push's rewrite alike
+    # without --validation_metrics the final grid still gets the cheap figures (sharpness, colour blobs), no SWD
+    metrics = json.loads((folder / "crispdiff_quality.json").read_text())["metrics"]
+    assert "hf_energy_ratio" in metrics and "colour_blob" in metrics and "swd_avg" not in metrics
     assert "hf_secret_token" not in (folder / "crispdiff_training.json").read_text()
     assert "hf_secret_token" not in (out / "crispdiff_training.json").read_text()
 

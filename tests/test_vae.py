@@ -14,6 +14,7 @@ from PIL import Image
 from safetensors.torch import load_file
 
 from crispdiff.core.config import parse_config
+from crispdiff.core.provenance import PROVENANCE_NAME, public_command
 from crispdiff.latent.vae import (
     TINY_LOGVAR,
     VAE_FLAG,
@@ -299,6 +300,7 @@ def test_train_vae_script_saves_a_loadable_folder_and_resumes_exactly(image_fold
     assert vae.config.shift_factor == pytest.approx(summary["shift_factor"])
     assert read_scaling(load_vae(folder)) == (pytest.approx(summary["scaling_factor"]), summary["shift_factor"])
     assert (folder / "README.md").read_text().count("PSNR") == 1
+    assert json.loads((folder / PROVENANCE_NAME).read_text())["command"] == public_command()
     assert list((folder.parent / "validation").glob("step_*.png"))
     first_run = load_file(folder / "diffusion_pytorch_model.safetensors")
 

@@ -276,6 +276,11 @@ class HubConfig:
     hub_token: str | None = flag(
         None, "With --push_to_hub: the token for the Hub (default: the cached login / HF_TOKEN)."
     )
+    license: str | None = flag(
+        None,
+        "Licence id written into the model card's metadata (e.g. apache-2.0, mit, openrail++). Default: 'other' "
+        "(unspecified) for a crispdiff model; a LoRA states its base model's licence when its card names one.",
+    )
 
 
 @dataclass

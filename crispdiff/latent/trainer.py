@@ -112,7 +112,8 @@ class LatentTrainConfig(TrainConfig):
     adapt_vae_steps: int = flag(
         150,
         "Steps of 16 images for --adapt_vae (about 80 s on a 2-core CPU with the embedded VAE; held-out PSNR on emoji "
-        "of another design family rises from 23 to about 28 dB in that time).",
+        "of another design family rises from 23 to about 28 dB in that time). Not given, it is capped to the run: at "
+        "most one image for every 16 the UNet trains on (the log says what was chosen); given, it runs as given.",
     )
     adapt_vae_learning_rate: float = flag(2e-4, "Learning rate of --adapt_vae (the embedded VAE's own).")
     latent_cache_dir: str | None = flag(
@@ -380,9 +381,6 @@ class LatentSpace(ImageDataSpace):
             "latent_scaling_factor": self.scaling_factor,
             "latent_shift_factor": self.shift_factor,
         }
-
-    def reference_images(self, count: int) -> torch.Tensor:
-        return self.data.center_crops(range(min(count, len(self.data))))
 
 
 def load_latents(

@@ -19,7 +19,6 @@ from __future__ import annotations
 import dataclasses
 import logging
 import shutil
-import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -29,6 +28,7 @@ from accelerate import Accelerator
 from diffusers import AutoencoderKL
 
 from crispdiff.core.io import staging_folder, swap_folder_into_place, write_json_atomic
+from crispdiff.core.provenance import public_command, write_provenance
 from crispdiff.latent.vae import (
     read_scaling,
     standardize_latent_channels,
@@ -67,6 +67,7 @@ def save_vae_folder(vae: AutoencoderKL, folder: Path, model_card: str) -> Path:
     tmp = staging_folder(folder)
     try:
         vae.save_pretrained(tmp, safe_serialization=True)
+        write_provenance(tmp)
         (tmp / "README.md").write_text(model_card)
         swap_folder_into_place(tmp, folder)
     finally:
@@ -324,7 +325,7 @@ class VAETrainer(LoopTrainer):
             "lpips": self.lpips is not None,
             "scaling_factor": scale,
             "shift_factor": shift,
-            "command": [Path(sys.argv[0]).name if sys.argv else "train_vae.py", *sys.argv[1:]],
+            "command": public_command(),
         }
         folder = save_vae_folder(
             vae.cpu(), self.output_dir / VAE_SUBFOLDER, model_card(config, vae, summary, self.data.source)

@@ -37,8 +37,9 @@ from own_data import make_split
 ROWS = ("openmoji", "noto", "embedded")
 RECIPES: dict[str, dict[str, list[str]]] = {
     "before": {
-        "openmoji": ["--class_column", "none", "--adapt_vae", "off", "--guidance_interval", "0", "inf"],
-        "noto": ["--class_column", "none", "--adapt_vae", "off", "--guidance_interval", "0", "inf"],
+        # unconditional rows: no guidance to set (a guidance flag without a class column is refused)
+        "openmoji": ["--class_column", "none", "--adapt_vae", "off"],
+        "noto": ["--class_column", "none", "--adapt_vae", "off"],
         "embedded": ["--guidance_interval", "0", "inf"],
     },
     "new": {"openmoji": [], "noto": [], "embedded": []},

@@ -6,7 +6,8 @@ This file is self-contained on purpose: a copy of it is saved into every pipelin
 PIL and diffusers installed. It must therefore never import crispdiff.
 
 Samplers are built by :func:`make_scheduler` from one explicit list of betas (``trained_betas``), so training and every
-sampler agree on the noise schedule whatever scheduler class is used to sample.
+sampler agree on the noise schedule whatever scheduler class is used to sample. The config's ``beta_schedule`` (which
+diffusers ignores once ``trained_betas`` is set) names those betas truthfully: see :func:`schedule_name_fields`.
 """
 
 from __future__ import annotations
@@ -54,6 +55,12 @@ LAMBDA_MIN_CLIPPED = -5.1
 FIXED_STRIDE_SAMPLERS = ("ddim", "pndm")
 _BASE_KEYS = ("num_train_timesteps", "trained_betas", "prediction_type")
 
+#: The named schedules every diffusers sampler builds from ``beta_start`` / ``beta_end`` alone.
+DIFFUSERS_BETA_SCHEDULES = ("linear", "scaled_linear", "squaredcos_cap_v2")
+#: A scheduler config's ``beta_schedule`` when diffusers has no name for its betas and the caller gave no label of its
+#: own: the ``trained_betas`` list itself is the schedule.
+TRAINED_BETAS_SCHEDULE = "trained_betas"
+
 
 # --------------------------------------------------------------------------------------------------------------------
 # Samplers
@@ -85,6 +92,64 @@ def dpm_lambda_clip(trained_betas: list[float] | np.ndarray) -> float | None:
     return LAMBDA_MIN_CLIPPED if half_log_snr_last < LAMBDA_MIN_CLIPPED else None
 
 
+def diffusers_schedule(trained_betas: list[float] | np.ndarray) -> dict[str, Any] | None:
+    """The diffusers ``beta_schedule`` (with its ``beta_start`` / ``beta_end``) that rebuilds these betas, or None.
+
+    Checked by letting diffusers build each named schedule from the betas' own ends and comparing (to float32
+    precision, which is how every scheduler stores its betas), so a name written beside ``trained_betas`` is one a
+    scheduler given only that name would turn into the same schedule.
+    """
+    betas = torch.tensor(np.asarray(trained_betas, dtype=np.float64))
+    ends = {"beta_start": float(betas[0]), "beta_end": float(betas[-1])}
+    for name in DIFFUSERS_BETA_SCHEDULES:
+        rebuilt = DDPMScheduler(num_train_timesteps=len(betas), beta_schedule=name, **ends).betas.double()
+        if torch.allclose(rebuilt, betas, rtol=1e-5, atol=1e-9):
+            return {"beta_schedule": name, **ends}
+    return None
+
+
+def _diffusers_builds(name: str) -> bool:
+    """Whether diffusers reads ``name`` as a schedule of its own (and would build it if the betas were dropped)."""
+    try:
+        DDPMScheduler(beta_schedule=name)
+    except NotImplementedError:
+        return False
+    return True
+
+
+def schedule_name_fields(base_config: dict[str, Any]) -> dict[str, Any]:
+    """The ``beta_schedule`` (and ``beta_start`` / ``beta_end``) a scheduler config holding these betas states.
+
+    diffusers ignores ``beta_schedule`` when ``trained_betas`` is set, but people (and tools that drop the betas) read
+    it, so it must not name a schedule the betas do not follow: diffusers' own name when one rebuilds the betas
+    (:func:`diffusers_schedule`), else ``base_config["beta_schedule"]`` when that label is not a diffusers schedule
+    (crispdiff's labels read like ``crispdiff:sigmoid(start=-3, end=3, tau=1)``), else ``"trained_betas"``. A folder
+    saved before this rule says ``"linear"`` whatever its betas; it is renamed the same way when loaded.
+    """
+    named = diffusers_schedule(base_config["trained_betas"])
+    if named is not None:
+        return named
+    label = base_config.get("beta_schedule")
+    if not label or _diffusers_builds(str(label)):
+        label = TRAINED_BETAS_SCHEDULE
+    return {"beta_schedule": str(label)}
+
+
+def name_schedule(scheduler: Any) -> None:
+    """Correct a scheduler's ``beta_schedule`` to :func:`schedule_name_fields` when it holds ``trained_betas``.
+
+    Only the name changes (the betas, and so sampling, stay as they are); a folder saved by an older crispdiff, whose
+    config says ``"linear"`` beside cosine betas, then says the truth when it is saved again.
+    """
+    config = getattr(scheduler, "config", None)
+    if config is None or config.get("trained_betas") is None:
+        return
+    named = {"trained_betas": config["trained_betas"], "beta_schedule": config.get("beta_schedule")}
+    fields = schedule_name_fields(named)
+    if any(config.get(key) != value for key, value in fields.items()):
+        scheduler.register_to_config(**fields)
+
+
 def check_step_count(sampler: str, num_train_timesteps: int, num_inference_steps: int) -> None:
     """Refuse DDIM / PNDM step counts that do not divide T.
 
@@ -102,7 +167,8 @@ def check_step_count(sampler: str, num_train_timesteps: int, num_inference_steps
 
 
 def base_config_from_scheduler(scheduler: Any) -> dict[str, Any]:
-    """The sampler-independent part of a scheduler's config: T, the explicit betas, the prediction type, zero SNR.
+    """The sampler-independent part of a scheduler's config: T, the explicit betas, the prediction type, zero SNR and
+    the schedule's name.
 
     Read back from whatever scheduler the pipeline holds so that switching samplers never needs anything beyond
     the saved ``scheduler/scheduler_config.json``. Falls back to the scheduler's own ``betas`` tensor when it was
@@ -117,6 +183,7 @@ def base_config_from_scheduler(scheduler: Any) -> dict[str, Any]:
         "trained_betas": [float(b) for b in betas],
         "prediction_type": config.get("prediction_type", "epsilon"),
         "rescale_betas_zero_snr": bool(config.get("rescale_betas_zero_snr", False)),
+        "beta_schedule": config.get("beta_schedule"),
     }
 
 
@@ -149,7 +216,8 @@ def make_scheduler(
     Args:
         sampler: one of :data:`SAMPLERS`.
         base_config: ``num_train_timesteps``, ``trained_betas``, ``prediction_type`` and optionally
-            ``rescale_betas_zero_snr`` (see ``crispdiff.diffusion.schedule.scheduler_base_config``).
+            ``rescale_betas_zero_snr`` and ``beta_schedule``, a label for betas diffusers has no name for (see
+            ``crispdiff.diffusion.schedule.scheduler_base_config`` and :func:`schedule_name_fields`).
         thresholding: dynamic thresholding of predicted x0 (Saharia et al. 2022), pixel models only.
         latent: whether the model samples VAE latents rather than pixels.
     """
@@ -173,6 +241,7 @@ def make_scheduler(
         "trained_betas": betas,
         "prediction_type": prediction_type,
         "timestep_spacing": "trailing",
+        **schedule_name_fields(base_config),
     }
     if sampler == "pndm":
         return _make_pndm(common, zero_snr=zero_snr, thresholding=thresholding)
@@ -387,8 +456,9 @@ class CrispDiffPipeline(DiffusionPipeline):
 
     Args:
         sampler: name of the sampler ``scheduler`` was built for (one of :data:`SAMPLERS`).
-        beta_schedule: the name of the schedule the betas came from, for people reading the config (samplers derive
-            everything from the betas themselves).
+        beta_schedule: the schedule the betas came from in crispdiff's words with its parameters (``cosine``,
+            ``cosine(snr_shift=-1)``, ``sigmoid(start=-3, end=3, tau=1)`` ...), for people reading the config (samplers
+            derive everything from the betas themselves; the scheduler config names them in diffusers' terms).
         thresholding: dynamic thresholding when switching samplers (pixel models only; ignored with a vae).
         latent_scaling_factor, latent_shift_factor: latents are decoded as ``vae.decode(z / scale + shift)``; stored
             here because crispdiff may measure them on the data instead of trusting the VAE config (None = VAE config).
@@ -461,6 +531,7 @@ class CrispDiffPipeline(DiffusionPipeline):
             thresholding = False
         if guide_unet is not None and getattr(guide_unet.config, "num_class_embeds", None) != num_class_embeds:
             raise ValueError("guide_unet must take the same class labels as unet (num_class_embeds differs)")
+        name_schedule(scheduler)
         self.register_modules(unet=unet, scheduler=scheduler, vae=vae, sr_model=sr_model, guide_unet=guide_unet)
         self.register_to_config(
             sampler=sampler,
@@ -786,8 +857,9 @@ class CrispDiffPipeline(DiffusionPipeline):
             sharpen_amount, sharpen_radius, sharpen_threshold, gamma: override the config's post-processing.
             class_labels: for a class-conditional model: a class name or id, or one per image (names: :attr:`classes`).
                 Without them a model with a stored :attr:`class_mix` (auto classes) draws each image's class from it;
-                any other conditional model samples its null class, i.e. unconditionally (guidance then has nothing
-                to amplify and is skipped). An unconditional model refuses them.
+                any other conditional model samples its null class, i.e. unconditionally (the saved guidance scale
+                does not apply, and an explicit ``guidance_scale`` other than 1 is refused: there is no class to
+                guide towards). An unconditional model refuses them.
             guidance_interval: ``(min sigma, max sigma)``: guide (classifier-free and autoguidance) only at noise levels
                 in that range (default: the pipeline's ``guidance_min_sigma`` / ``guidance_max_sigma``; ``(0, inf)``
                 guides every step).
@@ -820,6 +892,12 @@ class CrispDiffPipeline(DiffusionPipeline):
             guidance_scale = float(self.config.get("guidance_scale", 1.0)) if labelled else 1.0
         if labels is None and guidance_scale != 1.0:
             raise ValueError(f"guidance_scale={guidance_scale} needs a class-conditional model; this unet is not one")
+        if not labelled and guidance_scale != 1.0:
+            raise ValueError(
+                f"guidance_scale={guidance_scale} needs class_labels: this model stores no class_mix to draw them "
+                "from, so a call without labels samples its null class and guidance would change nothing; pass "
+                f"class_labels (a class name or id, or one per image; names: {self.classes})"
+            )
         if guidance_interval is None:
             guidance_interval = self.default_guidance_interval
         if autoguidance_scale is None:
@@ -865,9 +943,12 @@ __all__ = [
     "check_step_count",
     "class_mix_list",
     "class_name_list",
+    "diffusers_schedule",
     "dpm_lambda_clip",
     "gaussian_blur",
     "has_zero_terminal_snr",
     "make_scheduler",
+    "name_schedule",
+    "schedule_name_fields",
     "unsharp_mask",
 ]

@@ -270,12 +270,36 @@ def test_metadata_captions_stay_aligned_when_files_are_skipped(tmp_path, folder)
     assert [row["file_name"] for row in data.metadata] == ["a.png", "b.png", "c.png", "sub/a.png"]
 
 
-def test_max_train_samples(tmp_path, folder):
-    for i in range(5):
+def _subset(config: DataConfig, seed: int) -> list[int]:
+    """The grey levels (= file numbers) of the images --max_train_samples kept with this --seed."""
+    config.seed = seed  # a training config's LoopConfig field; a bare DataConfig draws with seed 0
+    return _load(config).center_crops()[:, 0, 0, 0].tolist()
+
+
+def test_max_train_samples_is_a_random_subset_drawn_with_the_seed(tmp_path, folder):
+    """As diffusers' shuffle(seed).select(range(N)): the first N files in order would be a biased sample."""
+    for i in range(10):
         _solid((i, i, i)).save(folder / f"{i}.png")
-    data = _load(_config(tmp_path, folder, max_train_samples=3))
-    assert len(data) == 3
-    assert data.center_crops()[:, 0, 0, 0].tolist() == [0, 1, 2]
+    subsets = {seed: _subset(_config(tmp_path, folder, max_train_samples=3), seed) for seed in range(4)}
+    for seed, subset in subsets.items():
+        assert len(set(subset)) == 3 and set(subset) <= set(range(10)) and subset == sorted(subset)
+        assert _subset(_config(tmp_path, folder, max_train_samples=3), seed) == subset  # the seed decides it
+    assert len({tuple(subset) for subset in subsets.values()}) > 1
+    assert [0, 1, 2] not in subsets.values()
+    assert _subset(_config(tmp_path, folder, max_train_samples=10), 0) == list(range(10))
+
+
+def test_max_train_samples_of_a_dataset_is_a_random_subset_too(tmp_path):
+    path = _save_hf_dataset(tmp_path)
+    first = [tuple(c) for c in list(COLOURS.values())[:2]]
+    kept = []
+    for seed in (0, 1):
+        config = _config(tmp_path, dataset_name=str(path), max_train_samples=2)
+        config.seed = seed
+        crops = _load(config).center_crops()
+        kept.append([tuple(crops[i, :, 5, 5].tolist()) for i in range(len(crops))])
+    assert all(len(colours) == 2 and set(colours) <= set(COLOURS.values()) for colours in kept)
+    assert any(colours != first for colours in kept)
 
 
 def _save_hf_dataset(tmp_path: Path, image_column: str = "image") -> Path:
@@ -313,6 +337,27 @@ def test_dataset_name_local_imagefolder(tmp_path):
     data = _load(_config(tmp_path, dataset_name=str(folder.parent), caption_column="text"))
     assert data.captions == ["t0", "t1", "t2"]
     assert data.center_crops()[:, 0, 0, 0].tolist() == [0, 40, 80]
+
+
+def test_dataset_name_wins_over_train_data_dir_which_picks_a_folder_inside_it(tmp_path, monkeypatch):
+    """diffusers' scripts use the dataset when both flags are given (train_text_to_image_lora.py passes
+    --train_data_dir as load_dataset's data_dir); the dataset used to be dropped for the folder."""
+    root = tmp_path / "imagefolder"
+    for sub, count, red in (("a", 2, 0), ("b", 3, 100)):
+        (root / sub).mkdir(parents=True)
+        for i in range(count):
+            _solid((red + i, 0, 0)).save(root / sub / f"{i}.png")
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "a").mkdir()  # a folder of the same name beside the dataset, with other images
+    _solid((250, 250, 250)).save(tmp_path / "a" / "x.png")
+    both = _load(_config(tmp_path, dataset_name=str(root), train_data_dir="a"))
+    assert sorted(both.center_crops()[:, 0, 0, 0].tolist()) == [0, 1]
+    assert sorted(_load(_config(tmp_path, dataset_name=str(root))).center_crops()[:, 0, 0, 0].tolist()) == [
+        0, 1, 100, 101, 102
+    ]  # fmt: skip
+    assert _load(_config(tmp_path, train_data_dir="a")).center_crops()[:, 0, 0, 0].tolist() == [250]
+    with pytest.raises(DataError, match="--train_data_dir a with --dataset_name .*save_to_disk"):
+        _load(_config(tmp_path, dataset_name=str(_save_hf_dataset(tmp_path)), train_data_dir="a"))
 
 
 def test_unreachable_hub_dataset_names_flag(tmp_path):

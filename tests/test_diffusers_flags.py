@@ -103,14 +103,17 @@ def test_diffusers_names_set_crispdiff_flags():
             "--pretrained_model_name_or_path", "sd", "--instance_data_dir", "dog", "--instance_prompt", "sks dog",
             "--num_train_epochs", "2", "--image_interpolation_mode", "bicubic", "--lora_rank", "8",
             "--validation_epochs", "5", "--tokenizer_max_length", "12", "--text_encoder_use_attention_mask",
-            "--pre_compute_text_embeddings", "--prior_generation_precision", "bf16",
+            "--pre_compute_text_embeddings", "--prior_generation_precision", "bf16", "--with_prior_preservation",
+            "--class_data_dir", "dogs", "--class_prompt", "a dog",
         ],
     )  # fmt: skip
     assert (lora.num_epochs, lora.max_train_steps, lora.interpolation, lora.rank) == (2, None, "bicubic", 8)
     assert (lora.validation_epochs, lora.tokenizer_max_length, lora.text_encoder_use_attention_mask) == (5, 12, True)
     from crispdiff.transfer.config import TransferConfig
 
-    transfer = parse_config(TransferConfig, ["--pretrained_model_name_or_path", "unet", "--rank", "3"])
+    transfer = parse_config(
+        TransferConfig, ["--pretrained_model_name_or_path", "unet", "--train_modules", "lora", "--rank", "3"]
+    )
     assert transfer.lora_rank == 3  # one LoRA-rank flag name for every trainer
     with pytest.raises(FlagError, match="--validation_steps or --validation_epochs"):
         parse_config(TextToImageLoRAConfig, ["--pretrained_model_name_or_path", "sd", "--validation_steps", "5",
@@ -202,8 +205,8 @@ def test_lora_latents_are_random_crops_unless_center_crop(tmp_path):
     for center, positions in ((False, [0.0, 0.5, 1.0]), (True, [0.5])):
         flags = [
             "--pretrained_model_name_or_path", str(base), "--train_data_dir", str(folder), "--resolution", "16",
-            "--cache_dir", str(tmp_path / "cache"), "--random_crop_positions", "3", "--latent_cache_dtype", "float32",
-        ] + (["--center_crop"] if center else [])  # fmt: skip
+            "--cache_dir", str(tmp_path / "cache"), "--latent_cache_dtype", "float32",
+        ] + (["--center_crop"] if center else ["--random_crop_positions", "3"])  # fmt: skip
         config = parse_config(TextToImageLoRAConfig, flags)
         space, data = latent_space(image_view(config), config, vae, False)
         assert space.cache.num_variants == len(positions)

@@ -303,6 +303,24 @@ def test_the_saved_guidance_scale_is_the_default_for_labelled_calls_only():
     assert torch.equal(unlabelled, _by_hand(pipe, _noise(), torch.full((3,), 3), 4, None))
 
 
+def test_guidance_without_labels_is_refused_when_there_is_no_class_mix_to_draw_them_from():
+    """`pipe(guidance_scale=s)` without labels on a conditional model without a class mix would sample its null class
+    unguided while the caller asked for guidance: refused, naming class_labels (as `crispdiff sample` refuses it).
+    Scale 1 (no guidance) and a model with a class mix (labels drawn from it) still sample."""
+    pipe = class_pipeline()
+    with pytest.raises(ValueError, match=r"guidance_scale=3\.0 needs class_labels: .*\['disc', 'ring', 'square'\]"):
+        pipe(num_inference_steps=2, latents=_noise(), guidance_scale=3.0, output_type="pt")
+    assert pipe(num_inference_steps=2, latents=_noise(), guidance_scale=1.0, output_type="pt").images.shape[0] == 3
+    mixed = build_pipeline(
+        unet=tiny_class_unet(), scheduler_base_config=base_config(), beta_schedule="cosine", class_names=CLASSES,
+        class_mix=[0.5, 0.25, 0.25],
+    )  # fmt: skip
+    mixed.set_progress_bar_config(disable=True)
+    generator = torch.Generator().manual_seed(0)
+    guided = mixed(num_inference_steps=2, generator=generator, guidance_scale=3.0, output_type="pt").images
+    assert guided.shape == (1, 3, SIZE, SIZE)
+
+
 def test_reference_class_mix_keeps_the_proportions_and_is_seeded():
     from crispdiff.evaluate.sampling import reference_class_mix
 

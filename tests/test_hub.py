@@ -110,6 +110,28 @@ def test_model_card_without_optional_files(tmp_path):
     assert "Not recorded with this pipeline." in (folder / "README.md").read_text()
 
 
+def test_the_cards_licence_is_the_one_asked_for_else_the_runs_else_other(pipeline_dir):
+    """`crispdiff push --license` wins; without it the card keeps the --license the model was trained with (a push
+    must not reset it to 'other'); with neither it is 'other', said in words."""
+    training = dict(TRAINING, license="apache-2.0")
+    assert ModelCard.load(write_model_card(pipeline_dir, training)).data.license == "apache-2.0"
+    assert ModelCard.load(write_model_card(pipeline_dir, training, license="mit")).data.license == "mit"
+    card = ModelCard.load(write_model_card(pipeline_dir, TRAINING))
+    assert card.data.license == "other" and "License: not specified" in card.text
+
+
+def test_the_card_shows_the_final_validation_figures_and_who_made_the_folder(pipeline_dir, monkeypatch):
+    card = ModelCard.load(write_model_card(pipeline_dir)).text
+    assert "## Quality" in card and "Not measured by the run" in card, "no figures: the card says so"
+    assert "Made with crispdiff" in card and "crispdiff_provenance.json" in card
+    quality = {"samples": "the final sample grid: 4 samples", "reference": "256 training images", "step": 700,
+               "metrics": {"swd_avg": 12.345678, "hf_energy_ratio": 0.91}}  # fmt: skip
+    (pipeline_dir / "crispdiff_quality.json").write_text(json.dumps(quality))
+    card = ModelCard.load(write_model_card(pipeline_dir)).text
+    assert "(step 700) on the final sample grid: 4 samples, against 256 training images" in card
+    assert "| swd_avg | 12.35 |" in card and "| hf_energy_ratio | 0.91 | high-frequency energy" in card
+
+
 def test_upload_leaves_out_checkpoints_logs_and_staging(pipeline_dir):
     (pipeline_dir / ".run.tmp-1234").mkdir()
     (pipeline_dir / ".run.tmp-1234" / "x").write_bytes(b"staging")

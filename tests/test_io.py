@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import stat
+import subprocess
 import sys
 from pathlib import Path
 
@@ -109,7 +110,7 @@ def test_swap_keeps_carried_entries_when_it_fails(tmp_path, monkeypatch):
     (target / "foreign" / "keep.bin").write_bytes(b"x")
     staging.mkdir()
     (staging / "ours.txt").write_text("new")
-    _fail_on_call(monkeypatch, 3)  # carry foreign -> staging, old aside, then the new one in fails
+    _fail_on_call(monkeypatch, 2)  # old aside, then the new one in fails
     with pytest.raises(OSError):
         swap_folder_into_place(staging, target, carry=["foreign"])
     monkeypatch.undo()
@@ -117,6 +118,85 @@ def test_swap_keeps_carried_entries_when_it_fails(tmp_path, monkeypatch):
     swap_folder_into_place(staging, target, carry=["foreign"])
     assert (target / "ours.txt").read_text() == "new" and (target / "foreign" / "keep.bin").read_bytes() == b"x"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["target"]
+
+
+_SWAP_KILLED_AT_STEP = """
+import os, shutil, signal, sys
+from pathlib import Path
+
+import crispdiff.core.io as io
+
+kill_at, target = int(sys.argv[1]), Path(sys.argv[2])
+calls = 0
+
+
+def counted(real):
+    def step(*args, **kwargs):
+        global calls
+        calls += 1
+        if calls == kill_at:
+            os.kill(os.getpid(), signal.SIGKILL)
+        return real(*args, **kwargs)
+
+    return step
+
+
+staging = io.staging_folder(target)  # named by this process: once it is killed, its writer is dead
+staging.mkdir()
+(staging / "ours.txt").write_text("new")
+(staging / "unet").mkdir()
+(staging / "unet" / "weights.bin").write_bytes(b"new weights")
+for name in ("replace", "rename", "unlink", "rmdir", "fsync"):
+    setattr(os, name, counted(getattr(os, name)))
+shutil.rmtree = counted(shutil.rmtree)
+io.swap_folder_into_place(staging, target, carry=["checkpoint-1", "logs"])
+print("finished after", calls, "steps")
+"""
+
+
+def _make_old_folder(target: Path) -> None:
+    (target / "unet").mkdir(parents=True)
+    (target / "ours.txt").write_text("old")
+    (target / "unet" / "weights.bin").write_bytes(b"old weights")
+    (target / "checkpoint-1").mkdir()
+    (target / "checkpoint-1" / "state.json").write_text("{}")
+    (target / "logs").mkdir()
+    (target / "logs" / "events").write_bytes(b"e")
+
+
+def _folder_files(folder: Path) -> dict[str, bytes]:
+    return {p.relative_to(folder).as_posix(): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def test_a_swap_killed_at_any_step_keeps_the_old_folder_and_every_carried_file(tmp_path, monkeypatch):
+    """SIGKILL (a real crash: no handler runs) before each rename, delete and fsync of a swap that carries two
+    foreign entries. Once the dead writer's leftovers are old enough to be handled (the next save's cleanup), the
+    target is the old folder or the new one, whole, and the carried files are in it: none was left only in the
+    staging folder that the cleanup deletes (the old order moved them there first)."""
+    from crispdiff.core import io
+
+    monkeypatch.setattr(io, "ABANDONED_AFTER_S", -1.0)  # the dead writer's leftovers count as abandoned at once
+    old_files = {"ours.txt": b"old", "unet/weights.bin": b"old weights"}
+    new_files = {"ours.txt": b"new", "unet/weights.bin": b"new weights"}
+    carried = {"checkpoint-1/state.json": b"{}", "logs/events": b"e"}
+    env = dict(os.environ, PYTHONPATH=str(Path(io.__file__).parents[2]))
+    outcomes = []
+    for kill_at in range(1, 100):
+        run = tmp_path / f"kill-{kill_at}"
+        target = run / "pipeline"
+        _make_old_folder(target)
+        done = subprocess.run([sys.executable, "-c", _SWAP_KILLED_AT_STEP, str(kill_at), str(target)], env=env,
+                              capture_output=True, text=True, timeout=60)  # fmt: skip
+        finished = done.returncode == 0
+        assert finished or done.returncode == -9, done.stderr[-2000:]
+        io.recover_abandoned_swaps(target)  # what the next save of this folder does first
+        files = _folder_files(target) if target.is_dir() else {}
+        assert files in ({**old_files, **carried}, {**new_files, **carried}), (kill_at, files, list(run.iterdir()))
+        assert [p.name for p in run.iterdir()] == ["pipeline"], (kill_at, list(run.iterdir()))
+        outcomes.append(files["ours.txt"])
+        if finished:
+            break
+    assert finished and outcomes[0] == b"old" and outcomes[-1] == b"new" and len(outcomes) > 5, outcomes
 
 
 @pytest.fixture

@@ -17,7 +17,7 @@ import torch
 from diffusers import AutoencoderKL
 from PIL import Image
 from safetensors.torch import load_file
-from tiny_models import tiny_vae
+from tiny_models import assert_ranks_saw_different_data_and_noise, record_launcher, tiny_vae
 
 from crispdiff.core.config import parse_config
 from crispdiff.core.errors import FlagError
@@ -399,11 +399,17 @@ def test_two_processes_encode_once(image_dir, vae_dir, tmp_path):
         "--num_validation_images", "2", "--validation_inference_steps", "2", "--report_to", "none",
         "--adapt_vae", "always", "--adapt_vae_steps", "3", "--num_auto_classes", "2",
     ]  # fmt: skip
+    records = tmp_path / "records"
+    (tmp_path / "record_launcher.py").write_text(record_launcher(str(records)))
+    command.insert(command.index(str(repo / "train_scripts" / "train_latent.py")), str(tmp_path / "record_launcher.py"))
     env = dict(os.environ, OMP_NUM_THREADS="1")
     result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=300)
     output = result.stdout + result.stderr
     assert result.returncode == 0, output[-3000:]
     assert output.count(f"(encoded {NUM_IMAGES} image(s))") == 1 and "2 process(es)" in output
+    # the UNet's 2 steps: each rank its own slice of the latents and its own noise (the VAE stage's 32-image global
+    # batch repeats the 9 images it trains on, so only the last 2 micro-steps' data are disjoint by construction)
+    assert_ranks_saw_different_data_and_noise(records, last_micro_steps=2)
     # the VAE adaptation ran distributed too (one process group, one saved VAE) before the UNet, on auto classes
     assert output.count("VAE adapted:") == 1 and "2 auto classes" in output
     assert (tmp_path / "out" / "pipeline" / "model_index.json").is_file()

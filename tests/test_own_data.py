@@ -69,6 +69,16 @@ def test_kmeans_finds_separated_groups_with_every_id_used_and_is_seeded():
         kmeans(points[:4], 5, seed=0)
 
 
+@pytest.mark.parametrize("seed", range(4))
+def test_kmeans_gives_each_empty_cluster_its_own_point(seed):
+    """Duplicate images (three distinct thumbnails, four copies each) with more clusters than distinct points: k-means++
+    seeds twin centres, so several clusters empty at once; each must be re-seeded at a point of its own, or twins
+    re-form and an id is never used."""
+    points = torch.tensor([[0.0, 0.0], [10.0, 0.0], [0.0, 10.0]]).repeat_interleave(4, dim=0)
+    ids = kmeans(points, 5, seed=seed)
+    assert torch.bincount(ids, minlength=5).min() >= 1, torch.bincount(ids, minlength=5).tolist()
+
+
 def test_cluster_images_groups_by_what_the_images_show_and_names_sort_in_id_order(colour_folder, tmp_path):
     config = TrainConfig(train_data_dir=str(colour_folder), resolution=SIZE, cache_dir=str(tmp_path / "cache"))
     data = load_images(config, show_progress=False)
@@ -199,6 +209,7 @@ def test_vae_adaptation_improves_held_out_reconstructions_and_the_pipeline_carri
     """The embedded VAE on emoji of another design family: below the bar, so `auto` adapts it (real data, real VAE)."""
     out = tmp_path / "out"
     config = latent_config(openmoji_sample, None, out, resolution=64, adapt_vae_steps=30, num_auto_classes=2)
+    config.explicit_flags = frozenset({"adapt_vae_steps"})  # as given on the command line: not capped to the run
     folder = train_latent(config)
     log = capsys.readouterr().out
     assert "adapting the VAE" in log and "below the bar" in log
@@ -222,6 +233,34 @@ def test_vae_adaptation_improves_held_out_reconstructions_and_the_pipeline_carri
     assert "adapting" not in capsys.readouterr().out
     tiny = load_file(vae_dir / weights)
     assert torch.equal(load_file(off / "vae" / weights)[name], tiny[name])
+
+
+def test_the_adaptation_is_sized_to_the_unets_run_unless_its_steps_are_given():
+    """A fixed 150 adaptation steps would turn a 6-step smoke run into minutes of VAE training: without
+    --adapt_vae_steps the adaptation sees at most one image for every 16 the UNet trains on; the main job's run keeps
+    its 150; an explicit count runs as given."""
+    from crispdiff.core.config import parse_config
+    from crispdiff.latent.adapt import adaptation_steps
+
+    def sized(*flags: str, images: int = 1000, processes: int = 1) -> tuple[int, str]:
+        return adaptation_steps(parse_config(LatentTrainConfig, list(flags)), images, processes)
+
+    assert sized()[0] == 150 and "the default" in sized()[1]  # 700 steps of 64: up to 175 allowed
+    steps, why = sized("--max_train_steps", "6")
+    assert steps == 1 and "one image for every 16" in why and "6 steps of 64 images" in why
+    assert sized("--max_train_steps", "100")[0] == 25  # 6,400 UNet images: 400 for the VAE
+    assert sized("--max_train_steps", "100", processes=2)[0] == 25  # both sides scale with the processes
+    assert sized("--num_epochs", "1")[0] == 3  # 15 batches of 64 of 1,000 images: 960 images
+    assert sized("--max_train_steps", "6", "--adapt_vae_steps", "150") == (150, "--adapt_vae_steps")
+
+
+def test_a_smoke_run_adapts_its_vae_for_a_step_not_150(colour_folder, vae_dir, tmp_path, capsys):
+    out = tmp_path / "out"
+    folder = train_latent(latent_config(colour_folder, vae_dir, out, adapt_vae="always"))  # 2 UNet steps of 4
+    log = capsys.readouterr().out
+    assert "adapting the VAE" in log and "for 1 step of 16 images (at most one image for every 16" in log
+    assert json.loads((out / ADAPTED_VAE_DIR / "vae_summary.json").read_text())["steps"] == 1
+    assert json.loads((folder / "crispdiff_training.json").read_text())["adapt_vae_steps"] == 1  # what it ran
 
 
 def test_the_bar_adaptation_is_judged_by():

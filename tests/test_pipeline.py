@@ -183,6 +183,61 @@ def test_dpm_lambda_clip_follows_the_betas_log_snr(schedule, zero_snr, clipped):
         assert dpm_lambda_clip(cosine_betas()[:-1] + [1.0]) is None
 
 
+SCHEDULES = {
+    "cosine": {"beta_schedule": "cosine"},
+    "shifted cosine": {"beta_schedule": "cosine", "snr_shift": -1.0},
+    "sigmoid": {"beta_schedule": "sigmoid", "sigmoid_start": -2.0},
+    "linear, own ends": {"beta_schedule": "linear", "beta_start": 5e-4, "beta_end": 0.03},
+    "scaled linear": {"beta_schedule": "scaled_linear", "beta_start": 0.00085, "beta_end": 0.012},
+    "cosine, zero SNR": {"beta_schedule": "cosine", "rescale_betas_zero_snr": True},
+}
+
+
+@pytest.mark.parametrize("name", list(SCHEDULES))
+def test_a_saved_scheduler_config_names_the_schedule_its_betas_follow(name, tmp_path):
+    """diffusers ignores beta_schedule beside trained_betas, but a folder must not claim a schedule it does not use:
+    a diffusers name must rebuild the very betas saved (checked by diffusers with the betas dropped), anything else
+    must be a label diffusers cannot mistake for one of its own schedules."""
+    noise = NoiseConfig(**SCHEDULES[name])
+    folder = save_pipeline(
+        tmp_path / "p", unet=tiny_unet(), scheduler_base_config=scheduler_base_config(noise), beta_schedule="x"
+    )
+    saved = json.loads((folder / "scheduler" / "scheduler_config.json").read_text())
+    without_betas = {k: v for k, v in saved.items() if k not in ("trained_betas", "rescale_betas_zero_snr")}
+    try:
+        rebuilt = DDPMScheduler.from_config(without_betas).betas.double()
+    except NotImplementedError:  # not a diffusers schedule: it must say whose it is, and with what parameters
+        assert name in ("shifted cosine", "sigmoid"), saved["beta_schedule"]
+        assert saved["beta_schedule"] in ("crispdiff:cosine(snr_shift=-1)", "crispdiff:sigmoid(start=-2, end=3, tau=1)")
+    else:
+        betas = torch.tensor(saved["trained_betas"], dtype=torch.float64)
+        torch.testing.assert_close(rebuilt, betas, rtol=1e-5, atol=0)
+    for sampler in SAMPLERS[:3]:  # switching samplers keeps the name
+        scheduler = CrispDiffPipeline.from_pretrained(folder).make_sampler(sampler)
+        assert scheduler.config.beta_schedule == saved["beta_schedule"], sampler
+
+
+def test_a_folder_that_says_linear_beside_cosine_betas_loads_samples_the_same_and_is_saved_truthfully(
+    pixel_dir, tmp_path
+):
+    """Folders saved before the scheduler config named its schedule say "linear" whatever the betas: they still load
+    and sample exactly as before, and a re-save names the schedule the betas follow."""
+    import shutil
+
+    old = tmp_path / "old"
+    shutil.copytree(pixel_dir, old)
+    config_path = old / "scheduler" / "scheduler_config.json"
+    config = json.loads(config_path.read_text())
+    config.update(beta_schedule="linear", beta_start=0.0001, beta_end=0.02)
+    config_path.write_text(json.dumps(config))
+    expected = generate(CrispDiffPipeline.from_pretrained(pixel_dir), seed=3)
+    pipe = CrispDiffPipeline.from_pretrained(old)
+    assert torch.equal(generate(pipe, seed=3), expected)
+    pipe.save_pretrained(tmp_path / "resaved")
+    resaved = json.loads((tmp_path / "resaved" / "scheduler" / "scheduler_config.json").read_text())
+    assert resaved["beta_schedule"] == "squaredcos_cap_v2" and resaved["trained_betas"] == config["trained_betas"]
+
+
 @pytest.mark.parametrize("sampler", ["ddim", "pndm"])
 def test_fixed_stride_samplers_refuse_step_counts_that_do_not_divide_t(sampler):
     pipe = quiet(in_memory_pipeline(tiny_unet(), sampler=sampler))

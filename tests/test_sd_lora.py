@@ -22,6 +22,7 @@ from PIL import Image
 from tiny_models import WITHOUT_CRISPDIFF, kill_after_checkpoint
 
 from crispdiff.core.config import parse_config
+from crispdiff.core.provenance import PROVENANCE_NAME, public_command
 from crispdiff.sd.base import load_sd, offline_clip_vocab
 from crispdiff.sd.config import (
     KOHYA_WEIGHTS_NAME,
@@ -230,6 +231,8 @@ def test_dreambooth_lora_loads_in_plain_diffusers_and_kohya(tiny_sd, subject_dir
 
     card = (out / "README.md").read_text()
     assert f"base_model: {tiny_sd}" in card and "dreambooth" in card and PROMPT in card
+    record = json.loads((out / PROVENANCE_NAME).read_text())
+    assert record["command"] == public_command() and f"Command: `{' '.join(record['command'])}`" in card
 
 
 def test_text_to_image_resume_is_exact_and_validation_changes_nothing(tiny_sd, captioned_dir, tmp_path):
@@ -351,6 +354,10 @@ def test_text_encoder_lora_script_and_exported_pipeline(tiny_sd, captioned_dir, 
     index = json.loads((folder / "model_index.json").read_text())
     assert index["_class_name"] == ["pipeline_crispdiff_sd", "CrispDiffSDPipeline"]
     assert index["scheduler"][1] == "DPMSolverMultistepScheduler" and (folder / "pipeline_crispdiff_sd.py").is_file()
+    for made_by_the_run in (out, folder):  # the LoRA folder and the fused export name the command of the run
+        command = json.loads((made_by_the_run / PROVENANCE_NAME).read_text())["command"]
+        assert command[0].endswith("train_text_to_image_lora.py")
+        assert command[-3:] == ["--output_size", "8", "--export_kohya"]
     pipe = DiffusionPipeline.from_pretrained(folder, trust_remote_code=True)
     pipe.set_progress_bar_config(disable=True)
     assert pipe.scheduler.config.algorithm_type == "dpmsolver++"
@@ -623,6 +630,9 @@ def test_model_card_takes_the_base_models_licence_and_names_prompts_rightly(tmp_
     unknown = parse_config(TextToImageLoRAConfig, ["--pretrained_model_name_or_path", str(tmp_path / "none")])
     card.write_text(model_card(unknown, False, ["train"]))
     assert "license" not in metadata_load(card) and "widget" not in metadata_load(card)
+    chosen = parse_config(TextToImageLoRAConfig, [*common, "--license", "cc-by-4.0"])  # --license wins over the base's
+    card.write_text(model_card(chosen, True, ["train"]))
+    assert metadata_load(card)["license"] == "cc-by-4.0"
 
 
 def test_no_validation_images_means_no_grids(tiny_sd, captioned_dir, tmp_path):

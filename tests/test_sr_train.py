@@ -22,6 +22,7 @@ from tiny_models import tiny_vae
 
 from crispdiff.core.config import parse_config
 from crispdiff.core.errors import FlagError
+from crispdiff.core.provenance import PROVENANCE_NAME
 from crispdiff.pipelines.sr_model import WEIGHTS_NAME
 from crispdiff.publish.sr import load_sr_model
 from crispdiff.superres.config import SRTrainConfig
@@ -97,11 +98,17 @@ def test_downscale_uses_the_data_pipelines_filter():
         assert np.array_equal(downscale(high, 2, name)[1].permute(1, 2, 0).numpy(), expected)
 
 
-def test_a_tiny_run_saves_a_spandrel_model_that_beats_bicubic_on_its_training_images(image_folder, tmp_path):
+def test_a_tiny_run_saves_a_spandrel_model_that_beats_bicubic_on_its_training_images(
+    image_folder, tmp_path, monkeypatch
+):
     out = tmp_path / "sr"
+    monkeypatch.setattr(sys, "argv", ["train_sr.py", "--output_dir", str(out)])
     folder = train_sr(config_for(image_folder, out))
     assert folder == out / "sr_model"
-    assert sorted(p.name for p in folder.iterdir()) == sorted(["README.md", "config.json", WEIGHTS_NAME, "sr_model.py"])
+    expected = ["README.md", "config.json", WEIGHTS_NAME, "sr_model.py", PROVENANCE_NAME]
+    assert sorted(p.name for p in folder.iterdir()) == sorted(expected)
+    record = json.loads((folder / PROVENANCE_NAME).read_text())
+    assert record["command"] == ["train_sr.py", "--output_dir", str(out)] and record["crispdiff_version"]
 
     # spandrel alone recognises the file, with the architecture and scale it was trained with
     descriptor = spandrel.ModelLoader().load_from_state_dict(load_file(folder / WEIGHTS_NAME))

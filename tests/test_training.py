@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 import subprocess
@@ -12,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from tiny_models import kill_launcher
+from tiny_models import assert_ranks_saw_different_data_and_noise, kill_launcher, read_records, record_launcher
 
 from crispdiff.core.config import TrainConfig, parse_config
 from crispdiff.train.loop import make_accelerator
@@ -73,7 +74,7 @@ def tiny_config(image_folder: Path, output_dir: Path, **overrides) -> TrainConfi
 
 
 def test_flags_parse_into_config(image_folder, tmp_path):
-    config = tiny_config(image_folder, tmp_path / "out", use_ema="false", snr_gamma=0)
+    config = tiny_config(image_folder, tmp_path / "out", use_ema="false", ema_decay=None, snr_gamma=0)
     assert config.channel_mults == [1, 2] and config.attention_res == [8]
     assert config.use_ema is False and config.random_flip is True and not config.snr_gamma
     defaults = parse_config(TrainConfig, [])
@@ -410,6 +411,33 @@ def test_deterministic_flag_turns_on_deterministic_algorithms(image_folder, tmp_
         torch.backends.cudnn.deterministic = False
 
 
+@pytest.mark.parametrize(
+    "flags, tf32",
+    [
+        ([], True),
+        (["--allow_tf32", "false"], False),
+        (["--deterministic"], False),
+        (["--deterministic", "--allow_tf32"], False),
+    ],
+    ids=["default", "allow_tf32-false", "deterministic", "deterministic-over-allow_tf32"],
+)
+def test_tf32_follows_allow_tf32_and_deterministic_turns_it_off(flags, tf32):
+    """--deterministic must turn TF32 off (cuDNN's TF32 is on by torch's default), and --allow_tf32 false must hold
+    without it. The flags are torch's process-wide switches, settable on a CPU-only build too; each starts at the
+    opposite of what the run must leave."""
+    from crispdiff.train.loop import configure_kernels
+
+    cuda_matmul, cudnn = torch.backends.cuda.matmul, torch.backends.cudnn
+    saved = (cuda_matmul.allow_tf32, cudnn.allow_tf32, cudnn.benchmark, cudnn.deterministic)
+    try:
+        cuda_matmul.allow_tf32 = cudnn.allow_tf32 = not tf32
+        configure_kernels(parse_config(TrainConfig, flags))
+        assert (cuda_matmul.allow_tf32, cudnn.allow_tf32) == (tf32, tf32)
+    finally:
+        torch.use_deterministic_algorithms(False)
+        cuda_matmul.allow_tf32, cudnn.allow_tf32, cudnn.benchmark, cudnn.deterministic = saved
+
+
 def test_validation_grid_and_metrics_are_logged(image_folder, tmp_path):
     out = tmp_path / "run"
     config = tiny_config(
@@ -428,6 +456,31 @@ def test_validation_grid_and_metrics_are_logged(image_folder, tmp_path):
     tags = acc.Tags()["scalars"]
     assert "train/loss" in tags and any(tag.startswith("val/swd") for tag in tags), tags
     assert set(acc.Tags()["images"]) == {"validation", "final"}  # the final grid reaches the trackers too
+    # the final grid is measured as the validations were, and the model card shows the figures
+    quality = json.loads((out / "pipeline" / "crispdiff_quality.json").read_text())
+    assert quality["step"] == 4 and quality["num_samples"] == 2 and quality["metrics"]["swd_avg"] > 0
+    card = (out / "pipeline" / "README.md").read_text()
+    assert "## Quality" in card and f"| swd_avg | {quality['metrics']['swd_avg']:.4g} |" in card
+
+
+def test_validation_reference_is_a_seeded_random_subset_not_the_first_files(image_folder, tmp_path):
+    """The images validation metrics compare against are drawn over the whole data with the run's seed: the first
+    files in name order are neighbours (codepoints, a class-sorted folder), not a sample."""
+    from crispdiff.data.loading import load_images
+
+    config = tiny_config(image_folder, tmp_path / "run")
+    space = PixelSpace(load_images(config, show_progress=False))
+    every = space.data.center_crops()
+
+    def chosen(count: int, seed: int) -> list[int]:
+        reference = space.reference_images(count, seed)
+        assert reference.dtype == torch.uint8 and len(reference) == min(count, len(every))
+        return [next(i for i, image in enumerate(every) if torch.equal(image, crop)) for crop in reference]
+
+    draws = {tuple(chosen(4, seed)) for seed in range(5)}
+    assert (0, 1, 2, 3) not in draws and len(draws) > 1, draws  # not the first files; the seed decides
+    assert all(len(set(draw)) == 4 for draw in draws)  # distinct images
+    assert chosen(4, 3) == chosen(4, 3) and chosen(50, 0) == list(range(len(every)))  # seeded; all when they fit
 
 
 def test_sr_model_flag_and_failed_push_leave_a_complete_folder(image_folder, tmp_path):
@@ -440,7 +493,9 @@ def test_sr_model_flag_and_failed_push_leave_a_complete_folder(image_folder, tmp
     _, checkpoint, _ = make_network("compact_x4")
     sr_file = write_checkpoint(checkpoint, tmp_path / "compact_x4.pth")
     out = tmp_path / "run"
-    config = tiny_config(image_folder, out, max_train_steps=2, checkpointing_steps=0, sr_model_name_or_path=sr_file)
+    config = tiny_config(
+        image_folder, out, max_train_steps=2, checkpointing_steps=0, sr_model_name_or_path=sr_file, license="mit"
+    )
     config.push_to_hub, config.hub_model_id, config.hub_token = True, "someone/tiny", "hf_secret_token"
     with pytest.raises(HubAccessError, match="HF_HUB_OFFLINE"):  # checked before training: nothing was trained
         train(config)
@@ -453,6 +508,10 @@ def test_sr_model_flag_and_failed_push_leave_a_complete_folder(image_folder, tmp
     folder = out / "pipeline"
     card = (folder / "README.md").read_text()
     assert "library_name: diffusers" in card and "hf_secret_token" not in card
+    assert "license: mit" in card  # --license reaches the card, through the export and the push's rewrite alike
+    # without --validation_metrics the final grid still gets the cheap figures (sharpness, colour blobs), no SWD
+    metrics = json.loads((folder / "crispdiff_quality.json").read_text())["metrics"]
+    assert "hf_energy_ratio" in metrics and "colour_blob" in metrics and "swd_avg" not in metrics
     assert "hf_secret_token" not in (folder / "crispdiff_training.json").read_text()
     assert "hf_secret_token" not in (out / "crispdiff_training.json").read_text()
 
@@ -513,12 +572,19 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _launch_two_processes(image_folder: Path, out: Path, **overrides) -> str:
+def _launch_two_processes(image_folder: Path, out: Path, record: Path | None = None, **overrides) -> str:
+    """``accelerate launch`` of the pixel trainer on two gloo processes; with ``record``, what each rank trained on is
+    written there (``tiny_models.record_launcher``)."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    wrapper = []
+    if record is not None:
+        wrapper_file = record.parent / f"{record.name}_launcher.py"
+        wrapper_file.write_text(record_launcher(str(record)))
+        wrapper = [str(wrapper_file)]
     cmd = [
         sys.executable, "-m", "accelerate.commands.launch",
         "--config_file", str(REPO_ROOT / "accelerate_configs" / "cpu_2proc.yaml"),
-        "--main_process_port", str(_free_port()),
+        "--main_process_port", str(_free_port()), *wrapper,
         str(REPO_ROOT / "train_scripts" / "train_unconditional.py"),
         *tiny_flags(image_folder, out, **overrides),
     ]  # fmt: skip
@@ -535,9 +601,10 @@ def test_two_process_accelerate_launch_and_exact_resume(image_folder, tmp_path):
 
     flags = dict(max_train_steps=4, train_batch_size=2, gradient_accumulation_steps=2)
     out = tmp_path / "ddp"
-    log = _launch_two_processes(image_folder, out, **flags)
+    log = _launch_two_processes(image_folder, out, record=tmp_path / "ddp_records", **flags)
     assert "2 process(es)" in log
     assert (out / "checkpoint-3" / "generators_1.safetensors").is_file()  # each rank saved its generators
+    assert_ranks_saw_different_data_and_noise(tmp_path / "ddp_records")
 
     resumed = tmp_path / "ddp_resumed"
     resumed.mkdir()
@@ -554,6 +621,35 @@ def test_two_process_accelerate_launch_and_exact_resume(image_folder, tmp_path):
     assert images.images.shape == (1, 16, 16, 3)
 
 
+def test_a_checkpoint_resumes_on_another_number_of_processes_with_a_warning(image_folder, tmp_path, caplog):
+    """One process -> two (real ``accelerate launch``) -> one. Resuming used to be refused; now it continues, says
+    that it is no longer bit-exact, and maps the data position by images seen: the one-process checkpoint at step 3
+    had seen 6 of the 8 images of epoch 0 (batches of 2); two processes take 4 images a micro-batch, so the epoch's
+    last one is not a whole batch any more and they start epoch 1, each on its own slice of that epoch's order."""
+    import logging
+    import shutil
+
+    from crispdiff.train.loop import EpochBatches
+
+    out = tmp_path / "run"
+    flags = dict(max_train_steps=7, train_batch_size=2, checkpointing_steps=3, seed=4)
+    train(tiny_config(image_folder, out, **flags))
+    records = tmp_path / "records"
+    log = _launch_two_processes(image_folder, out, record=records, resume_from_checkpoint="checkpoint-3", **flags)
+    assert "written by 1 process(es) and this run has 2" in log and "no longer bit-exact" in log, log[-3000:]
+    epoch_1 = EpochBatches(8, 2, 2, 0, seed=4).epoch_order(1).tolist()
+    first = read_records(records, "indices")
+    assert (first[0][0], first[1][0]) == (epoch_1[0:2], epoch_1[2:4]), (first, epoch_1)
+    assert_ranks_saw_different_data_and_noise(records)
+    assert (out / "checkpoint-6" / "generators_1.safetensors").is_file()  # rewritten by the two processes
+
+    shutil.rmtree(out / "pipeline")  # and back to one process, from the two-process checkpoint-6
+    with caplog.at_level(logging.WARNING, logger="crispdiff"):
+        train(tiny_config(image_folder, out, resume_from_checkpoint="latest", **flags))
+    assert "written by 2 process(es) and this run has 1" in caplog.text
+    assert (out / "pipeline" / "model_index.json").is_file()
+
+
 # rank 0 with checkpoint-6 half-written kills the launcher and every rank
 _KILL_ALL_RANKS_WHILE_SAVING = kill_launcher(
     "crispdiff.train.checkpoint:_save_ema", "args[1].name.startswith('checkpoint-6')", group=True
@@ -566,7 +662,8 @@ def test_a_two_process_run_killed_while_saving_resumes_exactly(image_folder, tmp
     run that was never killed."""
     flags = dict(max_train_steps=9, checkpointing_steps=3, train_batch_size=2, gradient_accumulation_steps=2)
     full = tmp_path / "full"
-    _launch_two_processes(image_folder, full, **flags)
+    _launch_two_processes(image_folder, full, record=tmp_path / "full_records", **flags)
+    assert_ranks_saw_different_data_and_noise(tmp_path / "full_records")
 
     killed = tmp_path / "killed"
     wrapper = tmp_path / "kill_all_ranks.py"

@@ -25,6 +25,7 @@ from tiny_models import base_config
 
 from crispdiff.core.config import parse_config
 from crispdiff.core.errors import FlagError
+from crispdiff.data.loading import load_images
 from crispdiff.diffusion.schedule import make_betas
 from crispdiff.train.loop import make_accelerator
 from crispdiff.train.lora import plain_copy
@@ -113,7 +114,6 @@ def transfer_config(pretrained: Path, images: Path, out: Path, **overrides) -> T
 
 def make_trainer(config: TransferConfig) -> TransferTrainer:
     """What train_transfer does, minus the final export: the pretrained model prepared and the Trainer built."""
-    from crispdiff.data.loading import load_images
 
     pretrained = load_pretrained(config.pretrained_model_name_or_path)
     resolve_schedule(config, pretrained)
@@ -192,10 +192,6 @@ def test_schedule_and_prediction_type_come_from_the_pretrained_scheduler(tiny_dd
     alpha_bar_T = torch.cumprod(1.0 - make_betas("linear", 1000), 0)[-1]
     assert "experimental" in caplog.text and f"1/alpha_T = {1.0 / math.sqrt(float(alpha_bar_T)):.0f} " in caplog.text
 
-    for architecture in (dict(encoder="timm:resnet18"), dict(model_config_name_or_path=str(tiny_ddpm))):
-        with pytest.raises(FlagError, match="architecture is the pretrained model's"):
-            transfer_config(tiny_ddpm, images32, tmp_path / "out", **architecture)
-
     for modules in (dict(train_modules="lora"), dict(train_modules="decoder"), dict(freeze_encoder="true")):
         refused = transfer_config(tiny_ddpm, images32, tmp_path / "out", prediction_type="v_prediction", **modules)
         with pytest.raises(FlagError, match="cannot retarget"):
@@ -220,6 +216,47 @@ def test_schedule_flags_given_on_the_command_line_win_over_the_pretrained_pipeli
         resolve_schedule(given, pretrained)
     assert (given.beta_schedule, given.snr_shift) == ("cosine", 0.5)
     assert "snr_shift=0.5" in caplog.text and "re-learn its noise levels" in caplog.text
+
+
+ARCHITECTURE_FLAGS = {
+    "model_config_name_or_path": "unet.json",
+    "base_channels": "16",
+    "channel_mults": "1",
+    "attention_res": "8",
+    "layers_per_block": "3",
+    "attention_head_dim": "4",
+    "resnet_time_scale_shift": "scale_shift",
+    "encoder": "timm:resnet18",
+    "encoder_weights": "w.safetensors",
+    "encoder_norm": "batch",
+}
+
+
+@pytest.mark.parametrize("name", sorted(ARCHITECTURE_FLAGS))
+def test_architecture_flags_are_refused_in_one_line(name, tiny_ddpm, images32, tmp_path):
+    """The pretrained model decides the architecture: a builder flag would be ignored, so it is refused by name."""
+    with pytest.raises(FlagError, match=rf"^--{name} is not supported here: the architecture is the pretrained"):
+        transfer_config(tiny_ddpm, images32, tmp_path / "out", **{name: ARCHITECTURE_FLAGS[name]})
+
+
+def resnet_dropouts(unet: torch.nn.Module) -> set[float]:
+    return {block.dropout.p for name, block in unet.named_modules() if name.endswith(("resnets.0", "resnets.1"))}
+
+
+def test_dropout_is_set_on_the_pretrained_unet_only_when_given(tiny_ddpm, images32, tmp_path):
+    """--dropout changes the dropout of the pretrained UNet's ResNet blocks (the weights stay the pretrained ones);
+    without the flag the pretrained model's own dropout (0 here) is kept."""
+    pretrained = load_pretrained(str(tiny_ddpm))
+    space = PixelSpace(load_images(transfer_config(tiny_ddpm, images32, tmp_path / "out"), show_progress=False))
+    kept, _, _ = prepare_unet(transfer_config(tiny_ddpm, images32, tmp_path / "out"), pretrained, space)
+    dropped, _, new_keys = prepare_unet(
+        transfer_config(tiny_ddpm, images32, tmp_path / "out", dropout=0.3), pretrained, space
+    )
+    assert resnet_dropouts(kept) == {0.0} and kept.config.dropout == 0.0
+    assert resnet_dropouts(dropped) == {0.3} and dropped.config.dropout == 0.3 and new_keys == []
+    assert all(torch.equal(a, b) for a, b in zip(dropped.state_dict().values(), pretrained.unet.state_dict().values()))
+    with pytest.raises(FlagError, match="--dropout must be in"):
+        transfer_config(tiny_ddpm, images32, tmp_path / "out", dropout=1.5)
 
 
 def test_crispdiff_pipelines_trained_betas_map_back_to_their_schedule():

@@ -14,6 +14,7 @@ from PIL import Image
 from safetensors.torch import load_file
 
 from crispdiff.core.config import parse_config
+from crispdiff.core.provenance import PROVENANCE_NAME, public_command
 from crispdiff.latent.vae import (
     TINY_LOGVAR,
     VAE_FLAG,
@@ -272,6 +273,18 @@ def test_gan_and_decoder_only_training_move_the_right_weights(image_folder: Path
     assert any(not torch.equal(a, b) for a, b in zip(disc_before, trainer.disc.parameters()))
 
 
+def test_scale_lr_scales_the_discriminators_learning_rate_too(image_folder: Path, tmp_path: Path):
+    """--scale_lr multiplies both parameter groups' LR by the images per step (8 here); the discriminator's group
+    used to keep its unscaled LR."""
+    gan = ("--disc_start", "0", "--disc_layers", "1", "--disc_channels", "8", "--learning_rate", "1e-4")
+    plain = make_trainer(trainer_flags(image_folder, tmp_path, *gan, "--disc_learning_rate", "3e-4"))
+    scaled = make_trainer(trainer_flags(image_folder, tmp_path, *gan, "--disc_learning_rate", "3e-4", "--scale_lr"))
+    default = make_trainer(trainer_flags(image_folder, tmp_path, *gan, "--scale_lr"))
+    assert [g["initial_lr"] for g in plain.optimizer.param_groups] == pytest.approx([1e-4, 3e-4])
+    assert [g["initial_lr"] for g in scaled.optimizer.param_groups] == pytest.approx([8e-4, 24e-4])
+    assert [g["initial_lr"] for g in default.optimizer.param_groups] == pytest.approx([8e-4, 8e-4])
+
+
 def test_train_vae_script_saves_a_loadable_folder_and_resumes_exactly(image_folder: Path, tmp_path: Path):
     """With the GAN on from the start and a validation pass on the checkpoint's step, a run resumed from that
     checkpoint ends bit-identical to the uninterrupted one."""
@@ -287,6 +300,7 @@ def test_train_vae_script_saves_a_loadable_folder_and_resumes_exactly(image_fold
     assert vae.config.shift_factor == pytest.approx(summary["shift_factor"])
     assert read_scaling(load_vae(folder)) == (pytest.approx(summary["scaling_factor"]), summary["shift_factor"])
     assert (folder / "README.md").read_text().count("PSNR") == 1
+    assert json.loads((folder / PROVENANCE_NAME).read_text())["command"] == public_command()
     assert list((folder.parent / "validation").glob("step_*.png"))
     first_run = load_file(folder / "diffusion_pytorch_model.safetensors")
 

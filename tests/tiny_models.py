@@ -117,3 +117,73 @@ def kill_after_checkpoint(folder_name: str, step: int) -> str:
     return kill_launcher(
         "crispdiff.train.loop:save_checkpoint", f"Path(args[1]).name == {folder_name!r} and args[2] == {step}"
     )
+
+
+def record_launcher(record_dir: str) -> str:
+    """Source of a wrapper file for ``accelerate launch WRAPPER SCRIPT FLAGS...`` that runs a train script and records
+    what each process really trained on, in ``record_dir/rank-<RANK>.jsonl``: the dataset indices of every micro-batch
+    the loop takes (``EpochBatches.indices``) and the first values of every noise tensor it draws (``sample_noise``).
+    The real functions run; their results are only written down, so a test can check that the ranks saw different
+    slices of the data and different noise (a bug giving every rank the same would still train and pass otherwise)."""
+    return textwrap.dedent(
+        f"""
+        import json, os, runpy, sys
+        from pathlib import Path
+
+        import crispdiff.train.loop as loop
+        import crispdiff.train.unet_trainer as unet_trainer
+
+        record = Path({record_dir!r}) / f"rank-{{os.environ.get('RANK', '0')}}.jsonl"
+        record.parent.mkdir(parents=True, exist_ok=True)
+
+
+        def write(kind, values):
+            with open(record, "a") as handle:
+                handle.write(json.dumps({{"kind": kind, "values": values}}) + "\\n")
+
+
+        real_indices, real_noise = loop.EpochBatches.indices, unet_trainer.sample_noise
+
+
+        def indices(self, position):
+            result = real_indices(self, position)
+            write("indices", result.tolist())
+            return result
+
+
+        def sample_noise(*args, **kwargs):
+            result = real_noise(*args, **kwargs)
+            write("noise", result.flatten()[:8].tolist())
+            return result
+
+
+        loop.EpochBatches.indices, unet_trainer.sample_noise = indices, sample_noise
+        sys.argv = sys.argv[1:]
+        runpy.run_path(sys.argv[0], run_name="__main__")
+        """
+    )
+
+
+def read_records(record_dir, kind: str) -> dict[int, list]:
+    """What :func:`record_launcher` wrote of ``kind`` ("indices" or "noise"), by rank, in order."""
+    import json
+    from pathlib import Path
+
+    records = {}
+    for path in sorted(Path(record_dir).glob("rank-*.jsonl")):
+        lines = [json.loads(line) for line in path.read_text().splitlines()]
+        records[int(path.stem.split("-")[1])] = [r["values"] for r in lines if r["kind"] == kind]
+    return records
+
+
+def assert_ranks_saw_different_data_and_noise(record_dir, last_micro_steps: int | None = None) -> None:
+    """Two ranks, micro-step by micro-step: disjoint slices of the data and different noise. ``last_micro_steps``:
+    check only the data of the last ones (a stage before them may have fewer images than its global batch, which
+    then repeats them)."""
+    indices, noise = read_records(record_dir, "indices"), read_records(record_dir, "noise")
+    assert sorted(indices) == [0, 1] and len(indices[0]) == len(indices[1]) > 0, indices
+    checked = slice(-last_micro_steps if last_micro_steps else None, None)
+    for step, (a, b) in enumerate(zip(indices[0][checked], indices[1][checked], strict=True)):
+        assert a and b and not set(a) & set(b), f"micro-step {step}: both ranks trained on {set(a) & set(b)}"
+    assert len(noise[0]) == len(noise[1]) > 0
+    assert all(a != b for a, b in zip(noise[0], noise[1], strict=True)), "the ranks drew the same noise"

@@ -14,7 +14,7 @@ import sys
 from pathlib import Path
 
 from crispdiff.commands.sample import add_guidance_flags, check_guidance_flags
-from crispdiff.core.errors import FlagError, run_entry_point
+from crispdiff.core.errors import ArgumentParser, FlagError, run_entry_point
 from crispdiff.pipelines.pipeline_crispdiff import SAMPLERS
 from crispdiff.publish.export import DTYPES
 
@@ -54,7 +54,12 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
         default=None,
         help="Compare at this size (default: the training resolution in DIR, else the samples' size).",
     )
-    parser.add_argument("--max_reference_images", type=int, default=None, help="Use at most N reference images.")
+    parser.add_argument(
+        "--max_reference_images",
+        type=int,
+        default=None,
+        help="Use at most N reference images: a fixed random subset (seed 0, drawn as --max_train_samples draws it).",
+    )
     parser.add_argument("--cache_dir", default=None, help="Cache folder for decoded reference images.")
     parser.add_argument(
         "--inception_weights",
@@ -122,7 +127,7 @@ def _check_args(args: argparse.Namespace) -> None:
 
 def _command_line(args: argparse.Namespace) -> str:
     """The command as it can be re-run, with the flags that differ from their defaults, for the report."""
-    defaults = vars(add_parser(argparse.ArgumentParser().add_subparsers()).parse_args(["x"]))
+    defaults = vars(add_parser(ArgumentParser().add_subparsers()).parse_args(["x"]))
     parts = ["crispdiff", "evaluate"] + ([args.pipeline_dir] if args.pipeline_dir else [])
     for key, value in vars(args).items():
         if key in ("pipeline_dir", "func", "command") or value == defaults.get(key, value):

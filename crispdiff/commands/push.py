@@ -26,7 +26,12 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     parser.add_argument("--private", action="store_true", help="Create the repository as private.")
     parser.add_argument("--token", default=None, help="Hub token with write access (default: HF_TOKEN / cached login).")
     parser.add_argument("--commit_message", default="Upload crispdiff pipeline", help="Commit message on the Hub.")
-    parser.add_argument("--license", default="other", help="License id for the model card metadata (e.g. apache-2.0).")
+    parser.add_argument(
+        "--license",
+        default=None,
+        help="License id for the model card metadata (e.g. apache-2.0; default: the --license the model was trained "
+        "with, else 'other').",
+    )
     parser.add_argument("--datasets", nargs="*", default=None, help="Hub dataset ids for the card (default: config).")
     parser.set_defaults(func=run)
     return parser

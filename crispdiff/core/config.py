@@ -10,10 +10,11 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import math
-import sys
 import types
 import typing
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
@@ -56,15 +57,55 @@ def without_secrets(values: dict[str, Any]) -> dict[str, Any]:
 #: The per-epoch pixel augmentation flags of DataConfig: each a number in [0, 1], 0 meaning off.
 PIXEL_AUGMENTATIONS = ("color_jitter", "blur_prob", "color_remap_prob")
 
+#: The ``--class_column`` value that asks for clusters instead of a metadata column, and the one that turns classes off.
+AUTO_CLASS_COLUMN = "auto"
+NO_CLASS_COLUMN = "none"
+
+#: A flag that acts only in some settings: a test of the resolved config, and what settles it (``--push_to_hub``).
+Condition = tuple[Callable[[Any], bool], str]
+
+
+def conditional_flags(config_cls: type) -> dict[str, Condition]:
+    """The ``conditional_flags`` of a config class and its bases (a class's own entries win)."""
+    merged: dict[str, Condition] = {}
+    for cls in reversed(config_cls.__mro__):
+        merged.update(vars(cls).get("conditional_flags", {}))
+    return merged
+
+
+def check_conditional_flags(config: Any) -> None:
+    """Refuse flags given on the command line that would have no effect in this run's settings (``--hub_model_id``
+    without ``--push_to_hub``): accepted, they would look as if they had changed something. Defaults are not refused."""
+    given = getattr(config, "explicit_flags", frozenset())
+    conditions = conditional_flags(type(config))
+    unmet = [name for name, (met, _) in conditions.items() if name in given and not met(config)]
+    if unmet:
+        needed = conditions[unmet[0]][1]
+        names = [name for name in unmet if conditions[name][1] == needed]
+        it = "it" if len(names) == 1 else "them"
+        raise FlagError(f"{_flag_list(names)}: no effect without {needed}; add that or drop {it}")
+
+
+def _flag_list(names: list[str]) -> str:
+    return ", ".join(f"--{name}" for name in names)
+
 
 @dataclass
 class DataConfig:
     """Where the images come from and how they are turned into training tensors."""
 
+    conditional_flags: ClassVar[dict[str, Condition]] = {
+        "dataset_config_name": (lambda c: bool(c.dataset_name), "--dataset_name"),
+        "image_column": (lambda c: bool(c.dataset_name), "--dataset_name (a folder's images need no column)"),
+        "random_crop_positions": (lambda c: not c.center_crop, "random crops (drop --center_crop)"),
+    }
+
     dataset_name: str | None = flag(None, "A Hub dataset id or a local `datasets` folder (saved with save_to_disk).")
     dataset_config_name: str | None = flag(None, "The dataset's config name, if it has several.")
     train_data_dir: str | None = flag(
-        None, "A folder of images, optionally with metadata.jsonl (datasets' imagefolder layout)."
+        None,
+        "A folder of images, optionally with metadata.jsonl (datasets' imagefolder layout). With --dataset_name the "
+        "dataset is used, as in diffusers, and this names the folder inside it to load (datasets' data_dir).",
     )
     image_column: str = flag("image", "Column holding the images when --dataset_name is used.")
     caption_column: str | None = flag(None, "Optional caption column (kept for conditional scripts).")
@@ -91,7 +132,9 @@ class DataConfig:
     random_flip: bool = flag(False, "Randomly flip images horizontally.")
     background: str = flag("white", "Colour that transparent pixels (RGBA, LA, palette) are composited onto.")
     min_image_size: int = flag(16, "Reject images whose shorter side is smaller than this many pixels.")
-    max_train_samples: int | None = flag(None, "Use only the first N images (for quick experiments).")
+    max_train_samples: int | None = flag(
+        None, "Use only N images, a random subset drawn with --seed as in diffusers (for quick experiments)."
+    )
     color_jitter: float = flag(0.0, "Opt-in colour jitter strength (0 = off; 0.05 is gentle).")
     blur_prob: float = flag(0.0, "Opt-in probability of a weak Gaussian blur per image (0 = off).")
     blur_sigma: float = flag(0.5, "Sigma of the weak blur augmentation, in pixels.")
@@ -111,12 +154,30 @@ class DataConfig:
         return [f"--{name}" for name in PIXEL_AUGMENTATIONS if getattr(self, name) > 0]
 
 
+#: The flags crispdiff's UNet builder shapes a UNet2DModel from; a --model_config_name_or_path config replaces them all.
+UNET_BUILDER_FLAGS = (
+    "base_channels",
+    "channel_mults",
+    "attention_res",
+    "layers_per_block",
+    "dropout",
+    "attention_head_dim",
+    "resnet_time_scale_shift",
+)
+#: The builder flags the timm-encoder UNet (--encoder) has no use for.
+NOT_TIMM_UNET_FLAGS = ("channel_mults", "attention_res", "attention_head_dim", "resnet_time_scale_shift")
+#: The flags only the timm-encoder UNet uses.
+TIMM_UNET_FLAGS = ("encoder_weights", "encoder_norm")
+
+
 @dataclass
 class ModelConfig:
     """The UNet2DModel architecture."""
 
     model_config_name_or_path: str | None = flag(
-        None, "A UNet2DModel config (Hub id, folder or config.json) used instead of the builder flags below."
+        None,
+        "A UNet2DModel config (Hub id, folder or config.json) used instead of the builder flags below (giving one of "
+        "those too is refused: the config decides them).",
     )
     base_channels: int = flag(48, "Channels of the first UNet level.")
     channel_mults: list[int] = flag([1, 2, 4, 8], "Channel multiplier per level; one level per entry.")
@@ -135,19 +196,40 @@ class ModelConfig:
         None,
         "Use a timm network as the UNet's encoder, e.g. `timm:convnext_atto` or `timm:resnet18` (needs "
         "`pip install 'crispdiff[timm]'`). --base_channels is then the stem width, --layers_per_block and --dropout "
-        "shape the decoder; --channel_mults and --attention_res are not used.",
+        "shape the decoder; --channel_mults, --attention_res, --attention_head_dim and --resnet_time_scale_shift are "
+        "refused (not used).",
     )
     encoder_weights: str | None = flag(
         None,
-        "A local .safetensors or .pth state dict of the --encoder timm model (e.g. ImageNet weights) to start from; "
-        "nothing is downloaded. Default: random init.",
+        "With --encoder: a local .safetensors or .pth state dict of the timm model (e.g. ImageNet weights) to start "
+        "from; nothing is downloaded. Default: random init.",
     )
     encoder_norm: str = flag(
         "group",
-        "Norm layers of a timm --encoder: BatchNorm -> GroupNorm keeping the affine weights (group), BatchNorm frozen "
+        "With --encoder: its norm layers: BatchNorm -> GroupNorm keeping the affine weights (group), BatchNorm frozen "
         "at its running statistics (frozen_bn; for --encoder_weights), or timm's BatchNorm unchanged (batch).",
         choices=["group", "frozen_bn", "batch"],
     )
+
+    def check_architecture_flags(self) -> None:
+        """Refuse architecture flags the UNet being built would not use (a config file or a timm encoder decides
+        them), rather than accept them and build something else; defaults left alone are not refused."""
+        given = getattr(self, "explicit_flags", frozenset())
+        if self.model_config_name_or_path:
+            ignored = [name for name in (*UNET_BUILDER_FLAGS, "encoder", *TIMM_UNET_FLAGS) if name in given]
+            if ignored:
+                raise FlagError(
+                    f"--model_config_name_or_path {self.model_config_name_or_path} describes the whole UNet, so "
+                    f"{_flag_list(ignored)} would be ignored: drop them, or change those values in the config file"
+                )
+        elif self.encoder:
+            ignored = [name for name in NOT_TIMM_UNET_FLAGS if name in given]
+            if ignored:
+                raise FlagError(f"{_flag_list(ignored)}: not used by the timm-encoder UNet (--encoder); drop them")
+        else:
+            ignored = [name for name in TIMM_UNET_FLAGS if name in given]
+            if ignored:
+                raise FlagError(f"{_flag_list(ignored)}: for a timm encoder only; add --encoder timm:NAME or drop them")
 
 
 #: The schedules defined by a continuous alpha-bar, the only ones --snr_shift can shift.
@@ -190,15 +272,33 @@ class NoiseConfig:
 class HubConfig:
     """Publishing to the Hugging Face Hub."""
 
+    conditional_flags: ClassVar[dict[str, Condition]] = {
+        name: (lambda c: c.push_to_hub, "--push_to_hub") for name in ("hub_model_id", "hub_private_repo", "hub_token")
+    }
+
     push_to_hub: bool = flag(False, "Upload the final pipeline folder to the Hub.")
-    hub_model_id: str | None = flag(None, "Repository id on the Hub (default: the output folder's name).")
-    hub_private_repo: bool = flag(False, "Create the Hub repository as private.")
-    hub_token: str | None = flag(None, "Token for the Hub (default: the cached login / HF_TOKEN).")
+    hub_model_id: str | None = flag(
+        None, "With --push_to_hub: the repository id on the Hub (default: the output folder's name)."
+    )
+    hub_private_repo: bool = flag(False, "With --push_to_hub: create the Hub repository as private.")
+    hub_token: str | None = flag(
+        None, "With --push_to_hub: the token for the Hub (default: the cached login / HF_TOKEN)."
+    )
+    license: str | None = flag(
+        None,
+        "Licence id written into the model card's metadata (e.g. apache-2.0, mit, openrail++). Default: 'other' "
+        "(unspecified) for a crispdiff model; a LoRA states its base model's licence when its card names one.",
+    )
 
 
 @dataclass
 class LoopConfig:
     """The optimisation loop every crispdiff trainer shares: steps, optimizer, precision, EMA, checkpoints, logs."""
+
+    conditional_flags: ClassVar[dict[str, Condition]] = {
+        "lr_reference_batch": (lambda c: c.scale_lr, "--scale_lr"),
+        **{name: (lambda c: c.use_ema, "--use_ema") for name in ("ema_decay", "ema_inv_gamma", "ema_power")},
+    }
 
     output_dir: str = flag("crispdiff-output", "Where checkpoints, logs, samples and the saved model go.")
     overwrite_output_dir: bool = flag(False, "Allow replacing a finished model in --output_dir.")
@@ -272,12 +372,15 @@ class LoopConfig:
     )
     local_rank: int = flag(-1, "Accepted for diffusers' command lines; no effect: accelerate sets each process's rank.")
     logging_dir: str = flag("logs", "Tensorboard folder, relative to --output_dir.")
+    logging_steps: int = flag(10, "Log the loss, learning rate and speed every N optimizer steps (and at the last).")
     report_to: str = flag("tensorboard", "Where accelerate logs go.", choices=["tensorboard", "wandb", "all", "none"])
 
     def resolve_given_flags(self) -> None:
         """What the flags a user passed mean together, as in diffusers' scripts (``explicit_flags`` is set)."""
         given = getattr(self, "explicit_flags", frozenset())
-        if "num_epochs" in given and "max_train_steps" not in given:
+        if {"num_epochs", "max_train_steps"} <= given:
+            raise FlagError("pass --max_train_steps or --num_epochs, not both (the step count would decide alone)")
+        if "num_epochs" in given:
             self.max_train_steps = None  # epochs asked for: a script's default step count must not override them
         if "validation_epochs" in given and "validation_steps" in given:
             raise FlagError("pass --validation_steps or --validation_epochs, not both")
@@ -291,12 +394,36 @@ class LoopConfig:
         write_json_atomic(path, self.to_dict(), sort_keys=True)
 
 
+#: Why the scripts that train without captions refuse --caption_column.
+NO_CAPTIONS = (
+    "this script trains without captions (train_text_to_image_lora.py and train_dreambooth_lora.py use them); "
+    "drop it (--class_column conditions a UNet on a metadata column)"
+)
+#: Why the scripts that crop images anew each time refuse --random_crop_positions.
+CROPS_DRAWN_ANEW = (
+    "this script draws a new random crop each time an image is used; fixed crop positions are for the trainers on "
+    "cached latents (train_latent.py, the LoRA scripts); drop it"
+)
+
+
 @dataclass
 class TrainConfig(DataConfig, ModelConfig, NoiseConfig, HubConfig, LoopConfig):
     """Everything `train_scripts/train_unconditional.py` accepts."""
 
-    #: diffusers' flags that cannot make sense here (flag -> why, and what to do instead).
-    refused_flags: ClassVar[dict[str, str]] = {"preserve_input_precision": PRESERVE_INPUT_PRECISION}
+    #: Flags that cannot make sense here (flag -> why, and what to do instead): diffusers' and crispdiff's own.
+    refused_flags: ClassVar[dict[str, str]] = {
+        "preserve_input_precision": PRESERVE_INPUT_PRECISION,
+        "caption_column": NO_CAPTIONS,
+        "random_crop_positions": CROPS_DRAWN_ANEW,
+    }
+    conditional_flags: ClassVar[dict[str, Condition]] = {
+        "torch_compile_backend": (lambda c: c.torch_compile, "--torch_compile"),
+        "num_auto_classes": (lambda c: c.class_column == AUTO_CLASS_COLUMN, f"--class_column {AUTO_CLASS_COLUMN}"),
+        **{
+            name: (lambda c: c.class_column not in (None, "", NO_CLASS_COLUMN), "--class_column")
+            for name in ("class_dropout_prob", "guidance_scale", "guidance_interval")
+        },
+    }
     #: The diffusers script this config stands in for, and its defaults where crispdiff's differ on purpose.
     diffusers_script: ClassVar[str | None] = "train_unconditional.py"
     diffusers_defaults: ClassVar[dict[str, Any]] = {
@@ -411,6 +538,7 @@ class TrainConfig(DataConfig, ModelConfig, NoiseConfig, HubConfig, LoopConfig):
     def validate(self) -> None:
         """Refuse flag combinations every diffusion trainer would only fail on later (subclasses extend this)."""
         self.check_snr_shift()
+        self.check_architecture_flags()
         if {"save_model_steps", "save_model_epochs"} <= getattr(self, "explicit_flags", frozenset()):
             raise ValueError("pass --save_model_steps or --save_model_epochs, not both")
         if self.sharpen_amount is not None and self.sharpen_amount < 0:
@@ -440,6 +568,9 @@ class TrainConfig(DataConfig, ModelConfig, NoiseConfig, HubConfig, LoopConfig):
             raise ValueError("--autoguidance_snapshot needs --autoguidance_scale above 1 (autoguidance is off at 1)")
         if self.time_budget_minutes is not None and not self.time_budget_minutes > 0:
             raise ValueError(f"--time_budget_minutes must be positive, got {self.time_budget_minutes}")
+        length = [name for name in ("max_train_steps", "num_epochs") if name in getattr(self, "explicit_flags", ())]
+        if self.time_budget_minutes is not None and length:
+            raise ValueError(f"pass --time_budget_minutes or --{length[0]}, not both (the budget sets the steps)")
         if self.num_auto_classes is not None and self.num_auto_classes < 2:
             raise ValueError(f"--num_auto_classes must be >= 2, got {self.num_auto_classes}")
 
@@ -473,10 +604,16 @@ def add_dataclass_flags(parser: argparse.ArgumentParser, config_cls: type) -> No
     """
     hints = typing.get_type_hints(config_cls)
     names = {f.name for f in dataclasses.fields(config_cls)}
+    refused = getattr(config_cls, "refused_flags", {})
+    conditions = conditional_flags(config_cls)
     for f in dataclasses.fields(config_cls):
+        if f.name in refused:  # a field this script refuses as a flag: it keeps its default
+            continue
         tp = _unwrap_optional(hints[f.name])
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
         help_text = f.metadata.get("help", "")
+        if f.name in conditions and conditions[f.name][1].split()[0] not in help_text:
+            help_text = f"{help_text} Only with {conditions[f.name][1]}."
         # argparse %-formats help strings: a literal "%" in a help text or a default would crash --help
         kwargs: dict[str, Any] = {"default": default, "help": f"{help_text} (default: {default})".replace("%", "%%")}
         if f.metadata.get("choices"):
@@ -488,14 +625,41 @@ def add_dataclass_flags(parser: argparse.ArgumentParser, config_cls: type) -> No
         else:
             kwargs["type"] = tp
         parser.add_argument(*option_names(f.name, names), dest=f.name, **kwargs)
-    add_refused_flags(parser, getattr(config_cls, "refused_flags", {}))
+    add_refused_flags(parser, refused, own_flags=names)
 
 
-def given_flags(parser: argparse.ArgumentParser, argv: list[str]) -> frozenset[str]:
-    """The config fields the user set on the command line (``--name value`` or ``--name=value``), as opposed to
-    defaults: a trainer that takes settings from elsewhere (a pretrained model's schedule) must not override these."""
-    names = {option: action.dest for action in parser._actions for option in action.option_strings}
-    return frozenset(names[token.split("=", 1)[0]] for token in argv if token.split("=", 1)[0] in names)
+class _Unset:
+    """The value every field starts with in the parse that finds the flags the user gave."""
+
+    def __repr__(self) -> str:
+        return "<unset>"
+
+
+UNSET = _Unset()
+
+
+def given_flags(parser: argparse.ArgumentParser, argv: list[str] | None) -> frozenset[str]:
+    """The config fields the user set on the command line, as opposed to defaults: a trainer that takes settings from
+    elsewhere (a pretrained model's schedule) must not override these, and a flag that does not apply is refused.
+
+    Read from argparse's own result rather than from the tokens: the command line is parsed again with every field
+    starting out unset (argparse fills in a default only where a field has no value yet), so whatever spelling set a
+    field (an alias, ``--name=value``, a flag given twice) counts, and nothing the parser accepted can slip past.
+    """
+    fields = {a.dest for a in parser._actions if a.option_strings and a.default is not argparse.SUPPRESS}
+    marked = parser.parse_args(argv, namespace=argparse.Namespace(**dict.fromkeys(fields, UNSET)))
+    return frozenset(name for name in fields if getattr(marked, name) is not UNSET)
+
+
+@functools.cache
+def build_parser(config_cls: type, description: str | None = None) -> argparse.ArgumentParser:
+    """The command-line parser of ``config_cls``: one flag per field (no abbreviations) plus its refused flags.
+
+    Built once per class: it depends on the class alone, parsing leaves it unchanged, and building one costs far more
+    than a parse (the tests parse thousands of command lines)."""
+    parser = ArgumentParser(description=description or config_cls.__doc__)
+    add_dataclass_flags(parser, config_cls)
+    return parser
 
 
 def parse_config(config_cls: type, argv: list[str] | None = None, description: str | None = None) -> Any:
@@ -505,17 +669,16 @@ def parse_config(config_cls: type, argv: list[str] | None = None, description: s
     data, a missing path, an invalid flag combination) ends it with one ``error:`` line and status 2
     (``crispdiff.core.errors``). A ``ValueError`` from the config's ``validate()`` is such a user error.
     """
-    parser = ArgumentParser(description=description or config_cls.__doc__)
-    add_dataclass_flags(parser, config_cls)
+    parser = build_parser(config_cls, description)
     if argv is None:
         install_user_error_hook(parser.prog)
     args = parser.parse_args(argv)
     config = config_cls(**vars(args))
-    config.explicit_flags = given_flags(parser, sys.argv[1:] if argv is None else argv)
+    config.explicit_flags = given_flags(parser, argv)
     canonical_values(config)
     resolve = getattr(config, "resolve_given_flags", None)
     validate = getattr(config, "validate", None)
-    for check in (resolve, validate):
+    for check in (resolve, validate, lambda: check_conditional_flags(config)):
         if not callable(check):
             continue
         try:

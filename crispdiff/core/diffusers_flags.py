@@ -12,6 +12,7 @@ every flag of the reference scripts with the scripts' ``--help``.
 from __future__ import annotations
 
 import argparse
+from collections.abc import Collection
 from typing import Any
 
 from crispdiff.core.errors import FlagError
@@ -60,25 +61,36 @@ def canonical_values(config: Any) -> None:
 
 
 class RefusedFlag(argparse.Action):
-    """A diffusers flag that cannot make sense here: using it is a one-line ``FlagError`` saying what to use."""
+    """A flag that cannot make sense here: using it is a one-line ``FlagError`` saying why and what to use.
 
-    def __init__(self, option_strings: list[str], dest: str, reason: str = "", **kwargs: Any):
+    Either one of diffusers' flags crispdiff has no counterpart for, or a crispdiff flag that one script refuses
+    (``own_flag``: train_transfer.py's architecture flags, where the pretrained model decides the architecture).
+    """
+
+    def __init__(self, option_strings: list[str], dest: str, reason: str = "", own_flag: bool = False, **kwargs: Any):
         self.reason = reason
+        self.own_flag = own_flag
         super().__init__(option_strings, dest, nargs="*", default=argparse.SUPPRESS, **kwargs)
 
     def __call__(self, parser: Any, namespace: Any, values: Any, option_string: str | None = None) -> None:
-        raise FlagError(f"{option_string} is not supported by crispdiff: {self.reason}")
+        where = "here" if self.own_flag else "by crispdiff"
+        raise FlagError(f"{option_string} is not supported {where}: {self.reason}")
 
 
-def add_refused_flags(parser: argparse.ArgumentParser, refused: dict[str, str]) -> None:
-    """Register each refused flag (shown in ``--help`` with its reason) so that using it fails with that reason."""
+def add_refused_flags(
+    parser: argparse.ArgumentParser, refused: dict[str, str], own_flags: Collection[str] = ()
+) -> None:
+    """Register each refused flag (shown in ``--help`` with its reason) so that using it fails with that reason;
+    ``own_flags`` are the names that are crispdiff flags elsewhere (refused by this script only)."""
     for name, reason in refused.items():
+        own = name in own_flags
         parser.add_argument(
             f"--{name}",
             action=RefusedFlag,
             dest=f"refused_{name}",
             reason=reason,
-            help=f"Refused (diffusers' flag): {reason}".replace("%", "%%"),
+            own_flag=own,
+            help=(f"Refused here: {reason}" if own else f"Refused (diffusers' flag): {reason}").replace("%", "%%"),
         )
 
 

@@ -17,7 +17,7 @@ import os
 import sys
 from collections.abc import Callable
 from types import TracebackType
-from typing import NoReturn
+from typing import Any, NoReturn
 
 #: Exit status for user errors, as argparse uses for bad flags.
 USER_ERROR_STATUS = 2
@@ -105,7 +105,12 @@ def install_user_error_hook(prog: str) -> None:
 
 
 class ArgumentParser(argparse.ArgumentParser):
-    """argparse with one-line errors (``prog: error: ... (see --help)``) and status 2, like every other user error."""
+    """argparse with one-line errors (``prog: error: ... (see --help)``) and status 2, like every other user error,
+    and no abbreviations: ``--num_epoch`` must not silently stand for ``--num_epochs`` (a typo of one flag could
+    otherwise become another flag, and the set of flags the user gave would miss it). Subparsers inherit both."""
+
+    def __init__(self, *args: Any, allow_abbrev: bool = False, **kwargs: Any):
+        super().__init__(*args, allow_abbrev=allow_abbrev, **kwargs)
 
     def error(self, message: str) -> NoReturn:
         print(f"{self.prog}: error: {message} (see --help)", file=sys.stderr, flush=True)

@@ -129,42 +129,50 @@ def swap_folder_into_place(
 ) -> Path:
     """Replace ``target`` by the complete folder ``staging``; the old ``target`` survives any crash until the end.
 
-    Steps: give the staged files the usual permissions and fsync them (``finalise_tree``); move the entries named
-    in ``carry`` (things in the old folder that are not ours, e.g. checkpoints beside a pipeline) into the staged
-    folder; rename the old folder aside; rename the staged one in; fsync the parent; delete the old one. POSIX cannot
-    exchange two non-empty folders atomically, so the window where ``target`` is missing is two renames long, and a
-    crash in it leaves the old folder complete under its aside name.
-    If the second rename fails, everything is moved back. ``commit`` is a last step that belongs to the same change
-    (e.g. renaming the ``model_index.json`` that names a new component into place): if it raises, the old folder
-    comes back too.
+    Steps: give the staged files the usual permissions and fsync them (``finalise_tree``); write down which entries
+    of the old folder are to be carried over (``carry``: things that are not ours, e.g. checkpoints beside a
+    pipeline) in a small manifest beside it; rename the old folder aside; rename the staged one in; move the carried
+    entries from the old folder into the new one; delete the old one and the manifest.
+
+    Why this order: a carried entry is only ever in the old folder or in the new one, never in the staging folder,
+    which a later cleanup deletes. A crash at any point leaves either the old folder whole (in place, or aside until
+    :func:`recover_abandoned_swaps` puts it back) or the new folder in place with the carried entries still in the
+    old one, which that recovery moves over (the manifest says which). POSIX cannot exchange two non-empty folders
+    atomically, so ``target`` is missing for the two renames in between.
+    If the second rename fails, the old folder is renamed back. ``commit`` is a last step that belongs to the same
+    change (e.g. renaming the ``model_index.json`` that names a new component into place): if it raises, the old
+    folder comes back too.
     """
     staging, target = Path(staging), Path(target)
     finalise_tree(staging)
+    recover_abandoned_swaps(target)  # a dead writer's old folder goes back (or its carried entries over) first
     if not target.exists():
         _rename_and_commit(staging, target, commit)
         fsync_path(target.parent)
-        remove_abandoned_staging(target)
         return target
     if not target.is_dir():
         raise OutputExistsError(f"{target} exists and is not a folder; cannot save a folder there")
     carried = [name for name in carry if (target / name).exists() and not (staging / name).exists()]
-    for name in carried:
-        os.replace(target / name, staging / name)
     backup = staging_folder(target, "old")
+    manifest = _carry_manifest(target, backup)
+    if carried:
+        _write_durably(manifest, json.dumps(carried))
     try:
         os.replace(target, backup)
     except BaseException:
-        _move_back(staging, target, carried)
+        manifest.unlink(missing_ok=True)
         raise
     try:
         _rename_and_commit(staging, target, commit)
     except BaseException:
         os.replace(backup, target)
-        _move_back(staging, target, carried)
+        manifest.unlink(missing_ok=True)
         raise
     fsync_path(target.parent)
+    _carry_over(backup, target, carried)
     shutil.rmtree(backup, ignore_errors=True)
-    remove_abandoned_staging(target)
+    manifest.unlink(missing_ok=True)
+    fsync_path(target.parent)
     return target
 
 
@@ -182,21 +190,85 @@ def _process_alive(pid: int) -> bool:
     return True
 
 
-def remove_abandoned_staging(target: str | os.PathLike) -> list[Path]:
-    """Delete ``target``'s hidden staging siblings (``staging_folder`` names) whose writer is dead and which are
-    older than :data:`ABANDONED_AFTER_S`: what a run killed while saving leaves behind. Backups of the old folder
-    (``.NAME.old-*``) go only while ``target`` itself exists. Returns what was removed."""
+def _write_durably(path: Path, text: str) -> None:
+    """A new file under a name nobody else uses, fsynced with its folder (no temp file: there is no old copy)."""
+    with open(path, "w", encoding="utf-8") as handle:
+        handle.write(text)
+        handle.flush()
+        os.fsync(handle.fileno())
+    fsync_path(path.parent)
+
+
+def _carry_manifest(target: Path, backup: Path) -> Path:
+    """The file beside ``target`` naming the entries a swap carries from ``backup`` (same writer id as it)."""
+    writer = backup.name[len(f".{target.name}.old-") :]
+    return target.parent / f".{target.name}.carry-{writer}"
+
+
+def _carry_over(backup: Path, target: Path, names: Iterable[str]) -> None:
+    """Move the carried entries still in the old folder into the new one (a name the new one has is left)."""
+    for name in names:
+        if (backup / name).exists() and not (target / name).exists():
+            os.replace(backup / name, target / name)
+    fsync_path(target)
+    fsync_path(backup)
+
+
+def _abandoned(entry: Path, pid: str, moved_aside: bool) -> bool:
+    """A hidden sibling whose writer is dead and which nobody has touched for :data:`ABANDONED_AFTER_S`. For a folder
+    ``moved_aside`` the change time counts too: the rename that moved it updated it, while its modification time
+    can be a month old, so a live writer elsewhere on a shared filesystem does not lose it mid-swap."""
+    if _process_alive(int(pid)):
+        return False
+    info = entry.lstat()
+    touched = max(info.st_mtime, info.st_ctime) if moved_aside else info.st_mtime
+    return time.time() - touched > ABANDONED_AFTER_S
+
+
+def recover_abandoned_swaps(target: str | os.PathLike) -> list[Path]:
+    """Finish what writers of ``target`` that died left behind (hidden siblings named by ``staging_folder``, whose
+    writer is dead and which are older than :data:`ABANDONED_AFTER_S`); returns what was handled.
+
+    - a staging folder (``.NAME.tmp-*``) only ever holds new content, never carried entries: it is deleted;
+    - an old folder moved aside (``.NAME.old-*``): with ``target`` missing, the swap died before the new folder was
+      in, so the old one is renamed back; with ``target`` in place, the swap died after it, so the entries its
+      manifest names are carried over into ``target`` before the old folder is deleted;
+    - a manifest whose old folder is gone is deleted.
+    """
     target = Path(target)
-    removed = []
-    for entry in target.parent.glob(f".{target.name}.*-*-*"):
+    handled = []
+    for entry in sorted(target.parent.glob(f".{target.name}.*-*-*")):
         label, _, rest = entry.name[len(target.name) + 2 :].partition("-")
         pid = rest.partition("-")[0]
-        if label not in ("tmp", "old") or not pid.isdigit() or (label == "old" and not target.exists()):
+        if label not in ("tmp", "old", "carry") or not pid.isdigit() or not entry.exists():
             continue
-        if not _process_alive(int(pid)) and time.time() - entry.stat().st_mtime > ABANDONED_AFTER_S:
+        if not _abandoned(entry, pid, moved_aside=label == "old"):
+            continue
+        if label == "old":
+            _finish_abandoned_swap(target, entry)
+        elif label == "tmp":
             shutil.rmtree(entry, ignore_errors=True) if entry.is_dir() else entry.unlink(missing_ok=True)
-            removed.append(entry)
-    return removed
+        elif not (target.parent / f".{target.name}.old-{rest}").exists():
+            entry.unlink(missing_ok=True)
+        handled.append(entry)
+    return handled
+
+
+def _finish_abandoned_swap(target: Path, backup: Path) -> None:
+    """Roll a dead writer's swap back (``target`` missing: the old folder returns) or forward (carried entries
+    move into the new ``target``, then the old folder goes)."""
+    manifest = _carry_manifest(target, backup)
+    if not target.exists():
+        os.replace(backup, target)
+    else:
+        try:
+            carried = json.loads(manifest.read_text(encoding="utf-8")) if manifest.is_file() else []
+        except (OSError, ValueError):
+            carried = []  # a manifest is whole before its folder is moved aside; an unreadable one had none
+        _carry_over(backup, target, carried)
+        shutil.rmtree(backup, ignore_errors=True)
+    fsync_path(target.parent)
+    manifest.unlink(missing_ok=True)
 
 
 def _rename_and_commit(staging: Path, target: Path, commit: Callable[[], object] | None) -> None:
@@ -208,10 +280,3 @@ def _rename_and_commit(staging: Path, target: Path, commit: Callable[[], object]
     except BaseException:
         os.replace(target, staging)
         raise
-
-
-def _move_back(staging: Path, target: Path, names: list[str]) -> None:
-    """Undo the carry-over of foreign entries after a failed swap."""
-    for name in names:
-        if (staging / name).exists():
-            os.replace(staging / name, target / name)

@@ -22,10 +22,6 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-#: The ``--class_column`` value that asks for clusters instead of a metadata column, and the one that turns classes off.
-AUTO_CLASS_COLUMN = "auto"
-NO_CLASS_COLUMN = "none"
-
 #: Thumbnail side the images are reduced to before clustering, and the principal components kept.
 THUMBNAIL_SIZE = 16
 FEATURE_DIMS = 32
@@ -78,7 +74,8 @@ def kmeans(
 ) -> torch.Tensor:
     """Cluster ids (int64 [N]) from k-means with k-means++ seeding, best of ``restarts`` by within-cluster error.
 
-    A cluster left empty is re-seeded at the point farthest from its centre, so every id 0..k-1 is used.
+    A cluster left empty is re-seeded at a point far from its centre (:func:`_reseed_empty_clusters`), so every id
+    0..k-1 is used.
     """
     x = features.double()
     count = len(x)
@@ -98,14 +95,31 @@ def kmeans(
             sums = torch.zeros_like(centres).index_add_(0, assignment, x)
             sizes = torch.bincount(assignment, minlength=num_classes)
             centres = sums / sizes.clamp_min(1).unsqueeze(1)
-            for empty in (sizes == 0).nonzero().flatten().tolist():
-                farthest = distances.gather(1, assignment.unsqueeze(1)).squeeze(1).argmax()
-                centres[empty] = x[farthest]
-                assignment[farthest] = empty
+            _reseed_empty_clusters(x, centres, distances, assignment, sizes)
         error = float(torch.cdist(x, centres).square().gather(1, assignment.unsqueeze(1)).sum())
         if error < best_error:
             best_error, best = error, assignment.clone()
     return _relabel_by_size(best, num_classes)
+
+
+def _reseed_empty_clusters(
+    x: torch.Tensor, centres: torch.Tensor, distances: torch.Tensor, assignment: torch.Tensor, sizes: torch.Tensor
+) -> None:
+    """Give each empty cluster its own point (in place): the one farthest from its centre among the points not yet
+    moved whose cluster keeps another member.
+
+    Why each its own: two empty clusters re-seeded at the same point would share one centre, and argmin would leave
+    one of them empty again at every iteration (k-means++ makes such twins on data with duplicate images).
+    """
+    error = distances.gather(1, assignment.unsqueeze(1)).squeeze(1).clone()
+    for empty in (sizes == 0).nonzero().flatten().tolist():
+        error[sizes[assignment] < 2] = -math.inf  # taking a cluster's last point would only empty another
+        chosen = int(error.argmax())
+        sizes[assignment[chosen]] -= 1
+        sizes[empty] += 1
+        centres[empty] = x[chosen]
+        assignment[chosen] = empty
+        error[chosen] = -math.inf
 
 
 def _kmeans_plus_plus(x: torch.Tensor, k: int, generator: torch.Generator) -> torch.Tensor:

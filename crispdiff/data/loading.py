@@ -8,9 +8,10 @@ Later runs memory-map that file, so a second run decodes nothing and a dataset o
 not need to fit in RAM. Batches are assembled from the memory map on the fly; every random draw (crop, flip, jitter,
 blur) comes from the caller's ``torch.Generator`` so a resumed run sees exactly the batches it would have seen.
 
-Sources, in order of precedence: ``--train_data_dir`` (a folder, recursive, optional ``metadata.jsonl`` as in
-datasets' imagefolder), ``--dataset_name`` (a Hub id, a ``save_to_disk`` folder or any folder ``datasets`` can load),
-else the embedded Noto Emoji subset shipped in ``crispdiff/assets``.
+Sources, in order of precedence: ``--dataset_name`` (a Hub id, a ``save_to_disk`` folder or any folder ``datasets``
+can load; with ``--train_data_dir`` too, that folder inside it, as in diffusers' scripts), ``--train_data_dir`` (a
+folder, recursive, optional ``metadata.jsonl`` as in datasets' imagefolder), else the embedded Noto Emoji subset
+shipped in ``crispdiff/assets``.
 
 One module per concern, this one being the entry point (``load_images``) that re-exports their public names:
 ``data_decode`` (one image -> uint8 with the recipe), ``data_sources`` (folder / ``datasets`` / embedded),
@@ -26,9 +27,9 @@ from typing import Any
 
 import numpy as np
 
-from crispdiff.core.config import PIXEL_AUGMENTATIONS
+from crispdiff.core.config import AUTO_CLASS_COLUMN, PIXEL_AUGMENTATIONS
 from crispdiff.core.errors import DataError
-from crispdiff.data.auto_classes import AUTO_CLASS_COLUMN, cluster_images
+from crispdiff.data.auto_classes import cluster_images
 from crispdiff.data.batches import ImageData, to_device, uint8_to_unit
 from crispdiff.data.cache import (
     SKIPPED_FILE,

@@ -12,8 +12,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
+from crispdiff.core.config import AUTO_CLASS_COLUMN, NO_CLASS_COLUMN
 from crispdiff.core.errors import DataError
-from crispdiff.data.auto_classes import AUTO_CLASS_COLUMN, NO_CLASS_COLUMN
 
 #: File extensions picked up from ``--train_data_dir`` (lower-case).
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff")
@@ -111,6 +113,19 @@ def _check_class_column(column: str | None, available: Sequence[str] | None, whe
         raise DataError(f"--class_column {column!r} is not a column of {where}; available columns: {sorted(available)}")
 
 
+def max_samples_subset(count: int, config: Any) -> list[int] | None:
+    """The indices ``--max_train_samples`` keeps of ``count`` items, in source order; None to keep them all.
+
+    A random subset drawn with ``--seed`` (diffusers' ``shuffle(seed).select(range(N))``), not the first N: file order
+    groups similar images (neighbouring emoji codepoints, one photo session), so the first N are a biased sample.
+    """
+    limit = config.max_train_samples
+    if limit is None or limit >= count:
+        return None
+    order = np.random.default_rng(int(getattr(config, "seed", 0))).permutation(count)
+    return sorted(order[: max(0, int(limit))].tolist())
+
+
 def _folder_source(folder: Path, config: Any, flag: str, description: str | None = None) -> _Source:
     """A folder of images (recursive) with an optional imagefolder-style metadata file."""
     if not folder.exists():
@@ -123,8 +138,9 @@ def _folder_source(folder: Path, config: Any, flag: str, description: str | None
             f"no images found in {folder} ({flag}); looked recursively for files ending in "
             f"{', '.join(IMAGE_EXTENSIONS)}"
         )
-    if config.max_train_samples is not None:
-        files = files[: max(0, int(config.max_train_samples))]
+    subset = max_samples_subset(len(files), config)
+    if subset is not None:
+        files = [files[i] for i in subset]
     names = [p.relative_to(folder).as_posix() for p in files]
     rows = _read_metadata_file(folder)
     metadata = captions = columns = None
@@ -172,8 +188,15 @@ def _open_hf_dataset(config: Any) -> Any:
 
     name = config.dataset_name
     local = Path(name).expanduser()
+    data_dir = config.train_data_dir or None
+    within = f" with --train_data_dir {data_dir} as its data_dir" if data_dir else ""
     try:
         if local.exists() and is_saved_dataset(local):
+            if data_dir:
+                raise DataError(
+                    f"--train_data_dir {data_dir} with --dataset_name {name}: the dataset is used and --train_data_dir "
+                    "names a folder inside it (its data_dir), but a save_to_disk folder has none; drop --train_data_dir"
+                )
             loaded = datasets.load_from_disk(str(local))
             if isinstance(loaded, datasets.DatasetDict):
                 if "train" in loaded:
@@ -184,12 +207,16 @@ def _open_hf_dataset(config: Any) -> Any:
             return loaded
         cache = str(cache_root(config) / "datasets") if getattr(config, "cache_dir", None) else None
         return datasets.load_dataset(
-            str(local) if local.exists() else name, config.dataset_config_name, split="train", cache_dir=cache
+            str(local) if local.exists() else name,
+            config.dataset_config_name,
+            data_dir=data_dir,
+            split="train",
+            cache_dir=cache,
         )
     except DataError:
         raise
     except Exception as err:  # datasets raises many types (FileNotFoundError, ConnectionError, DatasetNotFoundError)
-        raise DataError(f"could not load --dataset_name {name!r}: {type(err).__name__}: {err}") from err
+        raise DataError(f"could not load --dataset_name {name!r}{within}: {type(err).__name__}: {err}") from err
 
 
 def _dataset_source(config: Any) -> _Source:
@@ -208,8 +235,9 @@ def _dataset_source(config: Any) -> _Source:
     _check_class_column(
         class_column, [c for c in columns if c != config.image_column], f"--dataset_name {config.dataset_name}"
     )
-    if config.max_train_samples is not None:
-        ds = ds.select(range(min(len(ds), max(0, int(config.max_train_samples)))))
+    subset = max_samples_subset(len(ds), config)
+    if subset is not None:
+        ds = ds.select(subset)
     if len(ds) == 0:
         raise DataError(f"--dataset_name {config.dataset_name} has no rows in its train split")
     if isinstance(ds.features[config.image_column], datasets.Image):
@@ -237,11 +265,14 @@ def _dataset_source(config: Any) -> _Source:
 
 
 def _resolve_source(config: Any) -> _Source:
-    """Pick the source from the flags: folder, then ``datasets``, then the embedded default."""
-    if config.train_data_dir:
-        return _folder_source(Path(config.train_data_dir).expanduser(), config, "--train_data_dir")
+    """Pick the source from the flags: ``datasets``, then a folder, then the embedded default.
+
+    With both data flags the dataset is used, as in diffusers' scripts, and ``--train_data_dir`` is the folder inside
+    it to load (``load_dataset``'s ``data_dir``, as diffusers' train_text_to_image_lora.py passes it)."""
     if config.dataset_name:
         return _dataset_source(config)
+    if config.train_data_dir:
+        return _folder_source(Path(config.train_data_dir).expanduser(), config, "--train_data_dir")
     folder = embedded_dataset_dir()
     source = _folder_source(folder, config, "the embedded dataset folder", description="")
     source.description = f"embedded Noto Emoji subset ({len(source)} images, Apache-2.0, {folder})"

@@ -5,7 +5,9 @@ fp32 forward process, the regression target for each prediction type and the min
 
 Schedules are handed to every diffusers scheduler as *explicit* ``trained_betas`` so that a sampler can never
 silently rebuild a different schedule from a name (diffusers' own ``"sigmoid"`` beta schedule, for instance, is a
-sigmoid on the betas, not Chen 2023's sigmoid on alpha-bar that crispdiff means).
+sigmoid on the betas, not Chen 2023's sigmoid on alpha-bar that crispdiff means). The saved config's ``beta_schedule``
+still says what the betas are: diffusers' name where one rebuilds them, else :func:`schedule_label` prefixed
+``crispdiff:`` (see ``pipelines/pipeline_crispdiff.py``, ``schedule_name_fields``).
 """
 
 from __future__ import annotations
@@ -124,18 +126,44 @@ def betas_from_config(config: NoiseConfig) -> torch.Tensor:
     )
 
 
+def _number(value: float) -> str:
+    return f"{float(value):g}"
+
+
+def schedule_label(config: NoiseConfig) -> str:
+    """The schedule in crispdiff's words with every parameter that shapes it, e.g. ``cosine(snr_shift=-1)``,
+    ``sigmoid(start=-3, end=3, tau=1)`` or ``linear(beta_start=0.0001, beta_end=0.02)``.
+
+    Why not the bare ``--beta_schedule``: a shifted cosine is not the cosine schedule, and a saved folder must not say
+    it is (the pipeline's ``beta_schedule``; the scheduler config's where diffusers has no name for the betas).
+    """
+    name = config.beta_schedule
+    if name in ("linear", "scaled_linear"):
+        params = [f"beta_start={_number(config.beta_start)}", f"beta_end={_number(config.beta_end)}"]
+    elif name == "sigmoid":
+        params = [f"start={_number(config.sigmoid_start)}", f"end={_number(config.sigmoid_end)}"]
+        params.append(f"tau={_number(config.sigmoid_tau)}")
+    else:
+        params = []
+    if config.snr_shift:
+        params.append(f"snr_shift={_number(config.snr_shift)}")
+    return f"{name}({', '.join(params)})" if params else str(name)
+
+
 def scheduler_base_config(config: NoiseConfig) -> dict[str, Any]:
     """The scheduler config shared by every sampler of a saved pipeline.
 
     The betas are passed *un-rescaled* together with ``rescale_betas_zero_snr``: the diffusers schedulers that
     support zero terminal SNR apply the same rescaling themselves and then clamp the final alpha-bar away from 0,
-    which DPM-Solver needs (its log-SNR would be -inf otherwise).
+    which DPM-Solver needs (its log-SNR would be -inf otherwise). ``beta_schedule`` is the label a scheduler config
+    states when diffusers has no name that rebuilds these betas (``make_scheduler`` prefers diffusers' name).
     """
     return {
         "num_train_timesteps": config.num_train_timesteps,
         "trained_betas": betas_from_config(config).tolist(),
         "prediction_type": config.prediction_type,
         "rescale_betas_zero_snr": bool(config.rescale_betas_zero_snr),
+        "beta_schedule": f"crispdiff:{schedule_label(config)}",
     }
 
 

@@ -22,8 +22,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from crispdiff.core.config import AUTO_CLASS_COLUMN
 from crispdiff.core.errors import DataError, FlagError
-from crispdiff.data.auto_classes import AUTO_CLASS_COLUMN
 from crispdiff.evaluate import metrics as M
 from crispdiff.evaluate.report import write_outputs
 from crispdiff.evaluate.sampling import (

@@ -609,10 +609,17 @@ def compute_validation_metrics(
     """
     real01 = to_float01(real)
     fake01 = resize_images(to_float01(fake), real01.shape[-1])
-    out = sliced_wasserstein_distance(real01, fake01, seed=seed)
+    return {**sliced_wasserstein_distance(real01, fake01, seed=seed), **compute_sharpness_metrics(real01, fake01)}
+
+
+def compute_sharpness_metrics(real: torch.Tensor | np.ndarray, fake: torch.Tensor | np.ndarray) -> dict[str, float]:
+    """The part of :func:`compute_validation_metrics` that costs about a second: the sharpness ratios and the
+    colour-blob indicator, without SWD (which costs ten times more on a CPU). Fakes are resized to the real
+    resolution."""
+    real01 = to_float01(real)
+    fake01 = resize_images(to_float01(fake), real01.shape[-1])
     ratios = sharpness_ratios(real01, fake01)
-    out["hf_energy_ratio"] = ratios["hf_energy_ratio"]
-    out["laplacian_var_ratio"] = ratios["laplacian_var_ratio"]
+    out = {"hf_energy_ratio": ratios["hf_energy_ratio"], "laplacian_var_ratio": ratios["laplacian_var_ratio"]}
     out.update(colour_blob_score(real01, fake01))
     return out
 

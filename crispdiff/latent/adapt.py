@@ -11,6 +11,9 @@ The check comes first: a seeded held-out sample of the user's images is reconstr
 when that falls below :data:`MIN_PSNR` or :data:`MIN_HF_RATIO`. The fine-tune is a ``crispdiff.latent.vae_trainer``
 run of its own in ``OUTPUT_DIR/vae-adapted`` (checkpointed and resumable like every trainer); its ``vae/`` folder is
 what the latent cache is encoded with and what the saved pipeline carries.
+
+The adaptation is a fixed cost in front of the UNet, so it is sized to the run (:func:`adaptation_steps`): a short
+run gets a short adaptation, and a smoke run of a few UNet steps stays a smoke run.
 """
 
 from __future__ import annotations
@@ -23,7 +26,13 @@ from typing import Any
 from crispdiff.latent.vae_config import VAE_SUBFOLDER, VAETrainConfig
 from crispdiff.latent.vae_eval import holdout_split, reconstruction_metrics
 from crispdiff.latent.vae_trainer import VAETrainer
-from crispdiff.train.loop import make_accelerator, run_trainer
+from crispdiff.train.loop import (
+    EpochBatches,
+    images_per_optimizer_step,
+    make_accelerator,
+    run_trainer,
+    total_train_steps,
+)
 
 #: ``--adapt_vae`` choices: never, when the VAE misses the bar on the user's images, or always.
 ADAPT_VAE_CHOICES = ("off", "auto", "always")
@@ -38,6 +47,11 @@ MIN_HF_RATIO = 0.85
 #: multiple of ``--adapt_vae_steps``.
 BUDGET_SHARE = 0.3
 BUDGET_MAX_STEPS_FACTOR = 4
+
+#: Without a time budget and without an explicit ``--adapt_vae_steps``, the adaptation sees at most one image for every
+#: this many the UNet trains on. The main job's 700 steps of 64 images allow 175 steps of 16, so the default 150 run
+#: whole; a 6-step smoke run of 64 images gets one.
+UNET_IMAGES_PER_ADAPTATION_IMAGE = 16
 
 #: Where the adaptation run lives inside the latent trainer's output folder.
 ADAPTED_VAE_DIR = "vae-adapted"
@@ -120,6 +134,28 @@ def describe_fit(metrics: dict[str, float]) -> str:
     return f"PSNR {metrics['psnr']:.1f} dB, high-frequency ratio {metrics['hf_energy_ratio']:.2f}"
 
 
+def adaptation_steps(config: Any, num_images: int, num_processes: int) -> tuple[int, str]:
+    """The adaptation's steps for this run, and why (for the log line).
+
+    ``--adapt_vae_steps`` given on the command line is run as given. Otherwise its default is capped so the
+    adaptation sees at most one image for every :data:`UNET_IMAGES_PER_ADAPTATION_IMAGE` the UNet will train on (at
+    least one step): a fixed 150 steps would dwarf a short run.
+    """
+    if "adapt_vae_steps" in getattr(config, "explicit_flags", frozenset()):
+        return config.adapt_vae_steps, "--adapt_vae_steps"
+    batches = EpochBatches(num_images, config.train_batch_size, num_processes, 0, config.seed).batches_per_epoch
+    unet_steps = total_train_steps(config, batches)
+    unet_images = unet_steps * images_per_optimizer_step(config, num_processes)
+    images_per_step = ADAPTATION_RECIPE["train_batch_size"] * num_processes
+    allowed = max(1, unet_images // (UNET_IMAGES_PER_ADAPTATION_IMAGE * images_per_step))
+    run = f"the UNet's {unet_steps} steps of {images_per_optimizer_step(config, num_processes)} images"
+    if allowed >= config.adapt_vae_steps:
+        return config.adapt_vae_steps, f"the default; {run} allow up to {allowed}"
+    return allowed, (
+        f"at most one image for every {UNET_IMAGES_PER_ADAPTATION_IMAGE} of {run}; --adapt_vae_steps runs a given count"
+    )
+
+
 def run_adaptation(
     vae_config: VAETrainConfig, data: Any, accelerator: Any, deadline: float | None = None
 ) -> tuple[Path, dict[str, float], int]:
@@ -148,8 +184,9 @@ def prepare_vae(config: Any, data: Any, state: Any, budget: Any = None) -> Any:
     ``data`` are the training images (centre crops); ``state`` is accelerate's ``PartialState``. A resumed run
     (``--resume_from_checkpoint``) whose adaptation had finished reuses it instead of adapting again. With a
     ``budget`` (``--time_budget_minutes``) the adaptation gets :data:`BUDGET_SHARE` of what is left of it, at most
-    ``--adapt_vae_steps`` x :data:`BUDGET_MAX_STEPS_FACTOR` steps, and ``config.adapt_vae_steps`` is set to the
-    steps it ran (saved with the run, so it can be repeated without the budget).
+    ``--adapt_vae_steps`` x :data:`BUDGET_MAX_STEPS_FACTOR` steps; without one, :func:`adaptation_steps` sizes it to
+    the UNet's run. ``config.adapt_vae_steps`` is set to the steps it ran (saved with the run, so it can be repeated
+    exactly).
     """
     from crispdiff.latent.vae import load_vae
 
@@ -166,16 +203,18 @@ def prepare_vae(config: Any, data: Any, state: Any, budget: Any = None) -> Any:
         state.print(f"crispdiff: the VAE fits your images ({describe_fit(before)} on held-out images); not adapting it")
         return vae
     source = config.resolved_vae_path()
-    length = f"{BUDGET_SHARE:.0%} of the time budget" if budget is not None else f"{config.adapt_vae_steps} steps"
+    deadline = None
+    if budget is not None:
+        length = f"{BUDGET_SHARE:.0%} of the time budget"
+        deadline = time.perf_counter() + BUDGET_SHARE * budget.remaining()
+        steps = config.adapt_vae_steps * BUDGET_MAX_STEPS_FACTOR
+    else:
+        steps, why = adaptation_steps(config, len(data), state.num_processes)
+        length = f"{steps} step{'s' if steps != 1 else ''} of {ADAPTATION_RECIPE['train_batch_size']} images ({why})"
     state.print(
         f"crispdiff: adapting the VAE ({source}) to your images for {length}: held-out {describe_fit(before)}"
         + (f", below the bar of {MIN_PSNR:g} dB / {MIN_HF_RATIO:g}" if config.adapt_vae == "auto" else "")
     )
-    deadline = None
-    steps = config.adapt_vae_steps
-    if budget is not None:
-        deadline = time.perf_counter() + BUDGET_SHARE * budget.remaining()
-        steps *= BUDGET_MAX_STEPS_FACTOR
     vae_config = adaptation_config(config, steps, len(data))
     folder, after, config.adapt_vae_steps = run_adaptation(vae_config, data, make_accelerator(vae_config), deadline)
     if after:

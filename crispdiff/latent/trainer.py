@@ -25,8 +25,15 @@ from typing import Any, ClassVar
 
 import torch
 
-from crispdiff.core.config import SHIFTABLE_SCHEDULES, TrainConfig, flag, resolve_mixed_precision
-from crispdiff.data.auto_classes import AUTO_CLASS_COLUMN, NO_CLASS_COLUMN
+from crispdiff.core.config import (
+    AUTO_CLASS_COLUMN,
+    NO_CLASS_COLUMN,
+    SHIFTABLE_SCHEDULES,
+    Condition,
+    TrainConfig,
+    flag,
+    resolve_mixed_precision,
+)
 from crispdiff.data.loading import to_device
 from crispdiff.latent.cache import DTYPES, LatentCache, load_or_build_latent_cache
 from crispdiff.latent.vae import (
@@ -114,6 +121,14 @@ class LatentTrainConfig(TrainConfig):
 
     diffusers_script: ClassVar[str | None] = None  # crispdiff's own script: no diffusers defaults to compare with
     model_ladder: ClassVar[tuple[ModelRung, ...]] = MAIN_JOB_LADDER  # what --time_budget_minutes can buy
+    # the latent cache encodes crops at fixed positions: --random_crop_positions is this trainer's flag
+    refused_flags: ClassVar[dict[str, str]] = {
+        name: why for name, why in TrainConfig.refused_flags.items() if name != "random_crop_positions"
+    }
+    conditional_flags: ClassVar[dict[str, Condition]] = {
+        name: (lambda c: c.adapt_vae != "off", "--adapt_vae auto or always")
+        for name in ("adapt_vae_steps", "adapt_vae_learning_rate")
+    }
 
     pretrained_vae_name_or_path: str | None = flag(
         None,
@@ -139,7 +154,8 @@ class LatentTrainConfig(TrainConfig):
     adapt_vae_steps: int = flag(
         150,
         "Steps of 16 images for --adapt_vae (about 80 s on a 2-core CPU with the embedded VAE; held-out PSNR on emoji "
-        "of another design family rises from 23 to about 28 dB in that time).",
+        "of another design family rises from 23 to about 28 dB in that time). Not given, it is capped to the run: at "
+        "most one image for every 16 the UNet trains on (the log says what was chosen); given, it runs as given.",
     )
     adapt_vae_learning_rate: float = flag(2e-4, "Learning rate of --adapt_vae (the embedded VAE's own).")
     latent_cache_dir: str | None = flag(
@@ -286,10 +302,15 @@ class LatentTrainConfig(TrainConfig):
             self.guidance_scale = 1.0 if auto_and_autoguided else MAIN_JOB_GUIDANCE_SCALE
         self.mixed_precision = resolve_mixed_precision(self.mixed_precision)
         given = getattr(self, "explicit_flags", frozenset())
-        if self.mixed_precision == "bf16" and self.max_train_steps == MAIN_JOB_STEPS and not given & {
-            "max_train_steps",
-            "num_epochs",
-        }:
+        if (
+            self.mixed_precision == "bf16"
+            and self.max_train_steps == MAIN_JOB_STEPS
+            and not given
+            & {
+                "max_train_steps",
+                "num_epochs",
+            }
+        ):
             self.max_train_steps = MAIN_JOB_BF16_STEPS
         if self.max_train_steps:
             self.resolve_learning_rate(self.max_train_steps)
@@ -446,9 +467,6 @@ class LatentSpace(ImageDataSpace):
             "latent_scaling_factor": self.scaling_factor,
             "latent_shift_factor": self.shift_factor,
         }
-
-    def reference_images(self, count: int) -> torch.Tensor:
-        return self.data.center_crops(range(min(count, len(self.data))))
 
 
 def load_latents(

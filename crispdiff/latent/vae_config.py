@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+from typing import ClassVar
 
-from crispdiff.core.config import DataConfig, LoopConfig, flag
+from crispdiff.core.config import CROPS_DRAWN_ANEW, NO_CAPTIONS, Condition, DataConfig, LoopConfig, flag
 
 logger = logging.getLogger("crispdiff")
 
@@ -24,6 +25,15 @@ VAE_SUBFOLDER = "vae"
 @dataclass
 class VAETrainConfig(DataConfig, LoopConfig):
     """Everything `train_scripts/train_vae.py` accepts."""
+
+    refused_flags: ClassVar[dict[str, str]] = {"caption_column": NO_CAPTIONS, "random_crop_positions": CROPS_DRAWN_ANEW}
+    conditional_flags: ClassVar[dict[str, Condition]] = {
+        **{
+            name: (lambda c: c.disc_start is not None, "--disc_start")
+            for name in ("disc_weight", "adaptive_disc_weight", "disc_learning_rate", "disc_channels", "disc_layers")
+        },
+        "lpips_net": (lambda c: c.lpips_weight > 0, "--lpips_weight"),
+    }
 
     output_dir: str = flag("crispdiff-vae", "Where checkpoints, logs, validation grids and the vae/ folder go.")
     overwrite_output_dir: bool = flag(False, "Allow replacing a finished vae/ folder in --output_dir.")

@@ -16,9 +16,9 @@ same as in LDM's configs (where both terms are sums).
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import shutil
-import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -28,6 +28,7 @@ from accelerate import Accelerator
 from diffusers import AutoencoderKL
 
 from crispdiff.core.io import staging_folder, swap_folder_into_place, write_json_atomic
+from crispdiff.core.provenance import public_command, write_provenance
 from crispdiff.latent.vae import (
     read_scaling,
     standardize_latent_channels,
@@ -50,7 +51,7 @@ from crispdiff.latent.vae_losses import (
     spectral_amplitude_loss,
 )
 from crispdiff.latent.vae_models import PatchDiscriminator, initial_vae, load_lpips
-from crispdiff.train.loop import LoopTrainer, ema_copy, run_trainer, start_run
+from crispdiff.train.loop import LoopTrainer, ema_copy, run_trainer, scaled_learning_rate, start_run
 from crispdiff.train.loop import check_output_dir as check_output_folder
 
 logger = logging.getLogger("crispdiff")
@@ -66,6 +67,7 @@ def save_vae_folder(vae: AutoencoderKL, folder: Path, model_card: str) -> Path:
     tmp = staging_folder(folder)
     try:
         vae.save_pretrained(tmp, safe_serialization=True)
+        write_provenance(tmp)
         (tmp / "README.md").write_text(model_card)
         swap_folder_into_place(tmp, folder)
     finally:
@@ -122,6 +124,13 @@ vae = AutoencoderKL.from_pretrained("path/to/this/folder")
 """
 
 
+def discriminator_learning_rate(config: VAETrainConfig, num_processes: int) -> float:
+    """--disc_learning_rate (default: --learning_rate), scaled by --scale_lr's rule as the autoencoder's LR is: the
+    two models see the same batches, so a larger batch scales both."""
+    own = config.disc_learning_rate if config.disc_learning_rate is not None else config.learning_rate
+    return scaled_learning_rate(dataclasses.replace(config, learning_rate=own), num_processes)
+
+
 class VAETrainer(LoopTrainer):
     """An AutoencoderKL (and optionally a patch discriminator) on held-in images; saves a diffusers VAE folder."""
 
@@ -151,7 +160,7 @@ class VAETrainer(LoopTrainer):
             groups.append(
                 {
                     "params": list(disc.parameters()),
-                    "lr": config.disc_learning_rate or config.learning_rate,
+                    "lr": discriminator_learning_rate(config, accelerator.num_processes),
                     "betas": (0.5, 0.9),
                 }
             )
@@ -316,7 +325,7 @@ class VAETrainer(LoopTrainer):
             "lpips": self.lpips is not None,
             "scaling_factor": scale,
             "shift_factor": shift,
-            "command": [Path(sys.argv[0]).name if sys.argv else "train_vae.py", *sys.argv[1:]],
+            "command": public_command(),
         }
         folder = save_vae_folder(
             vae.cpu(), self.output_dir / VAE_SUBFOLDER, model_card(config, vae, summary, self.data.source)

@@ -20,12 +20,15 @@ from diffusers import ModelMixin
 
 from crispdiff.core.errors import FlagError, OutputExistsError, PathError
 from crispdiff.core.images import save_image_atomic
-from crispdiff.core.io import staging_folder, swap_folder_into_place
+from crispdiff.core.io import staging_folder, swap_folder_into_place, write_json_atomic
+from crispdiff.core.provenance import PROVENANCE_NAME, write_provenance
 from crispdiff.pipelines.pipeline_crispdiff import SAMPLERS, CrispDiffPipeline, make_scheduler
 
 logger = logging.getLogger(__name__)
 
 TRAINING_CONFIG_NAME = "crispdiff_training.json"
+#: The final validation's figures (what was measured, on which samples, against which images), when the run took them.
+QUALITY_NAME = "crispdiff_quality.json"
 SAMPLES_NAME = "samples.png"
 MODEL_INDEX_NAME = "model_index.json"
 PIPELINE_CLASS_NAME = "CrispDiffPipeline"
@@ -42,6 +45,8 @@ _PIPELINE_ENTRIES = frozenset(
         "sr_model",
         TRAINING_CONFIG_NAME,
         SAMPLES_NAME,
+        PROVENANCE_NAME,
+        QUALITY_NAME,
     }
 )
 
@@ -118,6 +123,7 @@ def save_pipeline(
     *,
     training_config: dict[str, Any] | None = None,
     sample_grid: PIL.Image.Image | None = None,
+    quality: dict[str, Any] | None = None,
     **pipeline_kwargs: Any,
 ) -> Path:
     """Write a complete pipeline folder at ``output_dir`` and return its path.
@@ -126,7 +132,8 @@ def save_pipeline(
     ``scheduler_base_config`` (``num_train_timesteps``, ``trained_betas``, ``prediction_type`` and
     ``rescale_betas_zero_snr``, from ``crispdiff.diffusion.schedule.scheduler_base_config``), ``beta_schedule``, and the
     optional components and defaults. ``training_config`` goes to ``crispdiff_training.json`` and ``sample_grid`` to
-    ``samples.png``.
+    ``samples.png``, ``quality`` (the final validation's figures) to ``crispdiff_quality.json``;
+    ``crispdiff_provenance.json`` records the crispdiff version and the command that saved it.
 
     An existing ``output_dir`` is replaced only after the new folder is complete; top-level entries that are not
     part of a pipeline (``checkpoint-*``, ``logs``, ``README.md`` ...) are moved into the new folder, so the training
@@ -139,11 +146,14 @@ def save_pipeline(
     try:
         staging.mkdir()
         pipeline.save_pretrained(staging)
+        write_provenance(staging)
         if training_config is not None:
             text = json.dumps(training_config, indent=2, sort_keys=True, default=_json_default)
             (staging / TRAINING_CONFIG_NAME).write_text(text + "\n", encoding="utf-8")
         if sample_grid is not None:
             save_image_atomic(sample_grid, staging / SAMPLES_NAME)
+        if quality is not None:
+            write_json_atomic(staging / QUALITY_NAME, quality, sort_keys=True)
         if target.exists() and not target.is_dir():
             raise OutputExistsError(f"{target} exists and is not a folder; cannot save a pipeline there")
         swap_folder_into_place(staging, target, carry=_foreign_entries(target))

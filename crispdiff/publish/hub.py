@@ -18,9 +18,18 @@ from typing import Any
 from crispdiff.core.config import without_secrets as public_training_config
 from crispdiff.core.errors import UserError
 from crispdiff.core.io import write_text_atomic
-from crispdiff.publish.export import MODEL_INDEX_NAME, SAMPLES_NAME, TRAINING_CONFIG_NAME, read_model_index
+from crispdiff.core.provenance import PROVENANCE_NAME
+from crispdiff.publish.export import (
+    MODEL_INDEX_NAME,
+    QUALITY_NAME,
+    SAMPLES_NAME,
+    TRAINING_CONFIG_NAME,
+    read_model_index,
+)
 
 CARD_NAME = "README.md"
+#: The card's licence when neither ``--license`` nor the training config names one: unspecified.
+DEFAULT_LICENSE = "other"
 BASE_TAGS = ["crispdiff", "diffusers", "unconditional-image-generation"]
 UPLOAD_IGNORE_PATTERNS = [
     "checkpoint-*",
@@ -155,6 +164,59 @@ def _usage(repo_or_dir: str, has_sr: bool, has_timm: bool = False) -> str:
     )
 
 
+#: What each figure of ``crispdiff_quality.json`` means, for the card (``crispdiff.evaluate.metrics`` defines them).
+METRIC_MEANINGS = {
+    "swd_avg": "sliced Wasserstein distance of patch statistics, x1e3, averaged over scales: lower is closer",
+    "swd_64": "SWD at the finest scale",
+    "swd_32": "SWD at half resolution",
+    "swd_16": "SWD at quarter resolution",
+    "hf_energy_ratio": "high-frequency energy of the samples / of the training images: 1 is as sharp, below is softer",
+    "laplacian_var_ratio": "Laplacian variance (focus) of the samples / of the training images: 1 is as crisp",
+    "colour_blob": "flat, wrongly coloured regions: colour_hist_jsd + edge_density_deficit, 0 is like the data",
+    "colour_hist_jsd": "Jensen-Shannon divergence of the colour histograms (bits): 0 is the same colours",
+    "edge_density_deficit": "how much flatter (fewer edges) the samples are than the training images: 0 is none",
+}
+
+
+def _quality(folder: Path) -> list[str]:
+    """The card's quality section: the final validation's figures when the run measured them, else how to."""
+    quality = _read_json(folder / QUALITY_NAME)
+    if not quality or not quality.get("metrics"):
+        return [
+            "Not measured by the run that saved this folder. `crispdiff evaluate` measures a saved pipeline against "
+            "reference images (SWD, sharpness, colour blobs, memorisation).\n"
+        ]
+    rows = [
+        f"| {name} | {value:.4g} | {METRIC_MEANINGS.get(name, '')} |"
+        for name, value in quality["metrics"].items()
+        if isinstance(value, (int, float))
+    ]
+    return [
+        f"Measured at the end of training (step {quality.get('step', '?')}) on {quality.get('samples', 'samples')}, "
+        f"against {quality.get('reference', 'the training images')}. A few samples make these figures noisy; "
+        "`crispdiff evaluate` measures more, against a real-vs-real floor.\n",
+        "| metric | value | meaning |",
+        "|---|---|---|",
+        *rows,
+        "",
+    ]
+
+
+def _provenance(folder: Path) -> list[str]:
+    """Which crispdiff and which command made the folder (``crispdiff_provenance.json``), when recorded."""
+    record = _read_json(folder / PROVENANCE_NAME)
+    if not record:
+        return []
+    command = " ".join(record.get("command", []))
+    return [f"Made with crispdiff {record.get('crispdiff_version', '?')} by `{command}` (`{PROVENANCE_NAME}`).\n"]
+
+
+def card_license(license: str | None, training_config: dict[str, Any] | None) -> str:
+    """The card's licence: the one given (``crispdiff push --license``), else the run's ``--license``, else
+    :data:`DEFAULT_LICENSE`."""
+    return license or (training_config or {}).get("license") or DEFAULT_LICENSE
+
+
 def _conditioning(index: dict[str, Any]) -> str:
     """The card's first words: what kind of model this is and how it is conditioned."""
     names = index.get("class_names")
@@ -173,7 +235,7 @@ def render_model_card(
     training_config: dict[str, Any] | None = None,
     *,
     repo_id: str | None = None,
-    license: str = "other",
+    license: str | None = None,
     datasets: list[str] | None = None,
     tags: list[str] | None = None,
 ) -> str:
@@ -184,6 +246,7 @@ def render_model_card(
     index = read_model_index(folder)
     if training_config is None:
         training_config = _read_json(folder / TRAINING_CONFIG_NAME)
+    license = card_license(license, training_config)
     has_sr = _has_component(index, "sr_model")
     data = ModelCardData(
         library_name="diffusers",
@@ -204,10 +267,11 @@ def render_model_card(
         parts += ["## Samples\n", f"![samples]({SAMPLES_NAME})\n"]
     has_timm = (folder / "unet" / "timm_unet.py").is_file()
     parts += ["## How to use\n", _usage(repo_id or str(folder), has_sr, has_timm=has_timm)]
+    parts += ["## Quality\n", *_quality(folder)]
     parts += ["## Components\n", _components_table(folder, index), ""]
-    if license == "other":
-        parts += ["License: not specified by the author (`crispdiff push --license ...` sets it).\n"]
-    parts += ["## Training configuration\n"]
+    if license == DEFAULT_LICENSE:
+        parts += ["License: not specified by the author (`--license` when training, or `crispdiff push --license`).\n"]
+    parts += ["## Training configuration\n", *_provenance(folder)]
     if training_config:
         body = json.dumps(public_training_config(training_config), indent=2, sort_keys=True, default=str)
         parts += [f"Saved as `{TRAINING_CONFIG_NAME}` in this repository.\n", f"```json\n{body}\n```\n"]
@@ -221,16 +285,18 @@ def write_model_card(
     training_config: dict[str, Any] | None = None,
     *,
     repo_id: str | None = None,
-    license: str = "other",
+    license: str | None = None,
     datasets: list[str] | None = None,
     tags: list[str] | None = None,
 ) -> Path:
     """Write ``README.md`` into the pipeline folder (atomically) and return its path.
 
-    YAML metadata: ``library_name: diffusers``, ``pipeline_tag``, ``license``, ``tags`` (crispdiff, diffusers,
-    unconditional-image-generation, pixel-/latent-diffusion, super-resolution ...), ``datasets`` (the training Hub
-    dataset, if any). Body: the sample grid (``samples.png``, if present), how to load it, the components and the
-    training configuration (``training_config``, else the folder's ``crispdiff_training.json``; secrets removed).
+    YAML metadata: ``library_name: diffusers``, ``pipeline_tag``, ``license`` (:func:`card_license`), ``tags``
+    (crispdiff, diffusers, unconditional-image-generation, pixel-/latent-diffusion, super-resolution ...),
+    ``datasets`` (the training Hub dataset, if any). Body: the sample grid (``samples.png``, if present), how to load
+    it, the final validation's figures (``crispdiff_quality.json``, if the run measured them), the components, and
+    the training configuration (``training_config``, else the folder's ``crispdiff_training.json``; secrets removed)
+    with the crispdiff version and command that made the folder (``crispdiff_provenance.json``).
     """
     folder = Path(pipeline_dir)
     text = render_model_card(folder, training_config, repo_id=repo_id, license=license, datasets=datasets, tags=tags)
@@ -296,7 +362,7 @@ def push_to_hub(
     *,
     commit_message: str = "Upload crispdiff pipeline",
     training_config: dict[str, Any] | None = None,
-    license: str = "other",
+    license: str | None = None,
     datasets: list[str] | None = None,
 ) -> str:
     """Write the model card, then upload the pipeline folder (minus checkpoints/logs) to ``repo_id``; returns the URL.
@@ -422,10 +488,12 @@ def maybe_push_to_hub(pipeline_dir: str | os.PathLike, config: Any) -> str | Non
 __all__ = [
     "BASE_TAGS",
     "CARD_NAME",
+    "DEFAULT_LICENSE",
     "HubAccessError",
     "HubUploadError",
     "MODEL_INDEX_NAME",
     "UPLOAD_IGNORE_PATTERNS",
+    "card_license",
     "check_hub_access",
     "files_to_upload",
     "hub_repo_id",

@@ -6,7 +6,7 @@ import logging
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
-from crispdiff.core.config import DataConfig, HubConfig, LoopConfig, flag
+from crispdiff.core.config import Condition, DataConfig, HubConfig, LoopConfig, flag
 from crispdiff.core.diffusers_flags import CLASS_LABELS_CONDITIONING, VALIDATION_IMAGES
 from crispdiff.core.errors import FlagError
 from crispdiff.latent.cache import DTYPES
@@ -173,6 +173,20 @@ class DreamBoothLoRAConfig(SDLoRAConfig):
     refused_flags: ClassVar[dict[str, str]] = {
         "class_labels_conditioning": CLASS_LABELS_CONDITIONING,
         "validation_images": VALIDATION_IMAGES,
+    }
+    # diffusers only warns about these without --with_prior_preservation; here they are refused, as every flag that
+    # would have no effect is
+    conditional_flags: ClassVar[dict[str, Condition]] = {
+        name: (lambda c: c.with_prior_preservation, "--with_prior_preservation")
+        for name in (
+            "class_data_dir",
+            "class_prompt",
+            "num_class_images",
+            "prior_loss_weight",
+            "sample_batch_size",
+            "class_inference_steps",
+            "prior_generation_precision",
+        )
     }
     diffusers_script: ClassVar[str | None] = "train_dreambooth_lora.py"
     diffusers_defaults: ClassVar[dict[str, Any]] = {

@@ -18,6 +18,7 @@ from typing import Any
 import torch
 
 from crispdiff.core.io import staging_folder, swap_folder_into_place, write_json_atomic
+from crispdiff.core.provenance import write_provenance
 from crispdiff.sd.base import inference_pipeline, load_sd
 from crispdiff.sd.config import LORA_WEIGHTS_NAME, SDLoRAError
 
@@ -169,6 +170,7 @@ def export_sd(
         provenance = {"base": str(base), "lora": None if lora is None else str(lora)}
         provenance.update({k: v for k, v in options.items() if v is not None})
         write_json_atomic(staging / "crispdiff_export.json", provenance)
+        write_provenance(staging)
         swap_folder_into_place(staging, target)
     finally:
         shutil.rmtree(staging, ignore_errors=True)

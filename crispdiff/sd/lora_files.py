@@ -137,16 +137,16 @@ def model_card(
     steps: int | None = None,
     samples_prompt: str | None = None,
 ) -> str:
-    """README.md for the LoRA folder: base model and its licence, prompt, tags, a widget with the sample grid (of
-    ``samples_prompt``), and how to load it with plain diffusers. ``steps``: the steps trained (default
-    --max_train_steps; a run sized by epochs has none)."""
+    """README.md for the LoRA folder: base model and the licence (``--license``, else the base model's), prompt, tags,
+    a widget with the sample grid (of ``samples_prompt``), and how to load it with plain diffusers. ``steps``: the
+    steps trained (default --max_train_steps; a run sized by epochs has none)."""
     dreambooth = isinstance(config, DreamBoothLoRAConfig)
     tags = ["text-to-image", "stable-diffusion", "lora", "diffusers", "crispdiff"] + (
         ["dreambooth"] if dreambooth else []
     )
     instance_prompt = config.instance_prompt if dreambooth else None
     prompt = config.validation_prompt or instance_prompt
-    license_name = base_model_license(config.pretrained_model_name_or_path, config.revision)
+    license_name = config.license or base_model_license(config.pretrained_model_name_or_path, config.revision)
     header = [
         "---",
         f"base_model: {config.pretrained_model_name_or_path}",

@@ -27,7 +27,6 @@ in :mod:`crispdiff.sd.export`.
 from __future__ import annotations
 
 import logging
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -37,6 +36,7 @@ from diffusers.training_utils import cast_training_params
 
 from crispdiff.core.errors import one_line
 from crispdiff.core.io import write_text_atomic
+from crispdiff.core.provenance import public_command, write_provenance
 from crispdiff.diffusion.schedule import sample_noise
 from crispdiff.sd.base import SDParts, base_schedule, inference_pipeline, load_sd
 from crispdiff.sd.config import (
@@ -318,9 +318,11 @@ class SDLoRATrainer(LoopTrainer):
             grid = make_grid(self.final_samples(path), value_range=(0, 1))
             save_image_atomic(grid, self.output_dir / SAMPLES_NAME)
             self.log_grid("final", grid)
-        command = [Path(sys.argv[0]).name if sys.argv else "train", *sys.argv[1:]]
-        card = model_card(config, has_samples, command, steps=self.max_steps, samples_prompt=self.sample_prompt())
+        card = model_card(
+            config, has_samples, public_command(), steps=self.max_steps, samples_prompt=self.sample_prompt()
+        )
         write_text_atomic(self.output_dir / "README.md", card)
+        write_provenance(self.output_dir)
         self.accelerator.print(f"LoRA saved to {path}.")
         if config.save_pipeline:
             folder = export_sd(

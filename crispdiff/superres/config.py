@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
 
-from crispdiff.core.config import DataConfig, LoopConfig, flag
+from crispdiff.core.config import CROPS_DRAWN_ANEW, NO_CAPTIONS, Condition, DataConfig, LoopConfig, flag
 
 #: Networks spandrel ships and detects from their weights alone; ``num_feat`` / ``num_blocks`` size each.
 ARCHITECTURES = ("compact", "safmn", "span")
@@ -14,6 +15,12 @@ SR_SUBFOLDER = "sr_model"
 @dataclass
 class SRTrainConfig(DataConfig, LoopConfig):
     """Everything `train_scripts/train_sr.py` accepts."""
+
+    refused_flags: ClassVar[dict[str, str]] = {"caption_column": NO_CAPTIONS, "random_crop_positions": CROPS_DRAWN_ANEW}
+    conditional_flags: ClassVar[dict[str, Condition]] = {
+        name: (lambda c: c.vae_roundtrip_prob > 0, "--vae_roundtrip_prob")
+        for name in ("pretrained_vae_name_or_path", "vae_latent_noise")
+    }
 
     output_dir: str = flag("crispdiff-sr", "Where checkpoints, logs, the comparison grid and the sr_model/ folder go.")
     overwrite_output_dir: bool = flag(False, "Allow replacing a finished sr_model/ folder in --output_dir.")

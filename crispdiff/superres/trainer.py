@@ -9,7 +9,6 @@ component folder (spandrel-keyed safetensors + config + a card), which ``crispdi
 from __future__ import annotations
 
 import shutil
-import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -19,6 +18,7 @@ from accelerate import Accelerator
 
 from crispdiff.core.images import make_grid, save_image_atomic
 from crispdiff.core.io import staging_folder, swap_folder_into_place, write_atomic, write_json_atomic
+from crispdiff.core.provenance import public_command, write_provenance
 from crispdiff.latent.vae_eval import split_indices
 from crispdiff.latent.vae_losses import spectral_amplitude_loss
 from crispdiff.pipelines.sr_model import WEIGHTS_NAME
@@ -154,12 +154,13 @@ class SRTrainer(LoopTrainer):
             "num_held_out": len(self.held_out),
             "held_out": metrics,
             "train_seconds": time.perf_counter() - self.started,
-            "command": [Path(sys.argv[0]).name if sys.argv else "train_sr.py", *sys.argv[1:]],
+            "command": public_command(),
         }
         folder = self.output_dir / SR_SUBFOLDER
         tmp = staging_folder(folder)
         try:
             component.save_pretrained(tmp)
+            write_provenance(tmp)
             (tmp / "README.md").write_text(model_card(config, summary, self.source))
             swap_folder_into_place(tmp, folder)
         finally:

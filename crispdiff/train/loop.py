@@ -21,7 +21,7 @@ from typing import Any
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import ProjectConfiguration, is_mps_available, is_xpu_available, set_seed
+from accelerate.utils import ProjectConfiguration, broadcast_object_list, is_mps_available, is_xpu_available, set_seed
 from diffusers.optimization import get_scheduler
 from diffusers.training_utils import EMAModel
 from torch.torch_version import TorchVersion
@@ -31,7 +31,18 @@ from crispdiff.core.config import LoopConfig, resolve_mixed_precision
 from crispdiff.core.cores import available_cores
 from crispdiff.core.diffusers_flags import defaults_note
 from crispdiff.core.errors import FlagError, MissingDependencyError, OutputExistsError, TrainingDivergedError
-from crispdiff.train.checkpoint import find_checkpoint, load_checkpoint, save_checkpoint
+from crispdiff.train.checkpoint import (
+    check_same_run,
+    checkpoints_to_replace,
+    find_checkpoint,
+    identity_hash,
+    load_checkpoint,
+    new_run_id,
+    read_state,
+    remove_checkpoints,
+    run_identity,
+    save_checkpoint,
+)
 from crispdiff.train.lora import has_adapters, plain_copy
 
 logger = logging.getLogger("crispdiff")
@@ -79,6 +90,17 @@ class EpochBatches:
         global_batch = self.batch_size * self.num_processes
         start = position.batch_in_epoch * global_batch + self.process_index * self.batch_size
         return self.epoch_order(position.epoch)[start : start + self.batch_size]
+
+    @property
+    def images_per_batch(self) -> int:
+        """Images in one global micro-batch (every process's slice together)."""
+        return self.batch_size * self.num_processes
+
+    def position_after(self, epoch: int, images: int) -> DataPosition:
+        """The first micro-batch of ``epoch`` none of whose images is among its first ``images`` (the images other
+        processes or batch sizes had seen: a run resumed with a different layout continues from there)."""
+        batch = math.ceil(images / self.images_per_batch)
+        return DataPosition(epoch, batch) if batch < self.batches_per_epoch else DataPosition(epoch + 1, 0)
 
     def advance(self, position: DataPosition) -> DataPosition:
         if position.batch_in_epoch + 1 < self.batches_per_epoch:
@@ -202,6 +224,24 @@ def warmup_steps(config: LoopConfig, max_steps: int) -> int:
     return max_steps // 2
 
 
+def loss_scale(accelerator: Accelerator) -> float | None:
+    """The fp16 loss scaler's current scale (None without one: fp32 and bf16 runs)."""
+    return accelerator.scaler.get_scale() if accelerator.scaler is not None else None
+
+
+def step_was_skipped(accelerator: Accelerator, scale_before: float | None) -> bool:
+    """Whether the fp16 loss scaler skipped the optimizer step just taken (its gradients overflowed).
+
+    accelerate's ``optimizer_step_was_skipped`` alone misses it for a fused AdamW (crispdiff's default wherever torch
+    has the kernel): torch hands the overflow check to the fused kernel, so the step is "called" and skipped inside
+    it. A skipped step always lowers the scale (``GradScaler.update`` backs off on an overflow and never otherwise),
+    so that is checked too.
+    """
+    if scale_before is None:
+        return False
+    return accelerator.optimizer_step_was_skipped or loss_scale(accelerator) < scale_before
+
+
 def tracker_config(config: LoopConfig) -> dict[str, Any]:
     """Tensorboard's hparams accept only scalars and strings."""
     return {k: (v if isinstance(v, (int, float, str, bool)) else str(v)) for k, v in config.to_dict().items()}
@@ -219,6 +259,9 @@ def check_output_dir(
             f"{folder} already holds {what}; pass --overwrite_output_dir to replace it, "
             "--resume_from_checkpoint latest to continue, or choose another --output_dir"
         )
+    if not config.resume_from_checkpoint:  # a fresh run: no earlier run's checkpoints may stay (see LoopTrainer.resume)
+        for run_folder in [Path(config.output_dir), *sorted(Path(config.output_dir).glob("*/"))]:
+            checkpoints_to_replace(run_folder, None, fresh=True, overwrite=config.overwrite_output_dir)
     if getattr(config, "push_to_hub", False) and int(os.environ.get("RANK", "0")) == 0:
         from crispdiff.publish.hub import check_hub_access, hub_repo_id
 
@@ -238,6 +281,8 @@ class LoopTrainer:
     progress_label = "train"
 
     def __init__(self, config: LoopConfig, accelerator: Accelerator, num_items: int):
+        if config.logging_steps < 1:
+            raise FlagError(f"--logging_steps must be >= 1 (log every N optimizer steps), got {config.logging_steps}")
         self.config = config
         self.accelerator = accelerator
         self.output_dir = Path(config.output_dir)
@@ -248,20 +293,25 @@ class LoopTrainer:
         # Separate, checkpointed generators: data augmentation on the CPU; noise, timesteps and posterior samples
         # on the device. Every random draw of the loop comes from them (or from dropout's global RNG, which
         # accelerate's checkpoints restore), which is what makes a resumed run bit-identical.
-        rank_seed = config.seed + 1_000_003 * accelerator.process_index
-        self.data_generator = torch.Generator().manual_seed(rank_seed)
-        self.noise_generator = torch.Generator(device=accelerator.device).manual_seed(rank_seed + 1)
+        self.data_generator = torch.Generator()
+        self.noise_generator = torch.Generator(device=accelerator.device)
+        self.seed_generators()
         self.step = 0
         self.position = DataPosition()
         self.ema: EMAModel | None = None
         self.deadline: float | None = None  # time.perf_counter() value at which the loop stops early, if any
+        self.run_id: str | None = None  # set by resume(): this run's, or the resumed checkpoint's
+        self.identity: dict[str, str] = {}  # set by setup_optimization(): what a checkpoint must share to resume
+
+    def seed_generators(self, offset: int = 0) -> None:
+        """Seed this process's generators from --seed, its rank and ``offset`` (a different stream per rank)."""
+        rank_seed = self.config.seed + 1_000_003 * self.accelerator.process_index + offset
+        self.data_generator.manual_seed(rank_seed)
+        self.noise_generator.manual_seed(rank_seed + 1)
 
     def setup_optimization(self, model: torch.nn.Module, trainable: list[torch.nn.Parameter]) -> None:
         """EMA of `model` (if --use_ema), the optimizer over `trainable`, and the warmup + decay LR schedule."""
         config, accelerator, device = self.config, self.accelerator, self.accelerator.device
-        if device.type == "cuda" and not config.deterministic:
-            torch.backends.cuda.matmul.allow_tf32 = config.allow_tf32
-            torch.backends.cudnn.allow_tf32 = config.allow_tf32
         lr = scaled_learning_rate(config, accelerator.num_processes)
         if config.use_ema:
             self.ema = EMAModel(
@@ -276,6 +326,7 @@ class LoopTrainer:
             )
             self.ema.to(device)
         self.optimizer = make_optimizer(config, trainable, lr)
+        self.identity = run_identity(config, model, trainable, self.batches.num_items)
         self.lr_scheduler = get_scheduler(
             config.lr_scheduler,
             optimizer=self.optimizer,
@@ -311,21 +362,80 @@ class LoopTrainer:
         return {"data": self.data_generator, "noise": self.noise_generator}
 
     def resume(self) -> None:
-        """Continue from --resume_from_checkpoint (a folder or 'latest'), restoring RNGs and the data position."""
-        which = self.config.resume_from_checkpoint
-        if not which:
-            return
-        path = find_checkpoint(self.output_dir, which)
+        """Continue from --resume_from_checkpoint (a folder or 'latest') if there is one, else start fresh; either
+        way the output folder is then this run's alone.
+
+        Resuming checks that the checkpoint is one of this kind of run (``checkpoint.check_same_run``) and keeps its
+        run id; a fresh run gets a new one. Other runs' checkpoints in the folder are refused, or removed with
+        --overwrite_output_dir, before anything is written (``checkpoint.checkpoints_to_replace``), so ``latest``
+        and --checkpoints_total_limit only ever see this run's.
+        """
+        config, accelerator = self.config, self.accelerator
+        which = config.resume_from_checkpoint
+        path = find_checkpoint(self.output_dir, which) if which else None
+        if which and path is None:
+            accelerator.print(f"No checkpoint in {self.output_dir} yet: starting a new run.")
+        saved = read_state(path) if path is not None else {}
+        if path is not None:
+            check_same_run(path, saved, self.identity)
+        self.run_id = broadcast_object_list([saved.get("run_id") or new_run_id()])[0]  # the main process's
+        foreign = checkpoints_to_replace(self.output_dir, self.run_id, path is None, config.overwrite_output_dir)
+        accelerator.wait_for_everyone()  # every process has looked before the main one removes anything
+        if foreign and accelerator.is_main_process:
+            remove_checkpoints(foreign)
+            accelerator.print(
+                f"crispdiff: removed {len(foreign)} checkpoint(s) of another run from {self.output_dir} "
+                "(--overwrite_output_dir)"
+            )
+        accelerator.wait_for_everyone()
         if path is None:
-            self.accelerator.print(f"No checkpoint in {self.output_dir} yet: starting a new run.")
             return
-        state = load_checkpoint(self.accelerator, path, ema=self.ema, generators=self.generators)
+        state = load_checkpoint(accelerator, path, ema=self.ema, generators=self.generators)
         self.step = state["step"]
         self.position = DataPosition(state["epoch"], state["batch_in_epoch"])
-        self.accelerator.print(f"Resumed from {path} at step {self.step} (epoch {self.position.epoch}).")
+        self.continue_with_this_layout(path, state)
+        accelerator.print(f"Resumed from {path} at step {self.step} (epoch {self.position.epoch}).")
+
+    def continue_with_this_layout(self, path: Path, state: dict[str, Any]) -> None:
+        """A checkpoint written with another number of processes (or batch size) continues here, not bit-exactly.
+
+        The data position is mapped by images seen: the epoch's order does not depend on the layout, so the run
+        picks up at the first micro-batch after the images already seen in the epoch. Each process's generators
+        (and global RNG) are reseeded from --seed, its rank and the step: with another number of processes there
+        is no rank-for-rank continuation of the saved streams.
+        """
+        accelerator = self.accelerator
+        saved_processes = state.get("num_processes", accelerator.num_processes)
+        saved_batch = state.get("images_per_batch", self.config.train_batch_size * saved_processes)
+        if saved_batch != self.batches.images_per_batch:
+            seen = self.position.batch_in_epoch * saved_batch
+            self.position = self.batches.position_after(self.position.epoch, seen)
+        if saved_processes == accelerator.num_processes:
+            return
+        self.seed_generators(offset=7_919 * self.step)
+        set_seed(self.config.seed + self.step, device_specific=True)
+        logger.warning(
+            "crispdiff: %s was written by %d process(es) and this run has %d: it resumes at step %d, but no longer "
+            "bit-exactly: the data continues after the images already seen in epoch %d, and every process's random "
+            "streams are reseeded. Resume with %d process(es) for an exact continuation.",
+            path,
+            saved_processes,
+            accelerator.num_processes,
+            self.step,
+            self.position.epoch,
+            saved_processes,
+        )
 
     def save_checkpoint(self) -> None:
-        state = {"epoch": self.position.epoch, "batch_in_epoch": self.position.batch_in_epoch}
+        self.run_id = self.run_id or new_run_id()  # a loop run without resume() (a probe) is a fresh run too
+        state = {
+            "epoch": self.position.epoch,
+            "batch_in_epoch": self.position.batch_in_epoch,
+            "images_per_batch": self.batches.images_per_batch,
+            "run_id": self.run_id,
+            "run_hash": identity_hash(self.identity),
+            "run_identity": self.identity,
+        }
         save_checkpoint(
             self.accelerator,
             self.output_dir,
@@ -337,16 +447,26 @@ class LoopTrainer:
         )
 
     def optimizer_step(self) -> dict[str, torch.Tensor]:
-        """Micro-steps until the accumulated gradients are applied, then the LR schedule and the EMA follow."""
+        """Micro-steps until the accumulated gradients are applied, then the LR schedule and the EMA follow; returns
+        each loss averaged over the accumulation window (the gradient applied is that window's mean too).
+
+        A step the fp16 loss scaler skipped (an overflow: the weights did not change) counts as a step of the run but
+        moves neither the LR schedule nor the EMA, as accelerate's own prepared schedulers do: otherwise every early
+        overflow would shorten the warm-up and pull the EMA towards weights that did not change.
+        """
+        window: dict[str, list[torch.Tensor]] = {}
+        scale_before = loss_scale(self.accelerator)
         while True:
-            losses = self.micro_step()
+            for name, value in self.micro_step().items():
+                window.setdefault(name, []).append(value.detach().float())
             if self.accelerator.sync_gradients:
                 break
-        self.lr_scheduler.step()
-        if self.ema is not None:
-            self.ema.step(self.ema_parameters())
+        if not step_was_skipped(self.accelerator, scale_before):
+            self.lr_scheduler.step()
+            if self.ema is not None:
+                self.ema.step(self.ema_parameters())
         self.step += 1
-        return losses
+        return {name: torch.stack(values).mean() for name, values in window.items()}
 
     def past_deadline(self) -> bool:
         """Whether ``deadline`` has passed on any process (all of them must stop at the same step)."""
@@ -422,7 +542,7 @@ class LoopTrainer:
             losses = self.optimizer_step()
             window_images += images_per_step
             progress.update(1)
-            if self.step % 10 == 0 or self.step == self.max_steps:
+            if self.step % config.logging_steps == 0 or self.step == self.max_steps:
                 self._log(losses, window_images / max(time.perf_counter() - window_start, 1e-9), progress)
                 window_start, window_images = time.perf_counter(), 0
             if self.due(config.checkpointing_steps):
@@ -461,7 +581,12 @@ def configure_kernels(config: LoopConfig) -> None:
     non-deterministic, so a resumed GPU run drifts from an uninterrupted one in the last bits. --deterministic asks
     torch for deterministic algorithms everywhere (an error names any op that has none), turns benchmarking and TF32
     off and sets the cuBLAS workspace that deterministic matmuls need; it must run before CUDA is first used.
+    TF32 is set both ways, for matmuls and cuDNN alike: torch's own default leaves cuDNN's on, which neither
+    --allow_tf32 false nor --deterministic may.
     """
+    tf32 = config.allow_tf32 and not config.deterministic
+    torch.backends.cuda.matmul.allow_tf32 = tf32
+    torch.backends.cudnn.allow_tf32 = tf32
     if config.deterministic:
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
         torch.use_deterministic_algorithms(True)

@@ -124,9 +124,7 @@ class RungCost:
     parameters: int
 
 
-def climb_ladder(
-    rungs: list[ModelRung], remaining: Any, cost_of: Any
-) -> tuple[ModelRung | None, int, RungCost]:
+def climb_ladder(rungs: list[ModelRung], remaining: Any, cost_of: Any) -> tuple[ModelRung | None, int, RungCost]:
     """The biggest rung whose affordable steps reach its ``min_steps``, with those steps and its cost.
 
     ``rungs`` smallest first (the first is always taken; ``[]`` stands for the config's own UNet, passed to

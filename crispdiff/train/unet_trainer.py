@@ -17,12 +17,12 @@ from accelerate.utils import set_seed
 from diffusers import UNet2DModel
 from safetensors.torch import load_file, save_file
 
-from crispdiff.core.config import TrainConfig
+from crispdiff.core.config import AUTO_CLASS_COLUMN, TrainConfig
 from crispdiff.core.errors import FlagError
 from crispdiff.core.images import make_grid, save_image_atomic
 from crispdiff.core.io import write_json_atomic
-from crispdiff.data.auto_classes import AUTO_CLASS_COLUMN, class_mix
-from crispdiff.diffusion.schedule import NoiseSchedule, sample_noise, scheduler_base_config
+from crispdiff.data.auto_classes import class_mix
+from crispdiff.diffusion.schedule import NoiseSchedule, sample_noise, schedule_label, scheduler_base_config
 from crispdiff.diffusion.unets import count_parameters, describe_parameters, unet_from_config
 from crispdiff.publish.export import SAMPLES_NAME, build_pipeline, save_pipeline
 from crispdiff.publish.hub import maybe_push_to_hub, write_model_card
@@ -60,8 +60,8 @@ class TrainingSpace(Protocol):
     def pipeline_components(self) -> dict[str, Any]:
         """Extra keyword arguments for the saved pipeline (vae, latent scaling ...)."""
 
-    def reference_images(self, count: int) -> torch.Tensor:
-        """Up to `count` real images, uint8 [N, 3, H, W], for validation metrics."""
+    def reference_images(self, count: int, seed: int = 0) -> torch.Tensor:
+        """Up to `count` real images, uint8 [N, 3, H, W], for validation metrics: a `seed`ed random subset."""
 
     # Class-conditional spaces (--class_column) also have ``class_names: list[str] | None`` and
     # ``class_labels(indices, device) -> LongTensor | None``; the Trainer reads both with getattr, so a space without
@@ -86,6 +86,23 @@ class ImageDataSpace:
         """Class ids of these images (--class_column), or None when the data has no classes."""
         return self.data.class_labels(indices, device) if self.class_names else None
 
+    def reference_images(self, count: int, seed: int = 0) -> torch.Tensor:
+        """Up to ``count`` training images (uint8 centre crops) for validation metrics: a ``seed``ed random subset.
+
+        Why not the first ``count``: files sort by name, and neighbouring names are alike (the emoji's neighbouring
+        codepoints, a folder sorted by class), so the first files are a poor sample of the data.
+        """
+        return self.data.center_crops(reference_indices(len(self.data), count, seed))
+
+
+def reference_indices(num_items: int, count: int, seed: int) -> list[int]:
+    """``count`` distinct indices of ``num_items`` drawn with ``seed`` (all of them when ``count`` covers them), in
+    ascending order so that a memory-mapped read walks forward."""
+    if count >= num_items:
+        return list(range(num_items))
+    chosen = torch.randperm(num_items, generator=torch.Generator().manual_seed(seed))[:count]
+    return sorted(chosen.tolist())
+
 
 class PixelSpace(ImageDataSpace):
     """Diffusion directly on pixels in [-1, 1]."""
@@ -109,9 +126,6 @@ class PixelSpace(ImageDataSpace):
 
     def pipeline_components(self) -> dict[str, Any]:
         return {}
-
-    def reference_images(self, count: int) -> torch.Tensor:
-        return self.data.center_crops(range(min(count, len(self.data))))
 
 
 class Trainer(LoopTrainer):
@@ -245,7 +259,7 @@ class Trainer(LoopTrainer):
         return dict(
             unet=self.sampling_unet(),
             scheduler_base_config=scheduler_base_config(config),
-            beta_schedule=config.beta_schedule,
+            beta_schedule=schedule_label(config),
             sampler=config.sampler,
             thresholding=config.thresholding,
             sr_strength=config.sr_strength,
@@ -327,7 +341,7 @@ class Trainer(LoopTrainer):
         if self.config.validation_metrics:
             from crispdiff.evaluate.metrics import compute_validation_metrics
 
-            reference = self.space.reference_images(max(256, len(images)))
+            reference = self.space.reference_images(max(256, len(images)), self.config.seed)
             logs.update({f"val/{k}": v for k, v in compute_validation_metrics(reference, images).items()})
         self.log_grid("validation", grid)
         if logs:
@@ -354,7 +368,7 @@ class Trainer(LoopTrainer):
             class_labels=labels,
             postprocess=NO_POSTPROCESS,
         )
-        sweep = sharpen_sweep(pipeline, samples, self.space.reference_images(2000))
+        sweep = sharpen_sweep(pipeline, samples, self.space.reference_images(2000, self.config.seed))
         best = next(row for row in sweep["rows"] if row["amount"] == sweep["best_amount"])
         write_json_atomic(self.output_dir / "sharpen_calibration.json", sweep)
         self.accelerator.print(
@@ -367,21 +381,55 @@ class Trainer(LoopTrainer):
     def export(self, final: bool = False) -> Path:
         """Write the pipeline folder (EMA weights, DPM-Solver++ default, sample grid, training config).
 
-        The ``final`` export (the end of the run) logs its grid to the trackers, and with
-        ``--sharpen_calibration_images`` saves the calibrated unsharp amount, which the grid shows.
+        The ``final`` export (the end of the run) logs its grid to the trackers, measures it (:meth:`final_quality`,
+        shown on the model card), and with ``--sharpen_calibration_images`` saves the calibrated unsharp amount, which
+        the grid shows.
         """
         kwargs = self.pipeline_kwargs()
         if final and self.config.sharpen_calibration_images:
             kwargs["sharpen_amount"] = self.calibrated_sharpen_amount(build_pipeline(**kwargs))
-        grid, _ = self.sample_grid("final sample grid" if final else "sample grid", kwargs)
+        grid, images = self.sample_grid("final sample grid" if final else "sample grid", kwargs)
         if grid is not None and final:
             self.log_grid("final", grid)
+        quality = self.final_quality(images) if final else None
         kwargs.update(self.sr_kwargs())
         folder = save_pipeline(
-            self.output_dir / "pipeline", training_config=self.config.to_dict(), sample_grid=grid, **kwargs
+            self.output_dir / "pipeline",
+            training_config=self.config.to_dict(),
+            sample_grid=grid,
+            quality=quality,
+            **kwargs,
         )
         write_model_card(folder, self.config.to_dict())
         return folder
+
+    def final_quality(self, images: torch.Tensor | None) -> dict[str, Any] | None:
+        """The final sample grid measured against the training images, saved with the pipeline for its model card.
+
+        With ``--validation_metrics`` the validation's figures (SWD included); without it the sharpness ratios and the
+        colour-blob indicator alone, which cost about a second (SWD costs ten times that on a CPU). None without a
+        grid (``--num_validation_images 0``).
+        """
+        if images is None:
+            return None
+        from crispdiff.evaluate.metrics import compute_sharpness_metrics, compute_validation_metrics
+
+        reference = self.space.reference_images(max(256, len(images)), self.config.seed)
+        measure = compute_validation_metrics if self.config.validation_metrics else compute_sharpness_metrics
+        metrics = measure(reference, images)
+        plan = self.grid_plan()
+        self.accelerator.print(
+            f"crispdiff: the final sample grid against {len(reference)} training images: "
+            + ", ".join(f"{name} {value:.3g}" for name, value in metrics.items())
+        )
+        return {
+            "samples": f"the final sample grid: {len(images)} samples, {plan.steps} {self.config.sampler} steps, "
+            f"seed {self.config.seed}",
+            "num_samples": len(images),
+            "reference": f"{len(reference)} training images",
+            "step": self.step,
+            "metrics": metrics,
+        }
 
     def sr_kwargs(self) -> dict[str, Any]:
         """The saved pipeline's SR component and defaults (``--sr_model_name_or_path``).

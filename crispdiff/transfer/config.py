@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from dataclasses import dataclass
 from typing import ClassVar
 
-from crispdiff.core.config import TrainConfig, flag
+from crispdiff.core.config import Condition, ModelConfig, TrainConfig, flag
 from crispdiff.core.errors import FlagError
 from crispdiff.train.lora import (
     UNET2D_LORA_PRESETS,
@@ -41,11 +42,27 @@ SCHEDULE_FIELDS = (
 )
 
 
+#: Why train_transfer.py refuses the UNet architecture flags (all of ModelConfig's but --dropout, which it applies).
+ARCHITECTURE_IS_PRETRAINED = (
+    "the architecture is the pretrained model's (--pretrained_model_name_or_path); drop the flag, or train a new "
+    "UNet with train_unconditional.py or train_latent.py"
+)
+
+
 @dataclass
 class TransferConfig(TrainConfig):
     """Everything `train_scripts/train_transfer.py` accepts: the training flags plus the pretrained model's."""
 
     diffusers_script: ClassVar[str | None] = None  # crispdiff's own script: no diffusers defaults to compare with
+    refused_flags: ClassVar[dict[str, str]] = {
+        **TrainConfig.refused_flags,
+        **{f.name: ARCHITECTURE_IS_PRETRAINED for f in dataclasses.fields(ModelConfig) if f.name != "dropout"},
+        "time_budget_minutes": "train_transfer.py runs --max_train_steps (or --num_epochs); drop it",
+    }
+    conditional_flags: ClassVar[dict[str, Condition]] = {
+        name: (lambda c: c.train_modules == "lora", "--train_modules lora")
+        for name in ("lora_rank", "lora_alpha", "lora_target_modules")
+    }
 
     pretrained_model_name_or_path: str | None = flag(
         None,
@@ -60,14 +77,16 @@ class TransferConfig(TrainConfig):
         choices=list(TRAIN_MODULES),
     )
     freeze_encoder: bool = flag(False, "With --train_modules all: keep conv_in and the down blocks as pretrained.")
-    lora_rank: int = flag(8, "LoRA rank.")
-    lora_alpha: float | None = flag(None, "LoRA alpha (scale = alpha / rank; default: the rank, i.e. scale 1).")
+    lora_rank: int = flag(8, "With --train_modules lora: the LoRA rank.")
+    lora_alpha: float | None = flag(
+        None, "With --train_modules lora: LoRA alpha (scale = alpha / rank; default: the rank, i.e. scale 1)."
+    )
     lora_target_modules: list[str] = flag(
         ["attention", "conv"],
-        "Modules that get LoRA: presets 'attention' (to_q/k/v/out; in ddpm-cifar10 that hits just 3 places: one "
-        "down level, one up level and the middle block), 'resnet' (the 3x3 convolutions of every ResNet block), "
-        "'conv' (those, the 1x1 shortcuts and the down/up samplers), 'time' (each block's time projection), or "
-        "module names.",
+        "With --train_modules lora: the modules that get LoRA: presets 'attention' (to_q/k/v/out; in ddpm-cifar10 "
+        "that hits just 3 places: one down level, one up level and the middle block), 'resnet' (the 3x3 convolutions "
+        "of every ResNet block), 'conv' (those, the 1x1 shortcuts and the down/up samplers), 'time' (each block's "
+        "time projection), or module names.",
     )
     save_lora_adapter: bool = flag(
         False, f"With --train_modules lora: also write OUTPUT_DIR/{ADAPTER_FOLDER} (the EMA adapter, safetensors)."
@@ -90,6 +109,9 @@ class TransferConfig(TrainConfig):
         "is experimental and needs --train_modules all without --freeze_encoder.",
         choices=["epsilon", "v_prediction", "sample"],
     )
+    dropout: float | None = flag(
+        None, "Dropout inside the pretrained UNet's ResNet blocks (default: the pretrained model's own, often 0)."
+    )
     # fine-tuning defaults
     output_dir: str = flag("crispdiff-transfer", "Where checkpoints, logs, samples and the saved model go.")
     learning_rate: float = flag(1e-4, "Peak learning rate (fine-tuning wants less than training from scratch).")
@@ -106,11 +128,8 @@ class TransferConfig(TrainConfig):
             raise FlagError(f"--freeze_encoder goes with --train_modules all, not {self.train_modules}")
         if self.save_lora_adapter and self.train_modules != "lora":
             raise FlagError("--save_lora_adapter needs --train_modules lora")
-        if self.model_config_name_or_path or self.encoder or self.encoder_weights:
-            raise FlagError(
-                "--model_config_name_or_path / --encoder / --encoder_weights do not apply: the architecture is the "
-                "pretrained model's (train a timm-encoder UNet with train_unconditional.py or train_latent.py)"
-            )
+        if self.dropout is not None and not 0.0 <= self.dropout < 1.0:
+            raise FlagError(f"--dropout must be in [0, 1), got {self.dropout}")
 
     def lora_targets(self) -> list[str]:
         """The module names peft gets (presets expanded)."""

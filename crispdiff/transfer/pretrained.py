@@ -279,9 +279,14 @@ def with_new_parameters(model: ModelMixin, changes: dict[str, Any]) -> tuple[Mod
 
 
 def adapt_unet(
-    pretrained: ModelMixin, resolution: int, in_channels: int = 3, num_class_embeds: int | None = None
+    pretrained: ModelMixin,
+    resolution: int,
+    in_channels: int = 3,
+    num_class_embeds: int | None = None,
+    dropout: float | None = None,
 ) -> tuple[ModelMixin, list[str]]:
-    """The pretrained UNet at ``resolution`` (and with a zero class embedding of ``num_class_embeds`` rows).
+    """The pretrained UNet at ``resolution`` (and with a zero class embedding of ``num_class_embeds`` rows, and
+    ``dropout`` in its ResNet blocks when given: dropout holds no weights, so the pretrained ones still fit).
 
     Returns the model and the names of its new (zero-initialised) parameters, which always train.
     """
@@ -292,6 +297,10 @@ def adapt_unet(
     if resolution % 2 ** (levels - 1):
         raise FlagError(f"--resolution {resolution} is not divisible by 2**{levels - 1}, which this UNet's levels need")
     changes: dict[str, Any] = {"sample_size": resolution}
+    if dropout is not None:
+        if "dropout" not in config:
+            raise FlagError(f"--dropout: the pretrained {type(pretrained).__name__} has no dropout setting; drop it")
+        changes["dropout"] = dropout
     existing = config.get("num_class_embeds")
     if num_class_embeds != existing:
         if existing is not None and num_class_embeds is None:

@@ -86,7 +86,7 @@ def prepare_unet(
     num_class_embeds = len(class_names) + 1 if class_names else None
     if class_names and pretrained.class_names and list(pretrained.class_names) != list(class_names):
         raise FlagError(f"the pretrained model's classes {pretrained.class_names} differ from the data's {class_names}")
-    unet, new_keys = adapt_unet(pretrained.unet, space.sample_size, space.channels, num_class_embeds)
+    unet, new_keys = adapt_unet(pretrained.unet, space.sample_size, space.channels, num_class_embeds, config.dropout)
     trainable = select_trainable(unet, config, new_keys)
     return unet, trainable, new_keys
 

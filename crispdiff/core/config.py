@@ -421,8 +421,13 @@ class TrainConfig(DataConfig, ModelConfig, NoiseConfig, HubConfig, LoopConfig):
         "num_auto_classes": (lambda c: c.class_column == AUTO_CLASS_COLUMN, f"--class_column {AUTO_CLASS_COLUMN}"),
         **{
             name: (lambda c: c.class_column not in (None, "", NO_CLASS_COLUMN), "--class_column")
-            for name in ("class_dropout_prob", "guidance_scale", "guidance_interval")
+            for name in ("class_dropout_prob", "guidance_scale")
         },
+        "guidance_interval": (
+            lambda c: c.class_column not in (None, "", NO_CLASS_COLUMN) or c.autoguidance_scale > 1,
+            "--class_column or --autoguidance_scale above 1",
+        ),
+        "autoguidance_snapshot": (lambda c: c.autoguidance_scale > 1, "--autoguidance_scale above 1"),
     }
     #: The diffusers script this config stands in for, and its defaults where crispdiff's differ on purpose.
     diffusers_script: ClassVar[str | None] = "train_unconditional.py"
@@ -564,8 +569,6 @@ class TrainConfig(DataConfig, ModelConfig, NoiseConfig, HubConfig, LoopConfig):
             raise ValueError(f"--autoguidance_scale must be >= 1 (1 = off), got {self.autoguidance_scale}")
         if not 0 < self.autoguidance_snapshot < 1:
             raise ValueError(f"--autoguidance_snapshot must be a fraction in (0, 1), got {self.autoguidance_snapshot}")
-        if self.autoguidance_scale == 1 and "autoguidance_snapshot" in getattr(self, "explicit_flags", frozenset()):
-            raise ValueError("--autoguidance_snapshot needs --autoguidance_scale above 1 (autoguidance is off at 1)")
         if self.time_budget_minutes is not None and not self.time_budget_minutes > 0:
             raise ValueError(f"--time_budget_minutes must be positive, got {self.time_budget_minutes}")
         length = [name for name in ("max_train_steps", "num_epochs") if name in getattr(self, "explicit_flags", ())]

@@ -1,4 +1,6 @@
-"""Post-hoc EMA (Karras et al. 2024, "Analyzing and Improving the Training Dynamics of Diffusion Models", EDM2).
+"""Post-hoc EMA (EDM2: Karras et al. 2024, "Analyzing and Improving the Training Dynamics of Diffusion Models").
+
+An issue 34 study, not adopted (see RESULTS: no EMA length beat the default).
 
 An EMA's length decides much of a diffusion model's quality, and the best length depends on the run: too short keeps
 the noise of the last steps, too long keeps weights from early training. Instead of guessing it before training, keep

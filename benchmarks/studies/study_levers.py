@@ -1,7 +1,7 @@
 """Levers for recognisable samples, measured at equal training compute (issue 34's study).
 
-    python benchmarks/study_levers.py train NAME [--seed S] [--snapshots 100 175 ...] [train_latent.py flags]
-    python benchmarks/study_levers.py measure RUN_DIR [--family noto] [--seed S] [--guide STEP --ag 2 ...]
+    python benchmarks/studies/study_levers.py train NAME [--seed S] [--snapshots 100 175 ...] [train_latent.py flags]
+    python benchmarks/studies/study_levers.py measure RUN_DIR [--family noto] [--seed S] [--guide STEP --ag 2 ...]
 
 ``train`` runs the main job in-process with the given flags (one torch thread: results do not depend on what else
 the machine runs, and CPU time is the compute measure) and keeps EMA snapshots of the UNet at the listed steps
@@ -13,19 +13,22 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import time
 from pathlib import Path
 from typing import Any
 
 import torch
-from common import BENCH_DIR
-from quality import measure_pipeline
+from post_hoc_ema import PowerEMA, combine_snapshots, gamma_from_sigma_rel, post_hoc_coefficients
 from safetensors.torch import save_file
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks/: common, quality
+from common import BENCH_DIR  # noqa: E402
+from quality import measure_pipeline  # noqa: E402
 
 from crispdiff.core.config import parse_config
 from crispdiff.latent.trainer import LatentTrainConfig, train_latent
 from crispdiff.train import unet_trainer
-from crispdiff.train.post_hoc_ema import PowerEMA
 
 OUT = BENCH_DIR / "out" / "levers"
 
@@ -167,7 +170,6 @@ def posthoc(args: argparse.Namespace) -> None:
     from safetensors.torch import load_file
 
     from crispdiff.publish.export import load_pipeline
-    from crispdiff.train.post_hoc_ema import combine_snapshots, gamma_from_sigma_rel, post_hoc_coefficients
 
     run = Path(args.run)
     pipeline = load_pipeline(run / "pipeline")

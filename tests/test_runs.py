@@ -24,8 +24,8 @@ def run_ids(output_dir: Path) -> dict[str, str | None]:
 
 
 def test_a_new_run_in_a_killed_runs_folder_is_refused_and_with_overwrite_replaces_its_checkpoints(
-    image_folder,
-    tmp_path,  # noqa: F811
+    image_folder,  # noqa: F811
+    tmp_path,
 ):
     """The issue's case. A run killed after checkpoint-4 leaves it behind; a new run with other flags in the same
     folder used to write checkpoint-1 and -2 beside it, prune its own checkpoint-1 (by step number) while keeping
@@ -68,9 +68,9 @@ def test_resume_latest_refuses_a_checkpoint_of_another_kind_of_run(image_folder,
 
 
 def test_a_checkpoint_from_before_run_ids_resumes_with_a_warning_and_is_pruned_as_this_runs(
-    image_folder,
+    image_folder,  # noqa: F811
     tmp_path,
-    caplog,  # noqa: F811
+    caplog,
 ):
     """Users have checkpoints written before run ids: they resume (with a warning that nothing was checked), and
     the run that continues them counts them as its own when --checkpoints_total_limit prunes."""

@@ -465,4 +465,4 @@ def train_latent(config: LatentTrainConfig) -> Path | None:
     vae = prepare_vae(config, data, state, budget).to(state.device)
     with state.main_process_first():
         space = build_latent_space(config, vae, data=data, show_progress=show_progress)
-    return train(config, space, budget)
+    return train(config, space, budget, output_dir_checked=True)

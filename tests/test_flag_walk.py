@@ -263,6 +263,11 @@ UNREAD_ALLOWED = {
         "sets TF32 for CUDA matmuls only, so a CPU run never reads it",
         "tests/test_training.py::test_tf32_follows_allow_tf32_and_deterministic_turns_it_off",
     ),
+    "license": (
+        "saved with the run's config and read from there by the model card (at the run's end, --push_to_hub or "
+        "crispdiff push), not through the config object the walk watches",
+        "tests/test_hub.py::test_the_cards_licence_is_the_one_asked_for_else_the_runs_else_other",
+    ),
     "overwrite_output_dir": (
         "read only when --output_dir already holds a finished result",
         "tests/test_training.py::test_existing_pipeline_is_not_overwritten_silently",

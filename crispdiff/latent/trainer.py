@@ -560,4 +560,4 @@ def train_latent(config: LatentTrainConfig) -> Path | None:
     if not config.max_train_steps:  # --num_epochs: the default learning rate follows the steps they make
         batches = max(1, len(space) // (config.train_batch_size * state.num_processes))
         config.resolve_learning_rate(epochs_to_steps(config, config.num_epochs, batches))
-    return train(config, space, budget)
+    return train(config, space, budget, output_dir_checked=True)

@@ -474,17 +474,22 @@ def autoguidance_guide_step(config: TrainConfig, max_steps: int) -> int | None:
     return max(1, round(config.autoguidance_snapshot * max_steps))
 
 
-def train(config: TrainConfig, space: TrainingSpace | None = None, budget: Any = None) -> Path | None:
+def train(
+    config: TrainConfig, space: TrainingSpace | None = None, budget: Any = None, output_dir_checked: bool = False
+) -> Path | None:
     """Train a diffusion UNet as `config` says; `space` defaults to pixels of the configured image data.
 
     ``budget``: a ``crispdiff.train.time_budget.TimeBudget`` already running (the latent trainer starts it before
-    encoding); by default one starts here when ``--time_budget_minutes`` is set.
+    encoding); by default one starts here when ``--time_budget_minutes`` is set. ``output_dir_checked``: the caller
+    checked the output folder before its own stages (the latent trainer, whose VAE adaptation has since written this
+    run's checkpoints into a subfolder, which a second check would take for another run's).
     """
     from crispdiff.train.time_budget import TimeBudget
 
     if budget is None and config.time_budget_minutes:
         budget = TimeBudget(config.time_budget_minutes)
-    check_output_dir(config)
+    if not output_dir_checked:
+        check_output_dir(config)
     accelerator = start_run(config)
     if space is None:
         from crispdiff.data.loading import load_images

@@ -1,0 +1,120 @@
+"""The compute ladder's curve (issue 34): SWD / floor and recognition against training CPU-minutes, today's recipe
+beside the new one, from the runs `study_levers.py` trained and measured.
+
+    python benchmarks/studies/ladder.py [--out benchmarks/ladder.png]
+
+Each point is one run (`out/levers/RUN`): its training CPU time (`train_cpu.json`, one torch thread) and one row of
+its `quality.jsonl` (500 samples against held-out emoji, top-1 at 4 per class), picked by the guidance it was
+measured with. Points without their run or row are listed and skipped.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks/: common
+from common import BENCH_DIR  # noqa: E402
+
+LEVERS = BENCH_DIR / "out" / "levers"
+
+#: curve -> (run, the quality row's guide step (None: unguided), autoguidance scale, label)
+CURVES: dict[str, list[tuple[str, int | None, float, str]]] = {
+    "today (fp32, no autoguidance, base 32)": [
+        ("base-s0", None, 1.0, "700 steps"),
+        ("steps1400-s0", None, 1.0, "1400 steps"),
+    ],
+    "new (bf16, autoguidance 1.5, the ladder's rung)": [
+        ("bf16-s0", 225, 1.5, "base 32, 900 steps"),
+        ("l10-b32-s0", 420, 1.5, "base 32, 1680 steps"),
+        ("l30-b32-s0", 1250, 1.5, "base 32, 5000 steps"),
+        ("l30-b48-s0", 725, 1.5, "base 48, 2900 steps"),
+        ("l60-b48-s0", 1440, 1.5, "base 48, 5750 steps"),
+    ],
+}
+
+
+def quality_row(run: str, guide: int | None, ag: float) -> dict[str, Any] | None:
+    """The run's screen row (500 samples) measured with this guide and scale; the last one if measured twice."""
+    path = LEVERS / run / "quality.jsonl"
+    if not path.exists():
+        return None
+    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    found = [r for r in rows if r.get("num_images") == 500 and r.get("guide") == guide and r.get("ag") == ag]
+    return found[-1] if found else None
+
+
+def ladder_points() -> dict[str, list[dict[str, Any]]]:
+    points: dict[str, list[dict[str, Any]]] = {}
+    for curve, runs in CURVES.items():
+        for run, guide, ag, label in runs:
+            row = quality_row(run, guide, ag)
+            cpu = LEVERS / run / "train_cpu.json"
+            if row is None or not cpu.exists():
+                print(f"skipped {run} (guide {guide}, ag {ag}): not measured yet")
+                continue
+            cpu_min = json.loads(cpu.read_text())["cpu_s"] / 60
+            points.setdefault(curve, []).append(row | {"cpu_min": cpu_min, "label": label})
+    return points
+
+
+def markdown(points: dict[str, list[dict[str, Any]]]) -> str:
+    lines = [
+        "| recipe | run | training CPU-min | SWD / floor | top-1 | precision | recall | hf | Laplacian |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for curve, rows in points.items():
+        for r in rows:
+            lines.append(
+                f"| {curve.split(' (')[0]} | {r['label']} | {r['cpu_min']:.1f} | {r['swd_ratio']:.2f} | "
+                f"{r['top1']:.3f} | {r['precision']:.2f} | {r['recall']:.2f} | {r['hf']:.2f} | {r['laplacian']:.2f} |"
+            )
+    return "\n".join(lines)
+
+
+def plot(points: dict[str, list[dict[str, Any]]], path: Path) -> None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib is not installed: no plot")
+        return
+    fig, (ax_swd, ax_top1) = plt.subplots(1, 2, figsize=(10, 4))
+    for curve, rows in points.items():
+        rows = sorted(rows, key=lambda r: r["cpu_min"])
+        cpu = [r["cpu_min"] for r in rows]
+        ax_swd.plot(cpu, [r["swd_ratio"] for r in rows], "o-", label=curve)
+        ax_top1.plot(cpu, [100 * r["top1"] for r in rows], "o-", label=curve)
+        for r in rows:
+            ax_swd.annotate(r["label"], (r["cpu_min"], r["swd_ratio"]), fontsize=7, xytext=(3, 3),
+                            textcoords="offset points")  # fmt: skip
+    ax_swd.axhline(1.0, color="grey", lw=0.8)
+    ax_top1.axhline(74.2, color="grey", lw=0.8, ls="--", label="real held-out images (74 %)")
+    for ax, ylabel in ((ax_swd, "held-out SWD / real-vs-real floor"), (ax_top1, "subcategory top-1 (%)")):
+        ax.set_xscale("log")
+        ax.set_xlabel("training CPU-minutes (one thread)")
+        ax.set_ylabel(ylabel)
+        ax.grid(alpha=0.3)
+    ax_top1.legend(fontsize=7)
+    fig.suptitle("Noto main job: what compute buys (500 samples, DPM-Solver++ 25, seed 0)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    print(f"wrote {path}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", type=Path, default=BENCH_DIR / "ladder.png")
+    args = parser.parse_args()
+    points = ladder_points()
+    print(markdown(points))
+    plot(points, args.out)
+
+
+if __name__ == "__main__":
+    main()

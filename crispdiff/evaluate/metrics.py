@@ -613,8 +613,8 @@ def compute_validation_metrics(
 
 
 def compute_sharpness_metrics(real: torch.Tensor | np.ndarray, fake: torch.Tensor | np.ndarray) -> dict[str, float]:
-    """The part of :func:`compute_validation_metrics` that costs about a second: the sharpness ratios and the
-    colour-blob indicator, without SWD (which costs ten times more on a CPU). Fakes are resized to the real
+    """The cheap part of :func:`compute_validation_metrics`: the sharpness ratios and the
+    colour-blob indicator, without SWD (which costs much more on a CPU). Fakes are resized to the real
     resolution."""
     real01 = to_float01(real)
     fake01 = resize_images(to_float01(fake), real01.shape[-1])

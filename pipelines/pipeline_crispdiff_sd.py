@@ -1,6 +1,6 @@
 """CrispDiffSDPipeline: Stable Diffusion (a LoRA fused in) that can finish small: SR upscale or Lanczos downsample.
 
-The seed's Plan D: fine-tune SD on a small dataset, generate at its native 512 px where it is good, then bring the
+The approach: fine-tune SD on a small dataset, generate at its native 512 px where it is good, then bring the
 result to the target size. Downsampling 512 -> 64 with an antialiased Lanczos filter keeps edges crisp where a plain
 bilinear/bicubic resize aliases or blurs; an optional SR component (``sr_model``, crispdiff's ``SpandrelSRModel``)
 goes the other way.

@@ -1,4 +1,4 @@
-"""Plan D: LoRA / DreamBooth on Stable Diffusion, with a tiny real SD built from configs (no weights downloaded).
+"""LoRA / DreamBooth on Stable Diffusion, with a tiny real SD built from configs (no weights downloaded).
 
 The base is a real ``StableDiffusionPipeline`` folder: a two-level ``UNet2DConditionModel`` with cross-attention, an
 f=2 ``AutoencoderKL``, a two-layer ``CLIPTextModel`` and a CLIP tokenizer over a byte-level vocabulary with no

@@ -1,9 +1,9 @@
-"""Train a latent diffusion model (Plan C) on a frozen VAE's latents and save it as a diffusers pipeline.
+"""Train a latent diffusion model (the main job) on a frozen VAE's latents and save it as a diffusers pipeline.
 
     accelerate launch train_scripts/train_latent.py
 
 With no arguments it trains on crispdiff's embedded Noto emoji subset (64 px) with the embedded f=4 VAE, sized to
-finish in about 3 minutes on a 2-core CPU, latent encoding included, and writes crispdiff-latent/pipeline (with
+finish in a few minutes on a laptop CPU, latent encoding included, and writes crispdiff-latent/pipeline (with
 samples.png). Your own data and VAE:
 
     accelerate launch train_scripts/train_latent.py --train_data_dir my_images --resolution 128 \\

@@ -1,4 +1,4 @@
-"""Train a small pixel-space diffusion model (Plan A) and save it as a diffusers pipeline.
+"""Train a small diffusion model directly on pixels and save it as a diffusers pipeline.
 
     accelerate launch train_scripts/train_unconditional.py --train_data_dir my_images --resolution 64
 

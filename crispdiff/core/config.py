@@ -142,7 +142,7 @@ class DataConfig:
         0.0,
         "Opt-in probability that an image's colours are remapped: each channel's 0 and 1 go to random levels "
         "(white background -> any colour, sometimes inverted). For VAEs, which otherwise wash out large saturated "
-        "or dark fields they never saw (the embedded VAE's last stage used 0.25; benchmarks/RESULTS.md).",
+        "or dark fields they never saw (the embedded VAE's last training stage used 0.25).",
     )
 
     def pixel_augmentations(self) -> list[str]:
@@ -478,8 +478,8 @@ class TrainConfig(DataConfig, ModelConfig, NoiseConfig, HubConfig, LoopConfig):
     guidance_scale: float = flag(
         2.0,
         "With --class_column: the classifier-free guidance scale saved as the pipeline's default and used for the "
-        "sample grids (1 = the conditional model alone; 2 made the embedded emoji's classes recognisable at no cost "
-        "in SWD, higher trades diversity for typicality).",
+        "sample grids (1 = the conditional model alone; higher makes each class more recognisable, and past a point "
+        "trades diversity for typicality).",
     )
     guidance_interval: list[float] | None = flag(
         None,
@@ -524,7 +524,7 @@ class TrainConfig(DataConfig, ModelConfig, NoiseConfig, HubConfig, LoopConfig):
         None,
         "Default unsharp-mask amount of the saved pipeline (radius 1 px), applied after decoding / SR; callers can "
         "override it per call (pipe(sharpen_amount=...)). Default: 0, except the latent trainer with the embedded "
-        "VAE, which uses the amount measured for that decoder.",
+        "VAE, which uses the amount calibrated for that decoder.",
     )
     time_budget_minutes: float | None = flag(
         None,
@@ -537,7 +537,7 @@ class TrainConfig(DataConfig, ModelConfig, NoiseConfig, HubConfig, LoopConfig):
         "At the end of training, sample this many images without the unsharp mask and save the amount whose "
         "high-frequency and Laplacian ratios best match the training images (the rule of `crispdiff evaluate "
         "--sharpen_sweep`). 0 = keep --sharpen_amount. Worth it on long runs: the amount a model needs falls as it "
-        "gets sharper (benchmarks/RESULTS.md, 'Unsharp-mask amount vs training length'); 256 is plenty.",
+        "gets sharper with training; 256 is plenty.",
     )
 
     def validate(self) -> None:

@@ -26,9 +26,8 @@ import torch.nn.functional as F
 THUMBNAIL_SIZE = 16
 FEATURE_DIMS = 32
 
-#: With ``--num_auto_classes`` unset: about this many training images per cluster, within the bounds below. On 1,000
-#: images (OpenMoji and unlabelled Noto, two seeds each) 125 clusters beat 62 and 256 by 0.1-0.3x the SWD floor
-#: (benchmarks/RESULTS.md, "Auto classes: how many clusters, which features").
+#: With ``--num_auto_classes`` unset: about this many training images per cluster, within the bounds below. Half as
+#: many clusters or twice as many gave samples further from the data.
 IMAGES_PER_CLASS = 8
 MIN_AUTO_CLASSES, MAX_AUTO_CLASSES = 2, 256
 

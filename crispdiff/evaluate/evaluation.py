@@ -2,7 +2,7 @@
 
 Every number is written beside the same metric measured between two disjoint halves of the reference data (the
 real-vs-real floor, see :func:`crispdiff.evaluate.metrics.real_vs_real_floor`), because SWD, FID and friends have no
-absolute scale: "SWD 15" is excellent with 1,000 images and impossible with 100.
+absolute scale: the same SWD can be excellent with 1,000 images and out of reach with 100.
 
 Resolution policy: the comparison happens at the *reference* resolution (the model's training resolution unless
 ``--resolution`` says otherwise). Samples larger than that (``--upscale`` with an SR model) are downscaled with an

@@ -26,8 +26,8 @@ def sharpen_sweep(
     """Both sharpness ratios of the same samples under each unsharp amount, and the amount that matches the data best.
 
     Why: the right amount depends on how sharp the model is before post-processing, and that changes with training
-    length (benchmarks/RESULTS.md, "What more compute buys": the main job's 0.5 gives hf 1.07 after its 4 minutes but
-    1.16 after 20 CPU-minutes). Sharpening is post-processing, so one unsharpened sampling pass serves every amount.
+    length (an amount that matches the data after a short run oversharpens the same model trained longer).
+    Sharpening is post-processing, so one unsharpened sampling pass serves every amount.
     ``unsharpened01`` are the pipeline's outputs with ``sharpen_amount=0`` and ``gamma=1``; each amount goes through
     the pipeline's own ``postprocess`` (unsharp mask, then its gamma), so the figures are what the pipeline would
     give. The best amount is the one whose worse ratio is nearest 1 on a log scale: neither blurry nor noisy by

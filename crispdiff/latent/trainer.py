@@ -1,11 +1,11 @@
-"""Latent diffusion (Plan C): the UNet trains on a frozen VAE's latents instead of pixels.
+"""Latent diffusion (the main job): the UNet trains on a frozen VAE's latents instead of pixels.
 
 Why latents: a 64 px emoji is 3x64x64 = 12,288 numbers; the embedded f=4 VAE turns it into 8x16x16 = 2,048. The same
 UNet then does ~16x less work per image, and the decoder — trained on the same images — draws the fine edges, so
 samples are sharper for the same compute. The pieces:
 
 - ``LatentTrainConfig``: the pixel trainer's flags plus the VAE's, with defaults for the main job (``accelerate
-  launch train_scripts/train_latent.py`` with no arguments: embedded emoji, embedded VAE, ~3 minutes on 2 CPU cores);
+  launch train_scripts/train_latent.py`` with no arguments: embedded emoji, embedded VAE, a few minutes on a CPU);
 - ``LatentSpace``: the ``crispdiff.train.unet_trainer.TrainingSpace`` whose ``x0`` draws ``z = mean + std * eps`` from
   the cached posterior (``crispdiff.latent.cache``), picks the mirror image's latents half the time with
   ``--random_flip``, and scales them to unit variance;
@@ -57,20 +57,18 @@ SCALING_SAMPLE_IMAGES = 4096
 
 
 #: The embedded emoji's metadata column the main job conditions on: Unicode's 90 subcategories (``face-smiling``,
-#: ``hand-fingers-open``, ``country-flag``, ...), finer than its 10 categories. Measured on a 2-core CPU, main job,
-#: 1,000 samples in the data's class mix, two seeds: SWD 1.95x / 2.08x the real floor against 2.18x / 2.45x with
-#: ``category`` (benchmarks/RESULTS.md, "Main job: conditioned on subcategories"); unconditional was 2.37x.
+#: ``hand-fingers-open``, ``country-flag``, ...), finer than its 10 categories: at the same cost the finer label
+#: brings the samples closer to the data than ``category`` does, and ``category`` closer than no label.
 EMBEDDED_CLASS_COLUMN = "subcategory"
 
-#: The latent trainer's default --snr_shift on a cosine / sigmoid schedule: -1 nat (noisier at every t). Measured with
-#: AdaGN on the main job at guidance 2: SWD 1.67x the real floor against 1.71x unshifted, and a subcategory
-#: classifier's top-1 on the samples 0.25 against 0.20; -2 was worse (benchmarks/RESULTS.md, "Main job: AdaGN,
-#: `--snr_shift -1` and guidance 3").
+#: The latent trainer's default --snr_shift on a cosine / sigmoid schedule: -1 nat (noisier at every t). With AdaGN on
+#: the main job it brings the samples a little closer to the data and makes them more often recognisable, at no cost;
+#: -2 goes too far.
 MAIN_JOB_SNR_SHIFT = -1.0
 
 
 #: The main job's optimizer steps in fp32, and in bf16 (which costs less per step on machines that run it natively):
-#: the same minutes of training on a 2-core CPU either way.
+#: about the same training time on a CPU either way.
 MAIN_JOB_STEPS = 700
 MAIN_JOB_BF16_STEPS = 900
 
@@ -94,7 +92,7 @@ MAIN_JOB_GUIDANCE_SCALE = 3.0
 MAIN_JOB_GUIDANCE_INTERVAL = (0.28, 5.42)
 
 #: The UNets ``--time_budget_minutes`` chooses from on the main job's latents, smallest first: each is taken when the
-#: budget affords at least its ``min_steps`` (benchmarks/RESULTS.md, "What makes samples recognisable?").
+#: budget affords at least its ``min_steps`` (a bigger UNet pays off only when it gets enough steps).
 MAIN_JOB_LADDER = (
     ModelRung("small", {"base_channels": 32, "channel_mults": [1, 2, 4], "layers_per_block": 1, "attention_res": [4]}),
     ModelRung(
@@ -115,8 +113,8 @@ class LatentTrainConfig(TrainConfig):
     """Everything `train_scripts/train_latent.py` accepts.
 
     The defaults are the main job: the embedded Noto emoji at 64 px, the embedded f=4 VAE (8x16x16 latents), and a
-    UNet and schedule sized to finish, latent encoding included, in about 3 minutes on a 2-core CPU (6-7 on one
-    half as fast). On a GPU use a bigger model and a longer run; each flag's help says what.
+    UNet and schedule sized to finish, latent encoding included, in a few minutes on a laptop CPU. On a GPU
+    use a bigger model and a longer run; each flag's help says what.
     """
 
     diffusers_script: ClassVar[str | None] = None  # crispdiff's own script: no diffusers defaults to compare with
@@ -153,9 +151,10 @@ class LatentTrainConfig(TrainConfig):
     )
     adapt_vae_steps: int = flag(
         150,
-        "Steps of 16 images for --adapt_vae (about 80 s on a 2-core CPU with the embedded VAE; held-out PSNR on emoji "
-        "of another design family rises from 23 to about 28 dB in that time). Not given, it is capped to the run: at "
-        "most one image for every 16 the UNet trains on (the log says what was chosen); given, it runs as given.",
+        "Steps of 16 images for --adapt_vae (default 150: enough to bring the embedded VAE's reconstructions of emoji "
+        "of another design family to about the `auto` bar, in a small share of the main job's time). Not given, it "
+        "is capped to the run: at most one image for every 16 the UNet trains on (the log says what was chosen); "
+        "given, it runs as given.",
     )
     adapt_vae_learning_rate: float = flag(2e-4, "Learning rate of --adapt_vae (the embedded VAE's own).")
     latent_cache_dir: str | None = flag(
@@ -163,8 +162,8 @@ class LatentTrainConfig(TrainConfig):
     )
     latent_cache_dtype: str = flag(
         "float16",
-        "Storage precision of cached latents; float16 rounding is ~50x smaller than the posterior noise each sample "
-        "carries anyway (see crispdiff/latent/cache.py).",
+        "Storage precision of cached latents; float16 rounding is far smaller than the posterior noise each "
+        "sample carries anyway (see crispdiff/latent/cache.py).",
         choices=sorted(DTYPES),
     )
     vae_batch_size: int = flag(32, "Images per VAE encoder batch while building the latent cache (GPU: 128+).")
@@ -175,12 +174,11 @@ class LatentTrainConfig(TrainConfig):
     )
 
     # Defaults for the main job: 64 px emoji -> 8x16x16 latents and a 2.9M-parameter AdaGN UNet, sized so the whole run
-    # (1000 images encoded, 700 steps of 64, export and sample grid) takes about 3 minutes on a 2-core CPU, and
-    # README's first command (install included) at most 10 on one half as fast. Batch 64 gives 1.2x the images per
-    # second of batch 32 on a CPU, and attention only at 4x4 saves 10% of a step; against 1,500 steps of 32 with
-    # attention at 8 and 4 this costs about 5% in SWD for 25% less time (benchmarks/RESULTS.md, "Main job in 3
-    # minutes"). `accelerate launch` without a config gives a CPU process one thread; crispdiff gives it its share of
-    # the cores (`--cpu_threads`).
+    # (1000 images encoded, 700 steps of 64, export and sample grid) keeps README's first command, install included,
+    # to a few minutes on a 2-core CPU. Batch 64 trains more images per second than batch 32 on a CPU, and attention
+    # only at 4x4 makes a step cheaper; against the longer recipe (1,500 steps of 32, attention at 8 and 4) this gives
+    # up a little SWD for a much shorter run. `accelerate launch` without a config gives a CPU process one thread;
+    # crispdiff gives it its share of the cores (`--cpu_threads`).
     resolution: int = flag(64, "Training resolution in pixels (square); must be a multiple of the VAE's factor.")
     base_channels: int = flag(
         32, "Channels of the first UNet level (CPU default; on a GPU 128 with --channel_mults 1 2 3 4)."
@@ -197,8 +195,8 @@ class LatentTrainConfig(TrainConfig):
     resnet_time_scale_shift: str = flag(
         "scale_shift",
         "How the time + class embedding enters each ResNet block: as a scale and shift of its GroupNorm (scale_shift, "
-        "AdaGN; the main job's default: SWD 1.71x the real floor against 2.03x at guidance 2, and a subcategory "
-        "classifier names nearly twice as many of the samples) or added to its features (default).",
+        "AdaGN; the main job's default: stronger class conditioning, so samples closer to the data and far more "
+        "often recognisable) or added to its features (default).",
         choices=["default", "scale_shift"],
     )
     dropout: float = flag(0.0, "Dropout inside the ResNet blocks (0.1 for long GPU runs on small datasets).")
@@ -207,13 +205,12 @@ class LatentTrainConfig(TrainConfig):
         None,
         "Shift the cosine / sigmoid schedule's log-SNR by this many nats at every t (0 = off). Default: -1 (noisier) "
         "with those schedules, 0 with the others: on the 8x16x16 latents of the embedded VAE, -1 spends more of the "
-        "training on the noisy steps that decide a sample's layout (benchmarks/RESULTS.md, \"Main job: AdaGN, "
-        '`--snr_shift -1` and guidance 3").',
+        "training on the noisy steps that decide a sample's layout.",
     )
     max_train_steps: int | None = flag(
         MAIN_JOB_STEPS,
-        f"Optimizer steps (CPU default: about 3 minutes on a 2-core CPU, {MAIN_JOB_STEPS}, or {MAIN_JOB_BF16_STEPS} "
-        "when the run is in bf16; a GPU run: tens of thousands).",
+        f"Optimizer steps (CPU default: {MAIN_JOB_STEPS}, or {MAIN_JOB_BF16_STEPS} when the run is in bf16, sized "
+        "for a run of a few minutes on a laptop CPU; a GPU run: tens of thousands).",
     )
     mixed_precision: str | None = flag(
         "auto",
@@ -232,17 +229,17 @@ class LatentTrainConfig(TrainConfig):
     lr_warmup_steps: int = flag(100, "Linear warmup steps.")
     adam_beta2: float = flag(
         0.99,
-        "AdamW beta2. 0.99 (not 0.999) because the AdaGN UNet at the main job's learning rate is prone to loss spikes "
-        "when the LR stays high: at a constant 3e-3 the loss jumped from 0.14 to 0.30 at step 480 and the samples "
-        "turned to confetti with 0.999, and stayed at 0.12 through 1,000 steps with 0.99 (a second-moment estimate "
-        "that follows the gradients' growth faster keeps Adam's steps from overshooting).",
+        "AdamW beta2. 0.99 (not 0.999): fewer loss spikes at high learning rates, to which the AdaGN UNet at the "
+        "main job's learning rate is prone (with 0.999 a run whose LR stays high can jump to a higher loss for good "
+        "and sample confetti); a second-moment estimate that follows the gradients' growth faster keeps Adam's steps "
+        "from overshooting.",
     )
     ema_power: float = flag(2 / 3, "EMA warmup power (2/3 for runs of a few thousand steps, 3/4 for longer ones).")
     checkpointing_steps: int = flag(500, "Save a resumable checkpoint every N optimizer steps.")
     validation_steps: int = flag(
         1000,
-        "Sample a validation grid every N steps (the main job's 700 steps end with the pipeline's own grid only: "
-        "sampling a grid of 90 guided classes takes about 5 s, 3% of the run).",
+        "Sample a validation grid every N steps (default 1000: the main job's 700 steps end with the pipeline's own "
+        "grid only, as a grid of 90 guided classes is a noticeable share of so short a run).",
     )
     output_dir: str = flag("crispdiff-latent", "Where checkpoints, logs, samples and the pipeline folder go.")
     sr_model_name_or_path: str | None = flag(

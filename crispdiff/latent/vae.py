@@ -36,12 +36,12 @@ AnyVAE = AutoencoderKL | AutoencoderTiny
 
 #: The unsharp-mask amount (radius 1 px) a latent pipeline on the embedded VAE gets by default. Its decoder is
 #: trained to map a diffusion model's slightly-off latents back to clean images (``--decoder_noise``), which leaves
-#: them a little soft; this amount brings the main job's samples to the data's high-frequency energy (the
-#: ``--sharpen_sweep`` of benchmarks/RESULTS.md, "The embedded VAE, all of it retrained on noisy latents": 0.3 gives
-#: ratios 1.00 / 1.03; the earlier decoder needed 0.5). Longer runs need less (``--sharpen_calibration_images``).
+#: them a little soft; this amount, the best of ``crispdiff evaluate --sharpen_sweep`` on the main job, brings its
+#: samples to the data's high-frequency energy. Longer runs need less (``--sharpen_calibration_images``).
 EMBEDDED_VAE_SHARPEN_AMOUNT = 0.3
 
-#: The same with autoguidance, which sharpens the samples itself (measured as above on the autoguided main job).
+#: The same with autoguidance, which sharpens the samples itself and so needs less (the sweep's best on the autoguided
+#: main job).
 EMBEDDED_VAE_SHARPEN_AMOUNT_AUTOGUIDED = 0.15
 
 

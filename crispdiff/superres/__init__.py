@@ -1,4 +1,4 @@
-"""Training super-resolution models on the user's own images (Plan B made real).
+"""Training super-resolution models on the user's own images.
 
 Pretrained Real-ESRGAN / SwinIR weights are trained on camera photos and must be downloaded; flat art (emoji,
 icons, sprites) wants an SR model trained on its own kind. This package trains a small spandrel-native network

@@ -1,9 +1,9 @@
 """``--time_budget_minutes``: a run sized to end on time on this machine, instead of a step count.
 
-Why: users' machines differ by 2x and more, so a step count that takes 3 minutes on one takes 6 on another. With a
-budget the trainer measures how fast *this* machine is and sizes the run to fit; the steps it chose are written into
-the saved training config (``max_train_steps``, ``adapt_vae_steps``), so the same run can be repeated exactly without
-the budget.
+Why: users' machines differ widely in speed, so a step count that fits a few minutes on one takes far longer on
+another. With a budget the trainer measures how fast *this* machine is and sizes the run to fit; the steps it chose
+are written into the saved training config (``max_train_steps``, ``adapt_vae_steps``), so the same run can be
+repeated exactly without the budget.
 
 How: the UNet's learning-rate schedule (warm-up, then decay to zero) and its EMA warm-up depend on the total number of
 steps, so that number is decided before the run starts, from a short probe: a throwaway trainer built exactly like

@@ -407,7 +407,7 @@ class Trainer(LoopTrainer):
         """The final sample grid measured against the training images, saved with the pipeline for its model card.
 
         With ``--validation_metrics`` the validation's figures (SWD included); without it the sharpness ratios and the
-        colour-blob indicator alone, which cost about a second (SWD costs ten times that on a CPU). None without a
+        colour-blob indicator alone, which are cheap (SWD costs much more on a CPU). None without a
         grid (``--num_validation_images 0``).
         """
         if images is None:

@@ -11,7 +11,9 @@ DDPMPipeline folder and runs the script on the embedded emoji, alternating per r
   never shrunk).
 
 Times come from the log lines as they arrive: training (the run's "N steps of" line to the grid line) and the grid (the
-grid line to "Pipeline saved"). Usage: ``python benchmarks/bench_grid_cost.py [--rounds 2] [--max_train_steps 2]``.
+grid line to "Pipeline saved").
+
+    python benchmarks/studies/bench_grid_cost.py [--rounds 2] [--max_train_steps 2]
 """
 
 from __future__ import annotations
@@ -26,7 +28,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from common import REPO_ROOT, append_results, markdown_table, shared_dir
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks/: common
+from common import REPO_ROOT, append_results, markdown_table, shared_dir  # noqa: E402
 
 SIZES = {"default": [], "fixed": ["--num_validation_images", "16", "--validation_inference_steps", "25"]}
 

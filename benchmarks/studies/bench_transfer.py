@@ -1,6 +1,6 @@
 """Transfer vs scratch: fine-tuning a pretrained UNet on 100 images of an unseen emoji category at a new resolution.
 
-    OMP_NUM_THREADS=1 python benchmarks/bench_transfer.py            # ~12 minutes on one CPU thread
+    OMP_NUM_THREADS=1 python benchmarks/studies/bench_transfer.py            # ~12 minutes on one CPU thread
 
 google/ddpm-cifar10-32's weights are not reachable offline, so this builds a stand-in: a UNet of ddpm-cifar10's
 layout (four levels, attention on the second, positional time embedding) scaled down to fit a CPU (--channels,
@@ -33,14 +33,17 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import sys
 import time
 from pathlib import Path
 from typing import Any
 
 import torch
-from common import append_results, emoji_dir, machine, markdown_table
 
-from crispdiff.core.io import write_text_atomic
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks/: common
+from common import BENCH_DIR, append_results, emoji_dir, machine, markdown_table  # noqa: E402
+
+from crispdiff.core.io import write_text_atomic  # noqa: E402
 
 MODES = ("scratch", "full", "decoder", "lora")
 LEARNING_RATES = {"scratch": 5e-4, "full": 2e-4, "decoder": 2e-4, "lora": 1e-3}
@@ -64,7 +67,7 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--lora_rank", type=int, default=4)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out_dir", default=str(Path(__file__).resolve().parent / "out" / "transfer"))
+    p.add_argument("--out_dir", default=str(BENCH_DIR / "out" / "transfer"))
     p.add_argument("--no_record", action="store_true", help="do not append to benchmarks/RESULTS.md")
     return p.parse_args()
 

@@ -1,7 +1,7 @@
 """Train at 128 px, or train at 64 px and upsample? Three ways to get 128 px emoji at an equal CPU budget.
 
-    nice -n 5 python benchmarks/bench_64_vs_128.py --minutes 10 --no_record          # ~1 hour on 2 cores
-    python benchmarks/bench_64_vs_128.py --resample_sr_only --sr_model NEW_SR --no_record   # row (a) with another SR
+    nice -n 5 python benchmarks/studies/bench_64_vs_128.py --minutes 10 --no_record       # ~1 hour on 2 cores
+    python benchmarks/studies/bench_64_vs_128.py --resample_sr_only --sr_model NEW_SR --no_record   # row (a), other SR
 
 Rows, all trained on ``diffusion_train`` of ``own_data.make_128_split`` (932 Noto emoji at 128 px, no metadata):
 
@@ -58,12 +58,14 @@ from pathlib import Path  # noqa: E402
 from typing import Any  # noqa: E402
 
 import torch  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks/: common, bench_own_data, own_data
 from bench_own_data import LAUNCH, run  # noqa: E402
-from common import BENCH_DIR, append_results, machine, markdown_table  # noqa: E402
+from common import BENCH_DIR, REPO_ROOT, append_results, machine, markdown_table  # noqa: E402
 from own_data import make_128_split  # noqa: E402
 
 #: The SR model row (a) uses when ``--sr_model`` is not given: the embedded emoji SR x2 once it ships, else Lanczos.
-DEFAULT_SR = Path(__file__).resolve().parent.parent / "crispdiff" / "assets" / "sr-noto-x2"
+DEFAULT_SR = REPO_ROOT / "crispdiff" / "assets" / "sr-noto-x2"
 LANCZOS = "lanczos"
 
 

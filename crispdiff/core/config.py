@@ -582,7 +582,7 @@ _TRUE = {"1", "true", "yes", "y", "on"}
 _FALSE = {"0", "false", "no", "n", "off"}
 
 
-def _parse_bool(text: str) -> bool:
+def parse_bool(text: str) -> bool:
     lowered = text.lower()
     if lowered in _TRUE:
         return True
@@ -622,7 +622,7 @@ def add_dataclass_flags(parser: argparse.ArgumentParser, config_cls: type) -> No
         if f.metadata.get("choices"):
             kwargs["choices"] = accepted_values(f.name, f.metadata["choices"])
         if tp is bool:
-            kwargs.update(type=_parse_bool, nargs="?", const=True)
+            kwargs.update(type=parse_bool, nargs="?", const=True)
         elif typing.get_origin(tp) is list:
             kwargs.update(type=typing.get_args(tp)[0], nargs="+")
         else:

@@ -98,8 +98,8 @@ def default_data_rows(root: Path, repeats: int) -> list[list[object]]:
 
     rows = []
     for name, config_cls, for_latents in (("latent", LatentTrainConfig, True), ("pixel", TrainConfig, False)):
-        config = parse_config(config_cls, ["--cache_dir", str(root / name)])
-        config.class_column = "none"  # the cache is what is timed, not the class labels read beside it
+        # the cache is what is timed, not the class labels read beside it
+        config = parse_config(config_cls, ["--cache_dir", str(root / name)]).with_values(class_column="none")
         data = load_images(config, for_latents=for_latents, show_progress=False)  # builds the cache
         folder = data.cache_path
         key = folder.name

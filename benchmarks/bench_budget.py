@@ -43,7 +43,7 @@ from crispdiff.latent.trainer import LatentTrainConfig, build_latent_space
 from crispdiff.latent.vae import load_vae
 from crispdiff.publish.export import load_pipeline, save_pipeline
 from crispdiff.train.loop import run_trainer, start_run
-from crispdiff.train.unet_trainer import Trainer
+from crispdiff.train.unet_trainer import UNetTrainer
 
 #: TrainConfig overrides of each recipe; everything else is the main job's default.
 RECIPES: dict[str, dict[str, Any]] = {
@@ -52,7 +52,7 @@ RECIPES: dict[str, dict[str, Any]] = {
 }
 
 
-class BudgetTrainer(Trainer):
+class BudgetTrainer(UNetTrainer):
     """The main job's trainer, saving a pipeline each time the process's CPU time crosses the next budget."""
 
     def __init__(self, *args: Any, budgets_s: list[float], **kwargs: Any):
@@ -85,10 +85,8 @@ class BudgetTrainer(Trainer):
 
 
 def main_job_config() -> LatentTrainConfig:
-    """The main job's defaults, validated: that resolves its data-dependent ones (class column, unsharp amount)."""
-    config = LatentTrainConfig()
-    config.validate()
-    return config
+    """The main job's defaults, resolved: that fills in its data-dependent ones (class column, unsharp amount)."""
+    return LatentTrainConfig().resolve()
 
 
 def recipe_config(name: str, out_dir: Path, args: argparse.Namespace) -> LatentTrainConfig:

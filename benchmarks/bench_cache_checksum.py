@@ -3,10 +3,11 @@
     nice -n 10 python benchmarks/bench_cache_checksum.py --no_record    # ~1.5 min on 2 cores, ~2 GB of temp disk
 
 Every ``load_images`` call on a cache hit reads the whole ``pixels.bin`` once to compare its blake2b with the header
-(``crispdiff.data.cache._read_cache``): a power cut can leave a file of the right size full of zeros. Measured here:
+(``crispdiff.data.cache.read_image_cache``): a power cut can leave a file of the right size full of zeros. Measured
+here:
 
 - the default data (the embedded Noto emoji, as the latent and the pixel trainer cache them), through the real
-  ``load_images`` on a cache hit, and its ``_read_cache`` alone;
+  ``load_images`` on a cache hit, and its ``read_image_cache`` alone;
 - a 10,000-image cache at 64, 128 and 256 px (real layout, random pixels: the checksum does not care what they show).
 
 Each is timed warm (the file in the page cache, as on a second run soon after the first) and cold (the file's pages
@@ -26,7 +27,7 @@ from pathlib import Path
 import numpy as np
 from common import append_results, markdown_table
 
-from crispdiff.data.cache import CACHE_FORMAT, _pixels_checksum, _read_cache
+from crispdiff.data.cache import CACHE_FORMAT, pixels_checksum, read_image_cache
 
 
 def drop_from_page_cache(path: Path) -> None:
@@ -80,12 +81,12 @@ def synthetic_cache(root: Path, count: int, size: int) -> tuple[Path, str]:
 
 def measure(folder: Path, key: str, repeats: int) -> dict[str, float]:
     pixels = folder / "pixels.bin"
-    assert _read_cache(folder, key) is not None, f"{folder} does not validate"
+    assert read_image_cache(folder, key) is not None, f"{folder} does not validate"
     return {
         "mb": pixels.stat().st_size / 1e6,
-        "warm": best_of(lambda: _read_cache(folder, key), repeats),
-        "cold": best_of(lambda: _read_cache(folder, key), repeats, before=lambda: drop_from_page_cache(pixels)),
-        "checksum_warm": best_of(lambda: _pixels_checksum(pixels), repeats),
+        "warm": best_of(lambda: read_image_cache(folder, key), repeats),
+        "cold": best_of(lambda: read_image_cache(folder, key), repeats, before=lambda: drop_from_page_cache(pixels)),
+        "checksum_warm": best_of(lambda: pixels_checksum(pixels), repeats),
     }
 
 
@@ -97,8 +98,8 @@ def default_data_rows(root: Path, repeats: int) -> list[list[object]]:
 
     rows = []
     for name, config_cls, for_latents in (("latent", LatentTrainConfig, True), ("pixel", TrainConfig, False)):
-        config = parse_config(config_cls, ["--cache_dir", str(root / name)])
-        config.class_column = "none"  # the cache is what is timed, not the class labels read beside it
+        # the cache is what is timed, not the class labels read beside it
+        config = parse_config(config_cls, ["--cache_dir", str(root / name)]).with_values(class_column="none")
         data = load_images(config, for_latents=for_latents, show_progress=False)  # builds the cache
         folder = data.cache_path
         key = folder.name
@@ -136,7 +137,7 @@ def main() -> None:
             (folder / "pixels.bin").unlink()  # free the disk before the next size
     header = ["cache", "pixels MB", "verify warm ms", "verify cold ms", "checksum alone warm ms", "load_images hit ms"]
     notes = (
-        "verify = `_read_cache` (header, index and sizes, then the blake2b of pixels.bin), the fastest of "
+        "verify = `read_image_cache` (header, index and sizes, then the blake2b of pixels.bin), the fastest of "
         f"{args.repeats}; cold = the pixel file's pages dropped first (posix_fadvise DONTNEED)."
     )
     append_results("Image-cache checksum at start-up (bench_cache_checksum.py)", markdown_table(header, rows), notes,

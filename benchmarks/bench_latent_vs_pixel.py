@@ -2,7 +2,7 @@
 
     python benchmarks/bench_latent_vs_pixel.py --resolutions 64 128 --train_batch_size 16
 
-For each output resolution and UNet size, three runs of the real `Trainer.optimizer_step` (same batch, same UNet
+For each output resolution and UNet size, three runs of the real `UNetTrainer.optimizer_step` (same batch, same UNet
 widths, depths and attention placement — the lowest level — so only the input size differs):
 
 - pixel: the UNet on 3 x R x R pixels (`PixelSpace`);
@@ -45,7 +45,7 @@ from crispdiff.latent.vae import (
     vae_downsample_factor,
 )
 from crispdiff.train.loop import make_accelerator
-from crispdiff.train.unet_trainer import PixelSpace, Trainer
+from crispdiff.train.unet_trainer import PixelSpace, UNetTrainer
 
 #: UNet sizes compared: (name, base_channels, channel_mults, layers_per_block). Three levels each, attention at the
 #: lowest level (R/4 pixels for the pixel UNet, R/4f for the latent one).
@@ -172,7 +172,7 @@ def throughput_rows(args: argparse.Namespace, vae: AnyVAE, data_dir: str) -> lis
                     ("latent, encode every step", encode_space, resolution // factor),
                 ):
                     config = TrainConfig(**base, **model_flags(size, unet_res))
-                    trainers[name] = Trainer(config, space, make_accelerator(config))
+                    trainers[name] = UNetTrainer(config, space, make_accelerator(config))
                 times: dict[str, list[float]] = {name: [] for name in trainers}
                 for trainer in trainers.values():
                     trainer.optimizer_step()  # warm-up
@@ -253,7 +253,7 @@ def throughput_report(
     speedups = [f"{r}px {s}: {cached[(r, s)] / uncached[(r, s)]:.2f}x" for (r, s) in cached]
     notes = (
         f"VAE: {vae_name} (f={vae_downsample_factor(vae)}). Batch {args.train_batch_size}, fp32, real "
-        f"`Trainer.optimizer_step` (EMA included), median of {args.repeats} x {args.steps} steps timed in "
+        f"`UNetTrainer.optimizer_step` (EMA included), median of {args.repeats} x {args.steps} steps timed in "
         f"alternation; data: {Path(data_dir).name} ({args.num_images} images, upscaled for 128 px). UNet sizes "
         f"{SIZES} (base, mults, layers), attention at the lowest level.\n\n"
         f"Cached latents vs encoding every step: {', '.join(speedups)}.\n\n"

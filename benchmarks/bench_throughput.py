@@ -3,7 +3,7 @@
     python benchmarks/bench_throughput.py --resolution 64 --train_batch_size 16 --steps 5
 
 Both run in this one process and are timed in alternation (A B A B ...), so machine noise hits both; the figure that
-matters is the ratio. The crispdiff side runs the real `Trainer.optimizer_step` (cached uint8 data, augmentation on
+matters is the ratio. The crispdiff side runs the real `UNetTrainer.optimizer_step` (cached uint8 data, augmentation on
 the device, fp32 noise, min-SNR v-prediction, fused AdamW on CUDA, EMA); the baseline decodes PNGs through a
 DataLoader every step as diffusers' train_unconditional.py does.
 """
@@ -22,7 +22,7 @@ from crispdiff.core.config import TrainConfig
 from crispdiff.data.loading import load_images
 from crispdiff.diffusion.unets import build_unet, count_parameters, describe_parameters
 from crispdiff.train.loop import make_accelerator
-from crispdiff.train.unet_trainer import PixelSpace, Trainer
+from crispdiff.train.unet_trainer import PixelSpace, UNetTrainer
 
 
 def parse_args() -> argparse.Namespace:
@@ -69,7 +69,7 @@ def main() -> None:
             torch_compile_backend=args.torch_compile_backend,
             **arch,
         )
-        ours = Trainer(config, PixelSpace(load_images(config)), make_accelerator(config))
+        ours = UNetTrainer(config, PixelSpace(load_images(config)), make_accelerator(config))
         unet = build_unet(args.resolution, dropout=0.0, **arch)
         baseline = DiffusersStyleLoop(
             unet,

@@ -40,7 +40,7 @@ def openmoji_dir() -> Path:
 @pytest.fixture(autouse=True)
 def _fresh_accelerate_state():
     """accelerate keeps one process-wide state; each test's runs build their own Accelerator (with their own
-    precision), as a real training process does once."""
+    precision), as a real training process does once (and hands to each of its stages)."""
     from accelerate.state import AcceleratorState
 
     AcceleratorState._reset_state(reset_partial_state=True)

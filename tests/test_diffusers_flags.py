@@ -132,7 +132,7 @@ def test_scale_lr_is_diffusers_rule():
 
 def lr_schedule(config, num_items: int = 8) -> tuple[int, list[float]]:
     """The run's length and the learning rate of each of its optimizer steps, from the real loop's scheduler."""
-    config.report_to, config.output_dir = "none", "unused"
+    config = config.with_values(report_to="none", output_dir="unused")
     trainer = LoopTrainer(config, make_accelerator(config), num_items)
     weight = torch.nn.Parameter(torch.zeros(2))
     trainer.setup_optimization(torch.nn.Linear(2, 2), [weight])
@@ -156,7 +156,7 @@ def test_lr_warmup_epochs_cycles_and_power_are_diffusers(tmp_path):
     # a default warm-up (here the transfer-style 500 set without the flag) is still capped at half the run
     config = parse_config(TextToImageLoRAConfig, [*base, "--max_train_steps", "6", "--lr_scheduler",
                                                   "constant_with_warmup"])  # fmt: skip
-    config.lr_warmup_steps = 500
+    config = config.with_values(lr_warmup_steps=500)
     assert lr_schedule(config)[1] == pytest.approx([0, 1e-3 / 3, 2e-3 / 3, 1e-3, 1e-3, 1e-3])
     # --num_train_epochs without --max_train_steps: epochs over the script's default step count (8 images of 2)
     steps, _ = schedule("--num_train_epochs", "3")

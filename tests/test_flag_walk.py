@@ -215,10 +215,11 @@ def base_argv(config_cls: type, inputs: dict[str, Path], out: Path) -> list[str]
 
 
 class ReadLog:
-    """The config fields a run reads, leaving out the reads that only check or save the config (its ``validate``,
-    ``resolve_given_flags``, ``check_*`` and ``to_dict`` methods, dataclasses' own functions, the defaults note)."""
+    """The config fields a run reads, leaving out the reads that only check or save the config (its ``resolve``,
+    ``fill_and_check``, ``resolve_given_flags``, ``check_*`` and ``to_dict`` methods, dataclasses' own functions, the
+    defaults note)."""
 
-    BOOKKEEPING = ("validate", "resolve_given_flags", "to_dict", "save_json", "defaults_note")
+    BOOKKEEPING = ("resolve", "fill_and_check", "resolve_given_flags", "to_dict", "save_json", "defaults_note")
 
     def __init__(self, config: Any):
         self.fields = {f.name for f in dataclasses.fields(config)}
@@ -232,7 +233,7 @@ class ReadLog:
                     log.read.add(name)
                 return object.__getattribute__(self, name)
 
-        config.__class__ = Tracked
+        object.__setattr__(config, "__class__", Tracked)  # a resolved config is read-only
 
     def counts(self, frame: Any) -> bool:
         while frame is not None:

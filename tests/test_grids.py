@@ -83,7 +83,7 @@ def test_latent_run_without_grids(image_dir, vae_dir, tmp_path, budget):  # noqa
     config = make_config(
         image_dir, vae_dir, tmp_path, num_validation_images=0, validation_steps=1, time_budget_minutes=budget
     )
-    config.validate()
+    config = config.resolve()
     folder = train_latent(config)
     assert folder is not None and (folder / "model_index.json").is_file()
     assert not (folder / "samples.png").exists() and not (tmp_path / "out" / "samples").exists()

@@ -29,7 +29,7 @@ from crispdiff.data.loading import load_images
 from crispdiff.publish.export import build_pipeline
 from crispdiff.train import grids
 from crispdiff.train.loop import make_accelerator
-from crispdiff.train.unet_trainer import PixelSpace, Trainer, train
+from crispdiff.train.unet_trainer import PixelSpace, UNetTrainer, train
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 CLASSES = ["disc", "ring", "square"]  # sorted: ids 0, 1, 2; the null class is 3
@@ -141,7 +141,7 @@ def test_trainer_builds_a_class_embedding_with_a_null_row_and_drops_labels_from_
     class_folder, tmp_path, monkeypatch
 ):
     config = tiny_config(class_folder, tmp_path / "out", train_batch_size=12)
-    trainer = Trainer(config, PixelSpace(load_images(config, show_progress=False)), make_accelerator(config))
+    trainer = UNetTrainer(config, PixelSpace(load_images(config, show_progress=False)), make_accelerator(config))
     unet = trainer.accelerator.unwrap_model(trainer.unet)
     assert unet.config.num_class_embeds == len(CLASSES) + 1 and unet.class_embedding.num_embeddings == 4
 

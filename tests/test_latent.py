@@ -280,7 +280,7 @@ def test_train_latent_calibrates_the_unsharp_amount_it_saves(image_dir, vae_dir,
     assert sweep["best_amount"] == min(rows, key=mismatch)["amount"] > 1.0
     assert json.loads((pipeline_dir / "model_index.json").read_text())["sharpen_amount"] == sweep["best_amount"]
     with pytest.raises(ValueError, match="sharpen_calibration_images"):
-        make_config(image_dir, vae_dir, tmp_path, sharpen_calibration_images=-1).validate()
+        make_config(image_dir, vae_dir, tmp_path, sharpen_calibration_images=-1).resolve()
 
 
 def test_train_latent_writes_a_pipeline_that_reloads_with_the_frozen_vae(image_dir, vae_dir, tmp_path):
@@ -337,16 +337,15 @@ def test_default_command_uses_embedded_data_and_vae(tmp_path):
     # the main job is class-conditional on the embedded emoji's subcategories; other data on auto classes
     assert config.class_column == EMBEDDED_CLASS_COLUMN == "subcategory"
     off = parse_config(LatentTrainConfig, ["--class_column", "none"])
-    off.validate()  # train_latent validates again: "none" must stay off, not become the default
+    assert off.resolve() is off  # train_latent resolves again: "none" must stay off, not become the default
     assert off.class_column == "none" and off.cache_dir is None
-    off.cache_dir, off.max_train_samples = str(tmp_path), 20
+    off = off.with_values(cache_dir=str(tmp_path), max_train_samples=20)
     assert load_images(off, for_latents=True, show_progress=False).class_names is None
     own_data = ["--train_data_dir", str(tmp_path)]
     assert parse_config(LatentTrainConfig, own_data).class_column == "auto"
     assert config.adapt_vae == "auto" and config.guidance_interval == [0.28, 5.42]
     assert parse_config(LatentTrainConfig, [*own_data, "--class_column", "x"]).class_column == "x"
-    config.cache_dir = str(tmp_path)
-    config.max_train_samples = 100
+    config = config.with_values(cache_dir=str(tmp_path), max_train_samples=100)
     data = load_images(config, for_latents=True, show_progress=False)
     assert "embedded" in data.source and data.resolution == 64
     assert len(data.class_names) >= 2 and len(data.class_ids) == 100

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from crispdiff.core.config import LoopConfig
+from crispdiff.core.config import LoopConfig, TrainConfig, parse_config
 from crispdiff.train.loop import LoopTrainer, make_accelerator, run_trainer
 
 NUM_ITEMS = 16
@@ -52,7 +52,7 @@ class LineTrainer(LoopTrainer):
     def ema_parameters(self):
         return self.accelerator.unwrap_model(self.model).parameters()
 
-    def validate(self) -> None:
+    def log_validation(self) -> None:
         pass
 
     def finish(self) -> Path:
@@ -90,8 +90,9 @@ def logged_scalars(output_dir: Path, tag: str) -> dict[int, float]:
 def test_the_logged_loss_is_the_mean_of_the_accumulation_window_every_logging_steps(tmp_path):
     """With 3 micro-batches per step, each logged loss is the mean of that step's 3, not the last one's; and it is
     logged every --logging_steps steps and at the last."""
-    config = line_config(tmp_path / "run", gradient_accumulation_steps=3, max_train_steps=7, logging_steps=3)
-    config.report_to = "tensorboard"
+    config = line_config(
+        tmp_path / "run", gradient_accumulation_steps=3, max_train_steps=7, logging_steps=3, report_to="tensorboard"
+    )
     trainer = LineTrainer(config, make_accelerator(config))
     run_trainer(trainer)
     logged = logged_scalars(tmp_path / "run", "train/loss")
@@ -132,3 +133,48 @@ def test_a_step_the_loss_scaler_skipped_moves_neither_the_lr_schedule_nor_the_em
     assert trainer.lr_scheduler.last_epoch == 4, "the LR schedule advanced on the 4 applied updates only"
     assert trainer.lr_scheduler.get_last_lr()[0] == pytest.approx(0.1 * (6 - 4) / 6)  # linear decay over 6 steps
     assert trainer.ema.optimization_step == 4, "the EMA averaged the 4 applied updates only"
+
+
+def test_stages_on_the_process_accelerator_train_and_checkpoint_as_if_each_had_its_own(tmp_path):
+    """One Accelerator per process, made from the run's config and handed to each stage (the VAE adaptation, one
+    micro-batch a step, then the UNet, here three): each stage trains with its own accumulation, and the first is
+    released when it ends, so each ends with the weights and the checkpoint (its own model, optimizer and LR schedule
+    only) of the same stage run on an Accelerator of its own."""
+    import dataclasses
+    import os
+
+    first = line_config(tmp_path / "first", checkpointing_steps=3, seed=1)
+    second = line_config(tmp_path / "second", gradient_accumulation_steps=3, checkpointing_steps=3)
+    shared = make_accelerator(second)
+    stages = []
+    for config in (first, second):
+        stages.append(LineTrainer(config, shared))
+        run_trainer(stages[-1], end_run=False)
+    listing = lambda out: sorted(os.listdir(Path(out) / "checkpoint-3"))  # noqa: E731
+    for stage, config in zip(stages, (first, second)):
+        own = dataclasses.replace(config, output_dir=str(tmp_path / f"alone-{config.seed}"))
+        alone = LineTrainer(own, make_accelerator(own))
+        run_trainer(alone, end_run=False)
+        assert len(stage.weights_after_step) == len(alone.weights_after_step) == 6
+        assert all(torch.equal(a, b) for a, b in zip(stage.weights_after_step, alone.weights_after_step))
+        assert listing(config.output_dir) == listing(own.output_dir)
+    assert "custom_checkpoint_1.pkl" not in listing(second.output_dir)  # the first stage's LR schedule is not in it
+
+
+def test_a_resolved_config_is_read_only_and_a_stage_decides_values_into_a_new_one():
+    """parse_config returns the resolved run config: defaults that depend on other flags are filled in (a guidance
+    interval spanning every noise level is stored as none), resolving it again returns it, and nothing writes into it;
+    what a stage decides (the time budget's steps) goes into a copy that keeps the flags the user gave."""
+    import dataclasses
+
+    config = parse_config(TrainConfig, ["--class_column", "kind", "--guidance_interval", "0", "inf"])
+    assert config.is_resolved and config.resolve() is config and config.guidance_interval is None
+    with pytest.raises(dataclasses.FrozenInstanceError, match="with_values"):
+        config.max_train_steps = 5
+    budgeted = config.with_values(max_train_steps=5)
+    assert budgeted.max_train_steps == 5 and config.max_train_steps is None and budgeted.is_resolved
+    assert budgeted.explicit_flags == config.explicit_flags == {"class_column", "guidance_interval"}
+    with pytest.raises(TypeError, match="no field max_steps"):
+        config.with_values(max_steps=5)
+    unresolved = TrainConfig(class_column="kind", guidance_interval=[0.0, float("inf")])
+    assert unresolved.resolve().guidance_interval is None and unresolved.guidance_interval is not None

@@ -107,7 +107,7 @@ def test_class_column_auto_labels_unlabelled_data_deterministically(colour_folde
     three = load(0, num_auto_classes=3)
     assert three.class_names == class_names(3) and len(set(three.class_ids.tolist())) == 3
     with pytest.raises(ValueError, match="--num_auto_classes must be >= 2"):
-        TrainConfig(class_column="auto", num_auto_classes=1).validate()
+        TrainConfig(class_column="auto", num_auto_classes=1).resolve()
     with pytest.warns(UserWarning, match="too few to cluster"):
         few = load(0, max_train_samples=12)
     assert few.class_names is None and load(0, max_train_samples=12, num_auto_classes=2).class_names == class_names(2)
@@ -272,7 +272,7 @@ def test_latent_trainer_on_unlabelled_data_trains_on_auto_classes_and_stores_the
     colour_folder, vae_dir, tmp_path
 ):
     config = latent_config(colour_folder, vae_dir, tmp_path / "out", adapt_vae="off", num_auto_classes=3)
-    config.validate()
+    config = config.resolve()
     assert config.class_column == "auto" and config.guidance_interval == [0.28, 5.42]
     folder = train_latent(config)
     pipe = load_pipeline(folder)

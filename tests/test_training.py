@@ -17,7 +17,7 @@ from tiny_models import assert_ranks_saw_different_data_and_noise, kill_launcher
 
 from crispdiff.core.config import TrainConfig, parse_config
 from crispdiff.train.loop import make_accelerator
-from crispdiff.train.unet_trainer import PixelSpace, Trainer, train
+from crispdiff.train.unet_trainer import PixelSpace, UNetTrainer, train
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
@@ -86,7 +86,7 @@ def test_flags_parse_into_config(image_folder, tmp_path):
     )
 
 
-def _fixed_eval_loss(trainer: Trainer) -> float:
+def _fixed_eval_loss(trainer: UNetTrainer) -> float:
     """Loss on a fixed batch, fixed noise and fixed timesteps: comparable before and after training."""
     from crispdiff.diffusion.schedule import sample_noise
 
@@ -107,8 +107,8 @@ def test_loss_falls_on_a_fixed_batch(image_folder, tmp_path):
     config = tiny_config(
         image_folder, tmp_path / "out", max_train_steps=40, dropout=0.0, checkpointing_steps=0, random_flip="false"
     )
-    config.max_train_samples = 4  # one batch: the same four images every step
-    trainer = Trainer(config, PixelSpace(load_images(config, show_progress=False)), make_accelerator(config))
+    config = config.with_values(max_train_samples=4)  # one batch: the same four images every step
+    trainer = UNetTrainer(config, PixelSpace(load_images(config, show_progress=False)), make_accelerator(config))
     before = _fixed_eval_loss(trainer)
     while trainer.step < 40:
         trainer.optimizer_step()
@@ -280,7 +280,7 @@ def test_saved_pipeline_reproduces_in_process_images(image_folder, tmp_path):
     from crispdiff.publish.export import build_pipeline
 
     config = tiny_config(image_folder, tmp_path / "run", max_train_steps=2, checkpointing_steps=0)
-    trainer = Trainer(config, PixelSpace(load_images(config, show_progress=False)), make_accelerator(config))
+    trainer = UNetTrainer(config, PixelSpace(load_images(config, show_progress=False)), make_accelerator(config))
     while trainer.step < 2:
         trainer.optimizer_step()
     folder = trainer.export()
@@ -288,7 +288,7 @@ def test_saved_pipeline_reproduces_in_process_images(image_folder, tmp_path):
     reloaded = _sample(DiffusionPipeline.from_pretrained(str(folder), trust_remote_code=True))
     assert in_process.shape == (2, 16, 16, 3)
     np.testing.assert_array_equal(reloaded, in_process)
-    untrained = Trainer(config, trainer.space, make_accelerator(config))
+    untrained = UNetTrainer(config, trainer.space, make_accelerator(config))
     assert not np.array_equal(_sample(build_pipeline(**untrained.pipeline_kwargs())), in_process), "vacuous"
     assert (folder / "samples.png").is_file() and (folder / "crispdiff_training.json").is_file()
     pipe = DiffusionPipeline.from_pretrained(str(folder), trust_remote_code=True)
@@ -300,7 +300,7 @@ def test_bf16_autocast_trains_in_bf16_and_saves_the_fp32_master_weights(image_fo
     seed, slightly), and the saved pipeline holds the fp32 EMA weights bit for bit, not a bf16 round trip."""
     from crispdiff.data.loading import load_images
 
-    def run(mixed_precision: str, out: Path) -> Trainer:
+    def run(mixed_precision: str, out: Path) -> UNetTrainer:
         from accelerate.state import AcceleratorState
 
         AcceleratorState._reset_state(reset_partial_state=True)
@@ -308,7 +308,7 @@ def test_bf16_autocast_trains_in_bf16_and_saves_the_fp32_master_weights(image_fo
         config = tiny_config(
             image_folder, out, max_train_steps=3, checkpointing_steps=0, mixed_precision=mixed_precision, dropout=0.0
         )
-        trainer = Trainer(config, PixelSpace(load_images(config, show_progress=False)), make_accelerator(config))
+        trainer = UNetTrainer(config, PixelSpace(load_images(config, show_progress=False)), make_accelerator(config))
         while trainer.step < 3:
             losses = trainer.optimizer_step()
         assert torch.isfinite(losses["loss"])
@@ -334,7 +334,7 @@ def _losses(config: TrainConfig, steps: int) -> list[float]:
 
     AcceleratorState._reset_state(reset_partial_state=True)
     torch.manual_seed(0)
-    trainer = Trainer(config, PixelSpace(load_images(config, show_progress=False)), make_accelerator(config))
+    trainer = UNetTrainer(config, PixelSpace(load_images(config, show_progress=False)), make_accelerator(config))
     return [trainer.optimizer_step()["loss"].item() for _ in range(steps)]
 
 
@@ -443,8 +443,7 @@ def test_validation_grid_and_metrics_are_logged(image_folder, tmp_path):
     config = tiny_config(
         image_folder, out, max_train_steps=4, checkpointing_steps=0, validation_steps=2, report_to="tensorboard"
     )
-    config.validation_metrics = True
-    train(config)
+    train(config.with_values(validation_metrics=True))
     grid = Image.open(out / "samples" / "step_0000002.png")
     assert grid.size == (2 * 16, 16)  # two 16 px validation images side by side
     events = list((out / "logs").rglob("events.out.tfevents.*"))
@@ -496,13 +495,11 @@ def test_sr_model_flag_and_failed_push_leave_a_complete_folder(image_folder, tmp
     config = tiny_config(
         image_folder, out, max_train_steps=2, checkpointing_steps=0, sr_model_name_or_path=sr_file, license="mit"
     )
-    config.push_to_hub, config.hub_model_id, config.hub_token = True, "someone/tiny", "hf_secret_token"
+    config = config.with_values(push_to_hub=True, hub_model_id="someone/tiny", hub_token="hf_secret_token")
     with pytest.raises(HubAccessError, match="HF_HUB_OFFLINE"):  # checked before training: nothing was trained
         train(config)
     assert not out.exists()
-    config.push_to_hub = False
-    train(config)
-    config.push_to_hub = True
+    train(config.with_values(push_to_hub=False))
     with pytest.raises(HubUploadError):
         maybe_push_to_hub(out / "pipeline", config)
     folder = out / "pipeline"

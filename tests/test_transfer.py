@@ -113,10 +113,10 @@ def transfer_config(pretrained: Path, images: Path, out: Path, **overrides) -> T
 
 
 def make_trainer(config: TransferConfig) -> TransferTrainer:
-    """What train_transfer does, minus the final export: the pretrained model prepared and the Trainer built."""
+    """What train_transfer does, minus the final export: the pretrained model prepared and the UNetTrainer built."""
 
     pretrained = load_pretrained(config.pretrained_model_name_or_path)
-    resolve_schedule(config, pretrained)
+    config = resolve_schedule(config, pretrained)
     space = PixelSpace(load_images(config, show_progress=False))
     unet, trainable, new_keys = prepare_unet(config, pretrained, space)
     return TransferTrainer(config, space, make_accelerator(config), unet, trainable, new_keys)
@@ -157,9 +157,10 @@ def cifar10_ddpm(tmp_path_factory) -> Path:
 def test_ddpm_cifar10_configs_train_a_step_at_64(cifar10_ddpm, tmp_path, caplog):
     images = write_images(tmp_path / "images64", 2, 64)
     config = transfer_config(cifar10_ddpm, images, tmp_path / "out", resolution=64, train_batch_size=1)
-    config.use_ema = False  # 35.7M parameters: one step, no EMA copy
+    config = config.with_values(use_ema=False)  # 35.7M parameters: one step, no EMA copy
     with caplog.at_level(logging.INFO, logger="crispdiff"):
         trainer = make_trainer(config)
+    config = trainer.config  # the pretrained schedule resolved into the run's config
     assert (config.beta_schedule, config.beta_start, config.beta_end, config.prediction_type) == (
         "linear",
         1e-4,
@@ -182,12 +183,12 @@ def test_ddpm_cifar10_configs_train_a_step_at_64(cifar10_ddpm, tmp_path, caplog)
 def test_schedule_and_prediction_type_come_from_the_pretrained_scheduler(tiny_ddpm, images32, tmp_path, caplog):
     config = transfer_config(tiny_ddpm, images32, tmp_path / "out")
     assert config.beta_schedule is None and config.prediction_type is None  # no crispdiff default sneaks in
-    resolve_schedule(config, load_pretrained(str(tiny_ddpm)))
+    config = resolve_schedule(config, load_pretrained(str(tiny_ddpm)))
     assert (config.beta_schedule, config.prediction_type, config.num_train_timesteps) == ("linear", "epsilon", 1000)
 
     switched = transfer_config(tiny_ddpm, images32, tmp_path / "out", prediction_type="v_prediction")
     with caplog.at_level(logging.WARNING, logger="crispdiff"):
-        resolve_schedule(switched, load_pretrained(str(tiny_ddpm)))
+        switched = resolve_schedule(switched, load_pretrained(str(tiny_ddpm)))
     assert switched.prediction_type == "v_prediction" and switched.beta_schedule == "linear"
     alpha_bar_T = torch.cumprod(1.0 - make_betas("linear", 1000), 0)[-1]
     assert "experimental" in caplog.text and f"1/alpha_T = {1.0 / math.sqrt(float(alpha_bar_T)):.0f} " in caplog.text
@@ -209,11 +210,11 @@ def test_schedule_flags_given_on_the_command_line_win_over_the_pretrained_pipeli
                   beta_schedule="cosine", training_config={"beta_schedule": "cosine", "snr_shift": -1.0})  # fmt: skip
     pretrained = load_pretrained(str(tmp_path / "crisp"))
     inherited = transfer_config(tmp_path / "crisp", images32, tmp_path / "a")
-    resolve_schedule(inherited, pretrained)
+    inherited = resolve_schedule(inherited, pretrained)
     assert (inherited.beta_schedule, inherited.snr_shift) == ("cosine", -1.0)
     given = transfer_config(tmp_path / "crisp", images32, tmp_path / "b", snr_shift=0.5)
     with caplog.at_level(logging.WARNING, logger="crispdiff"):
-        resolve_schedule(given, pretrained)
+        given = resolve_schedule(given, pretrained)
     assert (given.beta_schedule, given.snr_shift) == ("cosine", 0.5)
     assert "snr_shift=0.5" in caplog.text and "re-learn its noise levels" in caplog.text
 

@@ -410,7 +410,7 @@ def test_decoder_noise_perturbs_training_latents_only():
             step(images, torch.Generator().manual_seed(1))[0], clean(images, torch.Generator().manual_seed(1))[0]
         )
     with pytest.raises(ValueError, match="decoder_noise"):
-        VAETrainConfig(decoder_noise=-0.1).validate()
+        VAETrainConfig(decoder_noise=-0.1).resolve()
 
 
 def test_scale_equivariance_decodes_the_pooled_latent_and_the_loss_falls(image_folder: Path, tmp_path: Path):
@@ -435,9 +435,9 @@ def test_scale_equivariance_decodes_the_pooled_latent_and_the_loss_falls(image_f
     losses = [trainer.micro_step()["scale_eq"].item() for _ in range(30)]
     assert np.mean(losses[-5:]) < 0.7 * np.mean(losses[:5]), losses
     with pytest.raises(ValueError, match="scale_equivariance_weight"):
-        VAETrainConfig(scale_equivariance_weight=-1).validate()
+        VAETrainConfig(scale_equivariance_weight=-1).resolve()
     with pytest.raises(ValueError, match="train_decoder_only"):
-        VAETrainConfig(scale_equivariance_weight=1, train_decoder_only=True, pretrained_vae_name_or_path="x").validate()
+        VAETrainConfig(scale_equivariance_weight=1, train_decoder_only=True, pretrained_vae_name_or_path="x").resolve()
 
 
 def test_holdout_split_keeps_whole_classes_out(tmp_path: Path):

@@ -16,7 +16,7 @@ Rows, all trained on ``diffusion_train`` of ``own_data.make_128_split`` (932 Not
   the 128 px ``--snr_shift``).
 
 Equal budget, whatever else the machine is doing: wall clock is unfair on shared cores, so a probe first times each
-config's real ``Trainer.optimizer_step`` in *process CPU time* (all three back to back, ``--probe_rounds`` rounds,
+config's real ``UNetTrainer.optimizer_step`` in *process CPU time* (all three back to back, ``--probe_rounds`` rounds,
 median) and the export (the final sample grid: the library's ``sampling_seconds`` estimate x its
 ``EXPORT_MARGIN``), then each row trains a fixed ``--max_train_steps`` = (budget - export - validation grids) /
 CPU-s per step. CPU time is measured with OpenMP's passive waits (``OMP_WAIT_POLICY=PASSIVE``, set here and inherited
@@ -150,25 +150,24 @@ def row_flags(row: Row, data_dir: Path, threads: int, seed: int) -> list[str]:
 
 
 def build_trainer(row: Row, flags: list[str], output_dir: str) -> Any:
-    """A throwaway trainer built as the row's training script builds it (a ``Trainer`` on the same space)."""
-    from accelerate import PartialState
-
+    """A throwaway trainer built as the row's training script builds it (a ``UNetTrainer`` on the same space)."""
     from crispdiff.core.config import TrainConfig, parse_config
     from crispdiff.data.loading import load_images
     from crispdiff.latent.adapt import prepare_vae
     from crispdiff.latent.trainer import LatentTrainConfig, build_latent_space
     from crispdiff.train.loop import make_accelerator
-    from crispdiff.train.unet_trainer import PixelSpace, Trainer
+    from crispdiff.train.unet_trainer import PixelSpace, UNetTrainer
 
     config = parse_config(LatentTrainConfig if row.latent else TrainConfig, [*flags, "--output_dir", output_dir])
+    accelerator = make_accelerator(config)
     if row.latent:
         data = load_images(config, for_latents=True, show_progress=False)
-        vae = prepare_vae(config, data, PartialState(cpu=True))
+        vae, _ = prepare_vae(config, data, accelerator)
         space = build_latent_space(config, vae, data=data, show_progress=False)  # also warms the latent cache
     else:
         space = PixelSpace(load_images(config, show_progress=False))
     torch.manual_seed(config.seed)
-    return Trainer(config, space, make_accelerator(config))
+    return UNetTrainer(config, space, accelerator)
 
 
 def probe(rows: list[Row], data_dir: Path, args: argparse.Namespace) -> dict[str, dict[str, float]]:

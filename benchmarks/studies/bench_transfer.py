@@ -165,7 +165,7 @@ def pretrain(args: argparse.Namespace, data: str, out: Path) -> tuple[Path, floa
     from crispdiff.core.config import TrainConfig
     from crispdiff.data.loading import load_images
     from crispdiff.train.loop import make_accelerator
-    from crispdiff.train.unet_trainer import PixelSpace, Trainer
+    from crispdiff.train.unet_trainer import PixelSpace, UNetTrainer
 
     folder = out / "pretrained"
     config = loop_config(
@@ -182,7 +182,7 @@ def pretrain(args: argparse.Namespace, data: str, out: Path) -> tuple[Path, floa
     )
     AcceleratorState._reset_state(reset_partial_state=True)
     space = PixelSpace(load_images(config, show_progress=False))
-    trainer = Trainer(config, space, make_accelerator(config), unet=cifar10_layout(args, 32))
+    trainer = UNetTrainer(config, space, make_accelerator(config), unet=cifar10_layout(args, 32))
     start = time.perf_counter()
     while trainer.step < trainer.max_steps:
         trainer.optimizer_step()
@@ -198,12 +198,12 @@ def pretrain(args: argparse.Namespace, data: str, out: Path) -> tuple[Path, floa
 
 
 def fine_tune_trainer(mode: str, args: argparse.Namespace, pretrained: Path, data: str, out: Path) -> Any:
-    """The Trainer of one mode at 64 px; `scratch` is a fresh model of the same layout and schedule."""
+    """The UNetTrainer of one mode at 64 px; `scratch` is a fresh model of the same layout and schedule."""
     from accelerate.state import AcceleratorState
 
     from crispdiff.data.loading import load_images
     from crispdiff.train.loop import make_accelerator
-    from crispdiff.train.unet_trainer import PixelSpace, Trainer
+    from crispdiff.train.unet_trainer import PixelSpace, UNetTrainer
     from crispdiff.transfer.config import TransferConfig
     from crispdiff.transfer.pretrained import load_pretrained, resolve_schedule
     from crispdiff.transfer.trainer import TransferTrainer, prepare_unet
@@ -219,13 +219,13 @@ def fine_tune_trainer(mode: str, args: argparse.Namespace, pretrained: Path, dat
         lora_rank=args.lora_rank,
     )
     config = loop_config(TransferConfig, args, data, out / mode, **fields)
-    config.validate()
     loaded = load_pretrained(str(pretrained))
-    resolve_schedule(config, loaded)  # the pretrained schedule and objective: scratch uses the same recipe
+    # the pretrained schedule and objective: scratch uses the same recipe
+    config = resolve_schedule(config.resolve(), loaded)
     space = PixelSpace(load_images(config, show_progress=False))
     accelerator = make_accelerator(config)
     if mode == "scratch":
-        return Trainer(config, space, accelerator, unet=cifar10_layout(args, 64))
+        return UNetTrainer(config, space, accelerator, unet=cifar10_layout(args, 64))
     unet, trainable, new_keys = prepare_unet(config, loaded, space)
     return TransferTrainer(config, space, accelerator, unet, trainable, new_keys)
 

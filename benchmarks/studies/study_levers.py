@@ -33,7 +33,7 @@ from crispdiff.train import unet_trainer
 OUT = BENCH_DIR / "out" / "levers"
 
 
-class SnapshotTrainer(unet_trainer.Trainer):
+class SnapshotTrainer(unet_trainer.UNetTrainer):
     """The main job's trainer, also saving its EMA weights at the listed steps, two power-function EMAs every
     ``post_hoc_every`` steps (post-hoc EMA), and timing its own CPU use."""
 
@@ -83,9 +83,9 @@ class SnapshotTrainer(unet_trainer.Trainer):
         )
         return super().finish()
 
-    def run(self) -> Path | None:
+    def train_stage(self) -> Path | None:
         self.cpu_start, self.wall_start = time.process_time(), time.perf_counter()
-        return super().run()
+        return super().train_stage()
 
 
 def train(args: argparse.Namespace) -> None:
@@ -96,12 +96,12 @@ def train(args: argparse.Namespace) -> None:
     SnapshotTrainer.snapshot_steps = tuple(args.snapshots)
     SnapshotTrainer.post_hoc_every = args.post_hoc_every
     SnapshotTrainer.use_muon = args.muon
-    original = unet_trainer.Trainer
-    unet_trainer.Trainer = SnapshotTrainer  # train() builds its Trainer by this name
+    original = unet_trainer.UNetTrainer
+    unet_trainer.UNetTrainer = SnapshotTrainer  # train() builds its UNet trainer by this name
     try:
         train_latent(config)
     finally:
-        unet_trainer.Trainer = original
+        unet_trainer.UNetTrainer = original
 
 
 def cost(args: argparse.Namespace) -> None:
@@ -114,10 +114,9 @@ def cost(args: argparse.Namespace) -> None:
     trainers, space = [], None
     for flags in variants:
         config = parse_config(LatentTrainConfig, ["--output_dir", str(OUT / "cost"), "--report_to", "none", *flags])
-        config.validate()
         if space is None:
             space = build_latent_space(config, load_vae(config.pretrained_vae_name_or_path), show_progress=False)
-        trainer = unet_trainer.Trainer(config, space, make_accelerator(config))
+        trainer = unet_trainer.UNetTrainer(config, space, make_accelerator(config))
         for _ in range(3):
             trainer.optimizer_step()
         trainers.append(trainer)

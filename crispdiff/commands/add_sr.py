@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import argparse
 
-from crispdiff.core.config import _parse_bool
+from crispdiff.core.config import parse_bool
 from crispdiff.core.errors import FlagError, UserError, one_line, run_entry_point
 from crispdiff.publish.sr import DEFAULT_TILE_OVERLAP, DEFAULT_TILE_SIZE, SRModelError, attach_sr, describe_sr_model
 
@@ -35,7 +35,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     parser.add_argument("--tile_overlap", type=int, default=DEFAULT_TILE_OVERLAP, help="Tile overlap in input pixels.")
     parser.add_argument(
         "--default_upscale",
-        type=_parse_bool,
+        type=parse_bool,
         default=True,
         metavar="BOOL",
         help="Whether pipe(...) upscales when the call does not say.",

@@ -9,6 +9,7 @@ example scripts (``--resolution``, ``--train_batch_size``, ``--snr_gamma`` ...) 
 from __future__ import annotations
 
 import argparse
+import copy
 import dataclasses
 import functools
 import math
@@ -375,6 +376,62 @@ class LoopConfig:
     logging_steps: int = flag(10, "Log the loss, learning rate and speed every N optimizer steps (and at the last).")
     report_to: str = flag("tensorboard", "Where accelerate logs go.", choices=["tensorboard", "wandb", "all", "none"])
 
+    # -- the resolved run ---------------------------------------------------------------------------------------
+    # A config is built from flags (or by a caller), then resolved once: ``resolve()`` returns a read-only copy with
+    # every default that depends on other flags filled in and every flag checked. The run reads and saves that copy
+    # (crispdiff_training.json); what a stage decides before the loop (the time budget's steps and UNet, the VAE
+    # adaptation's steps, a pretrained model's schedule) goes into a new copy made with ``with_values``, never into
+    # the one it was given.
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        if self.__dict__.get("_resolved", False):
+            raise dataclasses.FrozenInstanceError(
+                f"cannot set {name}: a resolved config is read-only; make a new one with with_values({name}=...)"
+            )
+        object.__setattr__(self, name, value)
+
+    @property
+    def is_resolved(self) -> bool:
+        return bool(self.__dict__.get("_resolved", False))
+
+    def resolve(self) -> Any:
+        """The run's settings, resolved once: a read-only copy with the given flags' meaning applied
+        (``resolve_given_flags``), defaults filled in and combinations refused (``fill_and_check``), and flags that
+        would change nothing refused (``check_conditional_flags``). A resolved config resolves to itself. A
+        ``ValueError`` from the checks is raised as a ``FlagError`` (one ``error:`` line on the command line)."""
+        if self.is_resolved:
+            return self
+        resolved = copy.copy(self)  # carries explicit_flags, which is not a field
+        try:
+            resolved.resolve_given_flags()
+            resolved.fill_and_check()
+            check_conditional_flags(resolved)
+        except UserError:
+            raise
+        except ValueError as err:
+            raise FlagError(str(err)) from err
+        object.__setattr__(resolved, "_resolved", True)
+        return resolved
+
+    def fill_and_check(self) -> None:
+        """Fill in the defaults that depend on other flags and refuse combinations the run would only fail on later
+        (each config class extends this); runs once, inside ``resolve``, on the copy being resolved."""
+
+    def with_values(self, **values: Any) -> Any:
+        """A copy with ``values`` decided by a stage before the loop starts (resolved when this is). Only fields."""
+        unknown = sorted(set(values) - {f.name for f in dataclasses.fields(self)})
+        if unknown:
+            raise TypeError(f"{type(self).__name__} has no field {', '.join(unknown)}")
+        changed = copy.copy(self)
+        for name, value in values.items():
+            object.__setattr__(changed, name, value)
+        return changed
+
+    def values_for_steps(self, steps: int) -> dict[str, Any]:
+        """The settings whose defaults follow the run's length, for a run of ``steps`` optimizer steps (once a time
+        budget or the epochs have decided them); none here."""
+        return {}
+
     def resolve_given_flags(self) -> None:
         """What the flags a user passed mean together, as in diffusers' scripts (``explicit_flags`` is set)."""
         given = getattr(self, "explicit_flags", frozenset())
@@ -540,7 +597,7 @@ class TrainConfig(DataConfig, ModelConfig, NoiseConfig, HubConfig, LoopConfig):
         "gets sharper with training; 256 is plenty.",
     )
 
-    def validate(self) -> None:
+    def fill_and_check(self) -> None:
         """Refuse flag combinations every diffusion trainer would only fail on later (subclasses extend this)."""
         self.check_snr_shift()
         self.check_architecture_flags()
@@ -582,7 +639,7 @@ _TRUE = {"1", "true", "yes", "y", "on"}
 _FALSE = {"0", "false", "no", "n", "off"}
 
 
-def _parse_bool(text: str) -> bool:
+def parse_bool(text: str) -> bool:
     lowered = text.lower()
     if lowered in _TRUE:
         return True
@@ -622,7 +679,7 @@ def add_dataclass_flags(parser: argparse.ArgumentParser, config_cls: type) -> No
         if f.metadata.get("choices"):
             kwargs["choices"] = accepted_values(f.name, f.metadata["choices"])
         if tp is bool:
-            kwargs.update(type=_parse_bool, nargs="?", const=True)
+            kwargs.update(type=parse_bool, nargs="?", const=True)
         elif typing.get_origin(tp) is list:
             kwargs.update(type=typing.get_args(tp)[0], nargs="+")
         else:
@@ -670,7 +727,8 @@ def parse_config(config_cls: type, argv: list[str] | None = None, description: s
 
     ``argv=None`` means this is the program's own command line: from then on a user error anywhere in the run (bad
     data, a missing path, an invalid flag combination) ends it with one ``error:`` line and status 2
-    (``crispdiff.core.errors``). A ``ValueError`` from the config's ``validate()`` is such a user error.
+    (``crispdiff.core.errors``). Returns the resolved config (``LoopConfig.resolve``): read-only, defaults filled in,
+    flags checked.
     """
     parser = build_parser(config_cls, description)
     if argv is None:
@@ -679,15 +737,4 @@ def parse_config(config_cls: type, argv: list[str] | None = None, description: s
     config = config_cls(**vars(args))
     config.explicit_flags = given_flags(parser, argv)
     canonical_values(config)
-    resolve = getattr(config, "resolve_given_flags", None)
-    validate = getattr(config, "validate", None)
-    for check in (resolve, validate, lambda: check_conditional_flags(config)):
-        if not callable(check):
-            continue
-        try:
-            check()
-        except UserError:
-            raise
-        except ValueError as err:
-            raise FlagError(str(err)) from err
-    return config
+    return config.resolve()

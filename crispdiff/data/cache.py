@@ -19,8 +19,8 @@ import numpy as np
 from crispdiff.core.cores import available_cores
 from crispdiff.core.errors import DataError
 from crispdiff.core.io import finalise_tree, fsync_path, write_text_atomic
-from crispdiff.data.decode import _decode, _Decoded, _Recipe
-from crispdiff.data.sources import _Source
+from crispdiff.data.decode import DecodedImage, DecodeRecipe, decode_image
+from crispdiff.data.sources import ImageSource
 
 #: Bump when the decoding recipe or the cache layout changes, so old caches are never reused.
 CACHE_FORMAT = 2  # 2: the header holds a checksum of pixels.bin
@@ -37,7 +37,7 @@ _DECODE_CHUNK = 256
 
 
 @dataclass
-class _CacheContents:
+class CacheContents:
     """What a finished cache folder holds, besides the pixel file."""
 
     index: np.ndarray  # int64 [N, 3]: byte offset, height, width of each stored image
@@ -45,12 +45,12 @@ class _CacheContents:
     header: dict[str, Any] = field(default_factory=dict)
 
 
-def _cache_key(source: _Source, recipe: _Recipe) -> str:
+def image_cache_key(source: ImageSource, recipe: DecodeRecipe) -> str:
     payload = json.dumps({"format": CACHE_FORMAT, "source": source.identity, **recipe.as_key()}, sort_keys=True)
     return hashlib.sha256(payload.encode()).hexdigest()[:32]
 
 
-def _pixels_checksum(path: Path, chunk: int = 1 << 24) -> str:
+def pixels_checksum(path: Path, chunk: int = 1 << 24) -> str:
     """blake2b of the pixel file, read in 16 MiB chunks (one pass over the file, at disk speed)."""
     digest = hashlib.blake2b(digest_size=16)
     with path.open("rb") as handle:
@@ -59,7 +59,7 @@ def _pixels_checksum(path: Path, chunk: int = 1 << 24) -> str:
     return digest.hexdigest()
 
 
-def _read_cache(folder: Path, key: str) -> _CacheContents | None:
+def read_image_cache(folder: Path, key: str) -> CacheContents | None:
     """Load and validate a cache folder; ``None`` when absent, stale or damaged.
 
     Sizes must all agree and the pixels must match their checksum: a power cut can leave a file of the right size
@@ -80,14 +80,16 @@ def _read_cache(folder: Path, key: str) -> _CacheContents | None:
             return None
         if (folder / "pixels.bin").stat().st_size != total:
             return None
-        if _pixels_checksum(folder / "pixels.bin") != header["pixels_blake2b"]:
+        if pixels_checksum(folder / "pixels.bin") != header["pixels_blake2b"]:
             return None
     except (OSError, ValueError, KeyError, TypeError, json.JSONDecodeError):
         return None
-    return _CacheContents(index=index, kept=kept, header=header)
+    return CacheContents(index=index, kept=kept, header=header)
 
 
-def _decoded_stream(source: _Source, recipe: _Recipe, show_progress: bool) -> Iterator[tuple[int, _Decoded]]:
+def _decoded_stream(
+    source: ImageSource, recipe: DecodeRecipe, show_progress: bool
+) -> Iterator[tuple[int, DecodedImage]]:
     """Decode the source in order, a chunk at a time, on a few threads (PIL releases the GIL while decoding)."""
     from tqdm.auto import tqdm
 
@@ -101,13 +103,13 @@ def _decoded_stream(source: _Source, recipe: _Recipe, show_progress: bool) -> It
             items = source.fetch(start, end)
             names = source.names[start:end]
             for offset, decoded in enumerate(
-                pool.map(lambda pair: _decode(pair[0], pair[1], recipe), zip(items, names))
+                pool.map(lambda pair: decode_image(pair[0], pair[1], recipe), zip(items, names))
             ):
                 yield start + offset, decoded
                 bar.update(1)
 
 
-def _build_cache(source: _Source, recipe: _Recipe, folder: Path, key: str, show_progress: bool) -> None:
+def build_image_cache(source: ImageSource, recipe: DecodeRecipe, folder: Path, key: str, show_progress: bool) -> None:
     """Decode everything once into a temporary folder, then move it into place atomically.
 
     Pixels are appended to the file as they are decoded, so memory use does not grow with the dataset.
@@ -156,7 +158,7 @@ def _build_cache(source: _Source, recipe: _Recipe, folder: Path, key: str, show_
         }
         (tmp / SKIPPED_FILE).write_text("".join(f"{entry}\n" for entry in skipped), encoding="utf-8")
         (tmp / "header.json").write_text(json.dumps(header, indent=1))
-        if _read_cache(folder, key) is not None:  # another process (e.g. a second GPU rank) finished first
+        if read_image_cache(folder, key) is not None:  # another process (e.g. a second GPU rank) finished first
             return
         finalise_tree(tmp)  # fsynced before the rename: after a power cut the folder holds data, not zeros
         if folder.exists():
@@ -165,7 +167,7 @@ def _build_cache(source: _Source, recipe: _Recipe, folder: Path, key: str, show_
             os.replace(tmp, folder)
             fsync_path(folder.parent)
         except OSError:
-            if _read_cache(folder, key) is None:  # not a concurrent writer's finished copy: a real failure
+            if read_image_cache(folder, key) is None:  # not a concurrent writer's finished copy: a real failure
                 raise
     finally:
         if tmp.exists():
@@ -176,7 +178,7 @@ def _is_too_small(entry: str) -> bool:
     return "--min_image_size" in entry
 
 
-def _skip_summary(skipped: Sequence[str], recipe: _Recipe) -> str:
+def _skip_summary(skipped: Sequence[str], recipe: DecodeRecipe) -> str:
     """``"2 unreadable, 1 under --min_image_size 16"`` for a list of skipped-file entries."""
     too_small = sum(_is_too_small(entry) for entry in skipped)
     return f"{len(skipped) - too_small} unreadable, {too_small} under --min_image_size {recipe.min_image_size}"
@@ -195,7 +197,9 @@ def write_skipped_log(entries: Sequence[str], output_dir: str | os.PathLike) -> 
     return write_text_atomic(Path(output_dir) / SKIPPED_LOG_NAME, "".join(f"{entry}\n" for entry in entries))
 
 
-def _warn_about(header: dict[str, Any], source: _Source, recipe: _Recipe, log_path: Path | None) -> None:
+def warn_about_skipped(
+    header: dict[str, Any], source: ImageSource, recipe: DecodeRecipe, log_path: Path | None
+) -> None:
     """One warning for skipped files and one for upscaled images, on every load (also from the cache)."""
     skipped = int(header.get("num_skipped", 0))
     if skipped:

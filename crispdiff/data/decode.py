@@ -11,7 +11,7 @@ from PIL import Image, ImageColor, ImageOps
 
 from crispdiff.core.errors import DataError
 
-_INTERPOLATIONS = {
+INTERPOLATIONS = {
     "nearest": Image.Resampling.NEAREST,
     "nearest_exact": Image.Resampling.NEAREST,  # torchvision's name; on PIL images it is PIL's NEAREST
     "bilinear": Image.Resampling.BILINEAR,
@@ -28,7 +28,7 @@ _INTERPOLATIONS = {
 
 
 @dataclass(frozen=True)
-class _Recipe:
+class DecodeRecipe:
     """Everything that determines the stored pixels of one image; part of the cache key."""
 
     resolution: int
@@ -47,7 +47,7 @@ class _Recipe:
         }
 
 
-def _parse_background(text: str) -> tuple[int, int, int]:
+def parse_background(text: str) -> tuple[int, int, int]:
     """Turn ``--background`` (a CSS colour name or #hex) into RGB, with an error that names the flag."""
     try:
         rgb = ImageColor.getrgb(text)
@@ -101,10 +101,10 @@ def resize_rgb(rgb: np.ndarray, size: tuple[int, int], interpolation: str) -> np
     The one resize of the data pipeline: super-resolution training makes its low-resolution inputs with it, so an
     SR model learns to undo exactly the downscaling that the diffusion model's training images went through.
     """
-    return np.asarray(Image.fromarray(rgb).resize(size, _INTERPOLATIONS[interpolation]))
+    return np.asarray(Image.fromarray(rgb).resize(size, INTERPOLATIONS[interpolation]))
 
 
-def _resize_short_side(rgb: np.ndarray, recipe: _Recipe) -> np.ndarray:
+def _resize_short_side(rgb: np.ndarray, recipe: DecodeRecipe) -> np.ndarray:
     """Resize so the shorter side equals ``resolution``; optionally keep only the centre square."""
     height, width = rgb.shape[:2]
     res = recipe.resolution
@@ -121,7 +121,7 @@ def _resize_short_side(rgb: np.ndarray, recipe: _Recipe) -> np.ndarray:
 
 
 @dataclass
-class _Decoded:
+class DecodedImage:
     """The result of decoding one item: pixels, or ``None`` with the reason it was skipped."""
 
     pixels: np.ndarray | None
@@ -146,7 +146,7 @@ def _open(item: Any) -> Image.Image:
     return Image.open(item)
 
 
-def _decode(item: Any, name: str, recipe: _Recipe) -> _Decoded:
+def decode_image(item: Any, name: str, recipe: DecodeRecipe) -> DecodedImage:
     """Decode one image with the recipe; unreadable and too-small files come back without pixels and with a reason.
 
     Why skip small images instead of upscaling them: a 12-pixel thumbnail upscaled to 64 px would teach the model
@@ -158,13 +158,13 @@ def _decode(item: Any, name: str, recipe: _Recipe) -> _Decoded:
             img.load()
             width, height = img.size
             if min(width, height) < recipe.min_image_size:
-                return _Decoded(
+                return DecodedImage(
                     None, skipped_because=f"{width}x{height}, under --min_image_size {recipe.min_image_size}"
                 )
             if img.getexif().get(0x0112, 1) != 1:  # camera rotation tag: photos should be upright
                 img = ImageOps.exif_transpose(img) or img
             rgb = _to_rgb_array(img, recipe.background)
     except (OSError, SyntaxError, ValueError, TypeError, Image.DecompressionBombError, EOFError):
-        return _Decoded(None, skipped_because="unreadable")
+        return DecodedImage(None, skipped_because="unreadable")
     upscaled = min(rgb.shape[:2]) < recipe.resolution
-    return _Decoded(_resize_short_side(rgb, recipe), upscaled)
+    return DecodedImage(_resize_short_side(rgb, recipe), upscaled)

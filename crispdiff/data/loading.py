@@ -14,9 +14,10 @@ folder, recursive, optional ``metadata.jsonl`` as in datasets' imagefolder), els
 shipped in ``crispdiff/assets``.
 
 One module per concern, this one being the entry point (``load_images``) that re-exports their public names:
-``data_decode`` (one image -> uint8 with the recipe), ``data_sources`` (folder / ``datasets`` / embedded),
-``data_cache`` (the memory-mapped cache and the skipped-file list), ``data_batches`` (``ImageData``: crops,
-augmentation, device residency).
+:mod:`crispdiff.data.decode` (one image -> uint8 with the ``DecodeRecipe``), :mod:`crispdiff.data.sources` (folder /
+``datasets`` / embedded: ``resolve_source``), :mod:`crispdiff.data.cache` (the memory-mapped cache and the
+skipped-file list: ``read_image_cache``, ``build_image_cache``), :mod:`crispdiff.data.batches` (``ImageData``: crops,
+augmentation, device residency), :mod:`crispdiff.data.auto_classes` (``--class_column auto``).
 """
 
 from __future__ import annotations
@@ -34,21 +35,21 @@ from crispdiff.data.batches import ImageData, to_device, uint8_to_unit
 from crispdiff.data.cache import (
     SKIPPED_FILE,
     SKIPPED_LOG_NAME,
-    _build_cache,
-    _cache_key,
-    _read_cache,
-    _warn_about,
+    build_image_cache,
+    image_cache_key,
+    read_image_cache,
     skipped_entries,
+    warn_about_skipped,
     write_skipped_log,
 )
-from crispdiff.data.decode import _INTERPOLATIONS, _parse_background, _Recipe
+from crispdiff.data.decode import INTERPOLATIONS, DecodeRecipe, parse_background
 from crispdiff.data.sources import (
     IMAGE_EXTENSIONS,
-    _resolve_source,
     cache_root,
     embedded_dataset_dir,
     is_saved_dataset,
     metadata_class_column,
+    resolve_source,
 )
 
 __all__ = [
@@ -73,8 +74,8 @@ __all__ = [
 def _check_config(config: Any) -> None:
     if int(config.resolution) < 1:
         raise DataError(f"--resolution must be positive, got {config.resolution}")
-    if config.interpolation not in _INTERPOLATIONS:
-        raise DataError(f"--interpolation {config.interpolation!r} is not one of {sorted(_INTERPOLATIONS)}")
+    if config.interpolation not in INTERPOLATIONS:
+        raise DataError(f"--interpolation {config.interpolation!r} is not one of {sorted(INTERPOLATIONS)}")
     for name in PIXEL_AUGMENTATIONS:
         if not 0.0 <= float(getattr(config, name)) <= 1.0:
             raise DataError(f"--{name} must be within [0, 1], got {getattr(config, name)}")
@@ -142,29 +143,29 @@ def load_images(config: Any, *, for_latents: bool = False, show_progress: bool =
     the latent cache encodes several crop positions of each (``--random_crop_positions``).
     """
     _check_config(config)
-    recipe = _Recipe(
+    recipe = DecodeRecipe(
         resolution=int(config.resolution),
         interpolation=str(config.interpolation),
-        background=_parse_background(config.background),
+        background=parse_background(config.background),
         center=bool(config.center_crop),
         min_image_size=int(config.min_image_size),
     )
-    source = _resolve_source(config)
+    source = resolve_source(config)
     class_column = metadata_class_column(config)
     class_values = _class_values(source, class_column)
-    key = _cache_key(source, recipe)
+    key = image_cache_key(source, recipe)
     folder = cache_root(config) / "images" / key
-    contents = _read_cache(folder, key)
+    contents = read_image_cache(folder, key)
     cache_hit = contents is not None
     if contents is None:
         if (folder / "header.json").exists():
             warnings.warn(f"image cache {folder} is damaged or stale; rebuilding it", UserWarning, stacklevel=2)
-        _build_cache(source, recipe, folder, key, show_progress)
-        contents = _read_cache(folder, key)
+        build_image_cache(source, recipe, folder, key, show_progress)
+        contents = read_image_cache(folder, key)
         if contents is None:
             raise RuntimeError(f"the image cache just written to {folder} does not validate; is the disk full?")
     skipped = skipped_entries(folder, contents.header)
-    _warn_about(contents.header, source, recipe, _skipped_log(skipped, folder, config))
+    warn_about_skipped(contents.header, source, recipe, _skipped_log(skipped, folder, config))
     kept = contents.kept.tolist()
     class_names, class_ids = _class_labels(class_values, kept, class_column)
     pixels = np.memmap(folder / "pixels.bin", dtype=np.uint8, mode="r")

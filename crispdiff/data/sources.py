@@ -43,7 +43,7 @@ def cache_root(config: Any = None) -> Path:
 
 
 @dataclass
-class _Source:
+class ImageSource:
     """A list of images before decoding: enough to build the cache key without reading any pixels."""
 
     description: str
@@ -126,7 +126,7 @@ def max_samples_subset(count: int, config: Any) -> list[int] | None:
     return sorted(order[: max(0, int(limit))].tolist())
 
 
-def _folder_source(folder: Path, config: Any, flag: str, description: str | None = None) -> _Source:
+def _folder_source(folder: Path, config: Any, flag: str, description: str | None = None) -> ImageSource:
     """A folder of images (recursive) with an optional imagefolder-style metadata file."""
     if not folder.exists():
         raise DataError(f"{flag} {folder} does not exist")
@@ -166,7 +166,7 @@ def _folder_source(folder: Path, config: Any, flag: str, description: str | None
         if meta.exists():
             stat = meta.stat()
             digest.update(f"{meta.name}\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode())
-    return _Source(
+    return ImageSource(
         description=description or f"folder {folder} ({len(files)} image files)",
         identity=f"folder:{folder.resolve()}:{digest.hexdigest()}",
         names=names,
@@ -219,7 +219,7 @@ def _open_hf_dataset(config: Any) -> Any:
         raise DataError(f"could not load --dataset_name {name!r}{within}: {type(err).__name__}: {err}") from err
 
 
-def _dataset_source(config: Any) -> _Source:
+def _dataset_source(config: Any) -> ImageSource:
     """A ``datasets`` dataset; images are fetched undecoded so that bad files are skipped rather than crashing."""
     import datasets
 
@@ -253,7 +253,7 @@ def _dataset_source(config: Any) -> _Source:
                 row[class_column] = None
     captions = [str(row[config.caption_column] or "") for row in metadata] if config.caption_column else None
     image_column = config.image_column
-    return _Source(
+    return ImageSource(
         description=f"dataset {config.dataset_name} ({len(ds)} rows)",
         identity=f"dataset:{config.dataset_name}:{config.dataset_config_name}:{ds._fingerprint}:{len(ds)}",
         names=[f"{config.dataset_name}[{i}]" for i in range(len(ds))],
@@ -264,7 +264,7 @@ def _dataset_source(config: Any) -> _Source:
     )
 
 
-def _resolve_source(config: Any) -> _Source:
+def resolve_source(config: Any) -> ImageSource:
     """Pick the source from the flags: ``datasets``, then a folder, then the embedded default.
 
     With both data flags the dataset is used, as in diffusers' scripts, and ``--train_data_dir`` is the folder inside

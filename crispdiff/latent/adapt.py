@@ -26,13 +26,7 @@ from typing import Any
 from crispdiff.latent.vae_config import VAE_SUBFOLDER, VAETrainConfig
 from crispdiff.latent.vae_eval import holdout_split, reconstruction_metrics
 from crispdiff.latent.vae_trainer import VAETrainer
-from crispdiff.train.loop import (
-    EpochBatches,
-    images_per_optimizer_step,
-    make_accelerator,
-    run_trainer,
-    total_train_steps,
-)
+from crispdiff.train.loop import EpochBatches, images_per_optimizer_step, run_trainer, total_train_steps
 
 #: ``--adapt_vae`` choices: never, when the VAE misses the bar on the user's images, or always.
 ADAPT_VAE_CHOICES = ("off", "auto", "always")
@@ -160,11 +154,12 @@ def run_adaptation(
 ) -> tuple[Path, dict[str, float], int]:
     """Fine-tune as ``vae_config`` says on ``data``; returns the VAE folder, its held-out metrics and the steps run.
 
-    Runs on every process (the VAE trainer is distributed like the others) with its own ``Accelerator`` object, so
-    its model and optimizer never enter the UNet's checkpoints. ``deadline`` (a ``time.perf_counter()`` value) stops
-    it early: its learning rate is constant after warm-up, so stopping anywhere leaves a finished model.
+    Runs on every process (the VAE trainer is distributed like the others) as a stage on the process's
+    ``Accelerator``, released when it ends (``crispdiff.train.loop.release_stage``), so its model and optimizer never
+    enter the UNet's checkpoints; its own checkpoints live in its own folder. ``deadline`` (a ``time.perf_counter()``
+    value) stops it early: its learning rate is constant after warm-up, so stopping anywhere leaves a finished model.
     """
-    vae_config.validate()
+    vae_config = vae_config.resolve()
     trainer = VAETrainer(vae_config, data, accelerator)
     trainer.deadline = deadline
     folder = run_trainer(trainer, end_run=False)
@@ -177,30 +172,32 @@ def adapted_steps(folder: Path) -> int | None:
     return int(json.loads(summary.read_text())["steps"]) if summary.is_file() else None
 
 
-def prepare_vae(config: Any, data: Any, state: Any, budget: Any = None) -> Any:
-    """The VAE the latent trainer encodes with: ``config``'s, or its adaptation to ``data`` (``--adapt_vae``).
+def prepare_vae(config: Any, data: Any, accelerator: Any, budget: Any = None) -> tuple[Any, int | None]:
+    """The VAE the latent trainer encodes with: ``config``'s, or its adaptation to ``data`` (``--adapt_vae``); and
+    the steps the adaptation ran (None when there was none), for the run's resolved config (``adapt_vae_steps``,
+    saved so the run can be repeated exactly).
 
-    ``data`` are the training images (centre crops); ``state`` is accelerate's ``PartialState``. A resumed run
-    (``--resume_from_checkpoint``) whose adaptation had finished reuses it instead of adapting again. With a
-    ``budget`` (``--time_budget_minutes``) the adaptation gets :data:`BUDGET_SHARE` of what is left of it, at most
-    ``--adapt_vae_steps`` x :data:`BUDGET_MAX_STEPS_FACTOR` steps; without one, :func:`adaptation_steps` sizes it to
-    the UNet's run. ``config.adapt_vae_steps`` is set to the steps it ran (saved with the run, so it can be repeated
-    exactly).
+    ``data`` are the training images (centre crops); ``accelerator`` is the process's ``Accelerator``, which runs the
+    adaptation as a stage of its own. A resumed run (``--resume_from_checkpoint``) whose adaptation had finished
+    reuses it instead of adapting again. With a ``budget`` (``--time_budget_minutes``) the adaptation gets
+    :data:`BUDGET_SHARE` of what is left of it, at most ``--adapt_vae_steps`` x :data:`BUDGET_MAX_STEPS_FACTOR` steps;
+    without one, :func:`adaptation_steps` sizes it to the UNet's run.
     """
     from crispdiff.latent.vae import load_vae
 
     if config.adapt_vae == "off":
-        return load_vae(config.pretrained_vae_name_or_path)
+        return load_vae(config.pretrained_vae_name_or_path), None
     adapted = adapted_vae_dir(config)
     if config.resume_from_checkpoint and (adapted / "config.json").is_file():
-        state.print(f"crispdiff: reusing the VAE adapted to your images in {adapted}")
-        config.adapt_vae_steps = adapted_steps(adapted) or config.adapt_vae_steps  # what it ran, for the saved config
-        return load_vae(str(adapted))
+        accelerator.print(f"crispdiff: reusing the VAE adapted to your images in {adapted}")
+        return load_vae(str(adapted)), adapted_steps(adapted)
     vae = load_vae(config.pretrained_vae_name_or_path)
-    before = reconstruction_metrics(vae.to(state.device), holdout_images(data, config.seed))
+    before = reconstruction_metrics(vae.to(accelerator.device), holdout_images(data, config.seed))
     if config.adapt_vae == "auto" and not misses_bar(before):
-        state.print(f"crispdiff: the VAE fits your images ({describe_fit(before)} on held-out images); not adapting it")
-        return vae
+        accelerator.print(
+            f"crispdiff: the VAE fits your images ({describe_fit(before)} on held-out images); not adapting it"
+        )
+        return vae, None
     source = config.resolved_vae_path()
     deadline = None
     if budget is not None:
@@ -208,14 +205,16 @@ def prepare_vae(config: Any, data: Any, state: Any, budget: Any = None) -> Any:
         deadline = time.perf_counter() + BUDGET_SHARE * budget.remaining()
         steps = config.adapt_vae_steps * BUDGET_MAX_STEPS_FACTOR
     else:
-        steps, why = adaptation_steps(config, len(data), state.num_processes)
+        steps, why = adaptation_steps(config, len(data), accelerator.num_processes)
         length = f"{steps} step{'s' if steps != 1 else ''} of {ADAPTATION_RECIPE['train_batch_size']} images ({why})"
-    state.print(
+    accelerator.print(
         f"crispdiff: adapting the VAE ({source}) to your images for {length}: held-out {describe_fit(before)}"
         + (f", below the bar of {MIN_PSNR:g} dB / {MIN_HF_RATIO:g}" if config.adapt_vae == "auto" else "")
     )
     vae_config = adaptation_config(config, steps, len(data))
-    folder, after, config.adapt_vae_steps = run_adaptation(vae_config, data, make_accelerator(vae_config), deadline)
+    folder, after, steps_run = run_adaptation(vae_config, data, accelerator, deadline)
     if after:
-        state.print(f"crispdiff: VAE adapted: held-out {describe_fit(before)} -> {describe_fit(after)} ({folder})")
-    return load_vae(str(folder))
+        accelerator.print(
+            f"crispdiff: VAE adapted: held-out {describe_fit(before)} -> {describe_fit(after)} ({folder})"
+        )
+    return load_vae(str(folder)), steps_run

@@ -12,7 +12,7 @@ samples are sharper for the same compute. The pieces:
 - ``train_latent(config)``: loads the VAE, builds or reuses the cache (rank 0 first), then runs the one training loop.
 
 The VAE is frozen: ``requires_grad_(False)``, eval mode, and its parameters never reach the optimizer. Decoder
-fine-tuning is not done here — see ``LatentTrainConfig.validate`` for why, and ``train_scripts/train_vae.py
+fine-tuning is not done here — see ``LatentTrainConfig.fill_and_check`` for why, and ``train_scripts/train_vae.py
 --train_decoder_only`` for where it lives.
 """
 
@@ -279,7 +279,7 @@ class LatentTrainConfig(TrainConfig):
         "the conditional model alone. `0 inf` guides every step.",
     )
 
-    def validate(self) -> None:
+    def fill_and_check(self) -> None:
         """Refuse flag combinations the latent trainer cannot honour, with the reason and the alternative."""
         # resolved first so the saved training config states the values used
         if self.sharpen_amount is None:
@@ -309,9 +309,10 @@ class LatentTrainConfig(TrainConfig):
             }
         ):
             self.max_train_steps = MAIN_JOB_BF16_STEPS
+        self._default_learning_rate = self.learning_rate is None  # then it follows the steps (values_for_steps)
         if self.max_train_steps:
-            self.resolve_learning_rate(self.max_train_steps)
-        super().validate()
+            self.learning_rate = self.values_for_steps(self.max_train_steps).get("learning_rate", self.learning_rate)
+        super().fill_and_check()
         if self.vae_trainable == "decoder":
             raise ValueError(
                 "--vae_trainable decoder is not supported by train_latent.py: the UNet learns from cached latents, so "
@@ -332,12 +333,12 @@ class LatentTrainConfig(TrainConfig):
         if self.scaling_factor is not None and not self.scaling_factor > 0:
             raise ValueError(f"--scaling_factor must be positive, got {self.scaling_factor}")
 
-    def resolve_learning_rate(self, steps: int) -> None:
-        """Set the default peak learning rate for a run of ``steps`` (:func:`main_job_learning_rate`), unless the user
-        chose one; called again once a time budget or the epochs have decided the steps."""
-        if self.learning_rate is None or getattr(self, "_default_learning_rate", False):
-            self.learning_rate = main_job_learning_rate(steps, self.base_channels)
-            self._default_learning_rate = True
+    def values_for_steps(self, steps: int) -> dict[str, Any]:
+        """The default learning rate follows the run's length and width (``main_job_learning_rate``); a learning
+        rate the user chose stays."""
+        if not self.__dict__.get("_default_learning_rate", False):
+            return {}
+        return {"learning_rate": main_job_learning_rate(steps, self.base_channels)}
 
     def resolved_vae_path(self) -> Path | str:
         """The VAE this config loads: the flag's value, or the embedded default's folder."""
@@ -523,38 +524,32 @@ def train_latent(config: LatentTrainConfig) -> Path | None:
     """The latent trainer: images -> VAE (checked on them, adapted if asked) -> latent cache (rank 0 builds it, the
     others wait and reuse it) -> the training loop.
 
-    Returns the pipeline folder on the main process (``None`` elsewhere). The cache is built before the loop
-    creates its ``Accelerator``; ``PartialState`` is the same process-group state the loop uses later.
+    Returns the pipeline folder on the main process (``None`` elsewhere). The run's one ``Accelerator`` is made
+    first and handed to each stage (the VAE adaptation, the time-budget probe, the UNet); ``config`` is resolved once
+    here, and what the stages decide before the loop (the adaptation's steps, a learning rate that follows the
+    epochs' steps, the budget's steps and UNet) goes into the resolved config the UNet stage saves and reads.
     """
-    from accelerate import PartialState
-
     from crispdiff.data.loading import load_images
     from crispdiff.latent.adapt import prepare_vae
-    from crispdiff.train.loop import (
-        check_output_dir,
-        configure_kernels,
-        epochs_to_steps,
-        has_accelerator_device,
-        use_cpu_cores,
-    )
+    from crispdiff.train.loop import check_output_dir, epochs_to_steps, start_process
     from crispdiff.train.time_budget import TimeBudget
     from crispdiff.train.unet_trainer import train
 
     budget = TimeBudget(config.time_budget_minutes) if config.time_budget_minutes else None
-    config.validate()
+    config = config.resolve()
     check_output_dir(config)  # fail before spending minutes on encoding
-    configure_kernels(config)  # before CUDA is first used (the VAE check / adaptation below use it)
-    state = PartialState(cpu=not has_accelerator_device())  # as make_accelerator: CPU processes join one group
-    use_cpu_cores(config, state.num_processes)
-    show_progress = state.is_local_main_process
-    with state.main_process_first():  # rank 0 decodes the images (and makes any auto classes) first
+    accelerator = start_process(config)  # kernels set before CUDA is first used (the VAE check / adaptation use it)
+    show_progress = accelerator.is_local_main_process
+    with accelerator.main_process_first():  # rank 0 decodes the images (and makes any auto classes) first
         data = load_images(config, for_latents=True, show_progress=show_progress)
     if config.class_column == AUTO_CLASS_COLUMN and data.class_names:  # too few images: unlabelled, with a warning
-        state.print(auto_classes_note(data))
-    vae = prepare_vae(config, data, state, budget).to(state.device)
-    with state.main_process_first():
+        accelerator.print(auto_classes_note(data))
+    vae, adapt_vae_steps = prepare_vae(config, data, accelerator, budget)
+    decided: dict[str, Any] = {} if adapt_vae_steps is None else {"adapt_vae_steps": adapt_vae_steps}
+    vae = vae.to(accelerator.device)
+    with accelerator.main_process_first():
         space = build_latent_space(config, vae, data=data, show_progress=show_progress)
     if not config.max_train_steps:  # --num_epochs: the default learning rate follows the steps they make
-        batches = max(1, len(space) // (config.train_batch_size * state.num_processes))
-        config.resolve_learning_rate(epochs_to_steps(config, config.num_epochs, batches))
-    return train(config, space, budget, output_dir_checked=True)
+        batches = max(1, len(space) // (config.train_batch_size * accelerator.num_processes))
+        decided.update(config.values_for_steps(epochs_to_steps(config, config.num_epochs, batches)))
+    return train(config, space, budget, accelerator=accelerator, decided=decided)

@@ -112,7 +112,7 @@ class VAETrainConfig(DataConfig, LoopConfig):
         "same) so every latent channel has mean 0 and std 1, which latent diffusion learns more easily.",
     )
 
-    def validate(self) -> None:
+    def fill_and_check(self) -> None:
         """Reject flag combinations that would silently do something else than asked."""
         if self.decoder_noise < 0:
             raise ValueError(f"--decoder_noise must be >= 0, got {self.decoder_noise}")

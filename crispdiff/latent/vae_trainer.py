@@ -268,7 +268,7 @@ class VAETrainer(LoopTrainer):
         copy = ema_copy(self.vae, self.ema)
         return copy.to(self.accelerator.device).eval().requires_grad_(False)  # from_config builds it in fp32
 
-    def validate(self, vae: AutoencoderKL | None = None) -> dict[str, float]:
+    def log_validation(self, vae: AutoencoderKL | None = None) -> dict[str, float]:
         """Held-out PSNR/SSIM/sharpness and a reconstruction grid (main process); returns the metrics.
 
         Held-out classes (``--holdout_column``) are measured apart, under ``classes/`` keys.
@@ -312,7 +312,7 @@ class VAETrainer(LoopTrainer):
                 standardize_latent_channels(vae, sample_latents(vae, images, config.seed))
             scale, shift = measure_latent_scaling(vae, images, config.seed)
         vae.register_to_config(scaling_factor=scale, shift_factor=shift)
-        metrics = self.validate(vae)
+        metrics = self.log_validation(vae)
         summary = {
             "steps": self.step,
             "num_parameters": self.num_parameters,
@@ -342,6 +342,7 @@ def train_vae(config: VAETrainConfig) -> Path | None:
     """Train (or fine-tune) an AutoencoderKL as ``config`` says; returns the saved vae/ folder on the main process."""
     from crispdiff.data.loading import load_images
 
+    config = config.resolve()
     check_output_folder(config, VAE_SUBFOLDER, "config.json", "a trained VAE")
     accelerator = start_run(config)
     with accelerator.main_process_first():  # the first process builds the decode cache, the others reuse it

@@ -102,7 +102,7 @@ class SDLoRAConfig(DataConfig, HubConfig, LoopConfig):
     validation_steps: int = flag(100, "Validate (with --validation_prompt) every N optimizer steps.")
     checkpointing_steps: int = flag(500, "Save a resumable checkpoint every N optimizer steps.")
 
-    def validate(self) -> None:
+    def fill_and_check(self) -> None:
         """Refuse flag combinations that would silently do something else than asked, one line each."""
         if not self.pretrained_model_name_or_path:
             raise SDLoRAError("--pretrained_model_name_or_path is required (a Stable Diffusion 1.x/2.x folder or id)")
@@ -160,8 +160,8 @@ class TextToImageLoRAConfig(SDLoRAConfig):
 
     caption_column: str | None = flag("text", "Column holding each image's caption (metadata.jsonl or dataset).")
 
-    def validate(self) -> None:
-        super().validate()
+    def fill_and_check(self) -> None:
+        super().fill_and_check()
         if not self.caption_column:
             raise SDLoRAError("--caption_column is required: text-to-image LoRA learns from per-image captions")
 
@@ -221,8 +221,8 @@ class DreamBoothLoRAConfig(SDLoRAConfig):
     train_batch_size: int = flag(1, "Instance images per process per micro-batch (plus as many class images).")
     max_train_steps: int | None = flag(400, "Optimizer steps to train for.")
 
-    def validate(self) -> None:
-        super().validate()
+    def fill_and_check(self) -> None:
+        super().fill_and_check()
         if not self.instance_data_dir:
             raise SDLoRAError("--instance_data_dir is required (a folder of the subject's images)")
         if not self.instance_prompt:

@@ -279,7 +279,7 @@ class SDLoRATrainer(LoopTrainer):
     def sample_prompt(self) -> str:
         return self.config.validation_prompt or self.prompts.prompts[int(self.instance.prompt_ids[0])]
 
-    def validate(self) -> None:
+    def log_validation(self) -> None:
         config = self.config
         if not self.accelerator.is_main_process or not config.validation_prompt or not config.num_validation_images:
             return
@@ -342,7 +342,7 @@ class SDLoRATrainer(LoopTrainer):
 
 
 def _prepare(config: SDLoRAConfig) -> tuple[Accelerator, SDParts]:
-    config.validate()
+    """The output folder checked, the base model loaded, the process's Accelerator (``config`` is resolved)."""
     check_output_dir(config, "", LORA_WEIGHTS_NAME, "trained LoRA weights")
     parts = load_sd(config.pretrained_model_name_or_path or "", config.revision, config.variant, config.tokenizer_name)
     base_schedule(parts.scheduler, config.prediction_type)  # refuse a prediction-type switch before any work
@@ -361,6 +361,7 @@ def prompt_bank(config: SDLoRAConfig, parts: SDParts, prompts: list[str]) -> Pro
 
 def train_text_to_image_lora(config: TextToImageLoRAConfig) -> Path | None:
     """LoRA on a captioned folder or dataset; returns the LoRA file on the main process."""
+    config = config.resolve()
     accelerator, parts = _prepare(config)
     show = accelerator.is_local_main_process
     with accelerator.main_process_first():
@@ -373,6 +374,7 @@ def train_text_to_image_lora(config: TextToImageLoRAConfig) -> Path | None:
 
 def train_dreambooth_lora(config: DreamBoothLoRAConfig) -> Path | None:
     """DreamBooth LoRA on a subject folder, with optional prior preservation; returns the LoRA file (main process)."""
+    config = config.resolve()
     accelerator, parts = _prepare(config)
     show = accelerator.is_local_main_process
     with accelerator.main_process_first():

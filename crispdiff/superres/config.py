@@ -68,7 +68,7 @@ class SRTrainConfig(DataConfig, LoopConfig):
     checkpointing_steps: int = flag(500, "Save a resumable checkpoint every N optimizer steps.")
     validation_steps: int = flag(500, "Held-out PSNR against Lanczos every N steps.")
 
-    def validate(self) -> None:
+    def fill_and_check(self) -> None:
         """Reject flag combinations that would fail later or silently train something else."""
         if self.scale not in (2, 3, 4):
             raise ValueError(f"--scale must be 2, 3 or 4, got {self.scale}")

@@ -92,7 +92,7 @@ class SRTrainer(LoopTrainer):
         """A standalone copy with the EMA weights (or the raw ones) for validation and saving."""
         return ema_network(self.accelerator.unwrap_model(self.network), self.ema)
 
-    def validate(self, network: torch.nn.Module | None = None) -> dict[str, dict[str, float]]:
+    def log_validation(self, network: torch.nn.Module | None = None) -> dict[str, dict[str, float]]:
         """Held-out PSNR / SSIM / sharpness of SR, Lanczos and bicubic, and a comparison grid (main process)."""
         if not self.accelerator.is_main_process or len(self.held_out) == 0:
             return {}
@@ -138,7 +138,7 @@ class SRTrainer(LoopTrainer):
         """Validate the EMA network and save ``sr_model/`` with its card and ``sr_summary.json`` (main process)."""
         config = self.config
         network = self.eval_network()
-        metrics = self.validate(network)
+        metrics = self.log_validation(network)
         if metrics:  # the final network's comparison grid, also kept where users look for it
             grid = self.last_grid.read_bytes()
             write_atomic(self.output_dir / "comparison.png", lambda handle: handle.write(grid), binary=True)
@@ -221,6 +221,7 @@ def train_sr(config: SRTrainConfig) -> Path | None:
     """Train an SR network as ``config`` says; returns the saved ``sr_model/`` folder on the main process."""
     from crispdiff.data.loading import load_images
 
+    config = config.resolve()
     check_output_dir(config, SR_SUBFOLDER, "config.json", "a trained SR model")
     accelerator = start_run(config)
     with accelerator.main_process_first():  # the first process builds the decode cache, the others reuse it

@@ -3,8 +3,14 @@
 It follows accelerate's examples: accelerate handles devices, precision (fp16 with loss scaling, bf16), gradient
 accumulation and distribution; crispdiff adds what diffusers' example scripts lack: data that is decoded once, an
 exact resume (model, EMA, optimizer, scaler, LR schedule, every RNG and the data position), validation grids, and a
-saved pipeline that samples with DPM-Solver++ out of the box. Subclasses fill in the hooks (``train_step``,
-``validate``, ``export``, ...); :mod:`crispdiff.train.unet_trainer` is the diffusion one.
+saved pipeline that samples with DPM-Solver++ out of the box. Subclasses fill in the hooks (``micro_step``,
+``ema_parameters``, ``log_validation``, ``finish``, ``describe``, optionally ``periodic``; see ``LoopTrainer``);
+:class:`crispdiff.train.unet_trainer.UNetTrainer` is the diffusion one.
+
+A process makes one ``Accelerator`` (``start_process`` / ``start_run``) and hands it to each stage it runs: a stage
+that another follows (the VAE adaptation before the UNet, a time-budget probe) runs ``train_stage`` or only steps, then
+``release_stage`` clears what it registered with the accelerator, so the next stage's checkpoints hold its own state
+only; the last stage runs ``train_and_end_run``.
 """
 
 from __future__ import annotations
@@ -143,7 +149,7 @@ def make_optimizer(config: LoopConfig, parameters: Any, lr: float | None = None)
     Fused is one kernel per step instead of one per tensor: on a CPU it makes the main job's optimizer update a small
     share of the step instead of a noticeable one. It is chosen from where the parameters *are*, not where they will be:
     torch 2.1-2.3 reject a fused AdamW over CPU parameters, so there it is CUDA only, and callers move the model to
-    its device first (``Trainer`` does).
+    its device first (``UNetTrainer`` does).
     """
     parameters = list(parameters)
     kwargs = dict(
@@ -273,7 +279,8 @@ class LoopTrainer:
 
     A subclass builds its models, then calls `setup_optimization`, and implements `micro_step` (one forward and
     backward under `accelerator.accumulate`, returning named scalar losses; the first one is shown in the progress
-    bar), `ema_parameters`, `validate` and `finish` (the final save, on the main process).
+    bar), `ema_parameters`, `log_validation` (every --validation_steps: sample grids or held-out metrics) and
+    `finish` (the final save, on the main process); optionally `describe`, `periodic` and `generators`.
     """
 
     config_file = "crispdiff_training.json"
@@ -285,6 +292,8 @@ class LoopTrainer:
             raise FlagError(f"--logging_steps must be >= 1 (log every N optimizer steps), got {config.logging_steps}")
         self.config = config
         self.accelerator = accelerator
+        # the process's Accelerator may have run a stage with other settings (the VAE adaptation before the UNet)
+        accelerator.gradient_accumulation_steps = config.gradient_accumulation_steps
         self.output_dir = Path(config.output_dir)
         self.batches = EpochBatches(
             num_items, config.train_batch_size, accelerator.num_processes, accelerator.process_index, config.seed
@@ -344,7 +353,7 @@ class LoopTrainer:
     def ema_parameters(self) -> Any:
         raise NotImplementedError
 
-    def validate(self) -> None:
+    def log_validation(self) -> None:
         raise NotImplementedError
 
     def finish(self) -> Path:
@@ -515,14 +524,14 @@ class LoopTrainer:
         )
         self.accelerator.log(logs, step=self.step)
 
-    def train(self) -> Path | None:
-        """The loop, then the end of the run (trackers closed, process group torn down). Returns what `finish` saved
-        (on the main process; None elsewhere)."""
-        result = self.run()
+    def train_and_end_run(self) -> Path | None:
+        """``train_stage``, then the end of the run (trackers closed, process group torn down): the last stage of a
+        process. Returns what `finish` saved (on the main process; None elsewhere)."""
+        result = self.train_stage()
         self.accelerator.end_training()
         return result
 
-    def run(self) -> Path | None:
+    def train_stage(self) -> Path | None:
         """The loop and the final save, leaving the process group up for a later stage (e.g. the UNet after an
         adapted VAE). Returns what `finish` saved (on the main process; None elsewhere)."""
         config, accelerator = self.config, self.accelerator
@@ -549,7 +558,7 @@ class LoopTrainer:
                 self.save_checkpoint()
             with untouched_rng():  # sampling and building modules here must not move dropout's RNG (exact resume)
                 if self.due(self.every(config.validation_steps, config.validation_epochs)):
-                    self.validate()
+                    self.log_validation()
                 self.periodic()  # no barrier per step: checkpoints synchronise on their own, exports on rank 0
             if self.deadline is not None and self.past_deadline():
                 self.max_steps = self.step  # a time-boxed stage (e.g. the VAE adaptation): stop where it is
@@ -612,19 +621,43 @@ def ema_copy(model: Any, ema: EMAModel | None) -> Any:
     return copy.eval()
 
 
-def start_run(config: LoopConfig) -> Accelerator:
-    """Kernel settings, the Accelerator, CPU threads, logging and global seed of a run (before any model is built)."""
+def start_process(config: LoopConfig) -> Accelerator:
+    """Kernel settings, the process's one Accelerator, CPU threads and logging: made once per process, before CUDA is
+    first used, and handed to every stage the process runs (accelerate's state is a per-process singleton)."""
     configure_kernels(config)
     accelerator = make_accelerator(config)
     use_cpu_cores(config, int(os.environ.get("LOCAL_WORLD_SIZE", accelerator.num_processes)))
     logging.basicConfig(level=logging.INFO if accelerator.is_main_process else logging.WARNING)
+    return accelerator
+
+
+def start_run(config: LoopConfig) -> Accelerator:
+    """``start_process`` and the global seed: what a run of one stage does before any model is built."""
+    accelerator = start_process(config)
     set_seed(config.seed)
     return accelerator
 
 
+def release_stage(accelerator: Accelerator) -> None:
+    """Forget what a finished stage registered with the process's Accelerator (models, optimizers, LR schedules,
+    checkpoint hooks, the fp16 loss scaler's state), so that the next stage's checkpoints save and restore its own
+    state only, as if it had an Accelerator of its own.
+
+    accelerate has no public call for the registered objects and hooks (``free_memory`` drops the prepared models,
+    optimizers and schedulers and resets the accumulation counter only), hence its private lists here."""
+    accelerator.free_memory()
+    accelerator._custom_objects.clear()
+    accelerator._save_model_state_pre_hook.clear()
+    accelerator._load_model_state_pre_hook.clear()
+    if accelerator.scaler is not None:  # fp16: a fresh scaler, at its initial scale
+        from accelerate.utils import get_grad_scaler
+
+        accelerator.scaler = get_grad_scaler(accelerator.distributed_type)
+
+
 def run_trainer(trainer: LoopTrainer, *, end_run: bool = True) -> Path | None:
-    """Save the config, start the trackers, resume if asked, and train. ``end_run=False`` leaves the process group
-    up for a later stage (``LoopTrainer.run`` instead of ``train``)."""
+    """Save the config, start the trackers, resume if asked, and train. ``end_run=False``: a stage another follows
+    in this process (``LoopTrainer.train_stage``, then ``release_stage``), leaving the process group up."""
     config, accelerator = trainer.config, trainer.accelerator
     note = defaults_note(config)
     if note:
@@ -635,4 +668,8 @@ def run_trainer(trainer: LoopTrainer, *, end_run: bool = True) -> Path | None:
     if config.report_to != "none":
         accelerator.init_trackers(trainer.tracker_name, config=tracker_config(config))
     trainer.resume()
-    return trainer.train() if end_run else trainer.run()
+    if end_run:
+        return trainer.train_and_end_run()
+    result = trainer.train_stage()
+    release_stage(trainer.accelerator)
+    return result

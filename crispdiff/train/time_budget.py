@@ -2,13 +2,14 @@
 
 Why: users' machines differ widely in speed, so a step count that fits a few minutes on one takes far longer on
 another. With a budget the trainer measures how fast *this* machine is and sizes the run to fit; the steps it chose
-are written into the saved training config (``max_train_steps``, ``adapt_vae_steps``), so the same run can be
-repeated exactly without the budget.
+are written into the run's resolved config (``max_train_steps``, the UNet rung's flags, ``adapt_vae_steps``), saved
+with it, so the same run can be repeated exactly without the budget.
 
 How: the UNet's learning-rate schedule (warm-up, then decay to zero) and its EMA warm-up depend on the total number of
 steps, so that number is decided before the run starts, from a short probe: a throwaway trainer built exactly like
-the real one runs a few optimizer steps (the first ones are slower and not counted), and one pipeline samples a
-couple of steps of the final sample grid, which gives the cost of the export at the end. The real trainer is then
+the real one, on the process's accelerator (released after), runs a few optimizer steps (the first ones are slower
+and not counted), and one pipeline samples a couple of steps of the final sample grid, which gives the cost of the
+export at the end. The real trainer is then
 built from the same seed, so it is bit-identical to a run given ``--max_train_steps`` with the chosen count. The VAE
 adaptation of the latent trainer (constant learning rate after warm-up) instead stops at its share of the budget.
 """

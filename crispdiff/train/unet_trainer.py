@@ -33,9 +33,9 @@ from crispdiff.train.loop import (
     check_output_dir,
     ema_copy,
     images_per_optimizer_step,
-    make_accelerator,
+    release_stage,
     run_trainer,
-    start_run,
+    start_process,
     untouched_rng,
 )
 from crispdiff.train.time_budget import RungCost, agreed_seconds
@@ -64,8 +64,8 @@ class TrainingSpace(Protocol):
         """Up to `count` real images, uint8 [N, 3, H, W], for validation metrics: a `seed`ed random subset."""
 
     # Class-conditional spaces (--class_column) also have ``class_names: list[str] | None`` and
-    # ``class_labels(indices, device) -> LongTensor | None``; the Trainer reads both with getattr, so a space without
-    # them is unconditional.
+    # ``class_labels(indices, device) -> LongTensor | None``; the UNetTrainer reads both with getattr, so a space
+    # without them is unconditional.
 
 
 def space_class_names(space: Any) -> list[str] | None:
@@ -128,7 +128,7 @@ class PixelSpace(ImageDataSpace):
         return {}
 
 
-class Trainer(LoopTrainer):
+class UNetTrainer(LoopTrainer):
     """A diffusion UNet on a `TrainingSpace` (pixels or latents), saved as a crispdiff pipeline."""
 
     def __init__(
@@ -327,7 +327,7 @@ class Trainer(LoopTrainer):
         seconds = sampling_seconds(build_pipeline(**kwargs), count, plan.steps, plan.labels)
         return (seconds if plan.count else 0.0), seconds / count
 
-    def validate(self) -> None:
+    def log_validation(self) -> None:
         """Sample a grid with the fast sampler (main process), save it and log it; optionally log metrics."""
         if not self.accelerator.is_main_process:
             return
@@ -475,64 +475,73 @@ def autoguidance_guide_step(config: TrainConfig, max_steps: int) -> int | None:
 
 
 def train(
-    config: TrainConfig, space: TrainingSpace | None = None, budget: Any = None, output_dir_checked: bool = False
+    config: TrainConfig,
+    space: TrainingSpace | None = None,
+    budget: Any = None,
+    *,
+    accelerator: Accelerator | None = None,
+    decided: dict[str, Any] | None = None,
 ) -> Path | None:
     """Train a diffusion UNet as `config` says; `space` defaults to pixels of the configured image data.
 
     ``budget``: a ``crispdiff.train.time_budget.TimeBudget`` already running (the latent trainer starts it before
-    encoding); by default one starts here when ``--time_budget_minutes`` is set. ``output_dir_checked``: the caller
-    checked the output folder before its own stages (the latent trainer, whose VAE adaptation has since written this
-    run's checkpoints into a subfolder, which a second check would take for another run's).
+    encoding); by default one starts here when ``--time_budget_minutes`` is set. ``accelerator``: the process's, when
+    an earlier stage made it (and checked the output folder); ``decided``: values earlier stages decided for the
+    resolved config (the VAE adaptation's steps). The config the UNet stage reads and saves is made once, here,
+    before the loop: ``config`` resolved, with ``decided`` and the time budget's steps and UNet.
     """
     from crispdiff.train.time_budget import TimeBudget
 
+    config = config.resolve()
     if budget is None and config.time_budget_minutes:
         budget = TimeBudget(config.time_budget_minutes)
-    if not output_dir_checked:
+    if accelerator is None:
         check_output_dir(config)
-    accelerator = start_run(config)
+        accelerator = start_process(config)
+    set_seed(config.seed)
     if space is None:
         from crispdiff.data.loading import load_images
 
         with accelerator.main_process_first():  # the first process builds the decode cache, the others reuse it
             space = PixelSpace(load_images(config, show_progress=accelerator.is_local_main_process))
+    decided = dict(decided or {})
     if budget is not None:
-        config.max_train_steps = budgeted_steps(config, space, accelerator, budget)
+        decided.update(budgeted_values(config, space, accelerator, budget))
         set_seed(config.seed)  # the real run starts from the seed the probe started from
-    return run_trainer(Trainer(config, space, accelerator))
+    return run_trainer(UNetTrainer(config.with_values(**decided), space, accelerator))
 
 
-def budgeted_steps(config: TrainConfig, space: TrainingSpace, accelerator: Accelerator, budget: Any) -> int:
+def budgeted_values(
+    config: TrainConfig, space: TrainingSpace, accelerator: Accelerator, budget: Any
+) -> dict[str, Any]:
     """The UNet steps that end the run by ``budget``'s deadline, export included (``--time_budget_minutes``); with a
-    model ladder (the config's ``model_ladder``, unless the user chose the UNet's size), also the UNet's size.
+    model ladder (the config's ``model_ladder``, unless the user chose the UNet's size), also the UNet's size: the
+    values for the run's resolved config (``max_train_steps``, the rung's builder flags, a learning rate that follows
+    them).
 
-    A throwaway trainer, built like the real one, times a few steps and the sample grid (see
-    ``crispdiff.train.time_budget``). The rungs are tried from the smallest up: a rung is taken while the budget
-    affords at least its ``min_steps`` of its own steps, and its builder flags are written into ``config`` (saved with
-    the run). A resumed run keeps the steps and UNet its first part chose (saved in the output folder).
+    Throwaway trainers, built like the real one on the process's accelerator, time a few steps and the sample grid
+    (see ``crispdiff.train.time_budget``). The rungs are tried from the smallest up: a rung is taken while the budget
+    affords at least its ``min_steps`` of its own steps. A resumed run keeps the steps and UNet its first part chose
+    (saved in the output folder).
     """
     from crispdiff.train.time_budget import climb_ladder, describe_rung_flags
 
     saved = Path(config.output_dir) / LoopTrainer.config_file
     if config.resume_from_checkpoint and saved.is_file() and find_checkpoint(config.output_dir, "latest"):
         first_part = json.loads(saved.read_text())
-        apply_flags(config, {name: first_part[name] for rung in model_ladder(config) for name in rung.flags})
+        rung_flags = rung_values({name: first_part[name] for rung in model_ladder(config) for name in rung.flags})
         steps = int(first_part["max_train_steps"])
         accelerator.print(f"crispdiff: resuming a budgeted run of {steps} steps")
-        return steps
+        return {**rung_flags, "max_train_steps": steps}
 
     def cost_of(rung: Any) -> RungCost:
-        if rung is not None:
-            apply_flags(config, rung.flags)
-        return probe_costs(config, space)
+        probed = config if rung is None else config.with_values(**rung_values(rung.flags))
+        return probe_costs(probed, space, accelerator)
 
     rung, steps, cost = climb_ladder(model_ladder(config), budget.remaining, cost_of)
+    chosen = {} if rung is None else rung_values(rung.flags)
+    decided = {**chosen, **config.with_values(**chosen).values_for_steps(steps), "max_train_steps": steps}
     model = ""
-    if rung is not None:
-        apply_flags(config, rung.flags)
-    resolve_learning_rate = getattr(config, "resolve_learning_rate", None)
-    if callable(resolve_learning_rate):  # a default that depends on the run's length and width
-        resolve_learning_rate(steps)
     if rung is not None:
         model = f"the {rung.name} UNet ({describe_parameters(cost.parameters)}; {describe_rung_flags(rung.flags)}), "
     repeat = (describe_rung_flags(rung.flags) + " " if rung is not None else "") + f"--max_train_steps {steps}"
@@ -540,7 +549,7 @@ def budgeted_steps(config: TrainConfig, space: TrainingSpace, accelerator: Accel
         f"crispdiff: time budget of {budget.minutes:g} min: {model}{1000 * cost.per_step:.0f} ms a step here and "
         f"about {cost.export:.0f} s to export, so {steps} steps (to repeat this run exactly: {repeat})"
     )
-    return steps
+    return decided
 
 
 def model_ladder(config: TrainConfig) -> list[Any]:
@@ -552,21 +561,23 @@ def model_ladder(config: TrainConfig) -> list[Any]:
     return [] if given & fixed else rungs
 
 
-def apply_flags(config: TrainConfig, flags: dict[str, Any]) -> None:
-    for name, value in flags.items():
-        setattr(config, name, list(value) if isinstance(value, (list, tuple)) else value)
+def rung_values(flags: dict[str, Any]) -> dict[str, Any]:
+    """A rung's builder flags as config values (lists as lists, as the command line gives them)."""
+    return {name: list(value) if isinstance(value, (list, tuple)) else value for name, value in flags.items()}
 
 
-def probe_costs(config: TrainConfig, space: TrainingSpace) -> RungCost:
-    """What the UNet ``config`` builds costs here: seconds per step (validation grids included), to export."""
+def probe_costs(config: TrainConfig, space: TrainingSpace, accelerator: Accelerator) -> RungCost:
+    """What the UNet ``config`` builds costs here: seconds per step (validation grids included), to export. The
+    probe is a stage on the process's ``accelerator``, released once timed."""
     from crispdiff.train.time_budget import EXPORT_MARGIN, seconds_per_step
 
-    probe = Trainer(config, space, make_accelerator(config))
+    probe = UNetTrainer(config, space, accelerator)
     per_step = seconds_per_step(probe)
     grid, per_image = (agreed_seconds(probe.accelerator, seconds) for seconds in probe.sampling_seconds())
     validation_every = probe.every(config.validation_steps, config.validation_epochs)
     params = probe.num_parameters
     del probe
+    release_stage(accelerator)
     export = EXPORT_MARGIN * (grid + per_image * config.sharpen_calibration_images)
     # validation grids along the way cost a grid every --validation_steps (or --validation_epochs) steps
     return RungCost(per_step + (grid / validation_every if validation_every else 0.0), export, params)

@@ -118,8 +118,8 @@ class TransferConfig(TrainConfig):
     lr_warmup_steps: int = flag(100, "Linear warmup steps.")
     ema_power: float = flag(2 / 3, "EMA warmup power (2/3 suits the shorter runs of fine-tuning).")
 
-    def validate(self) -> None:
-        super().validate()
+    def fill_and_check(self) -> None:
+        super().fill_and_check()
         if not self.pretrained_model_name_or_path:
             raise FlagError("--pretrained_model_name_or_path is required (a DDPMPipeline / crispdiff / UNet folder)")
         if self.lora_rank < 1:

@@ -197,8 +197,9 @@ def schedule_betas(fields: dict[str, Any]) -> torch.Tensor:
     return make_betas(fields["beta_schedule"], fields["num_train_timesteps"], **_beta_kwargs(fields))
 
 
-def resolve_schedule(config: TransferConfig, pretrained: Pretrained) -> None:
-    """Fill the schedule flags left at None from the pretrained scheduler; check and warn about explicit changes.
+def resolve_schedule(config: TransferConfig, pretrained: Pretrained) -> TransferConfig:
+    """``config`` with the schedule flags left at None filled from the pretrained scheduler (a new config: the run's
+    resolved one); checks and warns about explicit changes.
 
     The pretrained values win unless a flag was given: a LoRA (or a frozen half) cannot retarget what the output
     layer means, so a prediction-type switch is refused there; with full fine-tuning it is allowed but experimental.
@@ -207,10 +208,7 @@ def resolve_schedule(config: TransferConfig, pretrained: Pretrained) -> None:
     given = getattr(config, "explicit_flags", frozenset())  # flags on the command line win over the pretrained ones
     explicit = {k: getattr(config, k) for k in base if hasattr(config, k) and (k in given or k in SCHEDULE_FIELDS)}
     explicit = {k: v for k, v in explicit.items() if v is not None}
-    for key, value in base.items():
-        if key in explicit or not hasattr(config, key):
-            continue
-        setattr(config, key, value)
+    config = config.with_values(**{k: v for k, v in base.items() if k not in explicit and hasattr(config, k)})
     if config.prediction_type != base["prediction_type"]:
         if config.train_modules != "all" or config.freeze_encoder:
             what = "LoRA" if config.train_modules == "lora" else "a partly frozen UNet"
@@ -232,6 +230,7 @@ def resolve_schedule(config: TransferConfig, pretrained: Pretrained) -> None:
         logger.warning("the schedule differs from the pretrained one (%s): the model must re-learn its noise levels",
                        ", ".join(f"{k}={v}" for k, v in changed.items()))  # fmt: skip
     config.check_snr_shift()  # the schedule is known only now
+    return config
 
 
 def attention_resolutions(config: dict[str, Any], resolution: int) -> list[str]:

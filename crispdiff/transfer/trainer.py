@@ -17,7 +17,7 @@ What happens to the pretrained network:
   directly (``UNet2DModel`` has no ``PeftAdapterMixin``). The saved pipeline always holds a plain ``UNet2DModel``
   with the adapters merged, so it loads anywhere; ``--save_lora_adapter`` also writes the adapter itself.
 
-The training loop is crispdiff's own ``Trainer`` (EMA, exact resume, checkpoints, validation, export): this module
+The training loop is crispdiff's own ``UNetTrainer`` (EMA, exact resume, checkpoints, validation, export): this module
 only prepares the UNet and the list of trainable parameters it gets.
 """
 
@@ -36,7 +36,7 @@ from crispdiff.train.loop import check_output_dir, run_trainer, start_run
 from crispdiff.train.lora import (
     has_adapters,
 )
-from crispdiff.train.unet_trainer import PixelSpace, Trainer, TrainingSpace
+from crispdiff.train.unet_trainer import PixelSpace, TrainingSpace, UNetTrainer
 from crispdiff.transfer.adapters import save_lora_adapter, select_trainable
 from crispdiff.transfer.config import ADAPTER_FOLDER, TransferConfig
 from crispdiff.transfer.pretrained import Pretrained, adapt_unet, load_pretrained, resolve_schedule
@@ -44,8 +44,8 @@ from crispdiff.transfer.pretrained import Pretrained, adapt_unet, load_pretraine
 logger = logging.getLogger("crispdiff")
 
 
-class TransferTrainer(Trainer):
-    """crispdiff's Trainer on a prepared pretrained UNet; with LoRA it can also save the adapter."""
+class TransferTrainer(UNetTrainer):
+    """crispdiff's UNetTrainer on a prepared pretrained UNet; with LoRA it can also save the adapter."""
 
     def __init__(
         self,
@@ -93,9 +93,10 @@ def prepare_unet(
 
 def train_transfer(config: TransferConfig, space: TrainingSpace | None = None) -> Path | None:
     """Fine-tune ``--pretrained_model_name_or_path`` on the configured data; returns the saved pipeline folder."""
+    config = config.resolve()
     check_output_dir(config)
     pretrained = load_pretrained(config.pretrained_model_name_or_path, config.revision)
-    resolve_schedule(config, pretrained)
+    config = resolve_schedule(config, pretrained)
     accelerator = start_run(config)
     logger.info(
         "pretrained %s: %s schedule, %s prediction (T=%d)",

@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from crispdiff.core.config import build_parser, parse_config
+from crispdiff.core.config import build_parser, parse_config, resolve_mixed_precision
 from crispdiff.core.diffusers_flags import VALUE_ALIASES, RefusedFlag
 from crispdiff.core.errors import FlagError, UserError
 
@@ -321,6 +321,8 @@ def other_values(action: argparse.Action, current: Any) -> list[list[str]]:
         return [tokens(value) for value in VALID_VALUES[action.dest] if value != current]
     if action.choices:  # diffusers' spelling of a value (squaredcos_cap_v2 for cosine) is that value
         spelled = VALUE_ALIASES.get(action.dest, {})
+        if action.dest == "mixed_precision":  # "auto" is this machine's choice: the same run as that value
+            spelled = {**spelled, "auto": resolve_mixed_precision("auto")}
         return [[choice] for choice in action.choices if spelled.get(choice, choice) != current]
     if action.const is True:  # a boolean flag
         return [tokens(not current)]

@@ -443,3 +443,25 @@ def test_an_adapting_run_killed_after_a_checkpoint_of_either_stage_resumes_exact
         at_two = load_file(checkpoint / "ema.safetensors")
         assert len(at_two) == len(_weights(folder, component))
         assert norm(at_two.values()) != norm(_weights(folder, component).values()), component
+
+
+def test_a_resumed_budgeted_run_keeps_its_first_parts_steps_unet_and_learning_rate(tmp_path):
+    """A budgeted main job resumes with the steps and UNet rung its first part chose, and with the default learning
+    rate those give (it used to keep the rate of the default run's steps, so the saved config misstated it)."""
+    from accelerate import Accelerator
+
+    from crispdiff.core.config import parse_config
+    from crispdiff.latent.trainer import MAIN_JOB_LADDER, main_job_learning_rate
+    from crispdiff.train.checkpoint import STATE_FILE
+    from crispdiff.train.unet_trainer import budgeted_values
+
+    out = tmp_path / "out"
+    medium = MAIN_JOB_LADDER[1].flags
+    (out / "checkpoint-100").mkdir(parents=True)
+    (out / "checkpoint-100" / STATE_FILE).write_text("{}")
+    (out / "crispdiff_training.json").write_text(json.dumps({**medium, "max_train_steps": 4000}))
+    flags = ["--output_dir", str(out), "--time_budget_minutes", "30", "--resume_from_checkpoint", "latest"]
+    decided = budgeted_values(parse_config(LatentTrainConfig, flags), None, Accelerator(cpu=True), None)
+    assert decided == {**medium, "max_train_steps": 4000, "learning_rate": main_job_learning_rate(4000, 48)}
+    chosen = parse_config(LatentTrainConfig, [*flags, "--learning_rate", "1e-3"])
+    assert "learning_rate" not in budgeted_values(chosen, None, Accelerator(cpu=True), None)  # the user's rate stays

@@ -532,7 +532,7 @@ def budgeted_values(
         rung_flags = rung_values({name: first_part[name] for rung in model_ladder(config) for name in rung.flags})
         steps = int(first_part["max_train_steps"])
         accelerator.print(f"crispdiff: resuming a budgeted run of {steps} steps")
-        return {**rung_flags, "max_train_steps": steps}
+        return {**rung_flags, **config.with_values(**rung_flags).values_for_steps(steps), "max_train_steps": steps}
 
     def cost_of(rung: Any) -> RungCost:
         probed = config if rung is None else config.with_values(**rung_values(rung.flags))

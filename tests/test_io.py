@@ -15,8 +15,8 @@ from diffusers import AutoencoderKL
 from tiny_models import base_config, tiny_unet
 
 from crispdiff.core.io import swap_folder_into_place, write_text_atomic
-from crispdiff.latent.vae_trainer import save_vae_folder
 from crispdiff.publish.export import save_pipeline
+from crispdiff.vae.trainer import save_vae_folder
 
 
 @pytest.fixture

@@ -22,12 +22,12 @@ from tiny_models import SIZE, base_config, kill_after_checkpoint, tiny_vae
 from crispdiff.core.config import TrainConfig
 from crispdiff.data.auto_classes import class_names, cluster_images, default_num_classes, kmeans
 from crispdiff.data.loading import load_images
-from crispdiff.latent.adapt import ADAPTED_VAE_DIR, adapted_vae_dir, misses_bar
 from crispdiff.latent.trainer import LatentTrainConfig, train_latent
 from crispdiff.latent.vae import embedded_vae_dir
 from crispdiff.publish.export import build_pipeline, load_pipeline
 from crispdiff.train.time_budget import MIN_STEPS, ModelRung, RungCost, affordable_steps, climb_ladder
 from crispdiff.train.unet_trainer import model_ladder, train
+from crispdiff.vae.adapt import ADAPTED_VAE_DIR, adapted_vae_dir, misses_bar
 
 COLOURS = [(220, 30, 30), (30, 160, 40), (40, 60, 220)]  # three groups the clustering must find
 PER_COLOUR = 6
@@ -240,7 +240,7 @@ def test_the_adaptation_is_sized_to_the_unets_run_unless_its_steps_are_given():
     --adapt_vae_steps the adaptation sees at most one image for every 16 the UNet trains on; the main job's run keeps
     its 150; an explicit count runs as given."""
     from crispdiff.core.config import parse_config
-    from crispdiff.latent.adapt import adaptation_steps
+    from crispdiff.vae.adapt import adaptation_steps
 
     def sized(*flags: str, images: int = 1000, processes: int = 1) -> tuple[int, str]:
         return adaptation_steps(parse_config(LatentTrainConfig, list(flags)), images, processes)

@@ -687,7 +687,7 @@ def test_a_two_process_run_killed_while_saving_resumes_exactly(image_folder, tmp
     [
         "crispdiff.core.config.TrainConfig",
         "crispdiff.latent.trainer.LatentTrainConfig",
-        "crispdiff.latent.vae_config.VAETrainConfig",
+        "crispdiff.vae.config.VAETrainConfig",
         "crispdiff.transfer.config.TransferConfig",
         "crispdiff.sd.config.TextToImageLoRAConfig",
         "crispdiff.sd.config.DreamBoothLoRAConfig",

@@ -32,17 +32,17 @@ from crispdiff.latent.vae import (
     vae_downsample_factor,
     weights_fingerprint,
 )
-from crispdiff.latent.vae_config import VAETrainConfig
-from crispdiff.latent.vae_eval import holdout_split, psnr, ssim
-from crispdiff.latent.vae_losses import (
+from crispdiff.train.loop import make_accelerator
+from crispdiff.vae.config import VAETrainConfig
+from crispdiff.vae.evaluation import holdout_split, psnr, ssim
+from crispdiff.vae.losses import (
     AutoencoderStep,
     add_decoder_noise,
     scale_equivariance_loss,
     spectral_amplitude_loss,
 )
-from crispdiff.latent.vae_models import deepen, widen_latent
-from crispdiff.latent.vae_trainer import VAETrainer
-from crispdiff.train.loop import make_accelerator
+from crispdiff.vae.models import deepen, widen_latent
+from crispdiff.vae.trainer import VAETrainer
 
 #: The embedded VAE must reconstruct 32 emoji it never trained on (half of them from the held-out categories; the split
 #: its card states) above this mean PSNR, with sharpness ratios inside this band, and decode latents carrying noise of
@@ -242,7 +242,7 @@ def test_psnr_and_ssim_reference_values():
 
 
 # ----------------------------------------------------------------------------------------------------------------------
-# crispdiff.latent.vae_trainer / train_scripts/train_vae.py
+# crispdiff.vae.trainer / train_scripts/train_vae.py
 # ----------------------------------------------------------------------------------------------------------------------
 
 
@@ -457,7 +457,7 @@ def test_holdout_split_keeps_whole_classes_out(tmp_path: Path):
 
 
 def test_existing_vae_folder_is_not_overwritten(image_folder: Path, tmp_path: Path):
-    from crispdiff.latent.vae_trainer import train_vae
+    from crispdiff.vae.trainer import train_vae
 
     config = parse_config(VAETrainConfig, trainer_flags(image_folder, tmp_path))
     (tmp_path / "out" / "vae").mkdir(parents=True)
@@ -478,7 +478,7 @@ def test_embedded_vae_reconstructs_held_out_emoji_sharply(emoji_dir: Path, tmp_p
         pytest.skip(f"embedded VAE not found in {embedded_vae_dir()}")
     from crispdiff.core.config import DataConfig
     from crispdiff.data.loading import load_images
-    from crispdiff.latent.vae_eval import reconstruction_metrics
+    from crispdiff.vae.evaluation import reconstruction_metrics
 
     vae = AutoencoderKL.from_pretrained(embedded_vae_dir())  # a plain diffusers autoencoder folder
     assert vae_downsample_factor(vae) == 4 and latent_channels(vae) == 8
@@ -508,7 +508,7 @@ def test_embedded_vae_reconstructs_held_out_emoji_sharply(emoji_dir: Path, tmp_p
 def test_adaptive_gan_weight_survives_fp16_gradients_with_the_loss_scale():
     """A mean over many pixels hands each one a gradient of 1/N, which underflows to 0 in fp16 for N = 2^25, and the
     adaptive weight with it; taken of the scaled losses (as fp16 training takes them) it is the fp32 weight."""
-    from crispdiff.latent.vae_losses import adaptive_gan_weight
+    from crispdiff.vae.losses import adaptive_gan_weight
 
     def weight(dtype: torch.dtype, scale: float) -> float:
         layer = torch.ones(1, dtype=dtype, requires_grad=True)

@@ -153,10 +153,10 @@ def build_trainer(row: Row, flags: list[str], output_dir: str) -> Any:
     """A throwaway trainer built as the row's training script builds it (a ``UNetTrainer`` on the same space)."""
     from crispdiff.core.config import TrainConfig, parse_config
     from crispdiff.data.loading import load_images
-    from crispdiff.latent.adapt import prepare_vae
     from crispdiff.latent.trainer import LatentTrainConfig, build_latent_space
     from crispdiff.train.loop import make_accelerator
     from crispdiff.train.unet_trainer import PixelSpace, UNetTrainer
+    from crispdiff.vae.adapt import prepare_vae
 
     config = parse_config(LatentTrainConfig if row.latent else TrainConfig, [*flags, "--output_dir", output_dir])
     accelerator = make_accelerator(config)

@@ -530,10 +530,10 @@ def train_latent(config: LatentTrainConfig) -> Path | None:
     epochs' steps, the budget's steps and UNet) goes into the resolved config the UNet stage saves and reads.
     """
     from crispdiff.data.loading import load_images
-    from crispdiff.latent.adapt import prepare_vae
     from crispdiff.train.loop import check_output_dir, epochs_to_steps, start_process
     from crispdiff.train.time_budget import TimeBudget
     from crispdiff.train.unet_trainer import train
+    from crispdiff.vae.adapt import prepare_vae
 
     budget = TimeBudget(config.time_budget_minutes) if config.time_budget_minutes else None
     config = config.resolve()

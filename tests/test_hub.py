@@ -29,7 +29,7 @@ from crispdiff.publish.hub import (
     upload_operations,
     write_model_card,
 )
-from crispdiff.publish.sr import SpandrelSRModel
+from crispdiff.superres.load import SpandrelSRModel
 
 SECRET = "hf_thisIsNotARealTokenButMustNeverBePublished"
 

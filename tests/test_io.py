@@ -316,7 +316,7 @@ def test_pipeline_vae_and_sr_folders_are_fsynced_whole_before_they_are_renamed_i
     from PIL import Image
     from spandrel.architectures.Compact import Compact
 
-    from crispdiff.publish.sr import attach_sr
+    from crispdiff.superres.load import attach_sr
 
     grid = Image.new("RGB", (4, 4))
     pipeline = save_pipeline(

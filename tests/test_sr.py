@@ -48,7 +48,7 @@ from crispdiff.pipelines.sr_model import (
     tile_starts,
 )
 from crispdiff.publish.export import load_pipeline, save_pipeline
-from crispdiff.publish.sr import attach_sr, describe_sr_model, load_sr_model, parse_hub_ref
+from crispdiff.superres.load import attach_sr, describe_sr_model, load_sr_model, parse_hub_ref
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 

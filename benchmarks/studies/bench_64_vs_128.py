@@ -262,7 +262,7 @@ def upscale(raw64: torch.Tensor, pipeline_dir: Path, sr_model: str, strength: fl
     """SR x2 of raw 64 px samples (Lanczos for ``lanczos``), then the pipeline's post-processing: what
     ``pipe(upscale=True)`` returns once the SR model is attached."""
     from crispdiff.publish.export import load_pipeline
-    from crispdiff.publish.sr import load_sr_model
+    from crispdiff.superres.load import load_sr_model
     from crispdiff.superres.metrics import lanczos_upscale
 
     pipeline = load_pipeline(pipeline_dir, device="cpu")

@@ -439,7 +439,7 @@ class UNetTrainer(LoopTrainer):
         ``crispdiff sample --upscale``), at full strength unless ``--sr_strength`` is given: it was trained on flat
         art downscaled the way the training images were, so it needs no Lanczos blend to stay faithful.
         """
-        from crispdiff.publish.sr import EMBEDDED_SR, EMBEDDED_SR_RESOLUTION, load_sr_model
+        from crispdiff.superres.load import EMBEDDED_SR, EMBEDDED_SR_RESOLUTION, load_sr_model
 
         config = self.config
         name = config.sr_model_name_or_path

@@ -246,7 +246,9 @@ def sample(trainer: Any, args: argparse.Namespace) -> torch.Tensor:
 
 
 def measure(real: torch.Tensor, images01: torch.Tensor, seed: int) -> dict[str, float]:
-    from crispdiff.evaluate.metrics import sharpness_ratios, sliced_wasserstein_distance, to_float01
+    from crispdiff.evaluate.distribution import sliced_wasserstein_distance
+    from crispdiff.evaluate.inputs import to_float01
+    from crispdiff.evaluate.sharpness import sharpness_ratios
 
     real01 = to_float01(real)
     out = dict(sliced_wasserstein_distance(real01, images01, seed=seed))

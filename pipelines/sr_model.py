@@ -20,7 +20,6 @@ memory stays bounded.
 from __future__ import annotations
 
 import functools
-import json
 import math
 import os
 import tempfile
@@ -641,8 +640,3 @@ def describe_config(config: Mapping[str, Any]) -> str:
         + f"; fp16: {'yes' if config.get('supports_half') else 'no'}, "
         f"bf16: {'yes' if config.get('supports_bfloat16') else 'no'}; {tiling}"
     )
-
-
-def read_component_config(folder: str | os.PathLike) -> dict[str, Any]:
-    """The saved component's config.json as a dict (for describing a folder without loading its weights)."""
-    return json.loads((Path(folder) / SpandrelSRModel.config_name).read_text())

@@ -18,7 +18,7 @@ from diffusers import DDPMScheduler, UNet2DModel
 from diffusers.training_utils import EMAModel
 from safetensors import safe_open
 from test_diffusers_commands import disc_images, saved_dataset
-from test_sd_lora import RES, make_tiny_sd
+from tiny_models import RES, make_tiny_sd
 
 import crispdiff.sd.trainer
 import crispdiff.train.unet_trainer

@@ -187,7 +187,7 @@ def test_lora_latents_are_random_crops_unless_center_crop(tmp_path):
     random crop, discretised), each the VAE's encoding of those pixels; with it, the centre crop alone."""
     import numpy as np
     from PIL import Image
-    from test_sd_lora import make_tiny_sd
+    from tiny_models import make_tiny_sd
 
     from crispdiff.core.images import uint8_to_model
     from crispdiff.latent.vae import encode_posterior

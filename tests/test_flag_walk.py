@@ -148,9 +148,8 @@ def inputs(tmp_path_factory) -> dict[str, Path]:
     """What the scripts' base command lines read: 12 captioned 16 x 20 px images in two kinds (wider than high, so
     random crops have room), a tiny VAE, a tiny DDPMPipeline and a tiny Stable Diffusion, all real folders."""
     from diffusers import DDPMPipeline, DDPMScheduler
-    from test_sd_lora import make_tiny_sd
     from test_transfer import tiny_attention_unet
-    from tiny_models import tiny_vae
+    from tiny_models import make_tiny_sd, tiny_vae
 
     root = tmp_path_factory.mktemp("walk")
     images = root / "images"

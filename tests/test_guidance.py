@@ -21,7 +21,7 @@ import torch
 from diffusers import UNet2DModel
 from PIL import Image
 from safetensors.torch import load_file
-from tiny_models import SIZE, WITHOUT_CRISPDIFF, base_config, tiny_vae
+from tiny_models import SIZE, WITHOUT_CRISPDIFF, base_config, tiny_unet, tiny_vae
 
 from crispdiff.core.config import TrainConfig
 from crispdiff.core.errors import DataError
@@ -94,18 +94,7 @@ def tiny_config(folder: Path, output_dir: Path, **overrides) -> TrainConfig:
 
 def tiny_class_unet(num_classes: int = len(CLASSES), seed: int = 0) -> UNet2DModel:
     """The tiny_models UNet with a class embedding of num_classes + 1 (null) rows."""
-    torch.manual_seed(seed)
-    return UNet2DModel(
-        sample_size=SIZE,
-        in_channels=3,
-        out_channels=3,
-        block_out_channels=(8, 16),
-        down_block_types=("DownBlock2D", "DownBlock2D"),
-        up_block_types=("UpBlock2D", "UpBlock2D"),
-        layers_per_block=1,
-        norm_num_groups=4,
-        num_class_embeds=num_classes + 1,
-    ).eval()
+    return tiny_unet(seed, num_class_embeds=num_classes + 1).eval()
 
 
 def class_pipeline(unet: UNet2DModel | None = None, class_names: list[str] | None = CLASSES):

@@ -21,7 +21,7 @@ import torch
 from conftest import shared_dir
 from diffusers import DDPMPipeline, DDPMScheduler, UNet2DModel
 from PIL import Image
-from tiny_models import base_config
+from tiny_models import base_config, tiny_unet
 
 from crispdiff.core.config import parse_config
 from crispdiff.core.errors import FlagError
@@ -46,14 +46,11 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 
 def tiny_attention_unet(seed: int = 0, sample_size: int = 16) -> UNet2DModel:
     """Two levels (8, 16 channels), attention on the second level and in the middle: ddpm-cifar10's layout in small."""
-    torch.manual_seed(seed)
-    return UNet2DModel(
+    return tiny_unet(
+        seed,
         sample_size=sample_size,
-        block_out_channels=(8, 16),
         down_block_types=("DownBlock2D", "AttnDownBlock2D"),
         up_block_types=("AttnUpBlock2D", "UpBlock2D"),
-        layers_per_block=1,
-        norm_num_groups=4,
         attention_head_dim=8,
     )
 

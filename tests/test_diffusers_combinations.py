@@ -22,7 +22,8 @@ from tiny_models import RES, make_tiny_sd
 
 import crispdiff.sd.trainer
 import crispdiff.train.unet_trainer
-from crispdiff.core.config import TrainConfig, parse_config
+from crispdiff.core.config import TrainConfig
+from crispdiff.core.flags import parse_config
 from crispdiff.data.batches import ImageData
 from crispdiff.diffusion.schedule import NoiseSchedule, sample_noise
 from crispdiff.latent.cache import LatentCache

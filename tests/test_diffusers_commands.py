@@ -114,7 +114,8 @@ def test_flowers_unconditional_readme_command(tmp_path):
     grid (--eval_batch_size, --ddpm_num_inference_steps); the pipeline loads, and the log names crispdiff's defaults
     for the flags not passed, once, and not the ones passed."""
 
-    from crispdiff.core.config import TrainConfig, parse_config
+    from crispdiff.core.config import TrainConfig
+    from crispdiff.core.flags import parse_config
 
     tiny = tiny_unet(sample_size=64, add_attention=False)
     tiny.save_config(tmp_path / "tiny_unet")
@@ -253,7 +254,8 @@ def test_common_unconditional_flags_validate_and_save_per_epoch(tmp_path, epochs
     with all checkpoints kept, --dataloader_num_workers: 8 images of 4 = 2 steps an epoch."""
     from accelerate.state import AcceleratorState
 
-    from crispdiff.core.config import TrainConfig, parse_config
+    from crispdiff.core.config import TrainConfig
+    from crispdiff.core.flags import parse_config
     from crispdiff.train.unet_trainer import train
 
     AcceleratorState._reset_state(reset_partial_state=True)

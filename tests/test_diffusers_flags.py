@@ -15,8 +15,9 @@ import pytest
 import torch
 from conftest import shared_dir
 
-from crispdiff.core.config import TrainConfig, parse_config
+from crispdiff.core.config import TrainConfig
 from crispdiff.core.errors import FlagError
+from crispdiff.core.flags import parse_config
 from crispdiff.sd.config import DreamBoothLoRAConfig, TextToImageLoRAConfig
 from crispdiff.train.loop import LoopTrainer, make_accelerator, scaled_learning_rate
 

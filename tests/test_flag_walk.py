@@ -19,9 +19,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from crispdiff.core.config import build_parser, parse_config, resolve_mixed_precision
+from crispdiff.core.config import resolve_mixed_precision
 from crispdiff.core.diffusers_flags import VALUE_ALIASES, RefusedFlag
 from crispdiff.core.errors import FlagError, UserError
+from crispdiff.core.flags import build_parser, parse_config
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SCRIPTS = sorted(path.name for path in (REPO_ROOT / "train_scripts").glob("*.py"))

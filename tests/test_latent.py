@@ -19,8 +19,8 @@ from PIL import Image
 from safetensors.torch import load_file
 from tiny_models import assert_ranks_saw_different_data_and_noise, record_launcher, tiny_vae
 
-from crispdiff.core.config import parse_config
 from crispdiff.core.errors import FlagError
+from crispdiff.core.flags import parse_config
 from crispdiff.data.loading import load_images
 from crispdiff.diffusion.schedule import NoiseSchedule, betas_from_config
 from crispdiff.diffusion.unets import unet_from_config

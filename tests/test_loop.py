@@ -8,7 +8,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from crispdiff.core.config import LoopConfig, TrainConfig, parse_config
+from crispdiff.core.config import LoopConfig, TrainConfig
+from crispdiff.core.flags import parse_config
 from crispdiff.train.loop import LoopTrainer, make_accelerator, run_trainer
 
 NUM_ITEMS = 16

@@ -239,7 +239,7 @@ def test_the_adaptation_is_sized_to_the_unets_run_unless_its_steps_are_given():
     """A fixed 150 adaptation steps would turn a 6-step smoke run into minutes of VAE training: without
     --adapt_vae_steps the adaptation sees at most one image for every 16 the UNet trains on; the main job's run keeps
     its 150; an explicit count runs as given."""
-    from crispdiff.core.config import parse_config
+    from crispdiff.core.flags import parse_config
     from crispdiff.vae.adapt import adaptation_steps
 
     def sized(*flags: str, images: int = 1000, processes: int = 1) -> tuple[int, str]:
@@ -384,7 +384,7 @@ def adapting_flags(folder: Path, vae_dir: Path, out: Path) -> list[str]:
 
 
 def run_adapting(folder: Path, vae_dir: Path, out: Path, *extra: str) -> Path | None:
-    from crispdiff.core.config import parse_config
+    from crispdiff.core.flags import parse_config
 
     return train_latent(parse_config(LatentTrainConfig, adapting_flags(folder, vae_dir, out) + list(extra)))
 
@@ -450,7 +450,7 @@ def test_a_resumed_budgeted_run_keeps_its_first_parts_steps_unet_and_learning_ra
     rate those give (it used to keep the rate of the default run's steps, so the saved config misstated it)."""
     from accelerate import Accelerator
 
-    from crispdiff.core.config import parse_config
+    from crispdiff.core.flags import parse_config
     from crispdiff.latent.trainer import MAIN_JOB_LADDER, main_job_learning_rate
     from crispdiff.train.checkpoint import STATE_FILE
     from crispdiff.train.unet_trainer import budgeted_values

@@ -21,7 +21,7 @@ import torch
 from PIL import Image
 from tiny_models import RES, WITHOUT_CRISPDIFF, kill_after_checkpoint, make_tiny_sd
 
-from crispdiff.core.config import parse_config
+from crispdiff.core.flags import parse_config
 from crispdiff.core.provenance import PROVENANCE_NAME, public_command
 from crispdiff.sd.base import load_sd
 from crispdiff.sd.config import (

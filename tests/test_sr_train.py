@@ -20,8 +20,8 @@ import torch.nn.functional as F
 from safetensors.torch import load_file
 from tiny_models import tiny_vae
 
-from crispdiff.core.config import parse_config
 from crispdiff.core.errors import FlagError
+from crispdiff.core.flags import parse_config
 from crispdiff.core.provenance import PROVENANCE_NAME
 from crispdiff.pipelines.sr_model import WEIGHTS_NAME
 from crispdiff.superres.config import SRTrainConfig

@@ -15,7 +15,8 @@ import torch
 from PIL import Image
 from tiny_models import assert_ranks_saw_different_data_and_noise, kill_launcher, read_records, record_launcher
 
-from crispdiff.core.config import TrainConfig, parse_config
+from crispdiff.core.config import TrainConfig
+from crispdiff.core.flags import parse_config
 from crispdiff.train.loop import make_accelerator
 from crispdiff.train.unet_trainer import PixelSpace, UNetTrainer, train
 

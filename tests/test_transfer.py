@@ -23,8 +23,8 @@ from diffusers import DDPMPipeline, DDPMScheduler, UNet2DModel
 from PIL import Image
 from tiny_models import base_config, tiny_unet
 
-from crispdiff.core.config import parse_config
 from crispdiff.core.errors import FlagError
+from crispdiff.core.flags import parse_config
 from crispdiff.data.loading import load_images
 from crispdiff.diffusion.schedule import make_betas
 from crispdiff.train.loop import make_accelerator

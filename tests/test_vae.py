@@ -14,7 +14,7 @@ from PIL import Image
 from safetensors.torch import load_file
 from tiny_models import tiny_vae
 
-from crispdiff.core.config import parse_config
+from crispdiff.core.flags import parse_config
 from crispdiff.core.provenance import PROVENANCE_NAME, public_command
 from crispdiff.latent.vae import (
     TINY_LOGVAR,

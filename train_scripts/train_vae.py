@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from crispdiff.core.config import parse_config
+from crispdiff.core.flags import parse_config
 from crispdiff.vae.config import VAETrainConfig
 from crispdiff.vae.trainer import train_vae
 

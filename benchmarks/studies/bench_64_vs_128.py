@@ -151,7 +151,8 @@ def row_flags(row: Row, data_dir: Path, threads: int, seed: int) -> list[str]:
 
 def build_trainer(row: Row, flags: list[str], output_dir: str) -> Any:
     """A throwaway trainer built as the row's training script builds it (a ``UNetTrainer`` on the same space)."""
-    from crispdiff.core.config import TrainConfig, parse_config
+    from crispdiff.core.config import TrainConfig
+    from crispdiff.core.flags import parse_config
     from crispdiff.data.loading import load_images
     from crispdiff.latent.trainer import LatentTrainConfig, build_latent_space
     from crispdiff.train.loop import make_accelerator

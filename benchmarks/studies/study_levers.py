@@ -26,7 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks/: com
 from common import BENCH_DIR  # noqa: E402
 from quality import measure_pipeline  # noqa: E402
 
-from crispdiff.core.config import parse_config
+from crispdiff.core.flags import parse_config
 from crispdiff.latent.trainer import LatentTrainConfig, train_latent
 from crispdiff.train import unet_trainer
 

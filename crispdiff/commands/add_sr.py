@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import argparse
 
-from crispdiff.core.config import parse_bool
 from crispdiff.core.errors import FlagError, UserError, one_line, run_entry_point
+from crispdiff.core.flags import parse_bool
 from crispdiff.superres.load import DEFAULT_TILE_OVERLAP, DEFAULT_TILE_SIZE, SRModelError, attach_sr, describe_sr_model
 
 

@@ -29,11 +29,10 @@ from crispdiff.core.config import (
     AUTO_CLASS_COLUMN,
     NO_CLASS_COLUMN,
     SHIFTABLE_SCHEDULES,
-    Condition,
     TrainConfig,
-    flag,
     resolve_mixed_precision,
 )
+from crispdiff.core.flags import Condition, flag
 from crispdiff.data.loading import to_device
 from crispdiff.latent.cache import DTYPES, LatentCache, load_or_build_latent_cache
 from crispdiff.latent.vae import (

@@ -27,7 +27,7 @@ from crispdiff.core.flags import parse_config
 from crispdiff.data.batches import ImageData
 from crispdiff.diffusion.schedule import NoiseSchedule, sample_noise
 from crispdiff.latent.cache import LatentCache
-from crispdiff.latent.trainer import LatentSpace
+from crispdiff.latent.space import LatentSpace
 from crispdiff.sd.config import LORA_WEIGHTS_NAME, DreamBoothLoRAConfig, TextToImageLoRAConfig
 from crispdiff.sd.trainer import train_dreambooth_lora, train_text_to_image_lora
 from crispdiff.train.unet_trainer import train

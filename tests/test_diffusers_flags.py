@@ -19,7 +19,9 @@ from crispdiff.core.config import TrainConfig
 from crispdiff.core.errors import FlagError
 from crispdiff.core.flags import parse_config
 from crispdiff.sd.config import DreamBoothLoRAConfig, TextToImageLoRAConfig
-from crispdiff.train.loop import LoopTrainer, make_accelerator, scaled_learning_rate
+from crispdiff.train.loop import LoopTrainer
+from crispdiff.train.optimization import scaled_learning_rate
+from crispdiff.train.process import make_accelerator
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -28,8 +28,9 @@ from crispdiff.core.errors import DataError
 from crispdiff.data.loading import load_images
 from crispdiff.publish.export import build_pipeline
 from crispdiff.train import grids
-from crispdiff.train.loop import make_accelerator
-from crispdiff.train.unet_trainer import PixelSpace, UNetTrainer, train
+from crispdiff.train.process import make_accelerator
+from crispdiff.train.spaces import PixelSpace
+from crispdiff.train.unet_trainer import UNetTrainer, train
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 CLASSES = ["disc", "ring", "square"]  # sorted: ids 0, 1, 2; the null class is 3

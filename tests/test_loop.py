@@ -10,7 +10,8 @@ import torch
 
 from crispdiff.core.config import LoopConfig, TrainConfig
 from crispdiff.core.flags import parse_config
-from crispdiff.train.loop import LoopTrainer, make_accelerator, run_trainer
+from crispdiff.train.loop import LoopTrainer, run_trainer
+from crispdiff.train.process import make_accelerator
 
 NUM_ITEMS = 16
 

@@ -27,9 +27,9 @@ from crispdiff.core.errors import FlagError
 from crispdiff.core.flags import parse_config
 from crispdiff.data.loading import load_images
 from crispdiff.diffusion.schedule import make_betas
-from crispdiff.train.loop import make_accelerator
 from crispdiff.train.lora import plain_copy
-from crispdiff.train.unet_trainer import PixelSpace
+from crispdiff.train.process import make_accelerator
+from crispdiff.train.spaces import PixelSpace
 from crispdiff.transfer.adapters import add_unet_lora, load_lora_adapter, save_lora_adapter
 from crispdiff.transfer.config import ADAPTER_FOLDER, TransferConfig
 from crispdiff.transfer.pretrained import (

@@ -33,7 +33,7 @@ from crispdiff.latent.vae import (
     vae_downsample_factor,
     weights_fingerprint,
 )
-from crispdiff.train.loop import make_accelerator
+from crispdiff.train.process import make_accelerator
 from crispdiff.vae.config import VAETrainConfig
 from crispdiff.vae.evaluation import holdout_split, psnr, ssim
 from crispdiff.vae.losses import (

@@ -154,9 +154,11 @@ def build_trainer(row: Row, flags: list[str], output_dir: str) -> Any:
     from crispdiff.core.config import TrainConfig
     from crispdiff.core.flags import parse_config
     from crispdiff.data.loading import load_images
-    from crispdiff.latent.trainer import LatentTrainConfig, build_latent_space
-    from crispdiff.train.loop import make_accelerator
-    from crispdiff.train.unet_trainer import PixelSpace, UNetTrainer
+    from crispdiff.latent.space import build_latent_space
+    from crispdiff.latent.trainer import LatentTrainConfig
+    from crispdiff.train.process import make_accelerator
+    from crispdiff.train.spaces import PixelSpace
+    from crispdiff.train.unet_trainer import UNetTrainer
     from crispdiff.vae.adapt import prepare_vae
 
     config = parse_config(LatentTrainConfig if row.latent else TrainConfig, [*flags, "--output_dir", output_dir])

@@ -11,11 +11,11 @@ from crispdiff.core.diffusers_flags import CLASS_LABELS_CONDITIONING, VALIDATION
 from crispdiff.core.errors import FlagError
 from crispdiff.core.flags import Condition, flag
 from crispdiff.latent.cache import DTYPES
-from crispdiff.train.loop import has_accelerator_device
 from crispdiff.train.lora import (
     SD_UNET_LORA_PRESETS,
     expand_targets,
 )
+from crispdiff.train.process import has_accelerator_device
 
 logger = logging.getLogger("crispdiff")
 

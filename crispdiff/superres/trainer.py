@@ -24,7 +24,8 @@ from crispdiff.superres.config import SR_SUBFOLDER, SRTrainConfig
 from crispdiff.superres.data import SRPairs, downscale, vae_roundtrip
 from crispdiff.superres.metrics import bicubic_upscale, compare_upscalers, lanczos_upscale
 from crispdiff.superres.networks import as_sr_component, build_sr_network, ema_network
-from crispdiff.train.loop import LoopTrainer, check_output_dir, run_trainer, start_run
+from crispdiff.train.loop import LoopTrainer, check_output_dir, run_trainer
+from crispdiff.train.process import start_run
 from crispdiff.vae.evaluation import split_indices
 from crispdiff.vae.losses import spectral_amplitude_loss
 

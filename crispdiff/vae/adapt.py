@@ -23,7 +23,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from crispdiff.train.loop import EpochBatches, images_per_optimizer_step, run_trainer, total_train_steps
+from crispdiff.train.loop import EpochBatches, run_trainer
+from crispdiff.train.optimization import images_per_optimizer_step, total_train_steps
 from crispdiff.vae.config import VAE_SUBFOLDER, VAETrainConfig
 from crispdiff.vae.evaluation import holdout_split, reconstruction_metrics
 from crispdiff.vae.trainer import VAETrainer
@@ -155,7 +156,7 @@ def run_adaptation(
     """Fine-tune as ``vae_config`` says on ``data``; returns the VAE folder, its held-out metrics and the steps run.
 
     Runs on every process (the VAE trainer is distributed like the others) as a stage on the process's
-    ``Accelerator``, released when it ends (``crispdiff.train.loop.release_stage``), so its model and optimizer never
+    ``Accelerator``, released when it ends (``crispdiff.train.process.release_stage``), so its model and optimizer never
     enter the UNet's checkpoints; its own checkpoints live in its own folder. ``deadline`` (a ``time.perf_counter()``
     value) stops it early: its learning rate is constant after warm-up, so stopping anywhere leaves a finished model.
     """

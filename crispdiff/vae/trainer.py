@@ -33,8 +33,10 @@ from crispdiff.latent.vae import (
     read_scaling,
     standardize_latent_channels,
 )
-from crispdiff.train.loop import LoopTrainer, ema_copy, run_trainer, scaled_learning_rate, start_run
+from crispdiff.train.loop import LoopTrainer, ema_copy, run_trainer
 from crispdiff.train.loop import check_output_dir as check_output_folder
+from crispdiff.train.optimization import scaled_learning_rate
+from crispdiff.train.process import start_run
 from crispdiff.vae.config import VAE_SUBFOLDER, VAETrainConfig
 from crispdiff.vae.evaluation import (
     holdout_split,

@@ -1,4 +1,5 @@
-"""The super-resolution component of a crispdiff pipeline: any spandrel-supported SR network as a diffusers model.
+"""The super-resolution component of a crispdiff pipeline, one file past 500 lines because saved folders carry a copy
+of it: any spandrel-supported SR network as a diffusers model.
 
 Why this file exists on its own: a saved pipeline folder carries a copy of it in ``sr_model/sr_model.py`` and names it
 in ``model_index.json`` as ``["sr_model", "SpandrelSRModel"]``, so ``DiffusionPipeline.from_pretrained(dir,

@@ -1,4 +1,5 @@
-"""The latent cache: every training image encoded ONCE by the VAE, stored on disk, reused across runs and processes.
+"""The latent cache, one concept past 500 lines (its key, build, checksums and repair guard one file format): every
+training image encoded ONCE by the VAE, stored on disk, reused across runs and processes.
 
 Why cache posterior parameters instead of encoding every step: the VAE encoder costs as much as (or more than) a
 small UNet's forward pass, and it never changes while the diffusion model trains. Storing the posterior's mean and

@@ -25,8 +25,9 @@ from crispdiff.core.io import write_json_atomic
 from crispdiff.data.auto_classes import class_mix
 from crispdiff.diffusion.schedule import NoiseSchedule, sample_noise, schedule_label, scheduler_base_config
 from crispdiff.diffusion.unets import count_parameters, describe_parameters, unet_from_config
+from crispdiff.publish.card import write_model_card
 from crispdiff.publish.export import SAMPLES_NAME, build_pipeline, save_pipeline
-from crispdiff.publish.hub import maybe_push_to_hub, write_model_card
+from crispdiff.publish.hub import maybe_push_to_hub
 from crispdiff.train.checkpoint import find_checkpoint
 from crispdiff.train.grids import TRAIN_PASSES_PER_IMAGE, GridPlan, plan_grid
 from crispdiff.train.loop import LoopTrainer, check_output_dir, ema_copy, run_trainer, untouched_rng

@@ -39,10 +39,12 @@ from crispdiff.core.images import make_grid, save_image_atomic
 from crispdiff.core.io import write_text_atomic
 from crispdiff.evaluate.evaluation import evaluate_samples, load_reference_data
 from crispdiff.evaluate.sampling import generate_samples, reference_class_mix, reference_classes
-from crispdiff.latent.trainer import LatentTrainConfig, build_latent_space
+from crispdiff.latent.space import build_latent_space
+from crispdiff.latent.trainer import LatentTrainConfig
 from crispdiff.latent.vae import load_vae
 from crispdiff.publish.export import load_pipeline, save_pipeline
-from crispdiff.train.loop import run_trainer, start_run
+from crispdiff.train.loop import run_trainer
+from crispdiff.train.process import start_run
 from crispdiff.train.unet_trainer import UNetTrainer
 
 #: TrainConfig overrides of each recipe; everything else is the main job's default.

@@ -92,7 +92,8 @@ def measure(folder: Path, key: str, repeats: int) -> dict[str, float]:
 
 def default_data_rows(root: Path, repeats: int) -> list[list[object]]:
     """The embedded emoji as each default trainer caches them, through load_images on a cache hit."""
-    from crispdiff.core.config import TrainConfig, parse_config
+    from crispdiff.core.config import TrainConfig
+    from crispdiff.core.flags import parse_config
     from crispdiff.data.loading import load_images
     from crispdiff.latent.trainer import LatentTrainConfig
 

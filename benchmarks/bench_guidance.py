@@ -36,8 +36,9 @@ from common import BENCH_DIR, append_results, machine, markdown_table
 from crispdiff.core.images import make_grid, save_image_atomic
 from crispdiff.core.io import write_text_atomic
 from crispdiff.data.loading import load_images
-from crispdiff.evaluate.metrics import sharpness_ratios, sliced_wasserstein_distance
+from crispdiff.evaluate.distribution import sliced_wasserstein_distance
 from crispdiff.evaluate.sampling import generate_samples
+from crispdiff.evaluate.sharpness import sharpness_ratios
 from crispdiff.latent.trainer import LatentTrainConfig, train_latent
 from crispdiff.publish.export import load_pipeline
 

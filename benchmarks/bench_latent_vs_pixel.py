@@ -33,7 +33,8 @@ from crispdiff.core.config import TrainConfig
 from crispdiff.data.loading import load_images
 from crispdiff.diffusion.schedule import NoiseSchedule
 from crispdiff.diffusion.unets import describe_parameters
-from crispdiff.latent.trainer import LatentTrainConfig, build_latent_space
+from crispdiff.latent.space import build_latent_space
+from crispdiff.latent.trainer import LatentTrainConfig
 from crispdiff.latent.vae import (
     AnyVAE,
     embedded_vae_dir,
@@ -44,8 +45,9 @@ from crispdiff.latent.vae import (
     unscale_latents,
     vae_downsample_factor,
 )
-from crispdiff.train.loop import make_accelerator
-from crispdiff.train.unet_trainer import PixelSpace, UNetTrainer
+from crispdiff.train.process import make_accelerator
+from crispdiff.train.spaces import PixelSpace
+from crispdiff.train.unet_trainer import UNetTrainer
 
 #: UNet sizes compared: (name, base_channels, channel_mults, layers_per_block). Three levels each, attention at the
 #: lowest level (R/4 pixels for the pixel UNet, R/4f for the latent one).

@@ -67,7 +67,8 @@ def build_base(folder: Path, resolution: int, channels: list[int]) -> Path:
     from diffusers import AutoencoderKL, PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
-    from crispdiff.sd.base import offline_clip_vocab
+    sys.path.insert(0, str(REPO_ROOT / "tests"))  # the offline CLIP tokenizer the tests build tiny SD models with
+    from tiny_models import offline_clip_vocab
 
     folder.mkdir(parents=True, exist_ok=True)
     vocab, merges = offline_clip_vocab(folder)

@@ -36,8 +36,8 @@ from crispdiff.diffusion.schedule import scheduler_base_config
 from crispdiff.diffusion.unets import build_unet
 from crispdiff.pipelines.sr_model import SpandrelSRModel, tile_starts
 from crispdiff.publish.export import build_pipeline
-from crispdiff.publish.sr import load_sr_model
 from crispdiff.superres.data import downscale
+from crispdiff.superres.load import load_sr_model
 from crispdiff.superres.metrics import compare_upscalers, lanczos_upscale
 
 

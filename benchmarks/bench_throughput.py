@@ -21,8 +21,9 @@ from diffusers_baseline import DiffusersStyleLoop
 from crispdiff.core.config import TrainConfig
 from crispdiff.data.loading import load_images
 from crispdiff.diffusion.unets import build_unet, count_parameters, describe_parameters
-from crispdiff.train.loop import make_accelerator
-from crispdiff.train.unet_trainer import PixelSpace, UNetTrainer
+from crispdiff.train.process import make_accelerator
+from crispdiff.train.spaces import PixelSpace
+from crispdiff.train.unet_trainer import UNetTrainer
 
 
 def parse_args() -> argparse.Namespace:

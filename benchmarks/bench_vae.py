@@ -4,7 +4,7 @@
     python benchmarks/bench_vae.py --vae old=/tmp/old-vae new=crispdiff/assets/vae-noto-f4
     python benchmarks/bench_vae.py --other_family ~/.cache/crispdiff/twemoji-64   # after fetch_twemoji.py
 
-The held-out sets are the ones the embedded VAE was trained without (``crispdiff.latent.vae_trainer.holdout_split`` with
+The held-out sets are the ones the embedded VAE was trained without (``crispdiff.vae.trainer.holdout_split`` with
 the card's flags): whole categories (--holdout_values) and a seeded 5 % of the remaining images. Reconstructions use
 the posterior mean; sharpness ratios are reconstruction / original (1 = as sharp as the data). The embedded 1,000
 (the main job's data, mostly seen in training) are reported too, since they bound how sharp the main job can be.
@@ -23,7 +23,7 @@ from common import append_results, emoji_dir, markdown_table
 from crispdiff.core.config import DataConfig
 from crispdiff.data.loading import load_images
 from crispdiff.latent.vae import latent_channels, load_vae, vae_downsample_factor
-from crispdiff.latent.vae_eval import holdout_split, reconstruction_metrics
+from crispdiff.vae.evaluation import holdout_split, reconstruction_metrics
 
 
 def parse_args() -> argparse.Namespace:

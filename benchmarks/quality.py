@@ -23,7 +23,7 @@ from typing import Any
 import torch
 from recognition import DEFAULT_CACHE, Recognition, family_split, images01
 
-from crispdiff.evaluate import metrics as M
+from crispdiff.evaluate.metrics import compute_all
 from crispdiff.evaluate.sampling import generate_samples, reference_class_mix
 from crispdiff.publish.export import load_pipeline
 
@@ -41,7 +41,7 @@ def floor_row(family: str) -> dict[str, Any]:
     """The real-vs-real values of a family: SWD and sharpness of B against A, recognition of T against A."""
     recognition = recognition_for(family)
     split = recognition.split
-    floor = M.compute_all(images01(split.reference), images01(split.floor), seed=0)
+    floor = compute_all(images01(split.reference), images01(split.floor), seed=0)
     return {"swd": floor["swd_avg"], **recognition.real_row()}
 
 
@@ -77,7 +77,7 @@ def measure_pipeline(
         pipeline, num_images, steps=steps, seed=seed, class_labels=labels, guidance_scale=guidance_scale
     )
     reference = images01(split.reference)
-    generated = M.compute_all(reference, samples, seed=0)
+    generated = compute_all(reference, samples, seed=0)
     floor = floor_row(family)
     row: dict[str, Any] = {
         "swd": generated["swd_avg"],

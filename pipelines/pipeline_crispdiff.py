@@ -1,5 +1,6 @@
-"""CrispDiffPipeline: image generation from a crispdiff model (unet + scheduler [+ vae] [+ sr_model]), unconditional
-or class-conditional with classifier-free guidance.
+"""CrispDiffPipeline, one self-contained file past 500 lines because every saved pipeline folder carries a copy of it:
+image generation from a crispdiff model (unet + scheduler [+ vae] [+ sr_model]), unconditional or class-conditional
+with classifier-free guidance.
 
 This file is self-contained on purpose: a copy of it is saved into every pipeline folder so that
 ``DiffusionPipeline.from_pretrained(folder, trust_remote_code=True)`` works on a machine that has only torch, numpy,

@@ -1,4 +1,5 @@
-"""The super-resolution component of a crispdiff pipeline: any spandrel-supported SR network as a diffusers model.
+"""The super-resolution component of a crispdiff pipeline, one file past 500 lines because saved folders carry a copy
+of it: any spandrel-supported SR network as a diffusers model.
 
 Why this file exists on its own: a saved pipeline folder carries a copy of it in ``sr_model/sr_model.py`` and names it
 in ``model_index.json`` as ``["sr_model", "SpandrelSRModel"]``, so ``DiffusionPipeline.from_pretrained(dir,
@@ -20,7 +21,6 @@ memory stays bounded.
 from __future__ import annotations
 
 import functools
-import json
 import math
 import os
 import tempfile
@@ -641,8 +641,3 @@ def describe_config(config: Mapping[str, Any]) -> str:
         + f"; fp16: {'yes' if config.get('supports_half') else 'no'}, "
         f"bf16: {'yes' if config.get('supports_bfloat16') else 'no'}; {tiling}"
     )
-
-
-def read_component_config(folder: str | os.PathLike) -> dict[str, Any]:
-    """The saved component's config.json as a dict (for describing a folder without loading its weights)."""
-    return json.loads((Path(folder) / SpandrelSRModel.config_name).read_text())

@@ -98,11 +98,6 @@ def convert_norms(encoder: nn.Module, encoder_norm: str, preferred_groups: int =
     raise ValueError(f"encoder_norm must be one of {ENCODER_NORMS}, got {encoder_norm!r}")
 
 
-def has_batch_norm(module: nn.Module) -> bool:
-    """Whether a (still unconverted) network normalises with BatchNorm anywhere."""
-    return any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in module.modules())
-
-
 def create_encoder(name: str, in_channels: int) -> FeatureListNet:
     """The bare timm ``features_only`` network, randomly initialised (nothing is ever downloaded here)."""
     encoder = timm.create_model(name, pretrained=False, features_only=True, in_chans=in_channels)

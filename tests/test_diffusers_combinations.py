@@ -18,15 +18,16 @@ from diffusers import DDPMScheduler, UNet2DModel
 from diffusers.training_utils import EMAModel
 from safetensors import safe_open
 from test_diffusers_commands import disc_images, saved_dataset
-from test_sd_lora import RES, make_tiny_sd
+from tiny_models import RES, make_tiny_sd
 
 import crispdiff.sd.trainer
 import crispdiff.train.unet_trainer
-from crispdiff.core.config import TrainConfig, parse_config
+from crispdiff.core.config import TrainConfig
+from crispdiff.core.flags import parse_config
 from crispdiff.data.batches import ImageData
 from crispdiff.diffusion.schedule import NoiseSchedule, sample_noise
 from crispdiff.latent.cache import LatentCache
-from crispdiff.latent.trainer import LatentSpace
+from crispdiff.latent.space import LatentSpace
 from crispdiff.sd.config import LORA_WEIGHTS_NAME, DreamBoothLoRAConfig, TextToImageLoRAConfig
 from crispdiff.sd.trainer import train_dreambooth_lora, train_text_to_image_lora
 from crispdiff.train.unet_trainer import train

@@ -22,7 +22,7 @@ import pytest
 import torch
 from conftest import shared_dir
 from PIL import Image
-from test_sd_lora import make_tiny_sd
+from tiny_models import make_tiny_sd, tiny_unet
 
 from crispdiff.core.images import make_grid
 
@@ -113,14 +113,11 @@ def test_flowers_unconditional_readme_command(tmp_path):
     """The flowers command: 3 epochs (not 100) of 8 images, one batch of 16 each, on a tiny UNet, with a small final
     grid (--eval_batch_size, --ddpm_num_inference_steps); the pipeline loads, and the log names crispdiff's defaults
     for the flags not passed, once, and not the ones passed."""
-    from diffusers import UNet2DModel
 
-    from crispdiff.core.config import TrainConfig, parse_config
+    from crispdiff.core.config import TrainConfig
+    from crispdiff.core.flags import parse_config
 
-    tiny = UNet2DModel(
-        sample_size=64, block_out_channels=(8, 16), down_block_types=("DownBlock2D",) * 2,
-        up_block_types=("UpBlock2D",) * 2, layers_per_block=1, norm_num_groups=4, add_attention=False,
-    )  # fmt: skip
+    tiny = tiny_unet(sample_size=64, add_attention=False)
     tiny.save_config(tmp_path / "tiny_unet")
     data = saved_dataset(tmp_path / "flowers", disc_images(8, (72, 80)))
     out = tmp_path / "ddpm-ema-flowers-64"
@@ -257,7 +254,8 @@ def test_common_unconditional_flags_validate_and_save_per_epoch(tmp_path, epochs
     with all checkpoints kept, --dataloader_num_workers: 8 images of 4 = 2 steps an epoch."""
     from accelerate.state import AcceleratorState
 
-    from crispdiff.core.config import TrainConfig, parse_config
+    from crispdiff.core.config import TrainConfig
+    from crispdiff.core.flags import parse_config
     from crispdiff.train.unet_trainer import train
 
     AcceleratorState._reset_state(reset_partial_state=True)

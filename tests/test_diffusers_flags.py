@@ -15,10 +15,13 @@ import pytest
 import torch
 from conftest import shared_dir
 
-from crispdiff.core.config import TrainConfig, parse_config
+from crispdiff.core.config import TrainConfig
 from crispdiff.core.errors import FlagError
+from crispdiff.core.flags import parse_config
 from crispdiff.sd.config import DreamBoothLoRAConfig, TextToImageLoRAConfig
-from crispdiff.train.loop import LoopTrainer, make_accelerator, scaled_learning_rate
+from crispdiff.train.loop import LoopTrainer
+from crispdiff.train.optimization import scaled_learning_rate
+from crispdiff.train.process import make_accelerator
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -187,7 +190,7 @@ def test_lora_latents_are_random_crops_unless_center_crop(tmp_path):
     random crop, discretised), each the VAE's encoding of those pixels; with it, the centre crop alone."""
     import numpy as np
     from PIL import Image
-    from test_sd_lora import make_tiny_sd
+    from tiny_models import make_tiny_sd
 
     from crispdiff.core.images import uint8_to_model
     from crispdiff.latent.vae import encode_posterior

@@ -19,9 +19,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from crispdiff.core.config import build_parser, parse_config, resolve_mixed_precision
+from crispdiff.core.config import resolve_mixed_precision
 from crispdiff.core.diffusers_flags import VALUE_ALIASES, RefusedFlag
 from crispdiff.core.errors import FlagError, UserError
+from crispdiff.core.flags import build_parser, parse_config
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SCRIPTS = sorted(path.name for path in (REPO_ROOT / "train_scripts").glob("*.py"))
@@ -148,9 +149,8 @@ def inputs(tmp_path_factory) -> dict[str, Path]:
     """What the scripts' base command lines read: 12 captioned 16 x 20 px images in two kinds (wider than high, so
     random crops have room), a tiny VAE, a tiny DDPMPipeline and a tiny Stable Diffusion, all real folders."""
     from diffusers import DDPMPipeline, DDPMScheduler
-    from test_sd_lora import make_tiny_sd
     from test_transfer import tiny_attention_unet
-    from tiny_models import tiny_vae
+    from tiny_models import make_tiny_sd, tiny_vae
 
     root = tmp_path_factory.mktemp("walk")
     images = root / "images"

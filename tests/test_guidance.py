@@ -21,15 +21,16 @@ import torch
 from diffusers import UNet2DModel
 from PIL import Image
 from safetensors.torch import load_file
-from tiny_models import SIZE, WITHOUT_CRISPDIFF, base_config, tiny_vae
+from tiny_models import SIZE, WITHOUT_CRISPDIFF, base_config, tiny_unet, tiny_vae
 
 from crispdiff.core.config import TrainConfig
 from crispdiff.core.errors import DataError
 from crispdiff.data.loading import load_images
 from crispdiff.publish.export import build_pipeline
 from crispdiff.train import grids
-from crispdiff.train.loop import make_accelerator
-from crispdiff.train.unet_trainer import PixelSpace, UNetTrainer, train
+from crispdiff.train.process import make_accelerator
+from crispdiff.train.spaces import PixelSpace
+from crispdiff.train.unet_trainer import UNetTrainer, train
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 CLASSES = ["disc", "ring", "square"]  # sorted: ids 0, 1, 2; the null class is 3
@@ -94,18 +95,7 @@ def tiny_config(folder: Path, output_dir: Path, **overrides) -> TrainConfig:
 
 def tiny_class_unet(num_classes: int = len(CLASSES), seed: int = 0) -> UNet2DModel:
     """The tiny_models UNet with a class embedding of num_classes + 1 (null) rows."""
-    torch.manual_seed(seed)
-    return UNet2DModel(
-        sample_size=SIZE,
-        in_channels=3,
-        out_channels=3,
-        block_out_channels=(8, 16),
-        down_block_types=("DownBlock2D", "DownBlock2D"),
-        up_block_types=("UpBlock2D", "UpBlock2D"),
-        layers_per_block=1,
-        norm_num_groups=4,
-        num_class_embeds=num_classes + 1,
-    ).eval()
+    return tiny_unet(seed, num_class_embeds=num_classes + 1).eval()
 
 
 def class_pipeline(unet: UNet2DModel | None = None, class_names: list[str] | None = CLASSES):

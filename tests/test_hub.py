@@ -19,17 +19,16 @@ from spandrel.architectures.Compact import Compact
 from tiny_models import base_config, tiny_unet
 
 from crispdiff.commands import push
+from crispdiff.publish.card import BASE_TAGS, write_model_card
 from crispdiff.publish.export import save_pipeline
 from crispdiff.publish.hub import (
-    BASE_TAGS,
     UPLOAD_IGNORE_PATTERNS,
     HubUploadError,
     files_to_upload,
     push_to_hub,
     upload_operations,
-    write_model_card,
 )
-from crispdiff.publish.sr import SpandrelSRModel
+from crispdiff.superres.load import SpandrelSRModel
 
 SECRET = "hf_thisIsNotARealTokenButMustNeverBePublished"
 

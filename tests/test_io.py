@@ -11,12 +11,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from diffusers import AutoencoderKL
-from tiny_models import base_config, tiny_unet
+from tiny_models import base_config, tiny_unet, tiny_vae
 
 from crispdiff.core.io import swap_folder_into_place, write_text_atomic
-from crispdiff.latent.vae_trainer import save_vae_folder
 from crispdiff.publish.export import save_pipeline
+from crispdiff.vae.trainer import save_vae_folder
 
 
 @pytest.fixture
@@ -27,20 +26,12 @@ def umask_022():
     os.umask(previous)
 
 
+#: a one-level VAE with 2 latent channels: the smallest folder ``save_vae_folder`` writes
+ONE_LEVEL_VAE = dict(sample_size=32, block_out_channels=(8,), latent_channels=2)
+
+
 def _modes(folder: Path) -> dict[str, int]:
     return {str(p.relative_to(folder)): stat.S_IMODE(p.stat().st_mode) for p in sorted(folder.rglob("*"))}
-
-
-def _tiny_vae() -> AutoencoderKL:
-    torch.manual_seed(0)
-    return AutoencoderKL(
-        block_out_channels=(8,),
-        down_block_types=("DownEncoderBlock2D",),
-        up_block_types=("UpDecoderBlock2D",),
-        latent_channels=2,
-        norm_num_groups=4,
-        layers_per_block=1,
-    )
 
 
 def _fail_on_call(monkeypatch, number: int) -> list[tuple[str, str]]:
@@ -89,16 +80,16 @@ def test_atomic_text_files_respect_umask(tmp_path):
 def test_vae_folder_survives_a_crash_during_the_swap(tmp_path, monkeypatch):
     """save_vae_folder used to delete the old VAE before renaming the new one in: a crash between lost both."""
     folder = tmp_path / "vae"
-    save_vae_folder(_tiny_vae(), folder, "old card")
+    save_vae_folder(tiny_vae(**ONE_LEVEL_VAE), folder, "old card")
     before = {p.name: p.read_bytes() for p in folder.iterdir()}
     calls = _fail_on_call(monkeypatch, 2)  # 1st rename: old folder aside; 2nd: the new one in -> crash
     with pytest.raises(OSError, match="simulated crash"):
-        save_vae_folder(_tiny_vae(), folder, "new card")
+        save_vae_folder(tiny_vae(**ONE_LEVEL_VAE), folder, "new card")
     assert len(calls) >= 2
     monkeypatch.undo()
     assert {p.name: p.read_bytes() for p in folder.iterdir()} == before, "the old VAE must survive"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["vae"], "no staging or backup folder may be left"
-    save_vae_folder(_tiny_vae(), folder, "new card")
+    save_vae_folder(tiny_vae(**ONE_LEVEL_VAE), folder, "new card")
     assert (folder / "README.md").read_text() == "new card"
 
 
@@ -316,7 +307,7 @@ def test_pipeline_vae_and_sr_folders_are_fsynced_whole_before_they_are_renamed_i
     from PIL import Image
     from spandrel.architectures.Compact import Compact
 
-    from crispdiff.publish.sr import attach_sr
+    from crispdiff.superres.load import attach_sr
 
     grid = Image.new("RGB", (4, 4))
     pipeline = save_pipeline(
@@ -327,7 +318,7 @@ def test_pipeline_vae_and_sr_folders_are_fsynced_whole_before_they_are_renamed_i
     assert {"model_index.json", "samples.png", "unet"} <= {p.name for p in pipeline.iterdir()}
 
     disk_log.clear()
-    vae = save_vae_folder(_tiny_vae(), tmp_path / "vae", "card")
+    vae = save_vae_folder(tiny_vae(**ONE_LEVEL_VAE), tmp_path / "vae", "card")
     disk_log.assert_durable_folder(vae)
 
     disk_log.clear()
@@ -340,7 +331,7 @@ def test_pipeline_vae_and_sr_folders_are_fsynced_whole_before_they_are_renamed_i
 
 
 def test_sd_pipeline_and_lora_files_are_fsynced_before_they_are_renamed_in(tmp_path, disk_log):
-    from test_sd_lora import make_tiny_sd
+    from tiny_models import make_tiny_sd
 
     from crispdiff.pipelines.pipeline_crispdiff_sd import CrispDiffSDPipeline
     from crispdiff.sd.base import load_sd

@@ -19,22 +19,14 @@ from PIL import Image
 from safetensors.torch import load_file
 from tiny_models import assert_ranks_saw_different_data_and_noise, record_launcher, tiny_vae
 
-from crispdiff.core.config import parse_config
 from crispdiff.core.errors import FlagError
+from crispdiff.core.flags import parse_config
 from crispdiff.data.loading import load_images
 from crispdiff.diffusion.schedule import NoiseSchedule, betas_from_config
 from crispdiff.diffusion.unets import unet_from_config
 from crispdiff.latent.cache import load_or_build_latent_cache
-from crispdiff.latent.trainer import (
-    EMBEDDED_CLASS_COLUMN,
-    MAIN_JOB_SNR_SHIFT,
-    LatentSpace,
-    LatentTrainConfig,
-    build_latent_space,
-    latent_cache_dir,
-    preprocessing_key,
-    resolve_scaling,
-)
+from crispdiff.latent.space import LatentSpace, build_latent_space, latent_cache_dir, preprocessing_key, resolve_scaling
+from crispdiff.latent.trainer import EMBEDDED_CLASS_COLUMN, MAIN_JOB_SNR_SHIFT, LatentTrainConfig
 from crispdiff.latent.vae import (
     EMBEDDED_VAE_SHARPEN_AMOUNT,
     EMBEDDED_VAE_SHARPEN_AMOUNT_AUTOGUIDED,

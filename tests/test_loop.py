@@ -8,8 +8,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from crispdiff.core.config import LoopConfig, TrainConfig, parse_config
-from crispdiff.train.loop import LoopTrainer, make_accelerator, run_trainer
+from crispdiff.core.config import LoopConfig, TrainConfig
+from crispdiff.core.flags import parse_config
+from crispdiff.train.loop import LoopTrainer, run_trainer
+from crispdiff.train.process import make_accelerator
 
 NUM_ITEMS = 16
 

@@ -16,7 +16,18 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from crispdiff.evaluate import metrics as M
+from crispdiff.evaluate.colour_blob import (
+    colour_blob_score,
+    colour_histogram,
+    jensen_shannon_divergence,
+    one_sided_deficit,
+)
+from crispdiff.evaluate.distribution import _pyr_up, laplacian_pyramid, sliced_wasserstein_distance
+from crispdiff.evaluate.inception import INCEPTION_WEIGHTS_FILENAME, find_inception_weights, inception_metrics
+from crispdiff.evaluate.inputs import to_float01
+from crispdiff.evaluate.memorisation import NEAR_COPY_FACTOR, nearest_neighbours
+from crispdiff.evaluate.metrics import compute_all, compute_validation_metrics, real_vs_real_floor, split_reference
+from crispdiff.evaluate.sharpness import high_frequency_share, laplacian_variance, sharpness_ratios
 
 FAST_SWD = {"num_directions": 32, "num_repeats": 1}
 
@@ -39,7 +50,7 @@ def load_emoji(folder: Path, count: int) -> torch.Tensor:
 @pytest.fixture(scope="module")
 def emoji(emoji_dir) -> tuple[torch.Tensor, torch.Tensor]:
     """Two disjoint sets of 150 real emoji as float [0, 1]: A (the reference) and B (stands in for a generator)."""
-    images = M.to_float01(load_emoji(emoji_dir, 300))
+    images = to_float01(load_emoji(emoji_dir, 300))
     order = torch.randperm(len(images), generator=torch.Generator().manual_seed(0))
     return images[order[:150]], images[order[150:300]]
 
@@ -79,28 +90,28 @@ def test_to_float01_accepts_common_layouts_and_rejects_mistakes():
     x = smooth_random_images(3, 16)
     as_uint8 = (x * 255).round().to(torch.uint8)
     nhwc = as_uint8.permute(0, 2, 3, 1).numpy()
-    assert torch.equal(M.to_float01(nhwc), M.to_float01(as_uint8))
-    assert torch.allclose(M.to_float01(as_uint8), x, atol=1 / 255)
-    assert M.to_float01(x[:, :1]).shape == (3, 3, 16, 16)
+    assert torch.equal(to_float01(nhwc), to_float01(as_uint8))
+    assert torch.allclose(to_float01(as_uint8), x, atol=1 / 255)
+    assert to_float01(x[:, :1]).shape == (3, 3, 16, 16)
     with pytest.raises(ValueError, match=r"\(x \+ 1\) / 2"):
-        M.to_float01(x * 2 - 1)
+        to_float01(x * 2 - 1)
     with pytest.raises(ValueError, match="RGBA"):
-        M.to_float01(torch.rand(2, 4, 16, 16))
+        to_float01(torch.rand(2, 4, 16, 16))
     with pytest.raises(ValueError, match="4 dimensions"):
-        M.to_float01(torch.rand(3, 16, 16))
+        to_float01(torch.rand(3, 16, 16))
 
 
 def test_laplacian_pyramid_levels_and_exact_reconstruction():
     x = smooth_random_images(2, 64)
-    levels = M.laplacian_pyramid(x, min_resolution=16)
+    levels = laplacian_pyramid(x, min_resolution=16)
     assert [level.shape[-1] for level in levels] == [64, 32, 16]
     rebuilt = levels[-1]
     for detail in reversed(levels[:-1]):
-        rebuilt = detail + M._pyr_up(rebuilt, detail.shape[-2:])
+        rebuilt = detail + _pyr_up(rebuilt, detail.shape[-2:])
     assert torch.allclose(rebuilt, x, atol=1e-5)
-    flat = M.laplacian_pyramid(torch.full((1, 3, 64, 64), 0.3))
+    flat = laplacian_pyramid(torch.full((1, 3, 64, 64), 0.3))
     assert all(level.abs().max() < 1e-6 for level in flat[:-1])
-    assert [lv.shape[-1] for lv in M.laplacian_pyramid(torch.rand(1, 3, 96, 96))] == [96, 48, 24]
+    assert [lv.shape[-1] for lv in laplacian_pyramid(torch.rand(1, 3, 96, 96))] == [96, 48, 24]
 
 
 # ---- SWD ------------------------------------------------------------------------------------------------------------
@@ -108,25 +119,25 @@ def test_laplacian_pyramid_levels_and_exact_reconstruction():
 
 def test_swd_identity_symmetry_and_determinism():
     a, b = smooth_random_images(24, seed=0), smooth_random_images(24, seed=1)
-    same = M.sliced_wasserstein_distance(a, a, **FAST_SWD)
+    same = sliced_wasserstein_distance(a, a, **FAST_SWD)
     assert set(same) == {"swd_32", "swd_16", "swd_avg"}
     assert all(value == 0.0 for value in same.values())
-    ab = M.sliced_wasserstein_distance(a, b, seed=3)
-    assert ab == M.sliced_wasserstein_distance(b, a, seed=3)  # symmetric, bit for bit
-    assert ab == M.sliced_wasserstein_distance(a, b, seed=3)  # deterministic
+    ab = sliced_wasserstein_distance(a, b, seed=3)
+    assert ab == sliced_wasserstein_distance(b, a, seed=3)  # symmetric, bit for bit
+    assert ab == sliced_wasserstein_distance(a, b, seed=3)  # deterministic
     assert ab["swd_avg"] > 0
-    assert ab != M.sliced_wasserstein_distance(a, b, seed=4)
-    uneven = M.sliced_wasserstein_distance(a, b[:10], **FAST_SWD)  # different counts are subsampled, not an error
+    assert ab != sliced_wasserstein_distance(a, b, seed=4)
+    uneven = sliced_wasserstein_distance(a, b[:10], **FAST_SWD)  # different counts are subsampled, not an error
     assert uneven["swd_avg"] > 0
     with pytest.raises(ValueError, match="equal resolutions"):
-        M.sliced_wasserstein_distance(a, smooth_random_images(4, 16))
+        sliced_wasserstein_distance(a, smooth_random_images(4, 16))
 
 
 def test_swd_grows_with_blur_and_with_noise(emoji):
     a, b = emoji
 
     def swd(x: torch.Tensor) -> float:
-        return M.sliced_wasserstein_distance(a, x, **FAST_SWD)["swd_avg"]
+        return sliced_wasserstein_distance(a, x, **FAST_SWD)["swd_avg"]
 
     floor = swd(b)
     blur1, blur2 = swd(gaussian_blur(b, 1.0)), swd(gaussian_blur(b, 2.0))
@@ -140,18 +151,18 @@ def test_swd_grows_with_blur_and_with_noise(emoji):
 
 def test_high_frequency_share_extremes():
     checkerboard = ((torch.arange(16)[:, None] + torch.arange(16)[None]) % 2).float().expand(1, 3, 16, 16)
-    assert M.high_frequency_share(checkerboard).item() == pytest.approx(1.0)
-    assert M.high_frequency_share(torch.full((1, 3, 16, 16), 0.5)).item() == 0.0
+    assert high_frequency_share(checkerboard).item() == pytest.approx(1.0)
+    assert high_frequency_share(torch.full((1, 3, 16, 16), 0.5)).item() == 0.0
     ramp = torch.linspace(0, 1, 16).expand(1, 3, 16, 16)
-    assert M.high_frequency_share(ramp).item() < 0.1
-    assert M.laplacian_variance(ramp).item() == pytest.approx(0.0, abs=1e-10)
+    assert high_frequency_share(ramp).item() < 0.1
+    assert laplacian_variance(ramp).item() == pytest.approx(0.0, abs=1e-10)
 
 
 def test_sharpness_ratios_blurred_below_one_noised_above(emoji):
     a, b = emoji
-    floor = M.sharpness_ratios(a, b)
-    blurred = M.sharpness_ratios(a, gaussian_blur(b, 1.0))
-    noised = M.sharpness_ratios(a, add_noise(b, 0.05))
+    floor = sharpness_ratios(a, b)
+    blurred = sharpness_ratios(a, gaussian_blur(b, 1.0))
+    noised = sharpness_ratios(a, add_noise(b, 0.05))
     for key in ("hf_energy_ratio", "laplacian_var_ratio"):
         assert 0.8 < floor[key] < 1.25, (key, floor[key])
         assert blurred[key] < 0.5, (key, blurred[key])
@@ -164,12 +175,12 @@ def test_sharpness_ratios_blurred_below_one_noised_above(emoji):
 
 def test_colour_blob_indicator_moves_the_right_way(emoji):
     a, b = emoji
-    floor = M.colour_blob_score(a, b)
-    blurred = M.colour_blob_score(a, gaussian_blur(b, 1.0))
-    noised = M.colour_blob_score(a, add_noise(b, 0.1))
-    flat_blobs = M.colour_blob_score(a, blobify(b, colour_shift=False))
-    blobs = M.colour_blob_score(a, blobify(b))
-    shifted = M.colour_blob_score(a, 0.5 * b + 0.5 * b[:, [2, 0, 1]])
+    floor = colour_blob_score(a, b)
+    blurred = colour_blob_score(a, gaussian_blur(b, 1.0))
+    noised = colour_blob_score(a, add_noise(b, 0.1))
+    flat_blobs = colour_blob_score(a, blobify(b, colour_shift=False))
+    blobs = colour_blob_score(a, blobify(b))
+    shifted = colour_blob_score(a, 0.5 * b + 0.5 * b[:, [2, 0, 1]])
     # the full failure (flat and wrongly coloured) scores highest, then flatness alone, then mild blur
     assert blobs["colour_blob"] > flat_blobs["colour_blob"] > blurred["colour_blob"] > 2 * floor["colour_blob"]
     # noise is a different failure: it must not read as blobs
@@ -183,13 +194,13 @@ def test_colour_blob_indicator_moves_the_right_way(emoji):
 
 def test_one_sided_deficit_ignores_excess_and_sees_mixtures():
     real = torch.full((100,), 0.2)
-    assert M.one_sided_deficit(real, torch.full((50,), 0.4)) == 0.0
-    assert M.one_sided_deficit(real, torch.zeros(50)) == pytest.approx(1.0)
+    assert one_sided_deficit(real, torch.full((50,), 0.4)) == 0.0
+    assert one_sided_deficit(real, torch.zeros(50)) == pytest.approx(1.0)
     half_flat_half_noisy = torch.cat([torch.zeros(50), torch.full((50,), 0.4)])  # same mean as real
-    assert M.one_sided_deficit(real, half_flat_half_noisy) == pytest.approx(0.5, abs=0.01)
-    p = M.colour_histogram(smooth_random_images(4))
+    assert one_sided_deficit(real, half_flat_half_noisy) == pytest.approx(0.5, abs=0.01)
+    p = colour_histogram(smooth_random_images(4))
     assert p.sum().item() == pytest.approx(1.0)
-    assert M.jensen_shannon_divergence(p, p) == 0.0
+    assert jensen_shannon_divergence(p, p) == 0.0
 
 
 # ---- memorisation ---------------------------------------------------------------------------------------------------
@@ -202,15 +213,15 @@ def test_memorisation_check_finds_planted_copies():
     copies = train[planted]
     near_copies = add_noise(train[[10, 11]], 0.005, seed=2)
     samples = torch.cat([fresh, copies, near_copies])
-    result = M.nearest_neighbours(samples, train)
+    result = nearest_neighbours(samples, train)
     assert result["distances"].shape == (27,) and result["indices"].shape == (27,)
     assert result["indices"][20:25].tolist() == planted
     assert result["indices"][25:].tolist() == [10, 11]
     assert torch.all(result["distances"][20:25] < 1e-3)
     assert result["near_copy_fraction"] == pytest.approx(7 / 27)
-    assert result["threshold"] == pytest.approx(M.NEAR_COPY_FACTOR * result["real_nn_distance_median"])
+    assert result["threshold"] == pytest.approx(NEAR_COPY_FACTOR * result["real_nn_distance_median"])
     assert torch.all(result["distances"][:20] > result["threshold"])
-    upscaled = M.nearest_neighbours(F.interpolate(copies, scale_factor=2, mode="nearest"), train)
+    upscaled = nearest_neighbours(F.interpolate(copies, scale_factor=2, mode="nearest"), train)
     assert upscaled["indices"].tolist() == planted  # samples are brought to the training resolution first
 
 
@@ -220,13 +231,13 @@ def test_memorisation_check_finds_planted_copies():
 def test_fid_without_weights_is_a_message_not_a_crash(tmp_path, monkeypatch):
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch_home"))
     x = smooth_random_images(4)
-    status = M.inception_metrics(x, x)["fid_status"]
-    assert "--inception_weights" in status and M.INCEPTION_WEIGHTS_FILENAME in status
+    status = inception_metrics(x, x)["fid_status"]
+    assert "--inception_weights" in status and INCEPTION_WEIGHTS_FILENAME in status
     assert str(tmp_path / "torch_home") in status  # says where the cache file would go
     missing = tmp_path / "nope.pth"
-    assert str(missing) in M.inception_metrics(x, x, weights=missing)["fid_status"]
-    assert M.find_inception_weights(None) is None
-    result = M.compute_all(x, x, fid=True, swd_kwargs=FAST_SWD)
+    assert str(missing) in inception_metrics(x, x, weights=missing)["fid_status"]
+    assert find_inception_weights(None) is None
+    result = compute_all(x, x, fid=True, swd_kwargs=FAST_SWD)
     assert "fid" not in result and "fid_status" in result and result["swd_avg"] == 0.0
 
 
@@ -256,8 +267,8 @@ def test_fid_and_kid_from_a_local_weights_file(random_inception_weights, monkeyp
 
     monkeypatch.setattr(fidelity, "load_state_dict_from_url", no_download)
     a, b = smooth_random_images(3, seed=0), smooth_random_images(3, seed=5)
-    same = M.inception_metrics(a, a, weights=random_inception_weights, kid_subsets=10)
-    different = M.inception_metrics(a, blobify(b), weights=random_inception_weights, kid_subsets=10)
+    same = inception_metrics(a, a, weights=random_inception_weights, kid_subsets=10)
+    different = inception_metrics(a, blobify(b), weights=random_inception_weights, kid_subsets=10)
     assert different["fid"] > 1e-2 and different["kid_mean"] > 1e-4
     assert abs(same["fid"]) < 1e-3 * different["fid"]
     assert same["kid_mean"] < 0.1 * different["kid_mean"]  # the unbiased MMD estimate of a set with itself is <= 0
@@ -269,7 +280,7 @@ def test_fid_refuses_a_file_that_is_not_a_state_dict(tmp_path):
     bad = tmp_path / "weights.pth"
     bad.write_bytes(b"not a checkpoint")
     with pytest.raises(ValueError, match="not a plain PyTorch state dict"):
-        M.inception_metrics(smooth_random_images(2), smooth_random_images(2), weights=bad)
+        inception_metrics(smooth_random_images(2), smooth_random_images(2), weights=bad)
 
 
 # ---- aggregates -----------------------------------------------------------------------------------------------------
@@ -278,23 +289,23 @@ def test_fid_refuses_a_file_that_is_not_a_state_dict(tmp_path):
 def test_real_vs_real_floor_and_compute_all(emoji):
     a, b = emoji
     reference = torch.cat([a, b])
-    floor = M.real_vs_real_floor(reference, num_images=100, swd_kwargs=FAST_SWD)
+    floor = real_vs_real_floor(reference, num_images=100, swd_kwargs=FAST_SWD)
     assert floor["num_real"] == floor["num_fake"] == 100
-    blurred = M.compute_all(a[:100], gaussian_blur(b[:100], 1.5), train=reference, swd_kwargs=FAST_SWD)
+    blurred = compute_all(a[:100], gaussian_blur(b[:100], 1.5), train=reference, swd_kwargs=FAST_SWD)
     assert set(floor) == set(blurred)
     assert blurred["swd_avg"] > 1.5 * floor["swd_avg"]
     assert floor["near_copy_fraction"] < 0.1  # B is not in the training set it is compared with
     assert blurred["hf_energy_ratio"] < 0.5 < floor["hf_energy_ratio"]
     json.dumps(floor)  # JSON-ready
-    idx_a, idx_b = M.split_reference(300, 100, seed=0)
+    idx_a, idx_b = split_reference(300, 100, seed=0)
     assert len(idx_a) == len(idx_b) == 100 and not set(idx_a.tolist()) & set(idx_b.tolist())
 
 
 def test_validation_metrics_are_cheap_flat_and_deterministic():
     real = (smooth_random_images(16, 32, seed=0) * 255).round().to(torch.uint8)
     fake = smooth_random_images(16, 64, seed=1)  # larger: resized to the real resolution
-    first = M.compute_validation_metrics(real, fake, seed=0)
-    assert first == M.compute_validation_metrics(real, fake, seed=0)
+    first = compute_validation_metrics(real, fake, seed=0)
+    assert first == compute_validation_metrics(real, fake, seed=0)
     assert {"swd_avg", "swd_32", "swd_16", "hf_energy_ratio", "laplacian_var_ratio", "colour_blob"} <= set(first)
     assert all(isinstance(v, float) and np.isfinite(v) for v in first.values())
 

@@ -8,8 +8,9 @@ import pytest
 import torch
 from diffusers import DDPMScheduler
 
-from crispdiff.core.config import NoiseConfig, TrainConfig, parse_config
+from crispdiff.core.config import NoiseConfig, TrainConfig
 from crispdiff.core.errors import FlagError
+from crispdiff.core.flags import parse_config
 from crispdiff.diffusion.schedule import (
     NoiseSchedule,
     cosine_alpha_bar,

@@ -22,12 +22,12 @@ from tiny_models import SIZE, base_config, kill_after_checkpoint, tiny_vae
 from crispdiff.core.config import TrainConfig
 from crispdiff.data.auto_classes import class_names, cluster_images, default_num_classes, kmeans
 from crispdiff.data.loading import load_images
-from crispdiff.latent.adapt import ADAPTED_VAE_DIR, adapted_vae_dir, misses_bar
 from crispdiff.latent.trainer import LatentTrainConfig, train_latent
 from crispdiff.latent.vae import embedded_vae_dir
 from crispdiff.publish.export import build_pipeline, load_pipeline
 from crispdiff.train.time_budget import MIN_STEPS, ModelRung, RungCost, affordable_steps, climb_ladder
 from crispdiff.train.unet_trainer import model_ladder, train
+from crispdiff.vae.adapt import ADAPTED_VAE_DIR, adapted_vae_dir, misses_bar
 
 COLOURS = [(220, 30, 30), (30, 160, 40), (40, 60, 220)]  # three groups the clustering must find
 PER_COLOUR = 6
@@ -239,8 +239,8 @@ def test_the_adaptation_is_sized_to_the_unets_run_unless_its_steps_are_given():
     """A fixed 150 adaptation steps would turn a 6-step smoke run into minutes of VAE training: without
     --adapt_vae_steps the adaptation sees at most one image for every 16 the UNet trains on; the main job's run keeps
     its 150; an explicit count runs as given."""
-    from crispdiff.core.config import parse_config
-    from crispdiff.latent.adapt import adaptation_steps
+    from crispdiff.core.flags import parse_config
+    from crispdiff.vae.adapt import adaptation_steps
 
     def sized(*flags: str, images: int = 1000, processes: int = 1) -> tuple[int, str]:
         return adaptation_steps(parse_config(LatentTrainConfig, list(flags)), images, processes)
@@ -384,7 +384,7 @@ def adapting_flags(folder: Path, vae_dir: Path, out: Path) -> list[str]:
 
 
 def run_adapting(folder: Path, vae_dir: Path, out: Path, *extra: str) -> Path | None:
-    from crispdiff.core.config import parse_config
+    from crispdiff.core.flags import parse_config
 
     return train_latent(parse_config(LatentTrainConfig, adapting_flags(folder, vae_dir, out) + list(extra)))
 
@@ -450,7 +450,7 @@ def test_a_resumed_budgeted_run_keeps_its_first_parts_steps_unet_and_learning_ra
     rate those give (it used to keep the rate of the default run's steps, so the saved config misstated it)."""
     from accelerate import Accelerator
 
-    from crispdiff.core.config import parse_config
+    from crispdiff.core.flags import parse_config
     from crispdiff.latent.trainer import MAIN_JOB_LADDER, main_job_learning_rate
     from crispdiff.train.checkpoint import STATE_FILE
     from crispdiff.train.unet_trainer import budgeted_values

@@ -17,7 +17,6 @@ import PIL.Image
 import pytest
 import torch
 from diffusers import (
-    AutoencoderKL,
     DDIMScheduler,
     DDPMScheduler,
     DPMSolverMultistepScheduler,
@@ -25,7 +24,7 @@ from diffusers import (
     UNet2DModel,
     UniPCMultistepScheduler,
 )
-from tiny_models import SIZE, base_config, cosine_betas, tiny_unet
+from tiny_models import SIZE, base_config, cosine_betas, tiny_unet, tiny_vae
 
 from crispdiff.core.config import NoiseConfig
 from crispdiff.core.images import make_grid, save_image_atomic, to_pil_list, to_uint8
@@ -54,22 +53,6 @@ SCHEDULER_CLASSES = {
 
 
 # ---- tiny real models -----------------------------------------------------------------------------------------------
-
-
-def tiny_vae(seed: int = 0) -> AutoencoderKL:
-    """Two levels, so latents are half the image size (8 px latents -> 16 px images)."""
-    torch.manual_seed(seed)
-    return AutoencoderKL(
-        in_channels=3,
-        out_channels=3,
-        down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
-        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
-        block_out_channels=(8, 8),
-        latent_channels=4,
-        norm_num_groups=4,
-        layers_per_block=1,
-        sample_size=SIZE,
-    )
 
 
 def tiny_sr_model(seed: int = 0):
@@ -134,7 +117,7 @@ def latent_dir(tmp_path_factory) -> Path:
         unet=tiny_unet(seed=3, in_channels=4, sample_size=SIZE // 2),
         scheduler_base_config=base_config(),
         beta_schedule="cosine",
-        vae=tiny_vae(),
+        vae=tiny_vae(block_out_channels=(8, 8)),
         latent_scaling_factor=0.7,
         latent_shift_factor=-0.2,
         guide_unet=tiny_unet(seed=4, in_channels=4, sample_size=SIZE // 2),
@@ -470,7 +453,7 @@ def test_upscale_without_sr_model_is_an_error(pixel_dir):
 
 
 def test_latent_pipeline_decodes_to_pixels(tmp_path):
-    unet, vae = tiny_unet(seed=1, in_channels=4, sample_size=SIZE // 2), tiny_vae()
+    unet, vae = tiny_unet(seed=1, in_channels=4, sample_size=SIZE // 2), tiny_vae(block_out_channels=(8, 8))
     folder = save_pipeline(
         tmp_path / "latent",
         unet=unet,

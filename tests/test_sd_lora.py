@@ -19,11 +19,11 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from tiny_models import WITHOUT_CRISPDIFF, kill_after_checkpoint
+from tiny_models import RES, WITHOUT_CRISPDIFF, kill_after_checkpoint, make_tiny_sd
 
-from crispdiff.core.config import parse_config
+from crispdiff.core.flags import parse_config
 from crispdiff.core.provenance import PROVENANCE_NAME, public_command
-from crispdiff.sd.base import load_sd, offline_clip_vocab
+from crispdiff.sd.base import load_sd
 from crispdiff.sd.config import (
     KOHYA_WEIGHTS_NAME,
     LORA_WEIGHTS_NAME,
@@ -35,69 +35,7 @@ from crispdiff.sd.prompts import generate_class_images
 from crispdiff.sd.trainer import train_dreambooth_lora, train_text_to_image_lora
 
 REPO = Path(__file__).resolve().parents[1]
-RES = 16
 PROMPT = "a photo of sks dog"
-
-
-def make_tiny_sd(folder: Path, prediction_type: str = "epsilon") -> Path:
-    from diffusers import AutoencoderKL, PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
-
-    folder.mkdir(parents=True, exist_ok=True)
-    vocab, merges = offline_clip_vocab(folder)
-    tokenizer = CLIPTokenizer(str(vocab), str(merges), model_max_length=16)
-    torch.manual_seed(0)
-    unet = UNet2DConditionModel(
-        sample_size=RES // 2,
-        in_channels=4,
-        out_channels=4,
-        block_out_channels=(8, 16),
-        layers_per_block=1,
-        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
-        cross_attention_dim=16,
-        attention_head_dim=2,
-        norm_num_groups=4,
-    )
-    vae = AutoencoderKL(
-        block_out_channels=(8, 16),
-        down_block_types=("DownEncoderBlock2D",) * 2,
-        up_block_types=("UpDecoderBlock2D",) * 2,
-        latent_channels=4,
-        norm_num_groups=4,
-        sample_size=RES,
-    )
-    text_config = CLIPTextConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=16,
-        intermediate_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        max_position_embeddings=16,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-        projection_dim=16,
-    )
-    scheduler = PNDMScheduler(
-        beta_start=0.00085,
-        beta_end=0.012,
-        beta_schedule="scaled_linear",
-        skip_prk_steps=True,
-        prediction_type=prediction_type,
-    )
-    pipeline = StableDiffusionPipeline(
-        vae=vae,
-        text_encoder=CLIPTextModel(text_config),
-        tokenizer=tokenizer,
-        unet=unet,
-        scheduler=scheduler,
-        safety_checker=None,
-        feature_extractor=None,
-        requires_safety_checker=False,
-    )
-    pipeline.save_pretrained(folder / "sd")
-    return folder / "sd"
 
 
 @pytest.fixture(scope="module")

@@ -30,7 +30,6 @@ import PIL.Image
 import pytest
 import spandrel
 import torch
-from diffusers import UNet2DModel
 from safetensors.torch import save_file
 from spandrel.architectures.Compact import Compact
 from spandrel.architectures.ESRGAN import ESRGAN
@@ -48,7 +47,7 @@ from crispdiff.pipelines.sr_model import (
     tile_starts,
 )
 from crispdiff.publish.export import load_pipeline, save_pipeline
-from crispdiff.publish.sr import attach_sr, describe_sr_model, load_sr_model, parse_hub_ref
+from crispdiff.superres.load import attach_sr, describe_sr_model, load_sr_model, parse_hub_ref
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
@@ -360,15 +359,7 @@ def test_corrupt_and_unsupported_files_give_clear_errors(sr_files, tmp_path):
     truncated.write_bytes(good.read_bytes()[:2000])
     garbage = tmp_path / "garbage.safetensors"
     garbage.write_bytes(b"\x00\x01 this is not safetensors" * 10)
-    torch.manual_seed(0)
-    unet = UNet2DModel(
-        sample_size=8,
-        block_out_channels=(4, 8),
-        norm_num_groups=4,
-        layers_per_block=1,
-        down_block_types=("DownBlock2D", "DownBlock2D"),
-        up_block_types=("UpBlock2D", "UpBlock2D"),
-    )
+    unet = tiny_unet(sample_size=8, block_out_channels=(4, 8))
     unsupported = tmp_path / "unet.safetensors"
     save_file({k: v.contiguous() for k, v in unet.state_dict().items()}, str(unsupported))
     pickled = tmp_path / "pickled_module.pth"

@@ -20,13 +20,13 @@ import torch.nn.functional as F
 from safetensors.torch import load_file
 from tiny_models import tiny_vae
 
-from crispdiff.core.config import parse_config
 from crispdiff.core.errors import FlagError
+from crispdiff.core.flags import parse_config
 from crispdiff.core.provenance import PROVENANCE_NAME
 from crispdiff.pipelines.sr_model import WEIGHTS_NAME
-from crispdiff.publish.sr import load_sr_model
 from crispdiff.superres.config import SRTrainConfig
 from crispdiff.superres.data import SRPairs, downscale, vae_roundtrip
+from crispdiff.superres.load import load_sr_model
 from crispdiff.superres.metrics import bicubic_upscale
 from crispdiff.superres.trainer import train_sr
 
@@ -184,7 +184,7 @@ def test_x4_through_accelerate_launch_into_a_pipeline(image_folder, tmp_path):
     from tiny_models import SIZE, base_config, tiny_unet
 
     from crispdiff.publish.export import load_pipeline, save_pipeline
-    from crispdiff.publish.sr import attach_sr
+    from crispdiff.superres.load import attach_sr
 
     pipeline_dir = save_pipeline(
         tmp_path / "pipe", unet=tiny_unet(), scheduler_base_config=base_config(), beta_schedule="cosine"
@@ -239,7 +239,7 @@ def test_the_main_job_pipeline_carries_the_embedded_sr_and_upscales_when_asked(t
     from crispdiff.cli import main as cli_main
     from crispdiff.latent.trainer import LatentTrainConfig, train_latent
     from crispdiff.publish.export import load_pipeline
-    from crispdiff.publish.sr import embedded_sr_dir
+    from crispdiff.superres.load import embedded_sr_dir
 
     folder = tmp_path / "images"
     folder.mkdir()
@@ -287,7 +287,7 @@ def test_the_main_job_pipeline_carries_the_embedded_sr_and_upscales_when_asked(t
 
 
 def test_the_embedded_sr_is_a_small_x2_spandrel_model_with_its_card():
-    from crispdiff.publish.sr import embedded_sr_dir
+    from crispdiff.superres.load import embedded_sr_dir
 
     folder = embedded_sr_dir()
     assert (folder / WEIGHTS_NAME).stat().st_size <= 5_000_000

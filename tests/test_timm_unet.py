@@ -19,7 +19,7 @@ import pytest
 import torch
 from PIL import Image
 from safetensors.torch import save_file
-from tiny_models import WITHOUT_CRISPDIFF
+from tiny_models import WITHOUT_CRISPDIFF, tiny_vae
 
 from crispdiff.core.config import TrainConfig
 from crispdiff.core.errors import FlagError, MissingDependencyError, PathError
@@ -243,20 +243,11 @@ def test_accelerate_launch_with_timm_encoder_saves_a_folder_that_reloads_without
 
 def test_train_latent_with_timm_encoder_takes_the_vae_channels(tmp_path):
     """train_latent.py's path: the encoder's first conv takes the VAE's 4 latent channels; the folder reloads."""
-    from diffusers import AutoencoderKL, DiffusionPipeline
+    from diffusers import DiffusionPipeline
 
     from crispdiff.latent.trainer import LatentTrainConfig, train_latent
 
-    torch.manual_seed(0)
-    vae = AutoencoderKL(
-        down_block_types=("DownEncoderBlock2D",) * 2,
-        up_block_types=("UpDecoderBlock2D",) * 2,
-        block_out_channels=(8, 16),
-        layers_per_block=1,
-        latent_channels=4,
-        norm_num_groups=4,
-        sample_size=64,
-    )  # f=2: 64 px images -> 32 px latents, the smallest size a stride-32 encoder takes
+    vae = tiny_vae(sample_size=64)  # f=2: 64 px images -> 32 px latents, the smallest size a stride-32 encoder takes
     vae.save_pretrained(tmp_path / "vae")
     images = tmp_path / "images"
     images.mkdir()

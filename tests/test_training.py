@@ -15,9 +15,11 @@ import torch
 from PIL import Image
 from tiny_models import assert_ranks_saw_different_data_and_noise, kill_launcher, read_records, record_launcher
 
-from crispdiff.core.config import TrainConfig, parse_config
-from crispdiff.train.loop import make_accelerator
-from crispdiff.train.unet_trainer import PixelSpace, UNetTrainer, train
+from crispdiff.core.config import TrainConfig
+from crispdiff.core.flags import parse_config
+from crispdiff.train.process import make_accelerator
+from crispdiff.train.spaces import PixelSpace
+from crispdiff.train.unet_trainer import UNetTrainer, train
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
@@ -355,7 +357,7 @@ def test_torch_compile_gives_the_losses_of_eager_mode(image_folder, tmp_path):
 
 
 def test_scale_lr_scales_by_the_ratio_to_the_reference_batch():
-    from crispdiff.train.loop import scaled_learning_rate
+    from crispdiff.train.optimization import scaled_learning_rate
 
     config = TrainConfig(learning_rate=2e-4, train_batch_size=64, gradient_accumulation_steps=2)
     assert scaled_learning_rate(config, num_processes=2) == 2e-4, "without --scale_lr the LR is used as given"
@@ -367,7 +369,7 @@ def test_scale_lr_scales_by_the_ratio_to_the_reference_batch():
 
 def test_fused_adamw_follows_where_the_parameters_are(monkeypatch):
     """Fused AdamW is chosen from the parameters' device: on the CPU only where torch has the kernel (2.4+)."""
-    from crispdiff.train.loop import make_optimizer
+    from crispdiff.train.optimization import make_optimizer
 
     cpu_params = [torch.nn.Parameter(torch.zeros(2))]
     optimizer = make_optimizer(TrainConfig(), cpu_params)
@@ -425,7 +427,7 @@ def test_tf32_follows_allow_tf32_and_deterministic_turns_it_off(flags, tf32):
     """--deterministic must turn TF32 off (cuDNN's TF32 is on by torch's default), and --allow_tf32 false must hold
     without it. The flags are torch's process-wide switches, settable on a CPU-only build too; each starts at the
     opposite of what the run must leave."""
-    from crispdiff.train.loop import configure_kernels
+    from crispdiff.train.process import configure_kernels
 
     cuda_matmul, cudnn = torch.backends.cuda.matmul, torch.backends.cudnn
     saved = (cuda_matmul.allow_tf32, cudnn.allow_tf32, cudnn.benchmark, cudnn.deterministic)
@@ -522,7 +524,7 @@ def test_sr_model_flag_and_failed_push_leave_a_complete_folder(image_folder, tmp
 def test_8bit_adam_without_bitsandbytes_names_the_extra(monkeypatch):
     import builtins
 
-    from crispdiff.train.loop import make_optimizer
+    from crispdiff.train.optimization import make_optimizer
 
     real_import = builtins.__import__
 
@@ -687,7 +689,7 @@ def test_a_two_process_run_killed_while_saving_resumes_exactly(image_folder, tmp
     [
         "crispdiff.core.config.TrainConfig",
         "crispdiff.latent.trainer.LatentTrainConfig",
-        "crispdiff.latent.vae_config.VAETrainConfig",
+        "crispdiff.vae.config.VAETrainConfig",
         "crispdiff.transfer.config.TransferConfig",
         "crispdiff.sd.config.TextToImageLoRAConfig",
         "crispdiff.sd.config.DreamBoothLoRAConfig",

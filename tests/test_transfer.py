@@ -21,15 +21,15 @@ import torch
 from conftest import shared_dir
 from diffusers import DDPMPipeline, DDPMScheduler, UNet2DModel
 from PIL import Image
-from tiny_models import base_config
+from tiny_models import base_config, tiny_unet
 
-from crispdiff.core.config import parse_config
 from crispdiff.core.errors import FlagError
+from crispdiff.core.flags import parse_config
 from crispdiff.data.loading import load_images
 from crispdiff.diffusion.schedule import make_betas
-from crispdiff.train.loop import make_accelerator
 from crispdiff.train.lora import plain_copy
-from crispdiff.train.unet_trainer import PixelSpace
+from crispdiff.train.process import make_accelerator
+from crispdiff.train.spaces import PixelSpace
 from crispdiff.transfer.adapters import add_unet_lora, load_lora_adapter, save_lora_adapter
 from crispdiff.transfer.config import ADAPTER_FOLDER, TransferConfig
 from crispdiff.transfer.pretrained import (
@@ -46,14 +46,11 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 
 def tiny_attention_unet(seed: int = 0, sample_size: int = 16) -> UNet2DModel:
     """Two levels (8, 16 channels), attention on the second level and in the middle: ddpm-cifar10's layout in small."""
-    torch.manual_seed(seed)
-    return UNet2DModel(
+    return tiny_unet(
+        seed,
         sample_size=sample_size,
-        block_out_channels=(8, 16),
         down_block_types=("DownBlock2D", "AttnDownBlock2D"),
         up_block_types=("AttnUpBlock2D", "UpBlock2D"),
-        layers_per_block=1,
-        norm_num_groups=4,
         attention_head_dim=8,
     )
 

@@ -12,8 +12,9 @@ import torch.nn.functional as F
 from diffusers import AutoencoderKL, AutoencoderTiny
 from PIL import Image
 from safetensors.torch import load_file
+from tiny_models import tiny_vae
 
-from crispdiff.core.config import parse_config
+from crispdiff.core.flags import parse_config
 from crispdiff.core.provenance import PROVENANCE_NAME, public_command
 from crispdiff.latent.vae import (
     TINY_LOGVAR,
@@ -32,17 +33,17 @@ from crispdiff.latent.vae import (
     vae_downsample_factor,
     weights_fingerprint,
 )
-from crispdiff.latent.vae_config import VAETrainConfig
-from crispdiff.latent.vae_eval import holdout_split, psnr, ssim
-from crispdiff.latent.vae_losses import (
+from crispdiff.train.process import make_accelerator
+from crispdiff.vae.config import VAETrainConfig
+from crispdiff.vae.evaluation import holdout_split, psnr, ssim
+from crispdiff.vae.losses import (
     AutoencoderStep,
     add_decoder_noise,
     scale_equivariance_loss,
     spectral_amplitude_loss,
 )
-from crispdiff.latent.vae_models import deepen, widen_latent
-from crispdiff.latent.vae_trainer import VAETrainer
-from crispdiff.train.loop import make_accelerator
+from crispdiff.vae.models import deepen, widen_latent
+from crispdiff.vae.trainer import VAETrainer
 
 #: The embedded VAE must reconstruct 32 emoji it never trained on (half of them from the held-out categories; the split
 #: its card states) above this mean PSNR, with sharpness ratios inside this band, and decode latents carrying noise of
@@ -55,20 +56,6 @@ EMBEDDED_MIN_PSNR = 28.5
 EMBEDDED_SHARPNESS_BAND = (0.85, 1.15)
 EMBEDDED_MAX_NOISY_DROP = 3.5
 EMBEDDED_HOLDOUT = dict(fraction=0.05, seed=0, column="category", values=["Activities", "Food & Drink"])
-
-
-def tiny_kl(seed: int = 0) -> AutoencoderKL:
-    """A two-level AutoencoderKL (f=2) with a few thousand parameters."""
-    torch.manual_seed(seed)
-    return AutoencoderKL(
-        block_out_channels=(8, 16),
-        down_block_types=("DownEncoderBlock2D",) * 2,
-        up_block_types=("UpDecoderBlock2D",) * 2,
-        layers_per_block=1,
-        latent_channels=4,
-        norm_num_groups=4,
-        sample_size=16,
-    ).eval()
 
 
 def tiny_taesd(seed: int = 0) -> AutoencoderTiny:
@@ -131,7 +118,7 @@ def make_trainer(flags: list[str]) -> VAETrainer:
 
 
 def test_latent_round_trip_autoencoder_kl():
-    vae = tiny_kl()
+    vae = tiny_vae().eval()
     images = torch.rand(2, 3, 16, 16) * 2 - 1
     mean, logvar = encode_posterior(vae, images)
     factor = vae_downsample_factor(vae)
@@ -173,7 +160,7 @@ def test_measured_scaling_gives_unit_std_and_zero_mean():
 
 
 def test_read_scaling_distinguishes_stated_from_defaulted(tmp_path: Path):
-    vae = tiny_kl()
+    vae = tiny_vae().eval()
     vae.save_pretrained(tmp_path / "stated")
     config_path = tmp_path / "stated" / "config.json"
     config = json.loads(config_path.read_text())
@@ -190,18 +177,18 @@ def test_read_scaling_distinguishes_stated_from_defaulted(tmp_path: Path):
 
 
 def test_weights_fingerprint_is_stable_and_tracks_weights(tmp_path: Path):
-    vae = tiny_kl()
+    vae = tiny_vae().eval()
     vae.save_pretrained(tmp_path / "vae")
     reloaded = load_vae(tmp_path / "vae")
     assert weights_fingerprint(vae) == weights_fingerprint(reloaded)
-    assert weights_fingerprint(tiny_kl(seed=1)) != weights_fingerprint(vae)
+    assert weights_fingerprint(tiny_vae(seed=1).eval()) != weights_fingerprint(vae)
     with torch.no_grad():
         reloaded.decoder.conv_out.weight.add_(1e-3)
     assert weights_fingerprint(reloaded) != weights_fingerprint(vae)
 
 
 def test_load_vae_folder_pipeline_folder_and_classes(tmp_path: Path):
-    kl, taesd = tiny_kl(), tiny_taesd()
+    kl, taesd = tiny_vae().eval(), tiny_taesd()
     kl.save_pretrained(tmp_path / "kl")
     taesd.save_pretrained(tmp_path / "pipeline" / "vae")
     loaded = load_vae(tmp_path / "kl")
@@ -221,7 +208,7 @@ def test_load_vae_errors_name_the_flag(tmp_path: Path):
     with pytest.raises(FileNotFoundError, match=VAE_FLAG):  # tests run offline: a Hub id cannot be resolved
         load_vae("crispdiff-test/no-such-vae")
     (tmp_path / "bin_only").mkdir()
-    tiny_kl().save_pretrained(tmp_path / "bin_only", safe_serialization=False)
+    tiny_vae().eval().save_pretrained(tmp_path / "bin_only", safe_serialization=False)
     with pytest.raises(FileNotFoundError, match="safetensors"):
         load_vae(tmp_path / "bin_only")
     (tmp_path / "unet").mkdir()
@@ -242,7 +229,7 @@ def test_psnr_and_ssim_reference_values():
 
 
 # ----------------------------------------------------------------------------------------------------------------------
-# crispdiff.latent.vae_trainer / train_scripts/train_vae.py
+# crispdiff.vae.trainer / train_scripts/train_vae.py
 # ----------------------------------------------------------------------------------------------------------------------
 
 
@@ -254,7 +241,7 @@ def test_reconstruction_loss_falls_on_a_fixed_batch(image_folder: Path, tmp_path
 
 
 def test_gan_and_decoder_only_training_move_the_right_weights(image_folder: Path, tmp_path: Path):
-    base = tiny_kl()
+    base = tiny_vae().eval()
     base.save_pretrained(tmp_path / "pretrained")
     flags = trainer_flags(
         image_folder, tmp_path, "--pretrained_vae_name_or_path", str(tmp_path / "pretrained"), "--train_decoder_only",
@@ -311,7 +298,7 @@ def test_train_vae_script_saves_a_loadable_folder_and_resumes_exactly(image_fold
 
 
 def test_widened_latent_decodes_exactly_like_the_original_then_learns(image_folder: Path, tmp_path: Path):
-    base = tiny_kl()
+    base = tiny_vae().eval()
     wide = widen_latent(base, 8).eval()
     assert wide.config.latent_channels == 8
     x = torch.rand(3, 3, 16, 16, generator=torch.Generator().manual_seed(0)) * 2 - 1
@@ -335,7 +322,7 @@ def test_widened_latent_decodes_exactly_like_the_original_then_learns(image_fold
 
 
 def test_deepened_vae_codes_exactly_like_the_original_and_its_decoder_learns(image_folder: Path, tmp_path: Path):
-    base = tiny_kl()
+    base = tiny_vae().eval()
     deep = deepen(base, base.config.layers_per_block + 1).eval()
     assert len(deep.decoder.up_blocks[0].resnets) == len(base.decoder.up_blocks[0].resnets) + 1
     x = torch.rand(3, 3, 16, 16, generator=torch.Generator().manual_seed(0)) * 2 - 1
@@ -361,7 +348,7 @@ def test_deepened_vae_codes_exactly_like_the_original_and_its_decoder_learns(ima
 
 
 def test_standardized_latent_channels_decode_the_same():
-    vae = tiny_kl()
+    vae = tiny_vae().eval()
     x = torch.rand(6, 3, 16, 16, generator=torch.Generator().manual_seed(1)) * 2 - 1
     with torch.no_grad():
         before = vae.decode(vae.encode(x).latent_dist.mean).sample
@@ -396,7 +383,7 @@ def test_decoder_noise_perturbs_training_latents_only():
     stds = noisy.flatten(1).std(dim=1)
     assert stds.max().item() < 0.5 * 1.15 and stds.min().item() < 0.05  # bounded, and near-clean images occur
     assert stds.mean().item() == pytest.approx(0.25, abs=0.02)  # E[U(0, 0.5)]
-    vae = tiny_kl()
+    vae = tiny_vae().eval()
     images = torch.rand(2, 3, 16, 16) * 2 - 1
     step = AutoencoderStep(vae, frozen_encoder=True, decoder_noise=0.5)
     clean = AutoencoderStep(vae, frozen_encoder=True)
@@ -415,7 +402,7 @@ def test_decoder_noise_perturbs_training_latents_only():
 
 def test_scale_equivariance_decodes_the_pooled_latent_and_the_loss_falls(image_folder: Path, tmp_path: Path):
     """--scale_equivariance_weight: the latent pooled 2x decodes to the pooled image; the term trains and falls."""
-    vae = tiny_kl()
+    vae = tiny_vae().eval()
     images = torch.rand(2, 3, 16, 16, generator=torch.Generator().manual_seed(0)) * 2 - 1
     step = AutoencoderStep(vae, frozen_encoder=False, scale_equivariance=True).train()
     with torch.no_grad():
@@ -457,7 +444,7 @@ def test_holdout_split_keeps_whole_classes_out(tmp_path: Path):
 
 
 def test_existing_vae_folder_is_not_overwritten(image_folder: Path, tmp_path: Path):
-    from crispdiff.latent.vae_trainer import train_vae
+    from crispdiff.vae.trainer import train_vae
 
     config = parse_config(VAETrainConfig, trainer_flags(image_folder, tmp_path))
     (tmp_path / "out" / "vae").mkdir(parents=True)
@@ -478,7 +465,7 @@ def test_embedded_vae_reconstructs_held_out_emoji_sharply(emoji_dir: Path, tmp_p
         pytest.skip(f"embedded VAE not found in {embedded_vae_dir()}")
     from crispdiff.core.config import DataConfig
     from crispdiff.data.loading import load_images
-    from crispdiff.latent.vae_eval import reconstruction_metrics
+    from crispdiff.vae.evaluation import reconstruction_metrics
 
     vae = AutoencoderKL.from_pretrained(embedded_vae_dir())  # a plain diffusers autoencoder folder
     assert vae_downsample_factor(vae) == 4 and latent_channels(vae) == 8
@@ -508,7 +495,7 @@ def test_embedded_vae_reconstructs_held_out_emoji_sharply(emoji_dir: Path, tmp_p
 def test_adaptive_gan_weight_survives_fp16_gradients_with_the_loss_scale():
     """A mean over many pixels hands each one a gradient of 1/N, which underflows to 0 in fp16 for N = 2^25, and the
     adaptive weight with it; taken of the scaled losses (as fp16 training takes them) it is the fp32 weight."""
-    from crispdiff.latent.vae_losses import adaptive_gan_weight
+    from crispdiff.vae.losses import adaptive_gan_weight
 
     def weight(dtype: torch.dtype, scale: float) -> float:
         layer = torch.ones(1, dtype=dtype, requires_grad=True)

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import textwrap
+from pathlib import Path
 
 import torch
 from diffusers import AutoencoderKL, UNet2DModel
@@ -11,12 +13,14 @@ from crispdiff.core.config import NoiseConfig
 from crispdiff.diffusion.schedule import scheduler_base_config
 
 SIZE = 16  # pixels of the tiny pipelines' samples
+RES = 16  # pixels of the tiny Stable Diffusion's images
 
 
-def tiny_unet(seed: int = 0, in_channels: int = 3, sample_size: int = SIZE) -> UNet2DModel:
-    """A two-level UNet (8 and 16 channels) without attention: a few thousand parameters, seeded weights."""
+def tiny_unet(seed: int = 0, in_channels: int = 3, sample_size: int = SIZE, **config) -> UNet2DModel:
+    """A two-level UNet (8 and 16 channels) without attention in its blocks: a few thousand parameters, seeded weights;
+    ``config`` overrides (e.g. ``num_class_embeds=3``, attention blocks, ``block_out_channels``)."""
     torch.manual_seed(seed)
-    return UNet2DModel(
+    settings = dict(
         sample_size=sample_size,
         in_channels=in_channels,
         out_channels=in_channels,
@@ -26,24 +30,28 @@ def tiny_unet(seed: int = 0, in_channels: int = 3, sample_size: int = SIZE) -> U
         layers_per_block=1,
         norm_num_groups=4,
     )
+    return UNet2DModel(**{**settings, **config})
 
 
-def tiny_vae(seed: int = 0, sample_size: int = SIZE, **config) -> AutoencoderKL:
-    """A two-level f=2 AutoencoderKL (8 and 16 channels, 4 latent channels), seeded weights; ``config`` overrides
-    (e.g. ``scaling_factor=1.0``)."""
+def tiny_vae(
+    seed: int = 0, sample_size: int = SIZE, block_out_channels: tuple[int, ...] = (8, 16), **config
+) -> AutoencoderKL:
+    """An AutoencoderKL with one level per entry of ``block_out_channels`` (two by default: f=2, 8 and 16 channels),
+    4 latent channels, seeded weights; ``config`` overrides (e.g. ``scaling_factor=1.0``, ``latent_channels=2``)."""
     torch.manual_seed(seed)
-    return AutoencoderKL(
+    levels = len(block_out_channels)
+    settings = dict(
         in_channels=3,
         out_channels=3,
-        down_block_types=("DownEncoderBlock2D",) * 2,
-        up_block_types=("UpDecoderBlock2D",) * 2,
-        block_out_channels=(8, 16),
+        down_block_types=("DownEncoderBlock2D",) * levels,
+        up_block_types=("UpDecoderBlock2D",) * levels,
+        block_out_channels=tuple(block_out_channels),
         layers_per_block=1,
         latent_channels=4,
         norm_num_groups=4,
         sample_size=sample_size,
-        **config,
     )
+    return AutoencoderKL(**{**settings, **config})
 
 
 def base_config(prediction_type: str = "v_prediction", zero_snr: bool = False) -> dict:
@@ -54,6 +62,89 @@ def base_config(prediction_type: str = "v_prediction", zero_snr: bool = False) -
 def cosine_betas() -> list[float]:
     return base_config()["trained_betas"]
 
+
+
+def offline_clip_vocab(folder: Path) -> tuple[Path, Path]:
+    """Write ``vocab.json`` + ``merges.txt`` of a CLIP tokenizer that needs no download: CLIP's byte-to-unicode table
+    as the vocabulary (each byte, and each byte ending a word), no merges. For Stable Diffusion-shaped models built
+    from configs (tests, ``benchmarks/bench_sd_lora.py``), whose text encoders are random anyway."""
+    codes = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    chars = list(codes)
+    extra = 0
+    for b in range(256):
+        if b not in codes:
+            codes.append(b)
+            chars.append(256 + extra)
+            extra += 1
+    symbols = [chr(c) for c in chars]
+    vocab = {s: i for i, s in enumerate(symbols + [s + "</w>" for s in symbols])}
+    vocab.update({"<|startoftext|>": len(vocab), "<|endoftext|>": len(vocab) + 1})
+    (folder / "vocab.json").write_text(json.dumps(vocab))
+    (folder / "merges.txt").write_text("#version: 0.2\n")
+    return folder / "vocab.json", folder / "merges.txt"
+
+
+def make_tiny_sd(folder: Path, prediction_type: str = "epsilon") -> Path:
+    """A saved Stable Diffusion 1.x-shaped pipeline (``folder/sd``) of a few thousand random parameters: a two-level
+    cross-attention UNet, an f=2 ``AutoencoderKL``, a two-layer ``CLIPTextModel`` and the offline CLIP tokenizer."""
+    from diffusers import AutoencoderKL, PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+    folder.mkdir(parents=True, exist_ok=True)
+    vocab, merges = offline_clip_vocab(folder)
+    tokenizer = CLIPTokenizer(str(vocab), str(merges), model_max_length=16)
+    torch.manual_seed(0)
+    unet = UNet2DConditionModel(
+        sample_size=RES // 2,
+        in_channels=4,
+        out_channels=4,
+        block_out_channels=(8, 16),
+        layers_per_block=1,
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=16,
+        attention_head_dim=2,
+        norm_num_groups=4,
+    )
+    vae = AutoencoderKL(
+        block_out_channels=(8, 16),
+        down_block_types=("DownEncoderBlock2D",) * 2,
+        up_block_types=("UpDecoderBlock2D",) * 2,
+        latent_channels=4,
+        norm_num_groups=4,
+        sample_size=RES,
+    )
+    text_config = CLIPTextConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=16,
+        intermediate_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        max_position_embeddings=16,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        projection_dim=16,
+    )
+    scheduler = PNDMScheduler(
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        skip_prk_steps=True,
+        prediction_type=prediction_type,
+    )
+    pipeline = StableDiffusionPipeline(
+        vae=vae,
+        text_encoder=CLIPTextModel(text_config),
+        tokenizer=tokenizer,
+        unet=unet,
+        scheduler=scheduler,
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+    pipeline.save_pretrained(folder / "sd")
+    return folder / "sd"
 
 #: The opening of a ``python -I -c`` script that must not see crispdiff: it blocks the package (also through an
 #: editable install's finder) and exits if crispdiff still imports, so a "loads without crispdiff" test cannot pass

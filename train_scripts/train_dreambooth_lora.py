@@ -6,7 +6,7 @@
         --class_data_dir class_dog --class_prompt "a photo of dog" --output_dir runs/dog-lora
 """
 
-from crispdiff.core.config import parse_config
+from crispdiff.core.flags import parse_config
 from crispdiff.sd.config import DreamBoothLoRAConfig
 from crispdiff.sd.trainer import train_dreambooth_lora
 

@@ -14,7 +14,7 @@ Every flag: --help.
 
 from __future__ import annotations
 
-from crispdiff.core.config import parse_config
+from crispdiff.core.flags import parse_config
 from crispdiff.latent.trainer import LatentTrainConfig, train_latent
 
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from crispdiff.core.config import parse_config
+from crispdiff.core.flags import parse_config
 from crispdiff.superres.config import SRTrainConfig
 from crispdiff.superres.trainer import train_sr
 

@@ -5,7 +5,7 @@
         --train_data_dir my_images --caption_column text --resolution 512 --output_dir runs/lora
 """
 
-from crispdiff.core.config import parse_config
+from crispdiff.core.flags import parse_config
 from crispdiff.sd.config import TextToImageLoRAConfig
 from crispdiff.sd.trainer import train_text_to_image_lora
 

@@ -10,7 +10,7 @@ merged into the saved UNet; --save_lora_adapter also keeps the adapter). Every f
 
 from __future__ import annotations
 
-from crispdiff.core.config import parse_config
+from crispdiff.core.flags import parse_config
 from crispdiff.transfer.config import TransferConfig
 from crispdiff.transfer.trainer import train_transfer
 

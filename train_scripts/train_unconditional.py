@@ -7,7 +7,8 @@ With no data flag it trains on crispdiff's embedded Noto emoji subset. Every fla
 
 from __future__ import annotations
 
-from crispdiff.core.config import TrainConfig, parse_config
+from crispdiff.core.config import TrainConfig
+from crispdiff.core.flags import parse_config
 from crispdiff.train.unet_trainer import train
 
 

@@ -12,9 +12,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from crispdiff.core.config import parse_config
-from crispdiff.latent.vae_config import VAETrainConfig
-from crispdiff.latent.vae_trainer import train_vae
+from crispdiff.core.flags import parse_config
+from crispdiff.vae.config import VAETrainConfig
+from crispdiff.vae.trainer import train_vae
 
 
 def main(argv: list[str] | None = None) -> Path | None:

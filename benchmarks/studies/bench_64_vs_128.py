@@ -151,12 +151,15 @@ def row_flags(row: Row, data_dir: Path, threads: int, seed: int) -> list[str]:
 
 def build_trainer(row: Row, flags: list[str], output_dir: str) -> Any:
     """A throwaway trainer built as the row's training script builds it (a ``UNetTrainer`` on the same space)."""
-    from crispdiff.core.config import TrainConfig, parse_config
+    from crispdiff.core.config import TrainConfig
+    from crispdiff.core.flags import parse_config
     from crispdiff.data.loading import load_images
-    from crispdiff.latent.adapt import prepare_vae
-    from crispdiff.latent.trainer import LatentTrainConfig, build_latent_space
-    from crispdiff.train.loop import make_accelerator
-    from crispdiff.train.unet_trainer import PixelSpace, UNetTrainer
+    from crispdiff.latent.space import build_latent_space
+    from crispdiff.latent.trainer import LatentTrainConfig
+    from crispdiff.train.process import make_accelerator
+    from crispdiff.train.spaces import PixelSpace
+    from crispdiff.train.unet_trainer import UNetTrainer
+    from crispdiff.vae.adapt import prepare_vae
 
     config = parse_config(LatentTrainConfig if row.latent else TrainConfig, [*flags, "--output_dir", output_dir])
     accelerator = make_accelerator(config)
@@ -262,7 +265,7 @@ def upscale(raw64: torch.Tensor, pipeline_dir: Path, sr_model: str, strength: fl
     """SR x2 of raw 64 px samples (Lanczos for ``lanczos``), then the pipeline's post-processing: what
     ``pipe(upscale=True)`` returns once the SR model is attached."""
     from crispdiff.publish.export import load_pipeline
-    from crispdiff.publish.sr import load_sr_model
+    from crispdiff.superres.load import load_sr_model
     from crispdiff.superres.metrics import lanczos_upscale
 
     pipeline = load_pipeline(pipeline_dir, device="cpu")

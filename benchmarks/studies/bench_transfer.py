@@ -164,8 +164,9 @@ def pretrain(args: argparse.Namespace, data: str, out: Path) -> tuple[Path, floa
 
     from crispdiff.core.config import TrainConfig
     from crispdiff.data.loading import load_images
-    from crispdiff.train.loop import make_accelerator
-    from crispdiff.train.unet_trainer import PixelSpace, UNetTrainer
+    from crispdiff.train.process import make_accelerator
+    from crispdiff.train.spaces import PixelSpace
+    from crispdiff.train.unet_trainer import UNetTrainer
 
     folder = out / "pretrained"
     config = loop_config(
@@ -202,8 +203,9 @@ def fine_tune_trainer(mode: str, args: argparse.Namespace, pretrained: Path, dat
     from accelerate.state import AcceleratorState
 
     from crispdiff.data.loading import load_images
-    from crispdiff.train.loop import make_accelerator
-    from crispdiff.train.unet_trainer import PixelSpace, UNetTrainer
+    from crispdiff.train.process import make_accelerator
+    from crispdiff.train.spaces import PixelSpace
+    from crispdiff.train.unet_trainer import UNetTrainer
     from crispdiff.transfer.config import TransferConfig
     from crispdiff.transfer.pretrained import load_pretrained, resolve_schedule
     from crispdiff.transfer.trainer import TransferTrainer, prepare_unet
@@ -246,7 +248,9 @@ def sample(trainer: Any, args: argparse.Namespace) -> torch.Tensor:
 
 
 def measure(real: torch.Tensor, images01: torch.Tensor, seed: int) -> dict[str, float]:
-    from crispdiff.evaluate.metrics import sharpness_ratios, sliced_wasserstein_distance, to_float01
+    from crispdiff.evaluate.distribution import sliced_wasserstein_distance
+    from crispdiff.evaluate.inputs import to_float01
+    from crispdiff.evaluate.sharpness import sharpness_ratios
 
     real01 = to_float01(real)
     out = dict(sliced_wasserstein_distance(real01, images01, seed=seed))

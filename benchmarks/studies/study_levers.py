@@ -26,7 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks/: com
 from common import BENCH_DIR  # noqa: E402
 from quality import measure_pipeline  # noqa: E402
 
-from crispdiff.core.config import parse_config
+from crispdiff.core.flags import parse_config
 from crispdiff.latent.trainer import LatentTrainConfig, train_latent
 from crispdiff.train import unet_trainer
 
@@ -49,7 +49,7 @@ class SnapshotTrainer(unet_trainer.UNetTrainer):
             from diffusers.optimization import get_scheduler
             from muon_study import MuonAdamW
 
-            from crispdiff.train.loop import warmup_steps
+            from crispdiff.train.optimization import warmup_steps
 
             config = self.config
             self.optimizer = MuonAdamW(list(model.named_parameters()), config.learning_rate,
@@ -106,9 +106,9 @@ def train(args: argparse.Namespace) -> None:
 
 def cost(args: argparse.Namespace) -> None:
     """CPU seconds per optimizer step (one thread) of each flag set, alternating the sets ``rounds`` times."""
-    from crispdiff.latent.trainer import build_latent_space
+    from crispdiff.latent.space import build_latent_space
     from crispdiff.latent.vae import load_vae
-    from crispdiff.train.loop import make_accelerator
+    from crispdiff.train.process import make_accelerator
 
     variants = [v.split() for v in args.variants]
     trainers, space = [], None

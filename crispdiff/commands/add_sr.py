@@ -10,9 +10,9 @@ from __future__ import annotations
 
 import argparse
 
-from crispdiff.core.config import parse_bool
 from crispdiff.core.errors import FlagError, UserError, one_line, run_entry_point
-from crispdiff.publish.sr import DEFAULT_TILE_OVERLAP, DEFAULT_TILE_SIZE, SRModelError, attach_sr, describe_sr_model
+from crispdiff.core.flags import parse_bool
+from crispdiff.superres.load import DEFAULT_TILE_OVERLAP, DEFAULT_TILE_SIZE, SRModelError, attach_sr, describe_sr_model
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:

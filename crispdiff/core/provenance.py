@@ -79,8 +79,3 @@ def provenance(argv: list[str] | None = None) -> dict[str, Any]:
 def write_provenance(folder: str | os.PathLike, argv: list[str] | None = None) -> Path:
     """Write ``crispdiff_provenance.json`` into ``folder`` (atomically) and return its path."""
     return write_json_atomic(Path(folder) / PROVENANCE_NAME, provenance(argv), sort_keys=True)
-
-
-def command_text(argv: list[str] | None = None) -> str:
-    """:func:`public_command` as one line for a model card."""
-    return " ".join(public_command(argv))

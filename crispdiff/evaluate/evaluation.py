@@ -24,7 +24,9 @@ import torch
 
 from crispdiff.core.config import AUTO_CLASS_COLUMN
 from crispdiff.core.errors import DataError, FlagError
-from crispdiff.evaluate import metrics as M
+from crispdiff.evaluate.inputs import resize_images, to_float01
+from crispdiff.evaluate.memorisation import NEAR_COPY_FACTOR, real_nn_distances
+from crispdiff.evaluate.metrics import compute_all, real_vs_real_floor, split_reference
 from crispdiff.evaluate.report import write_outputs
 from crispdiff.evaluate.sampling import (
     NO_POSTPROCESS,
@@ -37,6 +39,7 @@ from crispdiff.evaluate.sampling import (
     training_setting,
 )
 from crispdiff.evaluate.sharpen import save_sharpen_amount, sharpen_sweep
+from crispdiff.evaluate.sharpness import sharpness_ratios
 
 
 def load_reference_data(
@@ -112,14 +115,14 @@ def evaluate_samples(
     reference for memorisation (the floor against the reference minus its own half), with one shared near-copy
     threshold computed from the full reference.
     """
-    samples01 = M.to_float01(samples)
-    ref01 = M.to_float01(reference)
+    samples01 = to_float01(samples)
+    ref01 = to_float01(reference)
     resolution = ref01.shape[-1]
-    a_idx, _ = M.split_reference(len(ref01), len(samples01), seed=seed)
+    a_idx, _ = split_reference(len(ref01), len(samples01), seed=seed)
     real_median = threshold = None
     if memorisation:
-        real_median = float(M.real_nn_distances(ref01, seed=seed).median())
-        threshold = M.NEAR_COPY_FACTOR * real_median
+        real_median = float(real_nn_distances(ref01, seed=seed).median())
+        threshold = NEAR_COPY_FACTOR * real_median
     want_fid = fid or inception_weights is not None
     common = {
         "seed": seed,
@@ -130,8 +133,8 @@ def evaluate_samples(
         "device": device,
         "swd_kwargs": swd_kwargs,
     }
-    generated = M.compute_all(ref01[a_idx], samples01, train=ref01 if memorisation else None, **common)
-    floor = M.real_vs_real_floor(ref01, num_images=len(samples01), memorisation=memorisation, **common)
+    generated = compute_all(ref01[a_idx], samples01, train=ref01 if memorisation else None, **common)
+    floor = real_vs_real_floor(ref01, num_images=len(samples01), memorisation=memorisation, **common)
     result: dict[str, Any] = {
         "generated": generated,
         "real_vs_real_floor": floor,
@@ -145,11 +148,11 @@ def evaluate_samples(
         },
     }
     if samples01.shape[-1] > resolution:
-        upscaled_ref = M.resize_images(ref01[a_idx], samples01.shape[-1])
+        upscaled_ref = resize_images(ref01[a_idx], samples01.shape[-1])
         result["output_resolution"] = {
             "resolution": samples01.shape[-1],
             "baseline": "reference upscaled with bicubic interpolation",
-            **M.sharpness_ratios(upscaled_ref, samples01),
+            **sharpness_ratios(upscaled_ref, samples01),
         }
     return result
 
@@ -252,7 +255,7 @@ def run_evaluation(
             postprocess=NO_POSTPROCESS if sweep_sharpen else None,
         )
         if sweep_sharpen:
-            compared, _ = M.split_reference(len(ref), len(samples), seed=seed)  # the subset evaluate_samples uses
+            compared, _ = split_reference(len(ref), len(samples), seed=seed)  # the subset evaluate_samples uses
             sweep = sharpen_sweep(pipeline, samples, ref[compared])
             samples = pipeline.postprocess(samples)  # the pipeline's own amount and gamma, as it samples
             best, own = sweep["best_amount"], sweep["pipeline_amount"]

@@ -13,7 +13,7 @@ import torch
 
 from crispdiff.core.errors import FlagError, PathError
 from crispdiff.core.io import write_atomic
-from crispdiff.evaluate import metrics as M
+from crispdiff.evaluate.inputs import to_float01
 
 TRAINING_CONFIG_NAME = "crispdiff_training.json"
 
@@ -60,7 +60,7 @@ def load_samples_npz(path: str | os.PathLike) -> torch.Tensor:
             raise FlagError(f"--samples_npz {file} holds arrays {names}; name the image array 'images'")
         array = data[key]
     try:
-        return M.to_float01(array)
+        return to_float01(array)
     except (TypeError, ValueError) as err:
         raise FlagError(f"--samples_npz {file} [{key}]: {err}") from err
 

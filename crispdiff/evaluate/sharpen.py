@@ -11,7 +11,8 @@ import numpy as np
 import torch
 
 from crispdiff.core.io import write_json_atomic
-from crispdiff.evaluate import metrics as M
+from crispdiff.evaluate.inputs import resize_images, to_float01
+from crispdiff.evaluate.sharpness import sharpness_ratios
 
 #: Unsharp-mask amounts ``--sharpen_sweep`` tries (0 = off), with the pipeline's own radius and threshold.
 SHARPEN_SWEEP_AMOUNTS = tuple(round(0.1 * step, 1) for step in range(16))
@@ -33,11 +34,11 @@ def sharpen_sweep(
     give. The best amount is the one whose worse ratio is nearest 1 on a log scale: neither blurry nor noisy by
     either measure.
     """
-    ref01 = M.to_float01(reference)
+    ref01 = to_float01(reference)
     rows = []
     for amount in amounts:
         sharpened = pipeline.postprocess(unsharpened01, sharpen_amount=amount)
-        ratios = M.sharpness_ratios(ref01, M.resize_images(sharpened, ref01.shape[-1]))
+        ratios = sharpness_ratios(ref01, resize_images(sharpened, ref01.shape[-1]))
         rows.append(
             {
                 "amount": amount,

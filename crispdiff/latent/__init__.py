@@ -1,1 +1,1 @@
-"""Latent diffusion: loading VAEs, the latent cache, the latent trainer, the VAE trainer and VAE adaptation."""
+"""Latent diffusion: loading and scaling a VAE for encoding, the latent cache, the latent trainer (the main job)."""

@@ -1,9 +1,10 @@
-"""The latent cache: every training image encoded ONCE by the VAE, stored on disk, reused across runs and processes.
+"""The latent cache, one concept past 500 lines (its key, build, checksums and repair guard one file format): every
+training image encoded ONCE by the VAE, stored on disk, reused across runs and processes.
 
 Why cache posterior parameters instead of encoding every step: the VAE encoder costs as much as (or more than) a
 small UNet's forward pass, and it never changes while the diffusion model trains. Storing the posterior's mean and
 log-variance (not a single sample) keeps what training through the encoder would have seen: every epoch draws a
-fresh ``z = mean + std * eps`` (see ``crispdiff.latent.trainer.LatentSpace``). With ``--random_flip`` the horizontally
+fresh ``z = mean + std * eps`` (see ``crispdiff.latent.space.LatentSpace``). With ``--random_flip`` the horizontally
 flipped image is encoded too — a convolutional encoder is not flip-equivariant, so flipping the latent would not be
 the latent of the flipped image.
 

@@ -6,9 +6,8 @@ samples are sharper for the same compute. The pieces:
 
 - ``LatentTrainConfig``: the pixel trainer's flags plus the VAE's, with defaults for the main job (``accelerate
   launch train_scripts/train_latent.py`` with no arguments: embedded emoji, embedded VAE, a few minutes on a CPU);
-- ``LatentSpace``: the ``crispdiff.train.unet_trainer.TrainingSpace`` whose ``x0`` draws ``z = mean + std * eps`` from
-  the cached posterior (``crispdiff.latent.cache``), picks the mirror image's latents half the time with
-  ``--random_flip``, and scales them to unit variance;
+- ``LatentSpace`` (:mod:`crispdiff.latent.space`): the latents the UNet trains on, drawn from the cached posterior
+  (``crispdiff.latent.cache``) and scaled to unit variance;
 - ``train_latent(config)``: loads the VAE, builds or reuses the cache (rank 0 first), then runs the one training loop.
 
 The VAE is frozen: ``requires_grad_(False)``, eval mode, and its parameters never reach the optimizer. Decoder
@@ -23,38 +22,24 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
 
-import torch
-
 from crispdiff.core.config import (
     AUTO_CLASS_COLUMN,
     NO_CLASS_COLUMN,
     SHIFTABLE_SCHEDULES,
-    Condition,
     TrainConfig,
-    flag,
     resolve_mixed_precision,
 )
-from crispdiff.data.loading import to_device
-from crispdiff.latent.cache import DTYPES, LatentCache, load_or_build_latent_cache
+from crispdiff.core.flags import Condition, flag
+from crispdiff.latent.cache import DTYPES
+from crispdiff.latent.space import build_latent_space
 from crispdiff.latent.vae import (
     EMBEDDED_VAE_SHARPEN_AMOUNT,
     EMBEDDED_VAE_SHARPEN_AMOUNT_AUTOGUIDED,
-    AnyVAE,
     embedded_vae_dir,
-    measure_scaling_factor,
-    measure_shift_factor,
-    read_scaling,
-    sample_posterior,
-    scale_latents,
 )
 from crispdiff.train.time_budget import ModelRung
-from crispdiff.train.unet_trainer import ImageDataSpace
 
-__all__ = ["LatentSpace", "LatentTrainConfig", "load_latents", "preprocessing_key", "resolve_scaling", "train_latent"]
-
-#: Posterior samples used to measure the scaling factor when the VAE's config states none (evenly spaced images).
-SCALING_SAMPLE_IMAGES = 4096
-
+__all__ = ["LatentTrainConfig", "train_latent"]
 
 #: The embedded emoji's metadata column the main job conditions on: Unicode's 90 subcategories (``face-smiling``,
 #: ``hand-fingers-open``, ``country-flag``, ...), finer than its 10 categories: at the same cost the finer label
@@ -345,171 +330,6 @@ class LatentTrainConfig(TrainConfig):
         return self.pretrained_vae_name_or_path or embedded_vae_dir()
 
 
-def preprocessing_key(config: Any) -> dict[str, Any]:
-    """The preprocessing flags that decide a cached latent (with the image cache's own key, part of the cache key)."""
-    return {
-        "resolution": int(config.resolution),
-        "interpolation": str(config.interpolation),
-        "background": str(config.background),
-        "min_image_size": int(config.min_image_size),
-        "crop": "center" if config.center_crop else "random",
-    }
-
-
-def crop_positions(view: Any, data: Any) -> int:
-    """Crop positions the latent cache encodes per image: 1 (the centre) with --center_crop or when no image is
-    larger than its crop, else --random_crop_positions."""
-    if view.center_crop or not data.has_crop_slack():
-        return 1
-    return int(view.random_crop_positions)
-
-
-def latent_cache_dir(config: Any) -> Path:
-    """``--latent_cache_dir``, else ``latents/`` under crispdiff's cache root."""
-    if getattr(config, "latent_cache_dir", None):
-        return Path(config.latent_cache_dir).expanduser()
-    from crispdiff.data.loading import cache_root
-
-    return cache_root(config) / "latents"
-
-
-def _statistics_sample(cache: LatentCache, seed: int = 0) -> torch.Tensor:
-    """Posterior samples of up to SCALING_SAMPLE_IMAGES evenly spaced images (every variant), with a fixed seed."""
-    count = len(cache)
-    take = min(count, SCALING_SAMPLE_IMAGES)
-    indices = torch.linspace(0, count - 1, take).round().long().unique()
-    generator = torch.Generator().manual_seed(seed)
-    samples = []
-    for variant in range(cache.num_variants):
-        mean, logvar = cache.posterior(indices, torch.full_like(indices, variant))
-        samples.append(sample_posterior(mean, logvar, generator))
-    return torch.cat(samples)
-
-
-def resolve_scaling(vae: AnyVAE, cache: LatentCache, override: float | None = None) -> tuple[float, float | None, str]:
-    """``(scaling_factor, shift_factor, where_from)`` for the diffusion space ``(z - shift) * scale``.
-
-    An explicit ``--scaling_factor`` wins (with the config's shift, if any); then the VAE config's stated values;
-    otherwise both are measured on the training latents so they have zero mean and unit variance — the LDM recipe,
-    without which the noise schedule's signal-to-noise ratios would be off by the latents' scale.
-    """
-    stated_scale, stated_shift = read_scaling(vae)
-    if override is not None:
-        return float(override), stated_shift, "--scaling_factor"
-    if stated_scale is not None:
-        return stated_scale, stated_shift, "the VAE config"
-    sample = _statistics_sample(cache)
-    shift = stated_shift if stated_shift is not None else measure_shift_factor(sample)
-    return measure_scaling_factor(sample), shift, "measured on the training latents"
-
-
-class LatentSpace(ImageDataSpace):
-    """Diffusion on a frozen VAE's scaled latents, sampled from the cached posterior of each image."""
-
-    def __init__(
-        self,
-        cache: LatentCache,
-        vae: AnyVAE,
-        data: Any,
-        *,
-        scaling_factor: float,
-        shift_factor: float | None = None,
-    ):
-        channels, height, width = cache.latent_shape
-        if height != width:
-            raise ValueError(f"latents of {height}x{width} are not square; crispdiff trains square images only")
-        if len(cache) != len(data):
-            raise ValueError(f"the latent cache holds {len(cache)} images but the data has {len(data)}")
-        super().__init__(data)
-        self.cache = cache
-        self.vae = vae.eval().requires_grad_(False)  # frozen: no gradients, no optimizer state, no dropout
-        self.channels = channels
-        self.sample_size = height
-        self.scaling_factor = float(scaling_factor)
-        self.shift_factor = None if shift_factor is None else float(shift_factor)
-
-    def __len__(self) -> int:
-        return len(self.cache)
-
-    def x0(self, indices: torch.Tensor, generator: torch.Generator, device: torch.device) -> torch.Tensor:
-        """Scaled latents ``[B, C, h, w]``: variant (flip) and posterior noise drawn from ``generator``.
-
-        One flip draw per image is taken even without flips, so the stream of random numbers does not depend on
-        ``--random_flip`` and a resumed run (generator restored) reproduces the same samples bit for bit; with random
-        crops (several cached crop positions) one more draw per image picks the crop.
-        """
-        indices = torch.as_tensor(indices).reshape(-1).cpu()
-        coin = torch.rand(indices.numel(), generator=generator, device=generator.device).cpu()
-        spec = self.cache.spec
-        variants = (coin < 0.5).long() if spec.num_flips == 2 else torch.zeros_like(indices)
-        if spec.crop_positions > 1:  # random crops: one of the cached crop positions per image
-            pick = torch.rand(indices.numel(), generator=generator, device=generator.device).cpu()
-            crops = (pick * spec.crop_positions).long().clamp_(max=spec.crop_positions - 1)
-            variants = crops * spec.num_flips + variants
-        mean, logvar = self.cache.posterior(indices, variants)
-        if mean.device != generator.device:  # latents kept on the GPU (prepare): only the drawn noise travels
-            eps = torch.randn(mean.shape, generator=generator, device=generator.device)
-            z = mean + torch.exp(0.5 * logvar) * to_device(eps, mean.device)  # = sample_posterior with that noise
-        else:
-            z = sample_posterior(mean, logvar, generator)
-        return scale_latents(z, self.scaling_factor, self.shift_factor).to(device)
-
-    def prepare(self, device: torch.device) -> None:
-        """On a GPU, keep the cached posteriors there when they fit (the trainer calls this once)."""
-        if device.type != "cpu":
-            self.cache.keep_on_device(device)
-
-    def pipeline_components(self) -> dict[str, Any]:
-        return {
-            "vae": self.vae,
-            "latent_scaling_factor": self.scaling_factor,
-            "latent_shift_factor": self.shift_factor,
-        }
-
-
-def load_latents(
-    view: Any, config: Any, vae: AnyVAE, *, data: Any = None, show_progress: bool = True
-) -> tuple[Any, LatentCache]:
-    """The images ``view`` describes (centre crops) and their latent cache, encoded once and then reused.
-
-    ``view`` holds the data flags (folder, resolution, flips...) and ``config`` the cache flags; they differ when one
-    run trains on several image sets (DreamBooth's instance and class images). ``data``: those images, when the
-    caller has already loaded them with ``load_images(view, for_latents=True)``.
-    """
-    from crispdiff.data.loading import load_images
-
-    if data is None:
-        data = load_images(view, for_latents=True, show_progress=show_progress)
-    cache = load_or_build_latent_cache(
-        data,
-        vae,
-        latent_cache_dir(config),
-        preprocessing=preprocessing_key(view),
-        random_flip=bool(view.random_flip),
-        dtype=config.latent_cache_dtype,
-        batch_size=config.vae_batch_size,
-        show_progress=show_progress,
-        crop_positions=crop_positions(view, data),
-    )
-    return data, cache
-
-
-def build_latent_space(
-    config: LatentTrainConfig, vae: AnyVAE, *, data: Any = None, show_progress: bool = True
-) -> LatentSpace:
-    """Load the images (centre crops; or take ``data``), encode or reuse their latent cache, resolve the scaling."""
-    data, cache = load_latents(config, config, vae, data=data, show_progress=show_progress)
-    scale, shift, source = resolve_scaling(vae, cache, config.scaling_factor)
-    if show_progress:
-        state = "reused" if cache.encoded_images == 0 else f"encoded {cache.encoded_images} image(s)"
-        shift_text = "" if shift is None else f", shift {shift:.4g}"
-        print(  # before train() sets up logging, so print like accelerator.print does
-            f"crispdiff: latent cache {cache.folder} ({state}): {len(cache)} x "
-            f"{'x'.join(map(str, cache.latent_shape))} latents; scaling factor {scale:.4g}{shift_text} ({source})"
-        )
-    return LatentSpace(cache, vae, data, scaling_factor=scale, shift_factor=shift)
-
-
 def auto_classes_note(data: Any) -> str:
     """What ``--class_column auto`` made, and the metadata columns the user could condition on instead."""
     columns = sorted({key for row in data.metadata or [] for key in row} - {"file_name", "text"})
@@ -530,10 +350,12 @@ def train_latent(config: LatentTrainConfig) -> Path | None:
     epochs' steps, the budget's steps and UNet) goes into the resolved config the UNet stage saves and reads.
     """
     from crispdiff.data.loading import load_images
-    from crispdiff.latent.adapt import prepare_vae
-    from crispdiff.train.loop import check_output_dir, epochs_to_steps, start_process
+    from crispdiff.train.loop import check_output_dir
+    from crispdiff.train.optimization import epochs_to_steps
+    from crispdiff.train.process import start_process
     from crispdiff.train.time_budget import TimeBudget
     from crispdiff.train.unet_trainer import train
+    from crispdiff.vae.adapt import prepare_vae
 
     budget = TimeBudget(config.time_budget_minutes) if config.time_budget_minutes else None
     config = config.resolve()

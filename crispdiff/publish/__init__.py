@@ -1,1 +1,1 @@
-"""A trained model out: the saved pipeline folder, the super-resolution post-step inside it, the Hub."""
+"""A trained model out: the saved pipeline folder and the Hub (attaching an SR model: ``crispdiff.superres.load``)."""

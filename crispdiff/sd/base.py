@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-import json
 import logging
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 from crispdiff.diffusion.schedule import NoiseSchedule
@@ -109,23 +107,3 @@ def inference_pipeline(parts: SDParts, unet: Any = None, text_encoder: Any = Non
     )
     pipeline.set_progress_bar_config(disable=True)
     return pipeline
-
-
-def offline_clip_vocab(folder: Path) -> tuple[Path, Path]:
-    """Write ``vocab.json`` + ``merges.txt`` of a CLIP tokenizer that needs no download: CLIP's byte-to-unicode table
-    as the vocabulary (each byte, and each byte ending a word), no merges. For Stable Diffusion-shaped models built
-    from configs (tests, benchmarks), whose text encoders are random anyway."""
-    codes = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
-    chars = list(codes)
-    extra = 0
-    for b in range(256):
-        if b not in codes:
-            codes.append(b)
-            chars.append(256 + extra)
-            extra += 1
-    symbols = [chr(c) for c in chars]
-    vocab = {s: i for i, s in enumerate(symbols + [s + "</w>" for s in symbols])}
-    vocab.update({"<|startoftext|>": len(vocab), "<|endoftext|>": len(vocab) + 1})
-    (folder / "vocab.json").write_text(json.dumps(vocab))
-    (folder / "merges.txt").write_text("#version: 0.2\n")
-    return folder / "vocab.json", folder / "merges.txt"

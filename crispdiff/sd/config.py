@@ -6,15 +6,16 @@ import logging
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
-from crispdiff.core.config import Condition, DataConfig, HubConfig, LoopConfig, flag
+from crispdiff.core.config import DataConfig, HubConfig, LoopConfig
 from crispdiff.core.diffusers_flags import CLASS_LABELS_CONDITIONING, VALIDATION_IMAGES
 from crispdiff.core.errors import FlagError
+from crispdiff.core.flags import Condition, flag
 from crispdiff.latent.cache import DTYPES
-from crispdiff.train.loop import has_accelerator_device
 from crispdiff.train.lora import (
     SD_UNET_LORA_PRESETS,
     expand_targets,
 )
+from crispdiff.train.process import has_accelerator_device
 
 logger = logging.getLogger("crispdiff")
 

@@ -139,7 +139,7 @@ def build_sd_pipeline(
         fuse_lora_file(pipeline, Path(lora), lora_scale)
     sr = None
     if sr_model:
-        from crispdiff.publish.sr import load_sr_model
+        from crispdiff.superres.load import load_sr_model
 
         sr = load_sr_model(sr_model)
     return CrispDiffSDPipeline(

@@ -15,7 +15,7 @@ import torch
 
 from crispdiff.core.config import DataConfig
 from crispdiff.core.io import write_json_atomic
-from crispdiff.latent.trainer import LatentSpace, load_latents
+from crispdiff.latent.space import LatentSpace, load_latents
 from crispdiff.sd.base import SDParts, inference_pipeline, load_sd
 from crispdiff.sd.config import DreamBoothLoRAConfig, SDLoRAConfig, SDLoRAError
 

@@ -8,7 +8,7 @@ the model, and crispdiff's loop already has it. This module plugs Stable Diffusi
   weights are frozen in the training precision, the adapter weights stay fp32 so fp16 loss scaling never sees fp16
   gradients (diffusers #6086, #13124);
 - the VAE is frozen, so every image is encoded once into the existing latent cache (``crispdiff.latent.cache``) and
-  trained through ``crispdiff.latent.trainer.LatentSpace``; with a frozen text encoder every distinct prompt is encoded
+  trained through ``crispdiff.latent.space.LatentSpace``; with a frozen text encoder every distinct prompt is encoded
   once too. Together they are the speed-up over the reference scripts, which run both encoders every step;
 - the noise schedule and prediction type are the base model's (``crispdiff.diffusion.schedule.NoiseSchedule`` over its
   betas); min-SNR weights come from ``crispdiff.diffusion.schedule.min_snr_weight`` in the form for that prediction
@@ -50,13 +50,14 @@ from crispdiff.sd.config import (
 from crispdiff.sd.export import export_sd
 from crispdiff.sd.lora_files import load_lora_state, model_card, push_lora_to_hub, save_lora_weights
 from crispdiff.sd.prompts import PromptBank, TrainSet, captions_for, generate_class_images, image_view, latent_space
-from crispdiff.train.loop import LoopTrainer, check_output_dir, run_trainer, start_run, untouched_rng
+from crispdiff.train.loop import LoopTrainer, check_output_dir, run_trainer, untouched_rng
 from crispdiff.train.lora import (
     SD_UNET_LORA_PRESETS,
     TEXT_ENCODER_LORA_TARGETS,
     inject_lora,
     lora_state,
 )
+from crispdiff.train.process import start_run
 
 logger = logging.getLogger("crispdiff")
 

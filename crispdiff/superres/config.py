@@ -5,7 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import ClassVar
 
-from crispdiff.core.config import CROPS_DRAWN_ANEW, NO_CAPTIONS, Condition, DataConfig, LoopConfig, flag
+from crispdiff.core.config import CROPS_DRAWN_ANEW, NO_CAPTIONS, DataConfig, LoopConfig
+from crispdiff.core.flags import Condition, flag
 
 #: Networks spandrel ships and detects from their weights alone; ``num_feat`` / ``num_blocks`` size each.
 ARCHITECTURES = ("compact", "safmn", "span")

@@ -8,7 +8,8 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
-from crispdiff.evaluate.metrics import psnr, sharpness_ratios, ssim
+from crispdiff.evaluate.fidelity import psnr, ssim
+from crispdiff.evaluate.sharpness import sharpness_ratios
 from crispdiff.pipelines.sr_model import lanczos_resize
 
 

@@ -19,14 +19,15 @@ from accelerate import Accelerator
 from crispdiff.core.images import make_grid, save_image_atomic
 from crispdiff.core.io import staging_folder, swap_folder_into_place, write_atomic, write_json_atomic
 from crispdiff.core.provenance import public_command, write_provenance
-from crispdiff.latent.vae_eval import split_indices
-from crispdiff.latent.vae_losses import spectral_amplitude_loss
 from crispdiff.pipelines.sr_model import WEIGHTS_NAME
 from crispdiff.superres.config import SR_SUBFOLDER, SRTrainConfig
 from crispdiff.superres.data import SRPairs, downscale, vae_roundtrip
 from crispdiff.superres.metrics import bicubic_upscale, compare_upscalers, lanczos_upscale
 from crispdiff.superres.networks import as_sr_component, build_sr_network, ema_network
-from crispdiff.train.loop import LoopTrainer, check_output_dir, run_trainer, start_run
+from crispdiff.train.loop import LoopTrainer, check_output_dir, run_trainer
+from crispdiff.train.process import start_run
+from crispdiff.vae.evaluation import split_indices
+from crispdiff.vae.losses import spectral_amplitude_loss
 
 CHARBONNIER_EPS = 1e-3
 

@@ -7,10 +7,11 @@ saved pipeline that samples with DPM-Solver++ out of the box. Subclasses fill in
 ``ema_parameters``, ``log_validation``, ``finish``, ``describe``, optionally ``periodic``; see ``LoopTrainer``);
 :class:`crispdiff.train.unet_trainer.UNetTrainer` is the diffusion one.
 
-A process makes one ``Accelerator`` (``start_process`` / ``start_run``) and hands it to each stage it runs: a stage
+A process makes one ``Accelerator`` (:mod:`crispdiff.train.process`) and hands it to each stage it runs: a stage
 that another follows (the VAE adaptation before the UNet, a time-budget probe) runs ``train_stage`` or only steps, then
 ``release_stage`` clears what it registered with the accelerator, so the next stage's checkpoints hold its own state
-only; the last stage runs ``train_and_end_run``.
+only; the last stage runs ``train_and_end_run``. Step counts, the learning rate and the optimizer are
+:mod:`crispdiff.train.optimization`.
 """
 
 from __future__ import annotations
@@ -27,16 +28,14 @@ from typing import Any
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import ProjectConfiguration, broadcast_object_list, is_mps_available, is_xpu_available, set_seed
+from accelerate.utils import broadcast_object_list, set_seed
 from diffusers.optimization import get_scheduler
 from diffusers.training_utils import EMAModel
-from torch.torch_version import TorchVersion
 from tqdm.auto import tqdm
 
-from crispdiff.core.config import LoopConfig, resolve_mixed_precision
-from crispdiff.core.cores import available_cores
+from crispdiff.core.config import LoopConfig
 from crispdiff.core.diffusers_flags import defaults_note
-from crispdiff.core.errors import FlagError, MissingDependencyError, OutputExistsError, TrainingDivergedError
+from crispdiff.core.errors import FlagError, OutputExistsError, TrainingDivergedError
 from crispdiff.train.checkpoint import (
     check_same_run,
     checkpoints_to_replace,
@@ -50,6 +49,15 @@ from crispdiff.train.checkpoint import (
     save_checkpoint,
 )
 from crispdiff.train.lora import has_adapters, plain_copy
+from crispdiff.train.optimization import (
+    epochs_to_steps,
+    images_per_optimizer_step,
+    make_optimizer,
+    scaled_learning_rate,
+    total_train_steps,
+    warmup_steps,
+)
+from crispdiff.train.process import release_stage
 
 logger = logging.getLogger("crispdiff")
 
@@ -112,122 +120,6 @@ class EpochBatches:
         if position.batch_in_epoch + 1 < self.batches_per_epoch:
             return DataPosition(position.epoch, position.batch_in_epoch + 1)
         return DataPosition(position.epoch + 1, 0)
-
-
-def has_accelerator_device() -> bool:
-    return torch.cuda.is_available() or is_mps_available() or is_xpu_available()
-
-
-def use_cpu_cores(config: LoopConfig, local_processes: int) -> None:
-    """On a CPU-only run, give each local process its share of the cores (or `--cpu_threads`).
-
-    `accelerate launch` without a config file sets OMP_NUM_THREADS=1 for every process, which leaves half of a
-    two-core laptop idle.
-    """
-    if has_accelerator_device():
-        return
-    torch.set_num_threads(config.cpu_threads or max(1, available_cores() // max(1, local_processes)))
-
-
-def make_accelerator(config: LoopConfig) -> Accelerator:
-    """The Accelerator for a run. Without a GPU it is told `cpu=True`, which is what makes processes started by
-    `accelerate launch --num_processes N` on a CPU-only machine join one gloo group instead of N lone runs."""
-    output_dir = Path(config.output_dir)
-    project = ProjectConfiguration(project_dir=str(output_dir), logging_dir=str(output_dir / config.logging_dir))
-    return Accelerator(
-        gradient_accumulation_steps=config.gradient_accumulation_steps,
-        mixed_precision=resolve_mixed_precision(config.mixed_precision),
-        log_with=None if config.report_to == "none" else config.report_to,
-        project_config=project,
-        cpu=not has_accelerator_device(),
-    )
-
-
-def make_optimizer(config: LoopConfig, parameters: Any, lr: float | None = None) -> torch.optim.Optimizer:
-    """AdamW, fused where torch has a fused kernel for the parameters' device, or 8-bit AdamW.
-
-    Fused is one kernel per step instead of one per tensor: on a CPU it makes the main job's optimizer update a small
-    share of the step instead of a noticeable one. It is chosen from where the parameters *are*, not where they will be:
-    torch 2.1-2.3 reject a fused AdamW over CPU parameters, so there it is CUDA only, and callers move the model to
-    its device first (``UNetTrainer`` does).
-    """
-    parameters = list(parameters)
-    kwargs = dict(
-        lr=config.learning_rate if lr is None else lr,
-        betas=(config.adam_beta1, config.adam_beta2),
-        weight_decay=config.adam_weight_decay,
-        eps=config.adam_epsilon,
-    )
-    if config.use_8bit_adam:
-        try:
-            import bitsandbytes as bnb
-        except ImportError as err:
-            raise MissingDependencyError(
-                "--use_8bit_adam needs bitsandbytes: pip install 'crispdiff[bnb]' (or drop the flag)"
-            ) from err
-        return bnb.optim.AdamW8bit(parameters, **kwargs)
-    return torch.optim.AdamW(parameters, fused=True if fused_adamw_supported(parameters) else None, **kwargs)
-
-
-def fused_adamw_supported(parameters: list[Any]) -> bool:
-    """Whether this torch has a fused AdamW kernel for the device all `parameters` are on (CPU: torch >= 2.4).
-
-    `parameters` are tensors or param groups (dicts with "params"), as torch optimizers accept either.
-    """
-    tensors = [t for p in parameters for t in (p["params"] if isinstance(p, dict) else [p])]
-    devices = {t.device.type for t in tensors}
-    if devices == {"cuda"}:
-        return True
-    return devices == {"cpu"} and TorchVersion(torch.__version__) >= (2, 4)
-
-
-def images_per_optimizer_step(config: LoopConfig, num_processes: int) -> int:
-    """Images per optimizer step: the micro-batch x gradient accumulation x processes."""
-    return config.train_batch_size * config.gradient_accumulation_steps * num_processes
-
-
-def scaled_learning_rate(config: LoopConfig, num_processes: int) -> float:
-    """--learning_rate, or with --scale_lr the linear scaling rule (Goyal et al. 2017): lr x global batch / reference.
-
-    The default reference batch is 1, which is diffusers' rule (lr x accumulation x batch x processes), so their
-    command lines get their learning rate. ``--lr_reference_batch 64`` scales crispdiff's own defaults (2e-4 tuned at
-    64 images) instead: multiplying those by the batch itself turns 2e-4 into 1.3e-2 and diverges.
-    """
-    if not config.scale_lr:
-        return config.learning_rate
-    if config.lr_reference_batch < 1:
-        raise FlagError(f"--lr_reference_batch must be >= 1, got {config.lr_reference_batch}")
-    return config.learning_rate * images_per_optimizer_step(config, num_processes) / config.lr_reference_batch
-
-
-def total_train_steps(config: LoopConfig, batches_per_epoch: int) -> int:
-    """Optimizer steps: --max_train_steps, else --num_epochs worth of accumulated batches."""
-    if config.max_train_steps:
-        return config.max_train_steps
-    return epochs_to_steps(config, config.num_epochs, batches_per_epoch)
-
-
-def epochs_to_steps(config: LoopConfig, epochs: int, batches_per_epoch: int) -> int:
-    """Optimizer steps in ``epochs`` passes over the data (at least one)."""
-    return max(1, epochs * batches_per_epoch // config.gradient_accumulation_steps)
-
-
-def warmup_steps(config: LoopConfig, max_steps: int) -> int:
-    """--lr_warmup_steps as passed; a script's default (not passed) is capped at half the run, with a log line.
-
-    Why the cap on defaults only: crispdiff's defaults (500 warm-up steps) would otherwise never reach the peak LR in
-    a short run, while a diffusers command line that asks for a warm-up longer than the run gets exactly that.
-    """
-    steps = config.lr_warmup_steps
-    if "lr_warmup_steps" in getattr(config, "explicit_flags", frozenset()) or steps <= max_steps // 2:
-        return steps
-    logger.info(
-        "crispdiff: the default --lr_warmup_steps %d is capped at %d, half of the %d steps (pass it to choose)",
-        steps,
-        max_steps // 2,
-        max_steps,
-    )
-    return max_steps // 2
 
 
 def loss_scale(accelerator: Accelerator) -> float | None:
@@ -582,29 +474,6 @@ def untouched_rng() -> Iterator[None]:
         yield
 
 
-def configure_kernels(config: LoopConfig) -> None:
-    """Fast kernels by default, reproducible ones with --deterministic.
-
-    Default: cuDNN benchmarks its convolution algorithms once per input shape (the shapes never change during a
-    run) and keeps the fastest. That choice, and many CUDA kernels (atomic-add reductions in the backward pass), are
-    non-deterministic, so a resumed GPU run drifts from an uninterrupted one in the last bits. --deterministic asks
-    torch for deterministic algorithms everywhere (an error names any op that has none), turns benchmarking and TF32
-    off and sets the cuBLAS workspace that deterministic matmuls need; it must run before CUDA is first used.
-    TF32 is set both ways, for matmuls and cuDNN alike: torch's own default leaves cuDNN's on, which neither
-    --allow_tf32 false nor --deterministic may.
-    """
-    tf32 = config.allow_tf32 and not config.deterministic
-    torch.backends.cuda.matmul.allow_tf32 = tf32
-    torch.backends.cudnn.allow_tf32 = tf32
-    if config.deterministic:
-        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
-        torch.use_deterministic_algorithms(True)
-        torch.backends.cudnn.benchmark = False
-        torch.backends.cudnn.deterministic = True
-    elif torch.cuda.is_available():
-        torch.backends.cudnn.benchmark = True
-
-
 def ema_copy(model: Any, ema: EMAModel | None) -> Any:
     """A standalone fp32 copy of a diffusers model carrying the EMA weights (the raw ones without EMA), in eval mode.
 
@@ -619,40 +488,6 @@ def ema_copy(model: Any, ema: EMAModel | None) -> Any:
     if ema is not None:
         ema.copy_to(copy.parameters())
     return copy.eval()
-
-
-def start_process(config: LoopConfig) -> Accelerator:
-    """Kernel settings, the process's one Accelerator, CPU threads and logging: made once per process, before CUDA is
-    first used, and handed to every stage the process runs (accelerate's state is a per-process singleton)."""
-    configure_kernels(config)
-    accelerator = make_accelerator(config)
-    use_cpu_cores(config, int(os.environ.get("LOCAL_WORLD_SIZE", accelerator.num_processes)))
-    logging.basicConfig(level=logging.INFO if accelerator.is_main_process else logging.WARNING)
-    return accelerator
-
-
-def start_run(config: LoopConfig) -> Accelerator:
-    """``start_process`` and the global seed: what a run of one stage does before any model is built."""
-    accelerator = start_process(config)
-    set_seed(config.seed)
-    return accelerator
-
-
-def release_stage(accelerator: Accelerator) -> None:
-    """Forget what a finished stage registered with the process's Accelerator (models, optimizers, LR schedules,
-    checkpoint hooks, the fp16 loss scaler's state), so that the next stage's checkpoints save and restore its own
-    state only, as if it had an Accelerator of its own.
-
-    accelerate has no public call for the registered objects and hooks (``free_memory`` drops the prepared models,
-    optimizers and schedulers and resets the accumulation counter only), hence its private lists here."""
-    accelerator.free_memory()
-    accelerator._custom_objects.clear()
-    accelerator._save_model_state_pre_hook.clear()
-    accelerator._load_model_state_pre_hook.clear()
-    if accelerator.scaler is not None:  # fp16: a fresh scaler, at its initial scale
-        from accelerate.utils import get_grad_scaler
-
-        accelerator.scaler = get_grad_scaler(accelerator.distributed_type)
 
 
 def run_trainer(trainer: LoopTrainer, *, end_run: bool = True) -> Path | None:

@@ -1,4 +1,5 @@
-"""The diffusion trainer: a UNet on a ``TrainingSpace`` (pixels here, latents in :mod:`crispdiff.latent.trainer`).
+"""The diffusion trainer: a UNet on a ``TrainingSpace`` (:mod:`crispdiff.train.spaces`: pixels, or latents in
+:mod:`crispdiff.latent.trainer`).
 
 Pixel and latent training differ only in where x0 comes from and which extra components the saved pipeline needs;
 both are a ``TrainingSpace``, and both run the one loop of :mod:`crispdiff.train.loop`.
@@ -9,7 +10,7 @@ from __future__ import annotations
 import json
 import logging
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 import torch
 from accelerate import Accelerator
@@ -24,108 +25,21 @@ from crispdiff.core.io import write_json_atomic
 from crispdiff.data.auto_classes import class_mix
 from crispdiff.diffusion.schedule import NoiseSchedule, sample_noise, schedule_label, scheduler_base_config
 from crispdiff.diffusion.unets import count_parameters, describe_parameters, unet_from_config
+from crispdiff.publish.card import write_model_card
 from crispdiff.publish.export import SAMPLES_NAME, build_pipeline, save_pipeline
-from crispdiff.publish.hub import maybe_push_to_hub, write_model_card
+from crispdiff.publish.hub import maybe_push_to_hub
 from crispdiff.train.checkpoint import find_checkpoint
 from crispdiff.train.grids import TRAIN_PASSES_PER_IMAGE, GridPlan, plan_grid
-from crispdiff.train.loop import (
-    LoopTrainer,
-    check_output_dir,
-    ema_copy,
-    images_per_optimizer_step,
-    release_stage,
-    run_trainer,
-    start_process,
-    untouched_rng,
-)
+from crispdiff.train.loop import LoopTrainer, check_output_dir, ema_copy, run_trainer, untouched_rng
+from crispdiff.train.optimization import images_per_optimizer_step
+from crispdiff.train.process import release_stage, start_process
+from crispdiff.train.spaces import PixelSpace, TrainingSpace, space_class_names
 from crispdiff.train.time_budget import RungCost, agreed_seconds
 
 logger = logging.getLogger("crispdiff")
 
 #: The autoguidance guide model's weights inside a checkpoint folder.
 GUIDE_FILE = "guide_unet.safetensors"
-
-
-class TrainingSpace(Protocol):
-    """Where the diffusion happens: pixels, or a VAE's latents."""
-
-    channels: int
-    sample_size: int
-
-    def __len__(self) -> int: ...
-
-    def x0(self, indices: torch.Tensor, generator: torch.Generator, device: torch.device) -> torch.Tensor:
-        """Clean training samples for these dataset indices, randomness (crop, flip, posterior) from `generator`."""
-
-    def pipeline_components(self) -> dict[str, Any]:
-        """Extra keyword arguments for the saved pipeline (vae, latent scaling ...)."""
-
-    def reference_images(self, count: int, seed: int = 0) -> torch.Tensor:
-        """Up to `count` real images, uint8 [N, 3, H, W], for validation metrics: a `seed`ed random subset."""
-
-    # Class-conditional spaces (--class_column) also have ``class_names: list[str] | None`` and
-    # ``class_labels(indices, device) -> LongTensor | None``; the UNetTrainer reads both with getattr, so a space
-    # without them is unconditional.
-
-
-def space_class_names(space: Any) -> list[str] | None:
-    """The space's class names (--class_column), or None for an unconditional space."""
-    return getattr(space, "class_names", None)
-
-
-class ImageDataSpace:
-    """What every space on crispdiff's image data shares: the images' classes (``--class_column``), read from the
-    data (its metadata or auto classes) rather than stored with pixels or latents, so caches are shared with
-    unconditional runs on the same images."""
-
-    def __init__(self, data: Any):
-        self.data = data
-        self.class_names: list[str] | None = getattr(data, "class_names", None)
-
-    def class_labels(self, indices: torch.Tensor, device: torch.device) -> torch.Tensor | None:
-        """Class ids of these images (--class_column), or None when the data has no classes."""
-        return self.data.class_labels(indices, device) if self.class_names else None
-
-    def reference_images(self, count: int, seed: int = 0) -> torch.Tensor:
-        """Up to ``count`` training images (uint8 centre crops) for validation metrics: a ``seed``ed random subset.
-
-        Why not the first ``count``: files sort by name, and neighbouring names are alike (the emoji's neighbouring
-        codepoints, a folder sorted by class), so the first files are a poor sample of the data.
-        """
-        return self.data.center_crops(reference_indices(len(self.data), count, seed))
-
-
-def reference_indices(num_items: int, count: int, seed: int) -> list[int]:
-    """``count`` distinct indices of ``num_items`` drawn with ``seed`` (all of them when ``count`` covers them), in
-    ascending order so that a memory-mapped read walks forward."""
-    if count >= num_items:
-        return list(range(num_items))
-    chosen = torch.randperm(num_items, generator=torch.Generator().manual_seed(seed))[:count]
-    return sorted(chosen.tolist())
-
-
-class PixelSpace(ImageDataSpace):
-    """Diffusion directly on pixels in [-1, 1]."""
-
-    channels = 3
-
-    def __init__(self, data: Any):
-        super().__init__(data)
-        self.sample_size = data.resolution
-
-    def __len__(self) -> int:
-        return len(self.data)
-
-    def x0(self, indices: torch.Tensor, generator: torch.Generator, device: torch.device) -> torch.Tensor:
-        return self.data.batch(indices, generator, device=device)
-
-    def prepare(self, device: torch.device) -> None:
-        """On a GPU, keep the uint8 images there when they fit (on the CPU the memory map already is RAM)."""
-        if device.type != "cpu" and self.data.keep_on_device(device):
-            logger.info("keeping the %d training images on %s", len(self.data), device)
-
-    def pipeline_components(self) -> dict[str, Any]:
-        return {}
 
 
 class UNetTrainer(LoopTrainer):
@@ -439,7 +353,7 @@ class UNetTrainer(LoopTrainer):
         ``crispdiff sample --upscale``), at full strength unless ``--sr_strength`` is given: it was trained on flat
         art downscaled the way the training images were, so it needs no Lanczos blend to stay faithful.
         """
-        from crispdiff.publish.sr import EMBEDDED_SR, EMBEDDED_SR_RESOLUTION, load_sr_model
+        from crispdiff.superres.load import EMBEDDED_SR, EMBEDDED_SR_RESOLUTION, load_sr_model
 
         config = self.config
         name = config.sr_model_name_or_path

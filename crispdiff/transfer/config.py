@@ -7,8 +7,9 @@ import logging
 from dataclasses import dataclass
 from typing import ClassVar
 
-from crispdiff.core.config import Condition, ModelConfig, TrainConfig, flag
+from crispdiff.core.config import ModelConfig, TrainConfig
 from crispdiff.core.errors import FlagError
+from crispdiff.core.flags import Condition, flag
 from crispdiff.train.lora import (
     UNET2D_LORA_PRESETS,
     expand_targets,

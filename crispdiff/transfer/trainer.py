@@ -32,11 +32,13 @@ from diffusers import ModelMixin
 
 from crispdiff.core.errors import FlagError
 from crispdiff.diffusion.unets import count_parameters, describe_parameters
-from crispdiff.train.loop import check_output_dir, run_trainer, start_run
+from crispdiff.train.loop import check_output_dir, run_trainer
 from crispdiff.train.lora import (
     has_adapters,
 )
-from crispdiff.train.unet_trainer import PixelSpace, TrainingSpace, UNetTrainer
+from crispdiff.train.process import start_run
+from crispdiff.train.spaces import PixelSpace, TrainingSpace
+from crispdiff.train.unet_trainer import UNetTrainer
 from crispdiff.transfer.adapters import save_lora_adapter, select_trainable
 from crispdiff.transfer.config import ADAPTER_FOLDER, TransferConfig
 from crispdiff.transfer.pretrained import Pretrained, adapt_unet, load_pretrained, resolve_schedule

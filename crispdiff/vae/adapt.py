@@ -8,7 +8,7 @@ decoder noise; its card has the whole recipe) recovers most of the gap in a shor
 to adapt, not learn.
 
 The check comes first: a seeded held-out sample of the user's images is reconstructed, and ``auto`` adapts only
-when that falls below :data:`MIN_PSNR` or :data:`MIN_HF_RATIO`. The fine-tune is a ``crispdiff.latent.vae_trainer``
+when that falls below :data:`MIN_PSNR` or :data:`MIN_HF_RATIO`. The fine-tune is a ``crispdiff.vae.trainer``
 run of its own in ``OUTPUT_DIR/vae-adapted`` (checkpointed and resumable like every trainer); its ``vae/`` folder is
 what the latent cache is encoded with and what the saved pipeline carries.
 
@@ -23,10 +23,11 @@ import time
 from pathlib import Path
 from typing import Any
 
-from crispdiff.latent.vae_config import VAE_SUBFOLDER, VAETrainConfig
-from crispdiff.latent.vae_eval import holdout_split, reconstruction_metrics
-from crispdiff.latent.vae_trainer import VAETrainer
-from crispdiff.train.loop import EpochBatches, images_per_optimizer_step, run_trainer, total_train_steps
+from crispdiff.train.loop import EpochBatches, run_trainer
+from crispdiff.train.optimization import images_per_optimizer_step, total_train_steps
+from crispdiff.vae.config import VAE_SUBFOLDER, VAETrainConfig
+from crispdiff.vae.evaluation import holdout_split, reconstruction_metrics
+from crispdiff.vae.trainer import VAETrainer
 
 #: ``--adapt_vae`` choices: never, when the VAE misses the bar on the user's images, or always.
 ADAPT_VAE_CHOICES = ("off", "auto", "always")
@@ -155,7 +156,7 @@ def run_adaptation(
     """Fine-tune as ``vae_config`` says on ``data``; returns the VAE folder, its held-out metrics and the steps run.
 
     Runs on every process (the VAE trainer is distributed like the others) as a stage on the process's
-    ``Accelerator``, released when it ends (``crispdiff.train.loop.release_stage``), so its model and optimizer never
+    ``Accelerator``, released when it ends (``crispdiff.train.process.release_stage``), so its model and optimizer never
     enter the UNet's checkpoints; its own checkpoints live in its own folder. ``deadline`` (a ``time.perf_counter()``
     value) stops it early: its learning rate is constant after warm-up, so stopping anywhere leaves a finished model.
     """

@@ -14,7 +14,7 @@ from crispdiff.diffusion.unets import group_norm_groups
 from crispdiff.latent.vae import (
     load_vae,
 )
-from crispdiff.latent.vae_config import PRESETS, VAETrainConfig
+from crispdiff.vae.config import PRESETS, VAETrainConfig
 
 logger = logging.getLogger("crispdiff")
 

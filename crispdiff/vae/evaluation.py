@@ -11,7 +11,7 @@ import torch
 from diffusers import AutoencoderKL
 
 from crispdiff.core.images import uint8_to_model
-from crispdiff.evaluate.metrics import psnr, ssim
+from crispdiff.evaluate.fidelity import psnr, ssim
 from crispdiff.latent.vae import (
     measure_scaling_factor,
     measure_shift_factor,
@@ -74,7 +74,7 @@ def reconstruction_metrics(vae: AutoencoderKL, images_uint8: torch.Tensor) -> di
     PSNR rewards a blurry average; the hf-energy and Laplacian-variance ratios (1 = as sharp as the input) say
     whether the decoder kept the detail, so both kinds are reported together.
     """
-    from crispdiff.evaluate.metrics import sharpness_ratios
+    from crispdiff.evaluate.sharpness import sharpness_ratios
 
     target = images_uint8.float() / 255.0
     recon = (reconstruct(vae, uint8_to_m11(images_uint8)) + 1.0) / 2.0

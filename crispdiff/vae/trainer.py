@@ -33,15 +33,19 @@ from crispdiff.latent.vae import (
     read_scaling,
     standardize_latent_channels,
 )
-from crispdiff.latent.vae_config import VAE_SUBFOLDER, VAETrainConfig
-from crispdiff.latent.vae_eval import (
+from crispdiff.train.loop import LoopTrainer, ema_copy, run_trainer
+from crispdiff.train.loop import check_output_dir as check_output_folder
+from crispdiff.train.optimization import scaled_learning_rate
+from crispdiff.train.process import start_run
+from crispdiff.vae.config import VAE_SUBFOLDER, VAETrainConfig
+from crispdiff.vae.evaluation import (
     holdout_split,
     measure_latent_scaling,
     reconstruction_metrics,
     sample_latents,
     save_reconstruction_grid,
 )
-from crispdiff.latent.vae_losses import (
+from crispdiff.vae.losses import (
     AutoencoderStep,
     adaptive_gan_weight,
     hinge_discriminator_loss,
@@ -50,9 +54,7 @@ from crispdiff.latent.vae_losses import (
     scale_equivariance_loss,
     spectral_amplitude_loss,
 )
-from crispdiff.latent.vae_models import PatchDiscriminator, initial_vae, load_lpips
-from crispdiff.train.loop import LoopTrainer, ema_copy, run_trainer, scaled_learning_rate, start_run
-from crispdiff.train.loop import check_output_dir as check_output_folder
+from crispdiff.vae.models import PatchDiscriminator, initial_vae, load_lpips
 
 logger = logging.getLogger("crispdiff")
 

@@ -6,7 +6,8 @@ import logging
 from dataclasses import dataclass
 from typing import ClassVar
 
-from crispdiff.core.config import CROPS_DRAWN_ANEW, NO_CAPTIONS, Condition, DataConfig, LoopConfig, flag
+from crispdiff.core.config import CROPS_DRAWN_ANEW, NO_CAPTIONS, DataConfig, LoopConfig
+from crispdiff.core.flags import Condition, flag
 
 logger = logging.getLogger("crispdiff")
 

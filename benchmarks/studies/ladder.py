@@ -37,6 +37,20 @@ CURVES: dict[str, list[tuple[str, int | None, float, str]]] = {
 }
 
 
+#: Runs killed and resumed (a session ended): their train_cpu.json times the last part only, from this step on, so
+#: the whole run's CPU time is that part's CPU time per step times all the steps.
+RESUMED_AT = {"l30-b32-s0": 3500, "l30-b48-s0": 1500}
+
+
+def training_cpu_minutes(run: str) -> float | None:
+    path = LEVERS / run / "train_cpu.json"
+    if not path.exists():
+        return None
+    record = json.loads(path.read_text())
+    part = record["steps"] - RESUMED_AT.get(run, 0)
+    return record["cpu_s"] / part * record["steps"] / 60
+
+
 def quality_row(run: str, guide: int | None, ag: float) -> dict[str, Any] | None:
     """The run's screen row (500 samples) measured with this guide and scale; the last one if measured twice."""
     path = LEVERS / run / "quality.jsonl"
@@ -51,12 +65,10 @@ def ladder_points() -> dict[str, list[dict[str, Any]]]:
     points: dict[str, list[dict[str, Any]]] = {}
     for curve, runs in CURVES.items():
         for run, guide, ag, label in runs:
-            row = quality_row(run, guide, ag)
-            cpu = LEVERS / run / "train_cpu.json"
-            if row is None or not cpu.exists():
+            row, cpu_min = quality_row(run, guide, ag), training_cpu_minutes(run)
+            if row is None or cpu_min is None:
                 print(f"skipped {run} (guide {guide}, ag {ag}): not measured yet")
                 continue
-            cpu_min = json.loads(cpu.read_text())["cpu_s"] / 60
             points.setdefault(curve, []).append(row | {"cpu_min": cpu_min, "label": label})
     return points
 

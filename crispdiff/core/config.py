@@ -12,6 +12,7 @@ import argparse
 import dataclasses
 import functools
 import math
+import re
 import types
 import typing
 from collections.abc import Callable
@@ -39,11 +40,18 @@ def flag(default: Any, help: str, choices: list[str] | None = None, **metadata: 
 
 
 SECRET_MARKERS = ("token", "password", "secret", "api_key")
+#: A name holding one of the secret markers as a whole word: ``hub_token``, ``token``, not ``tokenizer_name``.
+_SECRET_NAME = re.compile(r"(^|[_-])(" + "|".join(map(re.escape, SECRET_MARKERS)) + r")($|[_-])")
+
+
+def is_secret_name(name: str) -> bool:
+    """Whether a setting or flag name (``hub_token``, ``--token``) names a credential."""
+    return bool(_SECRET_NAME.search(name.lstrip("-").lower()))
 
 
 def without_secrets(values: dict[str, Any]) -> dict[str, Any]:
     """A configuration without credentials (``hub_token`` ...), fit to save beside a model or publish in a card."""
-    return {k: v for k, v in values.items() if not any(marker in k.lower() for marker in SECRET_MARKERS)}
+    return {k: v for k, v in values.items() if not is_secret_name(k)}
 
 
 #: The per-epoch pixel augmentation flags of DataConfig: each a number in [0, 1], 0 meaning off.

@@ -42,3 +42,16 @@ def test_a_saved_pipeline_records_the_version_and_the_command_that_saved_it(tmp_
     monkeypatch.setattr(sys, "argv", ["again.py"])
     save_pipeline(folder, unet=tiny_unet(), scheduler_base_config=base_config(), beta_schedule="c")
     assert json.loads((folder / PROVENANCE_NAME).read_text())["command"] == ["again.py"]
+
+
+def test_saved_configs_drop_credentials_but_keep_settings_that_merely_contain_the_word():
+    """``to_dict`` used to drop every key containing "token", so a run's --tokenizer_name was lost from its saved
+    config; credentials (hub_token, token, *_password, ...) must still go."""
+    from crispdiff.core.config import without_secrets
+    from crispdiff.sd.config import TextToImageLoRAConfig
+
+    values = {"tokenizer_name": "openai/clip", "hub_token": "hf_x", "token": "t", "db_password": "p", "seed": 1}
+    assert without_secrets(values) == {"tokenizer_name": "openai/clip", "seed": 1}
+    config = TextToImageLoRAConfig(tokenizer_name="openai/clip", hub_token="hf_x")
+    saved = config.to_dict()
+    assert saved["tokenizer_name"] == "openai/clip" and "hub_token" not in saved

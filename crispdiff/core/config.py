@@ -12,6 +12,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import math
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
@@ -25,6 +26,13 @@ from crispdiff.core.flags import Condition, check_conditional_flags, flag, flag_
 from crispdiff.core.io import write_json_atomic
 
 SECRET_MARKERS = ("token", "password", "secret", "api_key")
+#: A name holding one of the secret markers as a whole word: ``hub_token``, ``token``, not ``tokenizer_name``.
+_SECRET_NAME = re.compile(r"(^|[_-])(" + "|".join(map(re.escape, SECRET_MARKERS)) + r")($|[_-])")
+
+
+def is_secret_name(name: str) -> bool:
+    """Whether a setting or flag name (``hub_token``, ``--token``) names a credential."""
+    return bool(_SECRET_NAME.search(name.lstrip("-").lower()))
 
 
 def resolve_mixed_precision(value: str | None) -> str | None:
@@ -36,7 +44,7 @@ def resolve_mixed_precision(value: str | None) -> str | None:
 
 def without_secrets(values: dict[str, Any]) -> dict[str, Any]:
     """A configuration without credentials (``hub_token`` ...), fit to save beside a model or publish in a card."""
-    return {k: v for k, v in values.items() if not any(marker in k.lower() for marker in SECRET_MARKERS)}
+    return {k: v for k, v in values.items() if not is_secret_name(k)}
 
 
 #: The per-epoch pixel augmentation flags of DataConfig: each a number in [0, 1], 0 meaning off.

@@ -12,14 +12,13 @@ from __future__ import annotations
 
 import os
 import platform
-import re
 import sys
 from importlib import metadata
 from pathlib import Path
 from typing import Any
 
 from crispdiff import __version__
-from crispdiff.core.config import SECRET_MARKERS
+from crispdiff.core.config import is_secret_name
 from crispdiff.core.io import write_json_atomic
 
 PROVENANCE_NAME = "crispdiff_provenance.json"
@@ -28,15 +27,11 @@ PROVENANCE_NAME = "crispdiff_provenance.json"
 RECORDED_LIBRARIES = ("torch", "diffusers", "accelerate", "transformers", "peft")
 
 
-#: A flag name holding one of the secret markers as a whole word: ``hub_token``, ``token``, not ``tokenizer_name``.
-_SECRET_FLAG = re.compile(r"(^|[_-])(" + "|".join(map(re.escape, SECRET_MARKERS)) + r")($|[_-])")
-
-
 def _is_secret_flag(token: str) -> bool:
     """Whether a ``--flag`` / ``--flag=value`` token names a credential (``--hub_token``, ``--token`` ...)."""
     if not token.startswith("-"):
         return False
-    return bool(_SECRET_FLAG.search(token.lstrip("-").split("=", 1)[0].lower()))
+    return is_secret_name(token.split("=", 1)[0])
 
 
 def public_command(argv: list[str] | None = None) -> list[str]:

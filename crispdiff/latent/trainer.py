@@ -77,18 +77,19 @@ MAIN_JOB_GUIDANCE_SCALE = 3.0
 MAIN_JOB_GUIDANCE_INTERVAL = (0.28, 5.42)
 
 #: The UNets ``--time_budget_minutes`` chooses from on the main job's latents, smallest first: each is taken when the
-#: budget affords at least its ``min_steps`` (a bigger UNet pays off only when it gets enough steps).
+#: budget affords at least its ``min_steps``: a bigger UNet pays off only when it gets enough steps, so the medium one
+#: starts where it matched the small one at an equal budget, and the large one is meant for GPU budgets.
 MAIN_JOB_LADDER = (
     ModelRung("small", {"base_channels": 32, "channel_mults": [1, 2, 4], "layers_per_block": 1, "attention_res": [4]}),
     ModelRung(
         "medium",
         {"base_channels": 48, "channel_mults": [1, 2, 4], "layers_per_block": 1, "attention_res": [4]},
-        min_steps=1200,
+        min_steps=3000,
     ),
     ModelRung(
         "large",
         {"base_channels": 64, "channel_mults": [1, 2, 4], "layers_per_block": 2, "attention_res": [8, 4]},
-        min_steps=2000,
+        min_steps=8000,
     ),
 )
 

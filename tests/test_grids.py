@@ -18,11 +18,11 @@ from crispdiff.train.unet_trainer import train
 
 
 def test_a_grid_over_budget_loses_steps_then_images_down_to_the_floors():
-    assert affordable_grid(16, 25, guided=False, budget=400) == (16, 25)  # within budget: as asked
-    assert affordable_grid(16, 25, guided=True, budget=400) == (16, 12)  # 12 steps x 16 images x 2 passes = 384
-    assert affordable_grid(16, 25, guided=True, budget=200) == (10, 10)  # steps at their floor, then images
-    assert affordable_grid(40, 25, guided=True, budget=9.6) == (4, 10)  # the floors, even above the budget
-    assert affordable_grid(2, 3, guided=True, budget=1) == (2, 3)  # never more than asked
+    assert affordable_grid(16, 25, passes=1, budget=400) == (16, 25)  # within budget: as asked
+    assert affordable_grid(16, 25, passes=2, budget=400) == (16, 12)  # 12 steps x 16 images x 2 passes = 384
+    assert affordable_grid(16, 25, passes=2, budget=200) == (10, 10)  # steps at their floor, then images
+    assert affordable_grid(40, 25, passes=2, budget=9.6) == (4, 10)  # the floors, even above the budget
+    assert affordable_grid(2, 3, passes=2, budget=1) == (2, 3)  # never more than asked
 
 
 def test_class_tiles_give_rows_per_class_or_classes_spread_over_the_ids():
@@ -46,6 +46,11 @@ def test_only_a_grid_the_user_did_not_size_is_shrunk():
     assert guided.unet_evaluations == 3 * 10 * 2
     unguided = plan_grid(dataclasses.replace(config, guidance_scale=1.0), ["a", "b"], 1e9)
     assert not unguided.guided and unguided.labels == [0] * 8 + [1] * 8
+    # autoguidance's guide model is one more pass a step, with or without classes (it used to go uncounted)
+    autoguided = plan_grid(dataclasses.replace(config, autoguidance_scale=1.5), None, 1e9)
+    assert autoguided.passes == 2 and "2 UNet passes a step" in autoguided.describe()
+    both = plan_grid(dataclasses.replace(config, autoguidance_scale=1.5), ["a", "b"], 1e9)
+    assert both.unet_evaluations == 16 * 25 * 3
 
     config.explicit_flags = frozenset({"num_validation_images"})  # --num_validation_images 16 was typed
     assert plan_grid(config, None, 24) == GridPlan(16, 25)

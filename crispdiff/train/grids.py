@@ -27,23 +27,28 @@ TRAIN_PASSES_PER_IMAGE = 3
 
 @dataclass(frozen=True)
 class GridPlan:
-    """One sample grid: its tiles' class ids (None: unconditional), images per row (None: square), sampler steps."""
+    """One sample grid: its tiles' class ids (None: unconditional), images per row (None: square), sampler steps,
+    and UNet passes per step (one, plus one for classifier-free guidance and one for autoguidance's guide model)."""
 
     count: int
     steps: int
     nrow: int | None = None
     labels: list[int] | None = None
-    guided: bool = False
+    passes: int = 1
     shrunk_from: tuple[int, int] | None = None  # (images, steps) before shrinking to the compute share
 
     @property
+    def guided(self) -> bool:
+        return self.passes > 1
+
+    @property
     def unet_evaluations(self) -> int:
-        return self.count * self.steps * (2 if self.guided else 1)
+        return self.count * self.steps * self.passes
 
     def describe(self) -> str:
         text = f"{self.count} images x {self.steps} steps"
         if self.guided:
-            text += " (guided: 2 UNet passes a step)"
+            text += f" (guided: {self.passes} UNet passes a step)"
         if self.shrunk_from:
             images, steps = self.shrunk_from
             text += (
@@ -70,11 +75,10 @@ def class_tiles(images: int, num_classes: int, fit: bool = False) -> tuple[list[
     return [round(i * (num_classes - 1) / (images - 1)) for i in range(images)], None
 
 
-def affordable_grid(images: int, steps: int, guided: bool, budget: float) -> tuple[int, int]:
+def affordable_grid(images: int, steps: int, passes: int, budget: float) -> tuple[int, int]:
     """``(images, steps)`` of a grid that costs at most ``budget`` UNet evaluations: fewer sampler steps first (down
     to ``MIN_GRID_STEPS``), then fewer images (down to ``MIN_GRID_IMAGES``); never more than asked, and the floors
-    even when they cost more than the budget."""
-    passes = 2 if guided else 1
+    even when they cost more than the budget. ``passes``: UNet passes per sampler step."""
     if images * steps * passes <= budget:
         return images, steps
     steps = max(min(steps, MIN_GRID_STEPS), min(steps, int(budget // (images * passes))))
@@ -96,15 +100,16 @@ def plan_grid(config: Any, class_names: list[str] | None, training_evaluations: 
     (:func:`class_tiles`), shrunk (unless :func:`user_sized`) to ``GRID_COMPUTE_SHARE`` of ``training_evaluations``,
     the UNet evaluations of the training a grid follows."""
     count, steps = config.num_validation_images, config.validation_inference_steps
-    guided = bool(class_names) and config.guidance_scale != 1
+    guidance = bool(class_names) and config.guidance_scale != 1
+    passes = 1 + int(guidance) + int(getattr(config, "autoguidance_scale", 1.0) > 1)
     if count <= 0:
         return GridPlan(0, steps)
     labels, nrow = class_tiles(count, len(class_names)) if class_names else (None, None)
-    plan = GridPlan(len(labels) if labels else count, steps, nrow, labels, guided)
+    plan = GridPlan(len(labels) if labels else count, steps, nrow, labels, passes)
     if user_sized(config):
         return plan
-    images, steps = affordable_grid(plan.count, steps, guided, GRID_COMPUTE_SHARE * training_evaluations)
+    images, steps = affordable_grid(plan.count, steps, passes, GRID_COMPUTE_SHARE * training_evaluations)
     if (images, steps) == (plan.count, plan.steps):
         return plan
     labels, nrow = class_tiles(images, len(class_names), fit=True) if class_names else (None, None)
-    return GridPlan(len(labels) if labels else images, steps, nrow, labels, guided, (plan.count, plan.steps))
+    return GridPlan(len(labels) if labels else images, steps, nrow, labels, passes, (plan.count, plan.steps))

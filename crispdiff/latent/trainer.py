@@ -27,7 +27,6 @@ from crispdiff.core.config import (
     NO_CLASS_COLUMN,
     SHIFTABLE_SCHEDULES,
     TrainConfig,
-    resolve_mixed_precision,
 )
 from crispdiff.core.flags import Condition, flag
 from crispdiff.latent.cache import DTYPES
@@ -283,17 +282,10 @@ class LatentTrainConfig(TrainConfig):
         if self.guidance_scale is None:
             auto_and_autoguided = self.class_column == AUTO_CLASS_COLUMN and self.autoguidance_scale != 1
             self.guidance_scale = 1.0 if auto_and_autoguided else MAIN_JOB_GUIDANCE_SCALE
-        self.mixed_precision = resolve_mixed_precision(self.mixed_precision)
+        # --mixed_precision auto is already this machine's choice (resolve_given_flags runs first)
         given = getattr(self, "explicit_flags", frozenset())
-        if (
-            self.mixed_precision == "bf16"
-            and self.max_train_steps == MAIN_JOB_STEPS
-            and not given
-            & {
-                "max_train_steps",
-                "num_epochs",
-            }
-        ):
+        steps_given = bool(given & {"max_train_steps", "num_epochs"})
+        if self.mixed_precision == "bf16" and self.max_train_steps == MAIN_JOB_STEPS and not steps_given:
             self.max_train_steps = MAIN_JOB_BF16_STEPS
         self._default_learning_rate = self.learning_rate is None  # then it follows the steps (values_for_steps)
         if self.max_train_steps:

@@ -404,3 +404,27 @@ def test_two_processes_encode_once(image_dir, vae_dir, tmp_path):
     # the VAE adaptation ran distributed too (one process group, one saved VAE) before the UNet, on auto classes
     assert output.count("VAE adapted:") == 1 and "2 auto classes" in output
     assert (tmp_path / "out" / "pipeline" / "model_index.json").is_file()
+
+
+def test_main_job_precision_steps_and_learning_rate_defaults_follow_each_other():
+    """``--mixed_precision auto`` is bf16 exactly where the machine runs it natively; a bf16 main job takes
+    MAIN_JOB_BF16_STEPS instead of MAIN_JOB_STEPS unless the user chose the length; the default learning rate follows
+    the run's steps and width, and a rate the user gave stays."""
+    from crispdiff.core.config import resolve_mixed_precision
+    from crispdiff.core.cores import native_bf16
+    from crispdiff.latent.trainer import MAIN_JOB_BF16_STEPS, MAIN_JOB_LR, MAIN_JOB_STEPS, main_job_learning_rate
+
+    assert resolve_mixed_precision("auto") == ("bf16" if native_bf16() else None)
+    assert resolve_mixed_precision("no") == "no"
+    bf16 = parse_config(LatentTrainConfig, ["--mixed_precision", "bf16"])
+    fp32 = parse_config(LatentTrainConfig, ["--mixed_precision", "no"])
+    assert (bf16.max_train_steps, fp32.max_train_steps) == (MAIN_JOB_BF16_STEPS, MAIN_JOB_STEPS)
+    chosen = parse_config(LatentTrainConfig, ["--mixed_precision", "bf16", "--max_train_steps", "700"])
+    assert chosen.max_train_steps == 700
+    assert bf16.learning_rate == fp32.learning_rate == MAIN_JOB_LR  # up to 1,000 steps of the 32-channel UNet
+    assert main_job_learning_rate(4000, 32) == pytest.approx(MAIN_JOB_LR / 2)
+    assert main_job_learning_rate(1000, 64) == pytest.approx(MAIN_JOB_LR / 2)
+    longer = parse_config(LatentTrainConfig, ["--max_train_steps", "4000", "--base_channels", "64"])
+    assert longer.learning_rate == pytest.approx(MAIN_JOB_LR / 4)
+    given = parse_config(LatentTrainConfig, ["--max_train_steps", "4000", "--learning_rate", "1e-3"])
+    assert given.learning_rate == 1e-3

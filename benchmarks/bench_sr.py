@@ -10,6 +10,11 @@ ratios of ``crispdiff evaluate``, beside Lanczos (what the pipeline returns with
 image; on 1,000 held-out Noto emoji (``own_data.make_128_split``, never seen by the embedded SR) and 1,000 OpenMoji
 (a design family it never saw; CC-BY-SA-4.0, credit "OpenMoji").
 
+``generated``: what the issue is about: a trained pipeline's own 64 px samples (drawn once with ``upscale=False``
+and no post-processing, cached), upscaled by each upscaler and then post-processed as ``pipe(upscale=True)`` does,
+against held-out 128 px images of the family, beside the real-vs-real floor of two disjoint sets of the same size:
+multi-scale SWD (levels 128 / 64 / 32 / 16), the hf / Laplacian ratios, and ms per image of the upscaler alone.
+
 ``cost``: the diffusion side is a CrispDiffPipeline around a UNet of the given size sampling with DPM-Solver++
 (25 steps, ``upscale=False``); the SR side is the pipeline's real SR component (``SpandrelSRModel.upscale`` with
 ``sr_strength=0.5``: network + Lanczos blend) around networks built at the published sizes of common checkpoints
@@ -76,6 +81,20 @@ def parse_args() -> argparse.Namespace:
     q.add_argument("--timing_batch", type=int, default=16, help="64 px images per timed SR call")
     q.add_argument("--repeats", type=int, default=3)
     q.add_argument("--cache_dir", default=None, help="crispdiff's decode cache (default ~/.cache/crispdiff)")
+    g = sub.add_parser("generated", help="a pipeline's 64 px samples upscaled by each upscaler vs held-out 128 px")
+    g.add_argument("--pipeline", type=Path, required=True, help="a saved crispdiff pipeline folder (64 px)")
+    g.add_argument("--family", choices=["noto", "openmoji"], default="noto", help="whose held-out 128 px images")
+    g.add_argument(
+        "--sr_models", nargs="+", default=["today=embedded"], help="NAME=PATH pairs (PATH: an SR folder or 'embedded')"
+    )
+    g.add_argument("--splits", type=Path, default=Path(__file__).parent / "out" / "own-data-splits")
+    g.add_argument("--num_images", type=int, default=1000)
+    g.add_argument("--batch_size", type=int, default=50, help="images per pipeline call")
+    g.add_argument("--seed", type=int, default=0, help="seeds the samples")
+    g.add_argument("--samples_cache", type=Path, default=None, help="default: PIPELINE/../samples64-s{seed}-n{N}.pt")
+    g.add_argument("--grid", type=Path, default=None, help="write a comparison grid (8 samples) here")
+    g.add_argument("--label", default=None, help="row label (default: the pipeline folder's parent name)")
+    g.add_argument("--cache_dir", default=None, help="crispdiff's decode cache (default ~/.cache/crispdiff)")
     v = sub.add_parser("speed", help="CPU/GPU ms per 64 px image of an SR x2 model beside Lanczos, by batch size")
     v.add_argument("--sr_model", default="embedded", help="SR folder / file, or 'embedded'")
     v.add_argument("--batch_sizes", type=int, nargs="+", default=[1, 8, 16])
@@ -171,6 +190,112 @@ def speed(args: argparse.Namespace) -> None:
     append_results("SR x2 speed (bench_sr.py speed)", markdown_table(header, rows), notes, record=not args.no_record)
 
 
+def sample_raw(pipeline_dir: Path, num_images: int, batch_size: int, seed: int, cache: Path) -> torch.Tensor:
+    """float [N, 3, 64, 64] in [0, 1]: the pipeline's decoded samples before any SR or post-processing, as it
+    samples by default (its class mix and guidance, DPM-Solver++ 25); drawn once per seed and cached."""
+    if cache.is_file():
+        return torch.load(cache, weights_only=True)
+    from diffusers import DiffusionPipeline
+
+    from crispdiff.core.io import write_atomic
+
+    pipe = DiffusionPipeline.from_pretrained(str(pipeline_dir), trust_remote_code=True)
+    pipe.set_progress_bar_config(disable=True)
+    out = []
+    for start in range(0, num_images, batch_size):
+        generator = torch.Generator().manual_seed(seed * 1_000_003 + start)
+        count = min(batch_size, num_images - start)
+        images = pipe(
+            count, 25, generator, upscale=False, sharpen_amount=0.0, gamma=1.0, output_type="pt"
+        ).images
+        out.append(images.float().cpu())
+        print(f"sampled {start + count}/{num_images}", flush=True)
+    raw = torch.cat(out)
+    write_atomic(cache, lambda handle: torch.save(raw, handle), binary=True)
+    return raw
+
+
+def generated(args: argparse.Namespace) -> None:
+    """SWD / floor and sharpness of a pipeline's 128 px output with Lanczos and each SR model (see the docstring)."""
+    from diffusers import DiffusionPipeline
+    from own_data import make_128_split, make_openmoji_128_split
+
+    from crispdiff.core.images import make_grid, save_image_atomic
+    from crispdiff.evaluate.distribution import sliced_wasserstein_distance
+    from crispdiff.evaluate.sharpness import sharpness_ratios
+
+    split = make_128_split(args.splits) if args.family == "noto" else make_openmoji_128_split(args.splits)
+    real = originals_128(split["heldout"], args.cache_dir, args.num_images)
+    floor_set = originals_128(split["floor"], args.cache_dir, args.num_images)
+    cache = args.samples_cache or args.pipeline.parent / f"samples64-s{args.seed}-n{args.num_images}.pt"
+    raw = sample_raw(args.pipeline, args.num_images, args.batch_size, args.seed, cache)
+    pipe = DiffusionPipeline.from_pretrained(str(args.pipeline), trust_remote_code=True)
+    strength = float(pipe.config.sr_strength)
+    floor = sliced_wasserstein_distance(real, floor_set)
+    upscalers = {"Lanczos": lambda x: lanczos_upscale(x, 128)}
+    for pair in args.sr_models:
+        name, _, path = pair.partition("=")
+        model = load_sr_model(path or name)
+        upscalers[f"SR {name}"] = lambda x, m=model: m.upscale(x, sr_strength=strength).float().clamp(0.0, 1.0)
+    label = args.label or args.pipeline.parent.name
+    rows, outputs = [], {}
+    with torch.inference_mode():
+        for name, upscale in upscalers.items():
+            up = torch.cat([upscale(raw[i : i + 64]) for i in range(0, len(raw), 64)])
+            final = pipe.postprocess(up).clamp(0.0, 1.0)
+            outputs[name] = final
+            swd = sliced_wasserstein_distance(real, final)
+            sharp = sharpness_ratios(real, final)
+            batch = raw[:16]
+            ms = statistics.median(timed(lambda b=batch, f=upscale: f(b), 1) for _ in range(3)) / len(batch) * 1000
+            rows.append(
+                [
+                    label,
+                    name,
+                    len(final),
+                    swd["swd_avg"],
+                    floor["swd_avg"],
+                    swd["swd_avg"] / floor["swd_avg"],
+                    swd["swd_128"] / floor["swd_128"],
+                    sharp["hf_energy_ratio"],
+                    sharp["laplacian_var_ratio"],
+                    ms,
+                ]
+            )
+            print(rows[-1], {k: round(v, 2) for k, v in swd.items()}, flush=True)
+    if args.grid is not None:
+        shown = torch.linspace(0, len(raw) - 1, 8).long()
+        columns = [torch.nn.functional.interpolate(raw[shown], size=128, mode="nearest")]
+        columns += [outputs[name][shown] for name in upscalers]
+        grid = torch.stack(columns, dim=1).flatten(0, 1)
+        save_image_atomic(make_grid(grid, nrow=len(columns), value_range=(0.0, 1.0), padding=2), args.grid)
+        print(f"grid: {args.grid} (columns: 64 px nearest, {', '.join(upscalers)})")
+    header = [
+        "model",
+        "upscaler",
+        "n",
+        "SWD x1e3",
+        "floor",
+        "SWD / floor",
+        "128 px level / its floor",
+        "hf",
+        "Laplacian",
+        "ms / image (upscaler)",
+    ]
+    notes = (
+        f"`{args.pipeline}`: {args.num_images} samples (seed {args.seed}, the pipeline's defaults, DPM-Solver++ 25) "
+        f"decoded at 64 px, upscaled (SR at the pipeline's sr_strength {strength}), then the pipeline's "
+        f"post-processing, as `pipe(upscale=True)`; against {len(real)} held-out {args.family} images at 128 px; "
+        f"floor: {len(floor_set)} other real images against the same ones. SR models: {', '.join(args.sr_models)}."
+    )
+    append_results(
+        "128 px output of a trained pipeline (bench_sr.py generated)",
+        markdown_table(header, rows),
+        notes,
+        record=not args.no_record,
+    )
+
+
 def tile_count(size: int, tile: int, overlap: int, align: int) -> int:
     """How many tiles an image of ``size`` x ``size`` is cut into."""
     if size <= tile:
@@ -183,6 +308,8 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     if args.mode == "quality":
         quality(args)
+    elif args.mode == "generated":
+        generated(args)
     elif args.mode == "speed":
         speed(args)
     else:

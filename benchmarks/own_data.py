@@ -120,6 +120,33 @@ def make_128_split(root: Path, seed: int = 0) -> dict[str, Path]:
     return folders
 
 
+def make_openmoji_128_split(root: Path, seed: int = 0) -> dict[str, Path]:
+    """The 128 px OpenMoji sets the 128 px output of a model trained on ``make_split("openmoji")`` is measured on.
+
+    ``heldout`` and ``floor``: two disjoint seeded sets of 1,000 OpenMoji at 128 px, both outside the 64 px model's
+    training images (so the floor is real-vs-real on images the model never saw). Written once under
+    ``root/openmoji-128``.
+    """
+    source = shared_dir() / "data" / "openmoji-128" / "train"
+    if not source.is_dir():
+        raise FileNotFoundError(f"{source} is missing: the 128 px benchmarks need ../shared (or CRISPDIFF_SHARED)")
+    _, _, unseen = split_names("openmoji", seed)
+    available = set(_pngs(source))
+    unseen = [n for n in unseen if n in available]
+    rng = random.Random(seed + 128)
+    picked = rng.sample(unseen, 2 * TRAIN_IMAGES)
+    parts = {"heldout": sorted(picked[:TRAIN_IMAGES]), "floor": sorted(picked[TRAIN_IMAGES:])}
+    folders = {name: root / "openmoji-128" / name for name in parts}
+    manifest = root / "openmoji-128" / "split.json"
+    wanted = {"source": str(source), "seed": seed, **parts}
+    if manifest.is_file() and json.loads(manifest.read_text()) == wanted and all(f.is_dir() for f in folders.values()):
+        return folders
+    for name, files in parts.items():
+        _write_folder(source, files, folders[name], metadata=False)
+    manifest.write_text(json.dumps(wanted))
+    return folders
+
+
 if __name__ == "__main__":
     import sys
 
@@ -127,3 +154,4 @@ if __name__ == "__main__":
     for fam in FAMILIES:
         print(fam, make_split(fam, out))
     print("noto-128", make_128_split(out))
+    print("openmoji-128", make_openmoji_128_split(out))

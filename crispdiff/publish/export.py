@@ -189,6 +189,22 @@ def read_model_index(path: str | os.PathLike) -> dict[str, Any]:
     return index
 
 
+def class_label_flag(pipeline: object, text: str | None, pipeline_dir: str) -> int | str | None:
+    """--class as the pipeline takes it: a class name, else an id; a FlagError names the classes there are."""
+    if text is None:
+        return None
+    names = getattr(pipeline, "classes", None)
+    num_class_embeds = getattr(pipeline.unet.config, "num_class_embeds", None)  # type: ignore[attr-defined]
+    if num_class_embeds is None:
+        raise FlagError(f"--class {text!r} given but {pipeline_dir} holds an unconditional model (no classes)")
+    if names and text in names:
+        return text
+    if text.isdigit() and int(text) < num_class_embeds - 1:
+        return int(text)
+    known = f"its classes are {names}" if names else f"it stores no class names; pass an id 0..{num_class_embeds - 2}"
+    raise FlagError(f"--class {text!r} is not a class of {pipeline_dir}; {known}")
+
+
 #: ``--dtype`` values of ``crispdiff sample`` / ``evaluate``: the precision the UNet (and VAE, SR model) run in.
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 

@@ -333,7 +333,9 @@ def _describe_left_out(record: dict[str, Any]) -> list[str]:
         ),
         (
             "guidance interval",
-            "every step" if interval is None else f"noise levels sigma in ({interval[0]:g}, {interval[1] or 'inf'}]",
+            "every step"
+            if interval is None
+            else f"noise levels sigma in ({interval[0]:g}, {'inf' if interval[1] is None else f'{interval[1]:g}'}]",
         ),
         (
             "autoguidance",

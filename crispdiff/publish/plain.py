@@ -15,8 +15,8 @@ stock loop cannot express is folded into the weights instead:
   identity convolution with bias ``s`` when the VAE has none).
 
 The samples are those of the full pipeline with its extras off at the same seed, steps and sampler: bit for bit
-when nothing was folded or only an identity convolution was added, to float rounding otherwise (a bias added in
-another order); the export record and the card say which.
+when nothing was folded, to float rounding otherwise (a bias added in another order); the export record and the card
+say which.
 """
 
 from __future__ import annotations
@@ -86,9 +86,8 @@ def stock_class_name(pipeline: CrispDiffPipeline) -> str:
     return "LDMPipeline" if pipeline.vae is not None else "DDPMPipeline"
 
 
-def check_sampler(pipeline: CrispDiffPipeline, pipeline_dir: Path, chosen: bool) -> None:
+def check_sampler(stock: str, sampler: str, pipeline_dir: Path, chosen: bool) -> None:
     """Refuse a sampler the stock class would step differently (see :data:`PLAIN_SAMPLERS`), naming one that works."""
-    stock, sampler = stock_class_name(pipeline), pipeline.config.sampler
     if sampler in PLAIN_SAMPLERS[stock]:
         return
     where = f"--sampler {sampler}" if chosen else f"{pipeline_dir}'s sampler {sampler!r}"
@@ -131,8 +130,9 @@ def fold_latent_shift(vae: AutoencoderKL | AutoencoderTiny, shift: float) -> tup
     """``(vae', note)``: ``vae'.decode(z)`` = ``vae.decode(z + shift)``, and what was folded (None: nothing).
 
     Into ``post_quant_conv`` (its bias gains ``shift * W 1``: float rounding), or, for a VAE without one, a new identity
-    ``post_quant_conv`` with bias ``shift`` (``1 * x + 0 * others + shift`` is computed exactly, so samples stay
-    identical). ``AutoencoderTiny`` has no 1x1 layer before its decoder's non-linearity: a shift is refused.
+    ``post_quant_conv`` with bias ``shift`` (``1 * x + 0 * others + shift`` is exact in float32, but a GPU running
+    convolutions in TF32 rounds the latents on the way in, so it too counts as a fold). ``AutoencoderTiny`` has no
+    1x1 layer before its decoder's non-linearity: a shift is refused.
     """
     vae = copy.deepcopy(vae)
     if shift == 0.0:
@@ -152,7 +152,8 @@ def fold_latent_shift(vae: AutoencoderKL | AutoencoderTiny, shift: float) -> tup
                 raise RuntimeError(f"rebuilding the VAE with a post_quant_conv changed more: {missing}, {unexpected}")
             widened.post_quant_conv.weight.copy_(torch.eye(channels).view(channels, channels, 1, 1))
             widened.post_quant_conv.bias.fill_(shift)
-            return widened.eval(), "an identity post_quant_conv with the latent shift as its bias added"
+            note = "an identity post_quant_conv added with the latent shift as its bias (exact in float32; a GPU's TF32"
+            return widened.eval(), note + " convolutions round its input)"
         weight, bias = vae.post_quant_conv.weight, vae.post_quant_conv.bias
         folded = bias.double() + shift * weight.double()[:, :, 0, 0].sum(dim=1)
         bias.copy_(folded.to(bias.dtype))
@@ -244,7 +245,7 @@ def build_plain_pipeline(
     if type(pipeline.unet) is not UNet2DModel:
         problem = f"its unet is a {type(pipeline.unet).__name__}; the stock pipelines take a diffusers UNet2DModel"
         raise UserError(f"{pipeline_dir} cannot be exported --plain: {problem}")
-    check_sampler(pipeline, pipeline_dir, sampler_chosen)
+    check_sampler(stock_class_name(pipeline), pipeline.config.sampler, pipeline_dir, sampler_chosen)
     class_id, class_name = class_choice(pipeline, class_label, training_config, pipeline_dir)
     folds: list[str] = []
     unet = pipeline.unet
@@ -254,12 +255,10 @@ def build_plain_pipeline(
         folds.append(f"{what}'s embedding folded into time_embedding.linear_2.bias")
     scheduler = copy.deepcopy(pipeline.scheduler)
     stock = stock_class_name(pipeline)
-    exact = not folds
     if stock == "LDMPipeline":
         vae, note = plain_vae(pipeline)
         if note is not None:
             folds.append(note)
-            exact = exact and note.startswith("an identity")
         plain: DiffusionPipeline = LDMPipeline(vqvae=vae, unet=unet, scheduler=scheduler)
     else:
         plain = DDPMPipeline(unet=unet, scheduler=scheduler)
@@ -272,7 +271,7 @@ def build_plain_pipeline(
         "samples": "unconditionally" if class_name is None else f"class {class_name!r} only",
         "class_id": class_id,
         "folds": folds,
-        "equal": "bit for bit" if exact else "to float rounding",
+        "equal": "to float rounding" if folds else "bit for bit",
         "extras_off_call": extras_off_call(pipeline, class_id, sampler_chosen),
         "left_out": left_out(pipeline),
     }
@@ -307,7 +306,11 @@ def export_plain(
     safetensors weights, the training config, ``crispdiff_export.json``, ``crispdiff_provenance.json`` and a card.
     """
     source = Path(pipeline_dir)
-    check_exportable(source, read_model_index(source))
+    index = read_model_index(source)
+    check_exportable(source, index)
+    latent = isinstance(index.get("vae"), list) and index["vae"][0] is not None
+    stock = "LDMPipeline" if latent else "DDPMPipeline"
+    check_sampler(stock, sampler or index.get("sampler", "dpmsolver++"), source, chosen=sampler is not None)
     target = Path(output_dir).resolve()
     _check_target(source, target)
     training_file = source / TRAINING_CONFIG_NAME

@@ -26,8 +26,8 @@ from tiny_models import SIZE, WITHOUT_CRISPDIFF, base_config, tiny_unet, tiny_va
 
 from crispdiff.cli import main
 from crispdiff.core.errors import FlagError, OutputExistsError, UserError
-from crispdiff.publish.export import load_pipeline, save_pipeline
-from crispdiff.publish.plain import EXPORT_RECORD_NAME, export_plain
+from crispdiff.publish.export import EXPORT_RECORD_NAME, load_pipeline, save_pipeline
+from crispdiff.publish.plain import export_plain
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 STEPS = 4
@@ -81,7 +81,8 @@ def main_job_dir(tmp_path_factory) -> Path:
         beta_schedule="cosine", vae=tiny_vae(block_out_channels=(8, 8)), latent_scaling_factor=0.7,
         latent_shift_factor=-0.2, class_names=CLASSES, class_mix=[0.5, 0.25, 0.25], guidance_scale=3.0,
         guidance_interval=(0.3, 5.0), guide_unet=main_job_unet(4), autoguidance_scale=1.5, sharpen_amount=0.3,
-        sr_model=tiny_sr_model(), upscale=False, training_config={"class_dropout_prob": 0.1, "license": "mit"},
+        sr_model=tiny_sr_model(), upscale=False,
+        training_config={"class_dropout_prob": 0.1, "license": "mit", "hub_token": "hf_secret"},
     )  # fmt: skip
 
 
@@ -150,6 +151,8 @@ def test_the_main_jobs_folder_becomes_an_ldm_pipeline_sampling_its_unconditional
     record = json.loads((main_job_plain / EXPORT_RECORD_NAME).read_text())
     assert record["equal"] == "to float rounding" and record["samples"] == "unconditionally"
     assert len(record["folds"]) == 2 and record["extras_off_call"] == EXTRAS_OFF_MAIN_JOB
+    training = json.loads((main_job_plain / "crispdiff_training.json").read_text())
+    assert training == {"class_dropout_prob": 0.1, "license": "mit"}, "the copy leaves credentials out"
 
 
 @pytest.mark.parametrize(
@@ -253,6 +256,21 @@ def test_the_card_says_what_was_left_out_and_how_to_get_it_back(main_job_dir, ma
     pixel_card = (pixel_plain / "README.md").read_text()
     assert "bit for bit" in pixel_card and "DDPMPipeline` defaults to 1000 steps" in pixel_card
     assert "| classes | none | left out |" in pixel_card
+
+
+def test_crispdiff_push_takes_a_plain_folder_and_its_card_names_the_repo(pixel_dir, tmp_path, monkeypatch):
+    """The upload itself needs the network: offline, push writes the plain card for the repo id, then fails clearly
+    with nothing else in the folder changed."""
+    from crispdiff.publish.hub import HubUploadError, files_to_upload, push_to_hub
+
+    folder = export_plain(pixel_dir, tmp_path / "plain")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(HubUploadError, match="HF_HUB_OFFLINE=1"):
+        push_to_hub(folder, "someone/tiny-plain", token="hf_dummy")
+    card = (folder / "README.md").read_text()
+    assert 'DiffusionPipeline.from_pretrained("someone/tiny-plain")' in card and "# tiny-plain" in card
+    assert "| super-resolution post-step |" in card, "the plain card, not the crispdiff pipeline's"
+    assert "model_index.json" in files_to_upload(folder) and "README.md" in files_to_upload(folder)
 
 
 # ---- the command and its refusals -----------------------------------------------------------------------------------

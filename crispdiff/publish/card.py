@@ -16,6 +16,8 @@ from crispdiff.core.config import without_secrets as public_training_config
 from crispdiff.core.io import write_text_atomic
 from crispdiff.core.provenance import PROVENANCE_NAME
 from crispdiff.publish.export import (
+    EXPORT_RECORD_NAME,
+    PLAIN_EXPORT_KIND,
     QUALITY_NAME,
     SAMPLES_NAME,
     TRAINING_CONFIG_NAME,
@@ -267,14 +269,29 @@ def write_model_card(
     ``datasets`` (the training Hub dataset, if any). Body: the sample grid (``samples.png``, if present), how to load
     it, the final validation's figures (``crispdiff_quality.json``, if the run measured them), the components, and
     the training configuration (``training_config``, else the folder's ``crispdiff_training.json``; secrets removed)
-    with the crispdiff version and command that made the folder (``crispdiff_provenance.json``).
+    with the crispdiff version and command that made the folder (``crispdiff_provenance.json``). A plain export
+    (``crispdiff export --plain``) gets :func:`render_plain_card` instead.
     """
     folder = Path(pipeline_dir)
-    text = render_model_card(folder, training_config, repo_id=repo_id, license=license, datasets=datasets, tags=tags)
+    record = plain_export_record(folder)
+    if record is not None:  # `crispdiff export --plain`: the stock class's card
+        if training_config is None:
+            training_config = _read_json(folder / TRAINING_CONFIG_NAME)
+        text = render_plain_card(folder, record, training_config, repo_id=repo_id, license=license, datasets=datasets)
+    else:
+        text = render_model_card(
+            folder, training_config, repo_id=repo_id, license=license, datasets=datasets, tags=tags
+        )
     return write_text_atomic(folder / CARD_NAME, text)
 
 
 # ---- plain exports (`crispdiff export --plain`) ----------------------------------------------------------------------
+
+
+def plain_export_record(folder: str | os.PathLike) -> dict[str, Any] | None:
+    """A plain export's record (``crispdiff_export.json`` of kind ``plain``), or None for any other folder."""
+    record = _read_json(Path(folder) / EXPORT_RECORD_NAME)
+    return record if isinstance(record, dict) and record.get("kind") == PLAIN_EXPORT_KIND else None
 
 
 def _plain_usage(repo_or_dir: str, record: dict[str, Any]) -> str:
@@ -367,6 +384,7 @@ def render_plain_card(
     location: str | None = None,
     repo_id: str | None = None,
     license: str | None = None,
+    datasets: list[str] | None = None,
 ) -> str:
     """The model card of a plain export: how to load it with the stock class, what it samples, what was left out of
     the full crispdiff pipeline and how to get it back, and how equal the two folders' samples are.
@@ -383,7 +401,7 @@ def render_plain_card(
         pipeline_tag="unconditional-image-generation",
         license=card_license(license, training_config),
         tags=[*BASE_TAGS, "latent-diffusion" if latent else "pixel-diffusion"],
-        datasets=_card_datasets(training_config, None),
+        datasets=_card_datasets(training_config, datasets),
     )
     where = repo_id or location or str(folder)
     title = where.rstrip("/").split("/")[-1]

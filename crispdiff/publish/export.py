@@ -32,6 +32,10 @@ QUALITY_NAME = "crispdiff_quality.json"
 SAMPLES_NAME = "samples.png"
 MODEL_INDEX_NAME = "model_index.json"
 PIPELINE_CLASS_NAME = "CrispDiffPipeline"
+#: What an exported folder records about its export (``crispdiff export --plain`` writes its card from it).
+EXPORT_RECORD_NAME = "crispdiff_export.json"
+#: The record's ``kind`` in a plain export: a folder the stock diffusers classes load.
+PLAIN_EXPORT_KIND = "plain"
 
 # What save_pipeline writes at the top level. Anything else already in the destination (checkpoints, logs, a model
 # card) is not ours to delete and is carried over into the new folder.

@@ -32,16 +32,20 @@ from typing import Any
 import torch
 from diffusers import AutoencoderKL, AutoencoderTiny, DDPMPipeline, DiffusionPipeline, LDMPipeline, UNet2DModel
 
+from crispdiff.core.config import without_secrets
 from crispdiff.core.errors import FlagError, OutputExistsError, UserError
 from crispdiff.core.io import staging_folder, swap_folder_into_place, write_json_atomic, write_text_atomic
 from crispdiff.core.provenance import write_provenance
 from crispdiff.pipelines.pipeline_crispdiff import CrispDiffPipeline
-from crispdiff.publish.card import CARD_NAME, render_plain_card
-from crispdiff.publish.export import TRAINING_CONFIG_NAME, class_label_flag, load_pipeline, read_model_index
-
-#: What a plain folder records about its export (the card is written from it).
-EXPORT_RECORD_NAME = "crispdiff_export.json"
-PLAIN_KIND = "plain"
+from crispdiff.publish.card import CARD_NAME, plain_export_record, render_plain_card
+from crispdiff.publish.export import (
+    EXPORT_RECORD_NAME,
+    PLAIN_EXPORT_KIND,
+    TRAINING_CONFIG_NAME,
+    class_label_flag,
+    load_pipeline,
+    read_model_index,
+)
 
 #: The samplers each stock class steps exactly as ``CrispDiffPipeline`` does, and why the others are refused.
 PLAIN_SAMPLERS = {"DDPMPipeline": ("dpmsolver++", "ddpm"), "LDMPipeline": ("dpmsolver++", "ddim", "unipc", "pndm")}
@@ -263,7 +267,7 @@ def build_plain_pipeline(
     else:
         plain = DDPMPipeline(unet=unet, scheduler=scheduler)
     record = {
-        "kind": PLAIN_KIND,
+        "kind": PLAIN_EXPORT_KIND,
         "source": os.fspath(pipeline_dir),
         "pipeline_class": stock,
         "scheduler_class": type(scheduler).__name__,
@@ -284,8 +288,7 @@ def _check_target(source: Path, target: Path) -> None:
         raise FlagError(f"--output_dir {target} is the pipeline folder itself; choose another folder")
     if not target.exists():
         return
-    record = target / EXPORT_RECORD_NAME
-    ours = record.is_file() and json.loads(record.read_text(encoding="utf-8")).get("kind") == PLAIN_KIND
+    ours = plain_export_record(target) is not None
     if not target.is_dir() or (any(target.iterdir()) and not ours):
         raise OutputExistsError(
             f"--output_dir {target} exists and is not a plain export; choose a new folder or remove it"
@@ -324,8 +327,8 @@ def export_plain(
     try:
         staging.mkdir()
         plain.save_pretrained(staging, safe_serialization=True)
-        if training_config is not None:
-            shutil.copyfile(training_file, staging / TRAINING_CONFIG_NAME)
+        if training_config is not None:  # credentials left out: this folder is made to be shared
+            write_json_atomic(staging / TRAINING_CONFIG_NAME, without_secrets(training_config), sort_keys=True)
         write_json_atomic(staging / EXPORT_RECORD_NAME, record, sort_keys=True)
         write_provenance(staging)
         card = render_plain_card(staging, record, training_config, location=str(target))

@@ -156,23 +156,30 @@ def test_the_main_jobs_folder_becomes_an_ldm_pipeline_sampling_its_unconditional
 
 
 @pytest.mark.parametrize(
-    ("shift", "vae_config"),
-    [(None, {}), (-0.2, {"use_post_quant_conv": False})],
-    ids=["no-shift", "shift-into-a-new-identity-post-quant-conv"],
+    ("shift", "vae_config", "sampler"),
+    [
+        (None, {}, None),
+        (None, {}, "ddim"),
+        (None, {}, "unipc"),
+        (None, {}, "pndm"),
+        (-0.2, {"use_post_quant_conv": False}, None),
+    ],
+    ids=["no-shift", "ddim", "unipc", "pndm", "shift-into-a-new-identity-post-quant-conv"],
 )
-def test_an_unconditional_latent_folder_is_bit_for_bit(shift, vae_config, tmp_path):
-    """Nothing to fold (the scale is LDMPipeline's own division), or a shift on a VAE without post_quant_conv: the
-    identity 1x1 convolution added for it computes ``1 * x + 0 * others + shift``, which float32 gets exactly
-    (TF32 convolutions on a GPU would round its input, so the record says "to float rounding" there too)."""
+def test_an_unconditional_latent_folder_is_bit_for_bit(shift, vae_config, sampler, tmp_path):
+    """Nothing to fold (the scale is LDMPipeline's own division), with each sampler LDMPipeline steps as crispdiff
+    does; or a shift on a VAE without post_quant_conv: the identity 1x1 convolution added for it computes
+    ``1 * x + 0 * others + shift``, which float32 gets exactly (TF32 convolutions on a GPU would round its input, so
+    the record says "to float rounding" there too)."""
     source = save_pipeline(
         tmp_path / "latent", unet=tiny_unet(seed=3, in_channels=4, sample_size=SIZE // 2),
         scheduler_base_config=base_config(), beta_schedule="cosine",
         vae=tiny_vae(block_out_channels=(8, 8), **vae_config), latent_scaling_factor=0.7, latent_shift_factor=shift,
     )  # fmt: skip
-    folder = export_plain(source, tmp_path / "plain")
+    folder = export_plain(source, tmp_path / "plain", sampler=sampler)
     plain = loads_with_stock_class(folder)
     assert plain.vqvae.post_quant_conv is not None
-    assert np.array_equal(sample(plain), sample(load_pipeline(source)))
+    assert np.array_equal(sample(plain), sample(load_pipeline(source, sampler=sampler)))
     record = json.loads((folder / EXPORT_RECORD_NAME).read_text())
     assert record["equal"] == ("bit for bit" if shift is None else "to float rounding")
 

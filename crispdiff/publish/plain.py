@@ -85,9 +85,9 @@ def check_exportable(pipeline_dir: Path, index: dict[str, Any]) -> None:
         )
 
 
-def stock_class_name(pipeline: CrispDiffPipeline) -> str:
-    """``LDMPipeline`` for a latent model, ``DDPMPipeline`` for a pixel one."""
-    return "LDMPipeline" if pipeline.vae is not None else "DDPMPipeline"
+def stock_class_name(latent: bool) -> str:
+    """``LDMPipeline`` for a latent model (one with a VAE), ``DDPMPipeline`` for a pixel one."""
+    return "LDMPipeline" if latent else "DDPMPipeline"
 
 
 def check_sampler(stock: str, sampler: str, pipeline_dir: Path, chosen: bool) -> None:
@@ -249,7 +249,8 @@ def build_plain_pipeline(
     if type(pipeline.unet) is not UNet2DModel:
         problem = f"its unet is a {type(pipeline.unet).__name__}; the stock pipelines take a diffusers UNet2DModel"
         raise UserError(f"{pipeline_dir} cannot be exported --plain: {problem}")
-    check_sampler(stock_class_name(pipeline), pipeline.config.sampler, pipeline_dir, sampler_chosen)
+    stock = stock_class_name(pipeline.vae is not None)
+    check_sampler(stock, pipeline.config.sampler, pipeline_dir, sampler_chosen)
     class_id, class_name = class_choice(pipeline, class_label, training_config, pipeline_dir)
     folds: list[str] = []
     unet = pipeline.unet
@@ -258,7 +259,6 @@ def build_plain_pipeline(
         what = "the null class" if class_name is None else f"class {class_name!r}"
         folds.append(f"{what}'s embedding folded into time_embedding.linear_2.bias")
     scheduler = copy.deepcopy(pipeline.scheduler)
-    stock = stock_class_name(pipeline)
     if stock == "LDMPipeline":
         vae, note = plain_vae(pipeline)
         if note is not None:
@@ -268,7 +268,7 @@ def build_plain_pipeline(
         plain = DDPMPipeline(unet=unet, scheduler=scheduler)
     record = {
         "kind": PLAIN_EXPORT_KIND,
-        "source": os.fspath(pipeline_dir),
+        "source": str(Path(pipeline_dir).resolve()),
         "pipeline_class": stock,
         "scheduler_class": type(scheduler).__name__,
         "sampler": pipeline.config.sampler,
@@ -311,8 +311,7 @@ def export_plain(
     source = Path(pipeline_dir)
     index = read_model_index(source)
     check_exportable(source, index)
-    latent = isinstance(index.get("vae"), list) and index["vae"][0] is not None
-    stock = "LDMPipeline" if latent else "DDPMPipeline"
+    stock = stock_class_name(isinstance(index.get("vae"), list) and index["vae"][0] is not None)
     check_sampler(stock, sampler or index.get("sampler", "dpmsolver++"), source, chosen=sampler is not None)
     target = Path(output_dir).resolve()
     _check_target(source, target)
@@ -341,7 +340,6 @@ def export_plain(
 
 
 __all__ = [
-    "EXPORT_RECORD_NAME",
     "PLAIN_SAMPLERS",
     "build_plain_pipeline",
     "export_plain",

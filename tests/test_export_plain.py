@@ -358,3 +358,43 @@ def test_a_timm_encoder_unet_is_refused_before_loading(tmp_path):
     with pytest.raises(UserError, match=r"timm.* cannot be exported --plain: its unet is a timm-encoder UNet"):
         export_plain(source, tmp_path / "plain")
     assert main(["export", "--plain", str(source), "--output_dir", str(tmp_path / "plain")]) == 2
+
+
+# ---- a folder the main job's trainer wrote --------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def colour_folder(tmp_path_factory) -> Path:
+    """18 unlabelled 16 px images: a red, green or blue field with a white square (three clusters for auto classes)."""
+    from PIL import Image
+
+    folder = tmp_path_factory.mktemp("unlabelled")
+    rng = np.random.default_rng(0)
+    for i in range(18):
+        image = np.zeros((SIZE, SIZE, 3), np.uint8)
+        image[..., i % 3] = 200
+        top, left = rng.integers(2, 10, size=2)
+        image[top : top + 4, left : left + 4] = 255
+        Image.fromarray(image).save(folder / f"img_{i:02d}.png")
+    return folder
+
+
+def test_a_folder_the_latent_trainer_wrote_on_auto_classes_exports_too(colour_folder, tmp_path):
+    """The real trainer, not save_pipeline by hand: the embedded VAE (its stated scale and shift), auto classes with
+    their mix, autoguidance's guide model and guidance interval, and the sharpening it saves by default."""
+    from test_own_data import latent_config
+
+    from crispdiff.latent.trainer import train_latent
+
+    source = train_latent(latent_config(colour_folder, None, tmp_path / "run", adapt_vae="off", num_auto_classes=3))
+    full = load_pipeline(source)
+    assert full.guide_unet is not None and full.class_mix is not None and full.unet.config.num_class_embeds == 4
+    assert full.config.sharpen_amount > 0 and full.latent_scaling()[1] != 0, "sharpening on, a shift to fold"
+    folder = export_plain(source, tmp_path / "plain")
+    plain = loads_with_stock_class(folder)
+    assert type(plain) is LDMPipeline
+    extras_off = json.loads((folder / EXPORT_RECORD_NAME).read_text())["extras_off_call"]
+    assert extras_off["class_labels"] == 3 and extras_off["autoguidance_scale"] == 1.0
+    expected = sample(full, class_labels=3, guidance_scale=1.0, autoguidance_scale=1.0, upscale=False,
+                      sharpen_amount=0.0, gamma=1.0)  # fmt: skip
+    np.testing.assert_allclose(sample(plain), expected, rtol=0, atol=FOLD_ATOL)

@@ -15,6 +15,7 @@ COMMANDS = {
     "push": "push",
     "evaluate": "evaluate",
     "export-sd": "export_sd",
+    "export": "export",
 }
 
 

@@ -779,15 +779,21 @@ class CrispDiffPipeline(DiffusionPipeline):
             sample = scheduler.step(model_output, t, sample, **step_kwargs).prev_sample
         return sample
 
+    def latent_scaling(self) -> tuple[float, float]:
+        """``(scale, shift)`` that :meth:`decode` undoes (``z / scale + shift``): the pipeline config's, else the VAE
+        config's, else ``(1, 0)``; the one place they are read, so an export folds the same values decode uses."""
+        scale = self.config.latent_scaling_factor
+        if scale is None:
+            scale = getattr(self.vae.config, "scaling_factor", None) or 1.0
+        shift = self.config.latent_shift_factor
+        if shift is None:
+            shift = getattr(self.vae.config, "shift_factor", None) or 0.0
+        return scale, shift
+
     def decode(self, sample: torch.Tensor) -> torch.Tensor:
         """Model output -> [0, 1] RGB images: VAE-decode latents (``z / scale + shift``), or read pixels directly."""
         if self.vae is not None:
-            scale = self.config.latent_scaling_factor
-            if scale is None:
-                scale = getattr(self.vae.config, "scaling_factor", None) or 1.0
-            shift = self.config.latent_shift_factor
-            if shift is None:
-                shift = getattr(self.vae.config, "shift_factor", None) or 0.0
+            scale, shift = self.latent_scaling()
             latents = sample / scale + shift
             sample = self.vae.decode(latents.to(self.vae.dtype)).sample.float()
         images01 = (sample / 2 + 0.5).clamp(0.0, 1.0)

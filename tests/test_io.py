@@ -330,6 +330,22 @@ def test_pipeline_vae_and_sr_folders_are_fsynced_whole_before_they_are_renamed_i
     disk_log.assert_durable_file(pipeline / "model_index.json")  # the index naming the new component
 
 
+def test_a_plain_export_is_fsynced_whole_before_it_is_renamed_in(tmp_path, disk_log):
+    """`crispdiff export --plain` writes through the same staging folder and swap as every other folder writer."""
+    from crispdiff.publish.plain import export_plain
+
+    source = save_pipeline(
+        tmp_path / "pipe", unet=tiny_unet(seed=3, in_channels=4, sample_size=8), scheduler_base_config=base_config(),
+        beta_schedule="cosine", vae=tiny_vae(block_out_channels=(8, 8)), latent_shift_factor=-0.2,
+    )  # fmt: skip
+    disk_log.clear()
+    plain = export_plain(source, tmp_path / "plain")
+    disk_log.assert_durable_folder(plain)
+    assert {"model_index.json", "README.md", "unet", "vqvae", "crispdiff_provenance.json"} <= {
+        p.name for p in plain.iterdir()
+    }
+
+
 def test_sd_pipeline_and_lora_files_are_fsynced_before_they_are_renamed_in(tmp_path, disk_log):
     from tiny_models import make_tiny_sd
 

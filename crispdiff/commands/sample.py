@@ -19,9 +19,9 @@ import torch
 
 from crispdiff.core.errors import FlagError, run_entry_point
 from crispdiff.core.images import make_grid, save_image_atomic, to_pil_list
-from crispdiff.evaluate.sampling import class_label_flag, generate_samples
+from crispdiff.evaluate.sampling import generate_samples
 from crispdiff.pipelines.pipeline_crispdiff import SAMPLERS
-from crispdiff.publish.export import DTYPES, load_pipeline
+from crispdiff.publish.export import DTYPES, class_label_flag, load_pipeline
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:

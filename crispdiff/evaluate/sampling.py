@@ -14,6 +14,7 @@ import torch
 from crispdiff.core.errors import FlagError, PathError
 from crispdiff.core.io import write_atomic
 from crispdiff.evaluate.inputs import to_float01
+from crispdiff.publish.export import class_label_flag
 
 TRAINING_CONFIG_NAME = "crispdiff_training.json"
 
@@ -98,22 +99,6 @@ def training_resolution(pipeline_dir: str | os.PathLike) -> int | None:
     """The ``resolution`` recorded in the folder's crispdiff_training.json, if there is one."""
     value = training_setting(pipeline_dir, "resolution")
     return int(value) if value else None
-
-
-def class_label_flag(pipeline: object, text: str | None, pipeline_dir: str) -> int | str | None:
-    """--class as the pipeline takes it: a class name, else an id; a FlagError names the classes there are."""
-    if text is None:
-        return None
-    names = getattr(pipeline, "classes", None)
-    num_class_embeds = getattr(pipeline.unet.config, "num_class_embeds", None)  # type: ignore[attr-defined]
-    if num_class_embeds is None:
-        raise FlagError(f"--class {text!r} given but {pipeline_dir} holds an unconditional model (no classes)")
-    if names and text in names:
-        return text
-    if text.isdigit() and int(text) < num_class_embeds - 1:
-        return int(text)
-    known = f"its classes are {names}" if names else f"it stores no class names; pass an id 0..{num_class_embeds - 2}"
-    raise FlagError(f"--class {text!r} is not a class of {pipeline_dir}; {known}")
 
 
 def conditioning_plan(

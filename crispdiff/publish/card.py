@@ -16,6 +16,8 @@ from crispdiff.core.config import without_secrets as public_training_config
 from crispdiff.core.io import write_text_atomic
 from crispdiff.core.provenance import PROVENANCE_NAME
 from crispdiff.publish.export import (
+    EXPORT_RECORD_NAME,
+    PLAIN_EXPORT_KIND,
     QUALITY_NAME,
     SAMPLES_NAME,
     TRAINING_CONFIG_NAME,
@@ -267,8 +269,192 @@ def write_model_card(
     ``datasets`` (the training Hub dataset, if any). Body: the sample grid (``samples.png``, if present), how to load
     it, the final validation's figures (``crispdiff_quality.json``, if the run measured them), the components, and
     the training configuration (``training_config``, else the folder's ``crispdiff_training.json``; secrets removed)
-    with the crispdiff version and command that made the folder (``crispdiff_provenance.json``).
+    with the crispdiff version and command that made the folder (``crispdiff_provenance.json``). A plain export
+    (``crispdiff export --plain``) gets :func:`render_plain_card` instead.
     """
     folder = Path(pipeline_dir)
-    text = render_model_card(folder, training_config, repo_id=repo_id, license=license, datasets=datasets, tags=tags)
+    record = plain_export_record(folder)
+    if record is not None:  # `crispdiff export --plain`: the stock class's card
+        if training_config is None:
+            training_config = _read_json(folder / TRAINING_CONFIG_NAME)
+        text = render_plain_card(folder, record, training_config, repo_id=repo_id, license=license, datasets=datasets)
+    else:
+        text = render_model_card(
+            folder, training_config, repo_id=repo_id, license=license, datasets=datasets, tags=tags
+        )
     return write_text_atomic(folder / CARD_NAME, text)
+
+
+# ---- plain exports (`crispdiff export --plain`) ----------------------------------------------------------------------
+
+
+def plain_export_record(folder: str | os.PathLike) -> dict[str, Any] | None:
+    """A plain export's record (``crispdiff_export.json`` of kind ``plain``), or None for any other folder."""
+    record = _read_json(Path(folder) / EXPORT_RECORD_NAME)
+    return record if isinstance(record, dict) and record.get("kind") == PLAIN_EXPORT_KIND else None
+
+
+def _plain_usage(repo_or_dir: str, record: dict[str, Any]) -> str:
+    """How to load a plain folder: the stock class, no ``trust_remote_code``."""
+    latent = record["pipeline_class"] == "LDMPipeline"
+    notes = [
+        f"`DiffusionPipeline.from_pretrained` returns diffusers' own `{record['pipeline_class']}`: no code is loaded "
+        "from the folder and crispdiff is not needed."
+    ]
+    if latent:
+        notes.append(
+            "`LDMPipeline` lives in diffusers' deprecated pipelines (still shipped); it logs `Expected types for "
+            "vqvae: VQModel, got AutoencoderKL`, which is harmless: it only calls `vqvae.decode(latents).sample`. "
+            "It returns PIL images or, with `output_type=\"np\"`, a NumPy array."
+        )
+    else:
+        notes.append(
+            "`DDPMPipeline` defaults to 1000 steps: pass `num_inference_steps`. It calls `scheduler.step(..., "
+            "generator=...)`, so a replacement scheduler must take a generator (DPMSolverMultistepScheduler, "
+            "DDPMScheduler)."
+        )
+    code = (
+        "```python\nimport torch\nfrom diffusers import DiffusionPipeline\n\n"
+        f'pipe = DiffusionPipeline.from_pretrained("{repo_or_dir}")\n'
+        "images = pipe(batch_size=16, num_inference_steps=25, generator=torch.Generator().manual_seed(0)).images\n"
+        "```\n"
+    )
+    return code + "\n" + "\n".join(f"- {note}" for note in notes) + "\n"
+
+
+def _class_summary(names: list[str] | None, mix: list[float] | None) -> str:
+    """``3 classes (a, b, c)``, the first few of a long list, and whether unlabelled calls draw the class mix."""
+    if not names:
+        return "none"
+    shown = ", ".join(map(str, names[:8])) + (", ..." if len(names) > 8 else "")
+    return f"{len(names)} classes ({shown})" + ("; unlabelled calls draw the auto-class mix" if mix else "")
+
+
+def _describe_left_out(record: dict[str, Any]) -> list[str]:
+    """The card's table of what the full folder does and this one does not."""
+    out = record["left_out"]
+    sr, sharpen, names, mix = out["sr_model"], out["sharpen"], out["class_names"], out["class_mix"]
+    interval = out["guidance_interval"]
+    rows = [
+        (
+            "super-resolution post-step",
+            "none"
+            if sr is None
+            else f"`sr_model`, sr_strength {sr['sr_strength']:g}, upscales by default: {sr['upscale_by_default']}",
+        ),
+        (
+            "classifier-free guidance",
+            "none (unconditional model)"
+            if out["guidance_scale"] is None
+            else f"scale {out['guidance_scale']:g} for labelled calls",
+        ),
+        (
+            "guidance interval",
+            "every step"
+            if interval is None
+            else f"noise levels sigma in ({interval[0]:g}, {'inf' if interval[1] is None else f'{interval[1]:g}'}]",
+        ),
+        (
+            "autoguidance",
+            "none" if out["autoguidance_scale"] is None else f"guide model, scale {out['autoguidance_scale']:g}",
+        ),
+        (
+            "sharpening",
+            "off"
+            if sharpen["amount"] == 0
+            else f"unsharp mask amount {sharpen['amount']:g}, radius {sharpen['radius']:g} px",
+        ),
+        ("gamma", "off" if out["gamma"] == 1 else f"{out['gamma']:g}"),
+        ("classes", _class_summary(names, mix)),
+    ]
+    lines = ["| extra | in the full folder | here |", "|---|---|---|"]
+    for name, full in rows:
+        here = "left out"
+        if name == "classes" and names:
+            here = f"samples {record['samples']}: folded into the weights, no labels"
+        lines.append(f"| {name} | {full} | {here} |")
+    return lines
+
+
+def render_plain_card(
+    folder: str | os.PathLike,
+    record: dict[str, Any],
+    training_config: dict[str, Any] | None = None,
+    *,
+    location: str | None = None,
+    repo_id: str | None = None,
+    license: str | None = None,
+    datasets: list[str] | None = None,
+) -> str:
+    """The model card of a plain export: how to load it with the stock class, what it samples, what was left out of
+    the full crispdiff pipeline and how to get it back, and how equal the two folders' samples are.
+
+    ``folder`` is read (it may be the staging folder); ``location`` (the final folder) or ``repo_id`` is what the
+    card calls it.
+    """
+    from huggingface_hub import ModelCardData
+
+    folder = Path(folder)
+    latent = record["pipeline_class"] == "LDMPipeline"
+    data = ModelCardData(
+        library_name="diffusers",
+        pipeline_tag="unconditional-image-generation",
+        license=card_license(license, training_config),
+        tags=[*BASE_TAGS, "latent-diffusion" if latent else "pixel-diffusion"],
+        datasets=_card_datasets(training_config, datasets),
+    )
+    where = repo_id or location or str(folder)
+    title = where.rstrip("/").split("/")[-1]
+    source = record["source"]
+    call = ", ".join(f"{key}={value!r}" for key, value in record["extras_off_call"].items())
+    if record["equal"] == "bit for bit":
+        equal = "bit for bit"
+    else:
+        equal = (
+            "to float rounding: " + "; ".join(record["folds"]) + ". A bias added in another order rounds differently, "
+            "so pixels may differ in the last bits of float32"
+        )
+    unet = _read_json(folder / "unet" / "config.json") or {}
+    params = _parameter_count(folder / "unet" / "diffusion_pytorch_model.safetensors")
+    components = [
+        "| component | class | details |",
+        "|---|---|---|",
+        f"| unet | UNet2DModel | {unet.get('sample_size')} px samples, channels {unet.get('block_out_channels')}"
+        + (f", {params / 1e6:.3g}M parameters" if params else "")
+        + " |",
+        f"| scheduler | {record['scheduler_class']} | crispdiff's `{record['sampler']}` sampler, explicit betas |",
+    ]
+    if latent:
+        vae = _read_json(folder / "vqvae" / "config.json") or {}
+        components.append(
+            f"| vqvae | {vae.get('_class_name')} | latents are divided by scaling_factor {vae.get('scaling_factor')} "
+            "and decoded to pixels |"
+        )
+    parts = [
+        f"---\n{data.to_yaml()}\n---\n",
+        f"# {title}\n",
+        f"A {'latent' if latent else 'pixel'} image diffusion model trained with crispdiff, exported as a plain "
+        f"diffusers `{record['pipeline_class']}` from the crispdiff pipeline folder `{source}`. It samples "
+        f"{record['samples']}.\n",
+        "## How to use\n",
+        _plain_usage(where, record),
+        "## What was left out\n",
+        "The stock class runs the sampling loop and the decoder only. What the full crispdiff pipeline adds:\n",
+        *_describe_left_out(record),
+        "",
+        "## Getting the extras back\n",
+        "Load the full folder (it carries its pipeline code, so it needs `trust_remote_code=True`):\n",
+        "```python\n"
+        f'pipe = DiffusionPipeline.from_pretrained("{source}", trust_remote_code=True)\n'
+        "```\n",
+        f"With its extras off, `pipe(batch_size=..., num_inference_steps=..., generator=..., {call})`, it gives this "
+        f"folder's images at the same seed and steps, {equal}.\n",
+        "## Components\n",
+        "\n".join(components),
+        "",
+        "## Training configuration\n",
+        *_provenance(folder),
+    ]
+    if training_config:
+        parts.append(f"The run's configuration is in `{TRAINING_CONFIG_NAME}`.\n")
+    return "\n".join(parts)

@@ -32,6 +32,10 @@ QUALITY_NAME = "crispdiff_quality.json"
 SAMPLES_NAME = "samples.png"
 MODEL_INDEX_NAME = "model_index.json"
 PIPELINE_CLASS_NAME = "CrispDiffPipeline"
+#: What an exported folder records about its export (``crispdiff export --plain`` writes its card from it).
+EXPORT_RECORD_NAME = "crispdiff_export.json"
+#: The record's ``kind`` in a plain export: a folder the stock diffusers classes load.
+PLAIN_EXPORT_KIND = "plain"
 
 # What save_pipeline writes at the top level. Anything else already in the destination (checkpoints, logs, a model
 # card) is not ours to delete and is carried over into the new folder.
@@ -187,6 +191,22 @@ def read_model_index(path: str | os.PathLike) -> dict[str, Any]:
             "load it with diffusers' DiffusionPipeline.from_pretrained instead"
         )
     return index
+
+
+def class_label_flag(pipeline: object, text: str | None, pipeline_dir: str) -> int | str | None:
+    """--class as the pipeline takes it: a class name, else an id; a FlagError names the classes there are."""
+    if text is None:
+        return None
+    names = getattr(pipeline, "classes", None)
+    num_class_embeds = getattr(pipeline.unet.config, "num_class_embeds", None)  # type: ignore[attr-defined]
+    if num_class_embeds is None:
+        raise FlagError(f"--class {text!r} given but {pipeline_dir} holds an unconditional model (no classes)")
+    if names and text in names:
+        return text
+    if text.isdigit() and int(text) < num_class_embeds - 1:
+        return int(text)
+    known = f"its classes are {names}" if names else f"it stores no class names; pass an id 0..{num_class_embeds - 2}"
+    raise FlagError(f"--class {text!r} is not a class of {pipeline_dir}; {known}")
 
 
 #: ``--dtype`` values of ``crispdiff sample`` / ``evaluate``: the precision the UNet (and VAE, SR model) run in.

@@ -14,7 +14,7 @@ from typing import Any
 
 from crispdiff.core.config import without_secrets as public_training_config
 from crispdiff.core.errors import UserError
-from crispdiff.publish.card import write_model_card
+from crispdiff.publish.card import plain_export_record, write_model_card
 from crispdiff.publish.export import (
     TRAINING_CONFIG_NAME,
     read_model_index,
@@ -107,7 +107,8 @@ def push_to_hub(
     ``create_repo`` / ``upload_folder`` call fails (network, permissions); the local folder stays intact.
     """
     folder = Path(pipeline_dir)
-    read_model_index(folder)
+    if plain_export_record(folder) is None:  # a plain export names a stock class; anything else must be crispdiff's
+        read_model_index(folder)
     if not repo_id or repo_id.count("/") > 1:
         raise ValueError(f"--repo_id must be 'name' or 'owner/name', got {repo_id!r}")
     write_model_card(folder, training_config, repo_id=repo_id, license=license, datasets=datasets)

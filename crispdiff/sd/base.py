@@ -74,6 +74,12 @@ def base_family(name_or_path: str, revision: str | None = None) -> tuple[str, st
             f"--pretrained_model_name_or_path {name_or_path!r} is a {name}; crispdiff's LoRA scripts support "
             f"{', '.join(SUPPORTED_PIPELINES)} (Stable Diffusion 1.x/2.x and SDXL) only"
         )
+    scheduler = (index.get("scheduler") or [None, None])[1] or ""
+    if scheduler.startswith("EDM"):
+        raise SDLoRAError(
+            f"--pretrained_model_name_or_path {name_or_path!r} has an {scheduler} (an EDM model such as Playground "
+            "v2.5); crispdiff trains the DDPM objective (epsilon or v-prediction) of SD and SDXL bases only"
+        )
     missing = [part for part in FAMILY_TEXT_PARTS[family] if not (index.get(part) or [None])[0]]
     if missing:
         raise SDLoRAError(

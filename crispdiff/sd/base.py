@@ -80,13 +80,20 @@ def base_family(name_or_path: str, revision: str | None = None) -> tuple[str, st
             f"--pretrained_model_name_or_path {name_or_path!r} has an {scheduler} (an EDM model such as Playground "
             "v2.5); crispdiff trains the DDPM objective (epsilon or v-prediction) of SD and SDXL bases only"
         )
+    return family, str(name)
+
+
+def check_text_parts(name_or_path: str, revision: str | None, family: str) -> None:
+    """Refuse a base whose model_index.json lacks a tokenizer or text encoder its family needs (SDXL: two of each)."""
+    from diffusers import DiffusionPipeline
+
+    index = DiffusionPipeline.load_config(name_or_path, revision=revision)
     missing = [part for part in FAMILY_TEXT_PARTS[family] if not (index.get(part) or [None])[0]]
     if missing:
         raise SDLoRAError(
-            f"--pretrained_model_name_or_path {name_or_path!r} is a {name} without {', '.join(missing)}; "
-            f"a {FAMILY_NAMES[family]} base needs them"
+            f"--pretrained_model_name_or_path {name_or_path!r} is a {index.get('_class_name')} without "
+            f"{', '.join(missing)}; a {FAMILY_NAMES[family]} base needs them"
         )
-    return family, str(name)
 
 
 def check_base_family(name_or_path: str, revision: str | None, family: str, script: str) -> None:
@@ -143,6 +150,7 @@ def load_sd(
     from transformers import CLIPTextModel, CLIPTokenizer
 
     family, _ = base_family(name_or_path, revision)
+    check_text_parts(name_or_path, revision, family)
     common = {"revision": revision}
     if tokenizer_name:
         try:

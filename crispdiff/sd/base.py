@@ -92,7 +92,7 @@ def check_text_parts(name_or_path: str, revision: str | None, family: str) -> No
     if missing:
         raise SDLoRAError(
             f"--pretrained_model_name_or_path {name_or_path!r} is a {index.get('_class_name')} without "
-            f"{', '.join(missing)}; a {FAMILY_NAMES[family]} base needs them"
+            f"{', '.join(missing)}, which every {FAMILY_NAMES[family]} base has"
         )
 
 

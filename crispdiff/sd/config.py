@@ -118,7 +118,7 @@ class SDLoRAConfig(DataConfig, HubConfig, LoopConfig):
         """Refuse flag combinations that would silently do something else than asked, one line each."""
         if not self.pretrained_model_name_or_path:
             raise SDLoRAError(
-                f"--pretrained_model_name_or_path is required (a {FAMILY_NAMES[self.family]} folder or Hub id)"
+                f"--pretrained_model_name_or_path is required (the {FAMILY_NAMES[self.family]} base: folder or Hub id)"
             )
         if self.tokenizer_max_length is not None and self.tokenizer_max_length < 1:
             raise SDLoRAError(f"--tokenizer_max_length must be >= 1, got {self.tokenizer_max_length}")

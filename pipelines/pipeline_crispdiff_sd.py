@@ -1,4 +1,5 @@
-"""CrispDiffSDPipeline: Stable Diffusion (a LoRA fused in) that can finish small: SR upscale or Lanczos downsample.
+"""CrispDiffSDPipeline / CrispDiffSDXLPipeline: Stable Diffusion or SDXL (a LoRA fused in) that can finish small: SR
+upscale or Lanczos downsample.
 
 The approach: fine-tune SD on a small dataset, generate at its native 512 px where it is good, then bring the
 result to the target size. Downsampling 512 -> 64 with an antialiased Lanczos filter keeps edges crisp where a plain
@@ -11,6 +12,7 @@ trust_remote_code=True)`` works with only torch, numpy, PIL and diffusers instal
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
@@ -21,8 +23,7 @@ from typing import Any
 import numpy as np
 import PIL.Image
 import torch
-from diffusers import ModelMixin, StableDiffusionPipeline
-from diffusers.pipelines.stable_diffusion import StableDiffusionPipelineOutput
+from diffusers import ModelMixin, StableDiffusionPipeline, StableDiffusionXLPipeline
 
 PIPELINE_FILE_NAME = "pipeline_crispdiff_sd.py"
 SR_MODULE_NAME = "sr_model"
@@ -79,7 +80,77 @@ def _write_json_atomic(path: Path, data: dict[str, Any]) -> None:
         os.close(folder)
 
 
-class CrispDiffSDPipeline(StableDiffusionPipeline):
+class _FinishSmall:
+    """What both pipelines add after decoding: an optional ``sr_model`` upscale or an antialiased Lanczos resize to
+    ``output_size``, and a ``save_pretrained`` that writes this file beside model_index.json (mixed into the SD and
+    SDXL pipelines, before their diffusers base, so ``super()`` is that pipeline)."""
+
+    def _register_finish(self, sr_model: ModelMixin | None, output_size: int | None, sr_strength: float) -> None:
+        if output_size is not None and int(output_size) < 1:
+            raise ValueError(f"output_size must be positive, got {output_size}")
+        self.register_modules(sr_model=sr_model)
+        self.register_to_config(
+            output_size=None if output_size is None else int(output_size), sr_strength=float(sr_strength)
+        )
+
+    def save_pretrained(self, save_directory: str | os.PathLike, **kwargs: Any) -> None:
+        """Save like diffusers, then copy this file beside model_index.json and point ``_class_name`` at it."""
+        if kwargs.get("push_to_hub"):
+            raise ValueError("save the folder first, then upload it; push_to_hub here would upload a partial folder")
+        super().save_pretrained(save_directory, **kwargs)
+        folder = Path(save_directory)
+        shutil.copyfile(Path(__file__).resolve(), folder / PIPELINE_FILE_NAME)
+        index_path = folder / self.config_name
+        index = json.loads(index_path.read_text(encoding="utf-8"))
+        index["_class_name"] = [PIPELINE_FILE_NAME[: -len(".py")], type(self).__name__]
+        if self.sr_model is not None:
+            index["sr_model"] = [SR_MODULE_NAME, type(self.sr_model).__name__]
+        _write_json_atomic(index_path, index)
+
+    @torch.no_grad()
+    def __call__(
+        self,
+        *args: Any,
+        output_size: int | tuple[int, int] | None = None,
+        upscale: bool | None = None,
+        sr_strength: float | None = None,
+        output_type: str = "pil",
+        return_dict: bool = True,
+        **kwargs: Any,
+    ) -> Any:
+        """Generate like the diffusers pipeline (same arguments), then SR-upscale or downsample.
+
+        ``output_size`` defaults to the config's; ``upscale`` defaults to whether an ``sr_model`` is present.
+        ``output_type="latent"`` returns the latents untouched. The output is the diffusers pipeline's own
+        (``StableDiffusionPipelineOutput`` / ``StableDiffusionXLPipelineOutput``) with the finished images.
+        """
+        if output_type == "latent":
+            return super().__call__(*args, output_type="latent", return_dict=return_dict, **kwargs)
+        if output_type not in OUTPUT_TYPES:
+            raise ValueError(f"output_type must be one of {OUTPUT_TYPES} or 'latent', got {output_type!r}")
+        result = super().__call__(*args, output_type="pt", return_dict=True, **kwargs)
+        images01 = result.images.float()
+        size = self.config.output_size if output_size is None else output_size
+        do_upscale = self.sr_model is not None if upscale is None else bool(upscale)
+        if do_upscale:
+            if self.sr_model is None:
+                raise ValueError("upscale=True but this pipeline has no sr_model component")
+            strength = self.config.sr_strength if sr_strength is None else sr_strength
+            images01 = self.sr_model.upscale(images01, sr_strength=strength, output_size=size).float()
+        elif size is not None:
+            images01 = lanczos_downsample(images01, size)
+        if output_type == "pt":
+            images: Any = images01
+        else:
+            array = images01.permute(0, 2, 3, 1).cpu().numpy().astype(np.float32)
+            images = array if output_type == "np" else self.numpy_to_pil(array)
+        finished = dataclasses.replace(result, images=images)
+        if return_dict:
+            return finished
+        return tuple(getattr(finished, field.name) for field in dataclasses.fields(finished))  # as the base returns
+
+
+class CrispDiffSDPipeline(_FinishSmall, StableDiffusionPipeline):
     """``StableDiffusionPipeline`` plus an optional ``sr_model`` and an ``output_size`` applied after decoding.
 
     Args (beyond StableDiffusionPipeline's):
@@ -117,66 +188,56 @@ class CrispDiffSDPipeline(StableDiffusionPipeline):
             image_encoder=image_encoder,
             requires_safety_checker=requires_safety_checker,
         )
-        if output_size is not None and int(output_size) < 1:
-            raise ValueError(f"output_size must be positive, got {output_size}")
-        self.register_modules(sr_model=sr_model)
-        self.register_to_config(
-            output_size=None if output_size is None else int(output_size), sr_strength=float(sr_strength)
-        )
+        self._register_finish(sr_model, output_size, sr_strength)
 
-    def save_pretrained(self, save_directory: str | os.PathLike, **kwargs: Any) -> None:
-        """Save like diffusers, then copy this file beside model_index.json and point ``_class_name`` at it."""
-        if kwargs.get("push_to_hub"):
-            raise ValueError("save the folder first, then upload it; push_to_hub here would upload a partial folder")
-        super().save_pretrained(save_directory, **kwargs)
-        folder = Path(save_directory)
-        shutil.copyfile(Path(__file__).resolve(), folder / PIPELINE_FILE_NAME)
-        index_path = folder / self.config_name
-        index = json.loads(index_path.read_text(encoding="utf-8"))
-        index["_class_name"] = [PIPELINE_FILE_NAME[: -len(".py")], type(self).__name__]
-        if self.sr_model is not None:
-            index["sr_model"] = [SR_MODULE_NAME, type(self.sr_model).__name__]
-        _write_json_atomic(index_path, index)
 
-    @torch.no_grad()
-    def __call__(
+class CrispDiffSDXLPipeline(_FinishSmall, StableDiffusionXLPipeline):
+    """``StableDiffusionXLPipeline`` plus the same ``sr_model`` / ``output_size`` / ``sr_strength`` post-step as
+    ``CrispDiffSDPipeline``. No invisible watermark unless asked for (``add_watermarker=True``), so the images are
+    the model's."""
+
+    _optional_components = [
+        "tokenizer",
+        "tokenizer_2",
+        "text_encoder",
+        "text_encoder_2",
+        "image_encoder",
+        "feature_extractor",
+        "sr_model",
+    ]
+    model_cpu_offload_seq = "text_encoder->text_encoder_2->image_encoder->unet->vae->sr_model"
+
+    def __init__(
         self,
-        *args: Any,
-        output_size: int | tuple[int, int] | None = None,
-        upscale: bool | None = None,
-        sr_strength: float | None = None,
-        output_type: str = "pil",
-        return_dict: bool = True,
-        **kwargs: Any,
-    ) -> StableDiffusionPipelineOutput | tuple:
-        """Generate like ``StableDiffusionPipeline`` (same arguments), then SR-upscale or downsample.
-
-        ``output_size`` defaults to the config's; ``upscale`` defaults to whether an ``sr_model`` is present.
-        ``output_type="latent"`` returns the latents untouched.
-        """
-        if output_type == "latent":
-            return super().__call__(*args, output_type="latent", return_dict=return_dict, **kwargs)
-        if output_type not in OUTPUT_TYPES:
-            raise ValueError(f"output_type must be one of {OUTPUT_TYPES} or 'latent', got {output_type!r}")
-        result = super().__call__(*args, output_type="pt", return_dict=True, **kwargs)
-        images01 = result.images.float()
-        size = self.config.output_size if output_size is None else output_size
-        do_upscale = self.sr_model is not None if upscale is None else bool(upscale)
-        if do_upscale:
-            if self.sr_model is None:
-                raise ValueError("upscale=True but this pipeline has no sr_model component")
-            strength = self.config.sr_strength if sr_strength is None else sr_strength
-            images01 = self.sr_model.upscale(images01, sr_strength=strength, output_size=size).float()
-        elif size is not None:
-            images01 = lanczos_downsample(images01, size)
-        if output_type == "pt":
-            images: Any = images01
-        else:
-            array = images01.permute(0, 2, 3, 1).cpu().numpy().astype(np.float32)
-            images = array if output_type == "np" else self.numpy_to_pil(array)
-        if not return_dict:
-            return (images, result.nsfw_content_detected)
-        return StableDiffusionPipelineOutput(images=images, nsfw_content_detected=result.nsfw_content_detected)
+        vae: Any,
+        text_encoder: Any,
+        text_encoder_2: Any,
+        tokenizer: Any,
+        tokenizer_2: Any,
+        unet: Any,
+        scheduler: Any,
+        image_encoder: Any = None,
+        feature_extractor: Any = None,
+        force_zeros_for_empty_prompt: bool = True,
+        add_watermarker: bool | None = False,
+        sr_model: ModelMixin | None = None,
+        output_size: int | None = None,
+        sr_strength: float = 0.5,
+    ):
+        super().__init__(
+            vae=vae,
+            text_encoder=text_encoder,
+            text_encoder_2=text_encoder_2,
+            tokenizer=tokenizer,
+            tokenizer_2=tokenizer_2,
+            unet=unet,
+            scheduler=scheduler,
+            image_encoder=image_encoder,
+            feature_extractor=feature_extractor,
+            force_zeros_for_empty_prompt=force_zeros_for_empty_prompt,
+            add_watermarker=add_watermarker,
+        )
+        self._register_finish(sr_model, output_size, sr_strength)
 
 
-__all__ = ["CrispDiffSDPipeline", "lanczos_downsample"]
+__all__ = ["CrispDiffSDPipeline", "CrispDiffSDXLPipeline", "lanczos_downsample"]

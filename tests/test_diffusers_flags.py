@@ -30,7 +30,14 @@ SCRIPTS = {
     "train_unconditional.py": {"preserve_input_precision"},
     "train_dreambooth_lora.py": {"class_labels_conditioning", "validation_images"},
     "train_text_to_image_lora.py": set(),
-}
+    # diffusers' SDXL scripts (examples/dreambooth, examples/text_to_image); checked when ../shared holds copies, and
+    # against a list of their flags in tests/test_sdxl_lora.py either way
+    "train_dreambooth_lora_sdxl.py": {
+        "do_edm_style_training", "prodigy_beta3", "prodigy_decouple", "prodigy_use_bias_correction",
+        "prodigy_safeguard_warmup",
+    },
+    "train_text_to_image_lora_sdxl.py": {"enable_npu_flash_attention", "debug_loss"},
+}  # fmt: skip
 
 
 def reference_flags(script: str) -> set[str]:

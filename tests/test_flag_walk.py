@@ -147,10 +147,11 @@ def test_flags_that_would_change_nothing_are_refused_by_name(script, argv, refus
 @pytest.fixture(scope="module")
 def inputs(tmp_path_factory) -> dict[str, Path]:
     """What the scripts' base command lines read: 12 captioned 16 x 20 px images in two kinds (wider than high, so
-    random crops have room), a tiny VAE, a tiny DDPMPipeline and a tiny Stable Diffusion, all real folders."""
+    random crops have room), a tiny VAE, a tiny DDPMPipeline, a tiny Stable Diffusion and a tiny SDXL, all real
+    folders."""
     from diffusers import DDPMPipeline, DDPMScheduler
     from test_transfer import tiny_attention_unet
-    from tiny_models import make_tiny_sd, tiny_vae
+    from tiny_models import make_tiny_sd, make_tiny_sdxl, tiny_vae
 
     root = tmp_path_factory.mktemp("walk")
     images = root / "images"
@@ -167,7 +168,14 @@ def inputs(tmp_path_factory) -> dict[str, Path]:
     tiny_vae(sample_size=16).save_pretrained(root / "vae")
     scheduler = DDPMScheduler(num_train_timesteps=1000, beta_schedule="linear", prediction_type="epsilon")
     DDPMPipeline(unet=tiny_attention_unet(), scheduler=scheduler).save_pretrained(root / "ddpm")
-    return {"root": root, "images": images, "vae": root / "vae", "ddpm": root / "ddpm", "sd": make_tiny_sd(root)}
+    return {
+        "root": root,
+        "images": images,
+        "vae": root / "vae",
+        "ddpm": root / "ddpm",
+        "sd": make_tiny_sd(root),
+        "sdxl": make_tiny_sdxl(root),
+    }
 
 
 def loop_flags(out: Path) -> list[str]:
@@ -188,6 +196,7 @@ def base_argv(config_cls: type, inputs: dict[str, Path], out: Path) -> list[str]
     images, name = str(inputs["images"]), config_cls.__name__
     sd = ["--pretrained_model_name_or_path", str(inputs["sd"]), "--resolution", "16", "--vae_batch_size", "4",
           "--validation_prompt", "a square", *GRIDS]  # fmt: skip
+    sdxl = [*sd[:1], str(inputs["sdxl"]), *sd[2:]]
     per_script = {
         "TrainConfig": ["--train_data_dir", images, "--class_column", "kind", *UNET, *GRIDS],
         "LatentTrainConfig": [
@@ -209,6 +218,10 @@ def base_argv(config_cls: type, inputs: dict[str, Path], out: Path) -> list[str]
         ],
         "TextToImageLoRAConfig": [*sd, "--train_data_dir", images, "--caption_column", "text"],
         "DreamBoothLoRAConfig": [*sd, "--instance_data_dir", images, "--instance_prompt", "a photo of sks square"],
+        "SDXLTextToImageLoRAConfig": [*sdxl, "--train_data_dir", images, "--caption_column", "text"],
+        "SDXLDreamBoothLoRAConfig": [
+            *sdxl, "--instance_data_dir", images, "--instance_prompt", "a photo of sks square",
+        ],
     }  # fmt: skip
     assert name in per_script, f"{name}: give its script a small base command line here"
     return [*loop_flags(out), *per_script[name]]

@@ -479,7 +479,7 @@ def test_each_image_trains_with_its_own_caption(tiny_sd, subject_dir, tmp_path):
     assert len(bank.prompts) == 4  # the instance prompt is encoded once
     bank.precompute(parts.text_encoder, torch.device("cpu"))
     ids = bank.ids(captions)
-    looked_up = bank.encode(ids, None, torch.device("cpu"))
+    looked_up = bank.encode(ids, None, torch.device("cpu")).hidden
     tokens = parts.tokenizer(captions, padding="max_length", max_length=16, truncation=True, return_tensors="pt")
     with torch.no_grad():
         direct = parts.text_encoder(tokens.input_ids)[0]

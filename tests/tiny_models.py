@@ -146,6 +146,85 @@ def make_tiny_sd(folder: Path, prediction_type: str = "epsilon") -> Path:
     pipeline.save_pretrained(folder / "sd")
     return folder / "sd"
 
+SDXL_RES = 32  # pixels of the tiny SDXL's images (an f=4 VAE: 8 x 8 latents)
+
+
+def make_tiny_sdxl(folder: Path, *, seed: int = 0) -> Path:
+    """A saved SDXL-shaped pipeline (``folder/sdxl``) built from configs, as diffusers' own SDXL tests build theirs:
+    a two-level ``UNet2DConditionModel`` with ``addition_embed_type="text_time"`` (6 micro-conditioning numbers x 8
+    channels + the 16-wide pooled text embedding), an f=4 ``AutoencoderKL``, a ``CLIPTextModel`` and a
+    ``CLIPTextModelWithProjection`` (hidden 16 each: cross-attention 32), two offline CLIP tokenizers (the second pads
+    with "!", as SDXL's does) and SDXL's Euler scheduler."""
+    from diffusers import AutoencoderKL, EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+
+    folder.mkdir(parents=True, exist_ok=True)
+    vocab, merges = offline_clip_vocab(folder)
+    tokenizer = CLIPTokenizer(str(vocab), str(merges), model_max_length=16)
+    tokenizer_2 = CLIPTokenizer(str(vocab), str(merges), model_max_length=16, pad_token="!")
+    torch.manual_seed(seed)
+    unet = UNet2DConditionModel(
+        sample_size=SDXL_RES // 4,
+        in_channels=4,
+        out_channels=4,
+        block_out_channels=(8, 16),
+        layers_per_block=1,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        attention_head_dim=(2, 4),
+        use_linear_projection=True,
+        addition_embed_type="text_time",
+        addition_time_embed_dim=8,
+        projection_class_embeddings_input_dim=6 * 8 + 16,
+        cross_attention_dim=32,
+        norm_num_groups=4,
+    )
+    vae = AutoencoderKL(
+        block_out_channels=(8, 16, 16),
+        down_block_types=("DownEncoderBlock2D",) * 3,
+        up_block_types=("UpDecoderBlock2D",) * 3,
+        latent_channels=4,
+        norm_num_groups=4,
+        sample_size=SDXL_RES,
+        scaling_factor=0.13025,
+        force_upcast=True,
+    )
+
+    def text_config() -> CLIPTextConfig:
+        return CLIPTextConfig(
+            vocab_size=len(tokenizer),
+            hidden_size=16,
+            intermediate_size=32,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            max_position_embeddings=16,
+            bos_token_id=tokenizer.bos_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id,
+            projection_dim=16,
+        )
+
+    scheduler = EulerDiscreteScheduler(
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        steps_offset=1,
+        timestep_spacing="leading",
+    )
+    pipeline = StableDiffusionXLPipeline(
+        vae=vae,
+        text_encoder=CLIPTextModel(text_config()),
+        text_encoder_2=CLIPTextModelWithProjection(text_config()),
+        tokenizer=tokenizer,
+        tokenizer_2=tokenizer_2,
+        unet=unet,
+        scheduler=scheduler,
+        add_watermarker=False,
+    )
+    pipeline.save_pretrained(folder / "sdxl")
+    return folder / "sdxl"
+
+
 #: The opening of a ``python -I -c`` script that must not see crispdiff: it blocks the package (also through an
 #: editable install's finder) and exits if crispdiff still imports, so a "loads without crispdiff" test cannot pass
 #: by accident. Append the script's own body.

@@ -1,7 +1,8 @@
-"""`crispdiff export-sd --base SD --lora DIR [--sr_model FILE] [--output_size 64] --output_dir DIR`.
+"""`crispdiff export-sd --base SD_OR_SDXL --lora DIR [--sr_model FILE] [--output_size 64] --output_dir DIR`.
 
-Writes a pipeline folder: the Stable Diffusion base with the LoRA fused into its weights, DPM-Solver++ as the sampler,
-an optional SR component, and an output size the 512 px images are downsampled to with an antialiased Lanczos filter.
+Writes a pipeline folder: the Stable Diffusion 1.x/2.x or SDXL base with the LoRA fused into its weights, DPM-Solver++
+as the sampler, an optional SR component, and an output size the images are downsampled to with an antialiased
+Lanczos filter (or upscaled to, with the SR component).
 The folder loads with DiffusionPipeline.from_pretrained(DIR, trust_remote_code=True) where crispdiff is not installed.
 """
 
@@ -17,11 +18,14 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     """Register the ``export-sd`` subcommand."""
     parser = subparsers.add_parser(
         "export-sd",
-        help="Fuse a LoRA into Stable Diffusion and save a pipeline folder (DPM-Solver++, optional SR, output size).",
+        help="Fuse a LoRA into Stable Diffusion or SDXL and save a pipeline folder (DPM-Solver++, optional SR, "
+        "output size).",
         description=__doc__,
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    parser.add_argument("--base", required=True, help="The Stable Diffusion 1.x/2.x base (folder or Hub id).")
+    parser.add_argument(
+        "--base", required=True, help="The Stable Diffusion 1.x/2.x or SDXL base (folder or Hub id)."
+    )
     parser.add_argument(
         "--lora",
         default=None,
@@ -41,6 +45,12 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     parser.add_argument("--lora_scale", type=float, default=1.0, help="Strength the LoRA is fused with.")
     parser.add_argument("--revision", default=None, help="Revision of a Hub base.")
     parser.add_argument("--variant", default=None, help="Weights variant of the base (e.g. fp16).")
+    parser.add_argument(
+        "--pretrained_vae_model_name_or_path",
+        default=None,
+        help="A VAE (folder or Hub id) saved in the pipeline instead of the base's: the one an SDXL LoRA was trained "
+        "with (e.g. madebyollin/sdxl-vae-fp16-fix).",
+    )
     parser.set_defaults(func=run)
     return parser
 
@@ -68,6 +78,7 @@ def _run(args: argparse.Namespace) -> int:
             lora_scale=args.lora_scale,
             revision=args.revision,
             variant=args.variant,
+            vae=args.pretrained_vae_model_name_or_path,
         )
     except SRModelError as err:
         raise UserError(f"--sr_model: {one_line(err)} ({args.out} was not changed)") from err

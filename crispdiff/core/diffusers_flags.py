@@ -2,11 +2,11 @@
 and the note that says which crispdiff defaults differ from the diffusers script a command line was written for.
 
 Why one module: crispdiff's scripts are meant to run the command lines users copied from diffusers' READMEs
-(``train_unconditional.py``, ``train_dreambooth_lora.py``, ``train_text_to_image_lora.py``). Where a flag means the
-same thing under another name, the name is an alias of crispdiff's flag here; where a flag cannot make sense in
-crispdiff, the config class lists it in ``refused_flags`` and using it is a one-line error; where crispdiff's default
-differs on purpose, ``defaults_note`` says so once at the start of the run. ``tests/test_diffusers_flags.py`` compares
-every flag of the reference scripts with the scripts' ``--help``.
+(``train_unconditional.py``, ``train_dreambooth_lora.py``, ``train_text_to_image_lora.py`` and their SDXL
+versions). Where a flag means the same thing under another name, the name is an alias of crispdiff's flag here; where
+a flag cannot make sense in crispdiff, the config class lists it in ``refused_flags`` and using it is a one-line
+error; where crispdiff's default differs on purpose, ``defaults_note`` says so once at the start of the run.
+``tests/test_diffusers_flags.py`` compares every flag of the reference scripts with the scripts' ``--help``.
 """
 
 from __future__ import annotations
@@ -31,11 +31,13 @@ FLAG_ALIASES: dict[str, tuple[str, ...]] = {
     "interpolation": ("image_interpolation_mode",),
     "rank": ("lora_rank",),
     "lora_rank": ("rank",),
+    "export_kohya": ("output_kohya_format",),
 }
 
 #: diffusers' value names that crispdiff spells differently (field -> {diffusers' value: crispdiff's}).
 VALUE_ALIASES: dict[str, dict[str, str]] = {
     "beta_schedule": {"squaredcos_cap_v2": "cosine"},
+    "optimizer": {"adamw": "AdamW"},  # diffusers lower-cases the name
 }
 
 

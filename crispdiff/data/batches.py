@@ -54,6 +54,7 @@ class ImageData:
         cache_hit: bool,
         class_names: list[str] | None = None,
         class_ids: np.ndarray | None = None,
+        source_rows: np.ndarray | None = None,
     ) -> None:
         self._pixels = pixels
         self._index = index
@@ -73,6 +74,8 @@ class ImageData:
         self.skipped_names = skipped_names
         self.cache_path = cache_path
         self.cache_hit = cache_hit
+        #: each stored image's position in the source list (skipped files leave gaps), or None when unknown
+        self.source_rows = None if source_rows is None else np.asarray(source_rows, dtype=np.int64)
         self.set_classes(class_names, class_ids)
 
     def set_classes(self, class_names: list[str] | None, class_ids: np.ndarray | None) -> None:
@@ -108,7 +111,7 @@ class ImageData:
         height, width = image.shape[:2]
         res = self.resolution
         if center:
-            top, left = (height - res) // 2, (width - res) // 2
+            top, left = crop_origin(height, width, res)
         else:
             top = min(int(u_top * (height - res + 1)), height - res)
             left = min(int(u_left * (width - res + 1)), width - res)
@@ -129,8 +132,7 @@ class ImageData:
         crops = np.empty((len(ids), self.resolution, self.resolution, 3), dtype=np.uint8)
         for j, i in enumerate(ids):
             height, width = self.stored_image(i).shape[:2]
-            top = round(position * (height - self.resolution))
-            left = round(position * (width - self.resolution))
+            top, left = crop_origin(height, width, self.resolution, position)
             crops[j] = self.stored_image(i)[top : top + self.resolution, left : left + self.resolution]
         return torch.from_numpy(crops).permute(0, 3, 1, 2).contiguous()
 
@@ -169,7 +171,7 @@ class ImageData:
         heights, widths = self._index[ids, 1], self._index[ids, 2]
         res = self.resolution
         if self.center_crop:
-            return (heights - res) // 2, (widths - res) // 2
+            return crop_origin(heights, widths, res)
         tops = np.minimum((u[:, 0] * (heights - res + 1)).astype(np.int64), heights - res)
         lefts = np.minimum((u[:, 1] * (widths - res + 1)).astype(np.int64), widths - res)
         return tops, lefts
@@ -221,6 +223,16 @@ class ImageData:
             chosen = (draws[:, 6] < self.blur_prob).view(-1, 1, 1, 1)
             x = torch.where(chosen, gaussian_blur(x, self.blur_sigma), x)
         return x.mul_(2.0).sub_(1.0).contiguous()
+
+
+def crop_origin(height: Any, width: Any, resolution: int, position: float | None = None) -> tuple[Any, Any]:
+    """Top-left corner of the RxR crop of an image of ``height`` x ``width`` (ints, or arrays of them): the centre
+    crop (``position`` None), else the crop at ``position`` in [0, 1] of the slack along each side (0: top / left
+    edge, 1: bottom / right edge). The one place the cached crops are placed, so what SDXL is told about a crop is
+    where it was taken."""
+    if position is None:
+        return (height - resolution) // 2, (width - resolution) // 2
+    return round(position * (height - resolution)), round(position * (width - resolution))
 
 
 def uint8_to_unit(images: torch.Tensor) -> torch.Tensor:

@@ -104,16 +104,26 @@ def resize_rgb(rgb: np.ndarray, size: tuple[int, int], interpolation: str) -> np
     return np.asarray(Image.fromarray(rgb).resize(size, INTERPOLATIONS[interpolation]))
 
 
+def resized_size(height: int, width: int, resolution: int) -> tuple[int, int]:
+    """``(height, width)`` of an image once its shorter side is resized to ``resolution`` (the aspect ratio kept).
+
+    One formula for the resize itself and for what is worked out from an image's original size later (SDXL's crop
+    coordinates, in the resized image, when only the centre square was stored)."""
+    if min(height, width) == resolution:
+        return height, width
+    scale = resolution / min(height, width)
+    new_w = resolution if width <= height else max(resolution, round(width * scale))
+    new_h = resolution if height <= width else max(resolution, round(height * scale))
+    return new_h, new_w
+
+
 def _resize_short_side(rgb: np.ndarray, recipe: DecodeRecipe) -> np.ndarray:
     """Resize so the shorter side equals ``resolution``; optionally keep only the centre square."""
     height, width = rgb.shape[:2]
     res = recipe.resolution
-    if min(height, width) != res:
-        scale = res / min(height, width)
-        new_w = res if width <= height else max(res, round(width * scale))
-        new_h = res if height <= width else max(res, round(height * scale))
-        rgb = resize_rgb(rgb, (new_w, new_h), recipe.interpolation)
-        height, width = new_h, new_w
+    if (height, width) != (new_size := resized_size(height, width, res)):
+        height, width = new_size
+        rgb = resize_rgb(rgb, (width, height), recipe.interpolation)
     if recipe.center:
         top, left = (height - res) // 2, (width - res) // 2
         rgb = rgb[top : top + res, left : left + res]
@@ -144,6 +154,21 @@ def _open(item: Any) -> Image.Image:
 
         return Image.open(io.BytesIO(bytes(item)))
     return Image.open(item)
+
+
+#: EXIF orientations that turn the picture by 90 degrees (``exif_transpose`` swaps its width and height).
+_QUARTER_TURNS = (5, 6, 7, 8)
+
+
+def original_size(item: Any) -> tuple[int, int]:
+    """``(height, width)`` of an image as ``decode_image`` sees it before resizing (upright: the EXIF rotation
+    applied), read from the file's header without decoding the pixels. What SDXL conditions on as the original
+    size."""
+    with _open(item) as img:
+        width, height = img.size
+        if img.getexif().get(0x0112, 1) in _QUARTER_TURNS:
+            width, height = height, width
+    return height, width
 
 
 def decode_image(item: Any, name: str, recipe: DecodeRecipe) -> DecodedImage:

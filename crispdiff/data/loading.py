@@ -42,7 +42,7 @@ from crispdiff.data.cache import (
     warn_about_skipped,
     write_skipped_log,
 )
-from crispdiff.data.decode import INTERPOLATIONS, DecodeRecipe, parse_background
+from crispdiff.data.decode import INTERPOLATIONS, DecodeRecipe, original_size, parse_background
 from crispdiff.data.sources import (
     IMAGE_EXTENSIONS,
     cache_root,
@@ -61,6 +61,7 @@ __all__ = [
     "embedded_dataset_dir",
     "is_saved_dataset",
     "load_images",
+    "original_sizes",
     "to_device",
     "uint8_to_unit",
     "write_skipped_log",
@@ -188,6 +189,7 @@ def load_images(config: Any, *, for_latents: bool = False, show_progress: bool =
         cache_hit=cache_hit,
         class_names=class_names,
         class_ids=class_ids,
+        source_rows=contents.kept,
     )
     if getattr(config, "class_column", None) == AUTO_CLASS_COLUMN:
         num_classes, seed = getattr(config, "num_auto_classes", None), int(getattr(config, "seed", 0))
@@ -200,3 +202,24 @@ def load_images(config: Any, *, for_latents: bool = False, show_progress: bool =
                 stacklevel=2,
             )
     return data
+
+
+def original_sizes(config: Any, data: ImageData) -> np.ndarray:
+    """int64 ``[N, 2]``: each loaded image's ``(height, width)`` before it was resized (EXIF rotation applied), read
+    from the source's file headers (``config``: the data flags ``data`` was loaded with). The image cache keeps only
+    resized pixels; SDXL is conditioned on the size a picture really had."""
+    if data.source_rows is None:
+        raise ValueError("these images were not loaded by load_images; their original sizes are unknown")
+    source = resolve_source(config)
+    rows = data.source_rows.tolist()
+    sizes = np.empty((len(rows), 2), dtype=np.int64)
+    chunk = 256
+    for first in range(0, len(rows), chunk):
+        wanted = rows[first : first + chunk]
+        items = source.fetch(wanted[0], wanted[-1] + 1)  # rows ascend: one contiguous fetch per chunk
+        for j, row in enumerate(wanted, start=first):
+            try:
+                sizes[j] = original_size(items[row - wanted[0]])
+            except (OSError, ValueError) as err:
+                raise DataError(f"{source.names[row]} changed since it was cached ({type(err).__name__})") from err
+    return sizes

@@ -118,11 +118,17 @@ class LatentSpace(ImageDataSpace):
         return len(self.cache)
 
     def x0(self, indices: torch.Tensor, generator: torch.Generator, device: torch.device) -> torch.Tensor:
-        """Scaled latents ``[B, C, h, w]``: variant (flip) and posterior noise drawn from ``generator``.
+        """Scaled latents ``[B, C, h, w]``: variant (flip, crop) and posterior noise drawn from ``generator``."""
+        indices = torch.as_tensor(indices).reshape(-1).cpu()
+        return self.latents(indices, self.draw_variants(indices, generator), generator, device)
+
+    def draw_variants(self, indices: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        """Which cached latent of each image to train on: its flip and crop position (``crop * num_flips + flip``).
 
         One flip draw per image is taken even without flips, so the stream of random numbers does not depend on
         ``--random_flip`` and a resumed run (generator restored) reproduces the same samples bit for bit; with random
-        crops (several cached crop positions) one more draw per image picks the crop.
+        crops (several cached crop positions) one more draw per image picks the crop. Separate from ``latents`` so a
+        trainer that conditions on the crop (SDXL) knows which one was drawn.
         """
         indices = torch.as_tensor(indices).reshape(-1).cpu()
         coin = torch.rand(indices.numel(), generator=generator, device=generator.device).cpu()
@@ -132,6 +138,14 @@ class LatentSpace(ImageDataSpace):
             pick = torch.rand(indices.numel(), generator=generator, device=generator.device).cpu()
             crops = (pick * spec.crop_positions).long().clamp_(max=spec.crop_positions - 1)
             variants = crops * spec.num_flips + variants
+        return variants
+
+    def latents(
+        self, indices: torch.Tensor, variants: torch.Tensor, generator: torch.Generator, device: torch.device
+    ) -> torch.Tensor:
+        """Scaled latents ``[B, C, h, w]`` of these images' ``variants``, the posterior noise drawn from
+        ``generator``."""
+        indices = torch.as_tensor(indices).reshape(-1).cpu()
         mean, logvar = self.cache.posterior(indices, variants)
         if mean.device != generator.device:  # latents kept on the GPU (prepare): only the drawn noise travels
             eps = torch.randn(mean.shape, generator=generator, device=generator.device)

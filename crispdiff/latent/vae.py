@@ -50,34 +50,34 @@ def embedded_vae_dir() -> Path:
     return Path(__file__).resolve().parents[1] / "assets" / "vae-noto-f4"
 
 
-def _config_class(config_path: Path) -> type:
+def _config_class(config_path: Path, flag: str = VAE_FLAG) -> type:
     """Pick the autoencoder class from a config.json's ``_class_name``; refuse anything else with a clear message."""
     try:
         config = json.loads(config_path.read_text())
     except (OSError, json.JSONDecodeError) as error:
-        raise ValueError(f"{config_path} is not a readable diffusers config ({error}); check {VAE_FLAG}.") from error
+        raise ValueError(f"{config_path} is not a readable diffusers config ({error}); check {flag}.") from error
     class_name = config.get("_class_name")
     if class_name not in _VAE_CLASSES:
         raise ValueError(
-            f"{config_path} describes a {class_name!r}, but {VAE_FLAG} must point to one of "
+            f"{config_path} describes a {class_name!r}, but {flag} must point to one of "
             f"{sorted(_VAE_CLASSES)} (a diffusers VAE folder, or a pipeline folder with a vae/ subfolder)."
         )
     return _VAE_CLASSES[class_name]
 
 
-def _local_vae_folder(path: Path) -> Path:
+def _local_vae_folder(path: Path, flag: str = VAE_FLAG) -> Path:
     """The folder holding the VAE's config.json: ``path`` itself or its ``vae/`` subfolder (a pipeline folder)."""
     for candidate in (path, path / "vae"):
         if (candidate / "config.json").is_file():
             if not any(candidate.glob("*.safetensors")):
                 raise PathError(
-                    f"{candidate} has a config.json but no .safetensors weights; {VAE_FLAG} loads safetensors only "
+                    f"{candidate} has a config.json but no .safetensors weights; {flag} loads safetensors only "
                     "(convert .bin/.ckpt weights with diffusers' save_pretrained first)."
                 )
             return candidate
     raise PathError(
         f"{path} is neither a diffusers VAE folder (config.json + .safetensors) nor a pipeline folder with a vae/ "
-        f"subfolder; check {VAE_FLAG}."
+        f"subfolder; check {flag}."
     )
 
 
@@ -86,7 +86,7 @@ def _looks_like_path(name: str) -> bool:
     return name.startswith((".", "/", "~")) or name.count("/") > 1 or "\\" in name
 
 
-def _hub_vae(repo_id: str) -> tuple[type, str | None]:
+def _hub_vae(repo_id: str, flag: str = VAE_FLAG) -> tuple[type, str | None]:
     """Find a VAE config in a Hub repository (root, then ``vae/``); return its class and subfolder."""
     from huggingface_hub import hf_hub_download
 
@@ -97,20 +97,23 @@ def _hub_vae(repo_id: str) -> tuple[type, str | None]:
         except Exception as error:  # noqa: BLE001 - offline, missing repo and missing file all mean "not here"
             errors.append(f"{subfolder or '.'}: {type(error).__name__}")
             continue
-        return _config_class(Path(config_path)), subfolder
+        return _config_class(Path(config_path), flag), subfolder
     raise PathError(
-        f"Could not find a VAE for {VAE_FLAG}={repo_id!r}: it is not a local folder, and the Hub repository has no "
+        f"Could not find a VAE for {flag}={repo_id!r}: it is not a local folder, and the Hub repository has no "
         f"config.json at its root or in vae/ ({'; '.join(errors)}). Pass a local diffusers VAE folder, a pipeline "
         "folder, or a reachable Hub id (e.g. stabilityai/sd-vae-ft-mse); omit the flag for the embedded default."
     )
 
 
-def load_vae(name_or_path: str | os.PathLike | None, *, torch_dtype: torch.dtype | None = None) -> AnyVAE:
+def load_vae(
+    name_or_path: str | os.PathLike | None, *, torch_dtype: torch.dtype | None = None, flag: str = VAE_FLAG
+) -> AnyVAE:
     """Load an ``AutoencoderKL`` or ``AutoencoderTiny`` from a Hub id, a local folder, or the embedded default.
 
     ``None`` loads the embedded default. A local folder may be a VAE folder or a pipeline folder with ``vae/``. The
     class comes from the config's ``_class_name`` so one flag serves both families; weights must be safetensors.
     The model is returned in eval mode with gradients off: every caller except the VAE trainer wants it frozen.
+    ``flag``: the command-line flag the errors name (the SDXL scripts call it ``--pretrained_vae_model_name_or_path``).
     """
     if name_or_path is None:
         folder = embedded_vae_dir()
@@ -119,13 +122,13 @@ def load_vae(name_or_path: str | os.PathLike | None, *, torch_dtype: torch.dtype
         name_or_path = folder
     path = Path(name_or_path).expanduser()
     if path.exists():
-        folder = _local_vae_folder(path)
-        cls = _config_class(folder / "config.json")
+        folder = _local_vae_folder(path, flag)
+        cls = _config_class(folder / "config.json", flag)
         vae = cls.from_pretrained(folder, torch_dtype=torch_dtype, use_safetensors=True)
     elif _looks_like_path(str(name_or_path)):
-        raise PathError(f"{VAE_FLAG}={str(name_or_path)!r}: no such file or folder.")
+        raise PathError(f"{flag}={str(name_or_path)!r}: no such file or folder.")
     else:
-        cls, subfolder = _hub_vae(str(name_or_path))
+        cls, subfolder = _hub_vae(str(name_or_path), flag)
         vae = cls.from_pretrained(str(name_or_path), subfolder=subfolder, torch_dtype=torch_dtype, use_safetensors=True)
     vae.eval().requires_grad_(False)
     return vae

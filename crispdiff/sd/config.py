@@ -1,4 +1,5 @@
-"""The flags of the two Stable Diffusion LoRA scripts (text-to-image and DreamBooth) and their checks."""
+"""The flags of the Stable Diffusion LoRA scripts (text-to-image and DreamBooth, on SD 1.x / 2.x and on SDXL) and
+their checks."""
 
 from __future__ import annotations
 
@@ -29,7 +30,13 @@ KOHYA_WEIGHTS_NAME = "pytorch_lora_weights_kohya.safetensors"
 SAMPLES_NAME = "samples.png"
 
 
-SUPPORTED_PIPELINES = ("StableDiffusionPipeline",)
+#: The base-model families the LoRA scripts train: pipeline classes (model_index.json's ``_class_name``), the name
+#: users know them by, and the scripts that train them (DreamBooth, text-to-image).
+SD_FAMILY = "sd"
+SDXL_FAMILY = "sdxl"
+FAMILY_PIPELINES = {SD_FAMILY: ("StableDiffusionPipeline",), SDXL_FAMILY: ("StableDiffusionXLPipeline",)}
+FAMILY_NAMES = {SD_FAMILY: "Stable Diffusion 1.x/2.x", SDXL_FAMILY: "SDXL"}
+SUPPORTED_PIPELINES = tuple(name for names in FAMILY_PIPELINES.values() for name in names)
 
 
 class SDLoRAError(FlagError):
@@ -39,6 +46,10 @@ class SDLoRAError(FlagError):
 @dataclass
 class SDLoRAConfig(DataConfig, HubConfig, LoopConfig):
     """The flags both LoRA scripts share (names as in diffusers' example scripts)."""
+
+    #: The base-model family the script trains (``FAMILY_PIPELINES``), and the script a base of the other family needs.
+    family: ClassVar[str] = SD_FAMILY
+    other_family_script: ClassVar[str] = ""
 
     pretrained_model_name_or_path: str | None = flag(
         None, "The Stable Diffusion 1.x / 2.x base: a local diffusers folder or a Hub id (required)."
@@ -106,7 +117,9 @@ class SDLoRAConfig(DataConfig, HubConfig, LoopConfig):
     def fill_and_check(self) -> None:
         """Refuse flag combinations that would silently do something else than asked, one line each."""
         if not self.pretrained_model_name_or_path:
-            raise SDLoRAError("--pretrained_model_name_or_path is required (a Stable Diffusion 1.x/2.x folder or id)")
+            raise SDLoRAError(
+                f"--pretrained_model_name_or_path is required (the {FAMILY_NAMES[self.family]} base: folder or Hub id)"
+            )
         if self.tokenizer_max_length is not None and self.tokenizer_max_length < 1:
             raise SDLoRAError(f"--tokenizer_max_length must be >= 1, got {self.tokenizer_max_length}")
         if self.num_validation_images < 0:
@@ -132,6 +145,15 @@ class SDLoRAConfig(DataConfig, HubConfig, LoopConfig):
         if augmentations := self.pixel_augmentations():
             raise SDLoRAError(f"{', '.join(augmentations)} cannot vary per epoch on cached latents; drop them")
 
+    def base_vae(self) -> str | None:
+        """A VAE to use instead of the base's (``--pretrained_vae_model_name_or_path``, SDXL only)."""
+        return None
+
+    def text_encoder_optimizer(self) -> dict[str, float]:
+        """The text encoders' own optimizer settings with ``--train_text_encoder`` (``lr``, ``weight_decay``); none:
+        they train with the UNet's."""
+        return {}
+
     def lora_config(self, targets: list[str]) -> Any:
         from peft import LoraConfig
 
@@ -153,6 +175,7 @@ class TextToImageLoRAConfig(SDLoRAConfig):
     """Everything `train_scripts/train_text_to_image_lora.py` accepts: a captioned folder or dataset."""
 
     diffusers_script: ClassVar[str | None] = "train_text_to_image_lora.py"
+    other_family_script: ClassVar[str] = "train_text_to_image_lora_sdxl.py"
     diffusers_defaults: ClassVar[dict[str, Any]] = {
         "train_batch_size": 16,
         "max_train_steps": None,  # diffusers: --num_train_epochs 100
@@ -190,6 +213,9 @@ class DreamBoothLoRAConfig(SDLoRAConfig):
         )
     }
     diffusers_script: ClassVar[str | None] = "train_dreambooth_lora.py"
+    other_family_script: ClassVar[str] = "train_dreambooth_lora_sdxl.py"
+    #: whether --dataset_name may stand in for --instance_data_dir (diffusers' SDXL DreamBooth script takes one)
+    takes_datasets: ClassVar[bool] = False
     diffusers_defaults: ClassVar[dict[str, Any]] = {
         "learning_rate": 5e-4,
         "train_batch_size": 4,
@@ -202,6 +228,7 @@ class DreamBoothLoRAConfig(SDLoRAConfig):
     caption_column: str | None = flag(
         None, "Per-image captions from instance_data_dir/metadata.jsonl (empty ones fall back to --instance_prompt)."
     )
+    repeats: int = flag(1, "How many times each instance image appears in an epoch (diffusers' SDXL --repeats).")
     with_prior_preservation: bool = flag(False, "Also train on class images to keep the class prior.")
     class_data_dir: str | None = flag(None, "Folder of class images; missing ones are generated once and reused.")
     class_prompt: str | None = flag(None, "Prompt of the class, e.g. 'a photo of dog'.")
@@ -224,14 +251,24 @@ class DreamBoothLoRAConfig(SDLoRAConfig):
 
     def fill_and_check(self) -> None:
         super().fill_and_check()
-        if not self.instance_data_dir:
-            raise SDLoRAError("--instance_data_dir is required (a folder of the subject's images)")
+        if self.takes_datasets:
+            if not self.instance_data_dir and not self.dataset_name:
+                raise SDLoRAError("--instance_data_dir or --dataset_name is required (the subject's images)")
+            if self.instance_data_dir and self.dataset_name:
+                raise SDLoRAError("pass --instance_data_dir or --dataset_name, not both (the dataset would win)")
+            if self.train_data_dir:
+                raise SDLoRAError("DreamBooth reads --instance_data_dir or --dataset_name; drop --train_data_dir")
+        else:
+            if not self.instance_data_dir:
+                raise SDLoRAError("--instance_data_dir is required (a folder of the subject's images)")
+            if self.train_data_dir or self.dataset_name:
+                raise SDLoRAError("DreamBooth reads --instance_data_dir; drop --train_data_dir / --dataset_name")
         if not self.instance_prompt:
             raise SDLoRAError("--instance_prompt is required (e.g. 'a photo of sks dog')")
-        if self.train_data_dir or self.dataset_name:
-            raise SDLoRAError("DreamBooth reads --instance_data_dir; drop --train_data_dir / --dataset_name")
         if self.pre_compute_text_embeddings and self.train_text_encoder:
             raise SDLoRAError("--pre_compute_text_embeddings cannot go with --train_text_encoder; drop one")
+        if self.repeats < 1:
+            raise SDLoRAError(f"--repeats must be >= 1, got {self.repeats}")
         if self.prior_generation_precision == "fp16" and not has_accelerator_device():
             raise SDLoRAError("--prior_generation_precision fp16 needs a GPU; on the CPU use fp32 or bf16")
         if self.with_prior_preservation:
@@ -239,3 +276,122 @@ class DreamBoothLoRAConfig(SDLoRAConfig):
                 raise SDLoRAError("--with_prior_preservation needs --class_data_dir and --class_prompt")
             if self.num_class_images < 1:
                 raise SDLoRAError(f"--num_class_images must be >= 1, got {self.num_class_images}")
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# SDXL: the same trainer on two text encoders, micro-conditioning and an optional fp16-safe VAE
+# ----------------------------------------------------------------------------------------------------------------------
+
+#: Flags of the SD 1.x/2.x scripts that have no SDXL meaning (SDXL's scripts have none of them).
+SDXL_TOKENIZER = (
+    "SDXL's two CLIP tokenizers each use their own model_max_length and its pipeline passes no attention mask, as "
+    "in diffusers' SDXL scripts; drop it"
+)
+#: diffusers' SDXL flags crispdiff refuses, and why (one line each, naming what to use instead).
+SDXL_EDM = (
+    "crispdiff trains the base scheduler's DDPM objective (epsilon or v-prediction); EDM-style training and EDM bases "
+    "(e.g. Playground v2.5) are not supported; drop it"
+)
+PRODIGY = "applies to --optimizer prodigy, which crispdiff does not offer (AdamW or --use_8bit_adam); drop it"
+NPU_FLASH_ATTENTION = (
+    "Ascend NPU kernels are not supported; attention uses PyTorch SDPA (or "
+    "--enable_xformers_memory_efficient_attention); drop it"
+)
+DEBUG_LOSS = (
+    "crispdiff logs the loss of each optimizer step, not of each file (images are read from its cache); drop it"
+)
+
+
+@dataclass
+class SDXLOptions:
+    """What the SDXL scripts add to the SD LoRA flags (diffusers' SDXL scripts' names), and their checks."""
+
+    pretrained_model_name_or_path: str | None = flag(
+        None, "The SDXL base (StableDiffusionXLPipeline): a local diffusers folder or a Hub id (required)."
+    )
+    pretrained_vae_model_name_or_path: str | None = flag(
+        None,
+        "A VAE (folder or Hub id, e.g. madebyollin/sdxl-vae-fp16-fix) used instead of the base's vae/: to encode "
+        "the training images, sample, and in the --save_pipeline export. SDXL's own VAE overflows in fp16.",
+    )
+    resolution: int = flag(1024, "Training resolution (1024 for SDXL).")
+    train_text_encoder: bool = flag(
+        False, "Also put LoRA on both CLIP text encoders' attention (no text caching then)."
+    )
+
+    def base_vae(self) -> str | None:
+        return self.pretrained_vae_model_name_or_path
+
+
+@dataclass
+class SDXLTextToImageLoRAConfig(SDXLOptions, TextToImageLoRAConfig):
+    """Everything `train_scripts/train_text_to_image_lora_sdxl.py` accepts: a captioned folder or dataset, SDXL."""
+
+    family: ClassVar[str] = SDXL_FAMILY
+    other_family_script: ClassVar[str] = "train_text_to_image_lora.py"
+    refused_flags: ClassVar[dict[str, str]] = {
+        "tokenizer_name": SDXL_TOKENIZER,
+        "tokenizer_max_length": SDXL_TOKENIZER,
+        "text_encoder_use_attention_mask": SDXL_TOKENIZER,
+        "enable_npu_flash_attention": NPU_FLASH_ATTENTION,
+        "debug_loss": DEBUG_LOSS,
+    }
+    diffusers_script: ClassVar[str | None] = "train_text_to_image_lora_sdxl.py"
+
+
+@dataclass
+class SDXLDreamBoothLoRAConfig(SDXLOptions, DreamBoothLoRAConfig):
+    """Everything `train_scripts/train_dreambooth_lora_sdxl.py` accepts: a subject folder or dataset and a prompt."""
+
+    family: ClassVar[str] = SDXL_FAMILY
+    other_family_script: ClassVar[str] = "train_dreambooth_lora.py"
+    takes_datasets: ClassVar[bool] = True
+    refused_flags: ClassVar[dict[str, str]] = {
+        "tokenizer_name": SDXL_TOKENIZER,
+        "tokenizer_max_length": SDXL_TOKENIZER,
+        "text_encoder_use_attention_mask": SDXL_TOKENIZER,
+        "pre_compute_text_embeddings": (
+            "SDXL's scripts have no such flag: with frozen text encoders every prompt is encoded once anyway; drop it"
+        ),
+        "do_edm_style_training": SDXL_EDM,
+        **{name: PRODIGY for name in ("prodigy_beta3", "prodigy_decouple", "prodigy_use_bias_correction",
+                                      "prodigy_safeguard_warmup")},
+    }  # fmt: skip
+    conditional_flags: ClassVar[dict[str, Condition]] = {
+        **DreamBoothLoRAConfig.conditional_flags,
+        "text_encoder_lr": (lambda c: c.train_text_encoder, "--train_text_encoder"),
+        "adam_weight_decay_text_encoder": (lambda c: c.train_text_encoder, "--train_text_encoder"),
+    }
+    diffusers_script: ClassVar[str | None] = "train_dreambooth_lora_sdxl.py"
+    diffusers_defaults: ClassVar[dict[str, Any]] = {
+        "train_batch_size": 4,
+        "max_train_steps": None,  # diffusers: --num_train_epochs 1
+        "lr_warmup_steps": 500,
+    }
+
+    caption_column: str | None = flag(
+        None,
+        "Per-image captions from the --dataset_name column or instance_data_dir/metadata.jsonl (empty ones fall back "
+        "to --instance_prompt).",
+    )
+    text_encoder_lr: float = flag(
+        5e-6, "Learning rate of both text encoders' LoRA with --train_text_encoder (diffusers' SDXL default)."
+    )
+    adam_weight_decay_text_encoder: float = flag(
+        1e-3, "AdamW weight decay of the text encoders' LoRA with --train_text_encoder."
+    )
+    adam_weight_decay: float = flag(1e-4, "AdamW weight decay of the UNet's LoRA (diffusers' SDXL default).")
+    optimizer: str = flag(
+        "AdamW", "The optimizer: AdamW (with --use_8bit_adam, bitsandbytes' 8-bit AdamW). Prodigy is refused.",
+        choices=["AdamW", "prodigy"],
+    )
+
+    def text_encoder_optimizer(self) -> dict[str, float]:
+        return {"lr": self.text_encoder_lr, "weight_decay": self.adam_weight_decay_text_encoder}
+
+    def fill_and_check(self) -> None:
+        super().fill_and_check()
+        if self.optimizer != "AdamW":
+            raise SDLoRAError(f"--optimizer {self.optimizer} is not offered: crispdiff trains with AdamW; drop it")
+        if self.text_encoder_lr <= 0:
+            raise SDLoRAError(f"--text_encoder_lr must be positive, got {self.text_encoder_lr}")

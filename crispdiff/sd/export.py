@@ -1,8 +1,8 @@
-"""Fusing a Stable Diffusion LoRA into its base model and exporting the result as a pipeline.
+"""Fusing a Stable Diffusion (SD 1.x / 2.x or SDXL) LoRA into its base model and exporting the result as a pipeline.
 
-``export_sd`` fuses a LoRA into its base model and writes a ``CrispDiffSDPipeline`` folder
-(``pipelines/pipeline_crispdiff_sd.py``): DPM-Solver++ by default, an optional SR component, and ``output_size`` for
-the "generate at 512, downsample to 64 with an antialiased Lanczos filter" path.
+``export_sd`` fuses a LoRA into its base model and writes a ``CrispDiffSDPipeline`` (SDXL: ``CrispDiffSDXLPipeline``)
+folder (``pipelines/pipeline_crispdiff_sd.py``): DPM-Solver++ by default, an optional SR component, and
+``output_size`` for the "generate at 512, downsample to 64 with an antialiased Lanczos filter" path.
 """
 
 from __future__ import annotations
@@ -48,17 +48,20 @@ def _fuse_pairs(model: Any, pairs: dict[str, tuple[torch.Tensor, torch.Tensor, f
             layer.weight.add_(delta.to(layer.weight.dtype))
 
 
-KOHYA_TEXT_PREFIX = "lora_te_"
+#: Where each text-encoder part of a LoRA file goes: diffusers' key prefix or kohya's, and the pipeline's attribute.
+DIFFUSERS_TEXT_PARTS = {"text_encoder.": "text_encoder", "text_encoder_2.": "text_encoder_2"}
+KOHYA_TEXT_PARTS = {"lora_te_": "text_encoder", "lora_te1_": "text_encoder", "lora_te2_": "text_encoder_2"}
 
 
-def fuse_kohya_text_encoder_lora(text_encoder: Any, state: dict[str, torch.Tensor], scale: float) -> None:
-    """Fuse the ``lora_te_...`` part of a kohya file (A1111 / ComfyUI layout: ``lora_down`` / ``lora_up`` and a
-    per-module ``alpha``) into ``text_encoder``.
+def fuse_kohya_text_encoder_lora(text_encoder: Any, state: dict[str, torch.Tensor], scale: float, prefix: str) -> None:
+    """Fuse one text encoder's part of a kohya file (A1111 / ComfyUI layout: keys ``prefix<module>.lora_down`` /
+    ``lora_up`` and a per-module ``alpha``; ``prefix`` is ``lora_te_``, or SDXL's ``lora_te1_`` / ``lora_te2_``)
+    into ``text_encoder``.
 
     kohya names a module by its path with dots as underscores, which cannot be undone by string replacement
     (``self_attn``, ``q_proj``); the text encoder's own module names give the mapping.
     """
-    names = {KOHYA_TEXT_PREFIX + name.replace(".", "_"): name for name, _ in text_encoder.named_modules() if name}
+    names = {prefix + name.replace(".", "_"): name for name, _ in text_encoder.named_modules() if name}
     pairs = {}
     for key in state:
         if not key.endswith(".lora_down.weight"):
@@ -74,13 +77,22 @@ def fuse_kohya_text_encoder_lora(text_encoder: Any, state: dict[str, torch.Tenso
     _fuse_pairs(text_encoder, pairs, scale)
 
 
+def _text_encoder(pipeline: Any, attribute: str, what: str) -> Any:
+    encoder = getattr(pipeline, attribute, None)
+    if encoder is None:
+        raise SDLoRAError(f"the LoRA file has a {what} part but this base has no {attribute}; wrong base?")
+    return encoder
+
+
 def fuse_lora_file(pipeline: Any, folder: Path, scale: float = 1.0) -> None:
-    """Fuse ``folder``'s LoRA into ``pipeline`` (a StableDiffusionPipeline) and drop the adapter layers.
+    """Fuse ``folder``'s LoRA into ``pipeline`` (a StableDiffusionPipeline or StableDiffusionXLPipeline) and drop
+    the adapter layers.
 
     The UNet part goes through diffusers' own loader and ``fuse_lora`` (any target, DoRA included, diffusers' or
-    kohya's keys); a text-encoder part is fused by :func:`fuse_text_encoder_lora` (diffusers' keys) or
-    :func:`fuse_kohya_text_encoder_lora` (``lora_te_`` keys) after the UNet part is split off into a file of its own,
-    with the adapter metadata kept.
+    kohya's keys); each text-encoder part (``text_encoder.`` / ``text_encoder_2.``, kohya's ``lora_te_`` /
+    ``lora_te1_`` / ``lora_te2_``) is fused by :func:`fuse_text_encoder_lora` or
+    :func:`fuse_kohya_text_encoder_lora` after the UNet part is split off into a file of its own, with the adapter
+    metadata kept.
     """
     from safetensors import safe_open
     from safetensors.torch import save_file
@@ -91,28 +103,32 @@ def fuse_lora_file(pipeline: Any, folder: Path, scale: float = 1.0) -> None:
     with safe_open(str(path), "pt") as handle:
         state = {k: handle.get_tensor(k) for k in handle.keys()}  # noqa: SIM118 - safe_open has no items()
         metadata = handle.metadata() or {}
-    kohya_text = {k: v for k, v in state.items() if k.startswith(KOHYA_TEXT_PREFIX)}
-    text = {k[len("text_encoder.") :]: v for k, v in state.items() if k.startswith("text_encoder.")}
-    unet = {k: v for k, v in state.items() if not k.startswith(("text_encoder.", KOHYA_TEXT_PREFIX))}
+    text_prefixes = (*DIFFUSERS_TEXT_PARTS, *KOHYA_TEXT_PARTS)
+    unet = {k: v for k, v in state.items() if not k.startswith(text_prefixes)}
     staging = path.parent / f".{path.stem}.fuse-{uuid.uuid4().hex[:8]}"
     try:
         if unet:
             source = path
-            if text or kohya_text:
+            if len(unet) < len(state):
                 staging.mkdir()
                 source = staging / LORA_WEIGHTS_NAME
                 save_file(unet, str(source), metadata)
             pipeline.load_lora_weights(str(source.parent), weight_name=source.name)
             pipeline.fuse_lora(components=["unet"], lora_scale=scale)
             pipeline.unload_lora_weights()  # the fused weights stay; the adapter layers go
-        if text:
-            adapter = json.loads(metadata.get("lora_adapter_metadata", "{}"))
-            alpha = adapter.get("text_encoder.lora_alpha")
+        adapter = json.loads(metadata.get("lora_adapter_metadata", "{}"))
+        for prefix, attribute in DIFFUSERS_TEXT_PARTS.items():
+            part = {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
+            if not part:
+                continue
+            alpha = adapter.get(f"{attribute}.lora_alpha")
             if alpha is None:
-                raise SDLoRAError(f"{path} has a text-encoder LoRA but no adapter metadata (lora_alpha); cannot fuse")
-            fuse_text_encoder_lora(pipeline.text_encoder, text, float(alpha), scale)
-        if kohya_text:
-            fuse_kohya_text_encoder_lora(pipeline.text_encoder, kohya_text, scale)
+                raise SDLoRAError(f"{path} has a {attribute} LoRA but no adapter metadata (lora_alpha); cannot fuse")
+            fuse_text_encoder_lora(_text_encoder(pipeline, attribute, prefix), part, float(alpha), scale)
+        for prefix, attribute in KOHYA_TEXT_PARTS.items():
+            part = {k: v for k, v in state.items() if k.startswith(prefix)}
+            if part:
+                fuse_kohya_text_encoder_lora(_text_encoder(pipeline, attribute, prefix), part, scale, prefix)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
 
@@ -128,12 +144,14 @@ def build_sd_pipeline(
     revision: str | None = None,
     variant: str | None = None,
     tokenizer_name: str | None = None,
+    vae: str | None = None,
 ) -> Any:
-    """The in-memory ``CrispDiffSDPipeline``: base + fused LoRA, DPM-Solver++, optional SR, output size
-    (``tokenizer_name``: the training run's ``--tokenizer_name``, used instead of the base's tokenizer)."""
-    from crispdiff.pipelines.pipeline_crispdiff_sd import CrispDiffSDPipeline
+    """The in-memory ``CrispDiffSDPipeline`` (``CrispDiffSDXLPipeline`` for an SDXL base): base + fused LoRA,
+    DPM-Solver++, optional SR, output size (``tokenizer_name`` / ``vae``: the training run's ``--tokenizer_name`` /
+    ``--pretrained_vae_model_name_or_path``, used instead of the base's)."""
+    from crispdiff.pipelines.pipeline_crispdiff_sd import CrispDiffSDPipeline, CrispDiffSDXLPipeline
 
-    parts = load_sd(base, revision, variant, tokenizer_name)
+    parts = load_sd(base, revision, variant, tokenizer_name, vae)
     pipeline = inference_pipeline(parts)
     if lora is not None:
         fuse_lora_file(pipeline, Path(lora), lora_scale)
@@ -142,15 +160,16 @@ def build_sd_pipeline(
         from crispdiff.superres.load import load_sr_model
 
         sr = load_sr_model(sr_model)
+    finish = {"sr_model": sr, "output_size": output_size, "sr_strength": sr_strength}
+    if parts.is_sdxl:
+        return CrispDiffSDXLPipeline(**pipeline.components, **finish)
     return CrispDiffSDPipeline(
         vae=pipeline.vae,
         text_encoder=pipeline.text_encoder,
         tokenizer=pipeline.tokenizer,
         unet=pipeline.unet,
         scheduler=pipeline.scheduler,
-        sr_model=sr,
-        output_size=output_size,
-        sr_strength=sr_strength,
+        **finish,
     )
 
 

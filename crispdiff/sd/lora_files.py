@@ -17,6 +17,7 @@ from crispdiff.sd.config import (
     KOHYA_WEIGHTS_NAME,
     LORA_WEIGHTS_NAME,
     SAMPLES_NAME,
+    SDXL_FAMILY,
     DreamBoothLoRAConfig,
     SDLoRAConfig,
     SDLoRAError,
@@ -43,17 +44,24 @@ def load_lora_state(model: Any, state: dict[str, torch.Tensor]) -> None:
         )
 
 
+#: kohya's prefix for each text encoder's modules: SD 1.x / 2.x has one (``lora_te_``), SDXL two (``lora_te1_``,
+#: ``lora_te2_``), as kohya's sd-scripts and diffusers' ``convert_state_dict_to_kohya`` write them.
+KOHYA_TEXT_PREFIXES = {False: ("lora_te",), True: ("lora_te1", "lora_te2")}
+
+
 def kohya_state_dict(
-    unet_state: dict[str, torch.Tensor], text_state: dict[str, torch.Tensor] | None, alpha: float
+    unet_state: dict[str, torch.Tensor], text_states: list[dict[str, torch.Tensor]], alpha: float, sdxl: bool = False
 ) -> dict[str, torch.Tensor]:
     """peft LoRA weights -> kohya's sd-scripts layout (what A1111, ComfyUI and kohya load).
 
-    kohya names a module by its diffusers path with dots as underscores, prefixed ``lora_unet_`` or ``lora_te_``;
-    ``lora_A`` / ``lora_B`` are ``lora_down`` / ``lora_up``, and every module carries its ``alpha`` (the real one:
-    diffusers' generic converter writes the rank instead, which rescales a LoRA trained with another alpha).
+    kohya names a module by its diffusers path with dots as underscores, prefixed ``lora_unet_`` or the text encoder's
+    prefix (:data:`KOHYA_TEXT_PREFIXES`); ``lora_A`` / ``lora_B`` are ``lora_down`` / ``lora_up``, and every module
+    carries its ``alpha`` (the real one: diffusers' generic converter writes the rank instead, which rescales a LoRA
+    trained with another alpha). ``text_states``: one per trained text encoder, in order.
     """
     out: dict[str, torch.Tensor] = {}
-    for prefix, state in (("lora_unet", unet_state), ("lora_te", text_state or {})):
+    parts = [("lora_unet", unet_state), *zip(KOHYA_TEXT_PREFIXES[sdxl], text_states)]
+    for prefix, state in parts:
         for key, tensor in state.items():
             module, _, rest = key.partition(".lora_")
             if rest not in ("A.weight", "B.weight"):
@@ -67,31 +75,40 @@ def kohya_state_dict(
 
 
 def save_lora_weights(
-    output_dir: Path, unet: Any, text_encoder: Any | None, *, kohya: bool = False, version: str = "sd_v1"
+    output_dir: Path,
+    unet: Any,
+    text_encoders: list[Any] | None = None,
+    *,
+    kohya: bool = False,
+    version: str = "sd_v1",
 ) -> Path:
     """Write ``pytorch_lora_weights.safetensors`` (diffusers format + adapter metadata) atomically, and the kohya copy.
 
-    diffusers' own ``save_lora_weights`` writes the file; it is written into a hidden folder and renamed into place,
-    so a reader never sees half a file.
+    ``text_encoders``: the trained text encoders (none, the one of SD 1.x / 2.x, or SDXL's two); ``version``: the
+    base's (``sd_v1`` / ``sd_v2`` / ``sdxl_base_v1-0``, as kohya's metadata names them). diffusers' own
+    ``save_lora_weights`` (the SDXL pipeline's for SDXL, with the ``text_encoder_2.`` part) writes the file; it is
+    written into a hidden folder and renamed into place, so a reader never sees half a file.
     """
-    from diffusers import StableDiffusionPipeline
+    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
     from diffusers.utils import convert_state_dict_to_diffusers
     from safetensors.torch import save_file
 
+    sdxl = version.startswith("sdxl")
     output_dir = Path(output_dir)
     staging = output_dir / f".lora-{uuid.uuid4().hex[:8]}.tmp"
     staging.mkdir(parents=True)
     try:
         unet_state = lora_state(unet)
-        text_state = lora_state(text_encoder) if text_encoder is not None else None
-        StableDiffusionPipeline.save_lora_weights(
-            staging,
-            unet_lora_layers=convert_state_dict_to_diffusers(unet_state),
-            text_encoder_lora_layers=convert_state_dict_to_diffusers(text_state) if text_state else None,
-            unet_lora_adapter_metadata=adapter_config(unet),
-            text_encoder_lora_adapter_metadata=adapter_config(text_encoder) if text_encoder is not None else None,
-            safe_serialization=True,
-        )
+        text_states = [lora_state(encoder) for encoder in text_encoders or []]
+        parts: dict[str, Any] = {
+            "unet_lora_layers": convert_state_dict_to_diffusers(unet_state),
+            "unet_lora_adapter_metadata": adapter_config(unet),
+        }
+        for role, encoder, state in zip(("text_encoder", "text_encoder_2"), text_encoders or [], text_states):
+            parts[f"{role}_lora_layers"] = convert_state_dict_to_diffusers(state)
+            parts[f"{role}_lora_adapter_metadata"] = adapter_config(encoder)
+        pipeline_class = StableDiffusionXLPipeline if sdxl else StableDiffusionPipeline
+        pipeline_class.save_lora_weights(staging, safe_serialization=True, **parts)
         move_file_into_place(staging / LORA_WEIGHTS_NAME, output_dir / LORA_WEIGHTS_NAME)
         if kohya:
             config = unet.peft_config["default"]
@@ -101,9 +118,8 @@ def save_lora_weights(
                 "ss_network_alpha": str(config.lora_alpha),
                 "ss_base_model_version": version,
             }
-            save_file(
-                kohya_state_dict(unet_state, text_state, config.lora_alpha), staging / KOHYA_WEIGHTS_NAME, metadata
-            )
+            kohya_state = kohya_state_dict(unet_state, text_states, config.lora_alpha, sdxl)
+            save_file(kohya_state, staging / KOHYA_WEIGHTS_NAME, metadata)
             move_file_into_place(staging / KOHYA_WEIGHTS_NAME, output_dir / KOHYA_WEIGHTS_NAME)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
@@ -141,9 +157,9 @@ def model_card(
     a widget with the sample grid (of ``samples_prompt``), and how to load it with plain diffusers. ``steps``: the
     steps trained (default --max_train_steps; a run sized by epochs has none)."""
     dreambooth = isinstance(config, DreamBoothLoRAConfig)
-    tags = ["text-to-image", "stable-diffusion", "lora", "diffusers", "crispdiff"] + (
-        ["dreambooth"] if dreambooth else []
-    )
+    sdxl = config.family == SDXL_FAMILY
+    family_tags = ["stable-diffusion-xl", "stable-diffusion-xl-diffusers"] if sdxl else ["stable-diffusion"]
+    tags = ["text-to-image", *family_tags, "lora", "diffusers", "crispdiff"] + (["dreambooth"] if dreambooth else [])
     instance_prompt = config.instance_prompt if dreambooth else None
     prompt = config.validation_prompt or instance_prompt
     license_name = config.license or base_model_license(config.pretrained_model_name_or_path, config.revision)
@@ -170,19 +186,25 @@ def model_card(
         f"A {kind} ({'DoRA, ' if config.use_dora else ''}rank {config.rank}, alpha {alpha}) for "
         f"`{config.pretrained_model_name_or_path}`, trained with crispdiff for {steps or config.max_train_steps} "
         f"steps of {config.train_batch_size} image(s) at {config.resolution} px"
-        + (" with the text encoder" if config.train_text_encoder else "")
+        + ((" with the text encoders" if sdxl else " with the text encoder") if config.train_text_encoder else "")
         + (f", prompt `{prompt}`" if prompt else "")
         + ".",
         "",
     ]
     if has_samples:
         body += [f"![samples]({SAMPLES_NAME})", ""]
+    pipeline_class = "StableDiffusionXLPipeline" if sdxl else "StableDiffusionPipeline"
+    vae = config.base_vae()
+    if vae:
+        body += [f"Trained with the VAE `{vae}` instead of the base's; load it as below.", ""]
     body += [
         "```python",
         "import torch",
-        "from diffusers import StableDiffusionPipeline",
+        f"from diffusers import {'AutoencoderKL, ' if vae else ''}{pipeline_class}",
         "",
-        f'pipe = StableDiffusionPipeline.from_pretrained("{config.pretrained_model_name_or_path}")',
+        *([f'vae = AutoencoderKL.from_pretrained("{vae}")'] if vae else []),
+        f'pipe = {pipeline_class}.from_pretrained("{config.pretrained_model_name_or_path}"'
+        + (", vae=vae)" if vae else ")"),
         'pipe.load_lora_weights("path/to/this/folder")',
         f"image = pipe({json.dumps(prompt or 'a prompt')}, num_inference_steps=25).images[0]",
         "```",

@@ -1,12 +1,12 @@
-"""LoRA and DreamBooth fine-tuning of Stable Diffusion 1.x / 2.x: the trainer.
+"""LoRA and DreamBooth fine-tuning of Stable Diffusion 1.x / 2.x and SDXL: the trainer.
 
 Why crispdiff has its own rather than pointing at diffusers' ``train_dreambooth_lora.py`` and
 ``train_text_to_image_lora.py``: what their users keep asking for is a property of the loop and of the files, not of
 the model, and crispdiff's loop already has it. This module plugs Stable Diffusion into that loop:
 
-- the UNet (and with ``--train_text_encoder`` the CLIP text encoder) gets peft LoRA (or DoRA) adapters; the base
-  weights are frozen in the training precision, the adapter weights stay fp32 so fp16 loss scaling never sees fp16
-  gradients (diffusers #6086, #13124);
+- the UNet (and with ``--train_text_encoder`` the CLIP text encoder, SDXL's two) gets peft LoRA (or DoRA) adapters;
+  the base weights are frozen in the training precision, the adapter weights stay fp32 so fp16 loss scaling never
+  sees fp16 gradients (diffusers #6086, #13124);
 - the VAE is frozen, so every image is encoded once into the existing latent cache (``crispdiff.latent.cache``) and
   trained through ``crispdiff.latent.space.LatentSpace``; with a frozen text encoder every distinct prompt is encoded
   once too. Together they are the speed-up over the reference scripts, which run both encoders every step;
@@ -19,6 +19,9 @@ the model, and crispdiff's loop already has it. This module plugs Stable Diffusi
 - the output is ``pytorch_lora_weights.safetensors`` in diffusers' format with its adapter config (alpha, DoRA) in
   the file's metadata, so ``StableDiffusionPipeline.load_lora_weights(output_dir)`` reproduces the trained model, plus
   an optional kohya copy (``lora_unet_...`` / ``lora_te_...`` keys, with the real alpha) for A1111 / ComfyUI (#6399).
+
+SDXL runs the same loop with what its UNet needs besides the text: the second text encoder's pooled embedding and
+the micro-conditioning of each latent (``crispdiff.sd.micro_conditioning``), as diffusers' SDXL scripts give it.
 
 The configs are in :mod:`crispdiff.sd.config`, the LoRA files in :mod:`crispdiff.sd.lora_files`, the fused export
 in :mod:`crispdiff.sd.export`.
@@ -38,7 +41,7 @@ from crispdiff.core.errors import one_line
 from crispdiff.core.io import write_text_atomic
 from crispdiff.core.provenance import public_command, write_provenance
 from crispdiff.diffusion.schedule import sample_noise
-from crispdiff.sd.base import SDParts, base_schedule, inference_pipeline, load_sd
+from crispdiff.sd.base import SDParts, base_schedule, check_base_family, inference_pipeline, load_sd
 from crispdiff.sd.config import (
     LORA_WEIGHTS_NAME,
     SAMPLES_NAME,
@@ -49,7 +52,15 @@ from crispdiff.sd.config import (
 )
 from crispdiff.sd.export import export_sd
 from crispdiff.sd.lora_files import load_lora_state, model_card, push_lora_to_hub, save_lora_weights
-from crispdiff.sd.prompts import PromptBank, TrainSet, captions_for, generate_class_images, image_view, latent_space
+from crispdiff.sd.prompts import (
+    PromptBank,
+    TrainSet,
+    captions_for,
+    generate_class_images,
+    image_view,
+    latent_space,
+    train_set,
+)
 from crispdiff.train.loop import LoopTrainer, check_output_dir, run_trainer, untouched_rng
 from crispdiff.train.lora import (
     SD_UNET_LORA_PRESETS,
@@ -62,7 +73,12 @@ from crispdiff.train.process import start_run
 logger = logging.getLogger("crispdiff")
 
 
-CHECKPOINT_LORA_FILES = {"unet": "lora_unet.safetensors", "text_encoder": "lora_text_encoder.safetensors"}
+CHECKPOINT_LORA_FILES = {
+    "unet": "lora_unet.safetensors",
+    "text_encoder": "lora_text_encoder.safetensors",
+    "text_encoder_2": "lora_text_encoder_2.safetensors",
+}
+TEXT_ENCODER_ROLES = ("text_encoder", "text_encoder_2")
 
 
 class SDLoRATrainer(LoopTrainer):
@@ -80,8 +96,10 @@ class SDLoRATrainer(LoopTrainer):
         prompts: PromptBank,
         instance: TrainSet,
         prior: TrainSet | None = None,
+        repeats: int = 1,
     ):
-        super().__init__(config, accelerator, max(len(instance), len(prior) if prior else 0))
+        """``repeats``: how many times each instance image appears in an epoch (DreamBooth's ``--repeats``)."""
+        super().__init__(config, accelerator, max(len(instance) * repeats, len(prior) if prior else 0))
         self.parts, self.prompts, self.instance, self.prior = parts, prompts, instance, prior
         device = accelerator.device
         self.weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(
@@ -93,7 +111,7 @@ class SDLoRATrainer(LoopTrainer):
             prepare = getattr(part.space, "prepare", None)  # keeps cached latents on a GPU when they fit
             if prepare is not None:
                 prepare(device)
-        unet, text_encoder = parts.unet, parts.text_encoder
+        unet, encoders = parts.unet, parts.text_encoders
         try:
             unet.add_adapter(config.lora_config(config.unet_targets()))
         except ValueError as err:  # peft: none of the target modules exists in the UNet
@@ -102,44 +120,56 @@ class SDLoRATrainer(LoopTrainer):
                 f"({one_line(err)[:200]}); use the presets {sorted(SD_UNET_LORA_PRESETS)} or module names such as to_q"
             ) from err
         if config.train_text_encoder:
-            inject_lora(text_encoder, config.lora_config(TEXT_ENCODER_LORA_TARGETS))
+            for encoder in encoders:
+                inject_lora(encoder, config.lora_config(TEXT_ENCODER_LORA_TARGETS))
         else:
-            prompts.precompute(text_encoder.to(device), device)
+            prompts.precompute([encoder.to(device) for encoder in encoders], device)
         # frozen base weights in the training precision, adapter weights in fp32 (the optimizer's master copy)
         unet.to(device, dtype=self.weight_dtype)
-        text_encoder.to(device, dtype=self.weight_dtype)
+        for encoder in encoders:
+            encoder.to(device, dtype=self.weight_dtype)
         parts.vae.to(device)  # fp32: it only decodes validation samples once the latents are cached
-        adapted = [unet, text_encoder] if config.train_text_encoder else [unet]
-        cast_training_params(adapted, dtype=torch.float32)
-        trainable = [p for model in adapted for p in model.parameters() if p.requires_grad]
-        if not trainable:
+        trained_encoders = encoders if config.train_text_encoder else []
+        cast_training_params([unet, *trained_encoders], dtype=torch.float32)
+        unet_weights = [p for p in unet.parameters() if p.requires_grad]
+        text_weights = [p for encoder in trained_encoders for p in encoder.parameters() if p.requires_grad]
+        if not unet_weights:
             raise SDLoRAError(f"--lora_target_modules {config.lora_target_modules} matched no module of the UNet")
-        self.num_trainable = sum(p.numel() for p in trainable)
+        self.num_trainable = sum(p.numel() for p in unet_weights + text_weights)
         if config.gradient_checkpointing:
             unet.enable_gradient_checkpointing()
-            if config.train_text_encoder:
-                text_encoder.gradient_checkpointing_enable()
+            for encoder in trained_encoders:
+                encoder.gradient_checkpointing_enable()
         if config.enable_xformers_memory_efficient_attention:
             unet.enable_xformers_memory_efficient_attention()
         unet.train()
-        text_encoder.train(config.train_text_encoder)
+        for encoder in encoders:
+            encoder.train(config.train_text_encoder)
 
-        self.setup_optimization(unet, trainable)
-        if config.train_text_encoder:
-            self.unet, self.text_encoder, self.optimizer = accelerator.prepare(unet, text_encoder, self.optimizer)
+        text_settings = config.text_encoder_optimizer()
+        if text_weights and text_settings:  # the text encoders' own learning rate and weight decay (SDXL DreamBooth)
+            trainable: list[Any] = [{"params": unet_weights}, {"params": text_weights, **text_settings}]
         else:
-            self.unet, self.optimizer = accelerator.prepare(unet, self.optimizer)
-            self.text_encoder = None
+            trainable = unet_weights + text_weights
+        self.setup_optimization(unet, trainable)
+        self.unet, *prepared, self.optimizer = accelerator.prepare(unet, *trained_encoders, self.optimizer)
+        self.text_encoders: list[Any] | None = prepared or None
         accelerator.register_save_state_pre_hook(self._save_lora_checkpoint)
         accelerator.register_load_state_pre_hook(self._load_lora_checkpoint)
         self.last_grid: Any = None
 
     # -- checkpoints hold the adapters only (safetensors), not the frozen base ------------------------------------
     def _named_models(self) -> dict[str, Any]:
+        """The models with adapters, by role: ``unet`` and, with ``--train_text_encoder``, ``text_encoder`` (and
+        SDXL's ``text_encoder_2``)."""
         named = {"unet": self.accelerator.unwrap_model(self.unet)}
-        if self.text_encoder is not None:
-            named["text_encoder"] = self.accelerator.unwrap_model(self.text_encoder)
+        for role, encoder in zip(TEXT_ENCODER_ROLES, self.text_encoders or []):
+            named[role] = self.accelerator.unwrap_model(encoder)
         return named
+
+    def _trained_text_encoders(self) -> list[Any]:
+        named = self._named_models()
+        return [named[role] for role in TEXT_ENCODER_ROLES if role in named]
 
     def _role(self, model: Any) -> str:
         bare = self.accelerator.unwrap_model(model)
@@ -161,8 +191,8 @@ class SDLoRATrainer(LoopTrainer):
             for model in models:
                 path = Path(output_dir) / CHECKPOINT_LORA_FILES[self._role(model)]
                 save_file(lora_state(self.accelerator.unwrap_model(model)), str(path))
-            named = self._named_models()
-            save_lora_weights(Path(output_dir), named["unet"], named.get("text_encoder"), version=self.parts.version)
+            unet = self._named_models()["unet"]
+            save_lora_weights(Path(output_dir), unet, self._trained_text_encoders(), version=self.parts.version)
         weights.clear()  # accelerate would otherwise save every frozen base weight too
 
     def _load_lora_checkpoint(self, models: list[Any], input_dir: str) -> None:
@@ -180,9 +210,10 @@ class SDLoRATrainer(LoopTrainer):
         what = f"{len(self.instance)} images"
         if self.prior is not None:
             what += f" + {len(self.prior)} class images"
-        text = (
-            "text encoder trained" if self.text_encoder is not None else f"{len(self.prompts.prompts)} prompt(s) cached"
-        )
+        encoders = "text encoders" if self.parts.is_sdxl else "text encoder"
+        text = f"{encoders} trained" if self.text_encoders else f"{len(self.prompts.prompts)} prompt(s) cached"
+        if self.parts.is_sdxl:
+            text += ", SDXL micro-conditioning"
         return f"LoRA ({self.num_trainable:,} weights, {self.schedule.prediction_type}) on {what}, {text}"
 
     def ema_parameters(self) -> Any:
@@ -192,20 +223,31 @@ class SDLoRATrainer(LoopTrainer):
         config, device = self.config, self.accelerator.device
         index = self.batches.indices(self.position)
         sets = [self.instance] + ([self.prior] if self.prior is not None else [])
-        latents, prompt_ids, sizes = [], [], []
+        latents, prompt_ids, time_ids, sizes = [], [], [], []
         for part in sets:
             rows = index % len(part)
-            latents.append(part.space.x0(rows, self.data_generator, device))
+            variants = part.space.draw_variants(rows, self.data_generator)
+            latents.append(part.space.latents(rows, variants, self.data_generator, device))
             prompt_ids.append(part.prompt_ids[rows])
+            if part.micro is not None:
+                time_ids.append(part.micro.time_ids(rows, variants))
             sizes.append(len(rows))
         x0, ids = torch.cat(latents), torch.cat(prompt_ids)
         noise = sample_noise(tuple(x0.shape), self.noise_generator, device, config.noise_offset)
         t = self.schedule.sample_timesteps(x0.shape[0], self.noise_generator, device)
         x_t = self.schedule.add_noise(x0, noise, t)
-        models = [self.unet] + ([self.text_encoder] if self.text_encoder is not None else [])
+        models = [self.unet, *(self.text_encoders or [])]
         with self.accelerator.accumulate(*models):
-            hidden = self.prompts.encode(ids, self.text_encoder, device)
-            prediction = self.unet(x_t.to(self.weight_dtype), t, hidden.to(self.weight_dtype)).sample
+            embeds = self.prompts.encode(ids, self.text_encoders, device)
+            added = None
+            if embeds.pooled is not None:  # SDXL: the pooled text embedding and the micro-conditioning
+                added = {
+                    "text_embeds": embeds.pooled.to(self.weight_dtype),
+                    "time_ids": torch.cat(time_ids).to(device, self.weight_dtype),
+                }
+            prediction = self.unet(
+                x_t.to(self.weight_dtype), t, embeds.hidden.to(self.weight_dtype), added_cond_kwargs=added
+            ).sample
             target = self.schedule.target(x0, noise, t)
             per_sample = (prediction.float() - target).pow(2).flatten(1).mean(dim=1)
             per_sample = per_sample * self.schedule.loss_weights(t, config.snr_gamma)
@@ -235,7 +277,8 @@ class SDLoRATrainer(LoopTrainer):
         try:
             for model in models.values():
                 model.eval()
-            pipeline = inference_pipeline(self.parts, models["unet"], models.get("text_encoder"))
+            trained = self._trained_text_encoders()
+            pipeline = inference_pipeline(self.parts, models["unet"], trained or None)
             with untouched_rng():
                 return self.run_pipeline(pipeline, prompt, count)
         finally:
@@ -268,6 +311,7 @@ class SDLoRATrainer(LoopTrainer):
             revision=config.revision,
             variant=config.variant,
             tokenizer_name=config.tokenizer_name,
+            vae=config.base_vae(),
         ).to(self.accelerator.device)
         pipeline.set_progress_bar_config(desc="final samples", disable=not self.accelerator.is_local_main_process)
         try:
@@ -304,7 +348,7 @@ class SDLoRATrainer(LoopTrainer):
         path = save_lora_weights(
             self.output_dir,
             models["unet"],
-            models.get("text_encoder"),
+            self._trained_text_encoders(),
             kohya=config.export_kohya,
             version=self.parts.version,
         )
@@ -335,6 +379,7 @@ class SDLoRATrainer(LoopTrainer):
                 revision=config.revision,
                 variant=config.variant,
                 tokenizer_name=config.tokenizer_name,
+                vae=config.base_vae(),
             )
             self.accelerator.print(f"Pipeline with the LoRA fused saved to {folder}.")
         if config.push_to_hub:
@@ -345,7 +390,9 @@ class SDLoRATrainer(LoopTrainer):
 def _prepare(config: SDLoRAConfig) -> tuple[Accelerator, SDParts]:
     """The output folder checked, the base model loaded, the process's Accelerator (``config`` is resolved)."""
     check_output_dir(config, "", LORA_WEIGHTS_NAME, "trained LoRA weights")
-    parts = load_sd(config.pretrained_model_name_or_path or "", config.revision, config.variant, config.tokenizer_name)
+    name = config.pretrained_model_name_or_path or ""
+    check_base_family(name, config.revision, config.family, config.other_family_script)
+    parts = load_sd(name, config.revision, config.variant, config.tokenizer_name, config.base_vae())
     base_schedule(parts.scheduler, config.prediction_type)  # refuse a prediction-type switch before any work
     accelerator = start_run(config)
     parts.vae.to(accelerator.device)
@@ -353,35 +400,45 @@ def _prepare(config: SDLoRAConfig) -> tuple[Accelerator, SDParts]:
 
 
 def prompt_bank(config: SDLoRAConfig, parts: SDParts, prompts: list[str]) -> PromptBank:
-    """The run's prompts, tokenized with --tokenizer_max_length and --text_encoder_use_attention_mask."""
+    """The run's prompts, tokenized with --tokenizer_max_length and --text_encoder_use_attention_mask (SDXL: both
+    tokenizers at their own length)."""
     limit = parts.text_encoder.config.max_position_embeddings
     if config.tokenizer_max_length is not None and config.tokenizer_max_length > limit:
         raise SDLoRAError(f"--tokenizer_max_length {config.tokenizer_max_length} exceeds the text encoder's {limit}")
-    return PromptBank(parts.tokenizer, prompts, config.tokenizer_max_length, config.text_encoder_use_attention_mask)
+    return PromptBank(
+        parts.tokenizer,
+        prompts,
+        config.tokenizer_max_length,
+        config.text_encoder_use_attention_mask,
+        tokenizer_2=parts.tokenizer_2,
+    )
 
 
 def train_text_to_image_lora(config: TextToImageLoRAConfig) -> Path | None:
-    """LoRA on a captioned folder or dataset; returns the LoRA file on the main process."""
+    """LoRA on a captioned folder or dataset (SD 1.x / 2.x or SDXL); returns the LoRA file on the main process."""
     config = config.resolve()
     accelerator, parts = _prepare(config)
     show = accelerator.is_local_main_process
+    view = image_view(config)
     with accelerator.main_process_first():
-        space, data = latent_space(image_view(config), config, parts.vae, show)
+        space, data = latent_space(view, config, parts.vae, show)
     captions = captions_for(data, None)
     prompts = prompt_bank(config, parts, captions + ([config.validation_prompt] if config.validation_prompt else []))
-    instance = TrainSet(space, prompts.ids(captions))
+    instance = train_set(view, space, data, prompts.ids(captions), parts)
     return run_trainer(SDLoRATrainer(config, accelerator, parts, prompts, instance))
 
 
 def train_dreambooth_lora(config: DreamBoothLoRAConfig) -> Path | None:
-    """DreamBooth LoRA on a subject folder, with optional prior preservation; returns the LoRA file (main process)."""
+    """DreamBooth LoRA on a subject folder (SDXL: or dataset), with optional prior preservation; returns the LoRA
+    file (main process)."""
     config = config.resolve()
     accelerator, parts = _prepare(config)
     show = accelerator.is_local_main_process
     with accelerator.main_process_first():
-        view = image_view(config, train_data_dir=config.instance_data_dir, dataset_name=None)
+        subject = {"train_data_dir": None} if config.dataset_name else {"train_data_dir": config.instance_data_dir}
+        view = image_view(config, dataset_name=config.dataset_name, **subject)
         space, data = latent_space(view, config, parts.vae, show)
-        prior_space = None
+        prior_space = class_view = prior_data = None
         if config.with_prior_preservation:
             if accelerator.is_main_process:
                 made = generate_class_images(config, parts, accelerator.device)
@@ -393,13 +450,15 @@ def train_dreambooth_lora(config: DreamBoothLoRAConfig) -> Path | None:
                 caption_column=None,
                 max_train_samples=config.num_class_images,
             )
-            prior_space, _ = latent_space(class_view, config, parts.vae, show)
+            prior_space, prior_data = latent_space(class_view, config, parts.vae, show)
     captions = captions_for(data, config.instance_prompt)
     extra = [config.class_prompt] if prior_space is not None else []
     extra += [config.validation_prompt] if config.validation_prompt else []
     prompts = prompt_bank(config, parts, captions + [p for p in extra if p])
-    instance = TrainSet(space, prompts.ids(captions))
+    instance = train_set(view, space, data, prompts.ids(captions), parts)
     prior = None
     if prior_space is not None:
-        prior = TrainSet(prior_space, prompts.ids([config.class_prompt or ""] * len(prior_space)))
-    return run_trainer(SDLoRATrainer(config, accelerator, parts, prompts, instance, prior))
+        class_ids = prompts.ids([config.class_prompt or ""] * len(prior_space))
+        prior = train_set(class_view, prior_space, prior_data, class_ids, parts)
+    trainer = SDLoRATrainer(config, accelerator, parts, prompts, instance, prior, repeats=config.repeats)
+    return run_trainer(trainer)

@@ -101,7 +101,11 @@ class SRTrainConfig(DataConfig, LoopConfig):
         "Weight of feature matching (0 = off): L1 between the discriminator's features of the SR output and of the "
         "real crop (pix2pixHD). A perceptual loss learned on your images that needs no downloaded network.",
     )
-    disc_channels: int = flag(64, "Channels of the discriminator's first layer.")
+    disc_channels: int = flag(
+        32,
+        "Channels of the discriminator's first layer (each strided layer doubles them). Lighter than train_vae.py's "
+        "default: it judges a small network's crops, and its cost adds to every step.",
+    )
     disc_layers: int = flag(
         2,
         "Strided layers of the PatchGAN discriminator: 2 judges patches of 34 px of the output (local texture, which "

@@ -108,10 +108,15 @@ class SRTrainer(LoopTrainer):
 
     def describe(self) -> str:
         config = self.config
-        return (
+        words = (
             f"SR x{config.scale} {config.architecture} network with {self.num_parameters:,} parameters, "
             f"{len(self.pairs)} training / {len(self.held_out)} held-out images, {config.crop_size} px input crops"
         )
+        if self.disc is not None:
+            size = sum(p.numel() for p in self.disc.parameters())
+            words += f", adversarial loss from step {config.gan_start_step} ({size:,}-parameter discriminator"
+            words += f", {len(self.unpaired)} unpaired inputs)" if self.unpaired is not None else ")"
+        return words
 
     def ema_parameters(self) -> Any:
         return self.accelerator.unwrap_model(self.network).parameters()

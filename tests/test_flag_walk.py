@@ -125,6 +125,7 @@ DREAMBOOTH = [*SD, "--instance_data_dir", "dog", "--instance_prompt", "a photo o
         ("train_vae.py", ["--caption_column", "text"], "--caption_column is not supported here"),
         ("train_vae.py", ["--disc_weight", "0.1"], "--disc_weight: no effect without --disc_start"),
         ("train_sr.py", ["--vae_latent_noise", "0.3"], "--vae_latent_noise: no effect without --vae_roundtrip_prob"),
+        ("train_sr.py", ["--unpaired_data_dir", "samples"], "--unpaired_data_dir: no effect without --gan_weight"),
         ("train_transfer.py", ["--pretrained_model_name_or_path", "m", "--rank", "4"], "--lora_rank: no effect"),
         ("train_transfer.py", ["--pretrained_model_name_or_path", "m", "--time_budget_minutes", "5"], "not supported"),
         ("train_text_to_image_lora.py", [*SD, "--scale_lr", "false", "--lr_reference_batch", "64"], "--scale_lr"),

@@ -1,11 +1,15 @@
 """Training an SR model on the user's images (``train_scripts/train_sr.py``, ``crispdiff.superres``): paired crops
 that stay aligned under every augmentation, a tiny real run whose saved model spandrel re-detects with the right
-scale and that beats bicubic on its own training images, x4, exact resume, the VAE round trip, and flag errors."""
+scale and that beats bicubic on its own training images, x4, exact resume, the VAE round trip and the input blur,
+flag errors; and the adversarial recipe (``crispdiff.train.gan``): each player's terms move only that player,
+feature matching, a start from a saved SR model, unpaired inputs the discriminator judges, and a GAN twin that
+upscales sharper than its regression-only twin."""
 
 from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -20,15 +24,18 @@ import torch.nn.functional as F
 from safetensors.torch import load_file
 from tiny_models import tiny_vae
 
-from crispdiff.core.errors import FlagError
+from crispdiff.core.errors import DataError, FlagError
 from crispdiff.core.flags import parse_config
 from crispdiff.core.provenance import PROVENANCE_NAME
+from crispdiff.evaluate.sharpness import high_frequency_share
 from crispdiff.pipelines.sr_model import WEIGHTS_NAME
 from crispdiff.superres.config import SRTrainConfig
-from crispdiff.superres.data import SRPairs, downscale, vae_roundtrip
-from crispdiff.superres.load import load_sr_model
+from crispdiff.superres.data import SRPairs, blur_each, downscale, vae_roundtrip
+from crispdiff.superres.load import embedded_sr_dir, load_sr_model
 from crispdiff.superres.metrics import bicubic_upscale
-from crispdiff.superres.trainer import train_sr
+from crispdiff.superres.trainer import build_sr_trainer, load_initial_model, train_sr
+from crispdiff.train.gan import PatchDiscriminator, adversarial_terms, feature_matching_loss
+from crispdiff.train.process import make_accelerator
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 HIGH = 32  # high-resolution side of the synthetic images
@@ -61,18 +68,59 @@ def image_folder(tmp_path_factory) -> Path:
     return folder
 
 
-def config_for(folder: Path, out: Path, *extra: str) -> SRTrainConfig:
+def textured_art(count: int, size: int, seed: int) -> np.ndarray:
+    """uint8 [N, size, size, 3]: flat_art's shapes filled with one-pixel checks or stripes of two colours, a texture
+    that downscaling x2 removes entirely (the input shows the shape's average colour), so only a model that adds
+    detail the input does not hold can put it back."""
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[0:size, 0:size]
+    images = np.empty((count, size, size, 3), dtype=np.uint8)
+    for n in range(count):
+        image = np.full((size, size, 3), rng.integers(150, 256, 3), dtype=np.uint8)
+        for _ in range(3):
+            cy, cx, r = rng.uniform(0, size, 2).tolist() + [rng.uniform(size / 5, size / 2.5)]
+            disc = rng.random() < 0.5
+            mask = (yy - cy) ** 2 + (xx - cx) ** 2 < r**2 if disc else (abs(yy - cy) < r) & (abs(xx - cx) < r)
+            colours, kind, phase = rng.integers(0, 256, (2, 3)), rng.integers(3), rng.integers(2)
+            pattern = [(yy + xx + phase) % 2 == 0, (yy + phase) % 2 == 0, (xx + phase) % 2 == 0][kind]
+            image[mask & pattern], image[mask & ~pattern] = colours[0], colours[1]
+        images[n] = image
+    return images
+
+
+@pytest.fixture(scope="module")
+def unpaired_folder(tmp_path_factory) -> Path:
+    """Low-resolution inputs with no originals (HIGH / 2 px), as a diffusion model's samples would be."""
+    folder = tmp_path_factory.mktemp("samples")
+    for i, image in enumerate(flat_art(6, HIGH // 2, seed=7)):
+        PIL.Image.fromarray(image).save(folder / f"sample_{i}.png")
+    return folder
+
+
+def config_for(folder: Path, out: Path, *extra: str, network: tuple[str, ...] | None = None) -> SRTrainConfig:
+    """The tiny test run's config; ``network`` replaces its network-size flags (none: read from an --init model)."""
+    sizes = ("--num_feat", "16", "--num_blocks", "3") if network is None else network
     return parse_config(
         SRTrainConfig,
         [
             "--train_data_dir", str(folder), "--output_dir", str(out), "--cache_dir", str(out.parent / "cache"),
-            "--resolution", str(HIGH), "--crop_size", "16", "--num_feat", "16", "--num_blocks", "3",
+            "--resolution", str(HIGH), "--crop_size", "16", *sizes,
             "--train_batch_size", "8", "--learning_rate", "5e-3", "--lr_scheduler", "constant",
             "--max_train_steps", "600",
             "--validation_fraction", "0.2", "--validation_steps", "0", "--checkpointing_steps", "0",
             "--report_to", "none", "--cpu_threads", "1", *extra,
         ],
     )  # fmt: skip
+
+
+def make_trainer(config: SRTrainConfig):
+    """The run's trainer, as train_sr builds it (an --init model adopted first), without the loop."""
+    config = config.resolve()
+    initial = None
+    if config.init_sr_model_name_or_path:
+        config, initial = load_initial_model(config)
+    torch.manual_seed(config.seed)
+    return build_sr_trainer(config, make_accelerator(config), initial)
 
 
 def test_paired_crops_stay_aligned_under_flips_and_turns():
@@ -132,10 +180,18 @@ def test_a_tiny_run_saves_a_spandrel_model_that_beats_bicubic_on_its_training_im
     assert (out / "comparison.png").read_bytes() == (out / "validation" / "step_0000600.png").read_bytes()
 
 
-def test_resume_is_exact(image_folder, tmp_path):
+GAN_RUN = ("--gan_weight", "0.5", "--gan_start_step", "3", "--feature_matching_weight", "1", "--disc_channels", "8",
+           "--input_blur_max", "1.5")  # fmt: skip
+
+
+@pytest.mark.parametrize("adversarial", [False, True], ids=["regression", "gan"])
+def test_resume_is_exact(image_folder, unpaired_folder, tmp_path, adversarial):
     """Validation and a checkpoint on the same step, augmentation on: resumed from checkpoint-6 of a run (its later
-    files gone, as after a kill) it ends bit-identical to the run that went on to step 12."""
+    files gone, as after a kill) it ends bit-identical to the run that went on to step 12. With the adversarial
+    recipe (a discriminator, feature matching, unpaired inputs, input blur), the same."""
     common = ("--max_train_steps", "12", "--checkpointing_steps", "6", "--validation_steps", "6")
+    if adversarial:
+        common += (*GAN_RUN, "--unpaired_data_dir", str(unpaired_folder))
     whole = train_sr(config_for(image_folder, tmp_path / "whole", *common))
     killed = tmp_path / "killed"
     killed.mkdir()
@@ -146,6 +202,15 @@ def test_resume_is_exact(image_folder, tmp_path):
     # and the copy really resumed (from step 6), not trained from scratch
     assert json.loads((killed / "sr_summary.json").read_text())["steps"] == 12
     assert not (killed / "validation" / "step_0000006.png").exists()
+    if adversarial:  # the discriminator was checkpointed and restored too, and the card says what trained
+        summary = json.loads((killed / "sr_summary.json").read_text())
+        assert summary["held_out_adversarial"] == json.loads((whole.parent / "sr_summary.json").read_text())[
+            "held_out_adversarial"
+        ]
+        assert summary["num_unpaired"] == 6 and "unpaired_sr_hf_energy_ratio" in summary["held_out_adversarial"]
+        card = (resumed / "README.md").read_text()
+        assert "adversarial (hinge) weight 0.5 from step 3" in card and "feature-matching weight 1.0" in card
+        assert "6 unpaired low-resolution inputs" in card and "std up to 1.5 input pixels" in card
 
 
 def test_vae_roundtrip_inputs_are_seeded_and_noisier_with_latent_noise():
@@ -196,6 +261,171 @@ def test_x4_through_accelerate_launch_into_a_pipeline(image_folder, tmp_path):
     assert images.images.shape == (1, 3, 4 * SIZE, 4 * SIZE)
 
 
+def test_the_input_blur_softens_inputs_only_and_keeps_the_draws():
+    """--input_blur_max blurs the inputs (less high-frequency energy), never the targets, and draws the same
+    numbers whatever it is, so the crops and the generator's later stream do not change with it."""
+    high = torch.from_numpy(flat_art(6, HIGH, seed=4)).permute(0, 3, 1, 2).contiguous()
+    low = downscale(high, 2, "lanczos")
+    ids = torch.arange(6)
+    crops = {}
+    for blur in (0.0, 2.0):
+        generator = torch.Generator().manual_seed(0)
+        crops[blur] = SRPairs(high, low, blur_max=blur).crops(ids, 12, generator, augment=True)
+        crops[blur] += (torch.rand(1, generator=generator),)  # what the generator draws next
+    (sharp, target, after), (blurred, blurred_target, blurred_after) = crops[0.0], crops[2.0]
+    assert torch.equal(target, blurred_target) and torch.equal(after, blurred_after)
+    assert high_frequency_share(blurred).mean() < 0.8 * high_frequency_share(sharp).mean()
+    images = torch.rand(3, 3, 8, 8)
+    assert torch.equal(blur_each(images, torch.zeros(3)), images)  # a std of 0 leaves an image as it was
+
+
+def tiny_generator_and_discriminator() -> tuple[torch.nn.Module, PatchDiscriminator]:
+    torch.manual_seed(0)
+    return torch.nn.Conv2d(3, 3, 3, padding=1), PatchDiscriminator(channels=8, layers=2)
+
+
+def test_each_players_terms_move_only_that_player(tmp_path):
+    """The generator's adversarial term and feature matching reach only the generator's weights; the
+    discriminator's hinge loss only the discriminator's: so one backward pass of their sum trains both, each on
+    its own objective. The values are the hinge losses of the discriminator's logits."""
+    generator, disc = tiny_generator_and_discriminator()
+    accelerator = make_accelerator(config_for(tmp_path, tmp_path / "out"))
+    real, inputs = torch.rand(4, 3, 32, 32), torch.rand(4, 3, 32, 32)
+    fake, unpaired = generator(inputs), generator(inputs.flip(-1))
+    terms = adversarial_terms(accelerator, disc, real, [fake, unpaired], feature_matching=True)
+    players = {"generator": list(generator.parameters()), "discriminator": list(disc.parameters())}
+
+    def moved(term: torch.Tensor) -> set[str]:
+        weights = [p for ps in players.values() for p in ps]
+        grads = torch.autograd.grad(term, weights, allow_unused=True, retain_graph=True)
+        owners = [name for name, ps in players.items() for _ in ps]
+        return {owner for owner, g in zip(owners, grads) if g is not None and g.abs().sum() > 0}
+
+    assert moved(terms.generator[0]) == moved(terms.generator[1]) == {"generator"}
+    assert moved(terms.feature_matching) == {"generator"}
+    assert moved(terms.discriminator) == {"discriminator"}
+    with torch.no_grad():
+        real_logits, fake_logits = disc(real), disc(torch.cat([fake, unpaired]))
+        assert terms.generator[0].item() == pytest.approx(-disc(fake).mean().item(), rel=1e-5)
+        hinge = 0.5 * (F.relu(1 - real_logits).mean() + F.relu(1 + fake_logits).mean())
+        assert terms.discriminator.item() == pytest.approx(hinge.item(), rel=1e-5)
+
+
+def test_feature_matching_is_zero_on_the_real_images_and_grows_with_the_difference():
+    _, disc = tiny_generator_and_discriminator()
+    real = torch.rand(4, 3, 32, 32)
+    features = {name: disc(images, return_features=True)[1] for name, images in (
+        ("real", real), ("close", real + 0.01 * torch.randn_like(real)), ("far", torch.rand_like(real)))}  # fmt: skip
+    assert len(features["real"]) == 3  # one per LeakyReLU: the first convolution and each strided layer
+    assert feature_matching_loss(features["real"], features["real"]) == 0
+    assert 0 < feature_matching_loss(features["close"], features["real"]) < feature_matching_loss(
+        features["far"], features["real"]
+    )
+
+
+def test_a_start_from_a_saved_sr_model_reproduces_it_at_step_0(image_folder, tmp_path):
+    """--init_sr_model_name_or_path: the network and its EMA start as the embedded SR x2 (its architecture and sizes
+    read from it), so step 0 upscales exactly as that model does."""
+    trainer = make_trainer(config_for(image_folder, tmp_path / "out", "--init_sr_model_name_or_path", "embedded",
+                                      "--gan_weight", "0.1", network=()))  # fmt: skip
+    assert (trainer.config.architecture, trainer.config.scale, trainer.config.num_feat, trainer.config.num_blocks) == (
+        "compact", 2, 48, 8
+    )
+    embedded = load_sr_model(embedded_sr_dir())
+    images = torch.rand(2, 3, 16, 16, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        expected = embedded.net(images)
+        assert torch.allclose(trainer.eval_network()(images), expected, atol=1e-5)
+        assert torch.allclose(trainer.network(images), expected, atol=1e-5)
+
+
+@pytest.fixture(scope="module")
+def x4_model(tmp_path_factory) -> Path:
+    """A saved SR component folder of a small x4 Compact network."""
+    from crispdiff.superres.networks import as_sr_component, build_sr_network
+
+    folder = tmp_path_factory.mktemp("x4") / "sr_model"
+    as_sr_component(build_sr_network("compact", 4, 8, 2), source="test").save_pretrained(folder)
+    return folder
+
+
+@pytest.mark.parametrize(
+    ("flags", "named"),
+    [
+        (("--num_feat", "16"), "--num_feat 16 disagrees with --init_sr_model_name_or_path {m}, whose num_feat is 8"),
+        (("--scale", "2"), "--scale 2 disagrees"),
+        ((), "with --init_sr_model_name_or_path {m}: --crop_size 16 must be between 4 and --resolution / --scale = 8"),
+    ],
+)
+def test_a_start_from_a_saved_sr_model_refuses_settings_that_do_not_fit_it(
+    image_folder, tmp_path, x4_model, flags, named
+):
+    """Given flags that disagree with the model are refused by name; so are flags that fit the default x2 but not
+    the model's x4 (16 px crops of 32 / 4 = 8 px inputs); a missing model is named too. Before any output."""
+    config = config_for(image_folder, tmp_path / "out", "--init_sr_model_name_or_path", str(x4_model), *flags,
+                        network=())  # fmt: skip
+    with pytest.raises(FlagError, match=re.escape(named.format(m=x4_model))):
+        train_sr(config)
+    missing = str(tmp_path / "nothing")
+    with pytest.raises(FlagError, match="--init_sr_model_name_or_path: .*not found"):
+        train_sr(config_for(image_folder, tmp_path / "out", "--init_sr_model_name_or_path", missing, network=()))
+    assert not (tmp_path / "out").exists()
+
+
+def test_unpaired_inputs_are_upscaled_and_judged_by_the_discriminator(image_folder, tmp_path):
+    """Each step upscales crops of the --unpaired_data_dir images and hands them to the discriminator as fakes (the
+    same SR output the network gives them), with a generator term of their own; the folder's images are decoded by
+    the data recipe (transparency composited onto --background)."""
+    samples = tmp_path / "samples"
+    samples.mkdir()
+    green = np.zeros((HIGH // 2, HIGH // 2, 4), np.uint8)
+    green[..., 1], green[..., 3] = 255, 255
+    green[0, 0, 3] = 0  # one transparent pixel: white on the default background
+    for i in range(3):
+        PIL.Image.fromarray(green, "RGBA").save(samples / f"{i}.png")
+    trainer = make_trainer(config_for(image_folder, tmp_path / "out", "--gan_weight", "0.1", "--disc_channels", "8",
+                                      "--unpaired_data_dir", str(samples), "--random_flip", "false"))  # fmt: skip
+    assert trainer.unpaired.images.shape == (3, 3, 16, 16)
+    assert trainer.unpaired.images[0, :, 0, 0].tolist() == [255, 255, 255]
+    assert trainer.unpaired.images[0, :, 1, 1].tolist() == [0, 255, 0]
+    seen: list[torch.Tensor] = []
+    trainer.accelerator.unwrap_model(trainer.disc).register_forward_pre_hook(lambda _, args: seen.append(args[0]))
+    with torch.no_grad():  # every crop of the 16 px samples is the whole sample
+        expected = trainer.network(trainer.unpaired.images[:1].float() / 255.0)[0]
+    terms = trainer.micro_step()
+    assert {"gan_g", "gan_unpaired", "gan_d"} <= set(terms) and torch.isfinite(terms["gan_unpaired"])
+    batch = trainer.config.train_batch_size
+    judged = [images for images in seen if len(images) == 3 * batch]  # real crops, SR of pairs, SR of samples
+    assert judged and all(torch.allclose(image, expected, atol=1e-6) for image in judged[0][2 * batch :])
+
+
+def test_unpaired_inputs_of_another_size_are_refused_naming_the_folder(image_folder, unpaired_folder, tmp_path):
+    from crispdiff.data.loading import load_images_of_size
+
+    assert load_images_of_size(unpaired_folder, HIGH // 2, "white", "--unpaired_data_dir").shape == (6, 3, 16, 16)
+    PIL.Image.fromarray(flat_art(1, HIGH, seed=8)[0]).save(tmp_path / "too_big.png")
+    with pytest.raises(DataError, match=r"--unpaired_data_dir .*: too_big.png is 32x32 px; .* must be 16x16"):
+        load_images_of_size(tmp_path, HIGH // 2, "white", "--unpaired_data_dir")
+    with pytest.raises(DataError, match="--unpaired_data_dir .*: no images there"):
+        load_images_of_size(tmp_path / "missing", HIGH // 2, "white", "--unpaired_data_dir")
+
+
+def test_a_gan_twin_upscales_sharper_than_its_regression_only_twin(tmp_path):
+    """Same images, seed and steps, today's pixel + FFT loss in both; the twin with --gan_weight puts back the
+    one-pixel texture that downscaling removed (the regression twin returns its average, a flat colour), so its
+    held-out hf ratio (SR / originals) is clearly higher."""
+    folder = tmp_path / "textures"
+    folder.mkdir()
+    for i, image in enumerate(textured_art(32, HIGH, seed=0)):
+        PIL.Image.fromarray(image).save(folder / f"{i:02d}.png")
+    hf = {}
+    for name, extra in (("regression", ()), ("gan", ("--gan_weight", "1", "--disc_channels", "16"))):
+        out = tmp_path / name
+        train_sr(config_for(folder, out, "--max_train_steps", "200", "--validation_fraction", "0.25", *extra))
+        hf[name] = json.loads((out / "sr_summary.json").read_text())["held_out"]["sr"]["hf_energy_ratio"]
+    assert hf["gan"] > 1.25 * hf["regression"], hf
+
+
 @pytest.mark.parametrize(
     ("flags", "named"),
     [
@@ -204,6 +434,9 @@ def test_x4_through_accelerate_launch_into_a_pipeline(image_folder, tmp_path):
         (["--resolution", "33"], "--resolution"),
         (["--vae_roundtrip_prob", "1.5"], "--vae_roundtrip_prob"),
         (["--color_jitter", "0.1"], "--color_jitter"),
+        (["--feature_matching_weight", "1"], "--feature_matching_weight: no effect without --gan_weight"),
+        (["--gan_weight", "0.1", "--crop_size", "8", "--disc_layers", "3"], "--disc_layers 3 is too deep"),
+        (["--input_blur_max", "-1"], "--input_blur_max must be >= 0"),
     ],
 )
 def test_bad_flags_are_refused_naming_the_flag(flags, named):

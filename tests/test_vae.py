@@ -495,7 +495,7 @@ def test_embedded_vae_reconstructs_held_out_emoji_sharply(emoji_dir: Path, tmp_p
 def test_adaptive_gan_weight_survives_fp16_gradients_with_the_loss_scale():
     """A mean over many pixels hands each one a gradient of 1/N, which underflows to 0 in fp16 for N = 2^25, and the
     adaptive weight with it; taken of the scaled losses (as fp16 training takes them) it is the fp32 weight."""
-    from crispdiff.vae.losses import adaptive_gan_weight
+    from crispdiff.train.gan import adaptive_gan_weight
 
     def weight(dtype: torch.dtype, scale: float) -> float:
         layer = torch.ones(1, dtype=dtype, requires_grad=True)

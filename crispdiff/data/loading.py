@@ -42,12 +42,13 @@ from crispdiff.data.cache import (
     warn_about_skipped,
     write_skipped_log,
 )
-from crispdiff.data.decode import INTERPOLATIONS, DecodeRecipe, original_size, parse_background
+from crispdiff.data.decode import INTERPOLATIONS, DecodeRecipe, decode_image, original_size, parse_background
 from crispdiff.data.sources import (
     IMAGE_EXTENSIONS,
     cache_root,
     embedded_dataset_dir,
     is_saved_dataset,
+    list_image_files,
     metadata_class_column,
     resolve_source,
 )
@@ -61,6 +62,7 @@ __all__ = [
     "embedded_dataset_dir",
     "is_saved_dataset",
     "load_images",
+    "load_images_of_size",
     "original_sizes",
     "to_device",
     "uint8_to_unit",
@@ -223,3 +225,38 @@ def original_sizes(config: Any, data: ImageData) -> np.ndarray:
             except (OSError, ValueError) as err:
                 raise DataError(f"{source.names[row]} changed since it was cached ({type(err).__name__})") from err
     return sizes
+
+
+def load_images_of_size(folder: str | Path, size: int, background: str, flag: str) -> Any:
+    """Every image below ``folder`` as uint8 [N, 3, size, size], decoded by the data pipeline's recipe (transparency
+    composited onto ``background``); never resized. Images of another size, unreadable files, a missing or empty
+    folder: a ``DataError`` naming ``flag`` and the file.
+
+    For images that must be exactly what a model will be given (an SR model's low-resolution inputs), where a
+    silent resize would hide a mistake.
+    """
+    import torch
+    from PIL import Image
+
+    root = Path(folder)
+    files = list_image_files(root) if root.is_dir() else []
+    if not files:
+        raise DataError(f"{flag} {folder}: no images there ({', '.join(sorted(IMAGE_EXTENSIONS))})")
+    recipe = DecodeRecipe(size, "lanczos", parse_background(background), center=True, min_image_size=1)
+    images = []
+    for path in files:
+        try:
+            with Image.open(path) as image:
+                width, height = image.size
+        except (OSError, SyntaxError, ValueError) as err:
+            raise DataError(f"{flag} {folder}: cannot read {path.name} ({err})") from err
+        if (width, height) != (size, size):
+            raise DataError(
+                f"{flag} {folder}: {path.name} is {width}x{height} px; these images must be {size}x{size} "
+                "(--resolution / --scale, the SR model's input size)"
+            )
+        decoded = decode_image(path, path.name, recipe)
+        if decoded.pixels is None:
+            raise DataError(f"{flag} {folder}: cannot read {path.name} ({decoded.skipped_because})")
+        images.append(decoded.pixels)
+    return torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).contiguous()

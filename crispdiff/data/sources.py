@@ -78,7 +78,7 @@ def _read_metadata_file(folder: Path) -> list[dict[str, Any]] | None:
     return None
 
 
-def _list_image_files(folder: Path) -> list[Path]:
+def list_image_files(folder: Path) -> list[Path]:
     """All image files below ``folder`` (recursive), sorted for a stable order across machines."""
     files = []
     for path in folder.rglob("*"):
@@ -132,7 +132,7 @@ def _folder_source(folder: Path, config: Any, flag: str, description: str | None
         raise DataError(f"{flag} {folder} does not exist")
     if not folder.is_dir():
         raise DataError(f"{flag} {folder} is not a folder")
-    files = _list_image_files(folder)
+    files = list_image_files(folder)
     if not files:
         raise DataError(
             f"no images found in {folder} ({flag}); looked recursively for files ending in "

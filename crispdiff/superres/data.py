@@ -2,7 +2,9 @@
 
 Inputs are made with the data pipeline's own resize (:func:`crispdiff.data.decode.resize_rgb`), so the SR model
 learns to invert exactly the downscaling a diffusion model's training images went through, and optionally passed
-through a VAE round trip so it also cleans what a latent model's decoder leaves.
+through a VAE round trip so it also cleans what a latent model's decoder leaves, and blurred a little so it also
+sharpens inputs softer than a clean downscale. A diffusion model's own low-resolution samples, which have no
+originals, are :class:`UnpairedInputs` for the adversarial loss.
 """
 
 from __future__ import annotations
@@ -13,9 +15,12 @@ import numpy as np
 import torch
 
 from crispdiff.data.decode import resize_rgb
+from crispdiff.pipelines.pipeline_crispdiff import gaussian_blur  # the blur the data pipeline and the pipeline use
 
-#: Uniform numbers drawn per pair and batch, whatever the options: crop top, crop left, flip, turn, round trip.
-DRAWS_PER_PAIR = 5
+#: Uniform numbers drawn per pair and batch, whatever the options: crop top, crop left, flip, turn, round trip, blur.
+DRAWS_PER_PAIR = 6
+#: Uniform numbers drawn per unpaired crop, whatever the options: image, crop top, crop left, flip, turn.
+DRAWS_PER_UNPAIRED_CROP = 5
 
 
 def downscale(images: torch.Tensor, scale: int, interpolation: str) -> torch.Tensor:
@@ -48,6 +53,24 @@ def vae_roundtrip(
     return torch.cat(out)
 
 
+def blur_each(images: torch.Tensor, sigmas: torch.Tensor) -> torch.Tensor:
+    """Float [N, C, H, W] images, each blurred by the pipeline's Gaussian with its own std in pixels (0: as it was)."""
+    return torch.cat([gaussian_blur(image[None], float(sigma)) for image, sigma in zip(images, sigmas, strict=True)])
+
+
+def crop_and_turn(
+    images: list[torch.Tensor], top: int, left: int, size: int, scales: list[int], flip: bool, turns: int
+) -> list[torch.Tensor]:
+    """The same square of each image (``top``, ``left`` and ``size`` in the first one's pixels, times its scale),
+    flipped and turned alike."""
+    out = []
+    for image, scale in zip(images, scales, strict=True):
+        x = image[..., top * scale : (top + size) * scale, left * scale : (left + size) * scale]
+        x = x.flip(-1) if flip else x
+        out.append(x.rot90(turns, (-2, -1)))
+    return out
+
+
 @dataclass
 class SRPairs:
     """High-resolution uint8 images and their low-resolution inputs (and optional VAE round trips of those)."""
@@ -56,6 +79,7 @@ class SRPairs:
     low: torch.Tensor  # uint8 [N, 3, H / scale, W / scale]
     roundtrip: torch.Tensor | None = None  # uint8, like low
     roundtrip_prob: float = 0.0
+    blur_max: float = 0.0  # inputs blurred by a Gaussian of std uniform in [0, blur_max] input pixels
 
     @property
     def scale(self) -> int:
@@ -71,24 +95,48 @@ class SRPairs:
 
         ``DRAWS_PER_PAIR`` numbers per pair come from ``generator`` whatever the options, so a resumed run (generator
         restored from its checkpoint) sees the same crops. ``augment`` adds a horizontal flip and a 90-degree turn,
-        applied to input and target alike (SR is local: an edge seen turned is still an edge).
+        applied to input and target alike (SR is local: an edge seen turned is still an edge). The blur is of the
+        whole input image, before the crop, so a crop's edges are blurred as the inside is.
         """
         draws = torch.rand(len(ids), DRAWS_PER_PAIR, generator=generator)
         scale, low_size = self.scale, self.low.shape[-1]
+        sources = [
+            self.roundtrip if self.roundtrip is not None and draws[j, 4] < self.roundtrip_prob else self.low
+            for j in range(len(ids))
+        ]
+        low = torch.stack([source[i] for source, i in zip(sources, ids.tolist(), strict=True)]).float() / 255.0
+        if self.blur_max > 0:
+            low = blur_each(low, draws[:, 5] * self.blur_max)
         inputs, targets = [], []
         for j, i in enumerate(ids.tolist()):
             top = min(int(draws[j, 0] * (low_size - crop + 1)), low_size - crop)
             left = min(int(draws[j, 1] * (low_size - crop + 1)), low_size - crop)
-            source = self.low
-            if self.roundtrip is not None and draws[j, 4] < self.roundtrip_prob:
-                source = self.roundtrip
-            x = source[i, :, top : top + crop, left : left + crop]
-            y = self.high[i, :, top * scale : (top + crop) * scale, left * scale : (left + crop) * scale]
-            if augment:
-                if draws[j, 2] < 0.5:
-                    x, y = x.flip(-1), y.flip(-1)
-                turns = int(draws[j, 3] * 4) % 4
-                x, y = x.rot90(turns, (-2, -1)), y.rot90(turns, (-2, -1))
+            flip, turns = (bool(draws[j, 2] < 0.5), int(draws[j, 3] * 4) % 4) if augment else (False, 0)
+            x, y = crop_and_turn([low[j], self.high[i]], top, left, crop, [1, scale], flip, turns)
             inputs.append(x)
             targets.append(y)
-        return torch.stack(inputs).float() / 255.0, torch.stack(targets).float() / 255.0
+        return torch.stack(inputs), torch.stack(targets).float() / 255.0
+
+
+@dataclass
+class UnpairedInputs:
+    """Low-resolution images with no originals (a diffusion model's own samples): inputs for the adversarial loss."""
+
+    images: torch.Tensor  # uint8 [M, 3, h, w]
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def crops(self, count: int, crop: int, generator: torch.Generator, augment: bool) -> torch.Tensor:
+        """Float [count, 3, crop, crop] in [0, 1]: random crops of random images (``DRAWS_PER_UNPAIRED_CROP``
+        numbers each from ``generator``, whatever the options), flipped and turned as the pairs are."""
+        draws = torch.rand(count, DRAWS_PER_UNPAIRED_CROP, generator=generator)
+        size = self.images.shape[-1]
+        out = []
+        for row in draws:
+            image = self.images[min(int(row[0] * len(self)), len(self) - 1)]
+            top = min(int(row[1] * (size - crop + 1)), size - crop)
+            left = min(int(row[2] * (size - crop + 1)), size - crop)
+            flip, turns = (bool(row[3] < 0.5), int(row[4] * 4) % 4) if augment else (False, 0)
+            out.append(crop_and_turn([image], top, left, crop, [1], flip, turns)[0])
+        return torch.stack(out).float() / 255.0

@@ -1,5 +1,6 @@
 """The VAE trainer's forward step and its losses: L1 reconstruction, KL, the spectral-amplitude loss that keeps
-edges, scale equivariance, decoder noise, and the hinge GAN loss with its adaptive weight."""
+edges, scale equivariance and decoder noise. The GAN losses are in :mod:`crispdiff.train.gan` (shared with SR
+training)."""
 
 from __future__ import annotations
 
@@ -104,28 +105,3 @@ def spectral_amplitude_loss(reconstruction: torch.Tensor, target: torch.Tensor) 
     reference = torch.fft.rfft2(target.float(), norm="ortho")
     amplitude = (spectrum.real.square() + spectrum.imag.square() + 1e-12).sqrt()
     return (amplitude - reference.abs()).abs().mean()
-
-
-def hinge_discriminator_loss(logits_real: torch.Tensor, logits_fake: torch.Tensor) -> torch.Tensor:
-    """Hinge loss of the discriminator: push real logits above +1 and fake ones below -1."""
-    return 0.5 * (F.relu(1.0 - logits_real.float()).mean() + F.relu(1.0 + logits_fake.float()).mean())
-
-
-def adaptive_gan_weight(
-    recon_term: torch.Tensor,
-    gan_term: torch.Tensor,
-    last_layer: torch.Tensor,
-    max_weight: float = 1e4,
-    loss_scale: float = 1.0,
-) -> torch.Tensor:
-    """Scale the GAN loss so its gradient at the decoder's last layer matches the reconstruction gradient's norm.
-
-    Esser et al. 2021 (VQGAN): without it the GAN term either does nothing or dominates, depending on the dataset.
-    Under fp16 the two gradients are taken of the losses times ``loss_scale`` (the grad scaler's), as the training
-    gradients are: unscaled, small gradients underflow to 0 in fp16 and the weight collapses to 0. The ratio does not
-    depend on the scale.
-    """
-    recon_grad = torch.autograd.grad(recon_term * loss_scale, last_layer, retain_graph=True)[0]
-    gan_grad = torch.autograd.grad(gan_term * loss_scale, last_layer, retain_graph=True)[0]
-    weight = recon_grad.float().norm() / (gan_grad.float().norm() + 1e-4 * loss_scale)
-    return weight.clamp(0.0, max_weight).detach()

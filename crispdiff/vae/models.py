@@ -1,5 +1,6 @@
 """Building a VAE for ``train_vae.py``: from a config or a pretrained one, its latent widened (more channels) or
-deepened (another down/up level) without losing what it learned, and the patch discriminator of the GAN stage."""
+deepened (another down/up level) without losing what it learned, and LPIPS when its weights are on this machine.
+The GAN stage's patch discriminator is :class:`crispdiff.train.gan.PatchDiscriminator`, shared with SR training."""
 
 from __future__ import annotations
 
@@ -124,32 +125,6 @@ def deepen(vae: AutoencoderKL, layers_per_block: int) -> AutoencoderKL:
             kept[name].zero_()
     deep.load_state_dict(kept)
     return deep
-
-
-class PatchDiscriminator(nn.Module):
-    """A small PatchGAN (Isola et al. 2017): one real/fake logit per overlapping patch.
-
-    GroupNorm instead of BatchNorm so the discriminator behaves the same with any batch size and across processes.
-    """
-
-    def __init__(self, channels: int = 64, layers: int = 3):
-        super().__init__()
-        blocks: list[nn.Module] = [nn.Conv2d(3, channels, 4, stride=2, padding=1), nn.LeakyReLU(0.2)]
-        width = channels
-        for i in range(1, layers + 1):
-            out = channels * min(2**i, 8)
-            stride = 2 if i < layers else 1
-            blocks += [
-                nn.Conv2d(width, out, 4, stride=stride, padding=1, bias=False),
-                nn.GroupNorm(group_norm_groups([out]), out),
-                nn.LeakyReLU(0.2),
-            ]
-            width = out
-        blocks.append(nn.Conv2d(width, 1, 4, stride=1, padding=1))
-        self.net = nn.Sequential(*blocks)
-
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
-        return self.net(images)
 
 
 def load_lpips(config: VAETrainConfig) -> nn.Module | None:

@@ -16,7 +16,6 @@ same as in LDM's configs (where both terms are sums).
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import shutil
 import time
@@ -33,9 +32,9 @@ from crispdiff.latent.vae import (
     read_scaling,
     standardize_latent_channels,
 )
+from crispdiff.train.gan import PatchDiscriminator, adaptive_gan_weight, adversarial_terms, discriminator_param_group
 from crispdiff.train.loop import LoopTrainer, ema_copy, run_trainer
 from crispdiff.train.loop import check_output_dir as check_output_folder
-from crispdiff.train.optimization import scaled_learning_rate
 from crispdiff.train.process import start_run
 from crispdiff.vae.config import VAE_SUBFOLDER, VAETrainConfig
 from crispdiff.vae.evaluation import (
@@ -47,14 +46,12 @@ from crispdiff.vae.evaluation import (
 )
 from crispdiff.vae.losses import (
     AutoencoderStep,
-    adaptive_gan_weight,
-    hinge_discriminator_loss,
     kl_per_value,
     reconstruction_loss,
     scale_equivariance_loss,
     spectral_amplitude_loss,
 )
-from crispdiff.vae.models import PatchDiscriminator, initial_vae, load_lpips
+from crispdiff.vae.models import initial_vae, load_lpips
 
 logger = logging.getLogger("crispdiff")
 
@@ -126,13 +123,6 @@ vae = AutoencoderKL.from_pretrained("path/to/this/folder")
 """
 
 
-def discriminator_learning_rate(config: VAETrainConfig, num_processes: int) -> float:
-    """--disc_learning_rate (default: --learning_rate), scaled by --scale_lr's rule as the autoencoder's LR is: the
-    two models see the same batches, so a larger batch scales both."""
-    own = config.disc_learning_rate if config.disc_learning_rate is not None else config.learning_rate
-    return scaled_learning_rate(dataclasses.replace(config, learning_rate=own), num_processes)
-
-
 class VAETrainer(LoopTrainer):
     """An AutoencoderKL (and optionally a patch discriminator) on held-in images; saves a diffusers VAE folder."""
 
@@ -159,13 +149,7 @@ class VAETrainer(LoopTrainer):
             # loss scaler is updated inside every optimizer's step(), so a second optimizer would see gradients
             # already divided by the scale, then divide them again.
             disc = PatchDiscriminator(config.disc_channels, config.disc_layers).to(device)
-            groups.append(
-                {
-                    "params": list(disc.parameters()),
-                    "lr": discriminator_learning_rate(config, accelerator.num_processes),
-                    "betas": (0.5, 0.9),
-                }
-            )
+            groups.append(discriminator_param_group(disc, config, accelerator.num_processes))
         self.setup_optimization(vae, groups)
         self.model, self.optimizer = accelerator.prepare(
             AutoencoderStep(vae, config.train_decoder_only, config.decoder_noise, config.scale_equivariance_weight > 0),
@@ -226,26 +210,18 @@ class VAETrainer(LoopTrainer):
         reconstruction: torch.Tensor,
         images: torch.Tensor,
     ) -> torch.Tensor:
-        """Generator and discriminator hinge losses, arranged so that one backward pass serves both.
-
-        The generator term runs the discriminator with detached weights (``functional_call``), so it moves only the
-        decoder; the discriminator term sees detached reconstructions, so it moves only the discriminator. One
-        batched discriminator call keeps distributed wrappers to a single forward per step.
-        """
+        """Generator and discriminator hinge losses (:func:`crispdiff.train.gan.adversarial_terms`: one backward pass
+        serves both), the generator's weighted by --disc_weight times the adaptive weight."""
         config = self.config
-        disc = self.accelerator.unwrap_model(self.disc)
-        frozen = {name: p.detach() for name, p in disc.named_parameters()}
-        with self.accelerator.autocast():
-            generator_term = -torch.func.functional_call(disc, frozen, (reconstruction,)).float().mean()
+        adversarial = adversarial_terms(self.accelerator, self.disc, images, [reconstruction])
+        generator_term = adversarial.generator[0]
         weight = torch.tensor(1.0, device=images.device)
         if config.adaptive_disc_weight:
             scaler = self.accelerator.scaler  # fp16 only
             scale = float(scaler.get_scale()) if scaler is not None and scaler.is_enabled() else 1.0
             weight = adaptive_gan_weight(recon_term, generator_term, self.vae.decoder.conv_out.weight, loss_scale=scale)
-        logits = self.disc(torch.cat([images, reconstruction.detach()]))
-        real, fake = logits.chunk(2)
         terms["gan_g"] = generator_term.detach()
-        terms["gan_d"] = hinge_discriminator_loss(real, fake)
+        terms["gan_d"] = adversarial.discriminator
         terms["gan_weight"] = weight
         return config.disc_weight * weight * generator_term + terms["gan_d"]
 

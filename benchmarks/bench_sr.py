@@ -93,6 +93,10 @@ def parse_args() -> argparse.Namespace:
     g.add_argument("--seed", type=int, default=0, help="seeds the samples")
     g.add_argument("--samples_cache", type=Path, default=None, help="default: PIPELINE/../samples64-s{seed}-n{N}.pt")
     g.add_argument("--grid", type=Path, default=None, help="write a comparison grid (8 samples) here")
+    g.add_argument(
+        "--sharpen_amounts", type=float, nargs="*", default=None,
+        help="also rows with these unsharp-mask amounts after the upscale (default: only the pipeline's own)",
+    )
     g.add_argument("--label", default=None, help="row label (default: the pipeline folder's parent name)")
     g.add_argument("--cache_dir", default=None, help="crispdiff's decode cache (default ~/.cache/crispdiff)")
     v = sub.add_parser("speed", help="CPU/GPU ms per 64 px image of an SR x2 model beside Lanczos, by batch size")
@@ -190,29 +194,35 @@ def speed(args: argparse.Namespace) -> None:
     append_results("SR x2 speed (bench_sr.py speed)", markdown_table(header, rows), notes, record=not args.no_record)
 
 
-def sample_raw(pipeline_dir: Path, num_images: int, batch_size: int, seed: int, cache: Path) -> torch.Tensor:
-    """float [N, 3, 64, 64] in [0, 1]: the pipeline's decoded samples before any SR or post-processing, as it
-    samples by default (its class mix and guidance, DPM-Solver++ 25); drawn once per seed and cached."""
+def sample_raw(
+    pipeline_dir: Path, num_images: int, batch_size: int, seed: int, cache: Path, reference: Path | None = None
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """``(samples, subset)``: float [N, 3, 64, 64] in [0, 1], the pipeline's decoded samples before any SR or
+    post-processing, drawn as ``crispdiff evaluate`` draws them (DPM-Solver++ 25, image i seeded ``seed + i``; a
+    labelled model in the class mix of ``reference``, whose images of classes it does not know are left out:
+    ``subset`` then lists the ones kept); drawn once per seed and cached with the subset."""
     if cache.is_file():
-        return torch.load(cache, weights_only=True)
+        saved = torch.load(cache, weights_only=True)
+        return saved["samples"], saved.get("subset")
     from diffusers import DiffusionPipeline
 
     from crispdiff.core.io import write_atomic
+    from crispdiff.evaluate.evaluation import load_reference_data
+    from crispdiff.evaluate.sampling import NO_POSTPROCESS, conditioning_plan, generate_samples, training_setting
 
     pipe = DiffusionPipeline.from_pretrained(str(pipeline_dir), trust_remote_code=True)
-    pipe.set_progress_bar_config(disable=True)
-    out = []
-    for start in range(0, num_images, batch_size):
-        generator = torch.Generator().manual_seed(seed * 1_000_003 + start)
-        count = min(batch_size, num_images - start)
-        images = pipe(
-            count, 25, generator, upscale=False, sharpen_amount=0.0, gamma=1.0, output_type="pt"
-        ).images
-        out.append(images.float().cpu())
-        print(f"sampled {start + count}/{num_images}", flush=True)
-    raw = torch.cat(out)
-    write_atomic(cache, lambda handle: torch.save(raw, handle), binary=True)
-    return raw
+    labels, subset = None, None
+    if reference is not None and getattr(pipe.unet.config, "num_class_embeds", None) is not None:
+        column = training_setting(pipeline_dir, "class_column")
+        data = load_reference_data(str(reference), 128, class_column=column)
+        labels, subset, described = conditioning_plan(pipe, pipeline_dir, data, num_images, None, seed)
+        print(f"sampling: {described}", flush=True)
+    raw = generate_samples(
+        pipe, num_images, seed=seed, batch_size=batch_size, upscale=False, class_labels=labels,
+        postprocess=NO_POSTPROCESS, log=print,
+    )
+    write_atomic(cache, lambda handle: torch.save({"samples": raw, "subset": subset}, handle), binary=True)
+    return raw, subset
 
 
 def generated(args: argparse.Namespace) -> None:
@@ -225,10 +235,12 @@ def generated(args: argparse.Namespace) -> None:
     from crispdiff.evaluate.sharpness import sharpness_ratios
 
     split = make_128_split(args.splits) if args.family == "noto" else make_openmoji_128_split(args.splits)
-    real = originals_128(split["heldout"], args.cache_dir, args.num_images)
-    floor_set = originals_128(split["floor"], args.cache_dir, args.num_images)
     cache = args.samples_cache or args.pipeline.parent / f"samples64-s{args.seed}-n{args.num_images}.pt"
-    raw = sample_raw(args.pipeline, args.num_images, args.batch_size, args.seed, cache)
+    raw, subset = sample_raw(args.pipeline, args.num_images, args.batch_size, args.seed, cache, split["heldout"])
+    real = originals_128(split["heldout"], args.cache_dir, args.num_images)
+    if subset is not None:  # a labelled model is compared with the held-out images of the classes it knows
+        real = real[subset]
+    floor_set = originals_128(split["floor"], args.cache_dir, len(real))
     pipe = DiffusionPipeline.from_pretrained(str(args.pipeline), trust_remote_code=True)
     strength = float(pipe.config.sr_strength)
     floor = sliced_wasserstein_distance(real, floor_set)
@@ -239,30 +251,34 @@ def generated(args: argparse.Namespace) -> None:
         upscalers[f"SR {name}"] = lambda x, m=model: m.upscale(x, sr_strength=strength).float().clamp(0.0, 1.0)
     label = args.label or args.pipeline.parent.name
     rows, outputs = [], {}
+    amounts = [None] + [a for a in (args.sharpen_amounts or []) if a != pipe.config.sharpen_amount]
     with torch.inference_mode():
         for name, upscale in upscalers.items():
             up = torch.cat([upscale(raw[i : i + 64]) for i in range(0, len(raw), 64)])
-            final = pipe.postprocess(up).clamp(0.0, 1.0)
-            outputs[name] = final
-            swd = sliced_wasserstein_distance(real, final)
-            sharp = sharpness_ratios(real, final)
             batch = raw[:16]
             ms = statistics.median(timed(lambda b=batch, f=upscale: f(b), 1) for _ in range(3)) / len(batch) * 1000
-            rows.append(
-                [
-                    label,
-                    name,
-                    len(final),
-                    swd["swd_avg"],
-                    floor["swd_avg"],
-                    swd["swd_avg"] / floor["swd_avg"],
-                    swd["swd_128"] / floor["swd_128"],
-                    sharp["hf_energy_ratio"],
-                    sharp["laplacian_var_ratio"],
-                    ms,
-                ]
-            )
-            print(rows[-1], {k: round(v, 2) for k, v in swd.items()}, flush=True)
+            for amount in amounts:
+                final = pipe.postprocess(up, sharpen_amount=amount).clamp(0.0, 1.0)
+                row_name = name if amount is None else f"{name}, sharpen {amount:g}"
+                if amount is None:
+                    outputs[name] = final
+                swd = sliced_wasserstein_distance(real, final)
+                sharp = sharpness_ratios(real, final)
+                rows.append(
+                    [
+                        label,
+                        row_name,
+                        len(final),
+                        swd["swd_avg"],
+                        floor["swd_avg"],
+                        swd["swd_avg"] / floor["swd_avg"],
+                        swd["swd_128"] / floor["swd_128"],
+                        sharp["hf_energy_ratio"],
+                        sharp["laplacian_var_ratio"],
+                        ms,
+                    ]
+                )
+                print(rows[-1], {k: round(v, 2) for k, v in swd.items()}, flush=True)
     if args.grid is not None:
         shown = torch.linspace(0, len(raw) - 1, 8).long()
         columns = [torch.nn.functional.interpolate(raw[shown], size=128, mode="nearest")]
@@ -285,7 +301,8 @@ def generated(args: argparse.Namespace) -> None:
     notes = (
         f"`{args.pipeline}`: {args.num_images} samples (seed {args.seed}, the pipeline's defaults, DPM-Solver++ 25) "
         f"decoded at 64 px, upscaled (SR at the pipeline's sr_strength {strength}), then the pipeline's "
-        f"post-processing, as `pipe(upscale=True)`; against {len(real)} held-out {args.family} images at 128 px; "
+        f"post-processing (unsharp amount {pipe.config.sharpen_amount} unless the row says), as `pipe(upscale=True)`; "
+        f"against {len(real)} held-out {args.family} images at 128 px; "
         f"floor: {len(floor_set)} other real images against the same ones. SR models: {', '.join(args.sr_models)}."
     )
     append_results(

@@ -20,7 +20,9 @@ def item_digest(*buffers: np.ndarray | bytes) -> bytes:
     """The blake2b digest of one item's bytes (several buffers are hashed as one, in order)."""
     digest = hashlib.blake2b(digest_size=DIGEST_SIZE)
     for buffer in buffers:
-        digest.update(np.ascontiguousarray(buffer).view(np.uint8).data if isinstance(buffer, np.ndarray) else buffer)
+        if isinstance(buffer, np.ndarray):
+            buffer = np.ascontiguousarray(buffer).reshape(-1).view(np.uint8).data
+        digest.update(buffer)
     return digest.digest()
 
 

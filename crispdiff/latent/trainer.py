@@ -334,8 +334,8 @@ def auto_classes_note(data: Any) -> str:
 
 
 def train_latent(config: LatentTrainConfig) -> Path | None:
-    """The latent trainer: images -> VAE (checked on them, adapted if asked) -> latent cache (rank 0 builds it, the
-    others wait and reuse it) -> the training loop.
+    """The latent trainer: images -> VAE (checked on them, adapted if asked) -> latent cache (every process encodes
+    its share of the chunks, the main one records it) -> the training loop.
 
     Returns the pipeline folder on the main process (``None`` elsewhere). The run's one ``Accelerator`` is made
     first and handed to each stage (the VAE adaptation, the time-budget probe, the UNet); ``config`` is resolved once
@@ -355,15 +355,14 @@ def train_latent(config: LatentTrainConfig) -> Path | None:
     check_output_dir(config)  # fail before spending minutes on encoding
     accelerator = start_process(config)  # kernels set before CUDA is first used (the VAE check / adaptation use it)
     show_progress = accelerator.is_local_main_process
-    with accelerator.main_process_first():  # rank 0 decodes the images (and makes any auto classes) first
-        data = load_images(config, for_latents=True, show_progress=show_progress)
+    # every process decodes its share of the image cache (or finds it whole); each makes the same auto classes
+    data = load_images(config, for_latents=True, show_progress=show_progress, processes=accelerator)
     if config.class_column == AUTO_CLASS_COLUMN and data.class_names:  # too few images: unlabelled, with a warning
         accelerator.print(auto_classes_note(data))
     vae, adapt_vae_steps = prepare_vae(config, data, accelerator, budget)
     decided: dict[str, Any] = {} if adapt_vae_steps is None else {"adapt_vae_steps": adapt_vae_steps}
     vae = vae.to(accelerator.device)
-    with accelerator.main_process_first():
-        space = build_latent_space(config, vae, data=data, show_progress=show_progress)
+    space = build_latent_space(config, vae, data=data, show_progress=show_progress, processes=accelerator)
     if not config.max_train_steps:  # --num_epochs: the default learning rate follows the steps they make
         batches = max(1, len(space) // (config.train_batch_size * accelerator.num_processes))
         decided.update(config.values_for_steps(epochs_to_steps(config, config.num_epochs, batches)))

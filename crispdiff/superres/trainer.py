@@ -225,8 +225,8 @@ def train_sr(config: SRTrainConfig) -> Path | None:
     config = config.resolve()
     check_output_dir(config, SR_SUBFOLDER, "config.json", "a trained SR model")
     accelerator = start_run(config)
-    with accelerator.main_process_first():  # the first process builds the decode cache, the others reuse it
-        data = load_images(config, show_progress=accelerator.is_local_main_process)
+    # every process decodes its share of the image cache (or finds it whole), the main one records it
+    data = load_images(config, show_progress=accelerator.is_local_main_process, processes=accelerator)
     high = data.center_crops()
     low = downscale(high, config.scale, config.interpolation)
     train, held = split_indices(len(data), config.validation_fraction, config.seed)

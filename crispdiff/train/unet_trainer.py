@@ -416,8 +416,8 @@ def train(
     if space is None:
         from crispdiff.data.loading import load_images
 
-        with accelerator.main_process_first():  # the first process builds the decode cache, the others reuse it
-            space = PixelSpace(load_images(config, show_progress=accelerator.is_local_main_process))
+        # every process decodes its share of the image cache (or finds it whole), the main one records it
+        space = PixelSpace(load_images(config, show_progress=accelerator.is_local_main_process, processes=accelerator))
     decided = dict(decided or {})
     if budget is not None:
         decided.update(budgeted_values(config, space, accelerator, budget))

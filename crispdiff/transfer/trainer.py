@@ -110,7 +110,6 @@ def train_transfer(config: TransferConfig, space: TrainingSpace | None = None) -
     if space is None:
         from crispdiff.data.loading import load_images
 
-        with accelerator.main_process_first():
-            space = PixelSpace(load_images(config, show_progress=accelerator.is_local_main_process))
+        space = PixelSpace(load_images(config, show_progress=accelerator.is_local_main_process, processes=accelerator))
     unet, trainable, new_keys = prepare_unet(config, pretrained, space)
     return run_trainer(TransferTrainer(config, space, accelerator, unet, trainable, new_keys))

@@ -1,0 +1,284 @@
+"""Large datasets: caches built in parts by the processes of an ``accelerate launch``, resumed after a kill, and
+checked image by image on first read instead of hashed whole at every start; ``--streaming`` from ``datasets``.
+
+Everything runs the real code: decode and encode calls are counted by wrapping the real functions (they still run),
+interruptions are raised from those wrappers, and two processes are a real ``accelerate launch``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import crispdiff.data.cache as image_cache
+from crispdiff.core.config import DataConfig
+from crispdiff.core.errors import DataError
+from crispdiff.data.loading import load_images
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.filterwarnings("ignore:skipped 2 image")  # the two broken files, on every load
+REAL_DECODE = image_cache.decode_image
+NUM_IMAGES = 100
+CHUNK = 16  # 7 chunks: 6 of 16 images and one of 4
+
+
+@pytest.fixture(scope="module")
+def many_images(tmp_path_factory) -> Path:
+    """100 small images of random colours and sizes, two of them broken (skipped, recorded in their chunk)."""
+    folder = tmp_path_factory.mktemp("many")
+    rng = np.random.default_rng(0)
+    for i in range(NUM_IMAGES):
+        if i in (5, 70):
+            (folder / f"{i:03d}.png").write_bytes(b"not a png")
+            continue
+        height, width = rng.integers(10, 14, 2)
+        Image.fromarray(rng.integers(0, 256, (height, width, 3), dtype=np.uint8)).save(folder / f"{i:03d}.png")
+    return folder
+
+
+def data_config(folder: Path, cache: Path) -> DataConfig:
+    return DataConfig(
+        train_data_dir=str(folder), cache_dir=str(cache), resolution=8, interpolation="nearest", min_image_size=4
+    )
+
+
+class Decodes:
+    """Records which source items the real ``decode_image`` decodes (from any thread); raises ``Interrupted`` once
+    ``fail_after`` items are decoded, as a kill would stop a build."""
+
+    class Interrupted(Exception):
+        pass
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch, fail_after: int | None = None):
+        self.names: list[str] = []
+        self.fail_after = fail_after
+        self._lock = threading.Lock()
+
+        def decode(item, name, recipe):
+            with self._lock:
+                if self.fail_after is not None and len(self.names) >= self.fail_after:
+                    raise Decodes.Interrupted("killed while decoding")
+                self.names.append(name)
+            return REAL_DECODE(item, name, recipe)
+
+        monkeypatch.setattr(image_cache, "decode_image", decode)
+
+
+def load(config: DataConfig, **kwargs):
+    return load_images(config, show_progress=False, chunk_size=CHUNK, **kwargs)
+
+
+def cache_files(folder: Path) -> dict[str, bytes]:
+    """Every file of a finished cache folder by name, the chunk records without their file times."""
+    files = {}
+    for path in sorted(folder.rglob("*")):
+        if not path.is_file():
+            continue
+        name = path.relative_to(folder).as_posix()
+        if name.endswith(".json"):
+            values = json.loads(path.read_text())
+            if name == "header.json":
+                values["chunks"] = [size for size, _ in values["chunks"]]
+            values.pop("mtime_ns", None)
+            files[name] = json.dumps(values, sort_keys=True).encode()
+        else:
+            files[name] = path.read_bytes()
+    return files
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# The image cache: resumable, checked on first read
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def test_a_killed_image_cache_build_resumes_without_decoding_the_done_chunks(many_images, tmp_path, monkeypatch):
+    """Interrupted in its fourth chunk, the build leaves three finished chunks; the next load decodes only the other
+    four (counted), leaves the finished chunk files untouched (same inode and time), and ends with a cache equal, file
+    for file, to one built in one go."""
+    config = data_config(many_images, tmp_path / "cache")
+    with pytest.raises(Decodes.Interrupted):
+        Decodes(monkeypatch, fail_after=3 * CHUNK + 5)
+        load(config)
+    folder = next((tmp_path / "cache" / "images").iterdir())
+    done = sorted(int(p.stem) for p in (folder / "chunks").glob("*.json"))
+    assert done == [0, 1, 2] and not (folder / "header.json").exists()
+    stamps = {c: (folder / "chunks" / f"{c:06d}.bin").stat() for c in done}
+
+    decodes = Decodes(monkeypatch)
+    data = load(config)
+    expected = [f"{i:03d}.png" for i in range(3 * CHUNK, NUM_IMAGES)]
+    assert sorted(decodes.names) == expected, "only the chunks without a record were decoded again"
+    for chunk, before in stamps.items():
+        after = (folder / "chunks" / f"{chunk:06d}.bin").stat()
+        assert (after.st_ino, after.st_mtime_ns) == (before.st_ino, before.st_mtime_ns)
+    assert len(data) == NUM_IMAGES - 2 and data.num_skipped == 2
+
+    one_go = load(data_config(many_images, tmp_path / "one-go"))
+    assert cache_files(one_go.cache_path) == cache_files(folder)
+    assert torch.equal(one_go.center_crops(), data.center_crops())
+
+
+def test_a_load_reads_no_pixels_and_a_damaged_image_is_found_on_first_read(many_images, tmp_path, monkeypatch):
+    """A byte flipped in a chunk file whose size and time are kept (so the load's cheap check cannot see it): the
+    load reads no pixel; reading an image of another chunk works; reading one of the damaged chunk stops with an
+    error naming the chunk file and what to do, and removes it; the next load decodes that chunk alone, and the
+    images are the original ones."""
+    config = data_config(many_images, tmp_path / "cache")
+    original = load(config).center_crops()
+    folder = next((tmp_path / "cache" / "images").iterdir())
+    target = folder / "chunks" / "000002.bin"
+    stat = target.stat()
+    raw = bytearray(target.read_bytes())
+    raw[len(raw) // 2] ^= 0x10
+    target.write_bytes(bytes(raw))
+    os.utime(target, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+
+    data = load(config)
+    assert data.cache_hit and not data._pixels._maps and not data._pixels._check.checked.any(), "no pixel read"
+    assert torch.equal(data.center_crops(range(0, 2 * CHUNK - 1)), original[: 2 * CHUNK - 1])
+    with pytest.raises(DataError, match=r"image cache chunk .*000002\.bin is damaged.*run again"):
+        data.center_crops()
+    assert not target.exists()
+
+    decodes = Decodes(monkeypatch)
+    with pytest.warns(UserWarning, match="decoding 1 damaged or missing chunk"):
+        repaired = load(config)
+    assert sorted(decodes.names) == [f"{i:03d}.png" for i in range(2 * CHUNK, 3 * CHUNK)]
+    assert torch.equal(repaired.center_crops(), original)
+
+
+def test_a_chunk_copied_without_its_time_is_checked_once_and_trusted_again(many_images, tmp_path, monkeypatch):
+    """A chunk file rewritten with the same bytes (a copy that did not keep times) is checked in full at load, found
+    intact, not decoded again, and its new time recorded: the load after it is a plain cache hit."""
+    config = data_config(many_images, tmp_path / "cache")
+    load(config)
+    folder = next((tmp_path / "cache" / "images").iterdir())
+    target = folder / "chunks" / "000001.bin"
+    target.write_bytes(target.read_bytes())
+    decodes = Decodes(monkeypatch)
+    with pytest.warns(UserWarning, match="recording it again"):
+        assert not load(config).cache_hit
+    assert decodes.names == [] and load(config).cache_hit
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def launch_two(script: Path, *args: str) -> str:
+    """``accelerate launch`` of ``script`` on two CPU processes (gloo), as the training tests do."""
+    cmd = [
+        sys.executable, "-m", "accelerate.commands.launch",
+        "--config_file", str(REPO_ROOT / "accelerate_configs" / "cpu_2proc.yaml"),
+        "--main_process_port", str(_free_port()), str(script), *args,
+    ]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return result.stdout + result.stderr
+
+
+#: Run by both processes: load the images, then encode their latents, with the run's Accelerator; record what this
+#: rank decoded and encoded.
+_BUILD_BOTH_CACHES = """
+import json, sys, threading
+from pathlib import Path
+
+from accelerate import Accelerator
+
+import crispdiff.data.cache as image_cache
+import crispdiff.latent.cache as latent_cache
+from crispdiff.core.config import DataConfig
+from crispdiff.data.loading import load_images
+from crispdiff.latent.vae import load_vae
+
+folder, cache, vae_dir, out = sys.argv[1:5]
+accelerator = Accelerator(cpu=True)
+decoded, encoded, lock = [], [], threading.Lock()
+real_decode, real_encode = image_cache.decode_image, latent_cache._encode_images
+
+
+def decode(item, name, recipe):
+    with lock:
+        decoded.append(name)
+    return real_decode(item, name, recipe)
+
+
+def encode(vae, data, start, end, *args):
+    encoded.append([start, end])
+    return real_encode(vae, data, start, end, *args)
+
+
+image_cache.decode_image, latent_cache._encode_images = decode, encode
+config = DataConfig(train_data_dir=folder, cache_dir=cache, resolution=8, interpolation="nearest", min_image_size=4)
+data = load_images(config, show_progress=False, processes=accelerator, chunk_size=16)
+first = list(decoded)
+again = load_images(config, show_progress=False, processes=accelerator, chunk_size=16)  # a cache hit, together
+latents = latent_cache.load_or_build_latent_cache(
+    data, load_vae(vae_dir), Path(cache) / "latents", preprocessing={}, random_flip=True, chunk_size=16,
+    batch_size=8, show_progress=False, processes=accelerator,
+)
+record = {
+    "decoded": first, "decoded_again": decoded[len(first):], "hit_again": again.cache_hit,
+    "crops": data.center_crops().sum(dim=(1, 2, 3)).tolist(), "encoded": encoded,
+    "encoded_images": latents.encoded_images, "latents": latents.mean.astype("float64").sum(axis=(1, 2, 3, 4)).tolist(),
+}
+Path(out, f"rank-{accelerator.process_index}.json").write_text(json.dumps(record))
+"""
+
+
+def test_two_processes_build_the_image_and_latent_caches_in_shares(many_images, tmp_path):
+    """Real ``accelerate launch`` on two processes: rank 0 decodes chunks 0, 2, 4, 6 and rank 1 chunks 1, 3, 5, each
+    image once; both then read the same images, and the cache equals one built by a single process file for file.
+    Loaded again, by both together, it is a cache hit and nobody decodes anything. The latent cache of those 98
+    images is then encoded in shares the same way, and equals one encoded by a single process."""
+    from tiny_models import tiny_vae
+
+    from crispdiff.latent.cache import load_or_build_latent_cache
+
+    tiny_vae(sample_size=8).save_pretrained(tmp_path / "vae")
+    script = tmp_path / "build.py"
+    script.write_text(_BUILD_BOTH_CACHES)
+    out = tmp_path / "records"
+    out.mkdir()
+    launch_two(script, str(many_images), str(tmp_path / "cache"), str(tmp_path / "vae"), str(out))
+    ranks = [json.loads((out / f"rank-{r}.json").read_text()) for r in (0, 1)]
+    shares = [sorted(int(name[:3]) // CHUNK for name in rank["decoded"]) for rank in ranks]
+    assert sorted(set(shares[0])) == [0, 2, 4, 6] and sorted(set(shares[1])) == [1, 3, 5]
+    assert sorted(ranks[0]["decoded"] + ranks[1]["decoded"]) == [f"{i:03d}.png" for i in range(NUM_IMAGES)]
+    assert ranks[0]["crops"] == ranks[1]["crops"]
+    assert all(rank["hit_again"] and rank["decoded_again"] == [] for rank in ranks)
+
+    single = load(data_config(many_images, tmp_path / "single"))
+    folder = next((tmp_path / "cache" / "images").iterdir())
+    assert cache_files(folder) == cache_files(single.cache_path)
+    assert ranks[0]["crops"] == single.center_crops().sum(dim=(1, 2, 3)).tolist()
+
+    # 98 images in latent chunks of 16: rank 0 encodes chunks 0, 2, 4, 6 (the last holds 2), rank 1 chunks 1, 3, 5
+    assert ranks[0]["encoded"] == [[0, 16], [32, 48], [64, 80], [96, 98]]
+    assert ranks[1]["encoded"] == [[16, 32], [48, 64], [80, 96]]
+    assert ranks[0]["encoded_images"] == ranks[1]["encoded_images"] == NUM_IMAGES - 2
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as each launched process ran
+    try:
+        from crispdiff.latent.vae import load_vae
+
+        alone = load_or_build_latent_cache(
+            single, load_vae(tmp_path / "vae"), tmp_path / "single" / "latents", preprocessing={}, random_flip=True,
+            chunk_size=16, batch_size=8, show_progress=False,
+        )  # fmt: skip
+    finally:
+        torch.set_num_threads(threads)
+    assert ranks[0]["latents"] == ranks[1]["latents"] == alone.mean.astype(np.float64).sum(axis=(1, 2, 3, 4)).tolist()

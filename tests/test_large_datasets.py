@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -239,6 +240,7 @@ Path(out, f"rank-{accelerator.process_index}.json").write_text(json.dumps(record
 """
 
 
+@pytest.mark.slow
 def test_two_processes_build_the_image_and_latent_caches_in_shares(many_images, tmp_path):
     """Real ``accelerate launch`` on two processes: rank 0 decodes chunks 0, 2, 4, 6 and rank 1 chunks 1, 3, 5, each
     image once; both then read the same images, and the cache equals one built by a single process file for file.
@@ -282,3 +284,188 @@ def test_two_processes_build_the_image_and_latent_caches_in_shares(many_images, 
     finally:
         torch.set_num_threads(threads)
     assert ranks[0]["latents"] == ranks[1]["latents"] == alone.mean.astype(np.float64).sum(axis=(1, 2, 3, 4)).tolist()
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# --streaming: a datasets stream (local parquet shards, the same call as a Hub id), no cache
+# ----------------------------------------------------------------------------------------------------------------------
+
+STREAM_IMAGES = 40
+
+
+def _png(pixels: np.ndarray) -> bytes:
+    import io
+
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+@pytest.fixture(scope="module")
+def parquet_dataset(tmp_path_factory) -> Path:
+    """A dataset folder of two parquet shards (as the Hub stores them) with 40 images named s00.png ..., s03.png
+    broken; ``load_dataset(folder, streaming=True)`` reads it like a Hub id."""
+    import datasets
+
+    folder = tmp_path_factory.mktemp("parquet")
+    rng = np.random.default_rng(1)
+    rows = []
+    for i in range(STREAM_IMAGES):
+        data = b"not a png" if i == 3 else _png(rng.integers(0, 256, (20, 18, 3), dtype=np.uint8))
+        rows.append({"bytes": data, "path": f"s{i:02d}.png"})
+    dataset = datasets.Dataset.from_dict({"image": rows}, features=datasets.Features({"image": datasets.Image()}))
+    for shard in range(2):
+        dataset.shard(2, shard, contiguous=True).to_parquet(str(folder / f"train-{shard:05d}-of-00002.parquet"))
+    return folder
+
+
+def stream_flags(dataset: Path, out: Path, **overrides) -> list[str]:
+    flags = {
+        "dataset_name": dataset, "streaming": "true", "shuffle_buffer_size": 8, "output_dir": out,
+        "cache_dir": out.parent / "cache", "resolution": 16, "base_channels": 8, "channel_mults": "1 2",
+        "attention_res": "8", "layers_per_block": 1, "train_batch_size": 4, "max_train_steps": 4,
+        "learning_rate": 1e-3, "lr_warmup_steps": 0, "checkpointing_steps": 2, "validation_steps": 0,
+        "num_validation_images": 2, "validation_inference_steps": 2, "report_to": "none", "random_flip": "true",
+    }  # fmt: skip
+    flags.update(overrides)
+    return [token for key, value in flags.items() for token in (f"--{key}", *str(value).split())]
+
+
+class StreamDecodes:
+    """The names of the stream's examples the real ``decode_image`` decodes (any thread)."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch):
+        import crispdiff.data.streaming as streaming
+
+        self.names: list[str] = []
+        lock, real = threading.Lock(), streaming.decode_image
+
+        def decode(item, name, recipe):
+            with lock:
+                self.names.append(name)
+            return real(item, name, recipe)
+
+        monkeypatch.setattr(streaming, "decode_image", decode)
+
+
+def _unet_weights(pipeline: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    return load_file(str(pipeline / "unet" / "diffusion_pytorch_model.safetensors"))
+
+
+def test_streaming_trains_from_the_stream_and_resumes_exactly(parquet_dataset, tmp_path, monkeypatch):
+    """train_unconditional.py --streaming on a local parquet dataset: no image cache is written; with
+    --max_train_samples 6 every image trained on (or measured against) is among the stream's first 6 examples (the
+    broken one skipped with a warning), over several passes; a run resumed from its step-2 checkpoint, which holds
+    the stream's position, ends with the weights of the run that was not stopped."""
+    import shutil
+
+    from crispdiff.core.config import TrainConfig
+    from crispdiff.core.flags import parse_config
+    from crispdiff.train.unet_trainer import train
+
+    decodes = StreamDecodes(monkeypatch)
+    full = tmp_path / "full"
+    with pytest.warns(UserWarning, match=r"skipped s03\.png of the stream"):
+        train(parse_config(TrainConfig, stream_flags(parquet_dataset, full, max_train_samples=6)))
+    first_six = {f"s{i:02d}.png" for i in range(6)}
+    trained = decodes.names
+    assert set(trained) == first_six and len(trained) > 2 * 6, "several passes over the first 6 examples, no others"
+    assert not (tmp_path / "cache" / "images").exists(), "a stream writes no image cache"
+    assert json.loads((full / "checkpoint-2" / "process_state_0.json").read_text())["stream"]["taken"] > 0
+
+    resumed = tmp_path / "resumed"
+    resumed.mkdir()
+    shutil.copytree(full / "checkpoint-2", resumed / "checkpoint-2")
+    train(parse_config(TrainConfig, stream_flags(parquet_dataset, resumed, max_train_samples=6,
+                                                 resume_from_checkpoint="latest")))  # fmt: skip
+    a, b = _unet_weights(full / "pipeline"), _unet_weights(resumed / "pipeline")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), "the resumed stream diverged"
+
+
+STREAM = ["--dataset_name", "some/dataset", "--streaming"]
+
+
+@pytest.mark.parametrize(
+    "script, argv, refusal",
+    [
+        ("train_unconditional.py", STREAM, "--streaming needs --max_train_steps"),
+        ("train_unconditional.py", [*STREAM, "--num_epochs", "2"], "--num_epochs counts passes"),
+        ("train_unconditional.py", [*STREAM, "--max_train_steps", "5", "--validation_epochs", "1"], "epoch length"),
+        ("train_unconditional.py", [*STREAM, "--max_train_steps", "5", "--class_column", "label"], "its classes"),
+        ("train_unconditional.py", [*STREAM, "--time_budget_minutes", "1"], "its probe steps would take batches"),
+        ("train_unconditional.py", [*STREAM, "--max_train_steps", "5", "--shuffle_buffer_size", "0"], ">= 1"),
+        ("train_transfer.py", [*STREAM, "--pretrained_model_name_or_path", "m"], "--streaming needs --max_train_steps"),
+        ("train_latent.py", [*STREAM, "--max_train_steps", "5"], "--streaming is not supported here: train_latent"),
+    ],
+)
+def test_what_a_stream_cannot_give_is_refused_by_name(script, argv, refusal):
+    """Epochs and a time budget need a length, classes need the whole data: each refused in one line naming the
+    flag; the latent trainer, which encodes every image once, refuses --streaming itself."""
+    from test_flag_walk import script_entry
+
+    from crispdiff.core.errors import FlagError
+    from crispdiff.core.flags import parse_config
+
+    config_cls, _ = script_entry(script)
+    with pytest.raises(FlagError, match=re.escape(refusal)):
+        parse_config(config_cls, argv)
+
+
+def test_streaming_flags_need_a_dataset_and_each_other():
+    from crispdiff.core.config import TrainConfig
+    from crispdiff.core.errors import FlagError
+    from crispdiff.core.flags import parse_config
+
+    with pytest.raises(FlagError, match="--streaming: no effect without --dataset_name"):
+        parse_config(TrainConfig, ["--train_data_dir", "images", "--streaming", "--max_train_steps", "5"])
+    with pytest.raises(FlagError, match="--shuffle_buffer_size: no effect without --streaming"):
+        parse_config(TrainConfig, ["--dataset_name", "some/dataset", "--shuffle_buffer_size", "50"])
+    config = parse_config(TrainConfig, ["--dataset_name", "d", "--streaming", "--max_train_steps", "5"])
+    assert config.streaming and config.shuffle_buffer_size == 1000
+
+
+#: Records, per rank, the stream examples the real decode_image decodes, then runs the training script.
+_RECORD_STREAM = """
+import json, os, runpy, sys, threading
+from pathlib import Path
+
+import crispdiff.data.streaming as streaming
+
+record = Path(sys.argv[1]) / f"rank-{os.environ.get('RANK', '0')}.json"
+names, lock, real = [], threading.Lock(), streaming.decode_image
+
+
+def decode(item, name, recipe):
+    with lock:
+        names.append(name)
+    return real(item, name, recipe)
+
+
+streaming.decode_image = decode
+sys.argv = sys.argv[2:]
+try:
+    runpy.run_path(sys.argv[0], run_name="__main__")
+finally:
+    record.write_text(json.dumps(names))
+"""
+
+
+@pytest.mark.slow
+def test_two_processes_stream_disjoint_shares(parquet_dataset, tmp_path):
+    """Real ``accelerate launch`` on two processes with --streaming: each rank trains on its own share of the stream
+    (datasets' split_dataset_by_node gives each one of the two parquet shards), never the other's."""
+    wrapper = tmp_path / "record_stream.py"
+    wrapper.write_text(_RECORD_STREAM)
+    records = tmp_path / "records"
+    records.mkdir()
+    flags = stream_flags(parquet_dataset, tmp_path / "out", train_batch_size=2, max_train_steps=3,
+                         checkpointing_steps=0, num_validation_images=0)  # fmt: skip
+    log = launch_two(wrapper, str(records), str(REPO_ROOT / "train_scripts" / "train_unconditional.py"), *flags)
+    assert "2 process(es)" in log
+    shares = [set(json.loads((records / f"rank-{r}.json").read_text())) for r in (0, 1)]
+    halves = [{f"s{i:02d}.png" for i in range(k * 20, k * 20 + 20)} for k in (0, 1)]
+    assert shares[0] and shares[1] and not shares[0] & shares[1]
+    assert all(any(share <= half for half in halves) for share in shares), "each rank reads one shard"
+    assert (tmp_path / "out" / "pipeline" / "model_index.json").is_file()

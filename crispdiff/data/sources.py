@@ -182,8 +182,10 @@ def is_saved_dataset(path: Path) -> bool:
     return (path / "state.json").exists() or (path / "dataset_dict.json").exists()
 
 
-def _open_hf_dataset(config: Any) -> Any:
-    """Load ``--dataset_name`` with the ``datasets`` library as a single ``train`` split."""
+def open_hf_dataset(config: Any, streaming: bool = False) -> Any:
+    """Load ``--dataset_name`` with the ``datasets`` library as a single ``train`` split; ``streaming``: as an
+    ``IterableDataset`` read as it is iterated (``load_dataset(..., streaming=True)``; a ``save_to_disk`` folder
+    through ``to_iterable_dataset``), the same call for a Hub id and a local folder."""
     import datasets
 
     name = config.dataset_name
@@ -200,11 +202,12 @@ def _open_hf_dataset(config: Any) -> Any:
             loaded = datasets.load_from_disk(str(local))
             if isinstance(loaded, datasets.DatasetDict):
                 if "train" in loaded:
-                    return loaded["train"]
-                if len(loaded) == 1:
-                    return next(iter(loaded.values()))
-                raise DataError(f"--dataset_name {name} has splits {list(loaded)} but no 'train' split")
-            return loaded
+                    loaded = loaded["train"]
+                elif len(loaded) == 1:
+                    loaded = next(iter(loaded.values()))
+                else:
+                    raise DataError(f"--dataset_name {name} has splits {list(loaded)} but no 'train' split")
+            return loaded.to_iterable_dataset() if streaming else loaded
         cache = str(cache_root(config) / "datasets") if getattr(config, "cache_dir", None) else None
         return datasets.load_dataset(
             str(local) if local.exists() else name,
@@ -212,6 +215,7 @@ def _open_hf_dataset(config: Any) -> Any:
             data_dir=data_dir,
             split="train",
             cache_dir=cache,
+            streaming=streaming,
         )
     except DataError:
         raise
@@ -223,7 +227,7 @@ def _dataset_source(config: Any) -> ImageSource:
     """A ``datasets`` dataset; images are fetched undecoded so that bad files are skipped rather than crashing."""
     import datasets
 
-    ds = _open_hf_dataset(config)
+    ds = open_hf_dataset(config)
     columns = list(ds.column_names)
     if config.image_column not in columns:
         raise DataError(

@@ -93,6 +93,15 @@ MAIN_JOB_LADDER = (
 )
 
 
+#: Why the latent trainer refuses --streaming.
+STREAMING_NEEDS_THE_CACHE = (
+    "train_latent.py encodes every image once into its latent cache and checks (or adapts) the VAE and measures the "
+    "latent scaling on the images before training, which a stream cannot give; stream with train_unconditional.py "
+    "--streaming (pixel space), or let the image and latent caches be built in parts by every process "
+    "(accelerate launch)"
+)
+
+
 @dataclass
 class LatentTrainConfig(TrainConfig):
     """Everything `train_scripts/train_latent.py` accepts.
@@ -106,7 +115,9 @@ class LatentTrainConfig(TrainConfig):
     model_ladder: ClassVar[tuple[ModelRung, ...]] = MAIN_JOB_LADDER  # what --time_budget_minutes can buy
     # the latent cache encodes crops at fixed positions: --random_crop_positions is this trainer's flag
     refused_flags: ClassVar[dict[str, str]] = {
-        name: why for name, why in TrainConfig.refused_flags.items() if name != "random_crop_positions"
+        **{name: why for name, why in TrainConfig.refused_flags.items() if name != "random_crop_positions"},
+        "streaming": STREAMING_NEEDS_THE_CACHE,
+        "shuffle_buffer_size": STREAMING_NEEDS_THE_CACHE,
     }
     conditional_flags: ClassVar[dict[str, Condition]] = {
         name: (lambda c: c.adapt_vae != "off", "--adapt_vae auto or always")

@@ -78,14 +78,35 @@ def _read_metadata_file(folder: Path) -> list[dict[str, Any]] | None:
     return None
 
 
-def _list_image_files(folder: Path) -> list[Path]:
-    """All image files below ``folder`` (recursive), sorted for a stable order across machines."""
-    files = []
-    for path in folder.rglob("*"):
-        hidden = any(part.startswith(".") for part in path.relative_to(folder).parts)
-        if path.suffix.lower() in IMAGE_EXTENSIONS and not hidden and path.is_file():
-            files.append(path)
-    return sorted(files, key=lambda p: p.relative_to(folder).as_posix())
+@dataclass
+class _ImageFile:
+    name: str  # relative to the folder, with forward slashes
+    path: str
+    size: int
+    mtime_ns: int
+
+
+def _list_image_files(folder: Path) -> list[_ImageFile]:
+    """All image files below ``folder`` (recursive; hidden files and folders, and linked folders, left out), sorted
+    by name for a stable order across machines, each with the size and time the cache key hashes.
+
+    One ``os.scandir`` walk and one ``stat`` per file: every process lists the folder at every start, so at 100,000
+    files pathlib's per-path overhead would be most of a cache hit's start-up.
+    """
+    found: list[_ImageFile] = []
+    pending = [("", str(folder))]
+    while pending:
+        prefix, directory = pending.pop()
+        with os.scandir(directory) as entries:
+            for entry in entries:
+                if entry.name.startswith("."):
+                    continue
+                if entry.is_dir(follow_symlinks=False):
+                    pending.append((f"{prefix}{entry.name}/", entry.path))
+                elif os.path.splitext(entry.name)[1].lower() in IMAGE_EXTENSIONS and entry.is_file():
+                    stat = entry.stat()
+                    found.append(_ImageFile(prefix + entry.name, entry.path, stat.st_size, stat.st_mtime_ns))
+    return sorted(found, key=lambda file: file.name)
 
 
 def _check_caption_column(column: str | None, available: Sequence[str], where: str) -> None:
@@ -141,7 +162,7 @@ def _folder_source(folder: Path, config: Any, flag: str, description: str | None
     subset = max_samples_subset(len(files), config)
     if subset is not None:
         files = [files[i] for i in subset]
-    names = [p.relative_to(folder).as_posix() for p in files]
+    names = [file.name for file in files]
     rows = _read_metadata_file(folder)
     metadata = captions = columns = None
     if rows is not None:
@@ -159,9 +180,8 @@ def _folder_source(folder: Path, config: Any, flag: str, description: str | None
         )
     _check_class_column(metadata_class_column(config), columns, f"the metadata of {folder}")
     digest = hashlib.sha256()
-    for path, name in zip(files, names):
-        stat = path.stat()
-        digest.update(f"{name}\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode())
+    for file in files:
+        digest.update(f"{file.name}\0{file.size}\0{file.mtime_ns}\n".encode())
     for meta in (folder / "metadata.jsonl", folder / "metadata.csv"):
         if meta.exists():
             stat = meta.stat()
@@ -172,7 +192,7 @@ def _folder_source(folder: Path, config: Any, flag: str, description: str | None
         names=names,
         metadata=metadata,
         captions=captions,
-        fetch=lambda start, end: list(files[start:end]),
+        fetch=lambda start, end: [Path(file.path) for file in files[start:end]],
         columns=columns,
     )
 

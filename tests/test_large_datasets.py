@@ -79,6 +79,12 @@ def load(config: DataConfig, **kwargs):
     return load_images(config, show_progress=False, chunk_size=CHUNK, **kwargs)
 
 
+def image_cache_folder(cache_dir: Path) -> Path:
+    """The one image cache folder under a --cache_dir (beside it: its lock file)."""
+    (folder,) = [path for path in (cache_dir / "images").iterdir() if path.is_dir()]
+    return folder
+
+
 def cache_files(folder: Path) -> dict[str, bytes]:
     """Every file of a finished cache folder by name, the chunk records without their file times."""
     files = {}
@@ -110,7 +116,7 @@ def test_a_killed_image_cache_build_resumes_without_decoding_the_done_chunks(man
     with pytest.raises(Decodes.Interrupted):
         Decodes(monkeypatch, fail_after=3 * CHUNK + 5)
         load(config)
-    folder = next((tmp_path / "cache" / "images").iterdir())
+    folder = image_cache_folder(tmp_path / "cache")
     done = sorted(int(p.stem) for p in (folder / "chunks").glob("*.json"))
     assert done == [0, 1, 2] and not (folder / "header.json").exists()
     stamps = {c: (folder / "chunks" / f"{c:06d}.bin").stat() for c in done}
@@ -136,7 +142,7 @@ def test_a_load_reads_no_pixels_and_a_damaged_image_is_found_on_first_read(many_
     images are the original ones."""
     config = data_config(many_images, tmp_path / "cache")
     original = load(config).center_crops()
-    folder = next((tmp_path / "cache" / "images").iterdir())
+    folder = image_cache_folder(tmp_path / "cache")
     target = folder / "chunks" / "000002.bin"
     stat = target.stat()
     raw = bytearray(target.read_bytes())
@@ -163,7 +169,7 @@ def test_a_chunk_copied_without_its_time_is_checked_once_and_trusted_again(many_
     intact, not decoded again, and its new time recorded: the load after it is a plain cache hit."""
     config = data_config(many_images, tmp_path / "cache")
     load(config)
-    folder = next((tmp_path / "cache" / "images").iterdir())
+    folder = image_cache_folder(tmp_path / "cache")
     target = folder / "chunks" / "000001.bin"
     target.write_bytes(target.read_bytes())
     decodes = Decodes(monkeypatch)
@@ -264,7 +270,7 @@ def test_two_processes_build_the_image_and_latent_caches_in_shares(many_images, 
     assert all(rank["hit_again"] and rank["decoded_again"] == [] for rank in ranks)
 
     single = load(data_config(many_images, tmp_path / "single"))
-    folder = next((tmp_path / "cache" / "images").iterdir())
+    folder = image_cache_folder(tmp_path / "cache")
     assert cache_files(folder) == cache_files(single.cache_path)
     assert ranks[0]["crops"] == single.center_crops().sum(dim=(1, 2, 3)).tolist()
 

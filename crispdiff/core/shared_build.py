@@ -3,14 +3,18 @@ share of the chunks (rank r takes chunks r, r + N, ...), and the main process re
 
 Only accelerate's own primitives carry it (``broadcast_object_list`` and ``wait_for_everyone``, on the run's
 ``Accelerator`` or ``PartialState``): a plan or a finishing step that fails on the main process is broadcast as its
-error, so every process stops with the same message instead of waiting for ever at the next barrier.
+error, so every process stops with the same message instead of waiting for ever at the next barrier. Two runs that
+start together (two commands, not two ranks of one) build a cache once: the main process of each holds the cache's
+file lock while its processes build (``build_lock``).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+import contextlib
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Protocol, TypeVar
+from pathlib import Path
+from typing import Any, Protocol
 
 
 class Processes(Protocol):
@@ -29,10 +33,6 @@ class BuildPlan:
 
     todo: list[int] = field(default_factory=list)
     record: bool = False  # False: the cache is whole as it is, nothing to build or record
-    details: dict[str, Any] = field(default_factory=dict)  # anything the build's own steps need to share
-
-
-Plan = TypeVar("Plan", bound=BuildPlan)
 
 
 def my_share(todo: Sequence[int], process_index: int, num_processes: int) -> list[int]:
@@ -58,10 +58,10 @@ def _broadcast_outcome(processes: Processes, work: Callable[[], Any]) -> Any:
 
 def build_in_parts(
     processes: Processes | None,
-    plan: Callable[[], Plan],
-    build: Callable[[Plan, list[int]], None],
-    record: Callable[[Plan], None],
-) -> Plan:
+    plan: Callable[[], BuildPlan],
+    build: Callable[[BuildPlan, list[int]], None],
+    record: Callable[[BuildPlan], None],
+) -> BuildPlan:
     """Plan on the main process, ``build(plan, my_chunks)`` on every process, then ``record(plan)`` on the main one.
 
     ``processes`` None, or a single process: all three run here. Returns the plan (every process gets the same).
@@ -78,3 +78,25 @@ def build_in_parts(
         processes.wait_for_everyone()  # every share is on disk before the main process records the whole
         _broadcast_outcome(processes, lambda: record(planned))
     return planned
+
+
+@contextlib.contextmanager
+def build_lock(processes: Processes | None, path: Path) -> Iterator[None]:
+    """An exclusive advisory lock (POSIX ``flock``) on ``path`` held by the main process (the only one, without
+    ``processes``) while a cache is planned, built and recorded, so another run waits and then finds it whole; the
+    other ranks of this run take no lock. A no-op where ``fcntl`` is missing (Windows)."""
+    if processes is not None and not processes.is_main_process:
+        yield
+        return
+    try:
+        import fcntl
+    except ImportError:
+        yield
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a+") as handle:
+        fcntl.flock(handle.fileno(), fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle.fileno(), fcntl.LOCK_UN)

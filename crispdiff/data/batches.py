@@ -48,7 +48,8 @@ class InMemoryPixels:
 
 
 class ImageData:
-    """Decoded, resized uint8 images on disk (memory-mapped) plus their metadata, ready to be batched.
+    """Decoded, resized uint8 images (a ``PixelStore``: the cache's memory-mapped chunk files, or a streamed batch in
+    memory) plus their metadata, ready to be batched.
 
     Attributes: ``num_images``, ``resolution``, ``captions`` (or ``None``), ``metadata`` (rows aligned with the
     images, or ``None``), ``source`` (human description), ``num_skipped`` (unreadable or too-small files),

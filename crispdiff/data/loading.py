@@ -33,7 +33,7 @@ import numpy as np
 
 from crispdiff.core.config import AUTO_CLASS_COLUMN, PIXEL_AUGMENTATIONS
 from crispdiff.core.errors import DataError
-from crispdiff.core.shared_build import Processes, build_in_parts
+from crispdiff.core.shared_build import Processes, build_in_parts, build_lock
 from crispdiff.data.auto_classes import cluster_images
 from crispdiff.data.batches import ImageData, to_device, uint8_to_unit
 from crispdiff.data.cache import (
@@ -151,8 +151,8 @@ def load_images(
 
     The first call decodes and caches; later calls with the same files and preprocessing memory-map the cache.
     ``processes``: the run's ``Accelerator`` (or ``PartialState``); every one of its processes must call this, and
-    they decode the missing chunks of ``chunk_size`` images between them (else this process decodes them all; two
-    runs that do so at once write the same files, each atomically).
+    they decode the missing chunks of ``chunk_size`` images between them (else this process decodes them all; a
+    second run that starts meanwhile waits for the cache's lock, then reuses it).
     ``--class_column`` adds class names and ids, read from the metadata on every load (not part of the cache key);
     ``--class_column auto`` makes them from the pixels instead (``crispdiff.data.auto_classes``: seeded by ``--seed``,
     the count from ``--num_auto_classes``).
@@ -173,12 +173,13 @@ def load_images(
     class_values = _class_values(source, class_column)
     key = image_cache_key(source, recipe, chunk_size)
     folder = cache_root(config) / "images" / key
-    plan = build_in_parts(
-        processes,
-        plan=lambda: plan_image_cache(source, folder, key, chunk_size),
-        build=lambda _, chunks: decode_chunks(source, recipe, folder, chunks, chunk_size, show_progress),
-        record=lambda _: record_image_cache(source, recipe, folder, key, chunk_size),
-    )
+    with build_lock(processes, folder.parent / f"{key}.lock"):  # another run decoding it: wait, then reuse it
+        plan = build_in_parts(
+            processes,
+            plan=lambda: plan_image_cache(source, folder, key, chunk_size),
+            build=lambda _, chunks: decode_chunks(source, recipe, folder, chunks, chunk_size, show_progress),
+            record=lambda _: record_image_cache(source, recipe, folder, key, chunk_size),
+        )
     contents = read_image_cache(folder, key)
     if contents is None or not contents.whole:
         raise RuntimeError(f"the image cache just written to {folder} does not validate; is the disk full?")

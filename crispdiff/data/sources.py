@@ -79,21 +79,23 @@ def _read_metadata_file(folder: Path) -> list[dict[str, Any]] | None:
 
 
 @dataclass
-class _ImageFile:
+class ImageFile:
+    """An image file found below a folder, with what the cache key hashes of it."""
+
     name: str  # relative to the folder, with forward slashes
     path: str
     size: int
     mtime_ns: int
 
 
-def _list_image_files(folder: Path) -> list[_ImageFile]:
+def scan_image_files(folder: Path) -> list[ImageFile]:
     """All image files below ``folder`` (recursive; hidden files and folders, and linked folders, left out), sorted
     by name for a stable order across machines, each with the size and time the cache key hashes.
 
     One ``os.scandir`` walk and one ``stat`` per file: every process lists the folder at every start, so at 100,000
     files pathlib's per-path overhead would be most of a cache hit's start-up.
     """
-    found: list[_ImageFile] = []
+    found: list[ImageFile] = []
     pending = [("", str(folder))]
     while pending:
         prefix, directory = pending.pop()
@@ -105,8 +107,13 @@ def _list_image_files(folder: Path) -> list[_ImageFile]:
                     pending.append((f"{prefix}{entry.name}/", entry.path))
                 elif os.path.splitext(entry.name)[1].lower() in IMAGE_EXTENSIONS and entry.is_file():
                     stat = entry.stat()
-                    found.append(_ImageFile(prefix + entry.name, entry.path, stat.st_size, stat.st_mtime_ns))
+                    found.append(ImageFile(prefix + entry.name, entry.path, stat.st_size, stat.st_mtime_ns))
     return sorted(found, key=lambda file: file.name)
+
+
+def list_image_files(folder: Path) -> list[Path]:
+    """All image files below ``folder`` (recursive), sorted for a stable order across machines."""
+    return [Path(file.path) for file in scan_image_files(folder)]
 
 
 def _check_caption_column(column: str | None, available: Sequence[str], where: str) -> None:
@@ -153,7 +160,7 @@ def _folder_source(folder: Path, config: Any, flag: str, description: str | None
         raise DataError(f"{flag} {folder} does not exist")
     if not folder.is_dir():
         raise DataError(f"{flag} {folder} is not a folder")
-    files = _list_image_files(folder)
+    files = scan_image_files(folder)
     if not files:
         raise DataError(
             f"no images found in {folder} ({flag}); looked recursively for files ending in "

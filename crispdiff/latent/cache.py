@@ -39,13 +39,11 @@ float32`` keeps the encoder's exact output.
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import os
 import shutil
 import warnings
-from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -57,7 +55,7 @@ from crispdiff.core.checksums import DIGEST_SIZE, FirstReadCheck, digests_array,
 from crispdiff.core.errors import DataError
 from crispdiff.core.images import uint8_to_model
 from crispdiff.core.io import write_atomic, write_json_atomic
-from crispdiff.core.shared_build import BuildPlan, Processes, build_in_parts
+from crispdiff.core.shared_build import BuildPlan, Processes, build_in_parts, build_lock
 from crispdiff.latent.vae import AnyVAE, encode_posterior, latent_channels, vae_downsample_factor, weights_fingerprint
 
 __all__ = [
@@ -400,23 +398,6 @@ def _good_chunks(folder: Path, spec: LatentCacheSpec, chunk_size: int, arrays: d
     return good, bad
 
 
-@contextlib.contextmanager
-def _file_lock(path: Path) -> Iterator[None]:
-    """An exclusive advisory lock (POSIX ``flock``) so concurrent runs encode a cache once; a no-op elsewhere."""
-    try:
-        import fcntl
-    except ImportError:  # Windows: rely on main_process_first() alone
-        yield
-        return
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "a+") as handle:
-        fcntl.flock(handle.fileno(), fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle.fileno(), fcntl.LOCK_UN)
-
-
 # ----------------------------------------------------------------------------------------------------------------------
 # Building: the main process plans, every process encodes its share, the main process records
 # ----------------------------------------------------------------------------------------------------------------------
@@ -613,8 +594,7 @@ def load_or_build_latent_cache(
     )
     root = Path(cache_dir).expanduser()
     folder = root / spec.key()
-    main = processes is None or processes.is_main_process
-    with _file_lock(root / f"{spec.key()}.lock") if main else contextlib.nullcontext():
+    with build_lock(processes, root / f"{spec.key()}.lock"):
         plan = build_in_parts(
             processes,
             plan=lambda: _plan(folder, spec, chunk_size),

@@ -389,7 +389,7 @@ def test_cache_is_reused_without_decoding(tmp_path, folder):
     config = _config(tmp_path, folder)
     first = _load(config)
     assert not first.cache_hit
-    pixel_file = first.cache_path / "pixels.bin"
+    pixel_file = first.cache_path / "chunks" / "000000.bin"
     stamp = pixel_file.stat().st_mtime_ns
     # Overwrite a source file with garbage of the same size and mtime: only a load that decodes nothing still
     # returns the original pixels (a decoding load would skip the garbage file).
@@ -401,7 +401,7 @@ def test_cache_is_reused_without_decoding(tmp_path, folder):
     assert second.cache_hit and second.cache_path == first.cache_path
     assert pixel_file.stat().st_mtime_ns == stamp
     assert torch.equal(first.center_crops(), second.center_crops())
-    assert isinstance(second._pixels, np.memmap), "the cache is memory-mapped, not read into RAM"
+    assert all(isinstance(m, np.memmap) for m in second._pixels._maps.values()), "memory-mapped, not read into RAM"
 
 
 def test_cache_rebuilt_when_preprocessing_or_files_change(tmp_path, folder):
@@ -425,12 +425,13 @@ def test_cache_rebuilt_when_preprocessing_or_files_change(tmp_path, folder):
 @pytest.mark.parametrize("damage", ["truncate_pixels", "zero_pixels", "flip_a_bit", "bad_header", "bad_index"])
 def test_damaged_cache_is_detected_and_rebuilt(tmp_path, folder, damage):
     """Truncated, zero-filled (what a power cut can leave: the right size, no data) or bit-flipped pixels, a broken
-    header or index: each is detected, warned about once and rebuilt to the same images."""
+    header or index: each is detected at load (the chunk file's size or time, the manifest's checksum), warned about
+    once and rebuilt to the same images."""
     _three_images(folder)
     config = _config(tmp_path, folder)
     original = _load(config).center_crops()
     cache = _load(config).cache_path
-    pixels = cache / "pixels.bin"
+    pixels = cache / "chunks" / "000000.bin"
     if damage == "truncate_pixels":
         with pixels.open("r+b") as handle:
             handle.truncate(100)
@@ -443,13 +444,13 @@ def test_damaged_cache_is_detected_and_rebuilt(tmp_path, folder, damage):
     elif damage == "bad_header":
         (cache / "header.json").write_text("{not json")
     else:
-        np.save(cache / "index.npy", np.zeros((2, 3), dtype=np.int64))
-    with pytest.warns(UserWarning, match="rebuilding"):
+        np.save(cache / "index.npy", np.zeros((2, 4), dtype=np.int64))
+    with pytest.warns(UserWarning, match="damaged or stale"):
         rebuilt = _load(config)
     assert not rebuilt.cache_hit
     assert torch.equal(rebuilt.center_crops(), original)
     assert _load(config).cache_hit
-    assert not [p for p in cache.parent.iterdir() if p.name.startswith(".tmp")], "no temporary folders left behind"
+    assert not [p for p in cache.rglob(".*")], "no temporary files left behind"
 
 
 def test_cache_dir_env_override(tmp_path, folder, monkeypatch):

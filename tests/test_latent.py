@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import warnings
 from pathlib import Path
 
@@ -228,6 +229,41 @@ def test_corrupted_cache_is_detected_and_rebuilt(image_dir, vae_dir, tmp_path):
         _, rebuilt = build_cache(config, vae)
     assert calls.count == 1 + 3 and rebuilt.encoded_images == NUM_IMAGES
     assert np.array_equal(rebuilt.logvar, expected_logvar)
+    calls.remove()
+
+
+def test_a_load_reads_no_latent_and_damage_is_found_on_first_read(image_dir, vae_dir, tmp_path):
+    """Bytes flipped in the second chunk's rows of mean.npy with the file's time kept (so the load's size-and-time
+    check cannot see it): the load encodes nothing and checks no row; the first chunk reads fine; reading an image
+    of the damaged chunk stops with an error naming the chunk and what to do; the next load re-encodes that chunk
+    alone (4 images, one encoder batch) and its latents are the original ones."""
+    from crispdiff.core.errors import DataError
+
+    config = make_config(image_dir, vae_dir, tmp_path)
+    vae = load_vae(config.pretrained_vae_name_or_path)
+    _, original = build_cache(config, vae)
+    expected = np.array(original.mean)
+    path = original.folder / "mean.npy"
+    del original
+    stat = path.stat()
+    raw = bytearray(path.read_bytes())
+    data_start = len(raw) - expected.nbytes
+    raw[data_start + 5 * expected[0].nbytes + 3] ^= 0xFF
+    path.write_bytes(bytes(raw))
+    os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+
+    calls = EncoderCalls(vae)
+    _, cache = build_cache(config, vae)
+    assert cache.encoded_images == 0 and calls.count == 0 and not cache._check.checked.any(), "no latent read"
+    mean, _ = cache.posterior(torch.arange(4), torch.zeros(4, dtype=torch.long))
+    assert torch.equal(mean, torch.from_numpy(expected[:4, 0].astype(np.float32)))
+    with pytest.raises(DataError, match=r"latent cache .* is damaged: the latents of image 5 \(chunk 000001\.json\)"):
+        cache.posterior(torch.tensor([4, 5]), torch.zeros(2, dtype=torch.long))
+    del cache
+
+    _, repaired = build_cache(config, vae)
+    assert repaired.encoded_images == 4 and calls.count == 1
+    assert np.array_equal(repaired.mean, expected)
     calls.remove()
 
 

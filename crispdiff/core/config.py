@@ -448,6 +448,8 @@ class TrainConfig(DataConfig, ModelConfig, NoiseConfig, HubConfig, LoopConfig):
             "--class_column or --autoguidance_scale above 1",
         ),
         "autoguidance_snapshot": (lambda c: c.autoguidance_scale > 1, "--autoguidance_scale above 1"),
+        "streaming": (lambda c: bool(c.dataset_name), "--dataset_name (a Hub id or a local folder datasets loads)"),
+        "shuffle_buffer_size": (lambda c: c.streaming, "--streaming"),
     }
     #: The diffusers script this config stands in for, and its defaults where crispdiff's differ on purpose.
     diffusers_script: ClassVar[str | None] = "train_unconditional.py"
@@ -552,6 +554,17 @@ class TrainConfig(DataConfig, ModelConfig, NoiseConfig, HubConfig, LoopConfig):
         "--max_train_steps: a short probe times a few steps, and the steps chosen are saved in the training config "
         "(max_train_steps) so the run can be repeated exactly. The latent trainer's VAE adaptation gets a share.",
     )
+    streaming: bool = flag(
+        False,
+        "Stream --dataset_name with `datasets` (load_dataset(..., streaming=True)) instead of decoding it into the "
+        "image cache first: for data that does not fit on disk twice. Each process takes its share of the stream "
+        "(datasets' split_dataset_by_node), shuffled in a buffer of --shuffle_buffer_size examples and anew each "
+        "pass. Needs --max_train_steps (a stream's length is unknown); --max_train_samples keeps its first N "
+        "examples; a resumed run rereads the stream up to where it was.",
+    )
+    shuffle_buffer_size: int = flag(
+        1000, "With --streaming: examples in the shuffle buffer (datasets' IterableDataset.shuffle)."
+    )
     sharpen_calibration_images: int = flag(
         0,
         "At the end of training, sample this many images without the unsharp mask and save the amount whose "
@@ -596,5 +609,34 @@ class TrainConfig(DataConfig, ModelConfig, NoiseConfig, HubConfig, LoopConfig):
             raise ValueError(f"pass --time_budget_minutes or --{length[0]}, not both (the budget sets the steps)")
         if self.num_auto_classes is not None and self.num_auto_classes < 2:
             raise ValueError(f"--num_auto_classes must be >= 2, got {self.num_auto_classes}")
+        if self.streaming:
+            self.check_streaming()
+
+    def check_streaming(self) -> None:
+        """Refuse what a stream cannot give: a length (epochs, a time budget's probes would take its batches) and
+        classes known before training starts."""
+        given = getattr(self, "explicit_flags", frozenset())
+        if self.shuffle_buffer_size < 1:
+            raise ValueError(f"--shuffle_buffer_size must be >= 1, got {self.shuffle_buffer_size}")
+        if self.time_budget_minutes is not None:
+            raise ValueError(
+                "--time_budget_minutes with --streaming: its probe steps would take batches of the stream the run "
+                "trains on; give --max_train_steps"
+            )
+        if not self.max_train_steps:
+            epochs = " (--num_epochs counts passes over data of known length)" if "num_epochs" in given else ""
+            raise ValueError(f"--streaming needs --max_train_steps: a stream's length is unknown{epochs}")
+        per_epoch = [name for name in ("validation_epochs", "save_model_epochs") if getattr(self, name)]
+        if per_epoch:
+            raise ValueError(
+                f"{flag_list(per_epoch)} with --streaming: a stream has no known epoch length; use "
+                "--validation_steps / --save_model_steps"
+            )
+        if self.class_column not in (None, "", NO_CLASS_COLUMN):
+            raise ValueError(
+                f"--class_column {self.class_column} with --streaming: a class-conditional model needs its classes "
+                "before training starts, which a stream gives only by reading it whole; drop --streaming (the image "
+                "cache reads it once) or --class_column"
+            )
 
 

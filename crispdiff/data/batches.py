@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 import torch
@@ -18,12 +18,38 @@ _DRAWS_PER_IMAGE = 7
 
 
 # ----------------------------------------------------------------------------------------------------------------------
+# Where the stored images are
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+class PixelStore(Protocol):
+    """Stored images: the cache's chunk files (``crispdiff.data.cache.ChunkedPixels``) or a batch held in memory."""
+
+    sizes: np.ndarray  # int64 [N, 2]: height, width of each stored image
+
+    def image(self, i: int) -> np.ndarray:
+        """The stored HxWx3 uint8 image ``i``."""
+
+
+class InMemoryPixels:
+    """Decoded images held in memory: a streamed batch (``--streaming``), augmented like cached images."""
+
+    def __init__(self, images: Sequence[np.ndarray]):
+        self._images = list(images)
+        self.sizes = np.asarray([image.shape[:2] for image in self._images], dtype=np.int64).reshape(-1, 2)
+
+    def image(self, i: int) -> np.ndarray:
+        return self._images[i]
+
+
+# ----------------------------------------------------------------------------------------------------------------------
 # The dataset object
 # ----------------------------------------------------------------------------------------------------------------------
 
 
 class ImageData:
-    """Decoded, resized uint8 images on disk (memory-mapped) plus their metadata, ready to be batched.
+    """Decoded, resized uint8 images (a ``PixelStore``: the cache's memory-mapped chunk files, or a streamed batch in
+    memory) plus their metadata, ready to be batched.
 
     Attributes: ``num_images``, ``resolution``, ``captions`` (or ``None``), ``metadata`` (rows aligned with the
     images, or ``None``), ``source`` (human description), ``num_skipped`` (unreadable or too-small files),
@@ -35,8 +61,7 @@ class ImageData:
 
     def __init__(
         self,
-        pixels: np.ndarray,
-        index: np.ndarray,
+        pixels: PixelStore,
         *,
         resolution: int,
         center_crop: bool,
@@ -57,9 +82,9 @@ class ImageData:
         source_rows: np.ndarray | None = None,
     ) -> None:
         self._pixels = pixels
-        self._index = index
+        self._sizes = np.asarray(pixels.sizes, dtype=np.int64).reshape(-1, 2)  # height, width of each stored image
         self._resident: torch.Tensor | None = None  # all images on a device, see keep_on_device
-        self.num_images = int(index.shape[0])
+        self.num_images = int(self._sizes.shape[0])
         self.resolution = int(resolution)
         self.center_crop = bool(center_crop)
         self.random_flip = bool(random_flip)
@@ -101,9 +126,9 @@ class ImageData:
         return labels if device is None else labels.to(device)
 
     def stored_image(self, i: int) -> np.ndarray:
-        """The stored HxWx3 uint8 image ``i`` (short side == resolution), a read-only view of the memory map."""
-        offset, height, width = (int(v) for v in self._index[i])
-        return self._pixels[offset : offset + height * width * 3].reshape(height, width, 3)
+        """The stored HxWx3 uint8 image ``i`` (short side == resolution), a read-only view (of the cache's memory
+        map, checked against its digest on first read)."""
+        return self._pixels.image(i)
 
     def _crop(self, i: int, u_top: float, u_left: float, center: bool) -> np.ndarray:
         """An RxR crop of image ``i``: centred, or placed by two uniform numbers in [0, 1)."""
@@ -138,7 +163,7 @@ class ImageData:
 
     def has_crop_slack(self) -> bool:
         """Whether any stored image is larger than its RxR crop (so that random crops differ from centre crops)."""
-        return bool((self._index[:, 1:] != self.resolution).any()) if self.num_images else False
+        return bool((self._sizes != self.resolution).any()) if self.num_images else False
 
     def keep_on_device(self, device: torch.device | str, max_bytes: int | None = None) -> bool:
         """Copy all stored images to ``device`` as one uint8 tensor, so batches never leave it; True if done.
@@ -148,7 +173,7 @@ class ImageData:
         64 px are 12 MB). Otherwise batches keep coming from the memory map through pinned memory.
         """
         device = torch.device(device)
-        sizes = self._index[:, 1:]
+        sizes = self._sizes
         if self.num_images == 0 or not (sizes == sizes[0]).all():
             return False
         height, width = (int(v) for v in sizes[0])
@@ -157,7 +182,9 @@ class ImageData:
             max_bytes = torch.cuda.mem_get_info(device)[0] // 4 if device.type == "cuda" else 0
         if total > max_bytes:
             return False
-        pixels = np.ascontiguousarray(self._pixels[:total]).reshape(self.num_images, height, width, 3)
+        pixels = np.empty((self.num_images, height, width, 3), dtype=np.uint8)
+        for i in range(self.num_images):  # each image checked on this first read, as a batch would
+            pixels[i] = self.stored_image(i)
         self._resident = torch.from_numpy(pixels).to(device)
         return True
 
@@ -168,7 +195,7 @@ class ImageData:
 
     def _crop_offsets(self, ids: list[int], u: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Top and left corner of each RxR crop: centred, or placed by two uniform numbers in [0, 1) per image."""
-        heights, widths = self._index[ids, 1], self._index[ids, 2]
+        heights, widths = self._sizes[ids, 0], self._sizes[ids, 1]
         res = self.resolution
         if self.center_crop:
             return crop_origin(heights, widths, res)

@@ -3,10 +3,12 @@
 Why this shape: small diffusion models train for many epochs over small images, so decoding PNGs every epoch would
 dominate the step time and a ``DataLoader`` with workers would make the random stream depend on the worker count.
 Instead every image is decoded exactly once (PIL), turned into RGB uint8 with a fixed recipe (transparency composited
-onto ``--background``, 16-bit scaled, short side resized to ``--resolution``) and appended to a flat file on disk.
-Later runs memory-map that file, so a second run decodes nothing and a dataset of a few hundred thousand images does
-not need to fit in RAM. Batches are assembled from the memory map on the fly; every random draw (crop, flip, jitter,
-blur) comes from the caller's ``torch.Generator`` so a resumed run sees exactly the batches it would have seen.
+onto ``--background``, 16-bit scaled, short side resized to ``--resolution``) and appended to chunk files on disk.
+Later runs memory-map them, so a second run decodes nothing and a dataset of a few hundred thousand images does not
+need to fit in RAM. The processes of an ``accelerate launch`` decode a share of the chunks each, a killed build
+resumes at the chunks not yet written, and each image is checked against its digest when first read, so start-up
+does not grow with the dataset. Batches are assembled from the memory maps on the fly; every random draw (crop, flip,
+jitter, blur) comes from the caller's ``torch.Generator`` so a resumed run sees exactly the batches it would have seen.
 
 Sources, in order of precedence: ``--dataset_name`` (a Hub id, a ``save_to_disk`` folder or any folder ``datasets``
 can load; with ``--train_data_dir`` too, that folder inside it, as in diffusers' scripts), ``--train_data_dir`` (a
@@ -15,9 +17,10 @@ shipped in ``crispdiff/assets``.
 
 One module per concern, this one being the entry point (``load_images``) that re-exports their public names:
 :mod:`crispdiff.data.decode` (one image -> uint8 with the ``DecodeRecipe``), :mod:`crispdiff.data.sources` (folder /
-``datasets`` / embedded: ``resolve_source``), :mod:`crispdiff.data.cache` (the memory-mapped cache and the
-skipped-file list: ``read_image_cache``, ``build_image_cache``), :mod:`crispdiff.data.batches` (``ImageData``: crops,
-augmentation, device residency), :mod:`crispdiff.data.auto_classes` (``--class_column auto``).
+``datasets`` / embedded: ``resolve_source``), :mod:`crispdiff.data.cache` (the chunked, memory-mapped cache and the
+skipped-file list: ``plan_image_cache``, ``decode_chunks``, ``record_image_cache``, ``ChunkedPixels``),
+:mod:`crispdiff.data.batches` (``ImageData``: crops, augmentation, device residency), :mod:`crispdiff.data.auto_classes`
+(``--class_column auto``).
 """
 
 from __future__ import annotations
@@ -30,14 +33,19 @@ import numpy as np
 
 from crispdiff.core.config import AUTO_CLASS_COLUMN, PIXEL_AUGMENTATIONS
 from crispdiff.core.errors import DataError
+from crispdiff.core.shared_build import Processes, build_in_parts, build_lock
 from crispdiff.data.auto_classes import cluster_images
 from crispdiff.data.batches import ImageData, to_device, uint8_to_unit
 from crispdiff.data.cache import (
+    IMAGE_CHUNK_SIZE,
     SKIPPED_FILE,
     SKIPPED_LOG_NAME,
-    build_image_cache,
+    ChunkedPixels,
+    decode_chunks,
     image_cache_key,
+    plan_image_cache,
     read_image_cache,
+    record_image_cache,
     skipped_entries,
     warn_about_skipped,
     write_skipped_log,
@@ -134,10 +142,20 @@ def _class_labels(values: list[str] | None, kept: list[int], column: str | None)
     return names, np.array([position[v] for v in kept_values], dtype=np.int64)
 
 
-def load_images(config: Any, *, for_latents: bool = False, show_progress: bool = True) -> ImageData:
+def load_images(
+    config: Any,
+    *,
+    for_latents: bool = False,
+    show_progress: bool = True,
+    processes: Processes | None = None,
+    chunk_size: int = IMAGE_CHUNK_SIZE,
+) -> ImageData:
     """Load the images named by the data flags of ``config`` (a ``DataConfig`` or anything with its attributes).
 
     The first call decodes and caches; later calls with the same files and preprocessing memory-map the cache.
+    ``processes``: the run's ``Accelerator`` (or ``PartialState``); every one of its processes must call this, and
+    they decode the missing chunks of ``chunk_size`` images between them (else this process decodes them all; a
+    second run that starts meanwhile waits for the cache's lock, then reuses it).
     ``--class_column`` adds class names and ids, read from the metadata on every load (not part of the cache key);
     ``--class_column auto`` makes them from the pixels instead (``crispdiff.data.auto_classes``: seeded by ``--seed``,
     the count from ``--num_auto_classes``).
@@ -156,25 +174,24 @@ def load_images(config: Any, *, for_latents: bool = False, show_progress: bool =
     source = resolve_source(config)
     class_column = metadata_class_column(config)
     class_values = _class_values(source, class_column)
-    key = image_cache_key(source, recipe)
+    key = image_cache_key(source, recipe, chunk_size)
     folder = cache_root(config) / "images" / key
+    with build_lock(processes, folder.parent / f"{key}.lock"):  # another run decoding it: wait, then reuse it
+        plan = build_in_parts(
+            processes,
+            plan=lambda: plan_image_cache(source, folder, key, chunk_size),
+            build=lambda _, chunks: decode_chunks(source, recipe, folder, chunks, chunk_size, show_progress),
+            record=lambda _: record_image_cache(source, recipe, folder, key, chunk_size),
+        )
     contents = read_image_cache(folder, key)
-    cache_hit = contents is not None
-    if contents is None:
-        if (folder / "header.json").exists():
-            warnings.warn(f"image cache {folder} is damaged or stale; rebuilding it", UserWarning, stacklevel=2)
-        build_image_cache(source, recipe, folder, key, show_progress)
-        contents = read_image_cache(folder, key)
-        if contents is None:
-            raise RuntimeError(f"the image cache just written to {folder} does not validate; is the disk full?")
+    if contents is None or not contents.whole:
+        raise RuntimeError(f"the image cache just written to {folder} does not validate; is the disk full?")
     skipped = skipped_entries(folder, contents.header)
     warn_about_skipped(contents.header, source, recipe, _skipped_log(skipped, folder, config))
     kept = contents.kept.tolist()
     class_names, class_ids = _class_labels(class_values, kept, class_column)
-    pixels = np.memmap(folder / "pixels.bin", dtype=np.uint8, mode="r")
     data = ImageData(
-        pixels,
-        contents.index,
+        ChunkedPixels(contents),
         resolution=recipe.resolution,
         center_crop=recipe.center,
         random_flip=bool(config.random_flip),
@@ -188,7 +205,7 @@ def load_images(config: Any, *, for_latents: bool = False, show_progress: bool =
         num_skipped=int(contents.header.get("num_skipped", 0)),
         skipped_names=skipped,
         cache_path=folder,
-        cache_hit=cache_hit,
+        cache_hit=not plan.record,
         class_names=class_names,
         class_ids=class_ids,
         source_rows=contents.kept,

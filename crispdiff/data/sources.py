@@ -78,14 +78,42 @@ def _read_metadata_file(folder: Path) -> list[dict[str, Any]] | None:
     return None
 
 
+@dataclass
+class ImageFile:
+    """An image file found below a folder, with what the cache key hashes of it."""
+
+    name: str  # relative to the folder, with forward slashes
+    path: str
+    size: int
+    mtime_ns: int
+
+
+def scan_image_files(folder: Path) -> list[ImageFile]:
+    """All image files below ``folder`` (recursive; hidden files and folders, and linked folders, left out), sorted
+    by name for a stable order across machines, each with the size and time the cache key hashes.
+
+    One ``os.scandir`` walk and one ``stat`` per file: every process lists the folder at every start, so at 100,000
+    files pathlib's per-path overhead would be most of a cache hit's start-up.
+    """
+    found: list[ImageFile] = []
+    pending = [("", str(folder))]
+    while pending:
+        prefix, directory = pending.pop()
+        with os.scandir(directory) as entries:
+            for entry in entries:
+                if entry.name.startswith("."):
+                    continue
+                if entry.is_dir(follow_symlinks=False):
+                    pending.append((f"{prefix}{entry.name}/", entry.path))
+                elif os.path.splitext(entry.name)[1].lower() in IMAGE_EXTENSIONS and entry.is_file():
+                    stat = entry.stat()
+                    found.append(ImageFile(prefix + entry.name, entry.path, stat.st_size, stat.st_mtime_ns))
+    return sorted(found, key=lambda file: file.name)
+
+
 def list_image_files(folder: Path) -> list[Path]:
     """All image files below ``folder`` (recursive), sorted for a stable order across machines."""
-    files = []
-    for path in folder.rglob("*"):
-        hidden = any(part.startswith(".") for part in path.relative_to(folder).parts)
-        if path.suffix.lower() in IMAGE_EXTENSIONS and not hidden and path.is_file():
-            files.append(path)
-    return sorted(files, key=lambda p: p.relative_to(folder).as_posix())
+    return [Path(file.path) for file in scan_image_files(folder)]
 
 
 def _check_caption_column(column: str | None, available: Sequence[str], where: str) -> None:
@@ -132,7 +160,7 @@ def _folder_source(folder: Path, config: Any, flag: str, description: str | None
         raise DataError(f"{flag} {folder} does not exist")
     if not folder.is_dir():
         raise DataError(f"{flag} {folder} is not a folder")
-    files = list_image_files(folder)
+    files = scan_image_files(folder)
     if not files:
         raise DataError(
             f"no images found in {folder} ({flag}); looked recursively for files ending in "
@@ -141,7 +169,7 @@ def _folder_source(folder: Path, config: Any, flag: str, description: str | None
     subset = max_samples_subset(len(files), config)
     if subset is not None:
         files = [files[i] for i in subset]
-    names = [p.relative_to(folder).as_posix() for p in files]
+    names = [file.name for file in files]
     rows = _read_metadata_file(folder)
     metadata = captions = columns = None
     if rows is not None:
@@ -159,9 +187,8 @@ def _folder_source(folder: Path, config: Any, flag: str, description: str | None
         )
     _check_class_column(metadata_class_column(config), columns, f"the metadata of {folder}")
     digest = hashlib.sha256()
-    for path, name in zip(files, names):
-        stat = path.stat()
-        digest.update(f"{name}\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode())
+    for file in files:
+        digest.update(f"{file.name}\0{file.size}\0{file.mtime_ns}\n".encode())
     for meta in (folder / "metadata.jsonl", folder / "metadata.csv"):
         if meta.exists():
             stat = meta.stat()
@@ -172,7 +199,7 @@ def _folder_source(folder: Path, config: Any, flag: str, description: str | None
         names=names,
         metadata=metadata,
         captions=captions,
-        fetch=lambda start, end: list(files[start:end]),
+        fetch=lambda start, end: [Path(file.path) for file in files[start:end]],
         columns=columns,
     )
 
@@ -182,8 +209,10 @@ def is_saved_dataset(path: Path) -> bool:
     return (path / "state.json").exists() or (path / "dataset_dict.json").exists()
 
 
-def _open_hf_dataset(config: Any) -> Any:
-    """Load ``--dataset_name`` with the ``datasets`` library as a single ``train`` split."""
+def open_hf_dataset(config: Any, streaming: bool = False) -> Any:
+    """Load ``--dataset_name`` with the ``datasets`` library as a single ``train`` split; ``streaming``: as an
+    ``IterableDataset`` read as it is iterated (``load_dataset(..., streaming=True)``; a ``save_to_disk`` folder
+    through ``to_iterable_dataset``), the same call for a Hub id and a local folder."""
     import datasets
 
     name = config.dataset_name
@@ -200,11 +229,12 @@ def _open_hf_dataset(config: Any) -> Any:
             loaded = datasets.load_from_disk(str(local))
             if isinstance(loaded, datasets.DatasetDict):
                 if "train" in loaded:
-                    return loaded["train"]
-                if len(loaded) == 1:
-                    return next(iter(loaded.values()))
-                raise DataError(f"--dataset_name {name} has splits {list(loaded)} but no 'train' split")
-            return loaded
+                    loaded = loaded["train"]
+                elif len(loaded) == 1:
+                    loaded = next(iter(loaded.values()))
+                else:
+                    raise DataError(f"--dataset_name {name} has splits {list(loaded)} but no 'train' split")
+            return loaded.to_iterable_dataset() if streaming else loaded
         cache = str(cache_root(config) / "datasets") if getattr(config, "cache_dir", None) else None
         return datasets.load_dataset(
             str(local) if local.exists() else name,
@@ -212,6 +242,7 @@ def _open_hf_dataset(config: Any) -> Any:
             data_dir=data_dir,
             split="train",
             cache_dir=cache,
+            streaming=streaming,
         )
     except DataError:
         raise
@@ -223,7 +254,7 @@ def _dataset_source(config: Any) -> ImageSource:
     """A ``datasets`` dataset; images are fetched undecoded so that bad files are skipped rather than crashing."""
     import datasets
 
-    ds = _open_hf_dataset(config)
+    ds = open_hf_dataset(config)
     columns = list(ds.column_names)
     if config.image_column not in columns:
         raise DataError(

@@ -12,18 +12,24 @@ Layout of one cache folder ``<latent cache dir>/<key>/``:
 
 - ``mean.npy`` and ``logvar.npy``: ``[N, V, C, h, w]`` arrays (V = 2 with flips, else 1) in float16 or float32,
   written through a memory map and read back as one, so datasets larger than RAM work;
-- ``header.json``: the key, the spec it hashes, the shape, and one SHA-256 per chunk of ``chunk_size`` images, plus
-  ``complete``. The header is rewritten atomically after every chunk, so an interrupted encode RESUMES at the first
-  chunk that has no checksum yet, and a chunk whose bytes no longer match its checksum is re-encoded rather than
-  used. A file whose shape, dtype or size is wrong makes the whole folder rebuild.
+- ``chunks/NNNNNN.json``: one record per chunk of ``chunk_size`` images, written once its rows are flushed, holding
+  each image's digest. A build that was interrupted RESUMES at the chunks without a record, after checking the
+  recorded ones (a damaged chunk is re-encoded rather than used);
+- ``digests.npy`` and ``header.json``: the key, the spec it hashes, the shape, ``complete``, and the two arrays'
+  sizes and modification times. A file whose shape, dtype or size is wrong makes the whole folder rebuild.
+
+A load reads no latent: it compares the arrays' sizes and times with the header (arrays modified since are checked
+chunk by chunk and repaired), and each image's latents are checked against their digest the first time this process
+reads them (``LatentCache.posterior``); a mismatch there removes the chunk's record, so the next run re-encodes it,
+and stops the run with an error saying so.
 
 The key hashes the data identity (the image cache's key from ``crispdiff.data.loading``, which covers the files and the
 preprocessing recipe), the preprocessing flags, the VAE's weights fingerprint, the storage dtype and the flip
 setting: changing any of them selects a different folder, so a stale cache is never read.
 
-Concurrency: the encoding runs under an exclusive file lock (``<key>.lock``), so two runs that start together
-encode once; under ``accelerate launch`` the caller also wraps the build in ``main_process_first()`` so only rank 0
-encodes and the other ranks find a finished cache.
+Concurrency: under ``accelerate launch`` every process encodes its share of the chunks (rank r takes chunks r, r + N,
+...) and the main process records the header after a barrier (:mod:`crispdiff.core.shared_build`); the main process
+holds an exclusive file lock (``<key>.lock``) meanwhile, so two runs that start together encode once.
 
 Storage dtype: float16 by default. Rounding to float16 moves a latent by at most 2**-11 of its magnitude: far less
 than the posterior noise every training sample carries anyway, below the smallest noise level of the schedule, and
@@ -33,13 +39,11 @@ float32`` keeps the encoder's exact output.
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import os
 import shutil
 import warnings
-from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -47,8 +51,11 @@ from typing import Any
 import numpy as np
 import torch
 
+from crispdiff.core.checksums import DIGEST_SIZE, FirstReadCheck, digests_array, file_checksum, item_digest
+from crispdiff.core.errors import DataError
 from crispdiff.core.images import uint8_to_model
-from crispdiff.core.io import write_json_atomic
+from crispdiff.core.io import write_atomic, write_json_atomic
+from crispdiff.core.shared_build import BuildPlan, Processes, build_in_parts, build_lock
 from crispdiff.latent.vae import AnyVAE, encode_posterior, latent_channels, vae_downsample_factor, weights_fingerprint
 
 __all__ = [
@@ -62,7 +69,8 @@ __all__ = [
 ]
 
 #: Bump when the layout or the encoding recipe changes, so old caches are never read.
-CACHE_FORMAT = 1
+CACHE_FORMAT = 2  # 2: one record per chunk, per-image digests checked on first read
+CHUNKS_DIR = "chunks"
 
 #: Storage dtypes offered by ``--latent_cache_dtype``.
 DTYPES = {"float16": np.float16, "float32": np.float32}
@@ -177,13 +185,24 @@ class LatentCache:
     ``encoded_images`` is how many images this load had to encode (0 when the cache was reused as is).
     """
 
-    def __init__(self, folder: Path, spec: LatentCacheSpec, mean: np.ndarray, logvar: np.ndarray, encoded: int):
+    def __init__(
+        self,
+        folder: Path,
+        spec: LatentCacheSpec,
+        mean: np.ndarray,
+        logvar: np.ndarray,
+        encoded: int,
+        digests: np.ndarray,
+        chunk_size: int,
+    ):
         self.folder = folder
         self.spec = spec
         self.key = spec.key()
         self.mean = mean
         self.logvar = logvar
         self.encoded_images = encoded
+        self.chunk_size = chunk_size
+        self._check = FirstReadCheck(digests)
         self._resident: tuple[torch.Tensor, torch.Tensor] | None = None  # see keep_on_device
 
     def __len__(self) -> int:
@@ -209,6 +228,7 @@ class LatentCache:
             max_bytes = torch.cuda.mem_get_info(device)[0] // 4 if device.type == "cuda" else 0
         if total > max_bytes:
             return False
+        self.check_rows(range(len(self)))  # all of them are read now: each checked on this first read
         self._resident = tuple(torch.from_numpy(np.ascontiguousarray(a)).to(device) for a in (self.mean, self.logvar))
         return True
 
@@ -228,9 +248,25 @@ class LatentCache:
             return tuple(a[rows, cols].float() for a in self._resident)  # type: ignore[return-value]
         rows = indices.reshape(-1).cpu().numpy().astype(np.int64)
         cols = variants.reshape(-1).cpu().numpy().astype(np.int64)
+        self.check_rows(rows.tolist())
         mean = torch.from_numpy(np.asarray(self.mean[rows, cols], dtype=np.float32))
         logvar = torch.from_numpy(np.asarray(self.logvar[rows, cols], dtype=np.float32))
         return mean, logvar
+
+    def check_rows(self, rows: Any) -> None:
+        """Check each image's latents against its digest the first time this process reads them; a damaged one
+        removes its chunk's record (the next run re-encodes that chunk) and stops with an error saying so."""
+        check = self._check
+        for row in rows:
+            if not check.checked[row] and not check.matches(row, self.mean[row], self.logvar[row]):
+                chunk = row // self.chunk_size
+                record = self.folder / CHUNKS_DIR / f"{chunk:06d}.json"
+                record.unlink(missing_ok=True)
+                raise DataError(
+                    f"latent cache {self.folder} is damaged: the latents of image {row} (chunk {record.name}) no "
+                    "longer match their checksum (a disk error, or the file was edited). Run again and that chunk is "
+                    "encoded again (--resume_from_checkpoint latest continues a training run)"
+                )
 
     def __repr__(self) -> str:
         return f"LatentCache({len(self)} images x {self.num_variants} variant(s) of {self.latent_shape}, {self.folder})"
@@ -239,16 +275,6 @@ class LatentCache:
 # ----------------------------------------------------------------------------------------------------------------------
 # On-disk state
 # ----------------------------------------------------------------------------------------------------------------------
-
-
-@dataclass
-class _State:
-    """What a cache folder holds right now: its header, its arrays and which chunks verify."""
-
-    header: dict[str, Any]
-    arrays: dict[str, np.ndarray]
-    good: dict[int, str]  # chunk index -> checksum, for chunks whose bytes match the header
-    bad: list[int]  # chunks recorded in the header whose bytes no longer match
 
 
 def _num_chunks(num_images: int, chunk_size: int) -> int:
@@ -260,12 +286,13 @@ def _chunk_bounds(chunk: int, chunk_size: int, num_images: int) -> tuple[int, in
     return start, min(num_images, start + chunk_size)
 
 
-def _chunk_checksum(arrays: dict[str, np.ndarray], start: int, end: int) -> str:
-    """SHA-256 over the chunk's bytes of every array (rows of ``[N, ...]`` arrays are contiguous)."""
-    digest = hashlib.sha256()
-    for name in _ARRAYS:
-        digest.update(np.ascontiguousarray(arrays[name][start:end]).view(np.uint8).reshape(-1).data)
-    return digest.hexdigest()
+def _record_file(folder: Path, chunk: int) -> Path:
+    return folder / CHUNKS_DIR / f"{chunk:06d}.json"
+
+
+def _row_digest(arrays: dict[str, np.ndarray], row: int) -> bytes:
+    """The digest of one image's latents: its ``mean`` and ``logvar`` rows, every variant."""
+    return item_digest(*(arrays[name][row] for name in _ARRAYS))
 
 
 def _open_array(path: Path, spec: LatentCacheSpec, mode: str) -> np.ndarray | None:
@@ -283,8 +310,22 @@ def _open_array(path: Path, spec: LatentCacheSpec, mode: str) -> np.ndarray | No
     return array
 
 
-def _inspect(folder: Path, spec: LatentCacheSpec, chunk_size: int, mode: str = "r") -> _State | None:
-    """Read and verify a cache folder; ``None`` when it cannot be repaired chunk by chunk (must be rebuilt)."""
+def _open_arrays(folder: Path, spec: LatentCacheSpec, mode: str) -> dict[str, np.ndarray] | None:
+    arrays = {name: _open_array(folder / f"{name}.npy", spec, mode) for name in _ARRAYS}
+    return None if any(array is None for array in arrays.values()) else arrays  # type: ignore[return-value]
+
+
+def _file_stats(folder: Path) -> dict[str, list[int]]:
+    """Size and modification time of the two arrays: what a load compares instead of reading them."""
+    stats = {}
+    for name in _ARRAYS:
+        info = (folder / f"{name}.npy").stat()
+        stats[name] = [info.st_size, info.st_mtime_ns]
+    return stats
+
+
+def _read_header(folder: Path, spec: LatentCacheSpec, chunk_size: int) -> dict[str, Any] | None:
+    """The header when it describes this spec and chunking (finished or not); else None."""
     try:
         header = json.loads((folder / "header.json").read_text())
     except (OSError, ValueError):
@@ -296,54 +337,69 @@ def _inspect(folder: Path, spec: LatentCacheSpec, chunk_size: int, mode: str = "
         or list(header.get("shape", [])) != list(spec.array_shape)
     ):
         return None
-    arrays = {}
-    for name in _ARRAYS:
-        array = _open_array(folder / f"{name}.npy", spec, mode)
-        if array is None:
+    return header
+
+
+@dataclass
+class _Found:
+    """A finished cache folder as a load finds it (nothing but headers read, and one ``stat`` per file)."""
+
+    header: dict[str, Any]
+    arrays: dict[str, np.ndarray]
+    digests: np.ndarray
+    files_changed: bool  # the arrays' size or time differ from the header's: check every chunk
+    missing_records: list[int]  # chunks whose record is gone (found damaged while training): encode again
+
+    @property
+    def whole(self) -> bool:
+        return not self.files_changed and not self.missing_records
+
+
+def _read_finished(folder: Path, spec: LatentCacheSpec, chunk_size: int) -> _Found | None:
+    """The finished cache in ``folder`` and how it compares; None when there is none (or its index is damaged)."""
+    header = _read_header(folder, spec, chunk_size)
+    if header is None or not header.get("complete"):
+        return None
+    arrays = _open_arrays(folder, spec, "r")
+    if arrays is None:
+        return None
+    try:
+        if file_checksum(str(folder / "digests.npy")) != header["digests_blake2b"]:
             return None
-        arrays[name] = array
-    good: dict[int, str] = {}
-    bad: list[int] = []
-    for chunk_text, checksum in dict(header.get("chunks", {})).items():
-        chunk = int(chunk_text)
+        digests = np.load(folder / "digests.npy", allow_pickle=False)
+        if digests.shape != (spec.num_images, DIGEST_SIZE):
+            return None
+        present = {path.name for path in (folder / CHUNKS_DIR).iterdir()}
+    except (OSError, ValueError, KeyError):
+        return None
+    chunks = range(_num_chunks(spec.num_images, chunk_size))
+    missing = [chunk for chunk in chunks if _record_file(folder, chunk).name not in present]
+    return _Found(header, arrays, digests, _file_stats(folder) != header.get("files"), missing)
+
+
+def _good_chunks(folder: Path, spec: LatentCacheSpec, chunk_size: int, arrays: dict[str, np.ndarray], check: bool):
+    """``(good, bad)``: chunks whose record is present (and, with ``check``, whose rows all match it), and those
+    whose record no longer matches the rows (their records are removed)."""
+    good, bad = [], []
+    for chunk in range(_num_chunks(spec.num_images, chunk_size)):
+        try:
+            digests = json.loads(_record_file(folder, chunk).read_text())["digests"]
+        except (OSError, ValueError, KeyError, TypeError):
+            continue
         start, end = _chunk_bounds(chunk, chunk_size, spec.num_images)
-        if start >= end:
-            return None
-        if _chunk_checksum(arrays, start, end) == checksum:
-            good[chunk] = checksum
+        intact = len(digests) == end - start and (
+            not check or all(_row_digest(arrays, row).hex() == digests[row - start] for row in range(start, end))
+        )
+        if intact:
+            good.append(chunk)
         else:
             bad.append(chunk)
-    return _State(header=header, arrays=arrays, good=good, bad=sorted(bad))
-
-
-def _is_complete(state: _State | None, spec: LatentCacheSpec, chunk_size: int) -> bool:
-    return (
-        state is not None
-        and bool(state.header.get("complete"))
-        and not state.bad
-        and len(state.good) == _num_chunks(spec.num_images, chunk_size)
-    )
-
-
-@contextlib.contextmanager
-def _file_lock(path: Path) -> Iterator[None]:
-    """An exclusive advisory lock (POSIX ``flock``) so concurrent runs encode a cache once; a no-op elsewhere."""
-    try:
-        import fcntl
-    except ImportError:  # Windows: rely on main_process_first() alone
-        yield
-        return
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "a+") as handle:
-        fcntl.flock(handle.fileno(), fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle.fileno(), fcntl.LOCK_UN)
+            _record_file(folder, chunk).unlink(missing_ok=True)
+    return good, bad
 
 
 # ----------------------------------------------------------------------------------------------------------------------
-# Encoding
+# Building: the main process plans, every process encodes its share, the main process records
 # ----------------------------------------------------------------------------------------------------------------------
 
 
@@ -387,88 +443,124 @@ def _to_storage(values: np.ndarray, dtype: str, what: str) -> np.ndarray:
     return stored
 
 
-def _fresh_state(folder: Path, spec: LatentCacheSpec, chunk_size: int) -> _State:
-    """Wipe ``folder`` and allocate new (sparse, zero) arrays and an empty header."""
-    if folder.exists():
-        shutil.rmtree(folder)
-    folder.mkdir(parents=True)
-    arrays = {
-        name: np.lib.format.open_memmap(
-            folder / f"{name}.npy", mode="w+", dtype=DTYPES[spec.dtype], shape=spec.array_shape
+def _to_storage(values: np.ndarray, dtype: str, what: str) -> np.ndarray:
+    """Cast to the storage dtype, refusing non-finite values (an unstable VAE, or float16 overflow)."""
+    stored = values.astype(DTYPES[dtype])
+    if not np.isfinite(stored).all():
+        hint = " (they overflow float16: pass --latent_cache_dtype float32)" if np.isfinite(values).all() else ""
+        raise LatentCacheError(
+            f"the VAE produced non-finite latent {what} values{hint}; check --pretrained_vae_name_or_path"
         )
-        for name in _ARRAYS
-    }
-    header = {
+    return stored
+
+
+def _header(spec: LatentCacheSpec, chunk_size: int) -> dict[str, Any]:
+    return {
         "format": CACHE_FORMAT,
         "key": spec.key(),
         "spec": spec.as_json(),
         "shape": list(spec.array_shape),
         "dtype": spec.dtype,
         "chunk_size": chunk_size,
-        "chunks": {},
         "complete": False,
     }
-    write_json_atomic(folder / "header.json", header, indent=1, sort_keys=True)
-    return _State(header=header, arrays=arrays, good={}, bad=[])
 
 
-def _encode_missing(
+def _fresh_folder(folder: Path, spec: LatentCacheSpec) -> None:
+    """Wipe ``folder`` and allocate new (sparse, zero) arrays."""
+    if folder.exists():
+        shutil.rmtree(folder)
+    (folder / CHUNKS_DIR).mkdir(parents=True)
+    for name in _ARRAYS:
+        array = np.lib.format.open_memmap(
+            folder / f"{name}.npy", mode="w+", dtype=DTYPES[spec.dtype], shape=spec.array_shape
+        )
+        array.flush()
+        del array
+
+
+def _plan(folder: Path, spec: LatentCacheSpec, chunk_size: int) -> BuildPlan:
+    """What this load must do (main process, under the lock): nothing for a whole cache, else the chunks to encode.
+
+    Records are trusted as they are when only some are missing; when the arrays changed since the header recorded
+    them, or a build was interrupted, every recorded chunk is checked first and re-encoded if damaged.
+    """
+    found = _read_finished(folder, spec, chunk_size)
+    if found is not None and found.whole:
+        return BuildPlan()
+    header = _read_header(folder, spec, chunk_size)
+    arrays = _open_arrays(folder, spec, "r") if header is not None else None
+    if arrays is None:
+        if folder.exists():
+            warnings.warn(f"latent cache {folder} is unreadable or stale; rebuilding it", UserWarning, stacklevel=4)
+        _fresh_folder(folder, spec)
+        todo = list(range(_num_chunks(spec.num_images, chunk_size)))
+    else:
+        check = found is None or found.files_changed
+        good, bad = _good_chunks(folder, spec, chunk_size, arrays, check)
+        del arrays  # the read-only maps go before the processes reopen the files to write
+        if bad:
+            warnings.warn(
+                f"latent cache {folder}: {len(bad)} chunk(s) fail their checksum (corrupted file?); re-encoding them",
+                UserWarning,
+                stacklevel=4,
+            )
+        todo = [c for c in range(_num_chunks(spec.num_images, chunk_size)) if c not in set(good)]
+    write_json_atomic(folder / "header.json", _header(spec, chunk_size), indent=1, sort_keys=True)
+    return BuildPlan(todo=todo, record=True)
+
+
+def _encode_chunks(
     folder: Path,
     spec: LatentCacheSpec,
     vae: AnyVAE,
     data: Any,
+    chunks: list[int],
     *,
     chunk_size: int,
     batch_size: int,
     show_progress: bool,
-) -> int:
-    """Encode every chunk that has no valid checksum yet (all of them for a new cache); returns images encoded."""
+) -> None:
+    """Encode ``chunks`` (this process's share) into the shared arrays; each chunk's record follows its flushed rows."""
     from tqdm.auto import tqdm
 
-    state = _inspect(folder, spec, chunk_size, mode="r+")
-    if state is None:
-        if folder.exists():
-            warnings.warn(f"latent cache {folder} is unreadable or stale; rebuilding it", UserWarning, stacklevel=3)
-        state = _fresh_state(folder, spec, chunk_size)
-    elif state.bad:
-        warnings.warn(
-            f"latent cache {folder}: {len(state.bad)} chunk(s) fail their checksum (corrupted file?); re-encoding them",
-            UserWarning,
-            stacklevel=3,
-        )
-    chunks = _num_chunks(spec.num_images, chunk_size)
-    todo = [c for c in range(chunks) if c not in state.good]
-    done_images = spec.num_images - sum(
-        end - start for start, end in (_chunk_bounds(c, chunk_size, spec.num_images) for c in todo)
-    )
-    header = dict(state.header, chunks={str(c): h for c, h in sorted(state.good.items())}, complete=False)
-    write_json_atomic(folder / "header.json", header, indent=1, sort_keys=True)
+    arrays = _open_arrays(folder, spec, "r+")
+    if arrays is None:
+        raise LatentCacheError(f"the latent cache arrays in {folder} vanished while building; is the disk full?")
+    total = sum(end - start for start, end in (_chunk_bounds(c, chunk_size, spec.num_images) for c in chunks))
     was_training = vae.training
     vae.eval()
-    encoded = 0
     try:
-        with tqdm(
-            total=spec.num_images,
-            initial=done_images,
-            desc="encoding latents" + (" (resumed)" if done_images else ""),
-            unit="img",
-            disable=not show_progress,
-        ) as progress:
-            for chunk in todo:
+        with tqdm(total=total, desc="encoding latents", unit="img", disable=not show_progress or not total) as bar:
+            for chunk in chunks:
                 start, end = _chunk_bounds(chunk, chunk_size, spec.num_images)
-                mean, logvar = _encode_images(vae, data, start, end, spec, batch_size, progress)
-                state.arrays["mean"][start:end] = _to_storage(mean, spec.dtype, "mean")
-                state.arrays["logvar"][start:end] = _to_storage(logvar, spec.dtype, "log-variance")
-                for array in state.arrays.values():
-                    array.flush()  # the bytes are on disk before the header vouches for them
-                header["chunks"][str(chunk)] = _chunk_checksum(state.arrays, start, end)
-                write_json_atomic(folder / "header.json", header, indent=1, sort_keys=True)
-                encoded += end - start
+                mean, logvar = _encode_images(vae, data, start, end, spec, batch_size, bar)
+                arrays["mean"][start:end] = _to_storage(mean, spec.dtype, "mean")
+                arrays["logvar"][start:end] = _to_storage(logvar, spec.dtype, "log-variance")
+                for array in arrays.values():
+                    array.flush()  # the bytes are on disk before the record vouches for them
+                digests = [_row_digest(arrays, row).hex() for row in range(start, end)]
+                write_json_atomic(_record_file(folder, chunk), {"digests": digests})
     finally:
         vae.train(was_training)
-    header["complete"] = True
+
+
+def _record(folder: Path, spec: LatentCacheSpec, chunk_size: int) -> None:
+    """The main process, once every chunk is encoded: the digests of all images, then the finished header."""
+    digests = []
+    for chunk in range(_num_chunks(spec.num_images, chunk_size)):
+        try:
+            digests += json.loads(_record_file(folder, chunk).read_text())["digests"]
+        except (OSError, ValueError, KeyError) as error:
+            raise LatentCacheError(f"latent cache {folder}: chunk {chunk} has no record after encoding") from error
+    write_atomic(folder / "digests.npy", lambda h: np.save(h, digests_array(digests), allow_pickle=False), binary=True)
+    header = dict(
+        _header(spec, chunk_size),
+        complete=True,
+        files=_file_stats(folder),
+        digests_blake2b=file_checksum(str(folder / "digests.npy")),
+    )
     write_json_atomic(folder / "header.json", header, indent=1, sort_keys=True)
-    return encoded
 
 
 def load_or_build_latent_cache(
@@ -483,14 +575,17 @@ def load_or_build_latent_cache(
     chunk_size: int = 256,
     show_progress: bool = True,
     crop_positions: int = 1,
+    processes: Processes | None = None,
 ) -> LatentCache:
-    """The verified latent cache of ``data`` under ``vae``: reused when it exists, resumed, repaired or built.
+    """The latent cache of ``data`` under ``vae``: reused when it exists, resumed, repaired or built.
 
     ``data`` needs ``resolution``, ``__len__`` and ``center_crops(indices) -> uint8 [n, 3, R, R]`` (a
     ``crispdiff.data.loading.ImageData`` loaded with ``for_latents=True``). ``preprocessing`` is the recipe that
     produced its pixels (resolution, interpolation, background ...); it is part of the key. ``chunk_size`` images are
-    committed at a time: the resume granularity. Encoding runs in ``batch_size`` batches on the VAE's device.
-    ``crop_positions`` > 1 (random crops): ``data.crops_at`` that many evenly spaced positions, each encoded.
+    committed at a time: the resume granularity and the unit of the processes' shares. Encoding runs in
+    ``batch_size`` batches on the VAE's device. ``crop_positions`` > 1 (random crops): ``data.crops_at`` that many
+    evenly spaced positions, each encoded. ``processes``: the run's ``Accelerator``; every one of its processes must
+    call this, and they encode the missing chunks between them.
     """
     if batch_size < 1 or chunk_size < 1:
         raise ValueError("the latent cache needs batch_size >= 1 and chunk_size >= 1 (--vae_batch_size)")
@@ -499,24 +594,18 @@ def load_or_build_latent_cache(
     )
     root = Path(cache_dir).expanduser()
     folder = root / spec.key()
-    encoded = 0
-    state = _inspect(folder, spec, chunk_size)
-    if not _is_complete(state, spec, chunk_size):
-        with _file_lock(root / f"{spec.key()}.lock"):
-            state = _inspect(folder, spec, chunk_size)  # another process may have finished it meanwhile
-            if not _is_complete(state, spec, chunk_size):
-                del state  # release the read-only maps before the writer reopens (or deletes) the files
-                encoded = _encode_missing(
-                    folder,
-                    spec,
-                    vae,
-                    data,
-                    chunk_size=chunk_size,
-                    batch_size=batch_size,
-                    show_progress=show_progress,
-                )
-                state = _inspect(folder, spec, chunk_size)
-                if not _is_complete(state, spec, chunk_size):
-                    raise LatentCacheError(f"the latent cache just written to {folder} does not verify; disk full?")
-    assert state is not None
-    return LatentCache(folder, spec, state.arrays["mean"], state.arrays["logvar"], encoded)
+    with build_lock(processes, root / f"{spec.key()}.lock"):
+        plan = build_in_parts(
+            processes,
+            plan=lambda: _plan(folder, spec, chunk_size),
+            build=lambda _, chunks: _encode_chunks(
+                folder, spec, vae, data, chunks, chunk_size=chunk_size, batch_size=batch_size,
+                show_progress=show_progress,
+            ),  # fmt: skip
+            record=lambda _: _record(folder, spec, chunk_size),
+        )
+    found = _read_finished(folder, spec, chunk_size)
+    if found is None or not found.whole:
+        raise LatentCacheError(f"the latent cache just written to {folder} does not verify; disk full?")
+    encoded = sum(end - start for start, end in (_chunk_bounds(c, chunk_size, spec.num_images) for c in plan.todo))
+    return LatentCache(folder, spec, found.arrays["mean"], found.arrays["logvar"], encoded, found.digests, chunk_size)

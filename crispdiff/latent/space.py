@@ -168,18 +168,19 @@ class LatentSpace(ImageDataSpace):
 
 
 def load_latents(
-    view: Any, config: Any, vae: AnyVAE, *, data: Any = None, show_progress: bool = True
+    view: Any, config: Any, vae: AnyVAE, *, data: Any = None, show_progress: bool = True, processes: Any = None
 ) -> tuple[Any, LatentCache]:
     """The images ``view`` describes (centre crops) and their latent cache, encoded once and then reused.
 
     ``view`` holds the data flags (folder, resolution, flips...) and ``config`` the cache flags; they differ when one
     run trains on several image sets (DreamBooth's instance and class images). ``data``: those images, when the
-    caller has already loaded them with ``load_images(view, for_latents=True)``.
+    caller has already loaded them with ``load_images(view, for_latents=True)``. ``processes``: the run's
+    ``Accelerator``, when every process calls this (they decode and encode in shares); None: this process does all.
     """
     from crispdiff.data.loading import load_images
 
     if data is None:
-        data = load_images(view, for_latents=True, show_progress=show_progress)
+        data = load_images(view, for_latents=True, show_progress=show_progress, processes=processes)
     cache = load_or_build_latent_cache(
         data,
         vae,
@@ -190,15 +191,17 @@ def load_latents(
         batch_size=config.vae_batch_size,
         show_progress=show_progress,
         crop_positions=crop_positions(view, data),
+        processes=processes,
     )
     return data, cache
 
 
 def build_latent_space(
-    config: LatentTrainConfig, vae: AnyVAE, *, data: Any = None, show_progress: bool = True
+    config: LatentTrainConfig, vae: AnyVAE, *, data: Any = None, show_progress: bool = True, processes: Any = None
 ) -> LatentSpace:
-    """Load the images (centre crops; or take ``data``), encode or reuse their latent cache, resolve the scaling."""
-    data, cache = load_latents(config, config, vae, data=data, show_progress=show_progress)
+    """Load the images (centre crops; or take ``data``), encode or reuse their latent cache (every process of
+    ``processes`` its share), resolve the scaling."""
+    data, cache = load_latents(config, config, vae, data=data, show_progress=show_progress, processes=processes)
     scale, shift, source = resolve_scaling(vae, cache, config.scaling_factor)
     if show_progress:
         state = "reused" if cache.encoded_images == 0 else f"encoded {cache.encoded_images} image(s)"

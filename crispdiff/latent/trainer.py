@@ -93,6 +93,15 @@ MAIN_JOB_LADDER = (
 )
 
 
+#: Why the latent trainer refuses --streaming.
+STREAMING_NEEDS_THE_CACHE = (
+    "train_latent.py encodes every image once into its latent cache and checks (or adapts) the VAE and measures the "
+    "latent scaling on the images before training, which a stream cannot give; stream with train_unconditional.py "
+    "--streaming (pixel space), or let the image and latent caches be built in parts by every process "
+    "(accelerate launch)"
+)
+
+
 @dataclass
 class LatentTrainConfig(TrainConfig):
     """Everything `train_scripts/train_latent.py` accepts.
@@ -106,7 +115,9 @@ class LatentTrainConfig(TrainConfig):
     model_ladder: ClassVar[tuple[ModelRung, ...]] = MAIN_JOB_LADDER  # what --time_budget_minutes can buy
     # the latent cache encodes crops at fixed positions: --random_crop_positions is this trainer's flag
     refused_flags: ClassVar[dict[str, str]] = {
-        name: why for name, why in TrainConfig.refused_flags.items() if name != "random_crop_positions"
+        **{name: why for name, why in TrainConfig.refused_flags.items() if name != "random_crop_positions"},
+        "streaming": STREAMING_NEEDS_THE_CACHE,
+        "shuffle_buffer_size": STREAMING_NEEDS_THE_CACHE,
     }
     conditional_flags: ClassVar[dict[str, Condition]] = {
         name: (lambda c: c.adapt_vae != "off", "--adapt_vae auto or always")
@@ -334,8 +345,8 @@ def auto_classes_note(data: Any) -> str:
 
 
 def train_latent(config: LatentTrainConfig) -> Path | None:
-    """The latent trainer: images -> VAE (checked on them, adapted if asked) -> latent cache (rank 0 builds it, the
-    others wait and reuse it) -> the training loop.
+    """The latent trainer: images -> VAE (checked on them, adapted if asked) -> latent cache (every process encodes
+    its share of the chunks, the main one records it) -> the training loop.
 
     Returns the pipeline folder on the main process (``None`` elsewhere). The run's one ``Accelerator`` is made
     first and handed to each stage (the VAE adaptation, the time-budget probe, the UNet); ``config`` is resolved once
@@ -355,15 +366,14 @@ def train_latent(config: LatentTrainConfig) -> Path | None:
     check_output_dir(config)  # fail before spending minutes on encoding
     accelerator = start_process(config)  # kernels set before CUDA is first used (the VAE check / adaptation use it)
     show_progress = accelerator.is_local_main_process
-    with accelerator.main_process_first():  # rank 0 decodes the images (and makes any auto classes) first
-        data = load_images(config, for_latents=True, show_progress=show_progress)
+    # every process decodes its share of the image cache (or finds it whole); each makes the same auto classes
+    data = load_images(config, for_latents=True, show_progress=show_progress, processes=accelerator)
     if config.class_column == AUTO_CLASS_COLUMN and data.class_names:  # too few images: unlabelled, with a warning
         accelerator.print(auto_classes_note(data))
     vae, adapt_vae_steps = prepare_vae(config, data, accelerator, budget)
     decided: dict[str, Any] = {} if adapt_vae_steps is None else {"adapt_vae_steps": adapt_vae_steps}
     vae = vae.to(accelerator.device)
-    with accelerator.main_process_first():
-        space = build_latent_space(config, vae, data=data, show_progress=show_progress)
+    space = build_latent_space(config, vae, data=data, show_progress=show_progress, processes=accelerator)
     if not config.max_train_steps:  # --num_epochs: the default learning rate follows the steps they make
         batches = max(1, len(space) // (config.train_batch_size * accelerator.num_processes))
         decided.update(config.values_for_steps(epochs_to_steps(config, config.num_epochs, batches)))

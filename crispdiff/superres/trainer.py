@@ -409,8 +409,8 @@ def build_sr_trainer(
     VAE round trips, held-out pairs and unpaired inputs."""
     from crispdiff.data.loading import load_images, load_images_of_size
 
-    with accelerator.main_process_first():  # the first process builds the decode cache, the others reuse it
-        data = load_images(config, show_progress=accelerator.is_local_main_process)
+    # every process decodes its share of the image cache (or finds it whole), the main one records it
+    data = load_images(config, show_progress=accelerator.is_local_main_process, processes=accelerator)
     high = data.center_crops()
     low = downscale(high, config.scale, config.interpolation)
     train, held = split_indices(len(data), config.validation_fraction, config.seed)

@@ -82,6 +82,8 @@ def run_identity(config: Any, model: torch.nn.Module, trainable: list[Any], num_
     ema = "EMA" if getattr(config, "use_ema", False) else "no EMA"
     model_line = f"{count:,} parameters, {sum(t.numel() for t in tensors):,} trained, {ema} (shapes {digest})"
     data = [f"{name}={getattr(config, name)}" for name in DATA_FIELDS if getattr(config, name, None) is not None]
+    if getattr(config, "streaming", False):  # another buffer is another order of the stream
+        data.append(f"streaming (shuffle buffer {config.shuffle_buffer_size})")
     schedule = [f"{name}={getattr(config, name)}" for name in SCHEDULE_FIELDS if hasattr(config, name)]
     return {
         "model": model_line,
@@ -233,8 +235,10 @@ def save_checkpoint(
     ema: Any | None = None,
     generators: dict[str, torch.Generator] | None = None,
     total_limit: int | None = None,
+    process_state: dict[str, Any] | None = None,
 ) -> Path:
-    """Save everything needed to continue bit-for-bit from optimizer step `step`; call on every process."""
+    """Save everything needed to continue bit-for-bit from optimizer step `step`; call on every process.
+    ``process_state``: what this process alone must restore (e.g. its place in a ``--streaming`` stream)."""
     output_dir = Path(output_dir)
     final = output_dir / f"checkpoint-{step}"
     tmp = output_dir / f"checkpoint-{step}.tmp"
@@ -246,6 +250,8 @@ def save_checkpoint(
     if generators:
         gen_states = {name: g.get_state().cpu() for name, g in generators.items()}
         save_file(gen_states, str(tmp / f"generators_{accelerator.process_index}.safetensors"))
+    if process_state:
+        (tmp / f"process_state_{accelerator.process_index}.json").write_text(json.dumps(process_state))
     if accelerator.is_main_process:
         if ema is not None:
             _save_ema(ema, tmp)
@@ -282,7 +288,8 @@ def load_checkpoint(
     ema: Any | None = None,
     generators: dict[str, torch.Generator] | None = None,
 ) -> dict[str, Any]:
-    """Restore a checkpoint written by `save_checkpoint`; returns crispdiff's state dict (step, epoch, ...).
+    """Restore a checkpoint written by `save_checkpoint`; returns crispdiff's state dict (step, epoch, ...), with
+    this process's ``process_state`` (empty when written by another number of processes).
 
     Written by another number of processes, it still loads (weights, optimizer, LR schedule and EMA are the same on
     every process; accelerate restores the RNG states of the ranks that have one), but the per-process
@@ -300,4 +307,7 @@ def load_checkpoint(
         states = load_file(str(gen_file))
         for name, g in generators.items():
             g.set_state(states[name])
+    own = path / f"process_state_{accelerator.process_index}.json"
+    same_layout = state.get("num_processes", accelerator.num_processes) == accelerator.num_processes
+    state["process_state"] = json.loads(own.read_text()) if same_layout and own.is_file() else {}
     return state

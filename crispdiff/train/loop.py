@@ -257,6 +257,13 @@ class LoopTrainer:
     def periodic(self) -> None:
         """Extra work after each optimizer step (e.g. saving the model every N steps)."""
 
+    def process_state(self) -> dict[str, Any]:
+        """What this process alone must restore to continue (e.g. its place in a stream), saved per process."""
+        return {}
+
+    def restore_process_state(self, state: dict[str, Any]) -> None:
+        """Restore ``process_state``'s values (nothing here; a checkpoint of another process count has none)."""
+
     # -- shared machinery ---------------------------------------------------------------------------------------
     @property
     def generators(self) -> dict[str, torch.Generator]:
@@ -294,6 +301,7 @@ class LoopTrainer:
         state = load_checkpoint(accelerator, path, ema=self.ema, generators=self.generators)
         self.step = state["step"]
         self.position = DataPosition(state["epoch"], state["batch_in_epoch"])
+        self.restore_process_state(state.get("process_state", {}))
         self.continue_with_this_layout(path, state)
         accelerator.print(f"Resumed from {path} at step {self.step} (epoch {self.position.epoch}).")
 
@@ -345,6 +353,7 @@ class LoopTrainer:
             ema=self.ema,
             generators=self.generators,
             total_limit=self.config.checkpoints_total_limit,
+            process_state=self.process_state(),
         )
 
     def optimizer_step(self) -> dict[str, torch.Tensor]:

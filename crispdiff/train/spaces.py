@@ -1,6 +1,7 @@
 """What a diffusion UNet trains on: a ``TrainingSpace`` gives clean samples x0, classes and reference images, and the
 components the saved pipeline needs; ``PixelSpace`` is pixels in [-1, 1], ``crispdiff.latent.space.LatentSpace``
-a VAE's latents (both on crispdiff's image data through ``ImageDataSpace``)."""
+a VAE's latents (both on crispdiff's image data through ``ImageDataSpace``), ``StreamSpace`` pixels straight from a
+``datasets`` stream (``--streaming``)."""
 
 from __future__ import annotations
 
@@ -92,3 +93,59 @@ class PixelSpace(ImageDataSpace):
 
     def pipeline_components(self) -> dict[str, Any]:
         return {}
+
+
+class StreamSpace:
+    """Diffusion on pixels in [-1, 1] taken from a ``datasets`` stream as the loop goes (``--streaming``), no cache.
+
+    The loop's dataset indices only count the batch: each ``x0`` takes the next images of this process's share of
+    the stream and augments them like ``PixelSpace`` (crops, flips, jitter drawn from the loop's generator). Where it
+    is in the stream is per process (``process_state``), saved in every checkpoint; unconditional only.
+    """
+
+    channels = 3
+    class_names = None
+
+    def __init__(self, stream: Any):
+        self.stream = stream
+        self.sample_size = int(stream.config.resolution)
+        size = stream.size
+        # the loop's epochs only count batches here; a stream of unknown length counts as one item
+        self.num_items = int(size) if size else 1
+        self.items_description = f"a stream of {size or 'an unknown number of'} examples ({stream.description})"
+
+    def __len__(self) -> int:
+        return self.num_items
+
+    def x0(self, indices: torch.Tensor, generator: torch.Generator, device: torch.device) -> torch.Tensor:
+        count = int(torch.as_tensor(indices).numel())
+        return self.stream.batch(count).batch(range(count), generator, device=device)
+
+    def class_labels(self, indices: torch.Tensor, device: torch.device) -> None:
+        return None
+
+    def reference_images(self, count: int, seed: int = 0) -> torch.Tensor:
+        return self.stream.reference_images(count, seed)
+
+    def pipeline_components(self) -> dict[str, Any]:
+        return {}
+
+    def process_state(self) -> dict[str, Any]:
+        """Where this process is in its share of the stream (saved in each checkpoint, per process)."""
+        return {"stream": self.stream.position()}
+
+    def restore_process_state(self, state: dict[str, Any]) -> None:
+        if "stream" in state:
+            self.stream.restore(state["stream"])
+
+
+def pixel_space(config: Any, accelerator: Any) -> Any:
+    """The pixel trainers' space: ``StreamSpace`` with ``--streaming``, else ``PixelSpace`` on the image cache (every
+    process decoding its share of what is missing)."""
+    if getattr(config, "streaming", False):
+        from crispdiff.data.streaming import ImageStream
+
+        return StreamSpace(ImageStream(config, accelerator.process_index, accelerator.num_processes))
+    from crispdiff.data.loading import load_images
+
+    return PixelSpace(load_images(config, show_progress=accelerator.is_local_main_process, processes=accelerator))

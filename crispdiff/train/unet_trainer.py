@@ -33,7 +33,7 @@ from crispdiff.train.grids import TRAIN_PASSES_PER_IMAGE, GridPlan, plan_grid
 from crispdiff.train.loop import LoopTrainer, check_output_dir, ema_copy, run_trainer, untouched_rng
 from crispdiff.train.optimization import images_per_optimizer_step
 from crispdiff.train.process import release_stage, start_process
-from crispdiff.train.spaces import PixelSpace, TrainingSpace, space_class_names
+from crispdiff.train.spaces import TrainingSpace, pixel_space, space_class_names
 from crispdiff.train.time_budget import RungCost, agreed_seconds
 
 logger = logging.getLogger("crispdiff")
@@ -100,7 +100,8 @@ class UNetTrainer(LoopTrainer):
     def describe(self) -> str:
         auto = " auto" if self.config.class_column == AUTO_CLASS_COLUMN else ""
         classes = f", {len(self.class_names)}{auto} classes" if self.class_names else ""
-        return f"{len(self.space)} training items{classes}, UNet with {describe_parameters(self.num_parameters)}"
+        items = getattr(self.space, "items_description", f"{len(self.space)} training items")
+        return f"{items}{classes}, UNet with {describe_parameters(self.num_parameters)}"
 
     def class_labels(self, indices: torch.Tensor, batch_size: int, device: torch.device) -> torch.Tensor | None:
         """The micro-batch's class ids, each replaced by the null id N with probability --class_dropout_prob.
@@ -116,6 +117,16 @@ class UNetTrainer(LoopTrainer):
 
     def ema_parameters(self) -> Any:
         return self.accelerator.unwrap_model(self.unet).parameters()
+
+    def process_state(self) -> dict[str, Any]:
+        """The space's own per-process state (a ``--streaming`` stream's position), if it has one."""
+        own = getattr(self.space, "process_state", None)
+        return own() if callable(own) else {}
+
+    def restore_process_state(self, state: dict[str, Any]) -> None:
+        restore = getattr(self.space, "restore_process_state", None)
+        if callable(restore):
+            restore(state)
 
     def micro_step(self) -> dict[str, torch.Tensor]:
         """One forward/backward on this process's micro-batch; returns the (unscaled) loss."""
@@ -414,10 +425,7 @@ def train(
         accelerator = start_process(config)
     set_seed(config.seed)
     if space is None:
-        from crispdiff.data.loading import load_images
-
-        with accelerator.main_process_first():  # the first process builds the decode cache, the others reuse it
-            space = PixelSpace(load_images(config, show_progress=accelerator.is_local_main_process))
+        space = pixel_space(config, accelerator)
     decided = dict(decided or {})
     if budget is not None:
         decided.update(budgeted_values(config, space, accelerator, budget))

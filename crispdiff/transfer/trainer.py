@@ -37,7 +37,7 @@ from crispdiff.train.lora import (
     has_adapters,
 )
 from crispdiff.train.process import start_run
-from crispdiff.train.spaces import PixelSpace, TrainingSpace
+from crispdiff.train.spaces import TrainingSpace, pixel_space
 from crispdiff.train.unet_trainer import UNetTrainer
 from crispdiff.transfer.adapters import save_lora_adapter, select_trainable
 from crispdiff.transfer.config import ADAPTER_FOLDER, TransferConfig
@@ -108,9 +108,6 @@ def train_transfer(config: TransferConfig, space: TrainingSpace | None = None) -
         config.num_train_timesteps,
     )
     if space is None:
-        from crispdiff.data.loading import load_images
-
-        with accelerator.main_process_first():
-            space = PixelSpace(load_images(config, show_progress=accelerator.is_local_main_process))
+        space = pixel_space(config, accelerator)
     unet, trainable, new_keys = prepare_unet(config, pretrained, space)
     return run_trainer(TransferTrainer(config, space, accelerator, unet, trainable, new_keys))

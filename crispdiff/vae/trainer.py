@@ -323,6 +323,6 @@ def train_vae(config: VAETrainConfig) -> Path | None:
     config = config.resolve()
     check_output_folder(config, VAE_SUBFOLDER, "config.json", "a trained VAE")
     accelerator = start_run(config)
-    with accelerator.main_process_first():  # the first process builds the decode cache, the others reuse it
-        data = load_images(config, show_progress=accelerator.is_local_main_process)
+    # every process decodes its share of the image cache (or finds it whole), the main one records it
+    data = load_images(config, show_progress=accelerator.is_local_main_process, processes=accelerator)
     return run_trainer(VAETrainer(config, data, accelerator))

@@ -120,9 +120,9 @@ def seen(monkeypatch) -> Seen:
         record.pixel_batches.append((args[0], [int(i) for i in args[1]], out.detach().cpu()))
         return out
 
-    drawing = []  # inside LatentSpace.x0: the loop's draws, not the cache's own statistics
+    drawing = []  # inside LatentSpace.latents: the loops' draws, not the cache's own statistics
 
-    def x0(original, args, kwargs):
+    def latents(original, args, kwargs):
         drawing.append(True)
         try:
             return original(*args, **kwargs)
@@ -151,7 +151,7 @@ def seen(monkeypatch) -> Seen:
     for module in (crispdiff.train.unet_trainer, crispdiff.sd.trainer):
         monkeypatch.setattr(module, "sample_noise", lambda *a, **k: noise(sample_noise, a, k))
     spy(ImageData, "batch", batch)
-    spy(LatentSpace, "x0", x0)
+    spy(LatentSpace, "latents", latents)
     spy(LatentCache, "posterior", posterior)
     spy(UNet2DModel, "forward", unet_forward)
     spy(EMAModel, "step", ema_step)

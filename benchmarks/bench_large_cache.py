@@ -296,7 +296,7 @@ def main() -> None:
         ["the same, cold (s)", span(m["before_cold_s"])],
         ["first read of every image, each checked on this read, per rank (s)", span(m["first_read_s"])],
         ["second read of every image (already checked), per rank (s)", span(m["second_read_s"])],
-        ["start-up, peak RSS per rank (MB)", span(m["load_rss"], 0)],
+        ["peak RSS per rank after reading every image twice (mapped cache pages count) (MB)", span(m["load_rss"], 0)],
     ]  # fmt: skip
     table = markdown_table(["measure", f"{count:,} images at {args.resolution} px"], rows)
     notes = (
@@ -307,7 +307,8 @@ def main() -> None:
         "accelerate_configs/cpu_2proc.yaml (gloo). 'before' is today's load with the folder listed as loads listed it "
         "before this change (pathlib's rglob, measured in the same process) plus the blake2b pass over every pixel "
         "byte that the cache's format 2 made at every load on every rank (the function it used, over the same bytes). "
-        f"Machine load average (1 / 5 / 15 min) at the start and after each round: {'; '.join(loads)}."
+        f"Machine load average (1 / 5 / 15 min) at the start and after each round: {'; '.join(loads)} "
+        f"({os.cpu_count()} CPU cores seen)."
     )
     append_results(
         "Large image cache: build in parts, start-up per rank (bench_large_cache.py)",

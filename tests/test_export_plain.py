@@ -204,6 +204,7 @@ _LOAD_ALONE = WITHOUT_CRISPDIFF + textwrap.dedent(
     import torch
     from diffusers import DiffusionPipeline
 
+    torch.set_num_threads(int(sys.argv[2]))  # the parent's: convolutions sum in a thread-count-dependent order
     result = {}
     for job in json.loads(sys.argv[1]):
         pipe = DiffusionPipeline.from_pretrained(job["folder"])  # no trust_remote_code
@@ -225,9 +226,10 @@ def test_the_plain_folders_load_and_sample_where_crispdiff_cannot_be_imported(
         for name, folder in (("pixel", pixel_plain), ("main", main_job_plain))
     ]
     env = {k: v for k, v in os.environ.items() if not k.startswith("PYTHON")}
-    env.update(HF_MODULES_CACHE=str(tmp_path / "modules"), HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
+    threads = str(torch.get_num_threads())
+    env.update(HF_MODULES_CACHE=str(tmp_path / "modules"), HF_HUB_OFFLINE="1", OMP_NUM_THREADS=threads)
     done = subprocess.run(
-        [sys.executable, "-I", "-c", _LOAD_ALONE, json.dumps(jobs)],
+        [sys.executable, "-I", "-c", _LOAD_ALONE, json.dumps(jobs), threads],
         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300,
     )  # fmt: skip
     assert done.returncode == 0, done.stderr[-3000:]

@@ -443,17 +443,6 @@ def _to_storage(values: np.ndarray, dtype: str, what: str) -> np.ndarray:
     return stored
 
 
-def _to_storage(values: np.ndarray, dtype: str, what: str) -> np.ndarray:
-    """Cast to the storage dtype, refusing non-finite values (an unstable VAE, or float16 overflow)."""
-    stored = values.astype(DTYPES[dtype])
-    if not np.isfinite(stored).all():
-        hint = " (they overflow float16: pass --latent_cache_dtype float32)" if np.isfinite(values).all() else ""
-        raise LatentCacheError(
-            f"the VAE produced non-finite latent {what} values{hint}; check --pretrained_vae_name_or_path"
-        )
-    return stored
-
-
 def _header(spec: LatentCacheSpec, chunk_size: int) -> dict[str, Any]:
     return {
         "format": CACHE_FORMAT,

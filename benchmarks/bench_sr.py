@@ -251,14 +251,16 @@ def generated(args: argparse.Namespace) -> None:
         upscalers[f"SR {name}"] = lambda x, m=model: m.upscale(x, sr_strength=strength).float().clamp(0.0, 1.0)
     label = args.label or args.pipeline.parent.name
     rows, outputs = [], {}
-    amounts = [None] + [a for a in (args.sharpen_amounts or []) if a != pipe.config.sharpen_amount]
+    own = pipe.config.get("upscale_sharpen_amount")
+    own = pipe.config.sharpen_amount if own is None else own  # what pipe(upscale=True) applies after SR
+    amounts = [None] + [a for a in (args.sharpen_amounts or []) if a != own]
     with torch.inference_mode():
         for name, upscale in upscalers.items():
             up = torch.cat([upscale(raw[i : i + 64]) for i in range(0, len(raw), 64)])
             batch = raw[:16]
             ms = statistics.median(timed(lambda b=batch, f=upscale: f(b), 1) for _ in range(3)) / len(batch) * 1000
             for amount in amounts:
-                final = pipe.postprocess(up, sharpen_amount=amount).clamp(0.0, 1.0)
+                final = pipe.postprocess(up, sharpen_amount=own if amount is None else amount).clamp(0.0, 1.0)
                 row_name = name if amount is None else f"{name}, sharpen {amount:g}"
                 if amount is None:
                     outputs[name] = final
@@ -301,7 +303,7 @@ def generated(args: argparse.Namespace) -> None:
     notes = (
         f"`{args.pipeline}`: {args.num_images} samples (seed {args.seed}, the pipeline's defaults, DPM-Solver++ 25) "
         f"decoded at 64 px, upscaled (SR at the pipeline's sr_strength {strength}), then the pipeline's "
-        f"post-processing (unsharp amount {pipe.config.sharpen_amount} unless the row says), as `pipe(upscale=True)`; "
+        f"post-processing (unsharp amount {own} unless the row says), as `pipe(upscale=True)`; "
         f"against {len(real)} held-out {args.family} images at 128 px; "
         f"floor: {len(floor_set)} other real images against the same ones. SR models: {', '.join(args.sr_models)}."
     )

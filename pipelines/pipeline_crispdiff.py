@@ -466,6 +466,9 @@ class CrispDiffPipeline(DiffusionPipeline):
         upscale: whether calls upscale with ``sr_model`` by default (None = whenever an sr_model is present).
         sr_strength: default blend of the SR output with a Lanczos upscale (0 = Lanczos only, 1 = SR only).
         sharpen_amount, sharpen_radius, sharpen_threshold: unsharp mask after decoding/SR (amount 0 = off).
+        upscale_sharpen_amount: the unsharp amount after the SR step, when it differs from ``sharpen_amount`` (None =
+            the same). Upscaled output has its own sharpness: how much detail the SR step restores depends on the
+            samples and on the data's design, so crispdiff calibrates this one against the data at the output size.
         gamma: output gamma, ``x ** (1/gamma)`` (1 = off).
         class_names: a class-conditional unet's class names in id order (a list; stored in model_index.json as
             ``{"0": name, ...}``, because diffusers reads any list there as a ``[library, class]`` component entry
@@ -508,6 +511,7 @@ class CrispDiffPipeline(DiffusionPipeline):
         guidance_max_sigma: float | None = None,
         guide_unet: ModelMixin | None = None,
         autoguidance_scale: float = 1.0,
+        upscale_sharpen_amount: float | None = None,
     ):
         super().__init__()
         names = class_name_list(class_names)
@@ -552,6 +556,7 @@ class CrispDiffPipeline(DiffusionPipeline):
             guidance_min_sigma=None if guidance_min_sigma is None else float(guidance_min_sigma),
             guidance_max_sigma=None if guidance_max_sigma is None else float(guidance_max_sigma),
             autoguidance_scale=float(autoguidance_scale),
+            upscale_sharpen_amount=None if upscale_sharpen_amount is None else float(upscale_sharpen_amount),
         )
 
     @property
@@ -818,8 +823,14 @@ class CrispDiffPipeline(DiffusionPipeline):
         sharpen_radius: float | None = None,
         sharpen_threshold: float | None = None,
         gamma: float | None = None,
+        upscaled: bool = False,
     ) -> torch.Tensor:
-        """Unsharp mask, then gamma; arguments default to the pipeline config (both off unless configured)."""
+        """Unsharp mask, then gamma; arguments default to the pipeline config (both off unless configured).
+
+        ``upscaled`` images (the SR step's output) default to the config's ``upscale_sharpen_amount`` where it is set.
+        """
+        if sharpen_amount is None and upscaled:
+            sharpen_amount = self.config.get("upscale_sharpen_amount")
         amount = self.config.sharpen_amount if sharpen_amount is None else sharpen_amount
         radius = self.config.sharpen_radius if sharpen_radius is None else sharpen_radius
         threshold = self.config.sharpen_threshold if sharpen_threshold is None else sharpen_threshold
@@ -861,7 +872,8 @@ class CrispDiffPipeline(DiffusionPipeline):
             output_type: ``"pil"`` (list of PIL images), ``"np"`` (NHWC float32 in [0, 1]) or ``"pt"``
                 (NCHW float in [0, 1]).
             latents: initial noise of the unet's input shape, instead of drawing it.
-            sharpen_amount, sharpen_radius, sharpen_threshold, gamma: override the config's post-processing.
+            sharpen_amount, sharpen_radius, sharpen_threshold, gamma: override the config's post-processing (the
+                amount also overrides ``upscale_sharpen_amount`` on upscaled output).
             class_labels: for a class-conditional model: a class name or id, or one per image (names: :attr:`classes`).
                 Without them a model with a stored :attr:`class_mix` (auto classes) draws each image's class from it;
                 any other conditional model samples its null class, i.e. unconditionally (the saved guidance scale
@@ -929,7 +941,9 @@ class CrispDiffPipeline(DiffusionPipeline):
             images01 = images01.float().clamp(0.0, 1.0)
         elif output_size is not None:
             images01 = _resize(images01, output_size)
-        images01 = self.postprocess(images01, sharpen_amount, sharpen_radius, sharpen_threshold, gamma)
+        images01 = self.postprocess(
+            images01, sharpen_amount, sharpen_radius, sharpen_threshold, gamma, upscaled=bool(do_upscale)
+        )
 
         self.maybe_free_model_hooks()
         if output_type == "pt":

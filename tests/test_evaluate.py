@@ -197,6 +197,44 @@ def test_sharpen_sweep_measures_every_amount_on_the_same_samples_and_saves_the_b
     assert load_pipeline(folder).config.sharpen_amount == sweep["best_amount"]
 
 
+def test_a_sweep_of_upscaled_samples_measures_them_at_their_size_and_saves_the_amount_after_sr(
+    reference_dir, tmp_path, capsys
+):
+    """--upscale --sharpen_sweep: at the pipeline's 16 px the sweep would judge the SR output after downscaling it,
+    so it is refused with the --resolution to pass; at 32 px --save_sharpen_amount writes upscale_sharpen_amount,
+    which pipe(upscale=True) uses, and leaves the 16 px amount alone."""
+    from crispdiff.publish.export import load_pipeline
+
+    folder = save_pipeline(
+        tmp_path / "pipeline",
+        unet=tiny_unet(),
+        scheduler_base_config=scheduler_base_config(NoiseConfig()),
+        beta_schedule="cosine",
+        sr_model=tiny_sr_model(),
+        upscale=False,
+        sharpen_amount=1.0,
+        training_config={"resolution": SIZE},
+    )
+    common = ["--reference", str(reference_dir), "--num_images", "8", "--steps", "2", "--no_fid", "--device", "cpu"]
+    common += ["--cache_dir", str(tmp_path / "cache"), "--upscale", "--sharpen_sweep", "--save_sharpen_amount"]
+    assert evaluate(str(folder), *common, "--output_dir", str(tmp_path / "at16")) == 2
+    assert f"pass --resolution {2 * SIZE}" in capsys.readouterr().err
+    assert evaluate(str(folder), *common, "--resolution", str(2 * SIZE), "--output_dir", str(tmp_path / "at32")) == 0
+    sweep = read_metrics(tmp_path / "at32")["sharpen_sweep"]
+    assert sweep["pipeline_amount"] == 1.0  # no amount of its own yet: the 16 px one applied after SR
+    pipe = load_pipeline(folder)
+    assert pipe.config.upscale_sharpen_amount == sweep["best_amount"] and pipe.config.sharpen_amount == 1.0
+
+    def sample(**kwargs):
+        return pipe(batch_size=1, num_inference_steps=2, generator=torch.Generator().manual_seed(0),
+                    output_type="pt", **kwargs).images  # fmt: skip
+
+    pipe.set_progress_bar_config(disable=True)
+    raw = sample(upscale=True, sharpen_amount=0.0)
+    assert torch.equal(sample(upscale=True), pipe.postprocess(raw, sharpen_amount=sweep["best_amount"]))
+    assert torch.equal(sample(), sample(sharpen_amount=1.0))  # 16 px output keeps its own amount
+
+
 def test_cli_errors_are_messages(tmp_path, reference_dir, capsys):
     assert evaluate("--reference", str(reference_dir)) == 2
     assert "exactly one" in capsys.readouterr().err

@@ -283,6 +283,12 @@ UNREAD_ALLOWED = {
         "crispdiff push), not through the config object the walk watches",
         "tests/test_hub.py::test_the_cards_licence_is_the_one_asked_for_else_the_runs_else_other",
     ),
+    "upscale_calibration_images": (
+        "read at the end of a run whose pipeline carries an SR step; the latent default (the embedded SR x2) is for "
+        "64 px models, and the walk's runs are 16 px",
+        "tests/test_sr_train.py::test_the_unsharp_amount_after_sr_is_calibrated_against_the_training_images_at_the_"
+        "output_size",
+    ),
     "overwrite_output_dir": (
         "read only when --output_dir already holds a finished result",
         "tests/test_training.py::test_existing_pipeline_is_not_overwritten_silently",

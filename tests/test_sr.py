@@ -37,6 +37,7 @@ from spandrel.architectures.SwinIR import SwinIR
 from tiny_models import SIZE, WITHOUT_CRISPDIFF, base_config, tiny_unet
 
 from crispdiff.commands import add_sr
+from crispdiff.evaluate.sharpen import save_sharpen_amount
 from crispdiff.pipelines.sr_model import (
     MODULE_FILE,
     WEIGHTS_NAME,
@@ -451,10 +452,15 @@ def test_add_sr_adds_and_replaces_the_component(sr_files, plain_dir, capsys):
     assert torch.equal(sample(plain_dir, seed=1, upscale=False), plain), "the diffusion part is untouched"
     assert torch.equal(upscaled, pipe.sr_model.upscale(plain, sr_strength=0.7).clamp(0, 1))
 
-    # replacing keeps the pipeline's sr_strength unless a new one is given
+    # replacing keeps the pipeline's sr_strength unless a new one is given, and drops the unsharp amount calibrated
+    # after the old model (the new one's output gets the pipeline's own sharpen_amount)
+    save_sharpen_amount(plain_dir, 0.35, upscaled=True)
+    assert load_pipeline(plain_dir).config.upscale_sharpen_amount == 0.35
     assert run_add_sr(str(plain_dir), "--sr_model", str(sr_files["compact_x4"][1][".safetensors"])) == 0
     assert load_pipeline(plain_dir).sr_model.config.architecture == "Compact"
-    assert json.loads((plain_dir / "model_index.json").read_text())["sr_strength"] == 0.7
+    index = json.loads((plain_dir / "model_index.json").read_text())
+    assert index["sr_strength"] == 0.7 and "upscale_sharpen_amount" not in index
+    assert load_pipeline(plain_dir).config.upscale_sharpen_amount is None
     assert sample(plain_dir, seed=1).shape == (2, 3, 4 * SIZE, 4 * SIZE)
 
 
@@ -518,9 +524,12 @@ _NO_CRISPDIFF = WITHOUT_CRISPDIFF + textwrap.dedent(
 
 
 def test_pipeline_with_added_sr_reloads_without_crispdiff(sr_files, plain_dir, tmp_path):
-    """add-sr with a Real-ESRGAN x2 checkpoint, then diffusers alone (crispdiff blocked) reproduces the images."""
+    """add-sr with a Real-ESRGAN x2 checkpoint and an unsharp amount of its own after it, then diffusers alone
+    (crispdiff blocked) reproduces the images, that amount included."""
     attach_sr(plain_dir, sr_files["esrgan_x2"][1][".pth"], sr_strength=0.6, tile_size=8, tile_overlap=4)
+    save_sharpen_amount(plain_dir, 0.5, upscaled=True)
     expected = sample(plain_dir, seed=7).permute(0, 2, 3, 1).numpy()
+    assert not np.array_equal(expected, sample(plain_dir, seed=7, sharpen_amount=0.0).permute(0, 2, 3, 1).numpy())
     assert expected.shape == (2, 2 * SIZE, 2 * SIZE, 3)
     env = {k: v for k, v in os.environ.items() if not k.startswith("PYTHON")}
     env.update(HF_MODULES_CACHE=str(tmp_path / "modules"), HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")

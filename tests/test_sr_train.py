@@ -7,6 +7,7 @@ upscales sharper than its regression-only twin."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import re
@@ -28,10 +29,11 @@ from crispdiff.core.errors import DataError, FlagError
 from crispdiff.core.flags import parse_config
 from crispdiff.core.provenance import PROVENANCE_NAME
 from crispdiff.evaluate.sharpness import high_frequency_share
+from crispdiff.pipelines.pipeline_crispdiff import unsharp_mask
 from crispdiff.pipelines.sr_model import WEIGHTS_NAME
 from crispdiff.superres.config import SRTrainConfig
 from crispdiff.superres.data import SRPairs, blur_each, downscale, vae_roundtrip
-from crispdiff.superres.load import embedded_sr_dir, load_sr_model
+from crispdiff.superres.load import EMBEDDED_SR_SHARPEN_AMOUNT, embedded_sr_dir, load_sr_model
 from crispdiff.superres.metrics import bicubic_upscale
 from crispdiff.superres.trainer import build_sr_trainer, load_initial_model, train_sr
 from crispdiff.train.gan import PatchDiscriminator, adversarial_terms, feature_matching_loss
@@ -339,6 +341,21 @@ def test_a_start_from_a_saved_sr_model_reproduces_it_at_step_0(image_folder, tmp
         assert torch.allclose(trainer.network(images), expected, atol=1e-5)
 
 
+def test_init_weight_blend_saves_the_interpolation_of_the_start_and_the_trained_network(image_folder, tmp_path):
+    """--init_weight_blend 0.25: the saved weights are 0.75 x the starting model's + 0.25 x those the same run saves
+    without the blend (ESRGAN's network interpolation), and the card says so."""
+    saved = {}
+    for blend in ("1", "0.25"):
+        config = config_for(image_folder, tmp_path / blend, "--init_sr_model_name_or_path", "embedded",
+                            "--max_train_steps", "3", "--init_weight_blend", blend, network=())  # fmt: skip
+        saved[blend] = load_file(train_sr(config) / WEIGHTS_NAME)
+    start = load_file(embedded_sr_dir() / WEIGHTS_NAME)
+    assert any(not torch.equal(saved["1"][k], start[k]) for k in start)  # the run did train
+    for name, value in saved["0.25"].items():
+        assert torch.allclose(value, 0.75 * start[name] + 0.25 * saved["1"][name], atol=1e-6), name
+    assert "0.75 x its weights + 0.25 x the trained ones" in (tmp_path / "0.25" / "sr_model" / "README.md").read_text()
+
+
 @pytest.fixture(scope="module")
 def x4_model(tmp_path_factory) -> Path:
     """A saved SR component folder of a small x4 Compact network."""
@@ -437,6 +454,8 @@ def test_a_gan_twin_upscales_sharper_than_its_regression_only_twin(tmp_path):
         (["--feature_matching_weight", "1"], "--feature_matching_weight: no effect without --gan_weight"),
         (["--gan_weight", "0.1", "--crop_size", "8", "--disc_layers", "3"], "--disc_layers 3 is too deep"),
         (["--input_blur_max", "-1"], "--input_blur_max must be >= 0"),
+        (["--init_weight_blend", "0.5"], "--init_weight_blend blends with the starting model"),
+        (["--init_sr_model_name_or_path", "embedded", "--init_weight_blend", "1.5"], "--init_weight_blend must be in"),
     ],
 )
 def test_bad_flags_are_refused_naming_the_flag(flags, named):
@@ -491,6 +510,9 @@ def test_the_main_job_pipeline_carries_the_embedded_sr_and_upscales_when_asked(t
     index = json.loads((pipeline_dir / "model_index.json").read_text())
     assert index["sr_model"] == ["sr_model", "SpandrelSRModel"] and index["upscale"] is False
     assert index["sr_strength"] == 1.0
+    # 64 px training images cannot tell how sharp 128 px output should be: the embedded SR's amount stays
+    assert index["upscale_sharpen_amount"] == EMBEDDED_SR_SHARPEN_AMOUNT != index["sharpen_amount"]
+    assert not (tmp_path / "out" / "upscale_sharpen_calibration.json").exists()
     shipped = load_file(embedded_sr_dir() / WEIGHTS_NAME)
     saved = load_file(pipeline_dir / "sr_model" / WEIGHTS_NAME)
     assert shipped.keys() == saved.keys() and all(torch.equal(shipped[k], saved[k]) for k in shipped)
@@ -504,7 +526,10 @@ def test_the_main_job_pipeline_carries_the_embedded_sr_and_upscales_when_asked(t
 
     plain, upscaled = sample(), sample(upscale=True)
     assert plain.shape == (2, 3, 64, 64) and upscaled.shape == (2, 3, 128, 128)
-    assert torch.equal(upscaled, pipe.sr_model.upscale(plain, sr_strength=1.0))
+    raw = pipe.sr_model.upscale(plain, sr_strength=1.0)
+    assert torch.equal(sample(upscale=True, sharpen_amount=0.0), raw)  # an explicit amount applies after SR too
+    assert torch.equal(upscaled, unsharp_mask(raw, EMBEDDED_SR_SHARPEN_AMOUNT))
+    assert not torch.equal(upscaled, raw)
 
     out = tmp_path / "sampled"
     argv = ["sample", str(pipeline_dir), "--num_images", "2", "--steps", "2", "--upscale", "--output_dir", str(out)]
@@ -517,6 +542,78 @@ def test_the_main_job_pipeline_carries_the_embedded_sr_and_upscales_when_asked(t
     assert done.returncode == 0, done.stderr[-3000:]
     result = json.loads(done.stdout.strip().splitlines()[-1])
     assert result["shape"] == [1, 3, 64, 64] and "pip install spandrel" in result["error"]
+
+
+def test_the_unsharp_amount_after_sr_is_calibrated_against_the_training_images_at_the_output_size(tmp_path):
+    """Training files at least twice the training resolution: the end of the run samples, upscales, sweeps the
+    unsharp amounts against those files decoded at 128 px, and saves the best as upscale_sharpen_amount, which
+    pipe(upscale=True) then applies (64 px output keeps its own amount)."""
+    from tiny_models import tiny_vae as make_vae
+
+    from crispdiff.data.loading import images_at_size, load_images
+    from crispdiff.evaluate.sharpen import SHARPEN_SWEEP_AMOUNTS
+    from crispdiff.evaluate.sharpness import sharpness_ratios
+    from crispdiff.latent.trainer import LatentTrainConfig, train_latent
+    from crispdiff.publish.export import load_pipeline
+
+    folder = tmp_path / "images"
+    folder.mkdir()
+    for i, image in enumerate(flat_art(6, 128, seed=5)):
+        PIL.Image.fromarray(image).save(folder / f"{i}.png")
+    vae_dir = tmp_path / "vae"
+    make_vae(sample_size=64).save_pretrained(vae_dir)
+    config = LatentTrainConfig(
+        train_data_dir=str(folder), pretrained_vae_name_or_path=str(vae_dir), cache_dir=str(tmp_path / "cache"),
+        output_dir=str(tmp_path / "out"), base_channels=8, channel_mults=[1, 2], attention_res=[4],
+        train_batch_size=2, max_train_steps=1, checkpointing_steps=0, validation_steps=0, num_validation_images=1,
+        validation_inference_steps=1, report_to="none", adapt_vae="off", class_column="none",
+        upscale_calibration_images=4,
+    )  # fmt: skip
+    pipeline_dir = train_latent(config)
+    sweep = json.loads((tmp_path / "out" / "upscale_sharpen_calibration.json").read_text())
+    assert [row["amount"] for row in sweep["rows"]] == list(SHARPEN_SWEEP_AMOUNTS)
+    index = json.loads((pipeline_dir / "model_index.json").read_text())
+    assert index["upscale_sharpen_amount"] == sweep["best_amount"]
+    assert sweep["pipeline_amount"] == EMBEDDED_SR_SHARPEN_AMOUNT  # what it replaced
+
+    # the sweep's reference is the training files at 128 px: the ratios of the best amount are measured on them
+    pipe = load_pipeline(pipeline_dir)
+    pipe.set_progress_bar_config(disable=True)
+    generators = [torch.Generator().manual_seed(config.seed + i) for i in range(4)]
+    raw = pipe(batch_size=4, num_inference_steps=1, generator=generators, upscale=True, sharpen_amount=0.0,
+               output_type="pt").images  # fmt: skip
+    data = load_images(config, for_latents=True, show_progress=False)
+    reference = images_at_size(config, data, 128, list(range(len(data))))
+    assert reference.shape == (6, 3, 128, 128)
+    assert torch.equal(reference, load_images(dataclasses.replace(config, resolution=128), show_progress=False)
+                       .center_crops())  # fmt: skip
+    best = next(row for row in sweep["rows"] if row["amount"] == sweep["best_amount"])
+    measured = sharpness_ratios(reference, unsharp_mask(raw, sweep["best_amount"]))
+    assert measured["hf_energy_ratio"] == pytest.approx(best["hf_energy_ratio"], rel=1e-4)
+
+    generators = [torch.Generator().manual_seed(config.seed + i) for i in range(4)]
+    upscaled = pipe(batch_size=4, num_inference_steps=1, generator=generators, upscale=True, output_type="pt").images
+    assert torch.equal(upscaled, unsharp_mask(raw, sweep["best_amount"]))
+
+
+def test_images_at_size_decodes_only_the_files_that_large(tmp_path):
+    """The chosen rows' files decoded anew at the size, as the data pipeline decodes them at that resolution, the
+    smaller ones left out; under half of them large enough: None (the data cannot say how sharp that size is)."""
+    from crispdiff.core.config import DataConfig
+    from crispdiff.data.loading import images_at_size, load_images
+
+    folder = tmp_path / "mixed"
+    folder.mkdir()
+    for i, image in enumerate(flat_art(3, 128, seed=1)):
+        PIL.Image.fromarray(image).save(folder / f"a_big_{i}.png")
+    for i, image in enumerate(flat_art(3, 64, seed=2)):
+        PIL.Image.fromarray(image).save(folder / f"b_small_{i}.png")
+    config = DataConfig(train_data_dir=str(folder), resolution=32, center_crop=True, cache_dir=str(tmp_path / "c"))
+    data = load_images(config, show_progress=False)
+    large = load_images(dataclasses.replace(config, resolution=128, min_image_size=128), show_progress=False)
+    assert len(data) == 6 and len(large) == 3
+    assert torch.equal(images_at_size(config, data, 128, list(range(6))), large.center_crops())
+    assert images_at_size(config, data, 128, [0, 3, 4, 5]) is None  # one large file of four
 
 
 def test_the_embedded_sr_is_a_small_x2_spandrel_model_with_its_card():

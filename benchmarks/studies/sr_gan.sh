@@ -3,6 +3,8 @@
 #
 #   bash benchmarks/studies/sr_gan.sh unpaired      # 400 unpaired 64 px samples of a Noto model not measured below
 #   bash benchmarks/studies/sr_gan.sh train NAME [train_sr.py flags]   # one candidate (e.g. --gan_weight 0.1)
+#       from INIT (default: embedded, itself the blend this study chose; the pixel-loss model of the embedded card's
+#       stage 1 reproduces the study)
 #   bash benchmarks/studies/sr_gan.sh measure PIPELINE FAMILY SEED NAME...  # bench_sr.py generated with each SR
 #
 # Paths: OUT (default benchmarks/out/sr36), SPLITS (benchmarks/out/own-data-splits, written by own_data.py),
@@ -36,7 +38,7 @@ PY
 train)
     name=$2; shift 2
     python train_scripts/train_sr.py --train_data_dir "$SPLITS/noto-128/sr_train" --output_dir "$OUT/$name" \
-        --init_sr_model_name_or_path embedded --vae_roundtrip_prob 0.5 --vae_latent_noise 0.3 --input_blur_max 0.5 \
+        --init_sr_model_name_or_path "${INIT:-embedded}" --vae_roundtrip_prob 0.5 --vae_latent_noise 0.3 --input_blur_max 0.5 \
         --unpaired_data_dir "$OUT/unpaired-64" --train_batch_size 16 --learning_rate 5e-4 --lr_warmup_steps 50 \
         --checkpointing_steps 200 --validation_steps 200 "$@"
     ;;

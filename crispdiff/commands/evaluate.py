@@ -81,13 +81,15 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     parser.add_argument(
         "--sharpen_sweep",
         action="store_true",
-        help="Also measure both sharpness ratios under unsharp-mask amounts 0-1.5 (one sampling pass) and report the "
-        "amount nearest the data's sharpness; the right amount falls as a model trains longer.",
+        help="Also measure both sharpness ratios under unsharp-mask amounts 0-1.5 in steps of 0.05 (one sampling "
+        "pass) and report the amount nearest the data's sharpness; the right amount falls as a model trains longer. "
+        "Upscaled samples (--upscale) are measured at their own size: pass --resolution with it.",
     )
     parser.add_argument(
         "--save_sharpen_amount",
         action="store_true",
-        help="With --sharpen_sweep: write the best amount into DIR as the pipeline's default sharpen_amount.",
+        help="With --sharpen_sweep: write the best amount into DIR as the pipeline's default sharpen_amount (with "
+        "--upscale and --resolution at the SR output size: its upscale_sharpen_amount, used after the SR step).",
     )
     parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1, mps ... (default: cuda when available).")
     parser.add_argument(

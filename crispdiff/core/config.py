@@ -573,6 +573,15 @@ class TrainConfig(DataConfig, ModelConfig, NoiseConfig, HubConfig, LoopConfig):
         "gets sharper with training; 256 is plenty.",
     )
 
+    upscale_calibration_images: int = flag(
+        256,
+        "When the pipeline carries an SR step and the training images are at least its output size: at the end of "
+        "training, sample this many images, upscale them and save the unsharp amount after the SR step whose "
+        "high-frequency and Laplacian ratios best match the training images decoded at that size "
+        "(upscale_sharpen_amount). How much detail SR restores depends on the data's design. 0 = keep the SR "
+        "model's default (the embedded SR's, else --sharpen_amount).",
+    )
+
     def fill_and_check(self) -> None:
         """Refuse flag combinations every diffusion trainer would only fail on later (subclasses extend this)."""
         self.check_snr_shift()
@@ -583,6 +592,11 @@ class TrainConfig(DataConfig, ModelConfig, NoiseConfig, HubConfig, LoopConfig):
             raise ValueError(f"--sharpen_amount must be >= 0, got {self.sharpen_amount}")
         if self.sharpen_calibration_images < 0:
             raise ValueError(f"--sharpen_calibration_images must be >= 0, got {self.sharpen_calibration_images}")
+        if self.upscale_calibration_images < 0:
+            raise ValueError(f"--upscale_calibration_images must be >= 0, got {self.upscale_calibration_images}")
+        no_sr = (self.sr_model_name_or_path or "none").lower() == "none"
+        if no_sr and "upscale_calibration_images" in getattr(self, "explicit_flags", frozenset()):
+            raise ValueError("--upscale_calibration_images calibrates the SR step: pass --sr_model_name_or_path")
         if self.num_validation_images < 0:
             raise ValueError(
                 f"--num_validation_images must be >= 0 (0: no sample grids), got {self.num_validation_images}"

@@ -244,6 +244,37 @@ def original_sizes(config: Any, data: ImageData) -> np.ndarray:
     return sizes
 
 
+def images_at_size(config: Any, data: ImageData, size: int, indices: list[int]) -> Any:
+    """``data``'s images at ``indices`` decoded anew at ``size`` px, uint8 centre crops [N, 3, size, size], from the
+    files at least that large; None when under half of them are.
+
+    For measuring output larger than the training resolution (the SR step's) against the data itself: the cache
+    holds the images at the training resolution only, and an upscale of those would be no reference for detail.
+    ``config``: the data flags ``data`` was loaded with.
+    """
+    import torch
+
+    if data.source_rows is None:  # streamed data: no rows to fetch again
+        return None
+    source = resolve_source(config)
+    recipe = DecodeRecipe(
+        resolution=size,
+        interpolation=str(config.interpolation),
+        background=parse_background(config.background),
+        center=True,
+        min_image_size=size,
+    )
+    rows = data.source_rows[indices].tolist()
+    crops = []
+    for row in rows:
+        decoded = decode_image(source.fetch(row, row + 1)[0], source.names[row], recipe)
+        if decoded.pixels is not None:
+            crops.append(torch.tensor(decoded.pixels).permute(2, 0, 1))
+    if 2 * len(crops) < len(rows):
+        return None
+    return torch.stack(crops)
+
+
 def load_images_of_size(folder: str | Path, size: int, background: str, flag: str) -> Any:
     """Every image below ``folder`` as uint8 [N, 3, size, size], decoded by the data pipeline's recipe (transparency
     composited onto ``background``); never resized. Images of another size, unreadable files, a missing or empty

@@ -204,6 +204,7 @@ def run_evaluation(
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     title = "crispdiff evaluation"
     sweep: dict[str, Any] | None = None  # set when a pipeline's samples are swept (sweep_sharpen)
+    upscaled = False  # the samples are a pipeline's SR output
     if samples_npz is not None:
         samples = load_samples_npz(samples_npz)
         resolution = resolution or samples.shape[-1]
@@ -254,10 +255,16 @@ def run_evaluation(
             autoguidance_scale=autoguidance_scale,
             postprocess=NO_POSTPROCESS if sweep_sharpen else None,
         )
+        upscaled = samples.shape[-1] > native_resolution(pipeline)
         if sweep_sharpen:
+            if upscaled and ref.shape[-1] != samples.shape[-1]:
+                raise FlagError(
+                    f"--sharpen_sweep on upscaled samples measures them at their own size: pass --resolution "
+                    f"{samples.shape[-1]} (a --reference with images at least that large)"
+                )
             compared, _ = split_reference(len(ref), len(samples), seed=seed)  # the subset evaluate_samples uses
-            sweep = sharpen_sweep(pipeline, samples, ref[compared])
-            samples = pipeline.postprocess(samples)  # the pipeline's own amount and gamma, as it samples
+            sweep = sharpen_sweep(pipeline, samples, ref[compared], upscaled=upscaled)
+            samples = pipeline.postprocess(samples, upscaled=upscaled)  # the pipeline's own post-processing
             best, own = sweep["best_amount"], sweep["pipeline_amount"]
             log(f"unsharp-mask sweep: best amount {best:g} (the pipeline's: {own:g})")
         sampled = time.time()
@@ -267,6 +274,7 @@ def run_evaluation(
             "sampler": pipeline.config.sampler if sampler is None else sampler,
             "steps": steps,
             "upscale": upscale,
+            "upscaled": upscaled,
             "conditioning": conditioning,
             "guidance_scale": guidance_scale,
             "guidance_interval": list(guidance_interval or pipeline.default_guidance_interval or []) or None,
@@ -286,8 +294,9 @@ def run_evaluation(
     if sweep is not None:
         result["sharpen_sweep"] = sweep
         if save_best_sharpen:
-            path = save_sharpen_amount(pipeline_dir, sweep["best_amount"])
-            log(f"wrote sharpen_amount {sweep['best_amount']:g} into {path}")
+            path = save_sharpen_amount(pipeline_dir, sweep["best_amount"], upscaled=upscaled)
+            key = "upscale_sharpen_amount" if upscaled else "sharpen_amount"
+            log(f"wrote {key} {sweep['best_amount']:g} into {path}")
     result["settings"]["reference"] = reference or "default"
     result["settings"]["seconds_sampling"] = round(sampled - started, 2)
     result["settings"]["seconds_metrics"] = round(time.time() - sampled, 2)

@@ -14,8 +14,9 @@ from crispdiff.core.io import write_json_atomic
 from crispdiff.evaluate.inputs import resize_images, to_float01
 from crispdiff.evaluate.sharpness import sharpness_ratios
 
-#: Unsharp-mask amounts ``--sharpen_sweep`` tries (0 = off), with the pipeline's own radius and threshold.
-SHARPEN_SWEEP_AMOUNTS = tuple(round(0.1 * step, 1) for step in range(16))
+#: Unsharp-mask amounts ``--sharpen_sweep`` tries (0 = off), with the pipeline's own radius and threshold; steps of
+#: 0.05, because the amount that fits upscaled output (whose ratios move fastest with it) often falls between 0.1s.
+SHARPEN_SWEEP_AMOUNTS = tuple(round(0.05 * step, 2) for step in range(31))
 
 
 def sharpen_sweep(
@@ -23,6 +24,7 @@ def sharpen_sweep(
     unsharpened01: torch.Tensor,
     reference: torch.Tensor | np.ndarray,
     amounts: tuple[float, ...] = SHARPEN_SWEEP_AMOUNTS,
+    upscaled: bool = False,
 ) -> dict[str, Any]:
     """Both sharpness ratios of the same samples under each unsharp amount, and the amount that matches the data best.
 
@@ -32,7 +34,8 @@ def sharpen_sweep(
     ``unsharpened01`` are the pipeline's outputs with ``sharpen_amount=0`` and ``gamma=1``; each amount goes through
     the pipeline's own ``postprocess`` (unsharp mask, then its gamma), so the figures are what the pipeline would
     give. The best amount is the one whose worse ratio is nearest 1 on a log scale: neither blurry nor noisy by
-    either measure.
+    either measure. ``upscaled``: the samples are the SR step's output, whose own amount is the pipeline's
+    ``upscale_sharpen_amount`` (reported as ``pipeline_amount``).
     """
     ref01 = to_float01(reference)
     rows = []
@@ -47,13 +50,16 @@ def sharpen_sweep(
             }
         )
     best = min(rows, key=lambda r: max(abs(math.log(r["hf_energy_ratio"])), abs(math.log(r["laplacian_var_ratio"]))))
-    return {"rows": rows, "best_amount": best["amount"], "pipeline_amount": float(pipeline.config.sharpen_amount)}
+    own = pipeline.config.get("upscale_sharpen_amount") if upscaled else None
+    own = pipeline.config.sharpen_amount if own is None else own
+    return {"rows": rows, "best_amount": best["amount"], "pipeline_amount": float(own)}
 
 
-def save_sharpen_amount(pipeline_dir: str | os.PathLike, amount: float) -> Path:
-    """Write ``amount`` as the saved pipeline's default unsharp mask (its model_index.json, atomically)."""
+def save_sharpen_amount(pipeline_dir: str | os.PathLike, amount: float, upscaled: bool = False) -> Path:
+    """Write ``amount`` as the saved pipeline's default unsharp mask (its model_index.json, atomically); ``upscaled``:
+    the amount after its SR step (``upscale_sharpen_amount``)."""
     from crispdiff.publish.export import MODEL_INDEX_NAME, read_model_index
 
     index = read_model_index(pipeline_dir)  # clear errors for a missing folder or another kind of pipeline
-    index["sharpen_amount"] = amount
+    index["upscale_sharpen_amount" if upscaled else "sharpen_amount"] = amount
     return write_json_atomic(Path(pipeline_dir) / MODEL_INDEX_NAME, index, sort_keys=True)

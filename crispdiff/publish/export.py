@@ -82,6 +82,7 @@ def build_pipeline(
     guidance_interval: list[float] | tuple[float, float] | None = None,
     guide_unet: ModelMixin | None = None,
     autoguidance_scale: float = 1.0,
+    upscale_sharpen_amount: float | None = None,
 ) -> CrispDiffPipeline:
     """The in-memory pipeline that :func:`save_pipeline` writes (also handy for sampling during training).
 
@@ -89,7 +90,8 @@ def build_pipeline(
     ``pipe(class_labels="name")`` works after loading, and ``guidance_scale`` becomes the default of labelled calls;
     ``class_mix`` (auto classes) is what calls without labels sample, and ``guidance_interval`` (min, max sigma) where
     guidance applies; ``guide_unet`` (a weaker version of ``unet``) and ``autoguidance_scale`` are autoguidance's.
-    ``upscale`` is whether calls upscale by default (None: whenever there is an ``sr_model``).
+    ``upscale`` is whether calls upscale by default (None: whenever there is an ``sr_model``);
+    ``upscale_sharpen_amount`` the unsharp amount after the SR step (None: ``sharpen_amount``).
     """
     if not isinstance(unet, ModelMixin):
         raise TypeError(f"unet must be a diffusers UNet2DModel, got {type(unet).__name__}")
@@ -119,6 +121,7 @@ def build_pipeline(
         guidance_max_sigma=None if guidance_interval is None else guidance_interval[1],
         guide_unet=guide_unet,
         autoguidance_scale=autoguidance_scale,
+        upscale_sharpen_amount=upscale_sharpen_amount,
     )
 
 

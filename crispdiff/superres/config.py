@@ -85,6 +85,12 @@ class SRTrainConfig(DataConfig, LoopConfig):
         "or 'embedded') instead of from scratch; --architecture, --scale, --num_feat and --num_blocks are read from "
         "it. Fine-tuning a pixel-loss model with --gan_weight is Real-ESRGAN's recipe.",
     )
+    init_weight_blend: float = flag(
+        1.0,
+        "Save (1 - this) x the --init_sr_model_name_or_path weights + this x the trained ones (ESRGAN's network "
+        "interpolation; 1 = the trained network alone). Between a pixel-loss model and its GAN fine-tune it trades "
+        "restored detail against fidelity on clean inputs without another run.",
+    )
     gan_weight: float = flag(
         0.0,
         "Weight of the adversarial loss (hinge, a patch discriminator judging the SR output against the real "
@@ -151,6 +157,10 @@ class SRTrainConfig(DataConfig, LoopConfig):
             raise ValueError(f"--validation_fraction must be in [0, 1), got {self.validation_fraction}")
         if self.num_feat < 1 or self.num_blocks < 1:
             raise ValueError("--num_feat and --num_blocks must be >= 1")
+        if not 0.0 <= self.init_weight_blend <= 1.0:
+            raise ValueError(f"--init_weight_blend must be in [0, 1], got {self.init_weight_blend}")
+        if self.init_weight_blend != 1.0 and not self.init_sr_model_name_or_path:
+            raise ValueError("--init_weight_blend blends with the starting model: pass --init_sr_model_name_or_path")
         if self.disc_channels < 1 or self.disc_layers < 1:
             raise ValueError("--disc_channels and --disc_layers must be >= 1")
         self.check_geometry()

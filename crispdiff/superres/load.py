@@ -33,6 +33,10 @@ SR_FOLDER = "sr_model"
 #: ``--sr_model_name_or_path embedded``: the emoji SR x2 shipped in the package (64 -> 128 px, trained on Noto emoji).
 EMBEDDED_SR = "embedded"
 EMBEDDED_SR_RESOLUTION = 64
+#: The unsharp amount after the embedded SR x2 in the pipelines that carry it (``upscale_sharpen_amount``), when the
+#: training images are too small to calibrate it (``--upscale_calibration_images``): the best of
+#: ``crispdiff evaluate --upscale --sharpen_sweep`` on the main job's samples against its training emoji at 128 px.
+EMBEDDED_SR_SHARPEN_AMOUNT = 0.4
 SR_MODULE_NAME = "sr_model"
 SR_CLASS_NAME = "SpandrelSRModel"
 HUB_PREFIX = "hf://"
@@ -45,6 +49,7 @@ __all__ = [
     "HubFileRef",
     "parse_hub_ref",
     "EMBEDDED_SR",
+    "EMBEDDED_SR_SHARPEN_AMOUNT",
     "embedded_sr_dir",
     "load_sr_model",
     "describe_sr_model",
@@ -176,6 +181,8 @@ def _updated_index(index: dict[str, Any], sr_strength: float | None, default_ups
     updated = dict(index)
     updated[SR_FOLDER] = [SR_MODULE_NAME, SR_CLASS_NAME]
     updated["upscale"] = bool(default_upscale)
+    # an amount calibrated after another SR model does not fit this one: back to the pipeline's sharpen_amount
+    updated.pop("upscale_sharpen_amount", None)
     if sr_strength is not None:
         if not 0.0 <= float(sr_strength) <= 1.0:
             raise ValueError(f"--sr_strength must be in [0, 1], got {sr_strength}")
@@ -206,7 +213,8 @@ def attach_sr(
     The new ``sr_model/`` and ``model_index.json`` are written and verified in hidden staging paths first, then
     swapped in together (``swap_folder_into_place``: fsynced, the old component restored if a step fails).
     ``model_index.json`` gets
-    ``sr_model = ["sr_model", "SpandrelSRModel"]``, ``upscale = default_upscale`` and, if given, ``sr_strength``.
+    ``sr_model = ["sr_model", "SpandrelSRModel"]``, ``upscale = default_upscale`` and, if given, ``sr_strength``; an
+    ``upscale_sharpen_amount`` (calibrated after the SR model it replaces) is dropped.
     """
     folder = Path(pipeline_dir).resolve()
     index = read_model_index(folder)

@@ -80,6 +80,12 @@ class SRTrainer(LoopTrainer):
         network = build_sr_network(config.architecture, config.scale, config.num_feat, config.num_blocks)
         if initial is not None:
             load_initial_weights(network, initial, str(config.init_sr_model_name_or_path))
+        # the starting weights, kept for --init_weight_blend (blended into the saved network at the end)
+        self.initial_state = (
+            {name: value.detach().clone() for name, value in network.state_dict().items()}
+            if initial is not None and config.init_weight_blend != 1.0
+            else None
+        )
         network = network.to(accelerator.device)  # on its device before the optimizer and EMA are built over it
         self.num_parameters = sum(p.numel() for p in network.parameters())
         trainable: list[Any] = list(network.parameters())
@@ -276,6 +282,8 @@ class SRTrainer(LoopTrainer):
         """Validate the EMA network and save ``sr_model/`` with its card and ``sr_summary.json`` (main process)."""
         config = self.config
         network = self.eval_network()
+        if self.initial_state is not None:
+            network = blend_with_initial(network, self.initial_state, config.init_weight_blend)
         metrics = self.log_validation(network)
         if metrics:  # the final network's comparison grid, also kept where users look for it
             grid = self.last_grid.read_bytes()
@@ -311,6 +319,16 @@ class SRTrainer(LoopTrainer):
         return folder
 
 
+def blend_with_initial(network: torch.nn.Module, initial: dict[str, torch.Tensor], weight: float) -> torch.nn.Module:
+    """``network`` with its tensors set to ``(1 - weight) * initial + weight * trained`` (ESRGAN's network
+    interpolation): one knob between the pixel-loss starting model and its GAN fine-tune."""
+    state = network.state_dict()
+    network.load_state_dict(
+        {k: torch.lerp(initial[k].to(v), v, weight) if v.is_floating_point() else v for k, v in state.items()}
+    )
+    return network
+
+
 def model_card(config: SRTrainConfig, summary: dict[str, Any], source: str) -> str:
     """README for the saved SR folder: what it is, the data, the held-out comparison, the command, how to use it."""
     low = config.resolution // config.scale
@@ -331,7 +349,13 @@ def model_card(config: SRTrainConfig, summary: dict[str, Any], source: str) -> s
     if config.input_blur_max:
         roundtrip += f", blurred by a Gaussian of std up to {config.input_blur_max} input pixels"
     initial = config.init_sr_model_name_or_path
-    initial = f"\n- Started from the SR model {initial}." if initial else ""
+    blend = (
+        f" Saved as {1 - config.init_weight_blend:g} x its weights + {config.init_weight_blend:g} x the trained ones "
+        "(network interpolation)."
+        if config.init_weight_blend != 1.0
+        else ""
+    )
+    initial = f"\n- Started from the SR model {initial}.{blend}" if initial else ""
     return f"""---
 tags: [super-resolution, spandrel, crispdiff]
 pipeline_tag: image-to-image

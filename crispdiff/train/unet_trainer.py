@@ -33,7 +33,7 @@ from crispdiff.train.grids import TRAIN_PASSES_PER_IMAGE, GridPlan, plan_grid
 from crispdiff.train.loop import LoopTrainer, check_output_dir, ema_copy, run_trainer, untouched_rng
 from crispdiff.train.optimization import images_per_optimizer_step
 from crispdiff.train.process import release_stage, start_process
-from crispdiff.train.spaces import TrainingSpace, pixel_space, space_class_names
+from crispdiff.train.spaces import TrainingSpace, pixel_space, reference_indices, space_class_names
 from crispdiff.train.time_budget import RungCost, agreed_seconds
 
 logger = logging.getLogger("crispdiff")
@@ -303,6 +303,52 @@ class UNetTrainer(LoopTrainer):
         )
         return float(sweep["best_amount"])
 
+    def upscale_reference(self, count: int, scale: int) -> torch.Tensor | None:
+        """Up to ``count`` training images decoded at ``scale`` times the training resolution (the SR step's output
+        size), or None when the training files are smaller than that (or streamed)."""
+        from crispdiff.data.loading import images_at_size
+
+        data = getattr(self.space, "data", None)
+        if data is None:
+            return None
+        indices = reference_indices(len(data), count, self.config.seed)
+        return images_at_size(self.config, data, self.config.resolution * scale, indices)
+
+    def calibrated_upscale_sharpen_amount(self, pipeline: Any) -> float | None:
+        """The unsharp amount after the SR step that brings this model's upscaled samples to the training images'
+        sharpness at that size (and a log line), or None when the data is too small to tell (the SR model's default
+        stays). The sweep table is kept next to the pipeline in ``upscale_sharpen_calibration.json``."""
+        from crispdiff.evaluate.sampling import NO_POSTPROCESS, generate_samples
+        from crispdiff.evaluate.sharpen import sharpen_sweep
+
+        reference = self.upscale_reference(2000, sr_scale(pipeline.sr_model))
+        if reference is None:
+            self.accelerator.print(
+                "The training images are smaller than the SR step's output, so the unsharp amount after it stays at "
+                f"{pipeline.config.get('upscale_sharpen_amount')} (--upscale_calibration_images)."
+            )
+            return None
+        count = self.config.upscale_calibration_images
+        labels = [k % len(self.class_names) for k in range(count)] if self.class_names else None
+        samples = generate_samples(
+            pipeline,
+            count,
+            steps=self.config.validation_inference_steps,
+            seed=self.config.seed,
+            upscale=True,
+            class_labels=labels,
+            postprocess=NO_POSTPROCESS,
+        )
+        sweep = sharpen_sweep(pipeline, samples, reference, upscaled=True)
+        best = next(row for row in sweep["rows"] if row["amount"] == sweep["best_amount"])
+        write_json_atomic(self.output_dir / "upscale_sharpen_calibration.json", sweep)
+        self.accelerator.print(
+            f"Unsharp amount after the SR step calibrated on {count} upscaled samples against {len(reference)} "
+            f"training images at {reference.shape[-1]} px: {sweep['best_amount']} (high-frequency ratio "
+            f"{best['hf_energy_ratio']:.2f}, Laplacian ratio {best['laplacian_var_ratio']:.2f})."
+        )
+        return float(sweep["best_amount"])
+
     def export(self, final: bool = False) -> Path:
         """Write the pipeline folder (EMA weights, DPM-Solver++ default, sample grid, training config).
 
@@ -318,6 +364,10 @@ class UNetTrainer(LoopTrainer):
             self.log_grid("final", grid)
         quality = self.final_quality(images) if final else None
         kwargs.update(self.sr_kwargs())
+        if final and "sr_model" in kwargs and self.config.upscale_calibration_images:
+            amount = self.calibrated_upscale_sharpen_amount(build_pipeline(**kwargs))
+            if amount is not None:
+                kwargs["upscale_sharpen_amount"] = amount
         folder = save_pipeline(
             self.output_dir / "pipeline",
             training_config=self.config.to_dict(),
@@ -364,7 +414,12 @@ class UNetTrainer(LoopTrainer):
         ``crispdiff sample --upscale``), at full strength unless ``--sr_strength`` is given: it was trained on flat
         art downscaled the way the training images were, so it needs no Lanczos blend to stay faithful.
         """
-        from crispdiff.superres.load import EMBEDDED_SR, EMBEDDED_SR_RESOLUTION, load_sr_model
+        from crispdiff.superres.load import (
+            EMBEDDED_SR,
+            EMBEDDED_SR_RESOLUTION,
+            EMBEDDED_SR_SHARPEN_AMOUNT,
+            load_sr_model,
+        )
 
         config = self.config
         name = config.sr_model_name_or_path
@@ -376,7 +431,12 @@ class UNetTrainer(LoopTrainer):
             logger.info(f"the embedded SR x2 is for 64 px models; this {config.resolution} px pipeline has none")
             return {}
         given = "sr_strength" in getattr(config, "explicit_flags", ())
-        return {"sr_model": load_sr_model(name), "upscale": False, "sr_strength": config.sr_strength if given else 1.0}
+        return {
+            "sr_model": load_sr_model(name),
+            "upscale": False,
+            "sr_strength": config.sr_strength if given else 1.0,
+            "upscale_sharpen_amount": EMBEDDED_SR_SHARPEN_AMOUNT,
+        }
 
     def periodic(self) -> None:
         every = self.every(self.config.save_model_steps, self.config.save_model_epochs)
@@ -488,6 +548,11 @@ def rung_values(flags: dict[str, Any]) -> dict[str, Any]:
     return {name: list(value) if isinstance(value, (list, tuple)) else value for name, value in flags.items()}
 
 
+def sr_scale(sr_model: Any) -> int:
+    """How many times larger an SR model's output is than its input (2 for a model without the setting)."""
+    return int(getattr(sr_model.config, "scale", 2))
+
+
 def probe_costs(config: TrainConfig, space: TrainingSpace, accelerator: Accelerator) -> RungCost:
     """What the UNet ``config`` builds costs here: seconds per step (validation grids included), to export. The
     probe is a stage on the process's ``accelerator``, released once timed."""
@@ -498,8 +563,12 @@ def probe_costs(config: TrainConfig, space: TrainingSpace, accelerator: Accelera
     grid, per_image = (agreed_seconds(probe.accelerator, seconds) for seconds in probe.sampling_seconds())
     validation_every = probe.every(config.validation_steps, config.validation_epochs)
     params = probe.num_parameters
+    upscaled = 0  # the SR step's calibration samples, when the training files are large enough for it
+    sr_model = probe.sr_kwargs().get("sr_model") if config.upscale_calibration_images else None
+    if sr_model is not None and probe.upscale_reference(8, sr_scale(sr_model)) is not None:
+        upscaled = config.upscale_calibration_images
     del probe
     release_stage(accelerator)
-    export = EXPORT_MARGIN * (grid + per_image * config.sharpen_calibration_images)
+    export = EXPORT_MARGIN * (grid + per_image * (config.sharpen_calibration_images + upscaled))
     # validation grids along the way cost a grid every --validation_steps (or --validation_epochs) steps
     return RungCost(per_step + (grid / validation_every if validation_every else 0.0), export, params)

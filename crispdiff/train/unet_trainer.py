@@ -273,35 +273,12 @@ class UNetTrainer(LoopTrainer):
             self.accelerator.log(logs, step=self.step)
 
     def calibrated_sharpen_amount(self, pipeline: Any) -> float:
-        """The unsharp amount that brings this model's samples to the training images' sharpness (and a log line).
-
-        ``--sharpen_calibration_images`` samples, unsharpened, classes taken in turn, go through
-        ``crispdiff.evaluate.evaluation.sharpen_sweep`` against up to 2,000 training images; the sweep table is kept
-        next to the pipeline in ``sharpen_calibration.json``.
-        """
-        from crispdiff.evaluate.sampling import NO_POSTPROCESS, generate_samples
-        from crispdiff.evaluate.sharpen import sharpen_sweep
-
+        """The unsharp amount that brings this model's samples to the training images' sharpness (and a log line):
+        ``--sharpen_calibration_images`` samples against up to 2,000 training images, the table kept next to the
+        pipeline in ``sharpen_calibration.json``."""
+        reference = self.space.reference_images(2000, self.config.seed)
         count = self.config.sharpen_calibration_images
-        labels = [k % len(self.class_names) for k in range(count)] if self.class_names else None
-        samples = generate_samples(
-            pipeline,
-            count,
-            steps=self.config.validation_inference_steps,
-            seed=self.config.seed,
-            upscale=False,
-            class_labels=labels,
-            postprocess=NO_POSTPROCESS,
-        )
-        sweep = sharpen_sweep(pipeline, samples, self.space.reference_images(2000, self.config.seed))
-        best = next(row for row in sweep["rows"] if row["amount"] == sweep["best_amount"])
-        write_json_atomic(self.output_dir / "sharpen_calibration.json", sweep)
-        self.accelerator.print(
-            f"Unsharp amount calibrated on {count} samples: {sweep['best_amount']} (high-frequency ratio "
-            f"{best['hf_energy_ratio']:.2f}, Laplacian ratio {best['laplacian_var_ratio']:.2f}; "
-            f"--sharpen_amount was {sweep['pipeline_amount']})."
-        )
-        return float(sweep["best_amount"])
+        return self.swept_sharpen_amount(pipeline, reference, count, upscaled=False)
 
     def upscale_reference(self, count: int, scale: int) -> torch.Tensor | None:
         """Up to ``count`` training images decoded at ``scale`` times the training resolution (the SR step's output
@@ -316,11 +293,9 @@ class UNetTrainer(LoopTrainer):
 
     def calibrated_upscale_sharpen_amount(self, pipeline: Any) -> float | None:
         """The unsharp amount after the SR step that brings this model's upscaled samples to the training images'
-        sharpness at that size (and a log line), or None when the data is too small to tell (the SR model's default
-        stays). The sweep table is kept next to the pipeline in ``upscale_sharpen_calibration.json``."""
-        from crispdiff.evaluate.sampling import NO_POSTPROCESS, generate_samples
-        from crispdiff.evaluate.sharpen import sharpen_sweep
-
+        sharpness at that size: ``--upscale_calibration_images`` samples against up to 2,000 training files decoded
+        at the SR output's size, the table kept in ``upscale_sharpen_calibration.json``. None (and a log line) when
+        the files are smaller than that: the SR model's default amount stays."""
         reference = self.upscale_reference(2000, sr_scale(pipeline.sr_model))
         if reference is None:
             self.accelerator.print(
@@ -329,23 +304,34 @@ class UNetTrainer(LoopTrainer):
             )
             return None
         count = self.config.upscale_calibration_images
+        return self.swept_sharpen_amount(pipeline, reference, count, upscaled=True)
+
+    def swept_sharpen_amount(self, pipeline: Any, reference: torch.Tensor, count: int, upscaled: bool) -> float:
+        """``count`` samples without the unsharp mask (classes taken in turn; ``upscaled``: through the SR step) go
+        through ``crispdiff.evaluate.sharpen.sharpen_sweep`` against ``reference``; returns the best amount, keeps the
+        table next to the pipeline and logs the choice."""
+        from crispdiff.evaluate.sampling import NO_POSTPROCESS, generate_samples
+        from crispdiff.evaluate.sharpen import sharpen_sweep
+
         labels = [k % len(self.class_names) for k in range(count)] if self.class_names else None
         samples = generate_samples(
             pipeline,
             count,
             steps=self.config.validation_inference_steps,
             seed=self.config.seed,
-            upscale=True,
+            upscale=upscaled,
             class_labels=labels,
             postprocess=NO_POSTPROCESS,
         )
-        sweep = sharpen_sweep(pipeline, samples, reference, upscaled=True)
+        sweep = sharpen_sweep(pipeline, samples, reference, upscaled=upscaled)
         best = next(row for row in sweep["rows"] if row["amount"] == sweep["best_amount"])
-        write_json_atomic(self.output_dir / "upscale_sharpen_calibration.json", sweep)
+        name = "upscale_sharpen_calibration.json" if upscaled else "sharpen_calibration.json"
+        write_json_atomic(self.output_dir / name, sweep)
+        where = f" after the SR step, against training images at {reference.shape[-1]} px" if upscaled else ""
         self.accelerator.print(
-            f"Unsharp amount after the SR step calibrated on {count} upscaled samples against {len(reference)} "
-            f"training images at {reference.shape[-1]} px: {sweep['best_amount']} (high-frequency ratio "
-            f"{best['hf_energy_ratio']:.2f}, Laplacian ratio {best['laplacian_var_ratio']:.2f})."
+            f"Unsharp amount{where} calibrated on {count} samples: {sweep['best_amount']} (high-frequency ratio "
+            f"{best['hf_energy_ratio']:.2f}, Laplacian ratio {best['laplacian_var_ratio']:.2f}; it was "
+            f"{sweep['pipeline_amount']})."
         )
         return float(sweep["best_amount"])
 

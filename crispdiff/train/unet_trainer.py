@@ -313,6 +313,8 @@ class UNetTrainer(LoopTrainer):
         from crispdiff.evaluate.sampling import NO_POSTPROCESS, generate_samples
         from crispdiff.evaluate.sharpen import sharpen_sweep
 
+        where = f" after the SR step, against training images at {reference.shape[-1]} px" if upscaled else ""
+        self.accelerator.print(f"Calibrating the unsharp amount{where} on {count} samples ...")
         labels = [k % len(self.class_names) for k in range(count)] if self.class_names else None
         samples = generate_samples(
             pipeline,
@@ -327,7 +329,6 @@ class UNetTrainer(LoopTrainer):
         best = next(row for row in sweep["rows"] if row["amount"] == sweep["best_amount"])
         name = "upscale_sharpen_calibration.json" if upscaled else "sharpen_calibration.json"
         write_json_atomic(self.output_dir / name, sweep)
-        where = f" after the SR step, against training images at {reference.shape[-1]} px" if upscaled else ""
         self.accelerator.print(
             f"Unsharp amount{where} calibrated on {count} samples: {sweep['best_amount']} (high-frequency ratio "
             f"{best['hf_energy_ratio']:.2f}, Laplacian ratio {best['laplacian_var_ratio']:.2f}; it was "
@@ -340,7 +341,7 @@ class UNetTrainer(LoopTrainer):
 
         The ``final`` export (the end of the run) logs its grid to the trackers, measures it (:meth:`final_quality`,
         shown on the model card), and with ``--sharpen_calibration_images`` saves the calibrated unsharp amount, which
-        the grid shows.
+        the grid shows; with an SR step, ``--upscale_calibration_images`` calibrates the amount after it.
         """
         kwargs = self.pipeline_kwargs()
         if final and self.config.sharpen_calibration_images:

@@ -186,7 +186,7 @@ def test_sharpen_sweep_measures_every_amount_on_the_same_samples_and_saves_the_b
     assert all(later >= earlier for earlier, later in zip(hf, hf[1:])) and hf[-1] > hf[0]  # more amount, more detail
 
     def distance(row: dict) -> float:
-        return max(abs(np.log(row["hf_energy_ratio"])), abs(np.log(row["laplacian_var_ratio"])))
+        return max(abs(row["hf_energy_ratio"] - 1), abs(row["laplacian_var_ratio"] - 1))
 
     assert sweep["best_amount"] == min(rows, key=distance)["amount"] < 1.0
     assert "Unsharp-mask sweep" in capsys.readouterr().out
@@ -195,6 +195,21 @@ def test_sharpen_sweep_measures_every_amount_on_the_same_samples_and_saves_the_b
     out = str(tmp_path / "saved")
     assert evaluate(str(folder), *common, "--output_dir", out, "--sharpen_sweep", "--save_sharpen_amount") == 0
     assert load_pipeline(folder).config.sharpen_amount == sweep["best_amount"]
+
+
+def test_the_best_amount_centres_both_ratios_in_the_band():
+    """Rows as an OpenMoji run's sweep after SR gave them: the high-frequency share runs high while the Laplacian runs
+    low. The chosen amount keeps both inside 1 +- 0.15 (a log distance picked 0.1, whose hf ratio is at the edge)."""
+    from crispdiff.evaluate.sharpen import best_sharpen_amount
+
+    rows = [
+        {"amount": 0.0, "hf_energy_ratio": 1.015, "laplacian_var_ratio": 0.816},
+        {"amount": 0.05, "hf_energy_ratio": 1.078, "laplacian_var_ratio": 0.870},
+        {"amount": 0.1, "hf_energy_ratio": 1.139, "laplacian_var_ratio": 0.922},
+        {"amount": 0.15, "hf_energy_ratio": 1.195, "laplacian_var_ratio": 0.972},
+    ]
+    assert best_sharpen_amount(rows) == 0.05
+    assert best_sharpen_amount(rows[2:]) == 0.1
 
 
 def test_a_sweep_of_upscaled_samples_measures_them_at_their_size_and_saves_the_amount_after_sr(

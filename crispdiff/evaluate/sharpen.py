@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 import os
 from pathlib import Path
 from typing import Any
@@ -33,9 +32,8 @@ def sharpen_sweep(
     Sharpening is post-processing, so one unsharpened sampling pass serves every amount.
     ``unsharpened01`` are the pipeline's outputs with ``sharpen_amount=0`` and ``gamma=1``; each amount goes through
     the pipeline's own ``postprocess`` (unsharp mask, then its gamma), so the figures are what the pipeline would
-    give. The best amount is the one whose worse ratio is nearest 1 on a log scale: neither blurry nor noisy by
-    either measure. ``upscaled``: the samples are the SR step's output, whose own amount is the pipeline's
-    ``upscale_sharpen_amount`` (reported as ``pipeline_amount``).
+    give. The best amount is :func:`best_sharpen_amount`'s. ``upscaled``: the samples are the SR step's output,
+    whose own amount is the pipeline's ``upscale_sharpen_amount`` (reported as ``pipeline_amount``).
     """
     ref01 = to_float01(reference)
     rows = []
@@ -49,10 +47,20 @@ def sharpen_sweep(
                 "laplacian_var_ratio": ratios["laplacian_var_ratio"],
             }
         )
-    best = min(rows, key=lambda r: max(abs(math.log(r["hf_energy_ratio"])), abs(math.log(r["laplacian_var_ratio"]))))
     own = pipeline.config.get("upscale_sharpen_amount") if upscaled else None
     own = pipeline.config.sharpen_amount if own is None else own
-    return {"rows": rows, "best_amount": best["amount"], "pipeline_amount": float(own)}
+    return {"rows": rows, "best_amount": best_sharpen_amount(rows), "pipeline_amount": float(own)}
+
+
+def best_sharpen_amount(rows: list[dict[str, float]]) -> float:
+    """The amount of the row whose worse ratio is nearest 1: neither blurry nor noisy by either measure.
+
+    Nearest in the ratios' own terms, as the sharpness band is set (1 +- the same margin), not on a log scale: when
+    the two measures disagree (high-frequency share high, Laplacian low, as on outlined flat art after SR), a log
+    distance counts the low ratio as further off and settles nearer the high ratio's edge of the band.
+    """
+    best = min(rows, key=lambda r: max(abs(r["hf_energy_ratio"] - 1), abs(r["laplacian_var_ratio"] - 1)))
+    return best["amount"]
 
 
 def save_sharpen_amount(pipeline_dir: str | os.PathLike, amount: float, upscaled: bool = False) -> Path:

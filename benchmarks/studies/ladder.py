@@ -34,6 +34,7 @@ CURVES: dict[str, list[tuple[str, int | None, float, str]]] = {
     ],
     "new, base 48 (the ladder's medium rung)": [
         ("l30-b48-s0", 725, 1.5, "2900 steps"),
+        ("l60-b48-s0", 1438, 1.5, "5750 steps"),
     ],
 }
 

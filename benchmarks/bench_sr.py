@@ -40,7 +40,7 @@ from crispdiff.core.config import DataConfig, NoiseConfig
 from crispdiff.diffusion.schedule import scheduler_base_config
 from crispdiff.diffusion.unets import build_unet
 from crispdiff.pipelines.sr_model import SpandrelSRModel, tile_starts
-from crispdiff.publish.export import build_pipeline
+from crispdiff.publish.export import build_pipeline, load_pipeline
 from crispdiff.superres.data import downscale
 from crispdiff.superres.load import load_sr_model
 from crispdiff.superres.metrics import compare_upscalers, lanczos_upscale
@@ -227,7 +227,6 @@ def sample_raw(
 
 def generated(args: argparse.Namespace) -> None:
     """SWD / floor and sharpness of a pipeline's 128 px output with Lanczos and each SR model (see the docstring)."""
-    from diffusers import DiffusionPipeline
     from own_data import make_128_split, make_openmoji_128_split
 
     from crispdiff.core.images import make_grid, save_image_atomic
@@ -241,7 +240,7 @@ def generated(args: argparse.Namespace) -> None:
     if subset is not None:  # a labelled model is compared with the held-out images of the classes it knows
         real = real[subset]
     floor_set = originals_128(split["floor"], args.cache_dir, len(real))
-    pipe = DiffusionPipeline.from_pretrained(str(args.pipeline), trust_remote_code=True)
+    pipe = load_pipeline(args.pipeline)  # the installed class: folders saved before upscale_sharpen_amount work too
     strength = float(pipe.config.sr_strength)
     floor = sliced_wasserstein_distance(real, floor_set)
     upscalers = {"Lanczos": lambda x: lanczos_upscale(x, 128)}
@@ -251,8 +250,7 @@ def generated(args: argparse.Namespace) -> None:
         upscalers[f"SR {name}"] = lambda x, m=model: m.upscale(x, sr_strength=strength).float().clamp(0.0, 1.0)
     label = args.label or args.pipeline.parent.name
     rows, outputs = [], {}
-    own = pipe.config.get("upscale_sharpen_amount")
-    own = pipe.config.sharpen_amount if own is None else own  # what pipe(upscale=True) applies after SR
+    own = pipe.default_sharpen_amount(upscaled=True)  # what pipe(upscale=True) applies after SR
     amounts = [None] + [a for a in (args.sharpen_amounts or []) if a != own]
     with torch.inference_mode():
         for name, upscale in upscalers.items():
@@ -260,7 +258,7 @@ def generated(args: argparse.Namespace) -> None:
             batch = raw[:16]
             ms = statistics.median(timed(lambda b=batch, f=upscale: f(b), 1) for _ in range(3)) / len(batch) * 1000
             for amount in amounts:
-                final = pipe.postprocess(up, sharpen_amount=own if amount is None else amount).clamp(0.0, 1.0)
+                final = pipe.postprocess(up, sharpen_amount=amount, upscaled=True).clamp(0.0, 1.0)
                 row_name = name if amount is None else f"{name}, sharpen {amount:g}"
                 if amount is None:
                     outputs[name] = final

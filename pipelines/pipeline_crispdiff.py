@@ -816,6 +816,12 @@ class CrispDiffPipeline(DiffusionPipeline):
             raise ValueError("upscale=True but this pipeline has no sr_model component")
         return bool(upscale)
 
+    def default_sharpen_amount(self, upscaled: bool = False) -> float:
+        """The unsharp amount a call applies when it names none: ``upscale_sharpen_amount`` on the SR step's output
+        where the config sets it, else ``sharpen_amount``."""
+        amount = self.config.get("upscale_sharpen_amount") if upscaled else None
+        return float(self.config.sharpen_amount if amount is None else amount)
+
     def postprocess(
         self,
         images01: torch.Tensor,
@@ -829,9 +835,7 @@ class CrispDiffPipeline(DiffusionPipeline):
 
         ``upscaled`` images (the SR step's output) default to the config's ``upscale_sharpen_amount`` where it is set.
         """
-        if sharpen_amount is None and upscaled:
-            sharpen_amount = self.config.get("upscale_sharpen_amount")
-        amount = self.config.sharpen_amount if sharpen_amount is None else sharpen_amount
+        amount = self.default_sharpen_amount(upscaled) if sharpen_amount is None else sharpen_amount
         radius = self.config.sharpen_radius if sharpen_radius is None else sharpen_radius
         threshold = self.config.sharpen_threshold if sharpen_threshold is None else sharpen_threshold
         images01 = unsharp_mask(images01, amount, radius, threshold)

@@ -47,9 +47,8 @@ def sharpen_sweep(
                 "laplacian_var_ratio": ratios["laplacian_var_ratio"],
             }
         )
-    own = pipeline.config.get("upscale_sharpen_amount") if upscaled else None
-    own = pipeline.config.sharpen_amount if own is None else own
-    return {"rows": rows, "best_amount": best_sharpen_amount(rows), "pipeline_amount": float(own)}
+    own = pipeline.default_sharpen_amount(upscaled)
+    return {"rows": rows, "best_amount": best_sharpen_amount(rows), "pipeline_amount": own}
 
 
 def best_sharpen_amount(rows: list[dict[str, float]]) -> float:

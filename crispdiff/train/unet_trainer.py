@@ -300,7 +300,7 @@ class UNetTrainer(LoopTrainer):
         if reference is None:
             self.accelerator.print(
                 "The training images are smaller than the SR step's output, so the unsharp amount after it stays at "
-                f"{pipeline.config.get('upscale_sharpen_amount')} (--upscale_calibration_images)."
+                f"{pipeline.default_sharpen_amount(upscaled=True)} (--upscale_calibration_images)."
             )
             return None
         count = self.config.upscale_calibration_images

@@ -15,6 +15,7 @@ import shutil
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import PIL.Image
@@ -482,29 +483,35 @@ print(json.dumps({"shape": list(images.shape), "error": error}))
 """
 
 
+def tiny_main_job(tmp_path: Path, image_size: int, seed: int, **flags: Any):
+    """A 64 px latent run with the main job's defaults (the embedded SR x2 included) on 6 flat-art files of
+    ``image_size`` px, a tiny UNet and VAE, one step; ``flags`` set further config fields."""
+    from crispdiff.latent.trainer import LatentTrainConfig
+
+    folder = tmp_path / "images"
+    folder.mkdir()
+    for i, image in enumerate(flat_art(6, image_size, seed=seed)):
+        PIL.Image.fromarray(image).save(folder / f"{i}.png")
+    vae_dir = tmp_path / "vae"
+    tiny_vae(sample_size=64).save_pretrained(vae_dir)
+    return LatentTrainConfig(
+        train_data_dir=str(folder), pretrained_vae_name_or_path=str(vae_dir), cache_dir=str(tmp_path / "cache"),
+        output_dir=str(tmp_path / "out"), base_channels=8, channel_mults=[1, 2], attention_res=[4],
+        train_batch_size=2, max_train_steps=1, checkpointing_steps=0, validation_steps=0, num_validation_images=1,
+        validation_inference_steps=1, report_to="none", adapt_vae="off", class_column="none", **flags,
+    )  # fmt: skip
+
+
 def test_the_main_job_pipeline_carries_the_embedded_sr_and_upscales_when_asked(tmp_path):
     """A 64 px latent run with the defaults saves the embedded SR x2: pipe() stays 64 px, pipe(upscale=True) and
     `crispdiff sample --upscale` give 128 px (exactly the SR of the 64 px images), and the folder still loads and
     samples where spandrel (and crispdiff) are missing, with upscaling refused by a message that says what to do."""
-    from tiny_models import tiny_vae as make_vae
-
     from crispdiff.cli import main as cli_main
-    from crispdiff.latent.trainer import LatentTrainConfig, train_latent
+    from crispdiff.latent.trainer import train_latent
     from crispdiff.publish.export import load_pipeline
     from crispdiff.superres.load import embedded_sr_dir
 
-    folder = tmp_path / "images"
-    folder.mkdir()
-    for i, image in enumerate(flat_art(6, 64, seed=3)):
-        PIL.Image.fromarray(image).save(folder / f"{i}.png")
-    vae_dir = tmp_path / "vae"
-    make_vae(sample_size=64).save_pretrained(vae_dir)
-    config = LatentTrainConfig(
-        train_data_dir=str(folder), pretrained_vae_name_or_path=str(vae_dir), cache_dir=str(tmp_path / "cache"),
-        output_dir=str(tmp_path / "out"), base_channels=8, channel_mults=[1, 2], attention_res=[4],
-        train_batch_size=2, max_train_steps=1, checkpointing_steps=0, validation_steps=0, num_validation_images=1,
-        validation_inference_steps=1, report_to="none", adapt_vae="off", class_column="none",
-    )  # fmt: skip
+    config = tiny_main_job(tmp_path, image_size=64, seed=3)
     assert config.sr_model_name_or_path == "embedded"
     pipeline_dir = train_latent(config)
     index = json.loads((pipeline_dir / "model_index.json").read_text())
@@ -548,27 +555,13 @@ def test_the_unsharp_amount_after_sr_is_calibrated_against_the_training_images_a
     """Training files at least twice the training resolution: the end of the run samples, upscales, sweeps the
     unsharp amounts against those files decoded at 128 px, and saves the best as upscale_sharpen_amount, which
     pipe(upscale=True) then applies (64 px output keeps its own amount)."""
-    from tiny_models import tiny_vae as make_vae
-
     from crispdiff.data.loading import images_at_size, load_images
     from crispdiff.evaluate.sharpen import SHARPEN_SWEEP_AMOUNTS
     from crispdiff.evaluate.sharpness import sharpness_ratios
-    from crispdiff.latent.trainer import LatentTrainConfig, train_latent
+    from crispdiff.latent.trainer import train_latent
     from crispdiff.publish.export import load_pipeline
 
-    folder = tmp_path / "images"
-    folder.mkdir()
-    for i, image in enumerate(flat_art(6, 128, seed=5)):
-        PIL.Image.fromarray(image).save(folder / f"{i}.png")
-    vae_dir = tmp_path / "vae"
-    make_vae(sample_size=64).save_pretrained(vae_dir)
-    config = LatentTrainConfig(
-        train_data_dir=str(folder), pretrained_vae_name_or_path=str(vae_dir), cache_dir=str(tmp_path / "cache"),
-        output_dir=str(tmp_path / "out"), base_channels=8, channel_mults=[1, 2], attention_res=[4],
-        train_batch_size=2, max_train_steps=1, checkpointing_steps=0, validation_steps=0, num_validation_images=1,
-        validation_inference_steps=1, report_to="none", adapt_vae="off", class_column="none",
-        upscale_calibration_images=4,
-    )  # fmt: skip
+    config = tiny_main_job(tmp_path, image_size=128, seed=5, upscale_calibration_images=4)
     pipeline_dir = train_latent(config)
     sweep = json.loads((tmp_path / "out" / "upscale_sharpen_calibration.json").read_text())
     assert [row["amount"] for row in sweep["rows"]] == list(SHARPEN_SWEEP_AMOUNTS)

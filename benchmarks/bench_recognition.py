@@ -14,7 +14,11 @@ images outside the generator's training set and the reference set (``recognition
 * improved precision and recall (k = 3), density and coverage in the classifier's feature space, each beside its
   real-vs-real value (the generator's training images against the reference: two sets the classifier never saw);
 * top-1 where the intended class is known (a model conditioned on the family's subcategories): 8 samples of each
-  class, how often the classifier names it; the real images' value beside it.
+  class, how often the classifier names it, beside the real images' top-1 with every class weighted alike; and
+  "top-1, A's mix": the 1,000 samples drawn in A's class mix beside A's own top-1. Compare a top-1 only with the real
+  value of the same class mix: the classifier names frequent classes far better than rare ones;
+* copy distance: the samples' median pixel distance to their nearest training image over held-out real images'
+  (1.0: as new as real images; well below 1: the model copies its training images).
 
 The sanity rows show the measures on damaged real images: blurred, block-shuffled ("confetti") and two images
 averaged. OpenMoji images are CC-BY-SA-4.0 ("OpenMoji"). Writes OUT_DIR/recognition.json and .md; appends the table
@@ -35,8 +39,10 @@ from quality import floor_row, measure_pipeline, recognition_for
 
 from crispdiff.core.io import write_text_atomic
 
-COLUMNS = ["swd_ratio", "hf", "laplacian", "precision", "recall", "density", "coverage", "top1"]
-HEADER = ["rows", "SWD / floor", "hf", "Laplacian", "precision", "recall", "density", "coverage", "top-1"]
+COLUMNS = ["swd_ratio", "hf", "laplacian", "precision", "recall", "density", "coverage", "top1", "top1_mix",
+           "copy_distance"]  # fmt: skip
+HEADER = ["rows", "SWD / floor", "hf", "Laplacian", "precision", "recall", "density", "coverage", "top-1",
+          "top-1, A's mix", "copy distance"]  # fmt: skip
 
 
 def span(values: list[float]) -> str:
@@ -71,7 +77,7 @@ def main() -> None:
     rows: list[list[Any]] = [["real vs real (T vs A; SWD: B vs A)", "1.00", "1.00", "1.00",
                               *(span([floor[c]]) for c in COLUMNS[3:])]]  # fmt: skip
     for name, values in recognition.sanity_rows().items():
-        rows.append([f"real, {name}", "-", "-", "-", *(span([values[c]]) for c in COLUMNS[3:7]), "-"])
+        rows.append([f"real, {name}", "-", "-", "-", *(span([values[c]]) for c in COLUMNS[3:7]), "-", "-", "-"])
     results: dict[str, list[dict[str, Any]]] = {}
     for item in [] if args.sanity_only else args.pipeline:
         name, folder = item.split("=", 1)
@@ -87,7 +93,8 @@ def main() -> None:
         f"Family {args.family}: T {len(split.train)} training images, A {len(split.reference)} held-out reference "
         f"images, B {len(split.floor)} others (SWD floor {floor['swd']:.3g}); the classifier ({len(split.classes)} "
         f"subcategories) trained on {len(split.classifier_rows)} images outside T and A. Precision / recall: k = 3, "
-        f"samples against A. Top-1: 8 samples per class of a model conditioned on the family's subcategories. "
+        f"samples against A. Top-1: 8 samples per class of a model conditioned on the family's subcategories; "
+        f"real: T's top-1 with classes weighted alike (T in its own mix: {floor['top1_natural']:.3g}). "
         f"Ranges over sampling seeds {args.seeds}. {machine()}, {(time.time() - started) / 60:.1f} min in all."
     )
     out_dir = Path(args.out_dir)

@@ -23,6 +23,7 @@ from typing import Any
 import torch
 from recognition import DEFAULT_CACHE, Recognition, family_split, images01
 
+from crispdiff.evaluate.memorisation import nearest_neighbours
 from crispdiff.evaluate.metrics import compute_all
 from crispdiff.evaluate.sampling import generate_samples, reference_class_mix
 from crispdiff.publish.export import load_pipeline
@@ -42,7 +43,29 @@ def floor_row(family: str) -> dict[str, Any]:
     recognition = recognition_for(family)
     split = recognition.split
     floor = compute_all(images01(split.reference), images01(split.floor), seed=0)
-    return {"swd": floor["swd_avg"], **recognition.real_row()}
+    return {"swd": floor["swd_avg"], **recognition.real_row(), **copying(images01(split.reference), family)}
+
+
+def copying(images01: torch.Tensor, family: str) -> dict[str, float]:
+    """How close ``images01`` lie to the generator's training images T: the median RMS pixel distance to the nearest
+    one, over the held-out reference A's (1.0: as close as new real images; far below: copies), and the share of
+    near-copies (``crispdiff.evaluate.memorisation``'s threshold)."""
+    train = images01_of_train(family)
+    found = nearest_neighbours(images01, train)
+    reference = _nearest_to_train_median(family)
+    return {"copy_distance": found["nn_distance_median"] / reference, "near_copies": found["near_copy_fraction"]}
+
+
+@cache
+def images01_of_train(family: str) -> torch.Tensor:
+    return images01(recognition_for(family).split.train)
+
+
+@cache
+def _nearest_to_train_median(family: str) -> float:
+    """Median distance from a held-out reference image to its nearest training image: the scale of "new"."""
+    reference = images01(recognition_for(family).split.reference)
+    return nearest_neighbours(reference, images01_of_train(family))["nn_distance_median"]
 
 
 def conditioned_on_family_classes(pipeline: Any, recognition: Recognition) -> bool:
@@ -86,8 +109,11 @@ def measure_pipeline(
         "laplacian": generated["laplacian_var_ratio"],
         "blob": generated["colour_blob"],
         **recognition.precision_recall(samples),
+        **copying(samples, family),
     }
     if labelled:
+        targets = torch.tensor([recognition.classes.index(name) for name in labels])
+        row["top1_mix"] = recognition.class_scores(samples, targets)["top1"]  # beside A's own, floor "top1_mix"
         ids = torch.arange(len(pipeline.classes)).repeat_interleave(per_class)
         drawn = generate_samples(
             pipeline, len(ids), steps=steps, seed=seed + 10**6, class_labels=ids.tolist(), guidance_scale=guidance_scale

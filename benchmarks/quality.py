@@ -46,26 +46,25 @@ def floor_row(family: str) -> dict[str, Any]:
     return {"swd": floor["swd_avg"], **recognition.real_row(), **copying(images01(split.reference), family)}
 
 
-def copying(images01: torch.Tensor, family: str) -> dict[str, float]:
-    """How close ``images01`` lie to the generator's training images T: the median RMS pixel distance to the nearest
-    one, over the held-out reference A's (1.0: as close as new real images; far below: copies), and the share of
-    near-copies (``crispdiff.evaluate.memorisation``'s threshold)."""
-    train = images01_of_train(family)
-    found = nearest_neighbours(images01, train)
-    reference = _nearest_to_train_median(family)
-    return {"copy_distance": found["nn_distance_median"] / reference, "near_copies": found["near_copy_fraction"]}
+def copying(images: torch.Tensor, family: str) -> dict[str, float]:
+    """How close ``images`` (float, [0, 1]) lie to the generator's training images T: the median RMS pixel distance to
+    the nearest one over the held-out reference A's (1.0: as close as new real images; far below: copies), and the
+    share of near-copies (``crispdiff.evaluate.memorisation``'s threshold)."""
+    found = nearest_neighbours(images, training_images(family))
+    return {"copy_distance": found["nn_distance_median"] / new_image_distance(family),
+            "near_copies": found["near_copy_fraction"]}  # fmt: skip
 
 
 @cache
-def images01_of_train(family: str) -> torch.Tensor:
+def training_images(family: str) -> torch.Tensor:
     return images01(recognition_for(family).split.train)
 
 
 @cache
-def _nearest_to_train_median(family: str) -> float:
+def new_image_distance(family: str) -> float:
     """Median distance from a held-out reference image to its nearest training image: the scale of "new"."""
     reference = images01(recognition_for(family).split.reference)
-    return nearest_neighbours(reference, images01_of_train(family))["nn_distance_median"]
+    return nearest_neighbours(reference, training_images(family))["nn_distance_median"]
 
 
 def conditioned_on_family_classes(pipeline: Any, recognition: Recognition) -> bool:

@@ -247,8 +247,9 @@ class Recognition:
 
     def labelled(self, rows: list[dict[str, Any]]) -> tuple[torch.Tensor, torch.Tensor]:
         """The images of ``rows`` whose subcategory is one of ``classes``, and their class ids."""
-        known = [r for r in rows if r["subcategory"] in set(self.classes)]
-        return images01(known), torch.tensor([self.classes.index(r["subcategory"]) for r in known])
+        index = {name: k for k, name in enumerate(self.classes)}
+        known = [r for r in rows if r["subcategory"] in index]
+        return images01(known), torch.tensor([index[r["subcategory"]] for r in known])
 
     def balanced_top1(self, images: torch.Tensor, labels: torch.Tensor) -> float:
         """Top-1 with every class weighted alike (the mean of per-class top-1): the measure of samples drawn

@@ -143,6 +143,8 @@ def plot(points: dict[str, list[dict[str, Any]]], path: Path) -> None:
             (ax_copy, "distance to nearest training image / real's"))  # fmt: skip
     for ax, ylabel in axes:
         ax.set_xscale("log")
+        ax.set_xticks([5, 10, 20, 30, 60], labels=["5", "10", "20", "30", "60"])
+        ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
         ax.set_xlabel("training CPU-minutes (one thread)")
         ax.set_ylabel(ylabel)
         ax.grid(alpha=0.3)

@@ -225,6 +225,19 @@ def test_memorisation_check_finds_planted_copies():
     assert upscaled["indices"].tolist() == planted  # samples are brought to the training resolution first
 
 
+def test_copy_check_warns_on_copies_not_on_new_images():
+    from crispdiff.evaluate.memorisation import COPYING_RATIO, copy_check
+
+    train = smooth_random_images(200, seed=0)
+    new, new_warning = copy_check(smooth_random_images(40, seed=1), train)
+    assert new["nn_median_ratio"] > 2 * COPYING_RATIO and new["near_copy_fraction"] == 0.0 and new_warning is None
+    copied, warning = copy_check(add_noise(train[:40], 0.005, seed=2), train)
+    assert copied["nn_median_ratio"] < 0.1 and copied["near_copy_fraction"] == 1.0
+    assert warning is not None and "200 training images" in warning and "--max_train_steps" in warning
+    half, _ = copy_check(torch.cat([train[:10], smooth_random_images(30, seed=3)]), train)
+    assert half["near_copy_fraction"] == pytest.approx(0.25)  # the share counts the copies among new images
+
+
 # ---- FID / KID ------------------------------------------------------------------------------------------------------
 
 

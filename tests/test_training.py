@@ -511,6 +511,9 @@ def test_sr_model_flag_and_failed_push_leave_a_complete_folder(image_folder, tmp
     # without --validation_metrics the final grid still gets the cheap figures (sharpness, colour blobs), no SWD
     metrics = json.loads((folder / "crispdiff_quality.json").read_text())["metrics"]
     assert "hf_energy_ratio" in metrics and "colour_blob" in metrics and "swd_avg" not in metrics
+    # the copy check runs on every final grid: a 2-step model makes noise, nowhere near its training images
+    assert metrics["nn_median_ratio"] > 1 and metrics["near_copy_fraction"] == 0.0
+    assert f"| nn_median_ratio | {metrics['nn_median_ratio']:.4g} |" in card
     assert "hf_secret_token" not in (folder / "crispdiff_training.json").read_text()
     assert "hf_secret_token" not in (out / "crispdiff_training.json").read_text()
 

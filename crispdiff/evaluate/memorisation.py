@@ -95,3 +95,31 @@ def nearest_neighbours(
         "real_nn_distance_median": real_median,
         "nn_median_ratio": median / max(real_median, 1e-12),
     }
+
+
+#: Below this ``nn_median_ratio`` the samples lie nearer to their nearest training image than half the distance
+#: between neighbouring training images: the model reproduces its data more than it makes new images (new real images
+#: of the same design sit near 1).
+COPYING_RATIO = 0.5
+
+
+def copy_check(
+    samples: torch.Tensor | np.ndarray, train: torch.Tensor | np.ndarray, *, seed: int = 0
+) -> tuple[dict[str, float], str | None]:
+    """The end-of-training form of :func:`nearest_neighbours`: ``nn_median_ratio`` and ``near_copy_fraction`` of
+    ``samples`` against the training images, and a warning when the ratio is under ``COPYING_RATIO``.
+
+    Why: on a few hundred or thousand images, long runs drift from making new images to reproducing the training
+    ones, and nothing else a run reports (sharpness, SWD against the training images) gets worse when they do.
+    """
+    found = nearest_neighbours(samples, train, seed=seed)
+    ratio, fraction = found["nn_median_ratio"], found["near_copy_fraction"]
+    warning = None
+    if ratio < COPYING_RATIO:
+        warning = (
+            f"the samples lie {ratio:.2f}x as far from their nearest training image as the training images lie from "
+            f"each other, {fraction:.0%} of them near-copies: the model is reproducing its {len(train)} training "
+            "images more than making new ones. Fewer steps (--max_train_steps, --time_budget_minutes) or more "
+            "images give new ones; `crispdiff evaluate DIR --reference YOUR_IMAGES` measures it on more samples."
+        )
+    return {"nn_median_ratio": ratio, "near_copy_fraction": fraction}, warning

@@ -148,6 +148,9 @@ METRIC_MEANINGS = {
     "colour_blob": "flat, wrongly coloured regions: colour_hist_jsd + edge_density_deficit, 0 is like the data",
     "colour_hist_jsd": "Jensen-Shannon divergence of the colour histograms (bits): 0 is the same colours",
     "edge_density_deficit": "how much flatter (fewer edges) the samples are than the training images: 0 is none",
+    "nn_median_ratio": "distance to the nearest training image / between neighbouring training images: below 0.5, "
+    "copying",
+    "near_copy_fraction": "share of samples that are near-copies of a training image",
 }
 
 

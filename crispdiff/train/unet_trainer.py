@@ -41,6 +41,9 @@ logger = logging.getLogger("crispdiff")
 #: The autoguidance guide model's weights inside a checkpoint folder.
 GUIDE_FILE = "guide_unet.safetensors"
 
+#: How many training images the end-of-training checks compare samples with (sharpening calibrations, copy check).
+TRAINING_IMAGES_COMPARED = 2000
+
 
 class UNetTrainer(LoopTrainer):
     """A diffusion UNet on a `TrainingSpace` (pixels or latents), saved as a crispdiff pipeline."""
@@ -276,7 +279,7 @@ class UNetTrainer(LoopTrainer):
         """The unsharp amount that brings this model's samples to the training images' sharpness (and a log line):
         ``--sharpen_calibration_images`` samples against up to 2,000 training images, the table kept next to the
         pipeline in ``sharpen_calibration.json``."""
-        reference = self.space.reference_images(2000, self.config.seed)
+        reference = self.space.reference_images(TRAINING_IMAGES_COMPARED, self.config.seed)
         count = self.config.sharpen_calibration_images
         return self.swept_sharpen_amount(pipeline, reference, count, upscaled=False)
 
@@ -296,7 +299,7 @@ class UNetTrainer(LoopTrainer):
         sharpness at that size: ``--upscale_calibration_images`` samples against up to 2,000 training files decoded
         at the SR output's size, the table kept in ``upscale_sharpen_calibration.json``. None (and a log line) when
         the files are smaller than that: the SR model's default amount stays."""
-        reference = self.upscale_reference(2000, sr_scale(pipeline.sr_model))
+        reference = self.upscale_reference(TRAINING_IMAGES_COMPARED, sr_scale(pipeline.sr_model))
         if reference is None:
             self.accelerator.print(
                 "The training images are smaller than the SR step's output, so the unsharp amount after it stays at "
@@ -369,16 +372,22 @@ class UNetTrainer(LoopTrainer):
         """The final sample grid measured against the training images, saved with the pipeline for its model card.
 
         With ``--validation_metrics`` the validation's figures (SWD included); without it the sharpness ratios and the
-        colour-blob indicator alone, which are cheap (SWD costs much more on a CPU). None without a
-        grid (``--num_validation_images 0``).
+        colour-blob indicator alone, which are cheap (SWD costs much more on a CPU). Either way the grid's nearness to
+        up to ``TRAINING_IMAGES_COMPARED`` training images (``copy_check``), with a warning when it copies them. None
+        without a grid (``--num_validation_images 0``).
         """
         if images is None:
             return None
+        from crispdiff.evaluate.memorisation import copy_check
         from crispdiff.evaluate.metrics import compute_sharpness_metrics, compute_validation_metrics
 
         reference = self.space.reference_images(max(256, len(images)), self.config.seed)
         measure = compute_validation_metrics if self.config.validation_metrics else compute_sharpness_metrics
         metrics = measure(reference, images)
+        copying, warning = copy_check(images, self.space.reference_images(TRAINING_IMAGES_COMPARED, self.config.seed))
+        metrics.update(copying)
+        if warning:
+            self.accelerator.print(f"crispdiff: warning: {warning}")
         plan = self.grid_plan()
         self.accelerator.print(
             f"crispdiff: the final sample grid against {len(reference)} training images: "

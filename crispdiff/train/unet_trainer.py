@@ -384,15 +384,19 @@ class UNetTrainer(LoopTrainer):
         reference = self.space.reference_images(max(256, len(images)), self.config.seed)
         measure = compute_validation_metrics if self.config.validation_metrics else compute_sharpness_metrics
         metrics = measure(reference, images)
-        copying, warning = copy_check(images, self.space.reference_images(TRAINING_IMAGES_COMPARED, self.config.seed))
-        metrics.update(copying)
-        if warning:
-            self.accelerator.print(f"crispdiff: warning: {warning}")
-        plan = self.grid_plan()
         self.accelerator.print(
             f"crispdiff: the final sample grid against {len(reference)} training images: "
             + ", ".join(f"{name} {value:.3g}" for name, value in metrics.items())
         )
+        train = self.space.reference_images(TRAINING_IMAGES_COMPARED, self.config.seed)
+        copying, warning = copy_check(images, train)
+        metrics.update(copying)
+        self.accelerator.print(
+            f"crispdiff: its nearest of {len(train)} training images: "
+            + (f"warning: {warning}" if warning else f"{copying['nn_median_ratio']:.2f}x as far as they lie from "
+               f"each other, {copying['near_copy_fraction']:.0%} near-copies")
+        )  # fmt: skip
+        plan = self.grid_plan()
         return {
             "samples": f"the final sample grid: {len(images)} samples, {plan.steps} {self.config.sampler} steps, "
             f"seed {self.config.seed}",

@@ -251,11 +251,15 @@ class Recognition:
         known = [r for r in rows if r["subcategory"] in index]
         return images01(known), torch.tensor([index[r["subcategory"]] for r in known])
 
+    def named(self, images: torch.Tensor) -> torch.Tensor:
+        """The class id the classifier gives each image."""
+        return self.top5(images)[:, 0]
+
     def balanced_top1(self, images: torch.Tensor, labels: torch.Tensor) -> float:
         """Top-1 with every class weighted alike (the mean of per-class top-1): the measure of samples drawn
         ``per_class`` per class. Real images in their own class mix score far higher, because the classifier knows
         the frequent classes (faces, flags) best and the rare ones barely."""
-        named = self.top5(images)[:, 0] == labels
+        named = self.named(images) == labels
         return torch.stack([named[labels == c].float().mean() for c in labels.unique()]).mean().item()
 
     def real_row(self) -> dict[str, float]:

@@ -25,31 +25,25 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks/: quality, recognition
 from quality import recognition_for  # noqa: E402
 from recognition import Recognition  # noqa: E402
+from study_levers import guide_with_snapshot  # noqa: E402
 
 from crispdiff.evaluate.memorisation import nearest_neighbours
 from crispdiff.pipelines.pipeline_crispdiff import gaussian_blur, unsharp_mask
-
-
-def named(recognition: Recognition, images: torch.Tensor) -> torch.Tensor:
-    return recognition.top5(images)[:, 0]
+from crispdiff.vae.evaluation import reconstruct
 
 
 def class_mix_rows(recognition: Recognition) -> dict[str, float]:
     out = {}
     for part, rows in (("T", recognition.split.train), ("A", recognition.split.reference)):
         images, labels = recognition.labelled(rows)
-        out[f"{part} top-1, own mix"] = (named(recognition, images) == labels).float().mean().item()
+        out[f"{part} top-1, own mix"] = (recognition.named(images) == labels).float().mean().item()
         out[f"{part} top-1, classes alike"] = recognition.balanced_top1(images, labels)
     return out
 
 
-@torch.no_grad()
 def rendering_rows(recognition: Recognition, vae: torch.nn.Module) -> dict[str, float]:
     train, labels = recognition.labelled(recognition.split.train)
-    round_trip = torch.cat([
-        (vae.decode(vae.encode(batch * 2 - 1).latent_dist.mode()).sample / 2 + 0.5).clamp(0, 1)
-        for batch in train.split(100)
-    ])  # fmt: skip
+    round_trip = reconstruct(vae, train * 2 - 1) / 2 + 0.5
     noise = torch.randn(train.shape, generator=torch.Generator().manual_seed(0))
     variants = {
         "T": train,
@@ -59,25 +53,21 @@ def rendering_rows(recognition: Recognition, vae: torch.nn.Module) -> dict[str, 
         "T, blur sigma 0.5 px": gaussian_blur(train, 0.5).clamp(0, 1),
         "T, noise 0.02": (train + 0.02 * noise).clamp(0, 1),
     }
-    return {name: (named(recognition, images) == labels).float().mean().item() for name, images in variants.items()}
+    return {name: (recognition.named(images) == labels).float().mean().item() for name, images in variants.items()}
 
 
 def copies_rows(recognition: Recognition, run: Path, guide: int) -> dict[str, float]:
-    from diffusers import UNet2DModel
-
     from crispdiff.evaluate.sampling import generate_samples
     from crispdiff.publish.export import load_pipeline
 
     pipeline = load_pipeline(run / "pipeline")
-    if guide:
-        pipeline.register_modules(guide_unet=UNet2DModel.from_pretrained(run / f"snapshot-{guide:06d}").eval())
-        pipeline.register_to_config(autoguidance_scale=1.5)
+    guide_with_snapshot(pipeline, run, guide, 1.5)
     ids = torch.arange(len(pipeline.classes)).repeat_interleave(4)
     samples = generate_samples(pipeline, len(ids), steps=25, seed=10**6, class_labels=ids.tolist())
     intended = torch.tensor([recognition.classes.index(pipeline.classes[i]) for i in ids.tolist()])
     train, labels = recognition.labelled(recognition.split.train)
     original = nearest_neighbours(samples, train)["indices"]
-    sample_name, original_name = named(recognition, samples), named(recognition, train)[original]
+    sample_name, original_name = recognition.named(samples), recognition.named(train)[original]
     return {
         "samples named as intended (top-1)": (sample_name == intended).float().mean().item(),
         "nearest training image of the intended class": (labels[original] == intended).float().mean().item(),

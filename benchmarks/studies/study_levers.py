@@ -133,9 +133,16 @@ def cost(args: argparse.Namespace) -> None:
                           "params": trainer.num_parameters}), flush=True)  # fmt: skip
 
 
-def measure(args: argparse.Namespace) -> None:
+def guide_with_snapshot(pipeline: Any, run: Path, step: int | None, scale: float) -> None:
+    """Autoguide ``pipeline`` with the run's EMA snapshot of ``step`` at ``scale`` (step 0 / None: no guide)."""
     from diffusers import UNet2DModel
 
+    guide = UNet2DModel.from_pretrained(run / f"snapshot-{step:06d}").eval() if step else None
+    pipeline.register_modules(guide_unet=guide)
+    pipeline.register_to_config(autoguidance_scale=scale if guide is not None else 1.0)
+
+
+def measure(args: argparse.Namespace) -> None:
     from crispdiff.publish.export import load_pipeline
 
     run = Path(args.run)
@@ -148,11 +155,7 @@ def measure(args: argparse.Namespace) -> None:
                     settings.append({"guide": guide, "ag": ag, "cfg": cfg, "sharpen": sharpen})
     own_sharpen = pipeline.config.sharpen_amount
     for setting in settings:
-        guide = None
-        if setting["guide"]:  # 0 / None: no guide
-            guide = UNet2DModel.from_pretrained(run / f"snapshot-{setting['guide']:06d}").eval()
-        pipeline.register_modules(guide_unet=guide)
-        pipeline.register_to_config(autoguidance_scale=setting["ag"] if guide is not None else 1.0)
+        guide_with_snapshot(pipeline, run, setting["guide"], setting["ag"])
         pipeline.register_to_config(sharpen_amount=own_sharpen if setting["sharpen"] is None else setting["sharpen"])
         row = measure_pipeline(run / "pipeline", args.family, seed=args.seed, guidance_scale=setting["cfg"],
                                pipeline=pipeline, num_images=args.num_images, per_class=args.per_class)  # fmt: skip
@@ -193,8 +196,6 @@ def posthoc(args: argparse.Namespace) -> None:
 
 def grid(args: argparse.Namespace) -> None:
     """A grid of the first ``--classes`` classes, one tile each, for each guide / autoguidance / CFG setting."""
-    from diffusers import UNet2DModel
-
     from crispdiff.core.images import make_grid, save_image_atomic
     from crispdiff.evaluate.sampling import generate_samples
     from crispdiff.publish.export import load_pipeline
@@ -203,9 +204,7 @@ def grid(args: argparse.Namespace) -> None:
     pipeline = load_pipeline(run / "pipeline")
     rows = []
     for guide, ag, cfg in zip(args.guide, args.ag, args.cfg):
-        model = UNet2DModel.from_pretrained(run / f"snapshot-{guide:06d}").eval() if guide else None
-        pipeline.register_modules(guide_unet=model)
-        pipeline.register_to_config(autoguidance_scale=ag if model is not None else 1.0)
+        guide_with_snapshot(pipeline, run, guide, ag)
         labels = list(range(args.classes)) if pipeline.classes else None
         rows.append(generate_samples(pipeline, args.classes, seed=args.seed, class_labels=labels,
                                      guidance_scale=cfg if cfg > 0 else None))  # fmt: skip

@@ -441,7 +441,7 @@ class TrainConfig(DataConfig, ModelConfig, NoiseConfig, HubConfig, LoopConfig):
         "num_auto_classes": (lambda c: c.class_column == AUTO_CLASS_COLUMN, f"--class_column {AUTO_CLASS_COLUMN}"),
         **{
             name: (lambda c: c.class_column not in (None, "", NO_CLASS_COLUMN), "--class_column")
-            for name in ("class_dropout_prob", "guidance_scale")
+            for name in ("class_dropout_prob", "guidance_scale", "augment_prob")
         },
         "guidance_interval": (
             lambda c: c.class_column not in (None, "", NO_CLASS_COLUMN) or c.autoguidance_scale > 1,
@@ -496,6 +496,13 @@ class TrainConfig(DataConfig, ModelConfig, NoiseConfig, HubConfig, LoopConfig):
         0.1,
         "With --class_column: probability of training an image as the null class, so that one model is both "
         "conditional and unconditional (classifier-free guidance needs both).",
+    )
+    augment_prob: float = flag(
+        0.0,
+        "With --class_column: probability that a training sample is mirrored or turned by quarter turns, the transform "
+        "given to the UNet with its class label so that samples never come out transformed (non-leaking "
+        "augmentation, Karras et al. 2022). More views of each image for long runs on few images, which otherwise "
+        "drift towards copying them; 0 = off.",
     )
     guidance_scale: float = flag(
         2.0,

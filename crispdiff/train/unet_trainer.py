@@ -28,6 +28,14 @@ from crispdiff.diffusion.unets import count_parameters, describe_parameters, une
 from crispdiff.publish.card import write_model_card
 from crispdiff.publish.export import SAMPLES_NAME, build_pipeline, save_pipeline
 from crispdiff.publish.hub import maybe_push_to_hub
+from crispdiff.train.augment import (
+    apply_transforms,
+    augmented_labels,
+    check_augment_prob,
+    class_embed_count,
+    draw_transforms,
+    plain_class_embedding,
+)
 from crispdiff.train.checkpoint import find_checkpoint
 from crispdiff.train.grids import TRAIN_PASSES_PER_IMAGE, GridPlan, plan_grid
 from crispdiff.train.loop import LoopTrainer, check_output_dir, ema_copy, run_trainer, untouched_rng
@@ -65,7 +73,10 @@ class UNetTrainer(LoopTrainer):
         self.class_names = space_class_names(space)
         if self.class_names and not 0.0 <= config.class_dropout_prob < 1.0:
             raise FlagError(f"--class_dropout_prob must be within [0, 1), got {config.class_dropout_prob}")
-        num_class_embeds = len(self.class_names) + 1 if self.class_names else None  # + the null class, id N
+        num_classes = len(self.class_names or [])
+        check_augment_prob(config.augment_prob, num_classes)
+        # the classes + the null class (id N last), for every transform with --augment_prob (crispdiff.train.augment)
+        num_class_embeds = class_embed_count(num_classes, config.augment_prob) if self.class_names else None
         if unet is None:
             unet = unet_from_config(
                 config, resolution=space.sample_size, in_channels=space.channels, num_class_embeds=num_class_embeds
@@ -73,8 +84,9 @@ class UNetTrainer(LoopTrainer):
         elif getattr(unet.config, "num_class_embeds", None) != num_class_embeds:
             raise FlagError(
                 f"the given UNet has num_class_embeds={getattr(unet.config, 'num_class_embeds', None)} but the data "
-                f"has {len(self.class_names or [])} classes (--class_column), which need "
-                f"{num_class_embeds} (the classes + the null class)"
+                f"has {num_classes} classes (--class_column), which need "
+                f"{num_class_embeds} (the classes + the null class"
+                + (", for each of --augment_prob's transforms)" if config.augment_prob > 0 else ")")
             )
         if config.gradient_checkpointing:
             unet.enable_gradient_checkpointing()
@@ -140,6 +152,10 @@ class UNetTrainer(LoopTrainer):
         t = self.schedule.sample_timesteps(x0.shape[0], self.noise_generator, device)
         x_t = self.schedule.add_noise(x0, noise, t)
         labels = self.class_labels(indices, x0.shape[0], device)
+        if config.augment_prob > 0:  # drawn only when on, so runs without it keep their random streams
+            transforms = draw_transforms(x0.shape[0], config.augment_prob, self.noise_generator)
+            x0 = apply_transforms(x0, transforms)
+            labels = augmented_labels(labels, transforms, len(self.class_names))
         if device.type == "cuda":
             x_t = x_t.contiguous(memory_format=torch.channels_last)
         with self.accelerator.accumulate(self.unet):
@@ -177,8 +193,12 @@ class UNetTrainer(LoopTrainer):
             self.guide_unet = guide
 
     def sampling_unet(self) -> UNet2DModel:
-        """A standalone copy of the UNet carrying the EMA weights (or the raw ones without EMA), in fp32."""
-        return ema_copy(self.accelerator.unwrap_model(self.unet), self.ema).to(self.accelerator.device)
+        """A standalone copy of the UNet carrying the EMA weights (or the raw ones without EMA), in fp32; with
+        ``--augment_prob``, only the untransformed class rows (a plain conditional UNet)."""
+        copy = ema_copy(self.accelerator.unwrap_model(self.unet), self.ema)
+        if self.config.augment_prob > 0:
+            copy = plain_class_embedding(copy, len(self.class_names))
+        return copy.to(self.accelerator.device)
 
     def pipeline_kwargs(self) -> dict[str, Any]:
         """What `crispdiff.publish.export` needs to build or save this run's pipeline (EMA weights, sampler,

@@ -32,6 +32,7 @@ from diffusers import ModelMixin
 
 from crispdiff.core.errors import FlagError
 from crispdiff.diffusion.unets import count_parameters, describe_parameters
+from crispdiff.train.augment import class_embed_count
 from crispdiff.train.loop import check_output_dir, run_trainer
 from crispdiff.train.lora import (
     has_adapters,
@@ -85,7 +86,7 @@ def prepare_unet(
 ) -> tuple[ModelMixin, list[torch.nn.Parameter], list[str]]:
     """The adapted UNet, its trainable parameters and its new parameter names, for this config and data."""
     class_names = getattr(space, "class_names", None)
-    num_class_embeds = len(class_names) + 1 if class_names else None
+    num_class_embeds = class_embed_count(len(class_names), config.augment_prob) if class_names else None
     if class_names and pretrained.class_names and list(pretrained.class_names) != list(class_names):
         raise FlagError(f"the pretrained model's classes {pretrained.class_names} differ from the data's {class_names}")
     unet, new_keys = adapt_unet(pretrained.unet, space.sample_size, space.channels, num_class_embeds, config.dropout)

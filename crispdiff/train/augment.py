@@ -4,9 +4,9 @@ mirror or rotate a training sample by 90 degrees and *tell the UNet which transf
 
 The transform reaches the UNet through the class embedding it already has: with N classes (+ the null class), the
 training UNet holds one row per (transform, class) pair, laid out so that the untransformed classes keep ids 0..N-1
-and the untransformed null class keeps the last id. A run's own grids therefore sample the full model as they would
-a plain one, and ``plain_class_embedding`` cuts the model down to those N + 1 rows for everything saved or sampled
-from: a plain class-conditional ``UNet2DModel`` that knows nothing of augmentation.
+and the untransformed null class keeps the last id, as in a plain conditional UNet. ``plain_class_embedding`` cuts
+the model down to those N + 1 rows for everything sampled or saved (grids, the autoguidance guide, the pipeline): a
+plain class-conditional ``UNet2DModel`` that knows nothing of augmentation.
 
 On latents the transform is applied to the cached latent itself. That is not the latent of the transformed image (the
 encoder is not equivariant), but those latents are never decoded: they only teach the shared weights, under their own

@@ -91,6 +91,25 @@ def test_the_unet_learns_transformed_samples_under_their_own_labels(labelled_fol
     assert moved.sum() >= 4  # transformed classes and transformed null classes were trained
 
 
+def test_the_noised_input_and_the_target_show_the_same_transformed_sample(labelled_folder, tmp_path):
+    """With --augment_prob 1 every training sample is one of the seven other views of the same image an unaugmented
+    run draws (the same seed), and the UNet's noised input is made from that view, not from the upright image."""
+    batches = {}
+    for prob in ("0", "1"):
+        config = config_for(labelled_folder, tmp_path / f"out{prob}", "--augment_prob", prob, "--seed", "3")
+        trainer = UNetTrainer(config, PixelSpace(load_images(config, show_progress=False)), make_accelerator(config))
+        batches[prob] = trainer.training_batch()
+    plain, augmented = batches["0"], batches["1"]
+    assert torch.equal(plain["noise"], augmented["noise"]) and torch.equal(plain["t"], augmented["t"])
+    expected = trainer.schedule.add_noise(augmented["x0"], augmented["noise"], augmented["t"])
+    assert torch.equal(augmented["x_t"], expected)
+    for upright, seen, label in zip(plain["x0"], augmented["x0"], augmented["labels"].tolist()):
+        views = apply_transforms(upright.repeat(NUM_TRANSFORMS, 1, 1, 1), torch.arange(NUM_TRANSFORMS))
+        matches = [k for k in range(NUM_TRANSFORMS) if torch.equal(views[k], seen)]
+        assert matches and 0 not in matches  # a transformed view, never the upright image
+        assert label >= NUM_CLASSES  # and the label says so
+
+
 def test_an_augmented_run_saves_a_plain_conditional_unet_and_resumes_exactly(labelled_folder, tmp_path):
     """The pipeline's UNet and guide have the N classes + null of a plain conditional UNet, the guide's rows those of
     the trained EMA's untransformed classes; a run resumed mid-way (the transforms drawn from the checkpointed

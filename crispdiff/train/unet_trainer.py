@@ -143,20 +143,28 @@ class UNetTrainer(LoopTrainer):
         if callable(restore):
             restore(state)
 
-    def micro_step(self) -> dict[str, torch.Tensor]:
-        """One forward/backward on this process's micro-batch; returns the (unscaled) loss."""
+    def training_batch(self) -> dict[str, Any]:
+        """This process's micro-batch as the loss sees it: ``x0`` (transformed with ``--augment_prob``), ``noise``,
+        timesteps ``t``, the noised ``x_t`` made from that ``x0``, and the UNet's class ``labels`` (or None)."""
         config, device = self.config, self.accelerator.device
         indices = self.batches.indices(self.position)
         x0 = self.space.x0(indices, self.data_generator, device)
         noise = sample_noise(tuple(x0.shape), self.noise_generator, device, config.noise_offset)
         t = self.schedule.sample_timesteps(x0.shape[0], self.noise_generator, device)
-        x_t = self.schedule.add_noise(x0, noise, t)
         labels = self.class_labels(indices, x0.shape[0], device)
         if config.augment_prob > 0:  # drawn only when on, so runs without it keep their random streams
             transforms = draw_transforms(x0.shape[0], config.augment_prob, self.noise_generator)
             x0 = apply_transforms(x0, transforms)
             labels = augmented_labels(labels, transforms, len(self.class_names))
-        if device.type == "cuda":
+        x_t = self.schedule.add_noise(x0, noise, t)  # after the transform: input and target show the same image
+        return {"x0": x0, "noise": noise, "t": t, "x_t": x_t, "labels": labels}
+
+    def micro_step(self) -> dict[str, torch.Tensor]:
+        """One forward/backward on this process's micro-batch; returns the (unscaled) loss."""
+        config = self.config
+        batch = self.training_batch()
+        x0, noise, t, x_t, labels = (batch[k] for k in ("x0", "noise", "t", "x_t", "labels"))
+        if self.accelerator.device.type == "cuda":
             x_t = x_t.contiguous(memory_format=torch.channels_last)
         with self.accelerator.accumulate(self.unet):
             model_output = self.unet(x_t, t, class_labels=labels).sample

@@ -17,7 +17,6 @@ from diffusers import ModelMixin, UNet2DModel
 from crispdiff.core.errors import FlagError, PathError
 from crispdiff.diffusion.schedule import make_betas
 from crispdiff.pipelines.pipeline_crispdiff import class_name_list
-from crispdiff.train.augment import NUM_TRANSFORMS
 from crispdiff.transfer.config import SCHEDULE_FIELDS, TransferConfig
 
 logger = logging.getLogger("crispdiff")
@@ -310,8 +309,7 @@ def adapt_unet(
         if existing is not None:
             raise FlagError(
                 f"the pretrained UNet has {existing} class embeddings, the data needs {num_class_embeds} "
-                f"(classes + null, times {NUM_TRANSFORMS} with --augment_prob): fine-tune it on data with the same "
-                "classes, without --augment_prob"
+                "(classes + null): fine-tune it on data with the same classes"
             )
         if config.get("class_embed_type") is not None:
             raise FlagError(f"the pretrained UNet's class_embed_type {config['class_embed_type']!r} is not supported")

@@ -87,6 +87,11 @@ def prepare_unet(
     """The adapted UNet, its trainable parameters and its new parameter names, for this config and data."""
     class_names = getattr(space, "class_names", None)
     num_class_embeds = class_embed_count(len(class_names), config.augment_prob) if class_names else None
+    if config.augment_prob > 0 and pretrained.unet.config.get("num_class_embeds") is not None:
+        raise FlagError(
+            "--augment_prob needs a class embedding row for each transform of each class, and the pretrained UNet "
+            "already has its own class embedding: fine-tune it without --augment_prob"
+        )
     if class_names and pretrained.class_names and list(pretrained.class_names) != list(class_names):
         raise FlagError(f"the pretrained model's classes {pretrained.class_names} differ from the data's {class_names}")
     unet, new_keys = adapt_unet(pretrained.unet, space.sample_size, space.channels, num_class_embeds, config.dropout)

@@ -129,6 +129,8 @@ def main() -> None:
     p.add_argument("--family", default="noto", choices=["noto", "openmoji"])
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--guidance_scale", type=float, default=None)
+    p.add_argument("--num_images", type=int, default=NUM_IMAGES)
+    p.add_argument("--per_class", type=int, default=PER_CLASS, help="samples per class for top-1")
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--sanity", action="store_true", help="also print the family's floor and sanity rows")
     args = p.parse_args()
@@ -138,7 +140,8 @@ def main() -> None:
         print("floor", json.dumps(floor_row(args.family)))
         for name, values in recognition_for(args.family).sanity_rows().items():
             print(name, json.dumps(values))
-    row = measure_pipeline(args.pipeline, args.family, seed=args.seed, guidance_scale=args.guidance_scale)
+    row = measure_pipeline(args.pipeline, args.family, seed=args.seed, num_images=args.num_images,
+                           per_class=args.per_class, guidance_scale=args.guidance_scale)  # fmt: skip
     print(json.dumps(row))
 
 

@@ -22,6 +22,16 @@ init_run() {
 
 elapsed() { echo $(( $(date +%s) - START )); }
 
+# use_shared: export CRISPDIFF_SHARED, the folder holding data/noto-emoji-64: as given, else the carried
+# benchmarks/gpu/shared, else ../shared beside the checkout.
+use_shared() {
+    if [ -z "${CRISPDIFF_SHARED:-}" ]; then
+        CRISPDIFF_SHARED=$REPO/benchmarks/gpu/shared
+        [ -d "$CRISPDIFF_SHARED/data/noto-emoji-64" ] || CRISPDIFF_SHARED=$REPO/../shared
+    fi
+    export CRISPDIFF_SHARED
+}
+
 # run_stage NAME SECONDS CMD...: run CMD with its output in $WORK/NAME.log, under a timeout of SECONDS or what is
 # left of the budget (minus 20 s for the summary), whichever is less. Prints one status line (and the log's tail on
 # failure); returns CMD's status (124 on timeout).

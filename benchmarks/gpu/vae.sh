@@ -19,11 +19,7 @@ set -uo pipefail
 # shellcheck source=benchmarks/gpu/lib.sh
 . "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 init_run vae || exit 1
-if [ -z "${CRISPDIFF_SHARED:-}" ]; then
-    CRISPDIFF_SHARED=$REPO/benchmarks/gpu/shared
-    [ -d "$CRISPDIFF_SHARED/data/noto-emoji-64" ] || CRISPDIFF_SHARED=$REPO/../shared
-fi
-export CRISPDIFF_SHARED
+use_shared
 DATA=$CRISPDIFF_SHARED/data/noto-emoji-64/train
 LATENT=${GPU_VAE_LATENT_CHANNELS:-8}
 if [ "$TINY" = 1 ]; then

@@ -234,6 +234,7 @@ def test_copy_check_warns_on_copies_not_on_new_images():
     copied, warning = copy_check(add_noise(train[:40], 0.005, seed=2), train)
     assert copied["nn_median_ratio"] < 0.1 and copied["near_copy_fraction"] == 1.0
     assert warning is not None and "200 training images" in warning and "--max_train_steps" in warning
+    assert "--augment_prob" in warning  # the lever that keeps a long run's samples new (RESULTS.md)
     half, _ = copy_check(torch.cat([train[:10], smooth_random_images(30, seed=3)]), train)
     assert half["near_copy_fraction"] == pytest.approx(0.25)  # the share counts the copies among new images
 

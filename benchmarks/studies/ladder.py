@@ -36,6 +36,10 @@ CURVES: dict[str, list[tuple[str, int | None, float, str]]] = {
         ("l30-b48-s0", 725, 1.5, "2900 steps"),
         ("l60-b48-s0", 1438, 1.5, "5750 steps"),
     ],
+    "new, base 48, --augment_prob 0.4": [
+        ("l30-b48-augfix-s0", 725, 1.5, "2900 steps"),
+        ("l60-b48-augfix-s0", 1438, 1.5, "5750 steps"),
+    ],
     "OpenMoji, unlabelled (auto classes), new": [
         ("om-bf16-s0", 225, 1.5, "900 steps"),
         ("om-l10-b32-s0", 420, 1.5, "1680 steps"),

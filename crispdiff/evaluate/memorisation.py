@@ -119,7 +119,8 @@ def copy_check(
         warning = (
             f"the samples lie {ratio:.2f}x as far from their nearest training image as the training images lie from "
             f"each other, {fraction:.0%} of them near-copies: the model is reproducing its {len(train)} training "
-            "images more than making new ones. Fewer steps (--max_train_steps, --time_budget_minutes) or more "
-            "images give new ones; `crispdiff evaluate DIR --reference YOUR_IMAGES` measures it on more samples."
+            "images more than making new ones. Fewer steps (--max_train_steps, --time_budget_minutes), more images "
+            "or --augment_prob 0.4 give new ones; `crispdiff evaluate DIR --reference YOUR_IMAGES` measures it on "
+            "more samples."
         )
     return {"nn_median_ratio": ratio, "near_copy_fraction": fraction}, warning

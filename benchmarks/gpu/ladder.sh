@@ -82,12 +82,10 @@ print()
 print("| budget (wall min) | UNet | steps of batch | SWD / floor | hf | Laplacian | top-1 (every class alike) "
       "| top-1 (held-out mix) | precision / recall | copy distance | near-copies |")
 print("|---|---|---|---|---|---|---|---|---|---|---|")
-rows = []
 for minutes in budgets:
     run = work / f"ladder-{minutes}min"
     try:
         config = json.loads((run / "pipeline" / "crispdiff_training.json").read_text())
-        config = config.get("config", config)
         model = (f"base {config['base_channels']} x {config['channel_mults']}, "
                  f"{config['layers_per_block']} layer(s)")
         steps = f"{config['max_train_steps']} of {config['train_batch_size']}"

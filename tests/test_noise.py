@@ -150,6 +150,35 @@ def test_pure_noise_step_still_learns_with_min_snr():
         assert s.loss_weights(last, 5.0).item() == pytest.approx(0.2)
 
 
+def test_logit_normal_timesteps_favour_the_middle_and_are_reproducible():
+    """--weighting_scheme logit_normal draws t / T from sigmoid(N(mean, std)): in range, centred where the mean
+    says, more often mid-run than uniform times, and the same for the same generator seed."""
+    s = NoiseSchedule(make_betas("cosine", T))
+
+    def draw(scheme: str, mean: float = 0.0, std: float = 1.0) -> torch.Tensor:
+        return s.sample_timesteps(20_000, torch.Generator().manual_seed(0), "cpu", scheme, mean, std)
+
+    uniform, logit = draw("none"), draw("logit_normal")
+    assert logit.dtype == torch.long and logit.min() >= 0 and logit.max() <= T - 1
+    middle = lambda t: ((t >= 250) & (t < 750)).float().mean().item()  # noqa: E731
+    assert middle(uniform) == pytest.approx(0.5, abs=0.02)
+    assert middle(logit) == pytest.approx(0.728, abs=0.015)  # P(|N(0, 1)| < logit(0.75) = 1.0986)
+    assert logit.float().median().item() == pytest.approx(T / 2, abs=15)
+    shifted_median = draw("logit_normal", mean=1.0).float().median().item()
+    assert shifted_median == pytest.approx(T / (1 + math.exp(-1.0)), abs=15)
+    assert middle(draw("logit_normal", std=3.0)) < middle(logit)
+    assert torch.equal(logit, draw("logit_normal"))
+    with pytest.raises(ValueError, match="weighting_scheme"):
+        draw("mode")
+
+
+def test_logit_normal_flags_need_the_scheme():
+    with pytest.raises(FlagError, match="--logit_std"):
+        parse_config(TrainConfig, ["--logit_std", "2"])
+    config = parse_config(TrainConfig, ["--weighting_scheme", "logit_normal", "--logit_std", "2"])
+    assert (config.weighting_scheme, config.logit_std) == ("logit_normal", 2.0)
+
+
 def test_loss_weighting_and_offset_noise():
     s = NoiseSchedule(make_betas("cosine", T), "v_prediction")
     t = torch.tensor([5, 900])

@@ -204,6 +204,11 @@ SHIFTABLE_SCHEDULES = ("cosine", "sigmoid")
 class NoiseConfig:
     """The forward process and the training objective."""
 
+    conditional_flags: ClassVar[dict[str, Condition]] = {
+        name: (lambda c: c.weighting_scheme == "logit_normal", "--weighting_scheme logit_normal")
+        for name in ("logit_mean", "logit_std")
+    }
+
     num_train_timesteps: int = flag(1000, "T, the number of training timesteps.")
     beta_schedule: str = flag("cosine", "Noise schedule.", choices=["linear", "scaled_linear", "cosine", "sigmoid"])
     beta_start: float = flag(1e-4, "First beta of the linear / scaled_linear schedules.")
@@ -221,6 +226,14 @@ class NoiseConfig:
         "v_prediction", "What the UNet predicts.", choices=["epsilon", "v_prediction", "sample"]
     )
     snr_gamma: float | None = flag(5.0, "Min-SNR-gamma loss weighting (Hang et al. 2023); pass 0 to disable.")
+    weighting_scheme: str = flag(
+        "none",
+        "How training timesteps are drawn (diffusers' SD3 flag): none = uniformly; logit_normal = t / T from a "
+        "logit-normal (Esser et al. 2024), so mid-noise steps are trained more often.",
+        choices=["none", "logit_normal"],
+    )
+    logit_mean: float = flag(0.0, "--weighting_scheme logit_normal: mean of the normal behind t / T (0 = mid-run).")
+    logit_std: float = flag(1.0, "--weighting_scheme logit_normal: its standard deviation (larger = nearer uniform).")
     noise_offset: float = flag(0.0, "Offset noise strength (0 = off).")
 
     def check_snr_shift(self) -> None:

@@ -246,9 +246,27 @@ class NoiseSchedule(nn.Module):
             raise TypeError("NoiseSchedule tables stay float32; move it with .to(device) only")
         return self
 
-    def sample_timesteps(self, batch_size: int, generator: torch.Generator, device: torch.device | str) -> torch.Tensor:
-        """Uniform integer timesteps in [0, T), drawn from `generator` (on its device) so runs resume exactly."""
-        t = torch.randint(0, self.num_train_timesteps, (batch_size,), generator=generator, device=generator.device)
+    def sample_timesteps(
+        self,
+        batch_size: int,
+        generator: torch.Generator,
+        device: torch.device | str,
+        weighting_scheme: str = "none",
+        logit_mean: float = 0.0,
+        logit_std: float = 1.0,
+    ) -> torch.Tensor:
+        """Integer timesteps in [0, T), drawn from `generator` (on its device) so runs resume exactly: uniformly, or
+        with ``weighting_scheme="logit_normal"`` as T * sigmoid(N(logit_mean, logit_std)) (Esser et al. 2024), which
+        spends the steps on the middle of the schedule, where the image's layout is decided, rather than on the
+        nearly clean and nearly pure-noise ends that uniform times visit as often."""
+        if weighting_scheme == "none":
+            t = torch.randint(0, self.num_train_timesteps, (batch_size,), generator=generator, device=generator.device)
+        elif weighting_scheme == "logit_normal":
+            normal = torch.randn(batch_size, generator=generator, device=generator.device)
+            fraction = torch.sigmoid(logit_mean + logit_std * normal)
+            t = (fraction * self.num_train_timesteps).long().clamp(max=self.num_train_timesteps - 1)
+        else:
+            raise ValueError(f"--weighting_scheme must be none or logit_normal; got {weighting_scheme!r}")
         return t.to(device)
 
     def _coefficients(self, t: torch.Tensor, ndim: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -150,7 +150,9 @@ class UNetTrainer(LoopTrainer):
         indices = self.batches.indices(self.position)
         x0 = self.space.x0(indices, self.data_generator, device)
         noise = sample_noise(tuple(x0.shape), self.noise_generator, device, config.noise_offset)
-        t = self.schedule.sample_timesteps(x0.shape[0], self.noise_generator, device)
+        t = self.schedule.sample_timesteps(
+            x0.shape[0], self.noise_generator, device, config.weighting_scheme, config.logit_mean, config.logit_std
+        )
         labels = self.class_labels(indices, x0.shape[0], device)
         if config.augment_prob > 0:  # drawn only when on, so runs without it keep their random streams
             transforms = draw_transforms(x0.shape[0], config.augment_prob, self.noise_generator)
